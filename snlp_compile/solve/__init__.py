@@ -1,0 +1,1 @@
+"""Solver pieces of the SNLP program: the correction step (``scan``) and friends."""
