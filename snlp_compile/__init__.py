@@ -1,0 +1,24 @@
+"""snlp_compile: rewrite a Transformer's residual layer chain into a layer-parallel SNLP solve.
+
+    import snlp_compile
+    fast = snlp_compile.transform(model, (idx,), iterations=2)
+    print(snlp_compile.explain(model, (idx,)))
+"""
+
+from .api import explain, solve_trace, transform
+from .config import SNLPConfig
+from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal
+from .report import ExplainReport
+
+__all__ = [
+    "ExplainReport",
+    "SNLPCaptureError",
+    "SNLPConfig",
+    "SNLPConfigError",
+    "SNLPError",
+    "SNLPRefusal",
+    "explain",
+    "solve_trace",
+    "transform",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""Public entry points: transform(), explain(), solve_trace()."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .config import SNLPConfig, resolve_config
+from .errors import SNLPRefusal
+from .ir import LayerChain
+from .passes.capture import capture
+from .passes.cleanup import common_subexpressions
+from .passes.find_chain import check_chain, find_layers
+from .passes.graph_utils import op_name
+from .passes.infra import run_passes
+from .passes.rewrite import SOLVE_NAME, rewrite
+from .passes.skip_split import analyse_skip
+from .report import ExplainReport
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _shape(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return f"{tuple(val.shape)} {str(val.dtype).replace('torch.', '')}"
+    return type(val).__name__ if val is not None else "?"
+
+
+def analyse(
+    model: torch.nn.Module, example_inputs: Any, config: SNLPConfig, example_kwargs: dict[str, Any] | None = None
+) -> tuple[fx.GraphModule, LayerChain | None, ExplainReport]:
+    """Capture and analyse; the chain is None (and report.refusal set) when the model is refused."""
+    report = ExplainReport(model=type(model).__name__, config=_config_text(config))
+    captured = capture(model, _as_tuple(example_inputs), example_kwargs, dynamic=config.dynamic_shapes)
+    report.capture = captured.note
+    gm, _ = run_passes(captured.graph_module, [common_subexpressions])
+    try:
+        container, layers, notes = find_layers(gm, config.layers)
+        report.container = container
+        report.notes.extend(notes)
+        total = _container_size(gm, container)
+        report.layers = [f"{container}.{i}" for i in range(total)]
+        n_par = len(layers) if config.parallel_layers is None else config.parallel_layers
+        if n_par > len(layers):
+            raise SNLPRefusal(
+                f"SNLPConfig.parallel_layers={config.parallel_layers} but only the last {len(layers)} of "
+                f"{total} layers of '{container}' can be solved in parallel",
+                module_path=container,
+            )
+        if n_par < 2:
+            raise SNLPRefusal("fewer than two layers to solve in parallel: nothing to rewrite", module_path=container)
+        parallel = layers[len(layers) - n_par :]
+        readers = check_chain(gm, parallel)
+        template = layers[-1]
+        skip = analyse_skip(template)
+        chain = LayerChain(container, layers, len(layers) - n_par, template, skip, readers, notes)
+        chain.first_parallel = len(layers) - n_par
+        chain.layers = layers
+        report.parallel_layers = [layer.module_path for layer in parallel]
+        report.skip = skip.description
+        report.body_ops = dict(Counter(op_name(n) for n in template.nodes))
+        report.readers = [
+            f"{r.node.name} ({r.module_path or '<root>'}) reads "
+            + ("the chain input" if r.layer_index < parallel[0].index else f"the output of layer {r.layer_index}")
+            for r in readers
+        ]
+        return gm, chain, report
+    except SNLPRefusal as refusal:
+        report.refusal = str(refusal)
+        return gm, None, report
+
+
+def _container_size(gm: fx.GraphModule, container: str) -> int:
+    sub = gm.get_submodule(container) if container else gm
+    return len(list(sub.children())) if sub is not None else 0
+
+
+def _config_text(config: SNLPConfig) -> str:
+    return (
+        f"K={config.iterations}, parallel_layers={config.parallel_layers or 'all'}, init={config.init}, "
+        f"damping={config.damping}"
+    )
+
+
+def transform(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    config: SNLPConfig | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> fx.GraphModule:
+    """Rewrite ``model``'s residual layer chain into the layer-parallel SNLP solve.
+
+    Returns a new module (a torch.fx GraphModule) with the model's call signature and readable
+    ``.code``; ``model`` itself is never modified. Raises SNLPRefusal, naming the node and module
+    path, when the structure cannot be rewritten without changing the function it computes.
+    """
+    cfg = resolve_config(config, overrides)
+    gm, chain, report = analyse(model, example_inputs, cfg, example_kwargs)
+    if chain is None:
+        raise SNLPRefusal(report.refusal or "refused")
+    out = rewrite(gm, chain, cfg)
+    solve = out.get_submodule(SOLVE_NAME)
+    report.externals = [
+        (name, mode, _stack_shape(solve, name, mode, ext))
+        for name, mode, ext in zip(solve.ext_names, solve.ext_modes, chain.template.externals)
+    ]
+    out.snlp_report = report
+    out.snlp_config = cfg
+    return out
+
+
+def _stack_shape(solve: torch.nn.Module, name: str, mode: str, node: fx.Node) -> str:
+    if mode == "stacked":
+        t = getattr(solve, f"stacked_{name}")
+        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    return _shape(node)
+
+
+def explain(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    config: SNLPConfig | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> ExplainReport:
+    """What transform() would do with ``model``, refusals included (this never raises SNLPRefusal)."""
+    cfg = resolve_config(config, overrides)
+    try:
+        return transform(model, example_inputs, cfg, example_kwargs=example_kwargs).snlp_report
+    except SNLPRefusal:
+        _, _, report = analyse(model, example_inputs, cfg, example_kwargs)
+        return report
+
+
+def solve_trace(transformed: fx.GraphModule, *flat_inputs: Any, iterations: int | None = None) -> torch.Tensor:
+    """The solved hidden-state trace (N, *hidden) of a transformed model, for tests and analysis.
+
+    ``flat_inputs`` are the model's tensor inputs in order; ``iterations`` overrides K.
+    """
+    solve = transformed.get_submodule(SOLVE_NAME)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in transformed.graph.nodes:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        if n.op == "call_module" and n.target == SOLVE_NAME:
+            graph.output(env[n])
+            break
+    gm = fx.GraphModule(transformed, graph)
+    saved = solve.iterations
+    try:
+        if iterations is not None:
+            solve.iterations = iterations
+        return gm(*flat_inputs)
+    finally:
+        solve.iterations = saved

@@ -1,0 +1,64 @@
+"""The knobs of the layer-parallel solve (DESIGN.md section 1), validated once, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import SNLPConfigError
+
+InitKind = Literal["h0", "batch_fwd"]
+
+
+@dataclass(frozen=True)
+class SNLPConfig:
+    """How the rewritten model solves its layer chain.
+
+    iterations: K, the number of parallel evaluations of the layers. K >= parallel layers (after
+        the init's own evaluation, if any) recovers the sequential model exactly.
+    parallel_layers: how many of the last layers are solved in parallel; None means all of them.
+        The layers before them run sequentially, as written.
+    init: starting iterate. "h0": every parallel layer starts from the chain's input;
+        "batch_fwd": one extra batched evaluation at h0 seeds layer j+1 with g_j(h0).
+    damping: a in (0, 1]; the correction becomes h_j = g_j(u_j) + a * A_j (h_{j-1} - u_j).
+    layers: module path of the layer container (e.g. "transformer.h"); None finds it.
+    dynamic_shapes: capture with symbolic batch and sequence sizes (falls back to static shapes
+        when torch.export cannot, which explain() reports).
+    """
+
+    iterations: int = 1
+    parallel_layers: int | None = None
+    init: InitKind = "h0"
+    damping: float = 1.0
+    layers: str | None = None
+    dynamic_shapes: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
+            raise SNLPConfigError(f"SNLPConfig.iterations must be an int >= 1, got {self.iterations!r}")
+        if self.parallel_layers is not None and (
+            not isinstance(self.parallel_layers, int) or self.parallel_layers < 1
+        ):
+            raise SNLPConfigError(
+                f"SNLPConfig.parallel_layers must be None (all layers) or an int >= 1, got {self.parallel_layers!r}"
+            )
+        if self.init not in ("h0", "batch_fwd"):
+            raise SNLPConfigError(f"SNLPConfig.init must be 'h0' or 'batch_fwd', got {self.init!r}")
+        if not (isinstance(self.damping, (int, float)) and 0.0 < float(self.damping) <= 1.0):
+            raise SNLPConfigError(f"SNLPConfig.damping must be in (0, 1], got {self.damping!r}")
+
+    def replace(self, **overrides: Any) -> SNLPConfig:
+        """A copy with some fields changed; unknown field names are an error that lists the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise SNLPConfigError(f"unknown SNLPConfig field(s) {unknown}; valid fields: {sorted(valid)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def resolve_config(config: SNLPConfig | None, overrides: dict[str, Any]) -> SNLPConfig:
+    """Merge a config object and keyword overrides, the way transform() and friends accept them."""
+    if config is not None and not isinstance(config, SNLPConfig):
+        raise SNLPConfigError(f"config must be an SNLPConfig or None, got {type(config).__name__}")
+    return (config or SNLPConfig()).replace(**overrides)

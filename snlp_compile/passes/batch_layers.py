@@ -1,0 +1,275 @@
+"""Batch the layer body over a leading layer axis: one graph evaluates all N parallel layers.
+
+Every value of the body is either *batched* (a leading axis of N layers: the hidden state, the
+stacked weights, everything computed from them) or *shared* (the same for every layer: x0, rotary
+tables, masks, sizes). Each op is rewritten by a small rule that knows where that axis is:
+dims shift by one, weights stacked per layer turn ``linear`` into one einsum (a batched matmul),
+attention takes the layer axis as one more batch dim. The result is plain batched ops that eager
+PyTorch, Inductor and ONNX all handle, with an op count independent of N. An op without a rule
+falls back to ``torch.vmap`` of that op alone, and explain() lists it.
+
+This is what torch.vmap does, written out: vmap itself loops over layers for attention on CPU
+(no batching rule for the CPU flash kernel), refuses ``view`` on strided batched inputs, and its
+fallback would unroll N ops into exported graphs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+Rule = Callable[["_Batcher", fx.Node, list[Any], dict[str, Any]], Any]
+
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "neg", "relu", "square", "gelu", "silu", "tanh", "sigmoid", "exp", "log",
+    "pow", "rsqrt", "sqrt", "reciprocal", "clamp", "clamp_min", "clamp_max", "where", "maximum", "minimum",
+    "_to_copy", "to", "type_as", "abs", "sin", "cos", "erf", "softplus", "eq", "ne", "gt", "lt", "ge", "le",
+    "masked_fill", "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "logical_not", "sign",
+    "leaky_relu", "hardtanh", "elu", "mish", "rsub", "remainder", "floor_divide", "bitwise_and",
+    "log1p", "expm1", "tan", "atan", "sinh", "cosh", "copy",
+}  # fmt: skip
+
+# op name -> (positions of dim arguments, default for each when omitted)
+_DIM_ARGS: dict[str, list[tuple[int | str, int | None]]] = {
+    "transpose": [(1, None), (2, None)],
+    "softmax": [(1, None)],
+    "_softmax": [(1, None)],
+    "log_softmax": [(1, None)],
+    "_log_softmax": [(1, None)],
+    "sum": [(1, None)],
+    "mean": [(1, None)],
+    "amax": [(1, None)],
+    "amin": [(1, None)],
+    "var": [(1, None)],
+    "std": [(1, None)],
+    "cat": [(1, 0)],
+    "concat": [(1, 0)],
+    "split": [(2, 0)],
+    "split_with_sizes": [(2, 0)],
+    "chunk": [(2, 0)],
+    "unbind": [(1, 0)],
+    "slice": [(1, 0)],
+    "select": [(1, None)],
+    "narrow": [(1, None)],
+    "unsqueeze": [(1, None)],
+    "squeeze": [(1, None)],
+    "repeat_interleave": [(2, None)],
+    "flatten": [(1, 0), (2, -1)],
+    "sym_size": [(1, None)],
+    "cumsum": [(1, None)],
+    "argmax": [(1, None)],
+    "topk": [(2, -1)],
+    "roll": [(2, None)],
+    "flip": [(1, None)],
+}
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def _rank(node: Any) -> int:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else 0
+
+
+def _shift(d: Any) -> Any:
+    if isinstance(d, (list, tuple)):
+        return type(d)(_shift(x) for x in d)
+    if isinstance(d, int) and d >= 0:
+        return d + 1
+    return d
+
+
+def _vmap_op(op: Callable[..., Any], in_dims: tuple[Any, ...], *args: Any) -> Any:
+    """Fallback for ops without a rule: torch.vmap over this one op."""
+    return torch.vmap(op, in_dims=in_dims)(*args)
+
+
+def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers."""
+    return torch.einsum("n...i,noi->n...o", x, w)
+
+
+class _Batcher:
+    def __init__(self, body: fx.GraphModule, batched_inputs: list[bool], num_layers: int):
+        self.body = body
+        self.n = num_layers
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.batched: dict[fx.Node, bool] = {}
+        self.fallbacks: list[str] = []
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        for node, is_batched in zip(placeholders, batched_inputs):
+            self.env[node] = self.graph.placeholder(node.name)
+            self.env[node].meta = dict(node.meta)
+            self.batched[node] = is_batched
+
+    # helpers -----------------------------------------------------------------------------------
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_function(fn, tuple(args), kwargs)
+
+    def is_batched(self, a: Any) -> bool:
+        return isinstance(a, fx.Node) and self.batched.get(a, False)
+
+    def any_batched(self, node: fx.Node) -> bool:
+        return any(self.batched.get(a, False) for a in node.all_input_nodes)
+
+    def lift(self, a: Any) -> Any:
+        return fx.node.map_arg(a, lambda x: self.env[x])
+
+    def align(self, a: Any, rank: int) -> Any:
+        """A batched value of original rank r, unsqueezed after the layer axis to rank ``rank``."""
+        if not self.is_batched(a):
+            return self.env[a] if isinstance(a, fx.Node) else a
+        out = self.env[a]
+        for _ in range(rank - _rank(a)):
+            out = self.call(torch.unsqueeze, out, 1)
+        return out
+
+    def expand(self, a: Any) -> Any:
+        """A shared tensor given the layer axis (for ops that need every operand batched)."""
+        if self.is_batched(a):
+            return self.env[a]
+        return self.call(torch.Tensor.expand, self.call(torch.unsqueeze, self.env[a], 0), self.n, *([-1] * _rank(a)))
+
+    # rules -------------------------------------------------------------------------------------
+    def run(self) -> tuple[fx.GraphModule, list[str]]:
+        for node in self.body.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                outs = node.args[0]
+                flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+                lifted = tuple(self.expand(o) if isinstance(o, fx.Node) else o for o in flat)
+                self.graph.output(lifted if isinstance(outs, (tuple, list)) else lifted[0])
+                continue
+            if not self.any_batched(node):
+                self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
+                self.batched[node] = False
+                continue
+            self.env[node] = self.rule(node)
+            self.batched[node] = _name(node) not in ("sym_size", "size")
+        self.graph.lint()
+        return fx.GraphModule(torch.nn.Module(), self.graph, class_name="BatchedLayers"), self.fallbacks
+
+    def rule(self, node: fx.Node) -> Any:
+        name = _name(node)
+        if node.target is operator.getitem:
+            return self.call(operator.getitem, self.env[node.args[0]], node.args[1])
+        if name in _ELEMENTWISE or (name == "dropout" and node.args[2] is False):
+            if name == "dropout":
+                return self.env[node.args[0]]
+            rank = _rank(node)
+            args = [self.align(a, rank) if isinstance(a, fx.Node) else self.lift(a) for a in node.args]
+            kwargs = {k: self.align(v, rank) if isinstance(v, fx.Node) else self.lift(v) for k, v in node.kwargs.items()}
+            return self.graph.call_function(node.target, tuple(args), kwargs)
+        if name in ("view", "reshape", "_unsafe_view", "expand"):
+            x, shape = node.args[0], node.args[1]
+            fn = torch.Tensor.expand if name == "expand" else torch.reshape
+            return self.call(fn, self.env[x], [self.n, *self.lift(list(shape))])
+        if name == "permute":
+            dims = [0] + [d + 1 if d >= 0 else d for d in node.args[1]]
+            return self.call(torch.permute, self.env[node.args[0]], dims)
+        if name in ("t", "numpy_T"):
+            return self.call(torch.transpose, self.env[node.args[0]], -1, -2)
+        if name in ("linear", "matmul", "mm", "bmm"):
+            return self.matmul_rule(node, name)
+        if name in ("layer_norm", "rms_norm"):
+            return self.norm_rule(node, name)
+        if name == "scaled_dot_product_attention":
+            return self.attention_rule(node)
+        if name in _DIM_ARGS and self.is_batched(node.args[0] if name not in ("cat", "concat") else node.args[0][0]):
+            return self.dim_rule(node, name)
+        return self.fallback(node)
+
+    def dim_rule(self, node: fx.Node, name: str) -> Any:
+        args = list(node.args)
+        for pos, default in _DIM_ARGS[name]:
+            assert isinstance(pos, int)
+            if pos < len(args):
+                args[pos] = _shift(args[pos])
+            elif pos == len(args) and default is not None:
+                args.append(_shift(default))
+            else:
+                return self.fallback(node)
+        first = [self.expand(t) for t in args[0]] if name in ("cat", "concat") else self.env[args[0]]
+        rest = [self.lift(a) for a in args[1:]]
+        kwargs = {} if name == "sym_size" else self.lift(dict(node.kwargs))
+        return self.graph.call_function(node.target, (first, *rest), kwargs)
+
+    def matmul_rule(self, node: fx.Node, name: str) -> Any:
+        a, b = node.args[0], node.args[1]
+        if name == "linear":
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if self.is_batched(b):
+                out = self.call(_einsum_linear, self.expand(a), self.env[b])
+            else:
+                out = self.call(F.linear, self.env[a], self.env[b])
+            if bias is not None:
+                out = self.call(torch.add, out, self.align(bias, _rank(node)))
+            return out
+        rank = max(_rank(a), _rank(b))
+        return self.call(torch.matmul, self.align(a, rank), self.align(b, rank))
+
+    def norm_rule(self, node: fx.Node, name: str) -> Any:
+        x, shape = node.args[0], node.args[1]
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = node.args[3] if name == "layer_norm" and len(node.args) > 3 else node.kwargs.get("bias")
+        eps_pos = 4 if name == "layer_norm" else 3
+        eps = node.args[eps_pos] if len(node.args) > eps_pos else node.kwargs.get("eps")
+        affine_batched = self.is_batched(weight) or self.is_batched(bias)
+        fn = F.layer_norm if name == "layer_norm" else F.rms_norm
+        rank = _rank(node)
+        if not affine_batched:
+            w = self.env[weight] if isinstance(weight, fx.Node) else weight
+            extra = (self.env[bias] if isinstance(bias, fx.Node) else bias,) if name == "layer_norm" else ()
+            return self.call(fn, self.env[x], list(shape), w, *extra, **({"eps": eps} if eps is not None else {}))
+        out = self.call(fn, self.env[x], list(shape), None, *((None,) if name == "layer_norm" else ()), **({"eps": eps} if eps is not None else {}))
+        if weight is not None:
+            out = self.call(torch.mul, out, self.align(weight, rank))
+        if bias is not None:
+            out = self.call(torch.add, out, self.align(bias, rank))
+        return out
+
+    def attention_rule(self, node: fx.Node) -> Any:
+        q, k, v = (self.expand(t) for t in node.args[:3])
+        rest = [self.lift(r) for r in node.args[3:]]
+        mask = node.args[3] if len(node.args) > 3 else None
+        if isinstance(mask, fx.Node):
+            rest[0] = self.align(mask, _rank(node.args[0]))
+        kwargs = dict(node.kwargs)
+        if isinstance(kwargs.get("attn_mask"), fx.Node):
+            kwargs["attn_mask"] = self.align(kwargs["attn_mask"], _rank(node.args[0]))
+        return self.graph.call_function(node.target, (q, k, v, *rest), self.lift(kwargs))
+
+    def fallback(self, node: fx.Node) -> Any:
+        self.fallbacks.append(f"{_name(node)} ({node.name})")
+        tensors = [a for a in node.all_input_nodes]
+        in_dims = tuple(0 if self.batched.get(a, False) else None for a in tensors)
+
+        def rebuild(*values: Any, _node: fx.Node = node, _inputs: list[fx.Node] = tensors) -> Any:
+            lookup = dict(zip(_inputs, values))
+            args = fx.node.map_arg(_node.args, lambda a: lookup[a])
+            kwargs = fx.node.map_arg(_node.kwargs, lambda a: lookup[a])
+            return _node.target(*args, **kwargs)
+
+        return self.call(_vmap_op, rebuild, in_dims, *[self.env[a] for a in tensors])
+
+
+def batch_body(body: fx.GraphModule, batched_inputs: list[bool], num_layers: int) -> tuple[fx.GraphModule, list[str]]:
+    """The body rewritten to evaluate ``num_layers`` layers at once.
+
+    ``batched_inputs`` says, per placeholder (h first), whether it carries the layer axis.
+    Returns the batched GraphModule and the ops that needed the vmap fallback.
+    """
+    return _Batcher(body, batched_inputs, num_layers).run()

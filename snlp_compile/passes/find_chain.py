@@ -1,0 +1,250 @@
+"""Find the chain of residual layers in a captured graph.
+
+Layers are the children of one module container (``transformer.h.0``, ``model.layers.3``...),
+identified through ``nn_module_stack``. Each layer is then re-defined by dependencies, not by
+module membership: its region is every node that depends on the hidden state entering the layer
+and feeds the hidden state leaving it. That captures code users write around their blocks (e.g.
+nanochat's ``resid_lambda * x + x0_lambda * x0`` in the model's loop) as part of the layer.
+
+The last layer is the template; every other layer is matched against it node by node, walking
+back from its output. The match yields the layer's hidden input and its externals aligned with
+the template's, and proves the layers structurally identical (same ops, same non-tensor
+arguments), which is what lets one batched body evaluate them all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch.fx as fx
+
+from ..errors import SNLPRefusal
+from ..ir import HiddenReader, Layer
+from .graph_utils import ancestors, arg_structure, descendants, innermost_module, module_paths
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def _is_assert(node: fx.Node) -> bool:
+    name = str(node.target)
+    return node.op == "call_function" and len(node.users) == 0 and ("assert" in name or "check" in name)
+
+
+def find_container(gm: fx.GraphModule, requested: str | None) -> tuple[str, list[str]]:
+    """The module container whose indexed children cover the most graph nodes."""
+    coverage: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for node in gm.graph.nodes:
+        for path in set(module_paths(node)):
+            m = _INDEXED.match(path)
+            if m:
+                coverage[m.group(1)][int(m.group(2))] += 1
+    if requested is not None:
+        if requested not in coverage:
+            found = ", ".join(sorted(coverage)) or "none"
+            raise SNLPRefusal(
+                f"SNLPConfig.layers={requested!r} names no layer container in the captured graph "
+                f"(indexed containers found: {found})"
+            )
+        parent = requested
+    else:
+        candidates = [(sum(c.values()), p) for p, c in coverage.items() if len(c) >= 2]
+        if not candidates:
+            raise SNLPRefusal(
+                "no layer stack found: no module container (nn.ModuleList/Sequential) with two or "
+                "more children appears in the captured graph"
+            )
+        parent = max(candidates)[1]
+    indices = sorted(coverage[parent])
+    if indices != list(range(len(indices))):
+        raise SNLPRefusal(f"layers of '{parent}' seen in the graph are {indices}, not 0..n-1", module_path=parent)
+    return parent, [f"{parent}.{i}" if parent else str(i) for i in indices]
+
+
+def layer_outputs(gm: fx.GraphModule, layer_paths: list[str]) -> list[fx.Node]:
+    """The one node of each layer module that is read outside that module."""
+    members: dict[str, list[fx.Node]] = {p: [] for p in layer_paths}
+    for node in gm.graph.nodes:
+        paths = set(module_paths(node))
+        for p in layer_paths:
+            if p in paths:
+                members[p].append(node)
+    outputs = []
+    for p in layer_paths:
+        inside = set(members[p])
+        outs = [n for n in members[p] if any(u not in inside for u in n.users)]
+        if not outs:
+            raise SNLPRefusal(f"layer '{p}' hands no value to the rest of the model", module_path=p)
+        # The hidden state is the layer's last value read outside it. Other values read outside
+        # (e.g. a rotary slice that CSE now shares with later layers) are checked by check_chain:
+        # they must not depend on the hidden state.
+        outputs.append(outs[-1])
+    return outputs
+
+
+def _region(hidden_in: fx.Node, output: fx.Node) -> set[fx.Node]:
+    return (descendants([hidden_in]) & ancestors([output])) - {hidden_in}
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def match_layer(template: Layer, output: fx.Node) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
+    """Map the template's region onto the layer ending at ``output``.
+
+    Returns (hidden input, region nodes in the template's order, externals aligned with the
+    template's). Raises _Mismatch naming the first difference.
+    """
+    region = set(template.nodes)
+    ext_index = {n: i for i, n in enumerate(template.externals)}
+    mapping: dict[fx.Node, fx.Node] = {template.output: output}
+    hidden: fx.Node | None = None
+    externals: list[fx.Node | None] = [None] * len(template.externals)
+
+    def bind(t: fx.Node, c: fx.Node) -> None:
+        nonlocal hidden
+        if t in region:
+            prev = mapping.setdefault(t, c)
+            if prev is not c:
+                raise _Mismatch(f"template node {t.name} maps to both {prev.name} and {c.name}")
+        elif t is template.hidden_in:
+            if hidden is not None and hidden is not c:
+                raise _Mismatch(f"hidden input maps to both {hidden.name} and {c.name}")
+            hidden = c
+        else:
+            k = ext_index[t]
+            if externals[k] is not None and externals[k] is not c:
+                raise _Mismatch(f"input {t.name} maps to both {externals[k].name} and {c.name}")
+            externals[k] = c
+
+    for t in reversed(template.nodes):
+        c = mapping.get(t)
+        if c is None:
+            raise _Mismatch(f"nothing corresponds to template node {t.name}")
+        if (t.op, t.target) != (c.op, c.target):
+            raise _Mismatch(f"{c.name} is {c.op} {c.target}, the template's {t.name} is {t.op} {t.target}")
+        t_leaves, t_shape = arg_structure(t)
+        c_leaves, c_shape = arg_structure(c)
+        if t_shape != c_shape:
+            raise _Mismatch(f"{c.name} and template {t.name} take differently shaped arguments")
+        for tl, cl in zip(t_leaves, c_leaves):
+            if isinstance(tl, fx.Node) != isinstance(cl, fx.Node):
+                raise _Mismatch(f"{c.name} argument {cl!r} differs from the template's {tl!r}")
+            if isinstance(tl, fx.Node):
+                bind(tl, cl)
+            elif type(tl) is not type(cl) or tl != cl:
+                raise _Mismatch(f"{c.name} has argument {cl!r} where template {t.name} has {tl!r}")
+    if hidden is None or any(e is None for e in externals):
+        raise _Mismatch("the layer does not read every input the template reads")
+    nodes = [mapping[t] for t in template.nodes]
+    if len(set(nodes)) != len(nodes):
+        raise _Mismatch("two template nodes map to one node")
+    return hidden, nodes, externals  # type: ignore[return-value]
+
+
+def _absorbable(node: fx.Node, region: set[fx.Node]) -> bool:
+    """An input computed only for this layer from run-time values (e.g. ``x0_lambdas[i] * x0``):
+    evaluating it inside the batched body beats stacking N copies of it at run time."""
+    if node.op != "call_function" or node.is_impure() or not node.users:
+        return False
+    if not all(u in region for u in node.users):
+        return False
+    return any(a.op == "placeholder" for a in ancestors([node]))
+
+
+def build_template(hidden_in: fx.Node, output: fx.Node, module_path: str, index: int) -> Layer:
+    region = _region(hidden_in, output)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(region):
+            for a in n.all_input_nodes:
+                if a not in region and a is not hidden_in and _absorbable(a, region):
+                    region.add(a)
+                    changed = True
+    order = [n for n in output.graph.nodes if n in region]
+    externals: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    for n in order:
+        for a in n.all_input_nodes:
+            if a not in region and a is not hidden_in and a not in seen:
+                seen.add(a)
+                externals.append(a)
+    return Layer(index, module_path, hidden_in, output, order, externals)
+
+
+def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[str, list[Layer], list[str]]:
+    """All layers of the chain that match the last one, plus notes on those that do not."""
+    container, paths = find_container(gm, requested_container)
+    outputs = layer_outputs(gm, paths)
+    if len(outputs) < 2:
+        raise SNLPRefusal(f"'{container}' holds a single layer: nothing to solve in parallel", module_path=container)
+    last = len(outputs) - 1
+    template = build_template(outputs[last - 1], outputs[last], paths[last], last)
+    layers = [template]
+    notes: list[str] = []
+    for i in range(last - 1, -1, -1):
+        try:
+            hidden, nodes, externals = match_layer(template, outputs[i])
+        except _Mismatch as why:
+            notes.append(
+                f"layers 0..{i} stay sequential: layer '{paths[i]}' differs from the template "
+                f"'{paths[last]}' ({why})"
+            )
+            break
+        if i > 0 and hidden is not outputs[i - 1]:
+            notes.append(
+                f"layers 0..{i} stay sequential: layer '{paths[i]}' reads {hidden.name}, not the "
+                f"previous layer's output {outputs[i - 1].name}"
+            )
+            break
+        layers.append(Layer(i, paths[i], hidden, outputs[i], nodes, externals))
+    layers.reverse()
+    return container, layers, notes
+
+
+def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
+    """Prove the hidden state is the only path between consecutive parallel layers.
+
+    Every external a layer reads must be computable before the solve (it may not depend on any
+    hidden state of the chain), and nothing outside the layers may read a layer's intermediate
+    values. Returns the readers of hidden states outside the chain (final norm, backout...).
+    """
+    start = layers[0].hidden_in
+    region_of: dict[fx.Node, Layer] = {}
+    for layer in layers:
+        for n in layer.nodes:
+            region_of[n] = layer
+    downstream = descendants(region_of) - set(region_of)
+    outputs = {layer.output: layer.index for layer in layers}
+    for layer in layers:
+        for ext in layer.externals:
+            if ext in downstream:
+                raise SNLPRefusal(
+                    f"layer '{layer.module_path}' reads {ext.name}, which is computed from the hidden "
+                    f"state inside the chain (through module '{innermost_module(ext)}'): the layers "
+                    "are not a chain linked only by their hidden state, so they cannot be solved in parallel",
+                    node=ext.name,
+                    module_path=innermost_module(ext),
+                )
+    readers: list[HiddenReader] = []
+    for n in gm.graph.nodes:
+        if n in region_of or n is start:
+            continue
+        for a in n.all_input_nodes:
+            if a in region_of and a not in outputs:
+                if _is_assert(n):
+                    continue
+                owner = region_of[a]
+                raise SNLPRefusal(
+                    f"{n.name} (module '{innermost_module(n)}') reads {a.name}, an intermediate value "
+                    f"of layer '{owner.module_path}', not its output: the layer's result is used in an "
+                    "unexpected place",
+                    node=n.name,
+                    module_path=innermost_module(n),
+                )
+            if a in outputs or a is start:
+                idx = outputs.get(a, layers[0].index - 1)
+                readers.append(HiddenReader(idx, n, innermost_module(n)))
+    return readers

@@ -1,0 +1,91 @@
+"""Small helpers over torch.fx graphs shared by the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """The module paths a node was traced under, outermost first ('' is the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        paths.append(path)
+    return paths
+
+
+def innermost_module(node: fx.Node) -> str:
+    paths = [p for p in module_paths(node) if not p.startswith("_")]
+    return paths[-1] if paths else ""
+
+
+def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node reachable from roots through users (roots included)."""
+    seen: set[fx.Node] = set()
+    todo = list(roots)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+
+def ancestors(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node roots depend on (roots included)."""
+    seen: set[fx.Node] = set()
+    todo = list(roots)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def flatten_args(value: Any) -> Iterator[Any]:
+    """Leaves of an fx argument structure (lists, tuples, dicts), in a fixed order."""
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from flatten_args(v)
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            yield ("key", k)
+            yield from flatten_args(value[k])
+    else:
+        yield value
+
+
+def arg_structure(node: fx.Node) -> tuple[list[Any], str]:
+    """Leaves of (args, kwargs) and a signature of their nesting, for structural comparison."""
+    leaves = list(flatten_args((node.args, node.kwargs)))
+
+    def shape(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return "(" + ",".join(shape(x) for x in v) + ")"
+        if isinstance(v, dict):
+            return "{" + ",".join(f"{k}:{shape(v[k])}" for k in sorted(v, key=str)) + "}"
+        return "."
+
+    return leaves, shape((node.args, node.kwargs))
+
+
+def op_name(node: fx.Node) -> str:
+    """A readable name for what a node does: 'aten.linear', 'operator.add', a method name..."""
+    t = node.target
+    if node.op == "call_method":
+        return f"Tensor.{t}"
+    if node.op in ("call_module", "get_attr", "placeholder", "output"):
+        return f"{node.op}:{t}"
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t).rsplit(".", 1)[0]
+    name = getattr(t, "__name__", str(t))
+    mod = getattr(t, "__module__", "") or ""
+    return f"{mod.split('.')[0]}.{name}" if mod else name

@@ -1,0 +1,184 @@
+"""Emit: replace the parallel layers' regions in the captured graph by one call to the solve.
+
+The top-level graph keeps everything before the chain (embedding, sequential prefix layers, the
+externals the layers read) as it was, calls ``snlp_solve`` once, reads the solved trace where the
+original read hidden states (final norm, backout readers), and keeps the suffix as it was.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..config import SNLPConfig
+from ..errors import SNLPRefusal
+from ..ir import LayerChain
+from ..solve.solver import ExtMode, LayerParallelSolve
+from .batch_layers import batch_body
+from .graph_utils import ancestors, descendants
+from .skip_split import Const, emit_coefficient
+
+SOLVE_NAME = "snlp_solve"
+
+
+def _external_name(node: fx.Node, layer_path: str, taken: set[str]) -> str:
+    """A readable placeholder name: weights by their path inside the layer, else the node name."""
+    base = node.name
+    if node.op == "get_attr":
+        target = str(node.target)
+        base = target[len(layer_path) + 1 :] if target.startswith(layer_path + ".") else target
+    elif node.target in (torch.ops.aten.select.int, operator.getitem) and node.args:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "get_attr":
+            base = f"{src.target}_l"
+    name = re.sub(r"\W", "_", base).strip("_") or "ext"
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+def evaluate_static(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[Any]:
+    """Values of nodes that depend only on parameters and constants (folded at transform time)."""
+    needed = ancestors(nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[n] for n in nodes))
+    with torch.no_grad():
+        return list(fx.GraphModule(gm, graph)())
+
+
+def _is_static(node: fx.Node) -> bool:
+    return not any(a.op == "placeholder" for a in ancestors([node]))
+
+
+def build_body(chain: LayerChain, names: list[str]) -> tuple[fx.GraphModule, float | None]:
+    """The template layer as a function (h, *externals) -> out [, skip coefficient]."""
+    t = chain.template
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {t.hidden_in: graph.placeholder("h")}
+    env[t.hidden_in].meta = dict(t.hidden_in.meta)
+    placeholders = [graph.placeholder(name) for name in names]
+    for ph, ext in zip(placeholders, t.externals):
+        ph.meta = dict(ext.meta)
+    env.update(zip(t.externals, placeholders))
+    for n in t.nodes:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    coefficient = chain.skip.coefficient
+    if isinstance(coefficient, Const):
+        graph.output(env[t.output])
+        constant: float | None = coefficient.value
+    else:
+        a = emit_coefficient(graph, coefficient, env)
+        graph.output((env[t.output], a))
+        constant = None
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph, class_name="LayerBody"), constant
+
+
+def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.GraphModule:
+    """Rewrite ``gm`` (a private capture) in place and return it."""
+    par = chain.parallel_layers
+    start = par[0].hidden_in
+    taken: set[str] = {"h"}
+    names = [_external_name(e, chain.template.module_path, taken) for e in chain.template.externals]
+
+    modes: list[ExtMode] = []
+    stacked: dict[str, torch.Tensor] = {}
+    runtime: list[tuple[str, list[fx.Node]]] = []  # (mode, nodes) passed to the solve, in order
+    for k, name in enumerate(names):
+        column = [layer.externals[k] for layer in par]
+        if all(c is column[0] for c in column):
+            modes.append("shared")
+            runtime.append(("shared", column))
+            continue
+        if any(c.meta.get("val") is not None and not isinstance(c.meta["val"], torch.Tensor) for c in column):
+            raise SNLPRefusal(
+                f"the layers read different non-tensor values for '{name}' ({', '.join(c.name for c in column)})",
+                node=column[0].name,
+            )
+        if all(_is_static(c) for c in column):
+            values = evaluate_static(gm, column)
+            stacked[name] = torch.stack([v.detach().clone() for v in values])
+            modes.append("stacked")
+        else:
+            modes.append("runtime")
+            runtime.append(("runtime", column))
+
+    body, constant = build_body(chain, names)
+    layers, fallbacks = batch_body(body, [True, *(m != "shared" for m in modes)], chain.num_parallel)
+    chain.notes.extend(f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks)
+    solve = LayerParallelSolve(
+        body,
+        layers,
+        names,
+        modes,
+        stacked,
+        num_layers=chain.num_parallel,
+        skip_kind=chain.skip.kind,
+        skip_constant=constant,
+        iterations=config.iterations,
+        init=config.init,
+        damping=config.damping,
+    )
+
+    region = {n for layer in par for n in layer.nodes}
+    after = descendants(region) - region
+    outputs = {layer.output: j for j, layer in enumerate(par)}
+
+    gm.add_submodule(SOLVE_NAME, solve)
+    old = gm.graph
+    graph = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
+    graph._codegen = old._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for n in old.nodes:
+        if n not in region and n not in after:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    args: list[fx.Node] = [env[start]]
+    for mode, column in runtime:
+        if mode == "shared":
+            args.append(env[column[0]])
+        else:
+            args.append(graph.call_function(torch.stack, ([env[c] for c in column],)))
+    trace = graph.call_module(SOLVE_NAME, tuple(args))
+    for out_node, j in outputs.items():
+        if any(u not in region for u in out_node.users):
+            env[out_node] = graph.call_function(operator.getitem, (trace, j))
+            env[out_node].name = f"h_{par[j].index}"
+    for n in old.nodes:
+        if n in after:
+            if len(n.users) == 0 and n.op == "call_function" and any(a in region and a not in outputs for a in n.all_input_nodes):
+                continue  # a shape assert on a layer intermediate: the layer no longer exists
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    for n in reversed(list(graph.nodes)):
+        if not n.users and (n.op == "get_attr" or (n.op == "call_function" and not n.is_impure())):
+            graph.erase_node(n)
+    graph.lint()
+    gm.graph = graph
+    gm.delete_all_unused_submodules()
+    _drop_unused_attributes(gm)
+    gm.recompile()
+    return gm
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Free the per-layer weights the graph no longer reads (the solve holds stacked copies)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(recurse=True)) + list(gm.named_buffers(recurse=True)):
+        if name.startswith(SOLVE_NAME + ".") or name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]

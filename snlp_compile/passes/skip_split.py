@@ -1,0 +1,189 @@
+"""Split a layer into skip path and branch: a linearity analysis over the template's region.
+
+For every node the analysis computes the coefficient c with which the layer input h enters it
+linearly: c(h) = 1; add/sub combine coefficients; a product with (or a division by) a value
+that does not depend on h scales it; any other op that consumes h yields 0 (that is branch
+territory: attention, MLP, norms). The coefficient of the layer output is the skip map S, the
+surrogate Jacobian A = S of DESIGN.md. A zero coefficient means there is no linear path from
+input to output (post-norm layers, stacks without skips): refused, naming the op that blocks it.
+
+Coefficients are small expression trees over the template's externals, emitted into the body
+graph so that each layer's own values (e.g. resid_lambdas[i]) are used.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+
+from ..errors import SNLPRefusal
+from ..ir import Layer, SkipPath
+from .graph_utils import descendants, innermost_module, op_name
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+
+
+@dataclass(frozen=True)
+class Ext:
+    """A template value that does not depend on h, e.g. the layer's resid_lambdas[i]."""
+
+    node: fx.Node
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # "add" | "mul" | "div"
+    lhs: Coef
+    rhs: Coef
+
+
+Coef = Union[Const, Ext, BinOp]
+ZERO = Const(0.0)
+ONE = Const(1.0)
+
+_ADD = {aten.add.Tensor, aten.add.Scalar, operator.add, operator.iadd, torch.add, "add", "add_"}
+_SUB = {aten.sub.Tensor, aten.sub.Scalar, operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {aten.mul.Tensor, aten.mul.Scalar, operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {aten.div.Tensor, aten.div.Scalar, operator.truediv, torch.div, "div", "div_"}
+_NEG = {aten.neg.default, operator.neg, torch.neg, "neg"}
+_IDENTITY = {
+    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+    "clone", "contiguous", "detach",
+}  # fmt: skip
+
+
+def _add(a: Coef, b: Coef) -> Coef:
+    if a == ZERO:
+        return b
+    if b == ZERO:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value + b.value)
+    return BinOp("add", a, b)
+
+
+def _mul(a: Coef, b: Coef) -> Coef:
+    if ZERO in (a, b):
+        return ZERO
+    if a == ONE:
+        return b
+    if b == ONE:
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value * b.value)
+    return BinOp("mul", a, b)
+
+
+def _target_key(node: fx.Node) -> Any:
+    return node.target
+
+
+def describe(c: Coef) -> str:
+    if isinstance(c, Const):
+        return f"{c.value:g}"
+    if isinstance(c, Ext):
+        return c.name
+    sym = {"add": "+", "mul": "*", "div": "/"}[c.op]
+    return f"({describe(c.lhs)} {sym} {describe(c.rhs)})"
+
+
+def analyse_skip(layer: Layer) -> SkipPath:
+    """The skip map of ``layer`` (the template), or SNLPRefusal naming what blocks it."""
+    h_dependent = descendants([layer.hidden_in])
+    coef: dict[fx.Node, Coef] = {layer.hidden_in: ONE}
+    blockers: list[fx.Node] = []
+
+    def of(a: Any) -> Coef:
+        if isinstance(a, fx.Node):
+            return coef.get(a, ZERO)
+        return ZERO
+
+    def factor(a: Any) -> Coef | None:
+        """a as a coefficient if it does not depend on h, else None."""
+        if isinstance(a, fx.Node):
+            return None if a in h_dependent else Ext(a)
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return Const(float(a))
+        return None
+
+    for n in layer.nodes:
+        key = _target_key(n)
+        args = list(n.args)
+        alpha = n.kwargs.get("alpha", 1)
+        c: Coef = ZERO
+        linear_inputs = [a for a in n.all_input_nodes if of(a) != ZERO]
+        try:
+            if key in _ADD and len(args) >= 2:
+                c = _add(of(args[0]), _mul(Const(float(alpha)), of(args[1])))
+            elif key in _SUB and len(args) >= 2:
+                c = _add(of(args[0]), _mul(Const(-float(alpha)), of(args[1])))
+            elif key in _MUL and len(args) >= 2:
+                fa, fb = factor(args[0]), factor(args[1])
+                if fb is not None:
+                    c = _mul(of(args[0]), fb)
+                elif fa is not None:
+                    c = _mul(fa, of(args[1]))
+                # both depend on h: quadratic, branch
+            elif key in _DIV and len(args) >= 2 and not n.kwargs.get("rounding_mode"):
+                fb = factor(args[1])
+                if fb is not None and of(args[0]) != ZERO:
+                    c = BinOp("div", of(args[0]), fb)
+            elif key in _NEG:
+                c = _mul(Const(-1.0), of(args[0]))
+            elif key in _IDENTITY or (key is aten.dropout.default and len(args) >= 3 and args[2] is False):
+                c = of(args[0])
+        except (TypeError, ValueError):
+            c = ZERO
+        if c == ZERO and linear_inputs:
+            blockers.append(n)
+        coef[n] = c
+
+    out = coef.get(layer.output, ZERO)
+    if out == ZERO:
+        blocker = blockers[-1] if blockers else layer.output
+        raise SNLPRefusal(
+            f"layer '{layer.module_path}' has no residual skip path: its output depends on its input only "
+            f"through {op_name(blocker)} ({blocker.name}). SNLP needs layers of the form h + f(h) (or "
+            "lambda*h + f(h)); a post-norm layer (norm applied after the residual add) or a layer without "
+            "a skip connection has no cheap Jacobian surrogate",
+            node=blocker.name,
+            module_path=innermost_module(blocker) or layer.module_path,
+        )
+    if out == ONE:
+        return SkipPath("identity", out, "identity skip (IDN): correction is a prefix sum over layers")
+    return SkipPath(
+        "elementwise",
+        out,
+        f"scaled skip h -> {describe(out)} * h (scaled IDN): correction is an elementwise affine prefix scan",
+    )
+
+
+def emit_coefficient(graph: fx.Graph, c: Coef, env: dict[fx.Node, Any]) -> Any:
+    """Emit ``c`` into ``graph``; env maps template nodes to the body graph's nodes."""
+    if isinstance(c, Const):
+        return c.value
+    if isinstance(c, Ext):
+        return env[c.node]
+    lhs = emit_coefficient(graph, c.lhs, env)
+    rhs = emit_coefficient(graph, c.rhs, env)
+    fn = {"add": torch.add, "mul": torch.mul, "div": torch.div}[c.op]
+    if not isinstance(lhs, fx.Node) and not isinstance(rhs, fx.Node):
+        return fn(torch.tensor(lhs), torch.tensor(rhs)).item()
+    if not isinstance(lhs, fx.Node):
+        lhs, rhs = rhs, lhs
+        if c.op == "div":
+            return graph.call_function(torch.mul, (graph.call_function(torch.reciprocal, (lhs,)), rhs))
+    return graph.call_function(fn, (lhs, rhs))

@@ -1,0 +1,57 @@
+"""The explain() report: what was matched, which surrogate, what runs in parallel, and why not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExplainReport:
+    model: str
+    capture: str = ""
+    container: str | None = None
+    layers: list[str] = field(default_factory=list)
+    parallel_layers: list[str] = field(default_factory=list)
+    skip: str | None = None
+    body_ops: dict[str, int] = field(default_factory=dict)
+    externals: list[tuple[str, str, str]] = field(default_factory=list)  # (name, mode, shape)
+    readers: list[str] = field(default_factory=list)
+    config: str = ""
+    notes: list[str] = field(default_factory=list)
+    refusal: str | None = None
+
+    @property
+    def rewritten(self) -> bool:
+        return self.refusal is None and bool(self.parallel_layers)
+
+    def __str__(self) -> str:
+        lines = [f"snlp_compile explain: {self.model}", f"  capture:   {self.capture}"]
+        if self.container is not None:
+            lines.append(f"  layers:    {len(self.layers)} in '{self.container}' ({', '.join(self.layers[:3])}{', ...' if len(self.layers) > 3 else ''})")
+        if self.parallel_layers:
+            seq = len(self.layers) - len(self.parallel_layers)
+            lines.append(
+                f"  parallel:  {len(self.parallel_layers)} layers ({self.parallel_layers[0]} .. {self.parallel_layers[-1]}), "
+                f"{seq} sequential before them"
+            )
+        if self.skip:
+            lines.append(f"  surrogate: {self.skip}")
+        if self.body_ops:
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.body_ops.items(), key=lambda kv: -kv[1])[:8])
+            lines.append(f"  body:      {sum(self.body_ops.values())} ops per layer ({ops})")
+        if self.externals:
+            lines.append("  layer inputs besides h:")
+            for name, mode, shape in self.externals:
+                lines.append(f"    {name:<28} {mode:<8} {shape}")
+        if self.readers:
+            lines.append("  hidden-state readers outside the chain (fed from the solved trace):")
+            lines.extend(f"    {r}" for r in self.readers)
+        if self.config:
+            lines.append(f"  config:    {self.config}")
+        for note in self.notes:
+            lines.append(f"  note:      {note}")
+        if self.refusal:
+            lines.append(f"  REFUSED:   {self.refusal}")
+        else:
+            lines.append("  result:    rewritten" if self.rewritten else "  result:    unchanged")
+        return "\n".join(lines)

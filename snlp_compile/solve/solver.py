@@ -1,0 +1,122 @@
+"""The layer-parallel solve: K batched evaluations of all parallel layers, each followed by the
+structured Newton correction (DESIGN.md section 1).
+
+    u^(0)   = h_in for every layer           (init "h0"; "batch_fwd" seeds u_{j+1} = g_j(h_in))
+    G, A    = vmap(body)(u^(k))             one evaluation of every layer at its current input
+    h_j     = a A_j h_{j-1} + G_j - a A_j u_j   the correction: prefix sum (A = I, a = 1) or scan
+    u^(k+1) = [h_in, h_0, ..., h_{N-2}]
+
+The body is the template layer's graph with its weights as arguments, batched over a leading
+layer axis and the stacked weights of all layers (passes.batch_layers), so the number of matmuls per iteration does not depend
+on the number of layers. Everything here is plain tensor code: eager, torch.compile, torch.export
+and ONNX export all see the same ops.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .scan import elementwise_affine_scan, identity_scan
+
+ExtMode = Literal["stacked", "runtime", "shared"]
+
+
+class LayerParallelSolve(nn.Module):
+    """Solves N structurally identical residual layers in parallel.
+
+    Args:
+        body: GraphModule (h, *externals) -> out or (out, skip coefficient), one layer; kept for
+            reading and for the per-layer reference.
+        layers: the body batched over a leading layer axis (passes.batch_layers): what runs.
+        ext_modes: per body external: "stacked" (a buffer of this module, stacked over layers at
+            transform time), "runtime" (passed in already stacked), "shared" (passed in, same for
+            every layer).
+        stacked: the stacked buffers, keyed by body external name.
+        skip_kind: "identity" or "elementwise" (the HCN issue adds "matrix").
+        skip_constant: the skip coefficient when it is a number (1.0 for IDN); None when the body
+            returns it as its second output.
+    """
+
+    def __init__(
+        self,
+        body: fx.GraphModule,
+        layers: fx.GraphModule,
+        ext_names: list[str],
+        ext_modes: list[ExtMode],
+        stacked: dict[str, torch.Tensor],
+        *,
+        num_layers: int,
+        skip_kind: str,
+        skip_constant: float | None,
+        iterations: int,
+        init: str,
+        damping: float,
+    ):
+        super().__init__()
+        self.body = body
+        self.layers = layers
+        self.ext_names = list(ext_names)
+        self.ext_modes = list(ext_modes)
+        for name, value in stacked.items():
+            self.register_buffer(f"stacked_{name}", value)
+        self.num_layers = num_layers
+        self.skip_kind = skip_kind
+        self.skip_constant = skip_constant
+        self.iterations = iterations
+        self.init = init
+        self.damping = float(damping)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_layers={self.num_layers}, iterations={self.iterations}, init={self.init!r}, "
+            f"damping={self.damping}, skip={self.skip_kind}"
+        )
+
+    def _externals(self, passed: tuple[object, ...]) -> list[object]:
+        values: list[object] = []
+        it = iter(passed)
+        for name, mode in zip(self.ext_names, self.ext_modes):
+            values.append(getattr(self, f"stacked_{name}") if mode == "stacked" else next(it))
+        return values
+
+    def _evaluate(self, u: torch.Tensor, ext: list[object]) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """All layers at once: g_j(u_j) and their skip coefficients A_j."""
+        out = self.layers(u, *ext)
+        if self.skip_constant is not None:
+            return out, self.skip_constant
+        g, a = out
+        # right-align the per-layer coefficient (N, *s) against the hidden state (N, *h)
+        a = a.reshape(a.shape[:1] + (1,) * (u.dim() - a.dim()) + a.shape[1:])
+        return g, a
+
+    def correct(self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
+        """The structured Newton correction: h_j = a_j h_{j-1} + (g_j - a_j u_j)."""
+        if isinstance(a, float) and a == 1.0 and self.damping == 1.0:
+            return identity_scan(g - u, h_in)
+        a = a * self.damping
+        if isinstance(a, float):
+            a = torch.full((u.shape[0],) + (1,) * (u.dim() - 1), a, dtype=u.dtype, device=u.device)
+        return elementwise_affine_scan(a, g - a * u, h_in)
+
+    def initial_inputs(self, h_in: torch.Tensor, ext: list[object]) -> torch.Tensor:
+        u = h_in.unsqueeze(0).expand((self.num_layers, *h_in.shape))
+        if self.init == "batch_fwd":
+            g, _ = self._evaluate(u, ext)
+            u = torch.cat([h_in.unsqueeze(0), g[:-1]], dim=0)
+        return u
+
+    def forward(self, h_in: torch.Tensor, *passed: object) -> torch.Tensor:
+        """The solved trace: (N, *h_in.shape), the outputs of the N parallel layers."""
+        ext = self._externals(passed)
+        u = self.initial_inputs(h_in, ext)
+        h = u
+        for step in range(self.iterations):
+            g, a = self._evaluate(u, ext)
+            h = self.correct(g, a, u, h_in)
+            if step + 1 < self.iterations:
+                u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+        return h
