@@ -90,9 +90,9 @@ def _shift(d: Any) -> Any:
     return d
 
 
-def _vmap_op(op: Callable[..., Any], in_dims: tuple[Any, ...], *args: Any) -> Any:
+def _vmap_op(op: Callable[..., Any], in_dims: tuple[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Fallback for ops without a rule: torch.vmap over this one op."""
-    return torch.vmap(op, in_dims=in_dims)(*args)
+    return torch.vmap(lambda a, k: op(*a, **k), in_dims=in_dims)(args, kwargs)
 
 
 def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,13 @@ class _Batcher:
             return self.call(torch.permute, self.env[node.args[0]], dims)
         if name in ("t", "numpy_T"):
             return self.call(torch.transpose, self.env[node.args[0]], -1, -2)
+        if name == "addmm":
+            bias, a, b = node.args[:3]
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                return self.fallback(node)
+            rank = max(_rank(a), _rank(b))
+            out = self.call(torch.matmul, self.align(a, rank), self.align(b, rank))
+            return self.call(torch.add, out, self.align(bias, _rank(node)))
         if name in ("linear", "matmul", "mm", "bmm"):
             return self.matmul_rule(node, name)
         if name in ("layer_norm", "rms_norm"):
@@ -254,16 +261,12 @@ class _Batcher:
 
     def fallback(self, node: fx.Node) -> Any:
         self.fallbacks.append(f"{_name(node)} ({node.name})")
-        tensors = [a for a in node.all_input_nodes]
-        in_dims = tuple(0 if self.batched.get(a, False) else None for a in tensors)
 
-        def rebuild(*values: Any, _node: fx.Node = node, _inputs: list[fx.Node] = tensors) -> Any:
-            lookup = dict(zip(_inputs, values))
-            args = fx.node.map_arg(_node.args, lambda a: lookup[a])
-            kwargs = fx.node.map_arg(_node.kwargs, lambda a: lookup[a])
-            return _node.target(*args, **kwargs)
+        def dims(a: Any) -> Any:
+            return fx.node.map_aggregate(a, lambda x: 0 if isinstance(x, fx.Node) and self.batched.get(x, False) else None)
 
-        return self.call(_vmap_op, rebuild, in_dims, *[self.env[a] for a in tensors])
+        in_dims = (dims(list(node.args)), dims(dict(node.kwargs)))
+        return self.call(_vmap_op, node.target, in_dims, self.lift(list(node.args)), self.lift(dict(node.kwargs)))
 
 
 def batch_body(body: fx.GraphModule, batched_inputs: list[bool], num_layers: int) -> tuple[fx.GraphModule, list[str]]:

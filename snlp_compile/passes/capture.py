@@ -8,6 +8,7 @@ model is deep-copied first, so nothing the compiler does can reach the user's pa
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,9 @@ class Captured:
     note: str
 
 
-def _auto_dims(example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """Mark every dimension of every tensor input as AUTO: export keeps symbolic what it can."""
+def _auto_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every dimension of every tensor input marked AUTO (export keeps symbolic what it can),
+    keyed by the forward's parameter names so positional and keyword inputs mix freely."""
 
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -37,7 +39,8 @@ def _auto_dims(example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) ->
             return {k: spec(v) for k, v in x.items()}
         return None
 
-    return spec(example_args), {k: spec(v) for k, v in example_kwargs.items()}
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def capture(
@@ -58,11 +61,7 @@ def capture(
         try:
             kwargs: dict[str, Any] = {"strict": False}
             if use_dynamic:
-                dyn_args, dyn_kwargs = _auto_dims(example_args, example_kwargs)
-                kwargs["dynamic_shapes"] = (*dyn_args, *([dyn_kwargs] if dyn_kwargs else []))
-                if example_kwargs:
-                    # dynamic_shapes for mixed args/kwargs are given as a dict keyed by parameter name
-                    kwargs["dynamic_shapes"] = None
+                kwargs["dynamic_shapes"] = _auto_dims(private, tuple(example_args), example_kwargs)
             with torch.no_grad():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             gm = ep.module()
