@@ -244,7 +244,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
                     node=n.name,
                     module_path=innermost_module(n),
                 )
-            if a in outputs or a is start:
+            if (a in outputs or a is start) and not _is_assert(n):
                 idx = outputs.get(a, layers[0].index - 1)
                 readers.append(HiddenReader(idx, n, innermost_module(n)))
     return readers

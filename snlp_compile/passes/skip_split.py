@@ -61,8 +61,12 @@ _DIV = {aten.div.Tensor, aten.div.Scalar, operator.truediv, torch.div, "div", "d
 _NEG = {aten.neg.default, operator.neg, torch.neg, "neg"}
 _IDENTITY = {
     aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
-    "clone", "contiguous", "detach",
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
+    "clone", "contiguous", "detach", "to", "type_as", "float",
 }  # fmt: skip
+# Casts count as the identity: they are linear up to rounding, and a surrogate only has to be
+# close to the Jacobian (exactness never depends on it). Note that a cast to the tensor's own
+# dtype returns the same tensor, so export may route the residual itself through it.
 
 
 def _add(a: Coef, b: Coef) -> Coef:

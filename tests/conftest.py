@@ -1,0 +1,35 @@
+"""Shared fixtures: deterministic seeds, small reference models, the sequential hidden-state trace."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def sequential_trace(model: torch.nn.Module, layers: list[torch.nn.Module], *args, **kwargs) -> torch.Tensor:
+    """Outputs of each layer module in the original model's sequential forward, stacked."""
+    outs: list[torch.Tensor] = []
+
+    def hook(_m, _inp, out):
+        outs.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(outs)
