@@ -58,7 +58,11 @@ def analyse(
                 module_path=container,
             )
         if n_par < 2:
-            raise SNLPRefusal("fewer than two layers to solve in parallel: nothing to rewrite", module_path=container)
+            why = f" ({'; '.join(notes)})" if notes else ""
+            raise SNLPRefusal(
+                f"fewer than two layers of '{container}' can be solved in parallel: nothing to rewrite{why}",
+                module_path=container,
+            )
         parallel = layers[len(layers) - n_par :]
         readers = check_chain(gm, parallel)
         template = layers[-1]
@@ -77,6 +81,7 @@ def analyse(
         return gm, chain, report
     except SNLPRefusal as refusal:
         report.refusal = str(refusal)
+        report.error = refusal
         return gm, None, report
 
 
@@ -109,7 +114,8 @@ def transform(
     cfg = resolve_config(config, overrides)
     gm, chain, report = analyse(model, example_inputs, cfg, example_kwargs)
     if chain is None:
-        raise SNLPRefusal(report.refusal or "refused")
+        assert report.error is not None
+        raise report.error
     out = rewrite(gm, chain, cfg)
     solve = out.get_submodule(SOLVE_NAME)
     report.externals = [

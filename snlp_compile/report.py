@@ -19,6 +19,7 @@ class ExplainReport:
     config: str = ""
     notes: list[str] = field(default_factory=list)
     refusal: str | None = None
+    error: Exception | None = field(default=None, repr=False)
 
     @property
     def rewritten(self) -> bool:

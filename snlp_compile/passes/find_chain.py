@@ -220,7 +220,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
     outputs = {layer.output: layer.index for layer in layers}
     for layer in layers:
         for ext in layer.externals:
-            if ext in downstream:
+            if ext in downstream or ext in region_of:
                 raise SNLPRefusal(
                     f"layer '{layer.module_path}' reads {ext.name}, which is computed from the hidden "
                     f"state inside the chain (through module '{innermost_module(ext)}'): the layers "

@@ -1,0 +1,205 @@
+"""Structures the rewrite cannot handle are refused with a message naming the node and module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import snlp_compile
+from snlp_compile import SNLPConfigError, SNLPRefusal
+
+
+class Mlp(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class PostNormBlock(nn.Module):
+    """The original Transformer's layer: x = LN(x + f(x)); the skip path runs through the norm."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.mlp = Mlp(d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.mlp(x))
+
+
+class NoSkipBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.mlp = Mlp(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = Mlp(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, block: type[nn.Module], depth: int = 4, d: int = 16):
+        super().__init__()
+        self.layers = nn.ModuleList(block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class DenseStack(Stack):
+    """Layer 3 reads the hidden state after layer 1 as well: not a chain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = x
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i == 1:
+                keep = x
+            if i == 2:
+                x = x + 0.5 * keep
+        return self.head(x)
+
+
+class ContextBlock(PreNormBlock):
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x + self.mlp(self.norm(x)) + 0.1 * ctx
+
+
+class ContextStack(Stack):
+    """Every layer reads a context; from layer 2 on it is the output of layer 1: not a chain."""
+
+    def __init__(self) -> None:
+        super().__init__(ContextBlock)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = x
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx)
+            if i == 1:
+                ctx = x
+        return self.head(x)
+
+
+class TapBlock(PreNormBlock):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        inner = self.mlp(self.norm(x))
+        return x + inner, inner
+
+
+class TapStack(Stack):
+    """The head also reads every layer's branch output, an intermediate value of the layer."""
+
+    def __init__(self) -> None:
+        super().__init__(TapBlock)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = 0
+        for layer in self.layers:
+            x, inner = layer(x)
+            taps = taps + inner
+        return self.head(x + taps)
+
+
+X = torch.randn(2, 5, 16)
+
+
+def _refusal(model: nn.Module) -> SNLPRefusal:
+    with pytest.raises(SNLPRefusal) as info:
+        snlp_compile.transform(model, (X,), iterations=2)
+    report = snlp_compile.explain(model, (X,))
+    assert report.refusal is not None and not report.rewritten
+    assert str(info.value) in report.refusal or report.refusal in str(info.value)
+    assert "REFUSED" in str(report)
+    return info.value
+
+
+def test_post_norm_refused_naming_the_norm() -> None:
+    err = _refusal(Stack(PostNormBlock).eval())
+    assert "no residual skip path" in str(err)
+    assert "layer_norm" in str(err)
+    assert err.module_path == "layers.3.norm"
+    assert err.node is not None and err.node in str(err)
+
+
+def test_stack_without_skip_refused() -> None:
+    err = _refusal(Stack(NoSkipBlock).eval())
+    assert "no residual skip path" in str(err)
+    assert err.module_path is not None and err.module_path.startswith("layers.3.mlp")
+
+
+def test_cross_layer_reader_refused() -> None:
+    err = _refusal(ContextStack().eval())
+    assert "not a chain" in str(err)
+    assert err.module_path == "layers.1" and err.node is not None
+
+
+def test_irregular_layer_refused_with_reason() -> None:
+    err = _refusal(DenseStack(PreNormBlock).eval())
+    assert "fewer than two layers" in str(err)
+    assert "differs from the template 'layers.3'" in str(err)
+
+
+def test_intermediate_reader_refused() -> None:
+    err = _refusal(TapStack().eval())
+    assert "intermediate value" in str(err)
+    assert err.module_path is not None
+
+
+def test_prenorm_stack_accepted_and_exact() -> None:
+    model = Stack(PreNormBlock).double().eval()
+    x = X.double()
+    fast = snlp_compile.transform(model, (x,), iterations=4)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_too_many_parallel_layers() -> None:
+    with pytest.raises(SNLPRefusal, match="parallel_layers=9"):
+        snlp_compile.transform(Stack(PreNormBlock).eval(), (X,), parallel_layers=9)
+
+
+def test_single_layer_refused() -> None:
+    with pytest.raises(SNLPRefusal):
+        snlp_compile.transform(Stack(PreNormBlock, depth=1).eval(), (X,))
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("iterations", 0, "iterations"),
+        ("init", "zeros", "init"),
+        ("damping", 1.5, "damping"),
+        ("parallel_layers", 0, "parallel_layers"),
+        ("bogus", 1, "unknown SNLPConfig field"),
+    ],
+)
+def test_config_errors_name_the_field(field: str, value: object, match: str) -> None:
+    with pytest.raises(SNLPConfigError, match=match):
+        snlp_compile.transform(Stack(PreNormBlock).eval(), (X,), **{field: value})
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(TypeError, match="nn.Module"):
+        snlp_compile.transform(lambda x: x, (X,))  # type: ignore[arg-type]
+
+
+def test_unknown_container_named() -> None:
+    with pytest.raises(SNLPRefusal, match="names no layer container"):
+        snlp_compile.transform(Stack(PreNormBlock).eval(), (X,), layers="blocks")
