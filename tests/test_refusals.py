@@ -148,7 +148,8 @@ def test_stack_without_skip_refused() -> None:
 def test_cross_layer_reader_refused() -> None:
     err = _refusal(ContextStack().eval())
     assert "not a chain" in str(err)
-    assert err.module_path == "layers.1" and err.node is not None
+    assert "hidden state of layer 'layers.1'" in str(err)
+    assert err.node is not None and err.module_path is not None
 
 
 def test_irregular_layer_refused_with_reason() -> None:

@@ -221,10 +221,12 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
     for layer in layers:
         for ext in layer.externals:
             if ext in downstream or ext in region_of:
+                sources = sorted({region_of[a].index for a in ancestors([ext]) if a in region_of})
+                source = layers[[lay.index for lay in layers].index(sources[0])].module_path if sources else "?"
                 raise SNLPRefusal(
-                    f"layer '{layer.module_path}' reads {ext.name}, which is computed from the hidden "
-                    f"state inside the chain (through module '{innermost_module(ext)}'): the layers "
-                    "are not a chain linked only by their hidden state, so they cannot be solved in parallel",
+                    f"layer '{layer.module_path}' reads {ext.name} (module '{innermost_module(ext) or '<root>'}'), "
+                    f"which is computed from the hidden state of layer '{source}': the layers are not a chain "
+                    "linked only by their hidden state, so they cannot be solved in parallel",
                     node=ext.name,
                     module_path=innermost_module(ext),
                 )
