@@ -222,7 +222,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
         for ext in layer.externals:
             if ext in downstream or ext in region_of:
                 sources = sorted({region_of[a].index for a in ancestors([ext]) if a in region_of})
-                source = layers[[lay.index for lay in layers].index(sources[0])].module_path if sources else "?"
+                source = layers[[lay.index for lay in layers].index(sources[-1])].module_path if sources else "?"
                 raise SNLPRefusal(
                     f"layer '{layer.module_path}' reads {ext.name} (module '{innermost_module(ext) or '<root>'}'), "
                     f"which is computed from the hidden state of layer '{source}': the layers are not a chain "
