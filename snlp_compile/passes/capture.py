@@ -43,6 +43,16 @@ def _auto_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     return {name: spec(value) for name, value in bound.arguments.items()}
 
 
+def _static_dims(gm: fx.GraphModule) -> list[str]:
+    """Input dimensions export specialised to a constant, e.g. a batch of 1 in the example."""
+    static = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            static += [f"{node.name}[{i}]={s}" for i, s in enumerate(val.shape) if isinstance(s, int) and s <= 1]
+    return static
+
+
 def capture(
     model: torch.nn.Module,
     example_args: tuple[Any, ...],
@@ -56,6 +66,8 @@ def capture(
     example_kwargs = dict(example_kwargs or {})
     private = copy.deepcopy(model).eval()
     errors = []
+    static: list[str] = []
+    note_static = ""
     attempts = [True, False] if dynamic else [False]
     for use_dynamic in attempts:
         try:
@@ -65,10 +77,15 @@ def capture(
             with torch.no_grad():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             gm = ep.module()
-            note = "captured with symbolic batch/sequence sizes" if use_dynamic and kwargs.get(
-                "dynamic_shapes"
-            ) is not None else "captured with static shapes (inputs must keep the example's shapes)"
-            return Captured(gm, bool(use_dynamic and kwargs.get("dynamic_shapes") is not None), note)
+            if use_dynamic:
+                static = _static_dims(gm)
+                if static:
+                    note_static = "; static: " + ", ".join(static) + " (example size 0 or 1 is specialised by torch.export)"
+            if use_dynamic:
+                note = "captured with symbolic sizes" + (note_static if static else "")
+            else:
+                note = "captured with static shapes (inputs must keep the example's shapes)"
+            return Captured(gm, use_dynamic, note)
         except Exception as exc:  # torch.export raises many types; report them all
             errors.append(f"{'dynamic' if use_dynamic else 'static'}: {type(exc).__name__}: {exc}")
     raise SNLPCaptureError(

@@ -22,7 +22,8 @@ import torch.fx as fx
 
 from ..errors import SNLPRefusal
 from ..ir import Layer, SkipPath
-from .graph_utils import descendants, innermost_module, op_name
+from .graph_utils import ancestors, descendants, innermost_module, op_name
+from .stream_mix import STREAM_LAYOUT_META, Mixed, Pre, StreamAnalysis, StreamMix, emit_matrix, mat_nodes
 
 aten = torch.ops.aten
 
@@ -95,11 +96,26 @@ def _target_key(node: fx.Node) -> Any:
     return node.target
 
 
+def _is_scalar(c: Coef) -> bool:
+    """Whether c is one number per layer (what may scale a stream-mixing matrix)."""
+    if isinstance(c, Const):
+        return True
+    if isinstance(c, Ext):
+        val = c.node.meta.get("val")
+        return not isinstance(val, torch.Tensor) or all(isinstance(s, int) and s == 1 for s in val.shape)
+    if isinstance(c, BinOp):
+        return _is_scalar(c.lhs) and _is_scalar(c.rhs)
+    return False
+
+
 def describe(c: Coef) -> str:
     if isinstance(c, Const):
         return f"{c.value:g}"
     if isinstance(c, Ext):
-        return c.name
+        n = c.node
+        if n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+            return f"{n.args[0].target}[layer]"
+        return str(n.target) if n.op == "get_attr" else c.name
     sym = {"add": "+", "mul": "*", "div": "/"}[c.op]
     return f"({describe(c.lhs)} {sym} {describe(c.rhs)})"
 
@@ -107,8 +123,9 @@ def describe(c: Coef) -> str:
 def analyse_skip(layer: Layer) -> SkipPath:
     """The skip map of ``layer`` (the template), or SNLPRefusal naming what blocks it."""
     h_dependent = descendants([layer.hidden_in])
-    coef: dict[fx.Node, Coef] = {layer.hidden_in: ONE}
+    coef: dict[fx.Node, Any] = {layer.hidden_in: ONE}  # Coef, or a stream value (Pre / Mixed)
     blockers: list[fx.Node] = []
+    stream = StreamAnalysis(layer.hidden_in, h_dependent)
 
     def of(a: Any) -> Coef:
         if isinstance(a, fx.Node):
@@ -123,12 +140,29 @@ def analyse_skip(layer: Layer) -> SkipPath:
             return Const(float(a))
         return None
 
+    def is_linear(a: Any) -> bool:
+        return isinstance(a, fx.Node) and of(a) != ZERO
+
+    def scalar_factor(a: Any) -> Coef | None:
+        f = factor(a)
+        return f if f is not None and _is_scalar(f) else None
+
+    def visit_stream(n: fx.Node) -> Any:
+        found = stream.visit(n, of, is_linear, scalar_factor, (_mul, _add, _is_scalar))
+        return ZERO if found is None else found
+
     for n in layer.nodes:
         key = _target_key(n)
         args = list(n.args)
         alpha = n.kwargs.get("alpha", 1)
         c: Coef = ZERO
         linear_inputs = [a for a in n.all_input_nodes if of(a) != ZERO]
+        if any(isinstance(coef.get(a), (Pre, Mixed)) for a in n.all_input_nodes):
+            c = visit_stream(n)  # layout ops, stream mixings and sums of stream values (HCN)
+            if c == ZERO and linear_inputs:
+                blockers.append(n)
+            coef[n] = c
+            continue
         try:
             if key in _ADD and len(args) >= 2:
                 c = _add(of(args[0]), _mul(Const(float(alpha)), of(args[1])))
@@ -152,10 +186,16 @@ def analyse_skip(layer: Layer) -> SkipPath:
         except (TypeError, ValueError):
             c = ZERO
         if c == ZERO and linear_inputs:
+            c = visit_stream(n)
+        if c == ZERO and linear_inputs:
             blockers.append(n)
         coef[n] = c
 
     out = coef.get(layer.output, ZERO)
+    if isinstance(out, Pre) and not out.ops and _is_scalar(out.scale):
+        out = out.scale  # h reached the output through identity-like ops only
+    if isinstance(out, (Pre, Mixed)):
+        return _stream_skip(layer, stream, out, h_dependent)
     if out == ZERO:
         blocker = blockers[-1] if blockers else layer.output
         raise SNLPRefusal(
@@ -175,8 +215,40 @@ def analyse_skip(layer: Layer) -> SkipPath:
     )
 
 
+def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_dependent: set[fx.Node]) -> SkipPath:
+    """The "matrix" SkipPath of a hyper-connection layer, or a refusal saying what did not match."""
+    found = stream.finish(out)
+    if isinstance(found, str):
+        raise SNLPRefusal(
+            f"layer '{layer.module_path}' has a linear skip path that is not a stream mixing HCN can "
+            f"solve: {found}",
+            node=layer.output.name,
+            module_path=layer.module_path,
+        )
+    matrix, layout = found
+    nodes = mat_nodes(matrix)
+    dynamic = any(n in h_dependent for n in nodes)
+    if dynamic:
+        how = "dynamic (computed per token from h inside the batched layers, frozen at the current iterate)"
+    elif any(a.op == "placeholder" for a in ancestors(nodes)):
+        how = "static (independent of h, computed from the model's inputs before the solve)"
+    else:
+        how = "static (independent of h: folded into the solve's buffers at transform time)"
+    names = ", ".join(n.name for n in nodes) or "I"
+    return SkipPath(
+        "matrix",
+        StreamMix(matrix, layout, layer.hidden_in, dynamic),
+        f"stream-mixing skip h -> H h (HCN): {layout.n} streams, H {how}, from {names}; "
+        f"{layout.describe()}; correction is an n x n matrix affine prefix scan",
+    )
+
+
 def emit_coefficient(graph: fx.Graph, c: Coef, env: dict[fx.Node, Any]) -> Any:
     """Emit ``c`` into ``graph``; env maps template nodes to the body graph's nodes."""
+    if isinstance(c, StreamMix):
+        node = emit_matrix(graph, c.matrix, env, c.hidden_in, lambda s: emit_coefficient(graph, s, env))
+        node.meta[STREAM_LAYOUT_META] = c.layout  # read by solve.solver for the correction
+        return node
     if isinstance(c, Const):
         return c.value
     if isinstance(c, Ext):

@@ -1,0 +1,37 @@
+"""Show what the compiler matched: the explain report, the rewritten code, and a picture."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..api import explain, transform
+from ..visualize import draw_chain
+from .common import DTYPES, add_model_arguments, example_tokens, load_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--iterations", "-K", type=int, default=2)
+    parser.add_argument("--parallel-layers", type=int, default=None)
+    parser.add_argument("--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after")
+    parser.add_argument("--code", action="store_true", help="print the rewritten graph's code and the batched body")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model, DTYPES[args.dtype], args.seed)
+    idx = example_tokens(model, args.batch, args.seq, args.seed)
+    report = explain(model, (idx,), iterations=args.iterations, parallel_layers=args.parallel_layers)
+    print(report)
+    if not report.rewritten:
+        draw_chain(report, args.picture)
+        print(f"\npicture: {args.picture}")
+        return 1
+    fast = transform(model, (idx,), iterations=args.iterations, parallel_layers=args.parallel_layers)
+    if args.code:
+        print("\n# rewritten model (.code)\n" + fast.code)
+        print("# one layer, as matched (.snlp_solve.body.code)\n" + fast.snlp_solve.body.code)
+        print("# all parallel layers at once (.snlp_solve.layers.code)\n" + fast.snlp_solve.layers.code)
+    draw_chain(fast.snlp_report, args.picture, iterations=args.iterations)
+    print(f"\npicture: {args.picture}")
+    return 0
