@@ -1,0 +1,100 @@
+"""The command line a newcomer runs first, the explain report, and golden code of a rewrite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import snlp_compile
+from snlp_compile.cli import main
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_demo_prints_report_and_exact_last_row(capsys) -> None:
+    assert main(["demo", "--model", "nanochat-tiny", "--seq", "8", "--batch", "2", "--runs", "1", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "snlp_compile explain: NanochatGPT" in out
+    assert "scaled IDN" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 2, 3, 4]
+    last_err = float(rows[-1].split("|")[2])
+    first_err = float(rows[0].split("|")[2])
+    assert last_err < 1e-9 < first_err
+
+
+def test_inspect_writes_picture(tmp_path: Path, capsys) -> None:
+    picture = tmp_path / "chain.png"
+    assert main(["inspect", "--model", "gpt-tiny", "--seq", "8", "--batch", "2", "--code", "--picture", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "self.snlp_solve(" in out and "_einsum_linear" in out
+    assert picture.stat().st_size > 10_000
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_model_is_a_clear_error(capsys) -> None:
+    try:
+        main(["demo", "--model", "no-such-model"])
+    except SystemExit as exc:
+        assert "unknown model" in str(exc) and "nanochat-small" in str(exc)
+    else:
+        raise AssertionError("expected SystemExit")
+
+
+def test_explain_report_contents() -> None:
+    from snlp_compile.models import build_model
+
+    model = build_model("nanochat-small")  # backout on: h_{L/2} is read outside the chain
+    idx = torch.randint(0, 500, (2, 8))
+    report = snlp_compile.explain(model, (idx,), iterations=2, parallel_layers=6)
+    text = str(report)
+    assert report.rewritten and report.container == "transformer.h"
+    assert report.parallel_layers == [f"transformer.h.{i}" for i in range(2, 8)]
+    assert "resid_lambdas[layer]" in report.skip
+    assert any("output of layer 3" in r for r in report.readers), report.readers  # the backout reader
+    assert any(name == "mlp_c_fc_weight" and mode == "stacked" for name, mode, _ in report.externals)
+    assert "K=2" in text and "rewritten" in text
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(F.gelu(self.fc(self.norm(x))))
+
+
+class TinyStack(nn.Module):
+    def __init__(self, depth: int = 3, d: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyBlock(d) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _check_golden(name: str, code: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("SNLP_UPDATE_GOLDEN"):
+        path.write_text(code)
+    assert code.strip() == path.read_text().strip(), f"{name} changed; SNLP_UPDATE_GOLDEN=1 rewrites it"
+
+
+def test_golden_rewrite_of_a_tiny_stack() -> None:
+    """Before: three pre-norm MLP blocks. Expected: one solve call, one batched body (TVM-style)."""
+    torch.manual_seed(0)
+    model = TinyStack().double().eval()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    fast = snlp_compile.transform(model, (x,), iterations=3)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
+    _check_golden("tiny_stack_top.code", fast.code)
+    _check_golden("tiny_stack_layers.code", fast.snlp_solve.layers.code)
