@@ -68,8 +68,6 @@ def analyse(
         template = layers[-1]
         skip = analyse_skip(template)
         chain = LayerChain(container, layers, len(layers) - n_par, template, skip, readers, notes)
-        chain.first_parallel = len(layers) - n_par
-        chain.layers = layers
         report.parallel_layers = [layer.module_path for layer in parallel]
         report.skip = skip.description
         report.body_ops = dict(Counter(op_name(n) for n in template.nodes))

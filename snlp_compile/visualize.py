@@ -7,7 +7,7 @@ from pathlib import Path
 from .report import ExplainReport
 
 
-def _require_matplotlib():  # noqa: ANN202
+def _require_matplotlib():
     try:
         import matplotlib
 
@@ -35,11 +35,11 @@ def draw_chain(report: ExplainReport, path: str | Path, iterations: int | None =
         ax.set_ylim(0, 100)
         ax.axis("off")
 
-    def box(ax, x, y, w, h, text, color):  # noqa: ANN001, ANN202
+    def box(ax, x, y, w, h, text, color):
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.3", fc=color, ec="#333333", lw=1))
         ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8, wrap=True)
 
-    def arrow(ax, y0, y1, x=5.0):  # noqa: ANN001, ANN202
+    def arrow(ax, y0, y1, x=5.0):
         ax.add_patch(FancyArrowPatch((x, y0), (x, y1), arrowstyle="-|>", mutation_scale=10, color="#333333"))
 
     layers = report.layers or []

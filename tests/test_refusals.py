@@ -197,7 +197,7 @@ def test_config_errors_name_the_field(field: str, value: object, match: str) -> 
 
 
 def test_not_a_module() -> None:
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         snlp_compile.transform(lambda x: x, (X,))  # type: ignore[arg-type]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -51,7 +51,7 @@ class BinOp:
     rhs: Coef
 
 
-Coef = Union[Const, Ext, BinOp]
+Coef = Const | Ext | BinOp
 ZERO = Const(0.0)
 ONE = Const(1.0)
 

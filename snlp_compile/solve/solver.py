@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .scan import elementwise_affine_scan, identity_scan
+from .scan import elementwise_affine_scan, identity_scan, matrix_affine_scan
+from .stream_layout import StreamLayout
 
 ExtMode = Literal["stacked", "runtime", "shared"]
 
@@ -36,7 +37,9 @@ class LayerParallelSolve(nn.Module):
             transform time), "runtime" (passed in already stacked), "shared" (passed in, same for
             every layer).
         stacked: the stacked buffers, keyed by body external name.
-        skip_kind: "identity" or "elementwise" (the HCN issue adds "matrix").
+        skip_kind: "identity", "elementwise" or "matrix" (HCN: the body's second output is the
+            n x n stream-mixing matrix per layer, (N, *batch, n, n), and the body's coefficient
+            node carries the StreamLayout that views h as (*batch, n, m) streams).
         skip_constant: the skip coefficient when it is a number (1.0 for IDN); None when the body
             returns it as its second output.
     """
@@ -69,6 +72,7 @@ class LayerParallelSolve(nn.Module):
         self.iterations = iterations
         self.init = init
         self.damping = float(damping)
+        self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
 
     def extra_repr(self) -> str:
         return (
@@ -89,18 +93,34 @@ class LayerParallelSolve(nn.Module):
         if self.skip_constant is not None:
             return out, self.skip_constant
         g, a = out
+        if self.stream_layout is not None:
+            return g, a  # (N, *batch, n, n): aligned against the stream view in correct()
         # right-align the per-layer coefficient (N, *s) against the hidden state (N, *h)
         a = a.reshape(a.shape[:1] + (1,) * (u.dim() - a.dim()) + a.shape[1:])
         return g, a
 
     def correct(self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
         """The structured Newton correction: h_j = a_j h_{j-1} + (g_j - a_j u_j)."""
+        if self.stream_layout is not None:
+            assert isinstance(a, torch.Tensor)
+            return self.correct_streams(g, a, u, h_in, self.stream_layout)
         if isinstance(a, float) and a == 1.0 and self.damping == 1.0:
             return identity_scan(g - u, h_in)
         a = a * self.damping
         if isinstance(a, float):
             a = torch.full((u.shape[0],) + (1,) * (u.dim() - 1), a, dtype=u.dtype, device=u.device)
         return elementwise_affine_scan(a, g - a * u, h_in)
+
+    def correct_streams(
+        self, g: torch.Tensor, a: torch.Tensor, u: torch.Tensor, h_in: torch.Tensor, layout: StreamLayout
+    ) -> torch.Tensor:
+        """HCN: the same recurrence in the stream view Z = (*batch, n, m), A_j an n x n matrix."""
+        if self.damping != 1.0:
+            a = a * self.damping
+        zu, zg = layout.to_streams(u), layout.to_streams(g)
+        a = a.reshape(a.shape[:1] + (1,) * (zu.dim() - a.dim()) + a.shape[1:])
+        z = matrix_affine_scan(a, zg - a @ zu, layout.to_streams(h_in))
+        return layout.from_streams(z, tuple(h_in.shape))
 
     def initial_inputs(self, h_in: torch.Tensor, ext: list[object]) -> torch.Tensor:
         u = h_in.unsqueeze(0).expand((self.num_layers, *h_in.shape))
@@ -120,3 +140,14 @@ class LayerParallelSolve(nn.Module):
             if step + 1 < self.iterations:
                 u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
         return h
+
+
+def _stream_layout(body: fx.GraphModule) -> StreamLayout:
+    """The StreamLayout that passes.skip_split attached to the body's skip-matrix output."""
+    out = next(n for n in body.graph.nodes if n.op == "output")
+    results = out.args[0]
+    coefficient = results[1] if isinstance(results, (tuple, list)) and len(results) == 2 else None
+    layout = coefficient.meta.get("snlp_stream_layout") if isinstance(coefficient, fx.Node) else None
+    if not isinstance(layout, StreamLayout):
+        raise ValueError("skip_kind='matrix' needs a body returning (out, A) with A's StreamLayout in its meta")
+    return layout
