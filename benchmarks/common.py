@@ -1,0 +1,373 @@
+"""Shared benchmark machinery: timing with CUDA events, CUDA-graph capture, compile, the bytes floor,
+and result output (JSON + markdown table + plot).
+
+Every regime script (forward.py, decode.py) builds callables for each variant, hands them to
+``Bench.measure`` and lets this module time them the same way: warm-up calls first, then many timed
+samples (each sample = ``inner`` back-to-back calls between two CUDA events), median reported.
+The ratio of every variant is taken against the best *sequential* variant of the same run, so a
+slow baseline can never make the compiler look good.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+RANDOM_WEIGHTS_NOTE = (
+    "random weights (seeded): speed does not depend on weight values; SNLP at small K does not "
+    "reproduce an untrained model's outputs, the rel_err column only shows what runs"
+)
+
+
+# -- timing ---------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    samples: int
+    inner: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 10,
+    samples: int | None = 100,
+    inner: int = 1,
+    target_s: float = 1.0,
+) -> Timing:
+    """Median time of one call of ``fn``: CUDA events on a GPU, perf_counter (synchronised) on a CPU.
+
+    samples=None picks the count from a probe so that the timed part lasts about ``target_s``
+    (between 20 and 300 samples)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if samples is None:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        _sync(device)
+        per_call = (time.perf_counter() - t0) / 3
+        samples = int(min(300, max(20, target_s / max(per_call * inner, 1e-6))))
+    times: list[float] = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
+        for s, e in zip(starts, ends):
+            s.record()
+            for _ in range(inner):
+                fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) / inner for s, e in zip(starts, ends)]
+    else:
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return Timing(statistics.median(times), q(0.1), q(0.9), samples, inner)
+
+
+def cuda_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], Any]:
+    """Capture ``fn`` (no arguments, static input buffers) in a CUDA graph; returns its replay.
+
+    Warm-up runs on a side stream first, as torch.cuda.graphs requires (compiled code, cuBLAS
+    handles and lazy allocations happen there, not inside the capture)."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    holder = {"out": out}
+
+    def replay() -> Any:
+        graph.replay()
+        return holder["out"]
+
+    replay.graph = graph  # type: ignore[attr-defined]
+    return replay
+
+
+def compile_module(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile with Inductor defaults and static shapes; CUDA graphs are added separately
+    (``cuda_graph`` over the compiled callable), which is what mode="reduce-overhead" does, minus
+    its tree bookkeeping."""
+    return torch.compile(fn, dynamic=False, fullgraph=False)
+
+
+# -- floors ---------------------------------------------------------------------------------------
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=5, samples=30)
+    return 2 * (nbytes // 2) / (t.median_ms * 1e-3)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """Measured dense matmul rate in FLOP/s (random operands, never zeros)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=3, samples=10)
+    return 2 * n**3 / (t.median_ms * 1e-3)
+
+
+def layer_bytes(model: torch.nn.Module, container: str = "transformer.h") -> int:
+    """Bytes of the layer stack's parameters: what every sequential forward must read once."""
+    layers = model.get_submodule(container)
+    return sum(p.numel() * p.element_size() for p in layers.parameters())
+
+
+def floor_ms(nbytes: float, bandwidth: float) -> float:
+    return nbytes / bandwidth * 1e3 if bandwidth and not math.isnan(bandwidth) else float("nan")
+
+
+# -- environment ----------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=props.name,
+            sms=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+# -- collecting and writing results ----------------------------------------------------------------
+@dataclass
+class Record:
+    regime: str
+    shape: str
+    case: str  # e.g. "b1 T=2048" or "b1 ctx=1024"
+    variant: str  # e.g. "seq eager", "snlp K=1 compiled+graph"
+    family: str  # "sequential" or "snlp"
+    k: int | None
+    mode: str  # "eager" | "eager+graph" | "compiled" | "compiled+graph"
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    rel_err: float | None = None  # vs the sequential eager output of the same case
+    ratio_vs_best_seq: float | None = None
+    floor_ms: float | None = None
+    x_floor: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    """Times variants, keeps every record, and writes JSON/markdown/plot after each case."""
+
+    def __init__(self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any]):
+        self.regime = regime
+        self.out_dir = out_dir
+        self.device = device
+        self.meta = meta
+        self.records: list[Record] = []
+        self.case_notes: dict[tuple[str, str], str] = {}
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def measure(
+        self,
+        rec: Record,
+        make: Callable[[], Callable[[], Any]],
+        reference: torch.Tensor | None,
+        *,
+        warmup: int,
+        samples: int | None = None,
+        inner: int = 1,
+    ) -> Record:
+        """Build the variant (compile/capture happen here), check its output, time it.
+
+        Errors are recorded on the row (and printed), never swallowed silently."""
+        t0 = time.perf_counter()
+        try:
+            fn = make()
+            out = fn()
+            if reference is not None:
+                rec.rel_err = rel_err(first_tensor(out), reference)
+            t = time_fn(fn, self.device, warmup=warmup, samples=samples, inner=inner)
+            rec.median_ms, rec.p10_ms, rec.p90_ms = t.median_ms, t.p10_ms, t.p90_ms
+        except Exception as exc:  # a variant failing must not lose the rest of the run
+            rec.error = f"{type(exc).__name__}: {str(exc)[:500]}"
+            print(f"[{rec.variant}] FAILED: {rec.error}", file=sys.stderr)
+            traceback.print_exc(limit=4)
+        rec.extra["build_and_time_s"] = round(time.perf_counter() - t0, 1)
+        self.records.append(rec)
+        return rec
+
+    def finish_case(self, shape: str, case: str, floor: float | None) -> None:
+        """Ratios against the best sequential variant of this case; floor multiples."""
+        rows = [r for r in self.records if r.shape == shape and r.case == case]
+        seq = [r.median_ms for r in rows if r.family == "sequential" and r.median_ms is not None]
+        best = min(seq) if seq else None
+        for r in rows:
+            if r.median_ms is None:
+                continue
+            if best is not None:
+                r.ratio_vs_best_seq = best / r.median_ms
+            if floor is not None and not math.isnan(floor):
+                r.floor_ms = floor
+                r.x_floor = r.median_ms / floor
+        self.write()
+
+    def write(self) -> None:
+        notes = {f"{k[0]} | {k[1]}": v for k, v in self.case_notes.items()}
+        payload = {
+            "regime": self.regime,
+            "meta": self.meta,
+            "case_notes": notes,
+            "records": [asdict(r) for r in self.records],
+        }
+        (self.out_dir / f"{self.regime}.json").write_text(json.dumps(payload, indent=1, default=str))
+        (self.out_dir / f"{self.regime}.md").write_text(
+            markdown(self.regime, self.meta, self.records, self.case_notes)
+        )
+
+    def plot(self) -> Path | None:
+        return plot_vs_k(self.regime, self.records, self.out_dir / f"{self.regime}.png")
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(
+    regime: str, meta: dict[str, Any], records: list[Record], case_notes: dict[tuple[str, str], str] | None = None
+) -> str:
+    lines = [f"## {regime}", ""]
+    env = meta.get("env", {})
+    lines.append(
+        f"Device: {env.get('gpu', env.get('cpu', '?'))}, torch {env.get('torch')}, "
+        f"copy bandwidth {_fmt(meta.get('copy_bandwidth_tbs'), '.2f')} TB/s, "
+        f"matmul {_fmt(meta.get('matmul_tflops'), '.0f')} TFLOP/s, dtype {meta.get('dtype')}. "
+        f"{meta.get('note', '')}"
+    )
+    if meta.get("command"):
+        lines += ["", f"Command: `{meta['command']}`"]
+    for key in sorted({(r.shape, r.case) for r in records}, key=lambda k: (k[0], k[1])):
+        rows = [r for r in records if (r.shape, r.case) == key]
+        floor = next((r.floor_ms for r in rows if r.floor_ms is not None), None)
+        lines += ["", f"### {key[0]}, {key[1]} (bytes floor {_fmt(floor)} ms)", ""]
+        if case_notes and key in case_notes:
+            lines += [case_notes[key], ""]
+        lines += ["| variant | median ms | p10-p90 ms | vs best seq | x floor | rel err |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.error:
+                lines.append(f"| {r.variant} | failed: {r.error[:80]} | | | | |")
+                continue
+            lines.append(
+                f"| {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.p10_ms)}-{_fmt(r.p90_ms)} | "
+                f"{_fmt(r.ratio_vs_best_seq, '.2f')}x | {_fmt(r.x_floor, '.2f')} | {_fmt(r.rel_err, '.1e')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
+    """Time against K per (shape, case), one line per mode, best sequential and floor as lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return None
+    keys = sorted({(r.shape, r.case) for r in records})
+    if not keys:
+        return None
+    cols = min(2, len(keys))
+    rows_n = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
+        for mode in ("eager", "eager+graph", "compiled", "compiled+graph"):
+            pts = sorted((r.k, r.median_ms) for r in rows if r.family == "snlp" and r.mode == mode and r.k)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"SNLP {mode}")
+        seq = [r for r in rows if r.family == "sequential"]
+        if seq:
+            best = min(seq, key=lambda r: r.median_ms)
+            ax.axhline(best.median_ms, color="k", ls="--", label=f"best sequential ({best.mode})")
+        floor = next((r.floor_ms for r in rows if r.floor_ms), None)
+        if floor:
+            ax.axhline(floor, color="gray", ls=":", label="bytes floor")
+        ax.set_yscale("log")
+        ax.set_xlabel("K (iterations)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{regime}: {key[0]}, {key[1]}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def out_dir_from(arg: str | None) -> Path:
+    """--out, else $OUT (the device machine's return folder), else benchmarks/results."""
+    if arg:
+        return Path(arg)
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    return RESULTS_DIR

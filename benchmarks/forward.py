@@ -1,0 +1,207 @@
+"""Full-sequence forward benchmark: batch 1, T = 256 and 2048, sequential vs SNLP K = 1, 2, 4.
+
+    PYTHONPATH=. python benchmarks/forward.py                       # on a GPU: the full table
+    PYTHONPATH=. python benchmarks/forward.py --device cpu --shapes tiny --seq 32 --modes eager
+
+Shapes are layer stacks ("trunks"): nanochat-d20 (L=20, d=1280) and the paper's 0.5B shape
+(L=32, d=640), with the vocabulary cut to --vocab tokens so that the embedding and head (the same
+work in every variant) do not blur the layer-stack comparison. bf16, random weights.
+
+Variants: sequential eager / eager + CUDA graph / torch.compile / torch.compile + CUDA graph, and
+the same four for the transformed model at each K. "+ CUDA graph" captures the callable with
+torch.cuda.CUDAGraph after warm-up (what mode="reduce-overhead" does, without its tree
+bookkeeping). Each case reports the ratio against the best sequential variant of the same run and
+the bytes floor (layer weights read once over the measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    RANDOM_WEIGHTS_NOTE,
+    Bench,
+    Record,
+    compile_module,
+    copy_bandwidth,
+    cuda_graph,
+    environment,
+    floor_ms,
+    layer_bytes,
+    matmul_rate,
+    out_dir_from,
+    rel_err,
+)
+
+import snlp_compile
+from snlp_compile.models import build_model
+from snlp_compile.passes.rewrite import SOLVE_NAME
+
+SHAPES = {"d20": "nanochat-d20", "0.5b": "nanochat-0.5b", "small": "nanochat-small", "tiny": "nanochat-tiny"}
+MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def with_iterations(transformed: torch.fx.GraphModule, k: int) -> torch.fx.GraphModule:
+    """A view of a transformed model that runs K iterations (weights shared, not copied)."""
+    new = copy.copy(transformed)
+    solve = copy.copy(transformed.get_submodule(SOLVE_NAME))
+    solve._buffers = dict(solve._buffers)
+    solve.iterations = k
+    setattr(new, SOLVE_NAME, solve)
+    return new
+
+
+def make_variant(base: Callable[..., Any], mode: str, args: tuple[Any, ...], device: torch.device,
+                 compiled: dict[str, Callable[..., Any]], key: str) -> Callable[[], Any]:
+    """A zero-argument callable running ``base(*args)`` in the given mode (compiles are reused)."""
+    if mode in ("compiled", "compiled+graph"):
+        if key not in compiled:
+            compiled[key] = compile_module(base)
+        fn = compiled[key]
+    else:
+        fn = base
+    call = lambda: fn(*args)  # noqa: E731
+    return cuda_graph(call, device) if mode.endswith("+graph") else call
+
+
+def smoke(device: torch.device) -> dict[str, Any]:
+    """Exact mode on this device: K = L reproduces the sequential model in float32."""
+    model = build_model("nanochat-small", device=device, dtype=torch.float32)
+    idx = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
+    out = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer)
+    with torch.no_grad():
+        err = rel_err(out(idx), model(idx))
+    ok = err < 1e-4
+    print(f"smoke: nanochat-small fp32 K=L on {device}: rel err {err:.2e} ({'ok' if ok else 'FAILED'})")
+    return {"model": "nanochat-small", "dtype": "float32", "K": model.config.n_layer, "rel_err": err, "ok": ok}
+
+
+def profile_variant(fn: Callable[[], Any], label: str, path: Path, rows: int = 25) -> None:
+    """Append torch.profiler's per-kernel table (CUDA time) of a few calls of ``fn`` to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    with path.open("a") as f:
+        f.write(f"\n===== {label} (5 calls) =====\n{table}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--seq", default="256,2048", help="sequence lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ks", default="1,2,4", help="SNLP iteration counts")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
+    p.add_argument("--profile", action="store_true", help="profile seq and SNLP K=1 compiled per case")
+    p.add_argument("--no-smoke", action="store_true")
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64
+    out = out_dir_from(args.out)
+    meta: dict[str, Any] = {
+        "env": environment(device),
+        "dtype": args.dtype,
+        "note": RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})",
+        "command": "python benchmarks/forward.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    }
+    if device.type == "cuda":
+        bw = copy_bandwidth(device)
+        meta["copy_bandwidth_tbs"] = bw / 1e12
+        meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
+    else:
+        bw = float("nan")
+    if not args.no_smoke:
+        meta["smoke"] = smoke(device)
+    bench = Bench("forward", out, device, meta)
+    ks = [int(k) for k in args.ks.split(",") if k]
+    modes = [m for m in args.modes.split(",") if m]
+    if device.type != "cuda":
+        modes = [m for m in modes if not m.endswith("+graph")]
+    prof_path = out / "forward_profile.txt"
+
+    with torch.no_grad():
+        for shape in args.shapes.split(","):
+            name = SHAPES[shape]
+            model = build_model(name, vocab_size=args.vocab, device=device, dtype=dtype)
+            cfg = model.config
+            wbytes = layer_bytes(model)
+            t0 = time.perf_counter()
+            example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
+            snlp = snlp_compile.transform(model, (example,), iterations=1)
+            transform_s = time.perf_counter() - t0
+            print(f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB, transform {transform_s:.1f}s")
+            shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
+            for T in (int(t) for t in args.seq.split(",")):
+                idx = torch.randint(0, args.vocab, (args.batch, T), device=device)
+                ref = model(idx)
+                case = f"b{args.batch} T={T}"
+                flops = 2 * cfg.n_layer * args.batch * T * (12 * cfg.n_embd**2 + T * cfg.n_embd)
+                floor = floor_ms(wbytes, bw)
+                rate = meta.get("matmul_tflops")
+                bench.case_notes[(shape_label, case)] = (
+                    f"layer weights {wbytes / 1e6:.0f} MB; {flops / 1e9:.0f} GFLOP per sequential forward"
+                    + (f" (FLOP floor {flops / (rate * 1e12) * 1e3:.3f} ms)" if rate else "")
+                    + f"; transform() took {transform_s:.1f} s"
+                )
+                compiled: dict[str, Callable[..., Any]] = {}
+                plan: list[tuple[str, int | None, str]] = [("sequential", None, m) for m in modes]
+                plan += [("snlp", k, m) for k in ks for m in modes]
+                for family, k, mode in plan:
+                    variant = f"seq {mode}" if family == "sequential" else f"snlp K={k} {mode}"
+                    rec = Record("forward", shape_label, case, variant, family, k, mode)
+                    if time.perf_counter() - t_start > args.budget_s:
+                        rec.error = "skipped: time budget spent"
+                        bench.records.append(rec)
+                        continue
+                    base = model if family == "sequential" else with_iterations(snlp, k)
+                    key = variant.replace("+graph", "")
+                    build = partial(make_variant, base, mode, (idx,), device, compiled, key)
+                    bench.measure(rec, build, ref, warmup=5)
+                    print(f"  {case:>12} {variant:<28} {rec.median_ms if rec.median_ms else float('nan'):8.3f} ms"
+                          f"  rel_err {rec.rel_err if rec.rel_err is not None else float('nan'):.1e}"
+                          f"  ({rec.extra['build_and_time_s']} s)", flush=True)
+                bench.finish_case(shape_label, case, floor)
+                if args.profile and device.type == "cuda":
+                    for key in ("seq compiled", "snlp K=1 compiled"):
+                        if key in compiled:
+                            profile_variant(partial(compiled[key], idx), f"{shape_label} {case} {key}", prof_path)
+            del model, snlp
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bench.plot()
+    print((out / "forward.md").read_text())
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
