@@ -1,0 +1,164 @@
+"""Held-out perplexity and bits per byte of a model run sequentially and through SNLP solves.
+
+Each solve setting (K, how many layers parallel, init) is the model transformed by
+``snlp_compile.transform``; settings that differ only in K share one transform (K is the solve's
+iteration count, as ``solve_trace`` sets it). Results are rows of plain dicts, rendered as a
+markdown table and a plot of perplexity against K.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..api import SOLVE_NAME, analyse
+from ..api import transform as snlp_transform
+from ..config import SNLPConfig
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits`` (Hugging Face) or the first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+@torch.no_grad()
+def perplexity(
+    model: Callable[[torch.Tensor], Any],
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    bytes_per_token: float,
+) -> dict[str, float]:
+    """Mean next-token cross entropy over ``windows`` (n, T + 1) -> ce (nats), ppl, bits per byte."""
+    total, count = 0.0, 0
+    for i in range(0, windows.size(0), batch_size):
+        win = windows[i : i + batch_size].to(device)
+        logits = logits_of(model(win[:, :-1])).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1), reduction="sum").item()
+        count += win[:, 1:].numel()
+    ce = total / count
+    return {"ce": ce, "ppl": math.exp(ce), "bpb": ce / math.log(2) / bytes_per_token}
+
+
+@dataclass(frozen=True)
+class SolveSetting:
+    """One SNLP configuration to evaluate. parallel: "all", "half" (of the parallelisable layers) or a count."""
+
+    iterations: int
+    parallel: int | str = "all"
+    init: str = "h0"
+
+
+def parallel_count(parallel: int | str, available: int) -> int:
+    if parallel == "all":
+        return available
+    if parallel == "half":
+        return max(2, available // 2)
+    if isinstance(parallel, int) and 2 <= parallel <= available:
+        return parallel
+    raise ValueError(f"parallel must be 'all', 'half' or an int in [2, {available}], got {parallel!r}")
+
+
+def evaluate_model(
+    model: nn.Module,
+    windows: torch.Tensor,
+    settings: Sequence[SolveSetting],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    bytes_per_token: float,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Rows: the sequential model, then every setting, each with ce, ppl, bpb and the gap to sequential."""
+    model = model.eval().to(device)
+    if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
+        windows = windows[: windows.size(0) // batch_size * batch_size]
+    seq = perplexity(model, windows, batch_size, device, bytes_per_token)
+    rows: list[dict[str, Any]] = [{"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq}]
+    example = (windows[:batch_size, :-1].to(device),)
+    _, chain, report = analyse(model, example, SNLPConfig())
+    if chain is None:
+        raise ValueError(f"{label}: transform() refuses the model: {report.refusal}")
+    available = chain.num_parallel
+    groups: dict[tuple[int, str], list[int]] = {}
+    for s in settings:
+        groups.setdefault((parallel_count(s.parallel, available), s.init), []).append(s.iterations)
+    for (n_par, init), ks in groups.items():
+        fast = snlp_transform(model, example, parallel_layers=n_par, init=init)
+        solve = fast.get_submodule(SOLVE_NAME)
+        for k in sorted(set(ks)):
+            solve.iterations = k
+            res = perplexity(fast, windows, batch_size, device, bytes_per_token)
+            row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
+            rows.append({**row, "gap": res["ppl"] / seq["ppl"] - 1.0})
+        del fast
+    rows[0]["gap"] = 0.0
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None = None) -> str:
+    """One line per row: model, setting, ppl, bits per byte, perplexity relative to the model's own sequential run."""
+    lines = [
+        "| model | setting | K | parallel layers | init | ppl | bits/byte | vs own sequential |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        total = (layers or {}).get(r["model"])
+        par = "-" if r["mode"] == "sequential" else (f"{r['parallel']}/{total}" if total else str(r["parallel"]))
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['K'] if r['K'] is not None else '-'} | {par} | {r['init'] or '-'} | "
+            f"{r['ppl']:.3f} | {r['bpb']:.4f} | {r['gap'] * 100:+.2f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Perplexity against K, one line per (model, parallel layers); dashed: each model's sequential run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=130)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(models):
+        color = colors[i % len(colors)]
+        mine = [r for r in rows if r["model"] == m]
+        for r in mine:
+            if r["mode"] == "sequential":
+                ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=1, label=f"{m}: sequential")
+        keys = sorted({(r["parallel"], r["init"]) for r in mine if r["mode"] == "snlp"}, reverse=True)
+        for j, (par, init) in enumerate(keys):
+            pts = sorted((r["K"], r["ppl"]) for r in mine if r["mode"] == "snlp" and (r["parallel"], r["init"]) == (par, init))
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="os^v"[j % 4], color=color,
+                linestyle="-" if j == 0 else ":", label=f"{m}: {par} parallel, init {init}",
+            )
+    ax.set_xlabel("K (SNLP iterations)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ks = sorted({r["K"] for r in rows if r["K"] is not None})
+    ax.set_xticks(ks)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,282 @@
+"""The SNLP-aware regulariser (DESIGN.md section 1): a loss term that teaches a model to converge
+in one parallel iteration.
+
+    R = sum over suffix sizes N of  mean_j  mean_tokens ||h_hat_j - h_j|| / ||h_j||
+
+h_j is the sequential trace of the last N layers, h_hat_j the K=1 SNLP trace the transformed
+model would compute with those N layers parallel. Both come from the compiler's own analysis, so
+the term works for any model ``transform()`` accepts:
+
+- the model is captured and analysed once (``api.analyse``); a copy of the captured graph that also
+  returns every hidden state and every per-layer input the solve needs (x0, rotary tables, masks,
+  weights) is run with the model's *live* parameters (``torch.func.functional_call``), so the
+  sequential forward that gives the training loss also gives the targets, and gradients reach the
+  user's parameters through both;
+- per suffix size, the per-layer inputs are stacked on a layer axis (``torch.stack``, every step,
+  so gradients flow) and fed to the same batched layer body and correction the compiler emits
+  (``LayerParallelSolve`` with K=1): one extra batched evaluation of the parallel layers.
+
+Whatever the skip surrogate (identity, scaled, matrix for HCN), the correction is the solver's
+own, so the K=1 trace here is the one ``solve_trace(transform(...), iterations=1)`` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.graph import _PyTreeCodeGen
+from torch.utils import _pytree as pytree
+
+from ..api import analyse
+from ..config import SNLPConfig
+from ..errors import SNLPConfigError, SNLPRefusal
+from ..ir import LayerChain
+from ..passes.batch_layers import batch_body
+from ..passes.rewrite import _external_name, build_body
+from ..solve.solver import ExtMode, LayerParallelSolve
+
+
+@dataclass(frozen=True)
+class RegulariserConfig:
+    """What the regulariser measures and how strongly.
+
+    weight: lambda, the final weight of the term in the training loss.
+    suffix_sizes: the parallel-suffix sizes N (the last N layers parallel); None means one suffix
+        holding every layer the compiler can parallelise. Each size costs one batched evaluation.
+    every: use the error of every S-th layer of a suffix (counted back from its last layer, which
+        always counts); the batched evaluation still covers all N layers, the K=1 trace needs them.
+    stop_gradient: detach the sequential target, so only the parallel trace is pulled towards it.
+    ramp_steps: lambda rises linearly from 0 to ``weight`` over this many steps (0: no ramp).
+    init: the solve's initial iterate ("h0" costs one evaluation, "batch_fwd" two).
+    eps: added to ||h_j|| so a zero hidden state cannot divide by zero.
+    """
+
+    weight: float = 1.0
+    suffix_sizes: tuple[int, ...] | None = None
+    every: int = 1
+    stop_gradient: bool = False
+    ramp_steps: int = 0
+    init: str = "h0"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.weight, (int, float)) and self.weight >= 0):
+            raise SNLPConfigError(f"RegulariserConfig.weight must be a number >= 0, got {self.weight!r}")
+        if self.suffix_sizes is not None:
+            sizes = tuple(self.suffix_sizes)
+            if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 2 for n in sizes):
+                raise SNLPConfigError(
+                    f"RegulariserConfig.suffix_sizes must be None or non-empty ints >= 2, got {self.suffix_sizes!r}"
+                )
+            if len(set(sizes)) != len(sizes):
+                raise SNLPConfigError(f"RegulariserConfig.suffix_sizes has duplicates: {self.suffix_sizes!r}")
+            object.__setattr__(self, "suffix_sizes", sizes)
+        if not isinstance(self.every, int) or self.every < 1:
+            raise SNLPConfigError(f"RegulariserConfig.every must be an int >= 1, got {self.every!r}")
+        if not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
+            raise SNLPConfigError(f"RegulariserConfig.ramp_steps must be an int >= 0, got {self.ramp_steps!r}")
+        if self.init not in ("h0", "batch_fwd"):
+            raise SNLPConfigError(f"RegulariserConfig.init must be 'h0' or 'batch_fwd', got {self.init!r}")
+        if not self.eps > 0:
+            raise SNLPConfigError(f"RegulariserConfig.eps must be > 0, got {self.eps!r}")
+
+    def weight_at(self, step: int) -> float:
+        """lambda at optimiser step ``step`` (0-based): the warm-up ramp."""
+        if self.ramp_steps == 0:
+            return float(self.weight)
+        return float(self.weight) * min(1.0, (step + 1) / self.ramp_steps)
+
+
+@dataclass
+class RegulariserOutput:
+    """One forward: the model's output, the regularisation term and its parts."""
+
+    output: Any  # what model(*args, **kwargs) returns, computed by the same forward
+    loss: torch.Tensor  # sum over suffix sizes of the mean relative error (unweighted)
+    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # suffix size -> its mean relative error
+
+
+@dataclass
+class _Suffix:
+    size: int
+    solve: LayerParallelSolve
+    h_in: int  # index into the graph's extra outputs
+    targets: list[int]
+    passed: list[tuple[ExtMode, list[int]]]  # per non-stacked external: its mode and output indices
+    counted: list[int]  # layer positions j whose error counts (every S-th)
+
+
+class SNLPRegulariser:
+    """The SNLP-aware regulariser for one model; call it instead of the model in the training step.
+
+        reg = SNLPRegulariser(model, (idx,), RegulariserConfig(weight=1.0))
+        out = reg(idx)                       # one sequential forward + one batched evaluation
+        loss = cross_entropy(out.output, y) + reg.config.weight_at(step) * out.loss
+
+    ``example_inputs`` / ``example_kwargs`` are as for ``transform()``; ``layers`` names the layer
+    container when the automatic choice is not wanted. The model is captured once, in eval mode
+    (dropout off: the trace the solve reproduces); later calls use its current parameters and
+    buffers, wherever they live. Raises SNLPRefusal when transform() would refuse the model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        example_inputs: Any,
+        config: RegulariserConfig | None = None,
+        *,
+        example_kwargs: dict[str, Any] | None = None,
+        layers: str | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or RegulariserConfig()
+        gm, chain, report = analyse(model, example_inputs, SNLPConfig(layers=layers), example_kwargs)
+        if chain is None:
+            raise SNLPRefusal(report.refusal or "refused")
+        self.chain: LayerChain = chain
+        self.max_parallel = chain.num_parallel
+        sizes = self.config.suffix_sizes or (self.max_parallel,)
+        too_big = [n for n in sizes if n > self.max_parallel]
+        if too_big:
+            raise SNLPConfigError(
+                f"RegulariserConfig.suffix_sizes {too_big} exceed the {self.max_parallel} layers of "
+                f"'{chain.container}' that can be solved in parallel"
+            )
+        self.suffix_sizes = tuple(sizes)
+        taken: set[str] = {"h"}
+        names = [_external_name(e, chain.template.module_path, taken) for e in chain.template.externals]
+        body, constant = build_body(chain, names)
+
+        extras: list[fx.Node] = []
+        position: dict[fx.Node, int] = {}
+
+        def slot(node: fx.Node) -> int:
+            if node not in position:
+                position[node] = len(extras)
+                extras.append(node)
+            return position[node]
+
+        self._suffixes: list[_Suffix] = []
+        for n in self.suffix_sizes:
+            par = chain.layers[len(chain.layers) - n :]
+            modes: list[ExtMode] = []
+            passed: list[tuple[ExtMode, list[int]]] = []
+            for k, name in enumerate(names):
+                column = [layer.externals[k] for layer in par]
+                if all(c is column[0] for c in column):
+                    modes.append("shared")
+                    passed.append(("shared", [slot(column[0])]))
+                    continue
+                if any(not isinstance(c.meta.get("val"), torch.Tensor) for c in column):
+                    raise SNLPRefusal(
+                        f"the layers read different non-tensor values for '{name}' "
+                        f"({', '.join(c.name for c in column)})",
+                        node=column[0].name,
+                    )
+                modes.append("runtime")
+                passed.append(("runtime", [slot(c) for c in column]))
+            batched, _ = batch_body(body, [True, *(m != "shared" for m in modes)], n)
+            solve = LayerParallelSolve(
+                body,
+                batched,
+                names,
+                modes,
+                {},
+                num_layers=n,
+                skip_kind=chain.skip.kind,
+                skip_constant=constant,
+                iterations=1,
+                init=self.config.init,
+                damping=1.0,
+            )
+            counted = [j for j in range(n) if (n - 1 - j) % self.config.every == 0]
+            self._suffixes.append(
+                _Suffix(n, solve, slot(par[0].hidden_in), [slot(layer.output) for layer in par], passed, counted)
+            )
+        self._graph, self._out_spec, self._num_outputs = _graph_with_extras(gm, extras)
+        self._names = self._check_names(gm)
+
+    def _check_names(self, gm: fx.GraphModule) -> list[str]:
+        """The graph's parameters and buffers, each of which must be one of the model's."""
+        live = self._live()
+        names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+        missing = [n for n in names if n not in live]
+        if missing:
+            raise SNLPRefusal(
+                f"the captured graph reads tensors the model does not expose by these names: {missing[:5]}"
+            )
+        # drop the capture's private copies: the graph reads the live tensors at every call
+        for n in names:
+            owner_path, _, attr = n.rpartition(".")
+            owner = self._graph.get_submodule(owner_path) if owner_path else self._graph
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+        return names
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        live: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+        live.update(self.model.named_buffers(remove_duplicate=False))
+        return live
+
+    def __call__(self, *args: Any, **kwargs: Any) -> RegulariserOutput:
+        flat, extras = self._run(args, kwargs)
+        errors: dict[int, torch.Tensor] = {}
+        for s in self._suffixes:
+            h_hat, h_seq = self._traces(s, extras)
+            if self.config.stop_gradient:
+                h_seq = h_seq.detach()
+            errors[s.size] = _relative_error(h_hat[s.counted], h_seq[s.counted], self.config.eps)
+        loss = torch.stack(list(errors.values())).sum()
+        return RegulariserOutput(pytree.tree_unflatten(flat, self._out_spec), loss, errors)
+
+    def traces(self, *args: Any, **kwargs: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per suffix size: (K=1 SNLP trace, sequential trace), each (N, *hidden)."""
+        _, extras = self._run(args, kwargs)
+        return {s.size: self._traces(s, extras) for s in self._suffixes}
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        live = self._live()
+        values = torch.func.functional_call(self._graph, {n: live[n] for n in self._names}, args, kwargs)
+        return list(values[: self._num_outputs]), list(values[self._num_outputs :])
+
+    @staticmethod
+    def _traces(s: _Suffix, extras: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        passed = [extras[i[0]] if mode == "shared" else torch.stack([extras[j] for j in i]) for mode, i in s.passed]
+        h_hat = s.solve(extras[s.h_in], *passed)
+        h_seq = torch.stack([extras[j] for j in s.targets])
+        return h_hat, h_seq
+
+
+def _relative_error(h_hat: torch.Tensor, h_seq: torch.Tensor, eps: float) -> torch.Tensor:
+    """mean over layers and positions of ||h_hat - h|| / ||h||, norms over the last dimension, in fp32."""
+    diff = torch.linalg.vector_norm((h_hat - h_seq).float(), dim=-1)
+    return (diff / (torch.linalg.vector_norm(h_seq.float(), dim=-1) + eps)).mean()
+
+
+def _graph_with_extras(gm: fx.GraphModule, extras: list[fx.Node]) -> tuple[fx.GraphModule, Any, int]:
+    """A copy of the captured graph returning (its flat outputs..., extras...) under the same call
+    signature. Returns the module, the output spec that rebuilds the model's output, and its count."""
+    old = gm.graph
+    codegen = old._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        raise TypeError(f"expected a torch.export graph with a pytree signature, got {type(codegen).__name__}")
+    graph = fx.Graph()
+    graph._codegen = _PyTreeCodeGen(codegen.pytree_info._replace(out_spec=None))
+    env: dict[fx.Node, fx.Node] = {}
+    out_node = None
+    for n in old.nodes:
+        if n.op == "output":
+            out_node = n
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    assert out_node is not None
+    flat_out = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+    lifted = [fx.node.map_arg(o, lambda a: env[a]) for o in flat_out]
+    graph.output(tuple(lifted) + tuple(env[e] for e in extras))
+    graph.lint()
+    module = fx.GraphModule(gm, graph, class_name="TrainingGraph")
+    return module, codegen.pytree_info.out_spec, len(flat_out)
