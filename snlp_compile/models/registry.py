@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .gpt import GPT, GPTConfig
+from .mhc import MHCGPT, MHCConfig
 from .nanochat import NanochatConfig, NanochatGPT
 
 _CONFIGS: dict[str, GPTConfig | NanochatConfig] = {
@@ -32,6 +33,17 @@ _CONFIGS: dict[str, GPTConfig | NanochatConfig] = {
         vocab_size=65536, sequence_len=2048, n_layer=32, n_head=10, n_kv_head=10, n_embd=640
     ),
     "gpt-0.5b": GPTConfig(vocab_size=50304, block_size=2048, n_layer=32, n_head=10, n_embd=640),
+    # mHC (n = 4 hyper-connected streams): static H ("mhc-*") and per-token H ("mhc-dyn-*")
+    "mhc-tiny": MHCConfig(vocab_size=256, sequence_len=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64),
+    "mhc-dyn-tiny": MHCConfig(
+        vocab_size=256, sequence_len=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, dynamic=True
+    ),
+    "mhc-small": MHCConfig(vocab_size=512, sequence_len=256, n_layer=8, n_head=4, n_kv_head=4, n_embd=128),
+    "mhc-dyn-small": MHCConfig(
+        vocab_size=512, sequence_len=256, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, dynamic=True
+    ),
+    "mhc-d20": MHCConfig(vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280),
+    "mhc-0.5b": MHCConfig(vocab_size=65536, sequence_len=2048, n_layer=32, n_head=10, n_kv_head=10, n_embd=640),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_CONFIGS)
@@ -68,7 +80,7 @@ def build_model(
     global RNG. device="meta" allocates nothing (weights are then undefined).
     """
     config = model_config(name, **overrides)
-    cls = GPT if isinstance(config, GPTConfig) else NanochatGPT
+    cls = GPT if isinstance(config, GPTConfig) else MHCGPT if isinstance(config, MHCConfig) else NanochatGPT
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "meta":
         with torch.device("meta"):

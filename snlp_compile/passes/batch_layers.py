@@ -67,6 +67,7 @@ _DIM_ARGS: dict[str, list[tuple[int | str, int | None]]] = {
     "topk": [(2, -1)],
     "roll": [(2, None)],
     "flip": [(1, None)],
+    "linalg_vector_norm": [(2, None)],
 }
 
 
@@ -153,7 +154,7 @@ class _Batcher:
                 lifted = tuple(self.expand(o) if isinstance(o, fx.Node) else o for o in flat)
                 self.graph.output(lifted if isinstance(outs, (tuple, list)) else lifted[0])
                 continue
-            if not self.any_batched(node):
+            if not self.any_batched(node) or getattr(node.target, "snlp_layer_invariant", False):
                 self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
                 self.batched[node] = False
                 continue
@@ -195,6 +196,10 @@ class _Batcher:
             return self.norm_rule(node, name)
         if name == "scaled_dot_product_attention":
             return self.attention_rule(node)
+        if name == "einsum":
+            return self.einsum_rule(node)
+        if name == "expand_as":
+            return self.call(torch.Tensor.expand_as, self.align(node.args[0], _rank(node)), self.expand(node.args[1]))
         if name in _DIM_ARGS and self.is_batched(node.args[0] if name not in ("cat", "concat") else node.args[0][0]):
             return self.dim_rule(node, name)
         return self.fallback(node)
@@ -214,6 +219,17 @@ class _Batcher:
         kwargs = {} if name == "sym_size" else self.lift(dict(node.kwargs))
         return self.graph.call_function(node.target, (first, *rest), kwargs)
 
+    def einsum_rule(self, node: fx.Node) -> Any:
+        """One more subscript, in front, on the batched operands and the output (HC stream mixing)."""
+        eq, operands = node.args[0], node.args[1]
+        if not isinstance(eq, str) or "->" not in eq:
+            return self.fallback(node)
+        ins, out = eq.replace(" ", "").split("->")
+        label = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in eq)
+        subs = [label + s if self.is_batched(o) else s for s, o in zip(ins.split(","), operands)]
+        new_eq = ",".join(subs) + "->" + label + out
+        return self.call(aten.einsum.default, new_eq, [self.env[o] for o in operands])
+
     def matmul_rule(self, node: fx.Node, name: str) -> Any:
         a, b = node.args[0], node.args[1]
         if name == "linear":
@@ -225,8 +241,32 @@ class _Batcher:
             if bias is not None:
                 out = self.call(torch.add, out, self.align(bias, _rank(node)))
             return out
-        rank = max(_rank(a), _rank(b))
+        ra, rb = _rank(a), _rank(b)
+        if min(ra, rb) == 1:
+            return self.matvec_rule(a, b, ra, rb)
+        rank = max(ra, rb)
         return self.call(torch.matmul, self.align(a, rank), self.align(b, rank))
+
+    def matvec_rule(self, a: fx.Node, b: fx.Node, ra: int, rb: int) -> Any:
+        """matmul with a 1-D operand: as a matrix (so that the layer axis is not taken for the
+        vector's), then the unit axis dropped again, as torch.matmul does."""
+        xa, xb = self.env[a], self.env[b]
+        if ra == 1:
+            xa = self.call(torch.unsqueeze, xa, -2)
+        if rb == 1:
+            xb = self.call(torch.unsqueeze, xb, -1)
+        ra2, rb2 = max(ra, 2), max(rb, 2)
+        rank = max(ra2, rb2)
+        for _ in range(rank - ra2 if self.is_batched(a) else 0):
+            xa = self.call(torch.unsqueeze, xa, 1)
+        for _ in range(rank - rb2 if self.is_batched(b) else 0):
+            xb = self.call(torch.unsqueeze, xb, 1)
+        out = self.call(torch.matmul, xa, xb)
+        if rb == 1:
+            out = self.call(torch.squeeze, out, -1)
+        if ra == 1:
+            out = self.call(torch.squeeze, out, -1 if rb == 1 else -2)
+        return out
 
     def norm_rule(self, node: fx.Node, name: str) -> Any:
         x, shape = node.args[0], node.args[1]

@@ -1,0 +1,178 @@
+"""A manifold-constrained hyper-connection (mHC) variant of the nanochat-style GPT.
+
+The residual stream is n parallel streams, a tensor (B, T, n, D): the embedding is repeated on
+every stream, each sublayer (attention, MLP) reads a mix of the streams and writes back into all
+of them, and the streams are summed before the final norm. Per sublayer (DeepSeek mHC, arXiv
+2512.24880, eqs. 7-9; the SNLP paper's HCN model):
+
+    h <- H_res h + H_post^T f(H_pre h)
+
+H_res (n x n, doubly stochastic by Sinkhorn-Knopp) mixes the streams on the skip path: it is the
+HC-Newton surrogate Jacobian (DESIGN.md section 1). H_pre (1 x n) reads the branch input, H_post
+(1 x n) spreads the branch output. Two flavours:
+
+- static: H_res = Sinkhorn(learned logits), H_pre and H_post softmaxes of learned logits. The
+  coefficients do not depend on the input, so the compiler folds them at transform time.
+- dynamic (DeepSeek's mHC): per token, x~ = RMSNorm(vec(h)) (the n streams flattened to n*D),
+  H_pre = sigmoid(a_pre x~ phi_pre + b_pre), H_post = 2 sigmoid(a_post x~ phi_post + b_post),
+  H_res = Sinkhorn-Knopp(a_res mat(x~ phi_res) + b_res). The compiler evaluates them inside the
+  batched layer at the current iterate (the frozen-coefficient structured Newton surrogate).
+
+Attention and MLP are nanochat's own classes (imported, not copied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .nanochat import MLP, CausalSelfAttention, NanochatConfig, NanochatGPT, norm
+
+
+@dataclass
+class MHCConfig(NanochatConfig):
+    n_streams: int = 4
+    dynamic: bool = False  # False: static H (learned logits); True: per-token H (DeepSeek mHC)
+    sinkhorn_iters: int = 20
+    # Spread of the random logits at init: H_res far from the identity makes the stream mixing
+    # matter (and HCN's surrogate differ from IDN's), as in a trained mHC model.
+    mix_logit_std: float = 1.0
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp projection of exp(logits) onto the doubly stochastic matrices (last two dims):
+    alternate row and column normalisation, a fixed number of times, as mHC does."""
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        m = m / m.sum(dim=-1, keepdim=True)
+        m = m / m.sum(dim=-2, keepdim=True)
+    return m
+
+
+class StaticMix(nn.Module):
+    """H_pre, H_post, H_res of one sublayer from learned logits (input independent)."""
+
+    def __init__(self, config: MHCConfig) -> None:
+        super().__init__()
+        n = config.n_streams
+        self.iters = config.sinkhorn_iters
+        self.pre_logits = nn.Parameter(torch.zeros(n))
+        self.post_logits = nn.Parameter(torch.zeros(n))
+        self.res_logits = nn.Parameter(torch.zeros(n, n))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre = torch.softmax(self.pre_logits, dim=-1)
+        post = torch.softmax(self.post_logits, dim=-1)
+        res = sinkhorn(self.res_logits, self.iters)
+        return pre, post, res
+
+
+class DynamicMix(nn.Module):
+    """H_pre, H_post, H_res per token from RMSNorm(vec(h)) (DeepSeek mHC eqs. 7-9)."""
+
+    def __init__(self, config: MHCConfig) -> None:
+        super().__init__()
+        n, d = config.n_streams, config.n_embd
+        self.n = n
+        self.iters = config.sinkhorn_iters
+        self.phi = nn.Parameter(torch.zeros(n * d, 2 * n + n * n))
+        self.alpha = nn.Parameter(torch.full((3,), 0.01))  # a_pre, a_post, a_res
+        self.pre_bias = nn.Parameter(torch.zeros(n))
+        self.post_bias = nn.Parameter(torch.zeros(n))
+        self.res_bias = nn.Parameter(torch.zeros(n, n))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.n
+        x = norm(h.flatten(-2))  # (B, T, n*D)
+        proj = x @ self.phi  # (B, T, 2n + n^2)
+        pre = torch.sigmoid(self.alpha[0] * proj[..., :n] + self.pre_bias)
+        post = 2 * torch.sigmoid(self.alpha[1] * proj[..., n : 2 * n] + self.post_bias)
+        res_logits = self.alpha[2] * proj[..., 2 * n :].unflatten(-1, (n, n)) + self.res_bias
+        return pre, post, sinkhorn(res_logits, self.iters)
+
+
+class HyperConnection(nn.Module):
+    """One sublayer h <- H_res h + H_post^T f(H_pre h) around a branch f."""
+
+    def __init__(self, config: MHCConfig) -> None:
+        super().__init__()
+        self.mix = DynamicMix(config) if config.dynamic else StaticMix(config)
+
+    def forward(self, h: torch.Tensor, branch: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        pre, post, res = self.mix(h)
+        if pre.dim() == 1:  # static: one matrix for every token
+            x = torch.einsum("j,btjd->btd", pre, h)
+            skip = res @ h
+        else:  # dynamic: per-token coefficients (B, T, ...)
+            x = torch.einsum("btj,btjd->btd", pre, h)
+            skip = torch.einsum("btij,btjd->btid", res, h)
+        y = branch(norm(x), *args)  # (B, T, D)
+        return skip + post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class MHCBlock(nn.Module):
+    def __init__(self, config: MHCConfig) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+        self.hc_attn = HyperConnection(config)
+        self.hc_mlp = HyperConnection(config)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = self.hc_attn(h, self.attn, cos, sin)
+        return self.hc_mlp(h, self.mlp)
+
+
+class MHCGPT(NanochatGPT):
+    """nanochat-style GPT whose residual stream is ``n_streams`` hyper-connected streams."""
+
+    def __init__(self, config: MHCConfig) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([MHCBlock(config) for _ in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's random init for the branches, random mixing logits (see MHCConfig)."""
+        super().init_weights()
+        std = self.config.mix_logit_std
+        n, d = self.config.n_streams, self.config.n_embd
+        for block in self.transformer.h:
+            for hc in (block.hc_attn, block.hc_mlp):
+                mix = hc.mix
+                if isinstance(mix, StaticMix):
+                    for p in (mix.pre_logits, mix.post_logits, mix.res_logits):
+                        torch.nn.init.normal_(p, std=std)
+                else:
+                    torch.nn.init.normal_(mix.phi, std=(n * d) ** -0.5)
+                    torch.nn.init.normal_(mix.pre_bias, std=std)
+                    torch.nn.init.normal_(mix.post_bias, std=std)
+                    torch.nn.init.normal_(mix.res_bias, std=std)
+                    # a visible input dependence: |a x~ phi| ~ 0.5 next to logits of spread ~1
+                    mix.alpha.fill_(0.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: LongTensor [B, T] -> softcapped logits [B, T, vocab_size] at every position."""
+        _, t = idx.size()
+        assert t <= self.cos.size(1), f"sequence length {t} exceeds rotary cache {self.cos.size(1)}"
+        cos, sin = self.cos[:, :t], self.sin[:, :t]
+        x = norm(self.transformer.wte(idx))
+        h = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.n_streams, x.shape[-1])  # (B, T, n, D)
+        for block in self.transformer.h:
+            h = block(h, cos, sin)
+        x = norm(h.sum(dim=-2))  # collapse the streams
+        logits = self.lm_head(x)
+        softcap = self.config.softcap
+        return softcap * torch.tanh(logits / softcap)

@@ -1,0 +1,756 @@
+"""Stream-mixing skip paths (HC-Newton): the linearity analysis for hyper-connection layers.
+
+In a hyper-connection layer the residual stream is n streams and the skip path mixes them with an
+n x n matrix H_res, an einsum/matmul of the stream tensor with something that does not depend on
+it (static H) or that does and is frozen at the current iterate (dynamic, per-token H). This
+module follows the hidden state h through such a layer and finds the matrix A of the skip path
+h -> from_streams(A @ to_streams(h)), which is the HCN surrogate Jacobian of DESIGN.md.
+
+How values are tracked (all at transform time, on the example's concrete shapes):
+
+- Before the first stream mixing a value linear in h is a re-arrangement of c * h: ``Pre`` keeps
+  the index of the h element at every position and the layout ops that produced it.
+- The first mixing fixes the stream view Z = (*batch, n, m) of h (its contracted axis is the
+  stream axis) and with it ``StreamLayout``, the replayable h -> Z map.
+- From then on a linear value is ``Mixed``: at every position p it equals
+  sum_k A[batch(p), row(p), k] Z[batch(p), k, col(p)], stored as coordinate tensors
+  (batch..., row, col) and a matrix expression A. Layout and indexing ops act on the
+  coordinates, mixings multiply A, sums combine rows.
+
+At the layer output the coordinates must be those of h itself with each stream's row mapped to
+one row of A; anything else is not a stream mixing and the caller treats it as branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from ..solve.stream_layout import (
+    LayoutOp,
+    Permute,
+    Squeeze,
+    StreamLayout,
+    Unsqueeze,
+    apply_op,
+    concrete_size,
+    reshape_groups,
+)
+
+aten = torch.ops.aten
+
+# A contracted axis wider than this is a feature projection, not a set of residual streams.
+MAX_STREAMS = 64
+STREAM_LAYOUT_META = "snlp_stream_layout"
+
+
+# -- matrix expressions: the skip matrix A, emitted into the layer body ----------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MEye:
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n, self.n)
+
+
+@dataclass(frozen=True, eq=False)
+class MNode:
+    """A graph value rearranged to the canonical (*batch, rows, cols) form by ``ops``:
+    ("select", dim) picks index 0 of a unit axis, ("permute", dims), ("unsqueeze", dim)."""
+
+    node: fx.Node
+    ops: tuple[tuple[Any, ...], ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class MRows:
+    a: MatExpr
+    rows: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.a.shape[:-2], len(self.rows), self.a.shape[-1])
+
+
+@dataclass(frozen=True, eq=False)
+class MMul:
+    a: MatExpr
+    b: MatExpr
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        batch = torch.broadcast_shapes(self.a.shape[:-2], self.b.shape[:-2])
+        return (*batch, self.a.shape[-2], self.b.shape[-1])
+
+
+@dataclass(frozen=True, eq=False)
+class MAdd:
+    a: MatExpr
+    b: MatExpr
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(torch.broadcast_shapes(self.a.shape, self.b.shape))
+
+
+@dataclass(frozen=True, eq=False)
+class MScale:
+    scale: Any  # a scalar coefficient of passes.skip_split (Const, Ext, BinOp)
+    a: MatExpr
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.a.shape
+
+
+MatExpr = MEye | MNode | MRows | MMul | MAdd | MScale
+
+
+def mat_nodes(m: MatExpr) -> list[fx.Node]:
+    """The graph values the matrix is computed from."""
+    if isinstance(m, MNode):
+        return [m.node]
+    if isinstance(m, (MRows, MScale)):
+        return mat_nodes(m.a)
+    if isinstance(m, (MMul, MAdd)):
+        return mat_nodes(m.a) + mat_nodes(m.b)
+    return []
+
+
+def describe_matrix(m: MatExpr) -> str:
+    if isinstance(m, MEye):
+        return "I"
+    if isinstance(m, MNode):
+        return m.node.name
+    if isinstance(m, MRows):
+        return f"{describe_matrix(m.a)}[rows {list(m.rows)}]"
+    if isinstance(m, MMul):
+        return f"{describe_matrix(m.a)} @ {describe_matrix(m.b)}"
+    if isinstance(m, MAdd):
+        return f"({describe_matrix(m.a)} + {describe_matrix(m.b)})"
+    return f"s * {describe_matrix(m.a)}"
+
+
+def _rows(a: MatExpr, rows: tuple[int, ...]) -> MatExpr:
+    return a if rows == tuple(range(a.shape[-2])) else MRows(a, rows)
+
+
+def _mul(a: MatExpr, b: MatExpr) -> MatExpr:
+    if isinstance(b, MEye):
+        return a
+    if isinstance(a, MEye):
+        return b
+    return MMul(a, b)
+
+
+# -- the skip map found ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StreamMix:
+    """The coefficient of a "matrix" SkipPath: h -> from_streams(matrix @ to_streams(h))."""
+
+    matrix: MatExpr
+    layout: StreamLayout
+    hidden_in: fx.Node
+    dynamic: bool
+
+    @property
+    def n(self) -> int:
+        return self.layout.n
+
+
+# -- linear values -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Pre:
+    """scale * (a re-arrangement of h): ``index`` holds the flat h index at every position."""
+
+    index: Tensor
+    ops: tuple[LayoutOp, ...]
+    scale: Any
+
+
+@dataclass(eq=False)
+class Mixed:
+    """sum_k A[b(p), row(p), k] Z[b(p), k, col(p)]: coords = (b_0, .., b_{nb-1}, row, col)."""
+
+    coords: tuple[Tensor, ...]
+    matrix: MatExpr
+
+
+@dataclass
+class _Streams:
+    layout: StreamLayout
+    z_shape: tuple[int, ...]
+    coords_h: tuple[Tensor, ...]  # per Z axis, the coordinate of every h element (h's shape)
+
+    @property
+    def nb(self) -> int:
+        return len(self.z_shape) - 2
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = _val(node)
+    if isinstance(val, torch.Tensor):
+        return tuple(concrete_size(s) for s in val.shape)
+    return None
+
+
+def _dynamic(node: fx.Node) -> tuple[bool, ...]:
+    return tuple(not isinstance(s, int) for s in _val(node).shape)
+
+
+def _live(node: fx.Node) -> tuple[bool, ...]:
+    """Per axis: not a broadcast unit (symbolic sizes are live even where the example has 1)."""
+    return tuple(not isinstance(s, int) or s != 1 for s in _val(node).shape)
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
+
+
+_PASS = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy", "type_as", "copy"}
+_LAYOUT = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t", "numpy_T",
+           "unsqueeze", "squeeze", "movedim", "expand", "slice", "select", "narrow"}  # fmt: skip
+_MIXING = {"einsum", "matmul", "mm", "bmm"}
+
+
+@dataclass
+class StreamAnalysis:
+    """Tracks values linear in ``hidden_in`` through layout ops and stream mixings."""
+
+    hidden_in: fx.Node
+    h_dependent: set[fx.Node]
+    streams: _Streams | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # conversions ------------------------------------------------------------------------------
+    def as_pre(self, value: Any, is_scalar: Any) -> Pre | Mixed | None:
+        """A scalar-domain coefficient (c * h) as a Pre value; None when c is not a scalar."""
+        if isinstance(value, (Pre, Mixed)):
+            return value
+        if not is_scalar(value):
+            return None
+        shape = _shape(self.hidden_in)
+        if shape is None:
+            return None
+        index = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64).reshape(shape)
+        return Pre(index, (), value)
+
+    def as_mixed(self, value: Pre | Mixed) -> Mixed | None:
+        if isinstance(value, Mixed):
+            return value
+        if self.streams is None:
+            return None
+        coords = tuple(c.flatten()[value.index] for c in self.streams.coords_h)
+        eye: MatExpr = MEye(self.streams.layout.n)
+        return Mixed(coords, eye if _is_one(value.scale) else MScale(value.scale, eye))
+
+    # rules ------------------------------------------------------------------------------------
+    def visit(self, node: fx.Node, of: Any, is_linear: Any, factor: Any, scale_ops: Any) -> Pre | Mixed | None:
+        """The linear value of ``node``, or None (the node is branch territory).
+
+        of(a): the linear value of argument a (Pre, Mixed, or a scalar-domain coefficient);
+        is_linear(a): whether a is linear in h; factor(a): a as a scalar coefficient if it does
+        not depend on h and has one element, else None; scale_ops: (mul, add, is_scalar) of the
+        scalar-coefficient algebra of passes.skip_split.
+        """
+        if node.op != "call_function":
+            return None
+        name = _name(node)
+        args = list(node.args)
+        mul, add, is_scalar = scale_ops
+        try:
+            if name in _PASS or (name == "dropout" and len(args) >= 3 and args[2] is False):
+                return self.as_pre(of(args[0]), is_scalar) if is_linear(args[0]) else None
+            if name in _LAYOUT:
+                if not is_linear(args[0]) or any(is_linear(a) for a in node.all_input_nodes[1:]):
+                    return None
+                v = self.as_pre(of(args[0]), is_scalar)
+                return None if v is None else self.layout(node, name, v)
+            if name in _MIXING:
+                return self.mixing(node, name, of, is_linear, is_scalar)
+            if name in ("add", "sub") and len(args) >= 2:
+                alpha = node.kwargs.get("alpha", 1)
+                sign = -1.0 if name == "sub" else 1.0
+                terms = []
+                for k, a in enumerate(args[:2]):
+                    if is_linear(a):
+                        v = self.as_pre(of(a), is_scalar)
+                        if v is None:
+                            return None
+                        s = 1.0 if k == 0 else sign * float(alpha)
+                        terms.append((v, s))
+                return self.combine(node, terms, mul, add) if terms else None
+            if name == "neg":
+                v = self.as_pre(of(args[0]), is_scalar)
+                return None if v is None else self.scaled(node, v, -1.0, mul)
+            if name in ("mul", "div") and len(args) >= 2 and not node.kwargs.get("rounding_mode"):
+                lin = [k for k, a in enumerate(args[:2]) if is_linear(a)]
+                if len(lin) != 1 or (name == "div" and lin[0] != 0):
+                    return None
+                f = factor(args[1 - lin[0]])
+                v = self.as_pre(of(args[lin[0]]), is_scalar)
+                if f is None or v is None:
+                    return None
+                return self.scaled(node, v, f if name == "mul" else ("div", f), mul)
+        except _NotLinear:
+            return None
+        return None
+
+    def scaled(self, node: fx.Node, v: Pre | Mixed, f: Any, mul: Any) -> Pre | Mixed | None:
+        out = _shape(node)
+        if isinstance(f, tuple):  # ("div", f): multiply by 1 / f
+            from .skip_split import ONE, BinOp
+
+            f = BinOp("div", ONE, f[1])
+        if isinstance(v, Pre):
+            if tuple(v.index.shape) != out:
+                return None
+            return Pre(v.index, v.ops, mul(v.scale, f))
+        coords = _broadcast(v.coords, out)
+        return Mixed(coords, MScale(f, v.matrix))
+
+    def combine(self, node: fx.Node, terms: list[tuple[Pre | Mixed, float]], mul: Any, add: Any) -> Pre | Mixed | None:
+        from .skip_split import Const
+
+        out = _shape(node)
+        if len(terms) == 1:
+            v, s = terms[0]
+            return v if s == 1.0 else self.scaled(node, v, Const(s), mul)
+        (v1, s1), (v2, s2) = terms
+        same = isinstance(v1, Pre) and isinstance(v2, Pre) and tuple(v1.index.shape) == out == tuple(v2.index.shape)
+        if same and torch.equal(v1.index, v2.index):
+            return Pre(v1.index, v1.ops, add(mul(Const(s1), v1.scale), mul(Const(s2), v2.scale)))
+        m1, m2 = self.as_mixed(v1), self.as_mixed(v2)
+        if m1 is None or m2 is None:
+            return None
+        c1, c2 = _broadcast(m1.coords, out), _broadcast(m2.coords, out)
+        if not all(torch.equal(a, b) for a, b in zip(c1[:-2] + c1[-1:], c2[:-2] + c2[-1:])):
+            return None  # the two terms read different (batch, column) positions: not a stream mix
+        r2 = m2.matrix.shape[-2]
+        pair = c1[-2] * r2 + c2[-2]
+        uniq, inverse = torch.unique(pair, return_inverse=True)
+        rows1 = tuple(int(x) for x in uniq // r2)
+        rows2 = tuple(int(x) for x in uniq % r2)
+        a1 = _rows(m1.matrix, rows1)
+        a2 = _rows(m2.matrix, rows2)
+        a1 = a1 if s1 == 1.0 else MScale(Const(s1), a1)
+        a2 = a2 if s2 == 1.0 else MScale(Const(s2), a2)
+        coords = (*c1[:-2], inverse.reshape(out), c1[-1])
+        return Mixed(coords, MAdd(a1, a2))
+
+    def layout(self, node: fx.Node, name: str, v: Pre | Mixed) -> Pre | Mixed | None:
+        if isinstance(v, Mixed):
+            args = _concrete_args(node)
+            coords = tuple(node.target(c, *args[1:], **_concrete_kwargs(node)) for c in v.coords)
+            return Mixed(coords, v.matrix)
+        ops = _layout_ops(node, name)
+        if ops is None:
+            return None
+        index = v.index
+        for op in ops:
+            index = apply_op(op, index, index.dim())
+        if tuple(index.shape) != _shape(node):
+            return None
+        return Pre(index, v.ops + tuple(ops), v.scale)
+
+    def mixing(self, node: fx.Node, name: str, of: Any, is_linear: Any, is_scalar: Any) -> Mixed | None:
+        labels = _mixing_labels(node, name)
+        if labels is None:
+            return None
+        (lhs, rhs), out_labels = labels
+        operands = [node.args[1][0], node.args[1][1]] if name == "einsum" else [node.args[0], node.args[1]]
+        lin = [k for k, a in enumerate(operands) if is_linear(a)]
+        if len(lin) != 1:
+            return None  # h-free, or quadratic in h: branch
+        v_node, m_node = operands[lin[0]], operands[1 - lin[0]]
+        if not isinstance(m_node, fx.Node):
+            return None
+        lv, lm = (lhs, rhs) if lin[0] == 0 else (rhs, lhs)
+        sv, sm, so = _shape(v_node), _shape(m_node), _shape(node)
+        if sv is None or sm is None or so is None:
+            return None
+        v = self.as_pre(of(v_node), is_scalar)
+        if v is None:
+            return None
+        return self.mix(node, v, lv, v_node, lm, m_node, out_labels)
+
+    def reject(self, node: fx.Node, why: str) -> None:
+        self.notes.append(f"{node.name}: {why}")
+        return None
+
+    def mix(self, node: fx.Node, v: Pre | Mixed, lv: list[str], v_node: fx.Node, lm: list[str],
+            m_node: fx.Node, lo: list[str]) -> Mixed | None:  # fmt: skip
+        sv, sm, so = _shape(v_node), _shape(m_node), _shape(node)
+        assert sv is not None and sm is not None and so is not None
+        v_live, m_live_axes, o_live = _live(v_node), _live(m_node), _live(node)
+        size_v = dict(zip(lv, sv))
+        m_live = [lab for lab, live in zip(lm, m_live_axes) if live]  # unit axes of M broadcast
+        contracted = [lab for lab in lv if lab in m_live and lab not in lo]
+        if len(contracted) != 1:
+            return self.reject(node, f"contracts {len(contracted)} axes of the hidden state, not one stream axis")
+        k = contracted[0]
+        n_k = size_v[k]
+        if n_k > MAX_STREAMS:
+            return self.reject(node, f"contracts an axis of size {n_k} > {MAX_STREAMS}: a projection, not streams")
+        for lab, live in zip(lv, v_live):
+            if lab not in lo and lab != k and live:
+                return self.reject(node, "sums the hidden state over an axis that is not the stream axis")
+            if lab in m_live and not live:
+                return self.reject(node, "broadcasts the hidden state against the mixing matrix")
+        rows = [lab for lab in m_live if lab not in lv]
+        if len(rows) > 1 or any(lab not in lo for lab in rows):
+            return self.reject(node, "the mixing matrix has more than one output stream axis")
+        row = rows[0] if rows else None
+        if any(lab not in lv and lab != row and live for lab, live in zip(lo, o_live)):
+            return self.reject(node, "the output has axes the hidden state does not have")
+        if isinstance(v, Pre):
+            if self.streams is None and not self.define_streams(v, lv.index(k)):
+                return self.reject(node, "its stream operand is not a re-arrangement of the whole hidden state")
+            v = self.as_mixed(v)
+            if v is None:
+                return None
+        st = self.streams
+        assert st is not None
+        coords = v.coords
+        qk = lv.index(k)
+        # the contracted axis must run over whole streams, the same ones at every position
+        row_k = coords[-2].movedim(qk, -1).reshape(-1, n_k)
+        rho = row_k[0]
+        if not bool((row_k == rho).all()) or not all(_constant_along(c, qk) for c in coords[:-2] + coords[-1:]):
+            return self.reject(node, f"its contracted axis is not the stream axis ({st.layout.describe()})")
+        # M's other axes are per (batch position) of Z: find which Z batch axis each one is
+        batch_axis: dict[str, int] = {}
+        for lab in m_live:
+            if lab in (k, row):
+                continue
+            q = lv.index(lab)
+            a = _z_axis_along(coords, q, st.nb)
+            if a is None:
+                return self.reject(node, "the mixing matrix varies along an axis that is not a batch axis of the streams")
+            batch_axis[lab] = a
+        m_expr = _canonical(m_node, lm, sm, batch_axis, row, k, st.z_shape, st.nb)
+        matrix = _mul(m_expr, _rows(v.matrix, tuple(int(x) for x in rho)))
+        # output coordinates: V's coordinates at the kept axes, re-ordered as the output's
+        keep = [i for i, lab in enumerate(lv) if lab in lo]
+        out = []
+        for c in coords[:-2] + coords[-1:]:
+            t = c
+            for i in sorted((i for i in range(len(lv)) if i not in keep), reverse=True):
+                t = t.select(i, 0)
+            out.append(_arrange(t, [lv[i] for i in keep], lo, so))
+        r = m_expr.shape[-2]
+        if row is not None:
+            shape = [1] * len(lo)
+            shape[lo.index(row)] = r
+            row_coord = torch.arange(r).reshape(shape).expand(so)
+        else:
+            row_coord = torch.zeros(so, dtype=torch.int64)
+        return Mixed((*out[:-1], row_coord, out[-1]), matrix)
+
+    def define_streams(self, v: Pre, qk: int) -> bool:
+        """The first mixing: its contracted axis is the stream axis; Z = V.movedim(qk, -2)."""
+        index = v.index
+        rank = index.dim()
+        if rank < 2:
+            return False
+        ops = list(v.ops)
+        if qk != rank - 2:
+            perm = [d for d in range(rank) if d != qk]
+            perm.insert(rank - 2, qk)
+            ops.append(Permute(tuple(perm)))
+            index = index.permute(perm)
+        flat = index.reshape(-1)
+        if not torch.equal(torch.sort(flat).values, torch.arange(flat.numel())):
+            return False  # not every element of h, exactly once: not a view of the whole state
+        h_shape = _shape(self.hidden_in)
+        assert h_shape is not None
+        z_shape = tuple(index.shape)
+        layout = StreamLayout(tuple(ops), len(h_shape), z_shape[-2])
+        grids = []
+        for axis, size in enumerate(z_shape):
+            shape = [1] * len(z_shape)
+            shape[axis] = size
+            grids.append(layout.from_streams(torch.arange(size).reshape(shape).expand(z_shape), h_shape))
+        self.streams = _Streams(layout, z_shape, tuple(grids))
+        return True
+
+    def finish(self, value: Pre | Mixed) -> tuple[MatExpr, StreamLayout] | str:
+        """The skip matrix of the layer output ``value`` (n x n per batch position), or why not."""
+        st = self.streams
+        if st is None:
+            return "the output is a re-arrangement of the input (no stream mixing einsum/matmul found)"
+        m = self.as_mixed(value)
+        assert m is not None
+        h = st.coords_h
+        if any(tuple(c.shape) != tuple(h[0].shape) for c in m.coords):
+            return "the output's linear part does not have the input's shape"
+        if not all(torch.equal(a, b) for a, b in zip(m.coords[:-2] + m.coords[-1:], h[:-2] + h[-1:])):
+            return (
+                "the output's linear part moves values across positions or features, not only across "
+                f"the {st.layout.n} streams ({st.layout.describe()})"
+            )
+        rows = []
+        for s in range(st.layout.n):
+            at = m.coords[-2][h[-2] == s].unique()
+            if at.numel() != 1:
+                return f"stream {s} of the output is laid out inconsistently"
+            rows.append(int(at))
+        return _rows(m.matrix, tuple(rows)), st.layout
+
+
+class _NotLinear(Exception):
+    pass
+
+
+def _is_one(c: Any) -> bool:
+    from .skip_split import ONE
+
+    return c == ONE
+
+
+def _broadcast(coords: tuple[Tensor, ...], shape: tuple[int, ...] | None) -> tuple[Tensor, ...]:
+    if shape is None:
+        raise _NotLinear
+    return tuple(torch.broadcast_to(c, shape) for c in coords)
+
+
+def _constant_along(t: Tensor, axis: int) -> bool:
+    return bool((t == t.narrow(axis, 0, 1)).all())
+
+
+def _z_axis_along(coords: tuple[Tensor, ...], q: int, nb: int) -> int | None:
+    """The Z batch axis that V's axis q runs over (0, 1, 2, ... along q, every other coordinate
+    constant along q), or None."""
+    size = coords[0].shape[q]
+    ramp = torch.arange(size)
+    found = None
+    for a, c in enumerate(coords):
+        if _constant_along(c, q):
+            continue
+        if a >= nb or found is not None:
+            return None
+        moved = c.movedim(q, -1)
+        if not bool((moved == ramp).all()):
+            return None
+        found = a
+    return found
+
+
+def _canonical(node: fx.Node, lm: list[str], sm: tuple[int, ...], batch_axis: dict[str, int], row: str | None,
+               k: str, z_shape: tuple[int, ...], nb: int) -> MNode:  # fmt: skip
+    """M as (*Z batch, rows, k): drop unit axes, order the rest, unsqueeze the missing ones."""
+    ops: list[tuple[Any, ...]] = []
+    labels = list(lm)
+    sizes = list(sm)
+    for i in reversed(range(len(labels))):
+        if labels[i] not in batch_axis and labels[i] not in (row, k):
+            ops.append(("select", i))
+            del labels[i], sizes[i]
+    target = {lab: batch_axis[lab] for lab in labels if lab in batch_axis}
+    if row is not None:
+        target[row] = nb
+    target[k] = nb + 1
+    order = sorted(labels, key=lambda lab: target[lab])
+    perm = tuple(labels.index(lab) for lab in order)
+    if perm != tuple(range(len(perm))):
+        ops.append(("permute", perm))
+    present = sorted(target.values())
+    for pos in range(nb + 2):
+        if pos not in present:
+            ops.append(("unsqueeze", pos))
+    shape = [1] * (nb + 2)
+    for lab, pos in target.items():
+        shape[pos] = sizes[labels.index(lab)]
+    return MNode(node, tuple(ops), tuple(shape))
+
+
+def _arrange(t: Tensor, src: list[str], dst: list[str], shape: tuple[int, ...]) -> Tensor:
+    """t with axes labelled ``src`` laid out as ``dst`` (missing labels broadcast) and expanded."""
+    order = [lab for lab in dst if lab in src]
+    t = t.permute([src.index(lab) for lab in order]) if order else t
+    view = [t.shape[order.index(lab)] if lab in order else 1 for lab in dst]
+    return t.reshape(view).expand(shape)
+
+
+def _concrete(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        val = _val(a)
+        if isinstance(val, torch.Tensor):
+            raise _NotLinear  # an op indexed by a tensor: not a fixed re-arrangement
+        return concrete_size(val) if isinstance(val, (int, torch.SymInt)) else val
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(x) for x in a)
+    return a
+
+
+def _concrete_args(node: fx.Node) -> list[Any]:
+    return [None, *(_concrete(a) for a in node.args[1:])]
+
+
+def _concrete_kwargs(node: fx.Node) -> dict[str, Any]:
+    return {k: _concrete(v) for k, v in node.kwargs.items()}
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _layout_ops(node: fx.Node, name: str) -> list[LayoutOp] | None:
+    """The replayable layout op(s) of ``node`` (bijective re-arrangements only)."""
+    x = node.args[0]
+    in_shape, out_shape = _shape(x), _shape(node)
+    if in_shape is None or out_shape is None:
+        return None
+    rank = len(in_shape)
+    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+        op = reshape_groups(in_shape, out_shape, _dynamic(x), _dynamic(node))
+        return None if op is None else [op]
+    if name == "permute":
+        return [Permute(tuple(_norm_dim(d, rank) for d in node.args[1]))]
+    if name in ("transpose", "t", "numpy_T", "movedim"):
+        if name in ("t", "numpy_T"):
+            a, b = rank - 2, rank - 1
+        else:
+            a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+        perm = list(range(rank))
+        if name == "movedim":
+            perm.remove(a)
+            perm.insert(b, a)
+        else:
+            perm[a], perm[b] = perm[b], perm[a]
+        return [Permute(tuple(perm))]
+    if name == "unsqueeze":
+        return [Unsqueeze(_norm_dim(node.args[1], rank + 1))]
+    if name == "squeeze":
+        dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(in_shape) if s == 1]
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = sorted((_norm_dim(d, rank) for d in dims if in_shape[_norm_dim(d, rank)] == 1), reverse=True)
+        return [Squeeze(d) for d in dims]
+    return None  # expand, slice, select, narrow: not bijective on the whole hidden state
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _mixing_labels(node: fx.Node, name: str) -> tuple[tuple[list[str], list[str]], list[str]] | None:
+    """Per-axis labels of the two operands and the output of an einsum/matmul node."""
+    if name == "einsum":
+        eq, operands = node.args[0], node.args[1]
+        if not isinstance(eq, str) or "->" not in eq or len(operands) != 2:
+            return None
+        ins, out = eq.replace(" ", "").split("->")
+        subs = ins.split(",")
+        ranks = [len(_shape(o) or ()) for o in operands]
+        ell = [r - (len(s) - 3) if "..." in s else 0 for s, r in zip(subs, ranks)]
+        n_ell = max(ell)
+
+        def expand(s: str, count: int) -> list[str]:
+            if "..." not in s:
+                return list(s)
+            head, tail = s.split("...")
+            return [*head, *(f"...{i}" for i in range(n_ell - count, n_ell)), *tail]
+
+        lhs, rhs = expand(subs[0], ell[0]), expand(subs[1], ell[1])
+        lo = expand(out, n_ell)
+        return (lhs, rhs), lo
+    ra, rb = len(_shape(node.args[0]) or ()), len(_shape(node.args[1]) or ())
+    if ra < 2 or rb < 2:
+        return None
+    nbatch = max(ra, rb) - 2
+    batch = [f"...{i}" for i in range(nbatch)]
+    lhs = [*batch[nbatch - (ra - 2) :], "i", "k"]
+    rhs = [*batch[nbatch - (rb - 2) :], "k", "m"]
+    return (lhs, rhs), [*batch, "i", "m"]
+
+
+# -- emission into the layer body ----------------------------------------------------------------
+
+
+def _eye_like(ref: Tensor, n: int) -> Tensor:
+    """The n x n identity in ref's dtype and device (the same for every layer)."""
+    return torch.eye(n, dtype=ref.dtype, device=ref.device)
+
+
+_eye_like.snlp_layer_invariant = True  # type: ignore[attr-defined]
+
+
+def emit_matrix(graph: fx.Graph, m: MatExpr, env: dict[fx.Node, Any], hidden: fx.Node, emit_scalar: Any) -> fx.Node:
+    """Emit A into ``graph`` (env maps template nodes to the body's); every node gets a meta
+    value of A's canonical shape, which the batching pass reads for ranks."""
+    dtype = getattr(_val(hidden), "dtype", torch.float32)
+
+    def node(fn: Any, args: tuple[Any, ...], shape: tuple[int, ...]) -> fx.Node:
+        out = graph.call_function(fn, args)
+        out.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
+        return out
+
+    def emit(m: MatExpr) -> fx.Node:
+        if isinstance(m, MEye):
+            return node(_eye_like, (env[hidden], m.n), m.shape)
+        if isinstance(m, MNode):
+            x = env[m.node]
+            shape = list(_shape(m.node) or ())
+            for op in m.ops:
+                if op[0] == "select":
+                    del shape[op[1]]
+                    x = node(aten.select.int, (x, op[1], 0), tuple(shape))
+                elif op[0] == "permute":
+                    shape = [shape[d] for d in op[1]]
+                    x = node(aten.permute.default, (x, list(op[1])), tuple(shape))
+                else:
+                    shape.insert(op[1], 1)
+                    x = node(aten.unsqueeze.default, (x, op[1]), tuple(shape))
+            return x
+        if isinstance(m, MRows):
+            a = emit(m.a)
+            runs: list[tuple[int, int]] = []
+            for r in m.rows:
+                if runs and runs[-1][1] == r:
+                    runs[-1] = (runs[-1][0], r + 1)
+                else:
+                    runs.append((r, r + 1))
+            parts = []
+            for start, stop in runs:
+                shape = (*m.a.shape[:-2], stop - start, m.a.shape[-1])
+                parts.append(node(aten.slice.Tensor, (a, -2, start, stop), shape))
+            return parts[0] if len(parts) == 1 else node(aten.cat.default, (parts, -2), m.shape)
+        if isinstance(m, MMul):
+            return node(torch.matmul, (emit(m.a), emit(m.b)), m.shape)
+        if isinstance(m, MAdd):
+            return node(torch.add, (emit(m.a), emit(m.b)), m.shape)
+        scale = emit_scalar(m.scale)
+        return node(torch.mul, (emit(m.a), scale), m.shape)
+
+    return emit(m)
+
+
+__all__ = [
+    "MAX_STREAMS",
+    "STREAM_LAYOUT_META",
+    "Mixed",
+    "Pre",
+    "StreamAnalysis",
+    "StreamMix",
+    "describe_matrix",
+    "emit_matrix",
+    "mat_nodes",
+]
