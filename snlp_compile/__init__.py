@@ -6,8 +6,10 @@
 """
 
 from .api import explain, solve_trace, transform
+from .api_compile import compile  # also registers the torch.compile backend "snlp"
 from .config import SNLPConfig
 from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal
+from .export.onnx_export import export_onnx
 from .report import ExplainReport
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "SNLPConfigError",
     "SNLPError",
     "SNLPRefusal",
+    "compile",
     "explain",
+    "export_onnx",
     "solve_trace",
     "transform",
 ]

@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect_cmd",
+    "export": "export",
 }
 
 

@@ -101,6 +101,23 @@ def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("n...i,noi->n...o", x, w)
 
 
+def _layer_attention(op: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Attention over (N, B, ...) inputs with the layer axis folded into the batch axis: the fused
+    kernels (flash, memory-efficient) and ONNX export take 4-D q/k/v only."""
+    out = op(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args, **kwargs)
+    return out.unflatten(0, (q.shape[0], q.shape[1]))
+
+
+def _fold_batched_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """A per-layer mask (N, B or 1, ...) as (N*B or N, ...), matching the folded q."""
+    return mask.expand(n, *mask.shape[1:]).flatten(0, 1)
+
+
+def _fold_shared_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """A mask shared by all layers whose batch dim is B: repeated per layer as (N*B, ...)."""
+    return mask.unsqueeze(0).expand(n, *mask.shape).flatten(0, 1)
+
+
 class _Batcher:
     def __init__(self, body: fx.GraphModule, batched_inputs: list[bool], num_layers: int):
         self.body = body
@@ -291,13 +308,22 @@ class _Batcher:
     def attention_rule(self, node: fx.Node) -> Any:
         q, k, v = (self.expand(t) for t in node.args[:3])
         rest = [self.lift(r) for r in node.args[3:]]
-        mask = node.args[3] if len(node.args) > 3 else None
-        if isinstance(mask, fx.Node):
-            rest[0] = self.align(mask, _rank(node.args[0]))
-        kwargs = dict(node.kwargs)
-        if isinstance(kwargs.get("attn_mask"), fx.Node):
-            kwargs["attn_mask"] = self.align(kwargs["attn_mask"], _rank(node.args[0]))
-        return self.graph.call_function(node.target, (q, k, v, *rest), self.lift(kwargs))
+        kwargs = self.lift(dict(node.kwargs))
+        if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
+            rest[0] = self.fold_mask(node.args[3], _rank(node.args[0]))
+        if isinstance(node.kwargs.get("attn_mask"), fx.Node):
+            kwargs["attn_mask"] = self.fold_mask(node.kwargs["attn_mask"], _rank(node.args[0]))
+        return self.call(_layer_attention, node.target, q, k, v, *rest, **kwargs)
+
+    def fold_mask(self, mask: fx.Node, rank: int) -> Any:
+        """The mask for attention with the layer axis folded into the batch axis (N*B, ...)."""
+        if self.is_batched(mask):
+            return self.call(_fold_batched_mask, self.align(mask, rank + 1), self.n)
+        val = mask.meta.get("val")
+        batch_is_one = isinstance(val, torch.Tensor) and val.dim() == rank and isinstance(val.shape[0], int) and val.shape[0] == 1
+        if _rank(mask) < rank or batch_is_one:
+            return self.env[mask]  # broadcasts against N*B as it did against B
+        return self.call(_fold_shared_mask, self.env[mask], self.n)
 
     def fallback(self, node: fx.Node) -> Any:
         self.fallbacks.append(f"{_name(node)} ({node.name})")

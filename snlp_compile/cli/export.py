@@ -1,0 +1,98 @@
+"""Export a model, rewritten into the layer-parallel solve, to ONNX (and check it under ONNX Runtime)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..api import transform
+from ..export.onnx_export import DEFAULT_OPSET, export_onnx
+from .common import DTYPES, add_model_arguments, example_tokens, load_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--output", "-o", type=Path, default=Path("model.snlp.onnx"), help="the .onnx file to write"
+    )
+    parser.add_argument("--iterations", "-K", type=int, default=1)
+    parser.add_argument(
+        "--parallel-layers", type=int, default=None, help="solve only the last N layers in parallel"
+    )
+    parser.add_argument("--init", choices=["h0", "batch_fwd"], default="h0")
+    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 18 to 23")
+    parser.add_argument("--static", action="store_true", help="fix batch and sequence to the example's sizes")
+    parser.add_argument("--report", action="store_true", help="save the exporter's report beside the model")
+    parser.add_argument(
+        "--no-rewrite", action="store_true", help="export the model as written (sequential baseline)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run the file under ONNX Runtime (CPU) against PyTorch, at the example shape and a second one",
+    )
+
+
+def _config(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "iterations": args.iterations,
+        "parallel_layers": args.parallel_layers,
+        "init": args.init,
+        "damping": args.damping,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model, DTYPES[args.dtype], args.seed)
+    idx = example_tokens(model, args.batch, args.seq, args.seed)
+    overrides = {} if args.no_rewrite else _config(args)
+    result = export_onnx(
+        model,
+        (idx,),
+        args.output,
+        dynamic=not args.static,
+        opset=args.opset,
+        report=args.report,
+        rewrite=not args.no_rewrite,
+        **overrides,
+    )
+    if result.snlp_report is not None:
+        print(result.snlp_report)
+        print()
+    print(result)
+    if not args.check:
+        return 0
+    return _check(args, model, idx, result.path, overrides)
+
+
+def _check(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    path: Path,
+    overrides: dict[str, object],
+) -> int:
+    """ONNX Runtime (CPU) against the PyTorch module that was exported, rtol 1e-4."""
+    from ..export.ort import make_session
+
+    reference = model if args.no_rewrite else transform(model, (idx,), **overrides)
+    session = make_session(path, "cpu")
+    name = session.get_inputs()[0].name
+    shapes = [(args.batch, args.seq)]
+    if not args.static:
+        shapes.append((args.batch + 1, max(1, args.seq // 2 + 1)))
+    ok = True
+    for batch, seq in shapes:
+        x = example_tokens(model, batch, seq, args.seed + 1)
+        with torch.no_grad():
+            want = reference(x)
+        want = want[0] if isinstance(want, (tuple, list)) else want
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).to(want.dtype)
+        err = (got - want).abs().max().item()
+        close = torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        ok &= close
+        print(f"check B={batch} T={seq}: max |ORT - PyTorch| = {err:.3g} ({'ok' if close else 'MISMATCH'})")
+    return 0 if ok else 1

@@ -1,0 +1,289 @@
+"""The ``torch.compile`` backend "snlp": Dynamo's graph -> SNLP rewrite -> Inductor.
+
+Dynamo hands a backend a torch-level graph with the modules inlined and the parameters and
+buffers lifted to placeholders. The compiler's passes want what ``transform()`` produces from a
+module: an aten graph whose weights are attributes (so they can be stacked once, at compile time)
+and whose nodes carry ``nn_module_stack`` (so layers can be found). So the backend *lifts* the
+Dynamo graph back into a module: weight placeholders become attributes at their original dotted
+paths, size placeholders are read off the tensor inputs again, module paths are cleaned of
+Dynamo's ``L['self']`` spelling. ``transform()`` then captures that module like any other
+(torch.export runs a GraphModule through an interpreter that keeps node metadata) and the
+result goes to Inductor. A graph that cannot be rewritten (refused, or not capturable) is handed
+to Inductor unchanged, with a warning that names the reason.
+
+The weights are folded into stacked copies at compile time (as Inductor's ``freezing`` does), so
+the compiled function checks, on every call, that the weights it was given are the ones it
+folded: editing a weight in place after compiling raises instead of silently using stale copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..api import transform
+from ..config import SNLPConfig, resolve_config
+from ..errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal
+from ..report import ExplainReport
+
+BACKEND_NAME = "snlp"
+log = logging.getLogger("snlp_compile")
+
+# components of a Dynamo source or module path: ._modules['h'], .h, [0], ['0']
+_COMPONENT = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.(\w+)|\[(\d+)\]|\['([^']*)'\]")
+_ROOT = re.compile(r"^[LG]\['[^']*'\]")
+_WEIGHT_SOURCE = re.compile(r"\._(?:parameters|buffers)\['[^']*'\]$")
+
+
+class SNLPBackendWarning(UserWarning):
+    """The snlp backend compiled a graph sequentially (unchanged) instead of rewriting it."""
+
+
+@dataclass
+class BackendRecord:
+    """What the backend did with one Dynamo graph: rewritten (report set) or not (reason set)."""
+
+    graph_inputs: int
+    report: ExplainReport | None = None
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> bool:
+        return self.report is not None and self.report.rewritten
+
+
+_RECORDS: list[BackendRecord] = []
+
+
+def backend_records() -> list[BackendRecord]:
+    """Every graph the snlp backend compiled in this process, oldest first."""
+    return list(_RECORDS)
+
+
+def clear_backend_records() -> None:
+    _RECORDS.clear()
+
+
+def module_path(dynamo_path: str) -> str:
+    """``L['self'].transformer._modules['h'][0]`` -> ``transformer.h.0`` (the model's own spelling)."""
+    rest = _ROOT.sub("", dynamo_path, count=1)
+    return ".".join(next(g for g in m.groups() if g is not None) for m in _COMPONENT.finditer(rest))
+
+
+def _source_name(node: fx.Node) -> str | None:
+    source = getattr(node, "_dynamo_source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
+def _placeholder_weight_path(node: fx.Node) -> str | None:
+    """Dotted path of the parameter/buffer a Dynamo placeholder stands for, None for real inputs."""
+    name = _source_name(node)
+    if name is not None:
+        return module_path(name) if _WEIGHT_SOURCE.search(name) else None
+    # Older Dynamo without sources on placeholders: its names spell the path,
+    # e.g. l_self_modules_h_modules_0_parameters_weight_.
+    m = re.match(r"^l_self_((?:modules_.+?_)*)(parameters|buffers)_(.+)_$", node.name)
+    if m is None:
+        return None
+    mods = [p for p in re.split(r"(?:^|_)modules_", m.group(1).rstrip("_")) if p]
+    return ".".join([*mods, m.group(3)])
+
+
+def _set_attribute(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
+    owner = root
+    *parents, attr = path.split(".")
+    for p in parents:
+        if not hasattr(owner, p):
+            owner.add_module(p, torch.nn.Module())
+        owner = getattr(owner, p)
+    if isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(attr, value)
+    else:
+        owner.register_buffer(attr, value)
+
+
+@dataclass
+class LiftedGraph:
+    """A Dynamo graph as a module over its real inputs (weights as attributes)."""
+
+    module: fx.GraphModule
+    user_positions: list[int]  # positions of Dynamo's inputs the module takes, in order
+    weights: list[tuple[int, str]]  # (position, dotted path) of the inputs made attributes
+
+
+def lift_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> LiftedGraph:
+    """Turn Dynamo's graph (weights as placeholders) into a module the compiler can capture.
+
+    Raises SNLPCaptureError when a size placeholder cannot be traced back to a tensor input.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise SNLPCaptureError(
+            f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs"
+        )
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    user: list[int] = []
+    weights: list[tuple[int, str]] = []
+    sizes: list[fx.Node] = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        path = _placeholder_weight_path(node) if isinstance(value, torch.Tensor) else None
+        if path:
+            _set_attribute(root, path, value)
+            env[node] = graph.get_attr(path)
+            weights.append((i, path))
+        elif isinstance(value, (torch.SymInt, int)) and not isinstance(value, bool):
+            sizes.append(node)
+        else:
+            env[node] = graph.placeholder(node.name)
+            user.append(i)
+    for node in sizes:  # a size input: re-read it from the tensor input it was taken from
+        env[node] = _size_node(graph, node, [(placeholders[j], env[placeholders[j]]) for j in user])
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        new = graph.node_copy(node, lambda a: env[a])
+        new.meta = {}
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            new.meta["nn_module_stack"] = {k: (module_path(str(v[0])), v[1]) for k, v in stack.items()}
+        env[node] = new
+    graph.lint()
+    return LiftedGraph(fx.GraphModule(root, graph, class_name="DynamoGraph"), user, weights)
+
+
+def _size_node(graph: fx.Graph, node: fx.Node, tensors: list[tuple[fx.Node, fx.Node]]) -> fx.Node:
+    want = str(node.meta.get("example_value", node.name))
+    for original, lifted in tensors:
+        val = original.meta.get("example_value")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, size in enumerate(val.shape):
+            if str(size) == want:
+                return graph.call_function(torch.ops.aten.sym_size.int, (lifted, d))
+    raise SNLPCaptureError(
+        f"size input {node.name} ({want}) is not the size of any tensor input of the graph"
+    )
+
+
+def split_options(options: dict[str, Any] | None) -> tuple[SNLPConfig, dict[str, Any]]:
+    """Backend options -> (SNLPConfig, Inductor config patches).
+
+    ``config`` (an SNLPConfig) and SNLPConfig field names configure the rewrite; every other key
+    is passed to Inductor as a config patch (Inductor rejects names it does not know).
+    """
+    options = dict(options or {})
+    config = options.pop("config", None)
+    fields = set(SNLPConfig.__dataclass_fields__)
+    overrides = {k: options.pop(k) for k in list(options) if k in fields}
+    try:
+        return resolve_config(config, overrides), options
+    except SNLPConfigError as exc:
+        raise SNLPConfigError(f"snlp backend options: {exc}") from exc
+
+
+def inductor(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None, patches: dict[str, Any]
+) -> Callable[..., Any]:
+    """Compile with Inductor, ``mode`` meaning what it means to torch.compile."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    config = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    config.update(patches)
+    return compile_fx(gm, list(example_inputs), config_patches=config)
+
+
+def plain_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """The transformed module as a flat graph (inputs in, output tuple out) for Inductor: without
+    torch.export's pytree calling convention and input guards (Dynamo guards the inputs itself)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target) == "_guards_fn":
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name="SNLPGraph")
+
+
+class _WeightCheck:
+    """Calls the compiled graph after checking that the folded weights were not changed since."""
+
+    def __init__(
+        self, compiled: Callable[..., Any], user: list[int], weights: list[tuple[int, str, torch.Tensor]]
+    ):
+        self.compiled = compiled
+        self.user = user
+        self.weights = [(i, path, t.data_ptr(), t._version) for i, path, t in weights]
+
+    def __call__(self, *args: Any) -> Any:
+        for i, path, ptr, version in self.weights:
+            t = args[i]
+            if t._version != version or t.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"snlp backend: weight '{path}' changed after compilation; its stacked copy is "
+                    "stale. Call torch._dynamo.reset() (or recompile) after editing weights."
+                )
+        return self.compiled(*(args[i] for i in self.user))
+
+
+def snlp_backend(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="snlp", options={"iterations": 2, ...})``.
+
+    Rewrites the layer chain found in Dynamo's graph into the layer-parallel solve and compiles
+    the result with Inductor. Options: ``config`` (SNLPConfig) and/or SNLPConfig fields; other
+    keys are Inductor config patches. A graph that cannot be rewritten is compiled unchanged with
+    an SNLPBackendWarning naming the reason; what happened to each graph is in backend_records().
+    """
+    config, patches = split_options(options)
+    record = BackendRecord(graph_inputs=len(example_inputs))
+    try:
+        lifted = lift_dynamo_graph(gm, example_inputs)
+        user_inputs = tuple(example_inputs[i] for i in lifted.user_positions)
+        with torch._guards.tracing(None):  # capture afresh, not inside Dynamo's tracing context
+            transformed = transform(lifted.module, user_inputs, config)
+    except (SNLPRefusal, SNLPCaptureError) as why:
+        record.reason = f"{type(why).__name__}: {why}"
+        warnings.warn(
+            f"snlp backend: graph compiled sequentially, not rewritten: {why}",
+            SNLPBackendWarning,
+            stacklevel=2,
+        )
+        compiled = inductor(gm, example_inputs, mode, patches)
+        _RECORDS.append(record)  # only once compiled: Inductor may restart Dynamo's analysis
+        return compiled
+    record.report = transformed.snlp_report
+    compiled = inductor(plain_graph(transformed), user_inputs, mode, patches)
+    _RECORDS.append(record)
+    log.info("snlp backend rewrote a graph:\n%s", record.report)
+    weights = [(i, path, example_inputs[i]) for i, path in lifted.weights]
+    return _WeightCheck(compiled, lifted.user_positions, weights)
+
+
+def register() -> None:
+    """Register the "snlp" backend with torch._dynamo (idempotent)."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if _COMPILER_FNS.get(BACKEND_NAME) is not snlp_backend:
+        if BACKEND_NAME in _COMPILER_FNS:
+            raise SNLPError(f"another torch.compile backend is already registered as {BACKEND_NAME!r}")
+        register_backend(snlp_backend, name=BACKEND_NAME)

@@ -1,0 +1,264 @@
+"""ONNX export of the rewritten model through ``torch.onnx.export(..., dynamo=True)``.
+
+The transformed module is a GraphModule of plain batched tensor ops (einsum over stacked
+weights, 4-D attention, cumsum or an unrolled log-depth scan for the correction), so the
+exporter maps it op by op: no Loop/Scan, and the matmul count is that of one layer times K.
+Batch and sequence sizes stay symbolic (torch.export ``Dim.AUTO``); the input dimensions get
+readable names ("batch", "sequence") in the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from ..api import transform
+from ..config import SNLPConfig, resolve_config
+from ..errors import SNLPCaptureError, SNLPConfigError
+from ..report import ExplainReport
+
+DEFAULT_OPSET = 18
+_DIM_NAMES = ("batch", "sequence")
+
+
+@dataclass
+class ONNXExport:
+    """What export_onnx() wrote."""
+
+    path: Path
+    opset: int
+    inputs: list[tuple[str, list[int | str]]]  # name, shape (str = symbolic dimension)
+    outputs: list[tuple[str, list[int | str]]]
+    op_counts: Counter[str]
+    snlp_report: ExplainReport | None  # None when exported without the rewrite
+    report_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def fmt(vals: list[tuple[str, list[int | str]]]) -> str:
+            return ", ".join(f"{n}[{', '.join(map(str, s))}]" for n, s in vals)
+
+        top = ", ".join(f"{k} x{v}" for k, v in self.op_counts.most_common(8))
+        lines = [
+            f"ONNX model: {self.path} (opset {self.opset})",
+            f"  inputs:  {fmt(self.inputs)}",
+            f"  outputs: {fmt(self.outputs)}",
+            f"  nodes:   {sum(self.op_counts.values())} ({top}, ...)",
+        ]
+        if self.report_path is not None:
+            lines.append(f"  exporter report: {self.report_path}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every dimension of every tensor input AUTO: export keeps symbolic what the model allows."""
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(x.dim())}
+        if isinstance(x, (list, tuple)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def is_transformed(model: torch.nn.Module) -> bool:
+    """True for a module transform() returned (it carries its explain report)."""
+    return isinstance(model, fx.GraphModule) and getattr(model, "snlp_report", None) is not None
+
+
+def export_program(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    dynamic: bool,
+) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
+                strict=False,
+            )
+    except Exception as exc:  # torch.export raises many types; one clear error with its message
+        raise SNLPCaptureError(
+            f"torch.export could not capture {type(model).__name__} for ONNX export: {exc}"
+        ) from exc
+
+
+def _readable_dims(model_proto: Any) -> dict[str, str]:
+    """Rename the exporter's symbols (s35, s77...) after the input dimensions they stand for."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for inp in model_proto.graph.input:
+        for d, dim in enumerate(inp.type.tensor_type.shape.dim):
+            sym = dim.dim_param
+            if not sym or sym in names or not re.fullmatch(r"\w+", sym):
+                continue
+            want = _DIM_NAMES[d] if d < len(_DIM_NAMES) else f"{inp.name}_dim{d}"
+            if want in taken:
+                want = f"{inp.name}_dim{d}"
+            names[sym] = want
+            taken.add(want)
+    if not names:
+        return names
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+    def rename(values: Any) -> None:
+        for v in values:
+            for dim in v.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
+
+    rename(model_proto.graph.input)
+    rename(model_proto.graph.output)
+    rename(model_proto.graph.value_info)
+    return names
+
+
+def _shapes(values: Any) -> list[tuple[str, list[int | str]]]:
+    return [
+        (v.name, [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim])
+        for v in values
+    ]
+
+
+def all_op_types(model_proto: Any) -> Counter[str]:
+    """Op types of every node, including those inside functions and subgraphs (If/Loop bodies)."""
+    import onnx
+
+    counts: Counter[str] = Counter()
+
+    def walk(nodes: Any) -> None:
+        for node in nodes:
+            counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g.node)
+                for g in attr.graphs:
+                    walk(g.node)
+
+    walk(model_proto.graph.node)
+    for fn in model_proto.functions:
+        walk(fn.node)
+    return counts
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    config: SNLPConfig | None = None,
+    *,
+    dynamic: bool = True,
+    opset: int = DEFAULT_OPSET,
+    report: bool = False,
+    example_kwargs: dict[str, Any] | None = None,
+    rewrite: bool = True,
+    output_names: list[str] | None = None,
+    **overrides: Any,
+) -> ONNXExport:
+    """Rewrite ``model`` (unless it is already a transform() result, or ``rewrite=False``) and
+    write it to ``path`` as ONNX.
+
+    dynamic: keep batch and sequence (every dimension the model leaves free) symbolic.
+    opset: ONNX opset of the default domain (18 to 23).
+    report: save the exporter's markdown report beside the model (``<stem>.export_report.md``).
+    rewrite=False exports the model as written: the sequential baseline.
+    output_names: names of the flattened outputs; default "output" (one) or "output_0", ...
+    The file is checked with ``onnx.checker`` before returning.
+    """
+    import onnx
+
+    if not isinstance(opset, int) or not 18 <= opset <= 23:
+        raise SNLPConfigError(f"opset must be an int from 18 to 23, got {opset!r}")
+    path = Path(path)
+    args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    snlp_report: ExplainReport | None = None
+    if is_transformed(model):
+        if config is not None or overrides:
+            raise SNLPConfigError(
+                "model is already transformed: pass config/overrides to transform(), not here"
+            )
+        target, snlp_report = model, model.snlp_report
+    elif rewrite:
+        cfg = resolve_config(config, overrides)
+        target = transform(model, args, cfg.replace(dynamic_shapes=dynamic), example_kwargs=kwargs)
+        snlp_report = target.snlp_report
+    else:
+        if config is not None or overrides:
+            raise SNLPConfigError("rewrite=False exports the model unchanged: config/overrides do not apply")
+        target = model
+    program = export_program(target, args, kwargs, dynamic=dynamic)
+    if output_names is None:
+        n_out = len(program.graph_signature.user_outputs)
+        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    onnx_program = torch.onnx.export(
+        program,
+        opset_version=opset,
+        dynamo=True,
+        report=report,
+        artifacts_dir=path.parent,
+        output_names=output_names,
+        verbose=False,
+    )
+    proto = onnx_program.model_proto
+    notes = []
+    renamed = _readable_dims(proto) if dynamic else {}
+    if renamed:
+        notes.append("symbolic dims: " + ", ".join(f"{k} -> {v}" for k, v in renamed.items()))
+    onnx_program.save(path)
+    onnx.checker.check_model(str(path))
+    result = ONNXExport(
+        path=path,
+        opset=opset,
+        inputs=_shapes(proto.graph.input),
+        outputs=_shapes(proto.graph.output),
+        op_counts=all_op_types(proto),
+        snlp_report=snlp_report,
+        notes=notes,
+    )
+    if report:
+        result.report_path = _claim_report(path, started)
+    return result
+
+
+def _claim_report(path: Path, since: float) -> Path | None:
+    """Move the exporter's timestamped report next to the model under a predictable name."""
+    found = sorted(
+        (p for p in path.parent.glob("onnx_export_*.md") if p.stat().st_mtime >= since - 1),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not found:
+        return None
+    target = path.with_suffix(".export_report.md")
+    found[-1].replace(target)
+    return target
