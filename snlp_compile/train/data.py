@@ -14,9 +14,9 @@ import json
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -131,6 +131,7 @@ class Corpus:
     val_bytes: int
     train_files: int
     val_files: int
+    spec: dict[str, Any] = field(default_factory=dict)  # load_corpus arguments that rebuild the same split
 
     @property
     def val_bytes_per_token(self) -> float:
@@ -185,6 +186,13 @@ def load_corpus(
     else:
         tok = tokenizer
     val_text = SEPARATOR.join(val_parts)
+    spec = {
+        # None: "the standard library of whichever interpreter runs", so the spec travels
+        "sources": None if not sources else [str(Path(s).resolve()) for s in sources],
+        "val_fraction": val_fraction,
+        "max_bytes": max_bytes,
+        "suffix": suffix,
+    }
     return Corpus(
         tok,
         torch.from_numpy(tok.encode(SEPARATOR.join(train_parts))),
@@ -192,6 +200,7 @@ def load_corpus(
         len(val_text),
         len(train_parts),
         len(val_parts),
+        spec,
     )
 
 

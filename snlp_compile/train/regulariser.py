@@ -252,9 +252,11 @@ class SNLPRegulariser:
 
 
 def _relative_error(h_hat: torch.Tensor, h_seq: torch.Tensor, eps: float) -> torch.Tensor:
-    """mean over layers and positions of ||h_hat - h|| / ||h||, norms over the last dimension, in fp32."""
-    diff = torch.linalg.vector_norm((h_hat - h_seq).float(), dim=-1)
-    return (diff / (torch.linalg.vector_norm(h_seq.float(), dim=-1) + eps)).mean()
+    """mean over layers and positions of ||h_hat - h|| / ||h||, norms over the last dimension, in at
+    least fp32 (bf16 norms of long vectors lose the digits the term is about)."""
+    dtype = torch.promote_types(h_seq.dtype, torch.float32)
+    diff = torch.linalg.vector_norm((h_hat - h_seq).to(dtype), dim=-1)
+    return (diff / (torch.linalg.vector_norm(h_seq.to(dtype), dim=-1) + eps)).mean()
 
 
 def _graph_with_extras(gm: fx.GraphModule, extras: list[fx.Node]) -> tuple[fx.GraphModule, Any, int]:
