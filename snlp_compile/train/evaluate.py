@@ -131,6 +131,7 @@ def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=130)
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -151,6 +152,9 @@ def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
     ax.set_xlabel("K (SNLP iterations)")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ks = sorted({r["K"] for r in rows if r["K"] is not None})
     ax.set_xticks(ks)
     if title:

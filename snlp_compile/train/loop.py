@@ -9,6 +9,7 @@ regulariser alone.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,12 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, **fused)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="train" + (" +snlp-reg" if reg else ""), disable=not config.progress)
+    bar = tqdm(
+        range(config.steps),
+        desc="train" + (" +snlp-reg" if reg else ""),
+        disable=not config.progress,
+        mininterval=0.5 if sys.stderr.isatty() else 20.0,  # a log file gets a line every 20 s
+    )
     for step in bar:
         lr = config.lr_at(step)
         for group in opt.param_groups:
