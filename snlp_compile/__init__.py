@@ -10,9 +10,11 @@ from .api_compile import compile  # also registers the torch.compile backend "sn
 from .config import SNLPConfig
 from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal
 from .export.onnx_export import export_onnx
+from .generate import Decoder, generate
 from .report import ExplainReport
 
 __all__ = [
+    "Decoder",
     "ExplainReport",
     "SNLPCaptureError",
     "SNLPConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "compile",
     "explain",
     "export_onnx",
+    "generate",
     "solve_trace",
     "transform",
 ]

@@ -167,6 +167,7 @@ def solve_trace(transformed: fx.GraphModule, *flat_inputs: Any, iterations: int 
     try:
         if iterations is not None:
             solve.iterations = iterations
-        return gm(*flat_inputs)
+        out = gm(*flat_inputs)
+        return out[0] if isinstance(out, tuple) else out  # (trace, *side outputs) with side outputs
     finally:
         solve.iterations = saved

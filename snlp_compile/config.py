@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from .errors import SNLPConfigError
 
-InitKind = Literal["h0", "batch_fwd"]
+InitKind = Literal["h0", "batch_fwd", "warm"]
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class SNLPConfig:
     parallel_layers: how many of the last layers are solved in parallel; None means all of them.
         The layers before them run sequentially, as written.
     init: starting iterate. "h0": every parallel layer starts from the chain's input;
-        "batch_fwd": one extra batched evaluation at h0 seeds layer j+1 with g_j(h0).
+        "batch_fwd": one extra batched evaluation at h0 seeds layer j+1 with g_j(h0);
+        "warm": layer j+1 starts from the previous call's solved h_j (in decoding, the previous
+        token's trace); the first call starts from h0.
     damping: a in (0, 1]; the correction becomes h_j = g_j(u_j) + a * A_j (h_{j-1} - u_j).
     layers: module path of the layer container (e.g. "transformer.h"); None finds it.
     dynamic_shapes: capture with symbolic batch and sequence sizes (falls back to static shapes
@@ -43,8 +45,8 @@ class SNLPConfig:
             raise SNLPConfigError(
                 f"SNLPConfig.parallel_layers must be None (all layers) or an int >= 1, got {self.parallel_layers!r}"
             )
-        if self.init not in ("h0", "batch_fwd"):
-            raise SNLPConfigError(f"SNLPConfig.init must be 'h0' or 'batch_fwd', got {self.init!r}")
+        if self.init not in ("h0", "batch_fwd", "warm"):
+            raise SNLPConfigError(f"SNLPConfig.init must be 'h0', 'batch_fwd' or 'warm', got {self.init!r}")
         if not (isinstance(self.damping, (int, float)) and 0.0 < float(self.damping) <= 1.0):
             raise SNLPConfigError(f"SNLPConfig.damping must be in (0, 1], got {self.damping!r}")
 

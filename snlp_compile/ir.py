@@ -25,6 +25,8 @@ class Layer:
     output: fx.Node
     nodes: list[fx.Node]  # the region: depends on hidden_in and feeds output (topological order)
     externals: list[fx.Node]  # what the region reads from outside, aligned with the template's order
+    # region values the rest of the model also reads (a decode step's new K/V), aligned likewise
+    side_outputs: list[fx.Node] = field(default_factory=list)
 
 
 @dataclass

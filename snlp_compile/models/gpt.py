@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from .kv import attention_bias, cached_attention
+
+KVInput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (k_cache, v_cache, bias) of one layer
 
 
 @dataclass
@@ -40,13 +45,20 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVInput | None = None) -> Any:
+        """Without ``kv``: causal attention over x. With ``kv`` = (k_cache, v_cache, bias) of this
+        layer: attention over the cache plus x, returning (out, k, v) (see models.kv)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv is not None:
+            k_cache, v_cache, bias = kv
+            y = cached_attention(q, k, v, k_cache, v_cache, bias)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+            return self.resid_dropout(self.c_proj(y)), k, v
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
@@ -76,7 +88,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVInput | None = None) -> Any:
+        if kv is not None:  # cached step: also hand the new keys/values to the caller
+            a, k, v = self.attn(self.ln_1(x), kv)
+            x = x + a
+            x = x + self.mlp(self.ln_2(x))
+            return x, k, v
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -138,3 +155,25 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         return self.lm_head(x)
+
+    def forward_cached(
+        self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One KV-cached step (prefill when T > 1, decode when T = 1), functional.
+
+        idx [B, T] at positions pos .. pos+T-1 (pos: 0-dim LongTensor on the model's device);
+        k_cache, v_cache [L, B, H, T_max, D] hold positions < pos. Returns logits [B, T, vocab]
+        and the new keys/values [L, B, H, T, D], which the caller writes into the caches at pos
+        (models.kv.write_cache). pos + T must not exceed T_max or block_size.
+        """
+        _, t = idx.size()
+        positions = pos + torch.arange(t, dtype=torch.long, device=idx.device)
+        bias = attention_bias(pos, t, k_cache.size(3))
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.transformer.h):
+            x, k, v = block(x, (k_cache[i], v_cache[i], bias))
+            new_k.append(k)
+            new_v.append(v)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x), torch.stack(new_k), torch.stack(new_v)

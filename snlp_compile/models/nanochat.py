@@ -14,10 +14,15 @@ grouped-query attention, relu^2 MLP, no biases, untied head, logit softcap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .kv import attention_bias, cached_attention
+
+KVInput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (k_cache, v_cache, bias) of one layer
 
 
 @dataclass
@@ -64,7 +69,10 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None) -> Any:
+        """Without ``kv``: causal attention over x, returns [B, T, C]. With ``kv`` = (k_cache,
+        v_cache, bias) of this layer: attention over the cache plus x, returns (out, k, v) where
+        k, v [B, H_kv, T, D] are the new tokens' keys/values (see models.kv)."""
         B, T, _ = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -72,6 +80,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if kv is not None:
+            k_cache, v_cache, bias = kv
+            y = cached_attention(q, k, v, k_cache, v_cache, bias)
+            y = y.transpose(1, 2).contiguous().view(B, T, -1)
+            return self.c_proj(y), k, v
         # Grouped-query attention: each k/v head serves n_head // n_kv_head query heads.
         # Explicit repeat (rather than enable_gqa) so every backend and exporter sees plain ops.
         if self.n_kv_head != self.n_head:
@@ -101,7 +114,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None) -> Any:
+        if kv is not None:  # cached step: also hand the new keys/values to the caller
+            a, k, v = self.attn(norm(x), cos, sin, kv)
+            x = x + a
+            x = x + self.mlp(norm(x))
+            return x, k, v
         x = x + self.attn(norm(x), cos, sin)
         x = x + self.mlp(norm(x))
         return x
@@ -172,3 +190,35 @@ class NanochatGPT(nn.Module):
         logits = self.lm_head(x)
         softcap = self.config.softcap
         return softcap * torch.tanh(logits / softcap)
+
+    def forward_cached(
+        self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One KV-cached step (prefill when T > 1, decode when T = 1), functional.
+
+        idx [B, T] at positions pos .. pos+T-1 (pos: 0-dim LongTensor on the model's device);
+        k_cache, v_cache [L, B, H_kv, T_max, D] hold positions < pos. Returns softcapped logits
+        [B, T, vocab] and the new keys/values [L, B, H_kv, T, D], which the caller writes into the
+        caches at pos (models.kv.write_cache). pos + T must not exceed T_max or the rotary table.
+        """
+        _, t = idx.size()
+        positions = pos + torch.arange(t, device=idx.device)
+        cos, sin = self.cos[:, positions], self.sin[:, positions]
+        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        x = norm(self.transformer.wte(idx))
+        x0 = x
+        x_mid = x
+        new_k, new_v = [], []
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x, k, v = block(x, cos, sin, (k_cache[i], v_cache[i], bias))
+            new_k.append(k)
+            new_v.append(v)
+            if self.config.backout and i == self.config.n_layer // 2 - 1:
+                x_mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda * x_mid
+        x = norm(x)
+        logits = self.lm_head(x)
+        softcap = self.config.softcap
+        return softcap * torch.tanh(logits / softcap), torch.stack(new_k), torch.stack(new_v)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import torch
 import torch.fx as fx
 
 from ..errors import SNLPRefusal
 from ..ir import HiddenReader, Layer
 from .graph_utils import ancestors, arg_structure, descendants, innermost_module, module_paths
 
+aten = torch.ops.aten
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 
@@ -61,25 +63,33 @@ def find_container(gm: fx.GraphModule, requested: str | None) -> tuple[str, list
     return parent, [f"{parent}.{i}" if parent else str(i) for i in indices]
 
 
-def layer_outputs(gm: fx.GraphModule, layer_paths: list[str]) -> list[fx.Node]:
-    """The one node of each layer module that is read outside that module."""
+def values_read_outside(gm: fx.GraphModule, layer_paths: list[str]) -> list[list[fx.Node]]:
+    """Per layer module, its nodes that are read outside that module, in graph order."""
     members: dict[str, list[fx.Node]] = {p: [] for p in layer_paths}
     for node in gm.graph.nodes:
         paths = set(module_paths(node))
         for p in layer_paths:
             if p in paths:
                 members[p].append(node)
-    outputs = []
+    result = []
     for p in layer_paths:
         inside = set(members[p])
         outs = [n for n in members[p] if any(u not in inside for u in n.users)]
         if not outs:
             raise SNLPRefusal(f"layer '{p}' hands no value to the rest of the model", module_path=p)
-        # The hidden state is the layer's last value read outside it. Other values read outside
-        # (e.g. a rotary slice that CSE now shares with later layers) are checked by check_chain:
-        # they must not depend on the hidden state.
-        outputs.append(outs[-1])
-    return outputs
+        result.append(outs)
+    return result
+
+
+def layer_outputs(gm: fx.GraphModule, layer_paths: list[str]) -> list[fx.Node]:
+    """The hidden state each layer module hands on: its last value read outside it.
+
+    Other values read outside are either independent of the hidden state (e.g. a rotary slice
+    that CSE now shares with later layers; check_chain proves it) or side outputs, values of the
+    layer's region the rest of the model reads (e.g. a decode step's new K/V for the cache), which
+    find_layers records on each Layer and the rewrite returns from the solve.
+    """
+    return [outs[-1] for outs in values_read_outside(gm, layer_paths)]
 
 
 def _region(hidden_in: fx.Node, output: fx.Node) -> set[fx.Node]:
@@ -148,6 +158,10 @@ def _absorbable(node: fx.Node, region: set[fx.Node]) -> bool:
     evaluating it inside the batched body beats stacking N copies of it at run time."""
     if node.op != "call_function" or node.is_impure() or not node.users:
         return False
+    if node.target is aten.select.int:
+        # a layer's pick of a stacked run-time input (e.g. ``k_cache[i]``) stays an external: its
+        # index differs per layer, and the rewrite passes all layers' picks as one slice view
+        return False
     if not all(u in region for u in node.users):
         return False
     return any(a.op == "placeholder" for a in ancestors([node]))
@@ -177,11 +191,15 @@ def build_template(hidden_in: fx.Node, output: fx.Node, module_path: str, index:
 def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[str, list[Layer], list[str]]:
     """All layers of the chain that match the last one, plus notes on those that do not."""
     container, paths = find_container(gm, requested_container)
-    outputs = layer_outputs(gm, paths)
+    read_outside = values_read_outside(gm, paths)
+    outputs = [outs[-1] for outs in read_outside]
     if len(outputs) < 2:
         raise SNLPRefusal(f"'{container}' holds a single layer: nothing to solve in parallel", module_path=container)
     last = len(outputs) - 1
     template = build_template(outputs[last - 1], outputs[last], paths[last], last)
+    in_template = set(template.nodes)
+    template.side_outputs = [n for n in read_outside[last][:-1] if n in in_template]
+    position = {n: k for k, n in enumerate(template.nodes)}
     layers = [template]
     notes: list[str] = []
     for i in range(last - 1, -1, -1):
@@ -199,7 +217,9 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
                 f"previous layer's output {outputs[i - 1].name}"
             )
             break
-        layers.append(Layer(i, paths[i], hidden, outputs[i], nodes, externals))
+        layer = Layer(i, paths[i], hidden, outputs[i], nodes, externals)
+        layer.side_outputs = [nodes[position[n]] for n in template.side_outputs]
+        layers.append(layer)
     layers.reverse()
     return container, layers, notes
 
@@ -218,6 +238,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
             region_of[n] = layer
     downstream = descendants(region_of) - set(region_of)
     outputs = {layer.output: layer.index for layer in layers}
+    side_outputs = {n for layer in layers for n in layer.side_outputs}
     for layer in layers:
         for ext in layer.externals:
             if ext in downstream or ext in region_of:
@@ -235,7 +256,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
         if n in region_of or n is start:
             continue
         for a in n.all_input_nodes:
-            if a in region_of and a not in outputs:
+            if a in region_of and a not in outputs and a not in side_outputs:
                 if _is_assert(n):
                     continue
                 owner = region_of[a]

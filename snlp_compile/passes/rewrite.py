@@ -23,6 +23,7 @@ from .graph_utils import ancestors, descendants
 from .skip_split import Const, emit_coefficient
 
 SOLVE_NAME = "snlp_solve"
+aten = torch.ops.aten
 
 
 def _external_name(node: fx.Node, layer_path: str, taken: set[str]) -> str:
@@ -61,8 +62,8 @@ def _is_static(node: fx.Node) -> bool:
     return not any(a.op == "placeholder" for a in ancestors([node]))
 
 
-def build_body(chain: LayerChain, names: list[str]) -> tuple[fx.GraphModule, float | None]:
-    """The template layer as a function (h, *externals) -> out [, skip coefficient]."""
+def _template_graph(chain: LayerChain, names: list[str]) -> tuple[fx.Graph, dict[fx.Node, Any]]:
+    """The template layer's region copied into a fresh graph with placeholders (h, *externals)."""
     t = chain.template
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {t.hidden_in: graph.placeholder("h")}
@@ -73,6 +74,59 @@ def build_body(chain: LayerChain, names: list[str]) -> tuple[fx.GraphModule, flo
     env.update(zip(t.externals, placeholders))
     for n in t.nodes:
         env[n] = graph.node_copy(n, lambda a: env[a])
+    return graph, env
+
+
+def build_side_body(chain: LayerChain, names: list[str]) -> fx.GraphModule | None:
+    """The part of the template computing its side outputs (e.g. a decode step's new K/V), as a
+    function (h, *externals) -> tuple of side values; None when the layers hand out none.
+
+    The solve evaluates it once more at the corrected layer inputs, so what the layers hand out is
+    consistent with the solved trace (and, in exact mode, equal to the sequential model's)."""
+    if not chain.template.side_outputs:
+        return None
+    graph, env = _template_graph(chain, names)
+    graph.output(tuple(env[n] for n in chain.template.side_outputs))
+    graph.eliminate_dead_code()
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph, class_name="LayerSideOutputs")
+
+
+def _as_layer_slice(graph: fx.Graph, column: list[fx.Node], env: dict[fx.Node, fx.Node]) -> fx.Node | None:
+    """``select(X, 0, i), select(X, 0, i+1), ...`` as one view ``X[i : i+N]``, which saves
+    torch.stack copying (e.g.) a stacked KV cache on every call; None for any other column."""
+    first = column[0]
+    if not all(c.op == "call_function" and c.target is aten.select.int and len(c.args) == 3 for c in column):
+        return None
+    src, dim, start = first.args
+    if dim != 0 or not isinstance(start, int) or isinstance(start, bool):
+        return None
+    if any(c.args[0] is not src or c.args[1] != 0 or c.args[2] != start + j for j, c in enumerate(column)):
+        return None
+    return graph.call_function(aten.slice.Tensor, (env[src], 0, start, start + len(column)))
+
+
+def _forward_side_stacks(graph: fx.Graph, sides: list[fx.Node], num_layers: int) -> None:
+    """``stack([S[0], ..., S[N-1]])`` of a side output S is S itself: drop the copy."""
+    wanted = set(sides)
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in (aten.stack.default, torch.stack):
+            continue
+        items = n.args[0]
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if dim != 0 or not isinstance(items, (list, tuple)) or len(items) != num_layers:
+            continue
+        srcs = {i.args[0] for i in items if isinstance(i, fx.Node) and i.target is operator.getitem}
+        if len(srcs) != 1 or not srcs <= wanted:
+            continue
+        if all(isinstance(i, fx.Node) and i.target is operator.getitem and i.args[1] == j for j, i in enumerate(items)):
+            n.replace_all_uses_with(next(iter(srcs)))
+
+
+def build_body(chain: LayerChain, names: list[str]) -> tuple[fx.GraphModule, float | None]:
+    """The template layer as a function (h, *externals) -> out [, skip coefficient]."""
+    t = chain.template
+    graph, env = _template_graph(chain, names)
     coefficient = chain.skip.coefficient
     if isinstance(coefficient, Const):
         graph.output(env[t.output])
@@ -115,7 +169,13 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
             runtime.append(("runtime", column))
 
     body, constant = build_body(chain, names)
-    layers, fallbacks = batch_body(body, [True, *(m != "shared" for m in modes)], chain.num_parallel)
+    batched = [True, *(m != "shared" for m in modes)]
+    layers, fallbacks = batch_body(body, batched, chain.num_parallel)
+    side_body = build_side_body(chain, names)
+    side_layers = None
+    if side_body is not None:
+        side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel)
+        fallbacks += [f for f in side_fallbacks if f not in fallbacks]
     chain.notes.extend(f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks)
     solve = LayerParallelSolve(
         body,
@@ -129,6 +189,8 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
         iterations=config.iterations,
         init=config.init,
         damping=config.damping,
+        side_body=side_body,
+        side_layers=side_layers,
     )
 
     region = {n for layer in par for n in layer.nodes}
@@ -148,8 +210,18 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
         if mode == "shared":
             args.append(env[column[0]])
         else:
-            args.append(graph.call_function(torch.stack, ([env[c] for c in column],)))
+            view = _as_layer_slice(graph, column, env)
+            args.append(view if view is not None else graph.call_function(torch.stack, ([env[c] for c in column],)))
     trace = graph.call_module(SOLVE_NAME, tuple(args))
+    sides: list[fx.Node] = []
+    if side_layers is not None:  # the solve returns (trace, *side outputs stacked over layers)
+        solved = trace
+        trace = graph.call_function(operator.getitem, (solved, 0))
+        for s, template_side in enumerate(chain.template.side_outputs):
+            sides.append(graph.call_function(operator.getitem, (solved, 1 + s)))
+            sides[-1].name = f"{template_side.name}_layers"
+            for j, layer in enumerate(par):
+                env[layer.side_outputs[s]] = graph.call_function(operator.getitem, (sides[-1], j))
     for out_node, j in outputs.items():
         if any(u not in region for u in out_node.users):
             env[out_node] = graph.call_function(operator.getitem, (trace, j))
@@ -159,6 +231,7 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
             if len(n.users) == 0 and n.op == "call_function" and any(a in region and a not in outputs for a in n.all_input_nodes):
                 continue  # a shape assert on a layer intermediate: the layer no longer exists
             env[n] = graph.node_copy(n, lambda a: env[a])
+    _forward_side_stacks(graph, sides, len(par))
     for n in reversed(list(graph.nodes)):
         if not n.users and (n.op == "get_attr" or (n.op == "call_function" and not n.is_impure())):
             graph.erase_node(n)

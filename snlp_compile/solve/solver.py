@@ -58,6 +58,8 @@ class LayerParallelSolve(nn.Module):
         iterations: int,
         init: str,
         damping: float,
+        side_body: fx.GraphModule | None = None,
+        side_layers: fx.GraphModule | None = None,
     ):
         super().__init__()
         self.body = body
@@ -72,6 +74,12 @@ class LayerParallelSolve(nn.Module):
         self.iterations = iterations
         self.init = init
         self.damping = float(damping)
+        # side outputs (a decode step's new K/V): the batched part of the body computing them,
+        # evaluated once more at the corrected inputs after the last iteration
+        self.side_body = side_body
+        self.side_layers = side_layers
+        # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
+        self.register_buffer("warm_trace", None, persistent=False)
         self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
 
     def extra_repr(self) -> str:
@@ -123,14 +131,36 @@ class LayerParallelSolve(nn.Module):
         return layout.from_streams(z, tuple(h_in.shape))
 
     def initial_inputs(self, h_in: torch.Tensor, ext: list[object]) -> torch.Tensor:
+        """u^(0). "warm" starts layer j+1 from the previous call's solved h_j (in decoding: the
+        previous token's trace); its first call, or one whose shapes differ, starts from h0."""
         u = h_in.unsqueeze(0).expand((self.num_layers, *h_in.shape))
         if self.init == "batch_fwd":
             g, _ = self._evaluate(u, ext)
             u = torch.cat([h_in.unsqueeze(0), g[:-1]], dim=0)
+        elif self.init == "warm" and self._has_warm_trace(h_in):
+            u = torch.cat([h_in.unsqueeze(0), self.warm_trace[:-1].to(h_in.dtype)], dim=0)
         return u
 
-    def forward(self, h_in: torch.Tensor, *passed: object) -> torch.Tensor:
-        """The solved trace: (N, *h_in.shape), the outputs of the N parallel layers."""
+    def _has_warm_trace(self, h_in: torch.Tensor) -> bool:
+        prev = self.warm_trace
+        return prev is not None and tuple(prev.shape) == (self.num_layers, *h_in.shape)
+
+    def remember(self, h: torch.Tensor) -> None:
+        """Keep the solved trace for the next call's warm start, in place when the shapes allow
+        (a captured CUDA graph keeps writing the same buffer)."""
+        prev = self.warm_trace
+        if prev is not None and prev.shape == h.shape and prev.dtype == h.dtype and prev.device == h.device:
+            prev.copy_(h)
+        else:
+            self.warm_trace = h.detach().clone()
+
+    def reset_warm(self) -> None:
+        """Forget the previous trace: the next call starts from h0 (e.g. a new sequence)."""
+        self.warm_trace = None
+
+    def forward(self, h_in: torch.Tensor, *passed: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The solved trace: (N, *h_in.shape), the outputs of the N parallel layers; with side
+        outputs, (trace, *side outputs each stacked over the N layers)."""
         ext = self._externals(passed)
         u = self.initial_inputs(h_in, ext)
         h = u
@@ -139,7 +169,16 @@ class LayerParallelSolve(nn.Module):
             h = self.correct(g, a, u, h_in)
             if step + 1 < self.iterations:
                 u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
-        return h
+        if self.init == "warm":
+            self.remember(h)
+        if self.side_layers is None:
+            return h
+        # Side outputs at the corrected inputs u_j = h_{j-1} of the solved trace, not at the
+        # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
+        # each layer computes from the input the returned trace says it had.
+        u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+        side = self.side_layers(u, *ext)
+        return (h, *(side if isinstance(side, (tuple, list)) else (side,)))
 
 
 def _stream_layout(body: fx.GraphModule) -> StreamLayout:

@@ -1,0 +1,191 @@
+"""Generation with a KV cache: prefill the prompt, then decode one token per step, sequentially or
+through the layer-parallel solve.
+
+    tokens = snlp_compile.generate(model, prompt, 64)                          # sequential
+    tokens = snlp_compile.generate(model, prompt, 64, SNLPConfig(iterations=2))  # SNLP decode
+    dec = snlp_compile.Decoder(model, SNLPConfig(iterations=2, init="warm"), batch=1, max_len=512)
+    tokens = snlp_compile.generate(dec, prompt, 64)                            # transform once, reuse
+
+The model must offer ``forward_cached(idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)`` (the
+reference models do; see models.kv). With a config, transform() rewrites that step: the per-layer
+cache picks become one slice of the stacked cache, the new K/V of every layer come out of the solve
+evaluated at the corrected layer inputs, and the caller (this module) writes them into the cache.
+In exact mode (K >= layers) the tokens and caches equal the sequential model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from .api import transform
+from .config import SNLPConfig, resolve_config
+from .errors import SNLPConfigError
+from .models.kv import CachedStep, max_positions, new_cache, write_cache
+from .passes.rewrite import SOLVE_NAME
+
+PrefillKind = Literal["sequential", "solve"]
+Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)
+
+
+class Decoder:
+    """The prefill and decode steps of one model for a fixed batch size and cache length.
+
+    config None (and no overrides): both steps are the model's own sequential cached step.
+    Otherwise the decode step (T = 1) is transformed once here; prefill is the sequential step
+    ("sequential") or a second transform of the step for prompts longer than one token ("solve",
+    built at the first prefill). ``k_cache``/``v_cache`` hold the caches of the last generate().
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SNLPConfig | None = None,
+        *,
+        batch: int,
+        max_len: int,
+        prefill: PrefillKind = "sequential",
+        **overrides: Any,
+    ):
+        if not hasattr(model, "forward_cached"):
+            raise TypeError(f"{type(model).__name__} has no forward_cached(idx, pos, k_cache, v_cache)")
+        if prefill not in ("sequential", "solve"):
+            raise SNLPConfigError(f"prefill must be 'sequential' or 'solve', got {prefill!r}")
+        if not isinstance(batch, int) or batch < 1:
+            raise SNLPConfigError(f"batch must be an int >= 1, got {batch!r}")
+        if not isinstance(max_len, int) or not 2 <= max_len <= max_positions(model):
+            raise SNLPConfigError(
+                f"max_len must be an int in [2, {max_positions(model)}] (the model's positions), got {max_len!r}"
+            )
+        self.model = model.eval()
+        self.batch, self.max_len = batch, max_len
+        self.prefill_kind: PrefillKind = prefill
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.sequential: Step = CachedStep(model)
+        self.config: SNLPConfig | None = None
+        self.decode_step: Step = self.sequential
+        self.prefill_step: Step | None = self.sequential
+        if config is not None or overrides:
+            self.config = resolve_config(config, overrides)
+            self.decode_step = transform(CachedStep(model), self._example(1), self.config)
+            self.prefill_step = self.sequential if prefill == "sequential" else None
+        self.k_cache, self.v_cache = new_cache(model, batch, max_len)
+
+    def _example(self, t: int) -> tuple[torch.Tensor, ...]:
+        idx = torch.zeros(self.batch, t, dtype=torch.long, device=self.device)
+        pos = torch.zeros((), dtype=torch.long, device=self.device)
+        return (idx, pos, *new_cache(self.model, self.batch, self.max_len))
+
+    def reset(self) -> None:
+        """Clear the caches and the warm-start trace: a new sequence begins."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        for step in (self.decode_step, self.prefill_step):
+            solve = _solve_of(step)
+            if solve is not None:
+                solve.reset_warm()
+
+    def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Run the prompt at ``pos``, write its K/V, return the logits of its last position."""
+        t = prompt.shape[1]
+        if t == 1:
+            step = self.decode_step
+        else:
+            if self.prefill_step is None:  # "solve": one transform for prompts of any length >= 2
+                self.prefill_step = transform(CachedStep(self.model), self._example(t), self.config)
+            step = self.prefill_step
+        logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)
+        write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
+        return logits[:, -1]
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step for tokens (B,) at ``pos``: writes their K/V, returns logits (B, vocab)."""
+        logits, new_k, new_v = self.decode_step(token[:, None], pos, self.k_cache, self.v_cache)
+        write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
+        return logits[:, -1]
+
+
+def _solve_of(step: Step | None) -> Any:
+    if isinstance(step, torch.fx.GraphModule) and hasattr(step, SOLVE_NAME):
+        return step.get_submodule(SOLVE_NAME)
+    return None
+
+
+def _pick(
+    logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen: torch.Generator | None
+) -> torch.Tensor:
+    if greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module | Decoder,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    config: SNLPConfig | None = None,
+    *,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    prefill: PrefillKind = "sequential",
+    max_len: int | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
+    """Prompt (B, P) -> tokens (B, P + max_new_tokens): prefill, then one decode step per token.
+
+    ``model``: a model with forward_cached (sequential when config is None, else its decode step
+    is transformed with ``config``), or a Decoder built beforehand (config, prefill and max_len are
+    then the Decoder's). greedy=False samples from softmax(logits / temperature), restricted to the
+    top_k tokens when given, with a private generator seeded by ``seed``.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long or prompt_ids.shape[1] < 1:
+        raise SNLPConfigError(
+            f"prompt_ids must be a LongTensor (batch, length >= 1), got {prompt_ids.dtype} {tuple(prompt_ids.shape)}"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SNLPConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not greedy and not temperature > 0:
+        raise SNLPConfigError(f"temperature must be > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise SNLPConfigError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    b, p = prompt_ids.shape
+    total = p + max_new_tokens
+    if isinstance(model, Decoder):
+        if config is not None or overrides:
+            raise SNLPConfigError("a Decoder carries its own config: pass config when building it")
+        decoder = model
+    else:
+        decoder = Decoder(model, config, batch=b, max_len=max_len or total, prefill=prefill, **overrides)
+    if decoder.batch != b:
+        raise SNLPConfigError(f"the Decoder was built for batch {decoder.batch}, the prompt has batch {b}")
+    if total > decoder.max_len:
+        raise SNLPConfigError(
+            f"prompt ({p}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the cache length {decoder.max_len}"
+        )
+    prompt_ids = prompt_ids.to(decoder.device)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=decoder.device)
+        gen.manual_seed(seed)
+    decoder.reset()
+    if max_new_tokens == 0:
+        return prompt_ids.clone()
+    pos = torch.zeros((), dtype=torch.long, device=decoder.device)
+    token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen)
+    pos += p
+    out = [token]
+    for _ in range(max_new_tokens - 1):
+        token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen)
+        pos += 1
+        out.append(token)
+    return torch.cat([prompt_ids, torch.stack(out, dim=1)], dim=1)

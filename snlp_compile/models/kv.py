@@ -1,0 +1,102 @@
+"""KV-cached steps of the reference models: attention over an explicit, preallocated cache.
+
+A cached step reads tokens ``idx`` (B, T) at positions ``pos .. pos+T-1`` and caches
+``k_cache, v_cache`` of shape (L, B, H_kv, T_max, D) that hold the keys/values of positions
+``< pos``. It returns the logits and the keys/values of the T new tokens at every layer,
+(L, B, H_kv, T, D), and never writes the cache itself: the caller does (``write_cache``), outside
+the captured graph. That keeps the step functional (no input mutation under torch.export,
+torch.compile or a CUDA graph) and makes each layer's new K/V a value the layer hands to the rest
+of the model, which the compiler returns from the layer-parallel solve.
+
+Attention reads the cache once, without copying it: scores against the whole cache (slots at and
+after ``pos`` masked out by an additive bias) are concatenated with causal scores among the new
+tokens, one softmax, two products. Grouped-query heads are handled by folding the query groups
+into the query rows, so the cache is never repeated either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def attention_bias(pos: torch.Tensor, t_new: int, t_max: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask (t_new, t_max + t_new): cache slots < pos and causal among the new tokens are 0,
+    everything else -inf. float32 by default: added to bf16 scores it also promotes the softmax."""
+    device = pos.device
+    cache_ok = (torch.arange(t_max, device=device) < pos).unsqueeze(0).expand(t_new, t_max)
+    new_ok = torch.ones(t_new, t_new, dtype=torch.bool, device=device).tril()
+    ok = torch.cat([cache_ok, new_ok], dim=1)
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, float("-inf"))
+
+
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
+    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D)."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    rep = h // hkv
+    t_max = k_cache.shape[2]
+    qg = q.reshape(b, hkv, rep * t, d)  # query heads of one kv head become rows
+    scores = torch.cat([qg @ k_cache.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1) * d**-0.5
+    scores = scores.view(b, hkv, rep, t, t_max + t) + bias
+    # softmax in at least float32 (bf16 scores lose the small probabilities), back to q's dtype
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    probs = probs.view(b, hkv, rep * t, t_max + t)
+    out = probs[..., :t_max] @ v_cache + probs[..., t_max:] @ v
+    return out.view(b, h, t, d)
+
+
+class CachedStep(nn.Module):
+    """The model's KV-cached step as a module whose forward is the step, so transform() and
+    torch.export capture it: forward(idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "forward_cached"):
+            raise TypeError(f"{type(model).__name__} has no forward_cached(idx, pos, k_cache, v_cache)")
+        self.model = model
+
+    def forward(
+        self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_cached(idx, pos, k_cache, v_cache)
+
+
+def cache_shape(model: nn.Module, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
+    """(L, B, H_kv, T_max, D) of one of the two caches of a reference model."""
+    cfg = model.config
+    n_kv = getattr(cfg, "n_kv_head", cfg.n_head)
+    return (cfg.n_layer, batch, n_kv, max_len, cfg.n_embd // cfg.n_head)
+
+
+def max_positions(model: nn.Module) -> int:
+    """The longest sequence the model's position tables cover."""
+    cfg = model.config
+    return int(getattr(cfg, "sequence_len", None) or cfg.block_size)
+
+
+def new_cache(
+    model: nn.Module, batch: int, max_len: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed (k_cache, v_cache) for ``batch`` sequences of up to ``max_len`` tokens."""
+    if max_len > max_positions(model):
+        raise ValueError(f"max_len={max_len} exceeds the model's {max_positions(model)} positions")
+    ref = next(model.parameters())
+    shape = cache_shape(model, batch, max_len)
+    kw = {"device": device or ref.device, "dtype": dtype or ref.dtype}
+    return torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+
+
+def write_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor
+) -> None:
+    """Write a step's new keys/values (L, B, Hkv, T, D) at positions pos .. pos+T-1, in place.
+
+    ``pos`` is a device tensor, so this neither synchronises nor depends on a Python int (it can be
+    captured in a CUDA graph together with the step)."""
+    positions = pos + torch.arange(new_k.shape[3], device=new_k.device)
+    k_cache.index_copy_(3, positions, new_k.to(k_cache.dtype))
+    v_cache.index_copy_(3, positions, new_v.to(v_cache.dtype))

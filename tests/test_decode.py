@@ -1,0 +1,207 @@
+"""KV-cached decode steps: the reference models' step, its transform (stacked cache as one slice,
+new K/V as side outputs of the solve at the corrected inputs), side outputs in general, and the
+warm init. Everything in float64 on the CPU, against the sequential model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import sequential_trace
+
+import snlp_compile
+from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
+from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep, attention_bias, new_cache, write_cache
+from snlp_compile.passes.rewrite import SOLVE_NAME
+
+TIGHT = 1e-10
+
+
+def _model(name: str) -> nn.Module:
+    return build_model(name, dtype=torch.float64)
+
+
+def _step_inputs(model: nn.Module, batch: int = 2, t_max: int = 24, pos: int = 9) -> tuple[torch.Tensor, ...]:
+    """A decode step's inputs with a cache holding random (non-zero) keys/values before ``pos``."""
+    k_cache, v_cache = new_cache(model, batch, t_max)
+    k_cache[:, :, :, :pos].normal_()
+    v_cache[:, :, :, :pos].normal_()
+    idx = torch.randint(0, model.config.vocab_size, (batch, 1))
+    return idx, torch.tensor(pos), k_cache, v_cache
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("name", ["nanochat-tiny", "gpt-tiny"])
+def test_cached_steps_reproduce_the_full_forward(name: str) -> None:
+    """Prefill then token-by-token decode over the cache gives the full forward's logits."""
+    model = _model(name)
+    idx = torch.randint(0, model.config.vocab_size, (2, 14))
+    with torch.no_grad():
+        full = model(idx)
+        k_cache, v_cache = new_cache(model, 2, 16)
+        pos = torch.tensor(0)
+        logits, new_k, new_v = model.forward_cached(idx[:, :9], pos, k_cache, v_cache)
+        assert new_k.shape == (model.config.n_layer, 2, k_cache.shape[2], 9, k_cache.shape[4])
+        write_cache(k_cache, v_cache, new_k, new_v, pos)
+        steps = [logits]
+        pos = torch.tensor(9)
+        for t in range(9, 14):
+            logits, new_k, new_v = model.forward_cached(idx[:, t : t + 1], pos, k_cache, v_cache)
+            write_cache(k_cache, v_cache, new_k, new_v, pos)
+            pos += 1
+            steps.append(logits)
+    assert _max_err(torch.cat(steps, dim=1), full) < TIGHT
+    assert k_cache[:, :, :, 14:].abs().max() == 0  # nothing written past the last position
+
+
+def test_attention_bias_masks_unwritten_slots_and_the_future() -> None:
+    bias = attention_bias(torch.tensor(3), 2, 5)
+    allowed = bias == 0
+    assert bias.shape == (2, 7)
+    assert allowed[:, :3].all() and not allowed[:, 3:5].any()  # cache: slots < pos only
+    assert allowed[0, 5] and not allowed[0, 6] and allowed[1, 5:].all()  # causal among new tokens
+
+
+@pytest.mark.parametrize("name", ["nanochat-tiny", "gpt-tiny"])
+def test_exact_mode_step_equals_sequential_step(name: str) -> None:
+    model = _model(name)
+    inputs = _step_inputs(model)
+    fast = snlp_compile.transform(CachedStep(model), inputs, iterations=model.config.n_layer)
+    with torch.no_grad():
+        ref = model.forward_cached(*inputs)
+        out = fast(*inputs)
+    assert len(out) == 3
+    for got, want in zip(out, ref):
+        assert got.shape == want.shape
+        assert _max_err(got, want) < TIGHT
+
+
+def test_stacked_cache_is_passed_as_one_slice_and_kv_leave_the_solve_uncopied() -> None:
+    model = _model("nanochat-tiny")
+    inputs = _step_inputs(model)
+    fast = snlp_compile.transform(CachedStep(model), inputs, iterations=1)
+    code = fast.code
+    # the per-layer picks k_cache[i] became one view of the stacked cache, no torch.stack copy
+    assert "torch.stack" not in code and "aten.stack" not in code
+    assert "aten.slice.Tensor(k_cache, 0, 0, 4)" in code and "aten.slice.Tensor(v_cache, 0, 0, 4)" in code
+    solve = fast.get_submodule(SOLVE_NAME)
+    assert solve.side_layers is not None
+    report = fast.snlp_report
+    assert any(name.startswith("select") and mode == "runtime" for name, mode, _ in report.externals)
+    # the solve's side outputs are returned as the step's new K/V directly
+    out_node = next(n for n in fast.graph.nodes if n.op == "output")
+    returned = [a.name for a in out_node.all_input_nodes]
+    assert sum(name.endswith("_layers") for name in returned) == 2
+
+
+def test_kv_are_consistent_with_the_corrected_inputs() -> None:
+    """K=1 < L: the new K/V of layer j are what layer j computes from its corrected input, the
+    solved trace's h_{j-1} (h_in for j = 0), not from the input of the last evaluation."""
+    model = _model("gpt-tiny")
+    idx, pos, k_cache, v_cache = _step_inputs(model)
+    fast = snlp_compile.transform(CachedStep(model), (idx, pos, k_cache, v_cache), iterations=1)
+    with torch.no_grad():
+        _, new_k, new_v = fast(idx, pos, k_cache, v_cache)
+        trace = snlp_compile.solve_trace(fast, idx, pos, k_cache, v_cache)
+        blocks = model.transformer.h
+        h_in = model.transformer.wte(idx) + model.transformer.wpe(pos + torch.arange(1))
+        bias = attention_bias(pos, 1, k_cache.shape[3])
+        seq_k = model.forward_cached(idx, pos, k_cache, v_cache)[1]
+        for j, block in enumerate(blocks):
+            u = h_in if j == 0 else trace[j - 1]
+            _, k_ref, v_ref = block(u, (k_cache[j], v_cache[j], bias))
+            assert _max_err(new_k[j], k_ref) < TIGHT
+            assert _max_err(new_v[j], v_ref) < TIGHT
+    # and, K=1 being inexact here, they differ from the sequential model's beyond layer 0
+    assert _max_err(new_k[0], seq_k[0]) < TIGHT
+    assert _max_err(new_k[1:], seq_k[1:]) > 1e-6
+
+
+# -- side outputs in general ----------------------------------------------------------------------
+class TapBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inner = self.mlp(self.norm(x))
+        return x + inner, inner
+
+
+class TapStack(nn.Module):
+    """Every layer hands its branch output to the model, which stacks them (like a step's K/V)."""
+
+    def __init__(self, d: int = 16, n: int = 4, tap_only: int | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TapBlock(d) for _ in range(n))
+        self.tap_only = tap_only
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        taps = []
+        for i, layer in enumerate(self.layers):
+            x, inner = layer(x)
+            if self.tap_only is None or i == self.tap_only:
+                taps.append(inner)
+        return x, torch.stack(taps)
+
+
+def test_side_outputs_exact_in_exact_mode_and_at_corrected_inputs() -> None:
+    model = TapStack().double().eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    exact = snlp_compile.transform(model, (x,), iterations=4)
+    approx = snlp_compile.transform(model, (x,), iterations=1)
+    with torch.no_grad():
+        ref_out, ref_taps = model(x)
+        out, taps = exact(x)
+        assert _max_err(out, ref_out) < TIGHT and _max_err(taps, ref_taps) < TIGHT
+        _, taps1 = approx(x)
+        trace = snlp_compile.solve_trace(approx, x)
+        for j, layer in enumerate(model.layers):
+            u = x if j == 0 else trace[j - 1]
+            assert _max_err(taps1[j], layer(u)[1]) < TIGHT
+
+
+def test_irregular_side_output_refused() -> None:
+    """Only one layer hands out its branch value: the layers differ in what they hand out."""
+    model = TapStack(tap_only=1).double().eval()
+    with pytest.raises(SNLPRefusal, match="intermediate value"):
+        snlp_compile.transform(model, (torch.randn(2, 5, 16, dtype=torch.float64),), iterations=2)
+
+
+# -- warm init --------------------------------------------------------------------------------------
+def test_warm_is_a_valid_init_and_bad_inits_name_it() -> None:
+    assert SNLPConfig(init="warm").init == "warm"
+    with pytest.raises(SNLPConfigError, match="'warm'"):
+        SNLPConfig(init="previous")
+
+
+def test_warm_init_starts_from_the_previous_trace() -> None:
+    """Warm-started from the exact trace of this very token, one iteration is exact; from h0 it is
+    not. The first call (no previous trace) starts from h0, and each call keeps its trace."""
+    model = _model("nanochat-tiny")
+    inputs = _step_inputs(model)
+    warm = snlp_compile.transform(CachedStep(model), inputs, iterations=1, init="warm")
+    cold = snlp_compile.transform(CachedStep(model), inputs, iterations=1, init="h0")
+    solve = warm.get_submodule(SOLVE_NAME)
+    exact_trace = sequential_trace(CachedStep(model), list(model.transformer.h), *inputs)
+    with torch.no_grad():
+        ref = model.forward_cached(*inputs)
+        assert solve.warm_trace is None
+        first = warm(*inputs)  # no previous trace: h0
+        h0_out = cold(*inputs)
+        assert _max_err(first[0], h0_out[0]) < TIGHT
+        assert _max_err(h0_out[0], ref[0]) > 1e-6
+        assert solve.warm_trace is not None and solve.warm_trace.shape == exact_trace.shape
+        solve.warm_trace.copy_(exact_trace)
+        out = warm(*inputs)
+        for got, want in zip(out, ref):
+            assert _max_err(got, want) < TIGHT
+        assert _max_err(solve.warm_trace, exact_trace) < TIGHT  # kept in place for the next call
+        solve.reset_warm()
+        assert solve.warm_trace is None
+        assert _max_err(warm(*inputs)[0], h0_out[0]) < TIGHT
