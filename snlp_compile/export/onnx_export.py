@@ -230,12 +230,13 @@ def export_onnx(
         output_names=output_names,
         verbose=False,
     )
-    proto = onnx_program.model_proto
+    onnx_program.save(path)  # large weights go to external data here
+    proto = onnx.load(str(path), load_external_data=False)
     notes = []
     renamed = _readable_dims(proto) if dynamic else {}
     if renamed:
         notes.append("symbolic dims: " + ", ".join(f"{k} -> {v}" for k, v in renamed.items()))
-    onnx_program.save(path)
+        onnx.save_model(proto, str(path))  # external data references are kept as they are
     onnx.checker.check_model(str(path))
     result = ONNXExport(
         path=path,

@@ -1,0 +1,237 @@
+"""ONNX export of the rewritten models: parity under ONNX Runtime (CPU), graph structure, helpers.
+
+One export per reference model (they take tens of seconds each), with dynamic batch and
+sequence, checked at two batch sizes x two sequence lengths. Exact mode (K = number of parallel
+layers) is compared with the original model too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import snlp_compile
+from snlp_compile import SNLPConfigError, SNLPRefusal
+from snlp_compile.cli import main as cli_main
+from snlp_compile.export.onnx_export import ONNXExport, all_op_types, export_onnx
+from snlp_compile.export.ort import (
+    IOBindingRunner,
+    ProviderError,
+    available_providers,
+    cpu_fallbacks,
+    make_session,
+    parse_placements,
+    providers_for,
+)
+from snlp_compile.models import build_model
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+SHAPES = [(1, 7), (1, 19), (3, 7), (3, 19)]  # two batch sizes x two sequence lengths, one export
+SEQUENTIAL_OPS = {"Loop", "Scan", "If"}
+MATMUL_OPS = ("MatMul", "Gemm", "Einsum")
+N_LAYER = 3  # exact mode: K = 3
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+class Exported:
+    def __init__(self, model: torch.nn.Module, transformed: torch.nn.Module, result: ONNXExport):
+        self.model, self.transformed, self.result = model, transformed, result
+        self.session = make_session(result.path)
+
+    def run(self, idx: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {"idx": idx.numpy()})
+        return torch.from_numpy(out)
+
+
+def _export(tmp: Path, name: str, *, pass_transformed: bool = False, **kw) -> Exported:
+    model = build_model(name, n_layer=N_LAYER)
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    transformed = snlp_compile.transform(model, (idx,), iterations=N_LAYER)
+    if pass_transformed:
+        result = export_onnx(transformed, (idx,), tmp / f"{name}.onnx", **kw)
+    else:
+        result = export_onnx(model, (idx,), tmp / f"{name}.onnx", iterations=N_LAYER, **kw)
+    return Exported(model, transformed, result)
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return _export(tmp_path_factory.mktemp("gpt"), "gpt-tiny", report=True)
+
+
+@pytest.fixture(scope="module")
+def nanochat(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return _export(tmp_path_factory.mktemp("nanochat"), "nanochat-tiny", pass_transformed=True)
+
+
+@pytest.fixture(scope="module")
+def mhc(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return _export(tmp_path_factory.mktemp("mhc"), "mhc-tiny")
+
+
+def _check_parity(exp: Exported) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for batch, seq in SHAPES:
+        idx = torch.randint(0, 256, (batch, seq), generator=gen)
+        got = exp.run(idx)
+        with torch.no_grad():
+            _close(got, exp.transformed(idx))  # the rewritten PyTorch module
+            _close(got, exp.model(idx))  # exact mode: the original sequential model
+
+
+def _check_file(exp: Exported) -> Counter[str]:
+    onnx.checker.check_model(str(exp.result.path))
+    proto = onnx.load(str(exp.result.path))
+    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert exp.result.opset == 18
+    assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in proto.opset_import)
+    ops = all_op_types(proto)
+    assert not ops.keys() & SEQUENTIAL_OPS, ops
+    return ops
+
+
+def test_gpt_idn_parity_structure_and_report(gpt: Exported) -> None:
+    """IDN (GPT-2 style pre-norm): the correction is a CumSum; exporter report saved beside."""
+    _check_parity(gpt)
+    ops = _check_file(gpt)
+    assert ops["CumSum"] >= 1
+    assert gpt.result.report_path == gpt.result.path.with_suffix(".export_report.md")
+    assert gpt.result.report_path.exists() and gpt.result.report_path.stat().st_size > 0
+    assert gpt.result.snlp_report is not None and "IDN" in gpt.result.snlp_report.skip
+
+
+def test_nanochat_scaled_idn_parity_and_plain_ops(nanochat: Exported) -> None:
+    """Scaled IDN (nanochat's resid_lambdas), exported from a transform() result: the
+    elementwise affine scan is unrolled plain ops (no Loop/Scan, no CumSum needed)."""
+    _check_parity(nanochat)
+    ops = _check_file(nanochat)
+    assert ops["Mul"] > 0 and ops["Concat"] > 0
+    assert "scaled IDN" in nanochat.result.snlp_report.skip
+
+
+def test_mhc_hcn_parity_and_plain_ops(mhc: Exported) -> None:
+    """HCN (static mHC stream mixing): the 4 x 4 matrix scan is MatMuls, no Loop/Scan."""
+    _check_parity(mhc)
+    ops = _check_file(mhc)
+    assert ops["MatMul"] > 0
+    assert "HCN" in mhc.result.snlp_report.skip
+
+
+def _matmuls(n_layer: int, tmp: Path) -> int:
+    model = build_model("nanochat-tiny", n_layer=n_layer, n_embd=32, n_head=2, n_kv_head=1)
+    idx = torch.randint(0, 256, (2, 8))
+    result = export_onnx(model, (idx,), tmp / f"L{n_layer}.onnx", iterations=1, dynamic=False)
+    assert len(result.snlp_report.parallel_layers) == n_layer
+    return sum(result.op_counts[op] for op in MATMUL_OPS)
+
+
+def test_matmul_count_independent_of_layer_count(tmp_path: Path) -> None:
+    """All-parallel rewrite, K = 1: L = 4 and L = 16 give the same number of matmul-type nodes
+    (6 projections per layer would be 96 at L = 16 if the layers were unrolled)."""
+    four, sixteen = _matmuls(4, tmp_path), _matmuls(16, tmp_path)
+    assert four == sixteen
+    assert sixteen < 16 * 6
+
+
+def test_export_sequential_baseline(tmp_path: Path) -> None:
+    model = build_model("gpt-tiny", n_layer=2)
+    idx = torch.randint(0, 256, (2, 6))
+    result = export_onnx(model, (idx,), tmp_path / "seq.onnx", rewrite=False, dynamic=False)
+    assert result.snlp_report is None
+    session = make_session(result.path)
+    (got,) = session.run(None, {"idx": idx.numpy()})
+    with torch.no_grad():
+        _close(torch.from_numpy(got), model(idx))
+
+
+def test_export_errors(tmp_path: Path, gpt: Exported) -> None:
+    idx = torch.randint(0, 256, (2, 6))
+    with pytest.raises(SNLPConfigError, match="opset"):
+        export_onnx(gpt.model, (idx,), tmp_path / "x.onnx", opset=17)
+    with pytest.raises(SNLPConfigError, match="already transformed"):
+        export_onnx(gpt.transformed, (idx,), tmp_path / "x.onnx", iterations=2)
+    with pytest.raises(SNLPConfigError, match="rewrite=False"):
+        export_onnx(gpt.model, (idx,), tmp_path / "x.onnx", rewrite=False, iterations=2)
+    post_norm = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+        3,
+        enable_nested_tensor=False,
+    ).eval()
+    with pytest.raises(SNLPRefusal):
+        export_onnx(post_norm, (torch.randn(2, 5, 16),), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --- onnxruntime helpers ----------------------------------------------------------------------
+
+
+def test_iobinding_runner_matches_session_run(gpt: Exported) -> None:
+    runner = IOBindingRunner(gpt.session, "cpu")
+    idx = torch.randint(0, 256, (3, 11))
+    (want,) = gpt.session.run(None, {"idx": idx.numpy()})
+    (got,) = runner({"idx": idx})
+    assert torch.equal(got, torch.from_numpy(want))
+    buffer = runner.bound.outputs["output"]
+    buffer.zero_()
+    runner.run()  # re-runs into the same bound buffer
+    assert torch.equal(buffer, torch.from_numpy(want))
+    with pytest.raises(ProviderError, match=r"missing \['idx'\]"):
+        runner({"tokens": idx})
+
+
+def test_gpu_session_without_gpu_provider_raises(gpt: Exported) -> None:
+    if "CUDAExecutionProvider" in available_providers():
+        providers = providers_for("cuda")
+        assert providers[0][0] == "CUDAExecutionProvider"
+        return
+    with pytest.raises(ProviderError, match="onnxruntime-gpu"):
+        make_session(gpt.result.path, "cuda")
+    with pytest.raises(ProviderError, match="device must be"):
+        providers_for("tpu")
+
+
+def test_placement_log_parsing_and_cpu_fallback_detection(gpt: Exported) -> None:
+    proto = onnx.load(str(gpt.result.path), load_external_data=False)
+    shape = next(n for n in proto.graph.node if n.op_type == "Shape")
+    einsum = next(n for n in proto.graph.node if n.op_type == "Einsum")
+    prefix = "2026-01-01 [V:onnxruntime:, session_state.cc:1345 VerifyEachNodeIsAssignedToAnEp]"
+    log = "\n".join(
+        [
+            f"{prefix} Node placements",
+            f"{prefix}  Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 2",
+            f"{prefix}   Add (node_add)",
+            f"{prefix}   MatMul (node_mm)",
+            f"{prefix}  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 2",
+            f"{prefix}   Shape ({shape.name})",
+            f"{prefix}   Einsum ({einsum.name})",
+            "2026-01-01 [W:onnxruntime:, session_state.cc:1359 VerifyEachNodeIsAssignedToAnEp] Some nodes ...",
+        ]
+    )
+    placements = parse_placements(log)
+    assert placements["CUDAExecutionProvider"] == [("Add", "node_add"), ("MatMul", "node_mm")]
+    assert placements["CPUExecutionProvider"] == [("Shape", shape.name), ("Einsum", einsum.name)]
+    # the Shape node computes sizes (int64, rank 1): allowed on the CPU; the Einsum is real work
+    assert cpu_fallbacks(placements, proto) == [("Einsum", einsum.name)]
+    assert cpu_fallbacks(placements, proto, allow_cpu=["Einsum"]) == []
+    everything = parse_placements(f"{prefix}  All nodes placed on [CPUExecutionProvider]. Number of nodes: 9")
+    assert everything == {"CPUExecutionProvider": 9}
+    assert cpu_fallbacks(everything, proto) == [("*", "all 9 nodes")]
+    assert cpu_fallbacks({"CUDAExecutionProvider": 9}, proto) == []
+
+
+def test_cli_export_with_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli.onnx"
+    argv = ["export", "--model", "gpt-tiny", "-o", str(out), "-K", "4", "--static", "--check", "--seq", "8"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert out.exists()
+    assert "rewritten" in printed and "check B=1 T=8" in printed and "(ok)" in printed
