@@ -10,6 +10,7 @@ slow baseline can never make the compiler look good.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,6 +30,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from the repo root
     sys.path.insert(0, str(REPO_ROOT))
+
+SHAPES = {"d20": "nanochat-d20", "0.5b": "nanochat-0.5b", "small": "nanochat-small", "tiny": "nanochat-tiny"}
+MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 RANDOM_WEIGHTS_NOTE = (
     "random weights (seeded): speed does not depend on weight values; SNLP at small K does not "
@@ -128,6 +133,61 @@ def compile_module(fn: Callable[..., Any]) -> Callable[..., Any]:
     (``cuda_graph`` over the compiled callable), which is what mode="reduce-overhead" does, minus
     its tree bookkeeping."""
     return torch.compile(fn, dynamic=False, fullgraph=False)
+
+
+def with_iterations(transformed: torch.fx.GraphModule, k: int) -> torch.fx.GraphModule:
+    """A view of a transformed model that runs K iterations (weights shared, not copied)."""
+    from snlp_compile.passes.rewrite import SOLVE_NAME
+
+    new = copy.copy(transformed)
+    solve = copy.copy(transformed.get_submodule(SOLVE_NAME))
+    solve._buffers = dict(solve._buffers)
+    solve.iterations = k
+    setattr(new, SOLVE_NAME, solve)
+    return new
+
+
+def make_variant(
+    base: Callable[..., Any],
+    mode: str,
+    args: tuple[Any, ...],
+    device: torch.device,
+    compiled: dict[str, Callable[..., Any]],
+    key: str,
+    post: Callable[[Any], Any] | None = None,
+) -> Callable[[], Any]:
+    """A zero-argument callable running ``base(*args)`` in the given mode (compiles are reused).
+
+    ``post`` runs eagerly on the result inside the callable (and inside its CUDA graph), e.g. a
+    decode step's cache write; its return value is the callable's."""
+    if mode in ("compiled", "compiled+graph"):
+        if key not in compiled:
+            compiled[key] = compile_module(base)
+        fn = compiled[key]
+    else:
+        fn = base
+
+    def call() -> Any:
+        out = fn(*args)
+        return post(out) if post is not None else out
+
+    return cuda_graph(call, device) if mode.endswith("+graph") else call
+
+
+def profile_variant(fn: Callable[[], Any], label: str, path: Path, rows: int = 25) -> None:
+    """Append torch.profiler's per-kernel table (CUDA time) of a few calls of ``fn`` to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    with path.open("a") as f:
+        f.write(f"\n===== {label} (5 calls) =====\n{table}\n")
 
 
 # -- floors ---------------------------------------------------------------------------------------
@@ -292,7 +352,10 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def markdown(
-    regime: str, meta: dict[str, Any], records: list[Record], case_notes: dict[tuple[str, str], str] | None = None
+    regime: str,
+    meta: dict[str, Any],
+    records: list[Record],
+    case_notes: dict[tuple[str, str], str] | None = None,
 ) -> str:
     lines = [f"## {regime}", ""]
     env = meta.get("env", {})
@@ -310,7 +373,10 @@ def markdown(
         lines += ["", f"### {key[0]}, {key[1]} (bytes floor {_fmt(floor)} ms)", ""]
         if case_notes and key in case_notes:
             lines += [case_notes[key], ""]
-        lines += ["| variant | median ms | p10-p90 ms | vs best seq | x floor | rel err |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| variant | median ms | p10-p90 ms | vs best seq | x floor | rel err |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if r.error:
                 lines.append(f"| {r.variant} | failed: {r.error[:80]} | | | | |")

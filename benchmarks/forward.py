@@ -17,7 +17,6 @@ the bytes floor (layer weights read once over the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 import time
@@ -30,50 +29,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    DTYPES,
+    MODES,
     RANDOM_WEIGHTS_NOTE,
+    SHAPES,
     Bench,
     Record,
-    compile_module,
     copy_bandwidth,
-    cuda_graph,
     environment,
     floor_ms,
     layer_bytes,
+    make_variant,
     matmul_rate,
     out_dir_from,
+    profile_variant,
     rel_err,
+    with_iterations,
 )
 
 import snlp_compile
 from snlp_compile.models import build_model
-from snlp_compile.passes.rewrite import SOLVE_NAME
-
-SHAPES = {"d20": "nanochat-d20", "0.5b": "nanochat-0.5b", "small": "nanochat-small", "tiny": "nanochat-tiny"}
-MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def with_iterations(transformed: torch.fx.GraphModule, k: int) -> torch.fx.GraphModule:
-    """A view of a transformed model that runs K iterations (weights shared, not copied)."""
-    new = copy.copy(transformed)
-    solve = copy.copy(transformed.get_submodule(SOLVE_NAME))
-    solve._buffers = dict(solve._buffers)
-    solve.iterations = k
-    setattr(new, SOLVE_NAME, solve)
-    return new
-
-
-def make_variant(base: Callable[..., Any], mode: str, args: tuple[Any, ...], device: torch.device,
-                 compiled: dict[str, Callable[..., Any]], key: str) -> Callable[[], Any]:
-    """A zero-argument callable running ``base(*args)`` in the given mode (compiles are reused)."""
-    if mode in ("compiled", "compiled+graph"):
-        if key not in compiled:
-            compiled[key] = compile_module(base)
-        fn = compiled[key]
-    else:
-        fn = base
-    call = lambda: fn(*args)  # noqa: E731
-    return cuda_graph(call, device) if mode.endswith("+graph") else call
 
 
 def smoke(device: torch.device) -> dict[str, Any]:
@@ -85,23 +60,13 @@ def smoke(device: torch.device) -> dict[str, Any]:
         err = rel_err(out(idx), model(idx))
     ok = err < 1e-4
     print(f"smoke: nanochat-small fp32 K=L on {device}: rel err {err:.2e} ({'ok' if ok else 'FAILED'})")
-    return {"model": "nanochat-small", "dtype": "float32", "K": model.config.n_layer, "rel_err": err, "ok": ok}
-
-
-def profile_variant(fn: Callable[[], Any], label: str, path: Path, rows: int = 25) -> None:
-    """Append torch.profiler's per-kernel table (CUDA time) of a few calls of ``fn`` to ``path``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
-    with path.open("a") as f:
-        f.write(f"\n===== {label} (5 calls) =====\n{table}\n")
+    return {
+        "model": "nanochat-small",
+        "dtype": "float32",
+        "K": model.config.n_layer,
+        "rel_err": err,
+        "ok": ok,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
             snlp = snlp_compile.transform(model, (example,), iterations=1)
             transform_s = time.perf_counter() - t0
-            print(f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB, transform {transform_s:.1f}s")
+            print(
+                f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB, transform {transform_s:.1f}s"
+            )
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
             for T in (int(t) for t in args.seq.split(",")):
                 idx = torch.randint(0, args.vocab, (args.batch, T), device=device)
@@ -185,14 +152,19 @@ def main(argv: list[str] | None = None) -> int:
                     key = variant.replace("+graph", "")
                     build = partial(make_variant, base, mode, (idx,), device, compiled, key)
                     bench.measure(rec, build, ref, warmup=5)
-                    print(f"  {case:>12} {variant:<28} {rec.median_ms if rec.median_ms else float('nan'):8.3f} ms"
-                          f"  rel_err {rec.rel_err if rec.rel_err is not None else float('nan'):.1e}"
-                          f"  ({rec.extra['build_and_time_s']} s)", flush=True)
+                    print(
+                        f"  {case:>12} {variant:<28} {rec.median_ms if rec.median_ms else float('nan'):8.3f} ms"
+                        f"  rel_err {rec.rel_err if rec.rel_err is not None else float('nan'):.1e}"
+                        f"  ({rec.extra['build_and_time_s']} s)",
+                        flush=True,
+                    )
                 bench.finish_case(shape_label, case, floor)
                 if args.profile and device.type == "cuda":
                     for key in ("seq compiled", "snlp K=1 compiled"):
                         if key in compiled:
-                            profile_variant(partial(compiled[key], idx), f"{shape_label} {case} {key}", prof_path)
+                            profile_variant(
+                                partial(compiled[key], idx), f"{shape_label} {case} {key}", prof_path
+                            )
             del model, snlp
             torch._dynamo.reset()
             if device.type == "cuda":

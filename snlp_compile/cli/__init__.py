@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect_cmd",
     "export": "export",
+    "bench": "bench",
 }
 
 

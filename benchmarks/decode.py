@@ -1,0 +1,181 @@
+"""KV-cached decode benchmark: one token per step at context 1024, batch 1 and 8, sequential vs
+SNLP K = 1, 2, 4 (init h0, and warm for the first Ks).
+
+    PYTHONPATH=. python benchmarks/decode.py                   # on a GPU: the full table
+    PYTHONPATH=. python benchmarks/decode.py --device cpu --shapes tiny --context 32 --modes eager
+
+Every variant runs the same thing: the model's cached step (models.kv: explicit stacked caches,
+a position input, the new K/V returned) followed by the cache write (index_copy_), with the
+transformed step in place of the original for SNLP. The cache holds context-1 random keys/values
+and the step decodes position context-1, so attention reads `context` positions. Shapes are
+layer stacks ("trunks", vocab cut to --vocab); bf16; random weights.
+
+Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
+SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
+time; that is part of the measured time, not of the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    DTYPES,
+    MODES,
+    RANDOM_WEIGHTS_NOTE,
+    SHAPES,
+    Bench,
+    Record,
+    copy_bandwidth,
+    environment,
+    floor_ms,
+    layer_bytes,
+    make_variant,
+    matmul_rate,
+    out_dir_from,
+    profile_variant,
+    with_iterations,
+)
+
+import snlp_compile
+from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep, new_cache, write_cache
+
+
+def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> Callable[[Any], torch.Tensor]:
+    def write(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        logits, new_k, new_v = out
+        write_cache(k_cache, v_cache, new_k, new_v, pos)
+        return logits
+
+    return write
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--ks", default="1,2,4", help="SNLP iteration counts (init h0)")
+    p.add_argument("--warm-ks", default="1,2", help="SNLP iteration counts with init warm")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--warm-modes", default="compiled+graph")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
+    p.add_argument("--profile", action="store_true", help="profile seq and SNLP K=1 compiled at batch 1")
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64
+    out = out_dir_from(args.out)
+    meta: dict[str, Any] = {
+        "env": environment(device),
+        "dtype": args.dtype,
+        "note": RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed",
+        "command": "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    }
+    bw = float("nan")
+    if device.type == "cuda":
+        bw = copy_bandwidth(device)
+        meta["copy_bandwidth_tbs"] = bw / 1e12
+        meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
+    bench = Bench("decode", out, device, meta)
+    ks = [int(k) for k in args.ks.split(",") if k]
+    warm_ks = [int(k) for k in args.warm_ks.split(",") if k]
+    modes = [m for m in args.modes.split(",") if m]
+    warm_modes = [m for m in args.warm_modes.split(",") if m]
+    if device.type != "cuda":
+        modes = [m for m in modes if not m.endswith("+graph")]
+        warm_modes = [m for m in warm_modes if not m.endswith("+graph")]
+    prof_path = out / "decode_profile.txt"
+    ctx = args.context
+
+    with torch.no_grad():
+        for shape in args.shapes.split(","):
+            model = build_model(SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype)
+            cfg = model.config
+            wbytes = layer_bytes(model)
+            shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
+            step = CachedStep(model)
+            for batch in (int(b) for b in args.batch.split(",")):
+                k_cache, v_cache = new_cache(model, batch, ctx)
+                k_cache[:, :, :, : ctx - 1].normal_()
+                v_cache[:, :, :, : ctx - 1].normal_()
+                pos = torch.tensor(ctx - 1, device=device)
+                idx = torch.randint(0, args.vocab, (batch, 1), device=device)
+                inputs = (idx, pos, k_cache, v_cache)
+                ref = step(*inputs)[0]
+                t0 = time.perf_counter()
+                snlp = {"h0": snlp_compile.transform(step, inputs, iterations=1)}
+                if warm_ks:
+                    snlp["warm"] = snlp_compile.transform(step, inputs, iterations=1, init="warm")
+                transform_s = (time.perf_counter() - t0) / len(snlp)
+                kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+                case = f"b{batch} ctx={ctx}"
+                bench.case_notes[(shape_label, case)] = (
+                    f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
+                    f"transform() took {transform_s:.1f} s"
+                )
+                floor = floor_ms(wbytes + kv_bytes, bw)
+                compiled: dict[str, Callable[..., Any]] = {}
+                plan: list[tuple[str, str, int | None, str]] = [("sequential", "", None, m) for m in modes]
+                plan += [("snlp", "h0", k, m) for k in ks for m in modes]
+                plan += [("snlp", "warm", k, m) for k in warm_ks for m in warm_modes]
+                post = _writer(k_cache, v_cache, pos)
+                for family, init, k, mode in plan:
+                    if family == "sequential":
+                        variant, base = f"seq {mode}", step
+                    else:
+                        tag = "" if init == "h0" else " warm"
+                        variant, base = f"snlp K={k}{tag} {mode}", with_iterations(snlp[init], k)
+                    rec = Record("decode", shape_label, case, variant, family, k, mode)
+                    rec.extra["init"] = init or None
+                    if time.perf_counter() - t_start > args.budget_s:
+                        rec.error = "skipped: time budget spent"
+                        bench.records.append(rec)
+                        continue
+                    key = variant.replace("+graph", "")
+                    build = partial(make_variant, base, mode, inputs, device, compiled, key, post)
+                    bench.measure(rec, build, ref, warmup=10)
+                    ms = rec.median_ms if rec.median_ms else float("nan")
+                    err = rec.rel_err if rec.rel_err is not None else float("nan")
+                    print(
+                        f"  {shape:>5} {case:>13} {variant:<30} {ms:8.4f} ms  rel_err {err:.1e}"
+                        f"  ({rec.extra['build_and_time_s']} s)",
+                        flush=True,
+                    )
+                bench.finish_case(shape_label, case, floor)
+                if args.profile and device.type == "cuda" and batch == 1:
+                    for key in ("seq compiled", "snlp K=1 compiled"):
+                        if key in compiled:
+                            fn = partial(compiled[key], *inputs)
+                            profile_variant(fn, f"{shape_label} {case} {key}", prof_path, rows=40)
+                del snlp, compiled
+            del model, step
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bench.plot()
+    print((out / "decode.md").read_text())
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
