@@ -10,6 +10,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "demo",
     "inspect": "inspect_cmd",
+    "train": "train",
+    "eval": "eval",
     "export": "export",
     "bench": "bench",
 }
