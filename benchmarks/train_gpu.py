@@ -86,7 +86,10 @@ def run_variant(spec: str, args: argparse.Namespace, corpus: Any, windows: torch
         regulariser=reg,
         eval_windows=16,
     )
-    print(f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)", flush=True)
+    print(
+        f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)",
+        flush=True,
+    )
     result = train(config, corpus, log_every=50)
     t0 = time.perf_counter()
     settings = [SolveSetting(k, p) for p in ("all", "half") for k in args.iterations]
@@ -135,9 +138,9 @@ def targets(variants: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]]) -> None:
+def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name: str = NAME) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps({**meta, "variants": variants}, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({**meta, "variants": variants}, indent=2) + "\n")
     rows = [r for v in variants for r in v["rows"]]
     env = meta["environment"]
     lines = [
@@ -153,28 +156,51 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]]) -> No
     ]
     for v in variants:
         reg = v["regulariser"]
-        reg_text = "-" if reg is None else ", ".join(f"{k}={reg[k]}" for k in ("weight", "suffix_sizes", "every", "stop_gradient", "ramp_steps"))
+        reg_text = (
+            "-"
+            if reg is None
+            else ", ".join(
+                f"{k}={reg[k]}" for k in ("weight", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
+            )
+        )
         lines.append(
             f"| {v['name']} | {reg_text} | {v['lr']} | {v['steps']} | {v['tokens']:,} | {v['train_s']} | "
             f"{v['ms_per_step']} | {v['eval_s']} |"
         )
-    lines += ["", f"Held-out evaluation: {meta['eval']}.", "", markdown_table(rows, {v['name']: SHAPE['n_layer'] for v in variants})]
+    lines += [
+        "",
+        f"Held-out evaluation: {meta['eval']}.",
+        "",
+        markdown_table(rows, {v["name"]: SHAPE["n_layer"] for v in variants}),
+    ]
     goal = targets(variants)
     if goal:
         lines += ["Targets:", "", *goal, ""]
-    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+    if meta.get("notes"):
+        lines += [meta["notes"].rstrip(), ""]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     if rows:
-        plot_ppl_vs_k(rows, out / f"{NAME}.png", title=f"{MODEL} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K")
+        plot_ppl_vs_k(
+            rows,
+            out / f"{name}.png",
+            title=f"{MODEL} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K",
+        )
 
 
-def merge(paths: list[str], out: Path) -> None:
+def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(runs[0])
     meta.pop("variants")
-    meta["commands"] = [c for r in runs for c in r["commands"]]
+    meta["commands"] = [c for r in runs for c in r["commands"]] + [_command()]
     meta["environments"] = [r["environment"] for r in runs]
-    write(out, meta, [v for r in runs for v in r["variants"]])
-    print((out / f"{NAME}.md").read_text())
+    if notes:
+        meta["notes"] = Path(notes).read_text()
+    write(out, meta, [v for r in runs for v in r["variants"]], name)
+    print((out / f"{name}.md").read_text())
+
+
+def _command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
 
 def main() -> int:
@@ -191,11 +217,13 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shape and steps: checks the script runs (CPU)")
     p.add_argument("--merge", nargs="+", default=None, help="combine the JSON of earlier runs")
+    p.add_argument("--notes", default=None, help="with --merge: a markdown file appended to the table")
+    p.add_argument("--name", default=NAME, help="file stem of the results")
     p.add_argument("--out", default=None, help="default: $OUT, else benchmarks/results")
     args = p.parse_args()
     out = out_dir_from(args.out)
     if args.merge:
-        merge(args.merge, out)
+        merge(args.merge, out, args.name, args.notes)
         return 0
     if args.smoke:
         SHAPE.update(n_layer=4, n_embd=64, sequence_len=64)
@@ -204,7 +232,7 @@ def main() -> int:
     windows = eval_windows(corpus.val, SHAPE["sequence_len"], args.eval_windows)
     meta = {
         "environment": environment(device),
-        "commands": ["python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])],
+        "commands": [_command()],
         "model": MODEL,
         "shape": SHAPE,
         "data": corpus.describe(),
@@ -218,7 +246,7 @@ def main() -> int:
     variants: list[dict[str, Any]] = []
     for spec in args.variants:
         variants.append(run_variant(spec, args, corpus, windows))
-        write(out, meta, variants)
+        write(out, meta, variants, args.name)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print("\n".join(targets(variants)))

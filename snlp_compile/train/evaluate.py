@@ -125,42 +125,60 @@ def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None
     return "\n".join(lines) + "\n"
 
 
-def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Perplexity against K, one line per (model, parallel layers); dashed: each model's sequential run."""
+def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", zoom: float = 1.25) -> Path:
+    """Perplexity against K, one line per (model, parallel layers); dashed: each model's sequential run.
+
+    Left: every point on a log scale (an unregularised model at small K can be off by orders of
+    magnitude). Right: the same, linear, cut at ``zoom`` x the worst sequential perplexity, where
+    the differences the targets are about (a few percent) are visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=130)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=130)
     models = list(dict.fromkeys(r["model"] for r in rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, m in enumerate(models):
-        color = colors[i % len(colors)]
-        mine = [r for r in rows if r["model"] == m]
-        for r in mine:
-            if r["mode"] == "sequential":
-                ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=1, label=f"{m}: sequential")
-        keys = sorted({(r["parallel"], r["init"]) for r in mine if r["mode"] == "snlp"}, reverse=True)
-        for j, (par, init) in enumerate(keys):
-            pts = sorted((r["K"], r["ppl"]) for r in mine if r["mode"] == "snlp" and (r["parallel"], r["init"]) == (par, init))
-            ax.plot(
-                [p[0] for p in pts], [p[1] for p in pts], marker="os^v"[j % 4], color=color,
-                linestyle="-" if j == 0 else ":", label=f"{m}: {par} parallel, init {init}",
-            )
-    ax.set_xlabel("K (SNLP iterations)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
     ks = sorted({r["K"] for r in rows if r["K"] is not None})
-    ax.set_xticks(ks)
+    for ax in axes:
+        for i, m in enumerate(models):
+            color = colors[i % len(colors)]
+            mine = [r for r in rows if r["model"] == m]
+            for r in mine:
+                if r["mode"] == "sequential":
+                    ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=1, label=f"{m}: sequential")
+            keys = sorted({(r["parallel"], r["init"]) for r in mine if r["mode"] == "snlp"}, reverse=True)
+            for j, (par, init) in enumerate(keys):
+                pts = sorted(
+                    (r["K"], r["ppl"]) for r in mine if r["mode"] == "snlp" and (r["parallel"], r["init"]) == (par, init)
+                )
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="os^v"[j % 4],
+                    color=color,
+                    linestyle="-" if j == 0 else ":",
+                    label=f"{m}: {par} parallel, init {init}",
+                )
+        ax.set_xlabel("K (SNLP iterations)")
+        ax.set_xticks(ks)
+        ax.grid(True, which="both", alpha=0.3)
+    left, right = axes
+    left.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    left.yaxis.set_major_formatter(plain)
+    every = [r["ppl"] for r in rows]
+    wide = bool(every) and max(every) / min(every) > 10  # minor labels only where they do not collide
+    left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter() if wide else plain)
+    left.set_ylabel("held-out perplexity")
+    left.legend(fontsize=6.5)
+    seq = [r["ppl"] for r in rows if r["mode"] == "sequential"]
+    if seq:
+        right.set_ylim(0.98 * min(seq), zoom * max(seq))
+    right.set_title(f"zoom: up to {zoom:g}x sequential", fontsize=9)
     if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
