@@ -112,6 +112,19 @@ def test_split_is_by_file_and_stable(corpus) -> None:
     assert corpus.val_bytes_per_token == 1.0  # bytes: bits per byte = bits per token
 
 
+def test_bpe_tokenizer_round_trip() -> None:
+    """The optional byte-level BPE: trained on the training files, more than a byte per token,
+    saved in the checkpoint JSON and restored to the same encoder."""
+    from snlp_compile.train.data import tokenizer_from_json
+
+    small = load_corpus(max_bytes=40_000, tokenizer="bpe", bpe_vocab_size=320)
+    assert small.tokenizer.vocab_size == 320 and int(small.train.max()) < 320
+    assert small.val_bytes_per_token > 1.2
+    again = tokenizer_from_json(json.loads(json.dumps(small.tokenizer.to_json())))
+    text = b"def f(x):\n    return x + 1\n"
+    assert list(again.encode(text)) == list(small.tokenizer.encode(text))
+
+
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="warmup_steps must be in"):
         TrainConfig(steps=10, warmup_steps=20)
