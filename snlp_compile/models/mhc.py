@@ -18,12 +18,14 @@ HC-Newton surrogate Jacobian (DESIGN.md section 1). H_pre (1 x n) reads the bran
   H_res = Sinkhorn-Knopp(a_res mat(x~ phi_res) + b_res). The compiler evaluates them inside the
   batched layer at the current iterate (the frozen-coefficient structured Newton surrogate).
 
-Attention and MLP are nanochat's own classes (imported, not copied).
+Attention and MLP are nanochat's own classes (imported, not copied). ``HCPackageGPT`` is the same
+network assembled from the ``hyper-connections`` package's modules instead (HC and mHC).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -176,3 +178,98 @@ class MHCGPT(NanochatGPT):
         logits = self.lm_head(x)
         softcap = self.config.softcap
         return softcap * torch.tanh(logits / softcap)
+
+
+class _PreNorm(nn.Module):
+    """A nanochat branch on the normalised branch input: f(norm(x), *args)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return self.branch(norm(x), *args)
+
+
+class HCPackageGPT(NanochatGPT):
+    """The nanochat-style GPT assembled from the ``hyper-connections`` package (lucidrains).
+
+    Each block wraps attention and MLP in the package's ``HyperConnections`` (``manifold=False``)
+    or ``ManifoldConstrainedHyperConnections`` (``manifold=True``) with a fixed ``layer_index``,
+    so the model is deterministic. The package keeps the n streams folded into the batch axis,
+    (B*n, T, D), and re-arranges them per sublayer: the compiler has to see through that layout.
+    Its zero-initialised input-dependent parts are randomised here, so that H is really dynamic.
+    """
+
+    def __init__(self, config: NanochatConfig, n_streams: int = 4, manifold: bool = False, **hc_options: Any) -> None:
+        """``hc_options`` go to the package's ``get_init_and_expand_reduce_stream_functions``
+        (e.g. ``num_fracs`` for frac-connections, ``sinkhorn_iters`` for the manifold variant)."""
+        try:
+            import hyper_connections as hc
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("HCPackageGPT needs the hyper-connections package: pip install hyper-connections") from exc
+        nn.Module.__init__(self)
+        self.config = config
+        self.n_streams = n_streams
+        self.manifold = manifold
+        make = hc.mc_get_init_and_expand_reduce_stream_functions if manifold else hc.get_init_and_expand_reduce_stream_functions
+        init_hc, self.expand_streams, self.reduce_streams = make(n_streams, dim=config.n_embd, **hc_options)
+        blocks = [
+            _HCBlock(
+                init_hc(branch=_PreNorm(CausalSelfAttention(config)), layer_index=2 * i),
+                init_hc(branch=_PreNorm(MLP(config)), layer_index=2 * i + 1),
+            )
+            for i in range(config.n_layer)
+        ]
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd), h=nn.ModuleList(blocks)))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        d = self.config.n_embd
+        s = 3**0.5 * d**-0.5
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=d**-0.5)
+        for block in self.transformer.h:
+            attn, mlp = block.attn.branch.branch, block.mlp.branch.branch
+            for lin in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
+                torch.nn.init.uniform_(lin.weight, -s, s)
+            for proj in (attn.c_proj, mlp.c_proj):
+                torch.nn.init.normal_(proj.weight, mean=0.0, std=0.4 * proj.in_features**-0.5)
+            for hcm in (block.attn, block.mlp):
+                for name, p in hcm.named_parameters(recurse=False):
+                    if name.startswith("static"):
+                        p.add_(0.3 * torch.randn_like(p))
+                    elif name.endswith("_fn"):
+                        torch.nn.init.normal_(p, std=d**-0.5)
+                    elif name.endswith("scale"):
+                        p.fill_(0.3)
+                torch.nn.init.normal_(hcm.norm.gamma, std=0.1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        _, t = idx.size()
+        assert t <= self.cos.size(1), f"sequence length {t} exceeds rotary cache {self.cos.size(1)}"
+        cos, sin = self.cos[:, :t], self.sin[:, :t]
+        h = self.expand_streams(norm(self.transformer.wte(idx)))  # (B*n, T, D)
+        for block in self.transformer.h:
+            h = block(h, cos, sin)
+        x = norm(self.reduce_streams(h))
+        logits = self.lm_head(x)
+        softcap = self.config.softcap
+        return softcap * torch.tanh(logits / softcap)
+
+
+class _HCBlock(nn.Module):
+    """Attention then MLP, each inside its hyper-connection module (which adds the residual)."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(h, cos, sin))

@@ -23,7 +23,16 @@ import torch.fx as fx
 from ..errors import SNLPRefusal
 from ..ir import Layer, SkipPath
 from .graph_utils import ancestors, descendants, innermost_module, op_name
-from .stream_mix import STREAM_LAYOUT_META, Mixed, Pre, StreamAnalysis, StreamMix, emit_matrix, mat_nodes
+from .stream_mix import (
+    STREAM_LAYOUT_META,
+    Mixed,
+    Pre,
+    StreamAnalysis,
+    StreamMix,
+    describe_matrix,
+    emit_matrix,
+    mat_nodes,
+)
 
 aten = torch.ops.aten
 
@@ -198,6 +207,20 @@ def analyse_skip(layer: Layer) -> SkipPath:
         return _stream_skip(layer, stream, out, h_dependent)
     if out == ZERO:
         blocker = blockers[-1] if blockers else layer.output
+        # an einsum/matmul of h that is not a stream mixing HCN can use explains more than the
+        # last op that consumed h (often a branch op)
+        noted = {note.split(": ", 1)[0]: note.split(": ", 1)[1] for note in stream.notes}
+        mixers = [b for b in blockers if b.name in noted]
+        blocker = mixers[-1] if mixers else blocker
+        why = [noted[blocker.name]] if mixers else []
+        if why:
+            raise SNLPRefusal(
+                f"layer '{layer.module_path}' mixes its input with {op_name(blocker)} ({blocker.name}), which "
+                f"HC-Newton cannot use as its skip path: it {why[-1]}. HCN needs a skip path h -> H h with "
+                "H an n x n matrix (per layer, or per token) over one stream axis (or one group of axes) of h",
+                node=blocker.name,
+                module_path=innermost_module(blocker) or layer.module_path,
+            )
         raise SNLPRefusal(
             f"layer '{layer.module_path}' has no residual skip path: its output depends on its input only "
             f"through {op_name(blocker)} ({blocker.name}). SNLP needs layers of the form h + f(h) (or "
@@ -229,17 +252,22 @@ def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_depen
     nodes = mat_nodes(matrix)
     dynamic = any(n in h_dependent for n in nodes)
     if dynamic:
-        how = "dynamic (computed per token from h inside the batched layers, frozen at the current iterate)"
+        how = "dynamic, computed per token from h inside the batched layers and frozen at the iterate"
     elif any(a.op == "placeholder" for a in ancestors(nodes)):
-        how = "static (independent of h, computed from the model's inputs before the solve)"
+        how = "static (independent of h), computed from the model's inputs before the solve"
     else:
-        how = "static (independent of h: folded into the solve's buffers at transform time)"
-    names = ", ".join(n.name for n in nodes) or "I"
+        how = "static (independent of h), folded into the solve's buffers at transform time"
+    prefix = layer.module_path + "."
+
+    def name(n: fx.Node) -> str:
+        path = innermost_module(n)
+        return f"H({path[len(prefix):].split('.')[0] if path.startswith(prefix) else path or n.name})"
+
     return SkipPath(
         "matrix",
         StreamMix(matrix, layout, layer.hidden_in, dynamic),
-        f"stream-mixing skip h -> H h (HCN): {layout.n} streams, H {how}, from {names}; "
-        f"{layout.describe()}; correction is an n x n matrix affine prefix scan",
+        f"stream-mixing skip h -> H h (HCN) over {layout.n} streams, H = {describe_matrix(matrix, name)} "
+        f"{how}, {layout.describe()}: HCN correction, a {layout.n} x {layout.n} matrix affine prefix scan",
     )
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..solve.stream_layout import (
     LayoutOp,
     Permute,
+    Reshape,
     Squeeze,
     StreamLayout,
     Unsqueeze,
@@ -63,7 +64,8 @@ class MEye:
 @dataclass(frozen=True, eq=False)
 class MNode:
     """A graph value rearranged to the canonical (*batch, rows, cols) form by ``ops``:
-    ("select", dim) picks index 0 of a unit axis, ("permute", dims), ("unsqueeze", dim)."""
+    ("select", dim) picks index 0 of a unit axis, ("permute", dims), ("flatten", start, end),
+    ("unsqueeze", dim)."""
 
     node: fx.Node
     ops: tuple[tuple[Any, ...], ...]
@@ -125,22 +127,37 @@ def mat_nodes(m: MatExpr) -> list[fx.Node]:
     return []
 
 
-def describe_matrix(m: MatExpr) -> str:
+def describe_matrix(m: MatExpr, name: Any = None) -> str:
+    """A readable formula for A; ``name`` maps graph values to names (default: node names)."""
     if isinstance(m, MEye):
         return "I"
     if isinstance(m, MNode):
-        return m.node.name
+        return name(m.node) if name is not None else m.node.name
     if isinstance(m, MRows):
-        return f"{describe_matrix(m.a)}[rows {list(m.rows)}]"
+        rows = m.rows
+        span = f"{rows[0]}..{rows[-1]}" if rows == tuple(range(rows[0], rows[-1] + 1)) else ",".join(map(str, rows))
+        inner = describe_matrix(m.a, name)
+        return f"({inner})[rows {span}]" if isinstance(m.a, (MMul, MAdd)) else f"{inner}[rows {span}]"
     if isinstance(m, MMul):
-        return f"{describe_matrix(m.a)} @ {describe_matrix(m.b)}"
+        return f"{describe_matrix(m.a, name)} @ {describe_matrix(m.b, name)}"
     if isinstance(m, MAdd):
-        return f"({describe_matrix(m.a)} + {describe_matrix(m.b)})"
-    return f"s * {describe_matrix(m.a)}"
+        return f"({describe_matrix(m.a, name)} + {describe_matrix(m.b, name)})"
+    return f"c * {describe_matrix(m.a, name)}"
 
 
 def _rows(a: MatExpr, rows: tuple[int, ...]) -> MatExpr:
-    return a if rows == tuple(range(a.shape[-2])) else MRows(a, rows)
+    """Rows of A, pushed into the left factor of products and sums (fewer rows to multiply)."""
+    if rows == tuple(range(a.shape[-2])):
+        return a
+    if isinstance(a, MMul):
+        return MMul(_rows(a.a, rows), a.b)
+    if isinstance(a, MAdd):
+        return MAdd(_rows(a.a, rows), _rows(a.b, rows))
+    if isinstance(a, MScale):
+        return MScale(a.scale, _rows(a.a, rows))
+    if isinstance(a, MRows):
+        return _rows(a.a, tuple(a.rows[r] for r in rows))
+    return MRows(a, rows)
 
 
 def _mul(a: MatExpr, b: MatExpr) -> MatExpr:
@@ -399,31 +416,34 @@ class StreamAnalysis:
 
     def mix(self, node: fx.Node, v: Pre | Mixed, lv: list[str], v_node: fx.Node, lm: list[str],
             m_node: fx.Node, lo: list[str]) -> Mixed | None:  # fmt: skip
+        """The mixing out = M (x) V: its contracted axes (one, or a group such as the (fraction,
+        stream) pairs of frac-connections) are the streams; M's own output axes are the rows."""
         sv, sm, so = _shape(v_node), _shape(m_node), _shape(node)
         assert sv is not None and sm is not None and so is not None
         v_live, m_live_axes, o_live = _live(v_node), _live(m_node), _live(node)
-        size_v = dict(zip(lv, sv))
+        size_v, size_m = dict(zip(lv, sv)), dict(zip(lm, sm))
         m_live = [lab for lab, live in zip(lm, m_live_axes) if live]  # unit axes of M broadcast
         contracted = [lab for lab in lv if lab in m_live and lab not in lo]
-        if len(contracted) != 1:
-            return self.reject(node, f"contracts {len(contracted)} axes of the hidden state, not one stream axis")
-        k = contracted[0]
-        n_k = size_v[k]
+        if not contracted:
+            return self.reject(node, "contracts no axis of the hidden state")
+        n_k = 1
+        for lab in contracted:
+            n_k *= size_v[lab]
         if n_k > MAX_STREAMS:
-            return self.reject(node, f"contracts an axis of size {n_k} > {MAX_STREAMS}: a projection, not streams")
+            return self.reject(node, f"contracts {n_k} > {MAX_STREAMS} values per position: a projection, not streams")
         for lab, live in zip(lv, v_live):
-            if lab not in lo and lab != k and live:
-                return self.reject(node, "sums the hidden state over an axis that is not the stream axis")
+            if lab not in lo and lab not in contracted and live:
+                return self.reject(node, "sums the hidden state over an axis the mixing matrix does not have")
             if lab in m_live and not live:
                 return self.reject(node, "broadcasts the hidden state against the mixing matrix")
-        rows = [lab for lab in m_live if lab not in lv]
-        if len(rows) > 1 or any(lab not in lo for lab in rows):
-            return self.reject(node, "the mixing matrix has more than one output stream axis")
-        row = rows[0] if rows else None
-        if any(lab not in lv and lab != row and live for lab, live in zip(lo, o_live)):
+        rows = [lab for lab in lo if lab in m_live and lab not in lv]
+        if any(lab in m_live and lab not in lv and lab not in lo for lab in lm):
+            return self.reject(node, "sums the mixing matrix over one of its own axes")
+        if any(lab not in lv and lab not in rows and live for lab, live in zip(lo, o_live)):
             return self.reject(node, "the output has axes the hidden state does not have")
+        qks = [lv.index(lab) for lab in contracted]
         if isinstance(v, Pre):
-            if self.streams is None and not self.define_streams(v, lv.index(k)):
+            if self.streams is None and not self.define_streams(v, qks, _dynamic(v_node)):
                 return self.reject(node, "its stream operand is not a re-arrangement of the whole hidden state")
             v = self.as_mixed(v)
             if v is None:
@@ -431,23 +451,23 @@ class StreamAnalysis:
         st = self.streams
         assert st is not None
         coords = v.coords
-        qk = lv.index(k)
-        # the contracted axis must run over whole streams, the same ones at every position
-        row_k = coords[-2].movedim(qk, -1).reshape(-1, n_k)
+        # the contracted axes must run over whole streams, the same ones at every position
+        others = [d for d in range(len(lv)) if d not in qks]
+        row_k = coords[-2].permute(others + qks).reshape(-1, n_k)
         rho = row_k[0]
-        if not bool((row_k == rho).all()) or not all(_constant_along(c, qk) for c in coords[:-2] + coords[-1:]):
-            return self.reject(node, f"its contracted axis is not the stream axis ({st.layout.describe()})")
+        constant = all(_constant_along(c, q) for c in coords[:-2] + coords[-1:] for q in qks)
+        if not bool((row_k == rho).all()) or not constant:
+            return self.reject(node, f"its contracted axes are not the stream axis ({st.layout.describe()})")
         # M's other axes are per (batch position) of Z: find which Z batch axis each one is
         batch_axis: dict[str, int] = {}
         for lab in m_live:
-            if lab in (k, row):
+            if lab in contracted or lab in rows:
                 continue
-            q = lv.index(lab)
-            a = _z_axis_along(coords, q, st.nb)
+            a = _z_axis_along(coords, lv.index(lab), st.nb)
             if a is None:
                 return self.reject(node, "the mixing matrix varies along an axis that is not a batch axis of the streams")
             batch_axis[lab] = a
-        m_expr = _canonical(m_node, lm, sm, batch_axis, row, k, st.z_shape, st.nb)
+        m_expr = _canonical(m_node, lm, sm, batch_axis, rows, contracted, st.nb)
         matrix = _mul(m_expr, _rows(v.matrix, tuple(int(x) for x in rho)))
         # output coordinates: V's coordinates at the kept axes, re-ordered as the output's
         keep = [i for i, lab in enumerate(lv) if lab in lo]
@@ -457,27 +477,37 @@ class StreamAnalysis:
             for i in sorted((i for i in range(len(lv)) if i not in keep), reverse=True):
                 t = t.select(i, 0)
             out.append(_arrange(t, [lv[i] for i in keep], lo, so))
-        r = m_expr.shape[-2]
-        if row is not None:
+        row_coord = torch.zeros(so, dtype=torch.int64)
+        stride = 1
+        for lab in reversed(rows):  # the row index runs over M's output axes, last fastest
             shape = [1] * len(lo)
-            shape[lo.index(row)] = r
-            row_coord = torch.arange(r).reshape(shape).expand(so)
-        else:
-            row_coord = torch.zeros(so, dtype=torch.int64)
-        return Mixed((*out[:-1], row_coord, out[-1]), matrix)
+            shape[lo.index(lab)] = size_m[lab]
+            row_coord = row_coord + stride * torch.arange(size_m[lab]).reshape(shape)
+            stride *= size_m[lab]
+        return Mixed((*out[:-1], row_coord.expand(so), out[-1]), matrix)
 
-    def define_streams(self, v: Pre, qk: int) -> bool:
-        """The first mixing: its contracted axis is the stream axis; Z = V.movedim(qk, -2)."""
+    def define_streams(self, v: Pre, qks: list[int], dynamic: tuple[bool, ...]) -> bool:
+        """The first mixing: its contracted axes are the streams. Z = V with the other axes in
+        order, the contracted ones merged into one stream axis before the last axis."""
         index = v.index
         rank = index.dim()
-        if rank < 2:
+        rest = [d for d in range(rank) if d not in qks]
+        if not rest:
             return False
+        perm = [*rest[:-1], *qks, rest[-1]]
         ops = list(v.ops)
-        if qk != rank - 2:
-            perm = [d for d in range(rank) if d != qk]
-            perm.insert(rank - 2, qk)
+        if perm != list(range(rank)):
             ops.append(Permute(tuple(perm)))
             index = index.permute(perm)
+        if len(qks) > 1:
+            n = 1
+            for q in qks:
+                n *= int(v.index.shape[q])
+            groups = [(1, (None if dynamic[d] else int(v.index.shape[d]),)) for d in rest[:-1]]
+            groups += [(len(qks), (n,)), (1, (None if dynamic[rest[-1]] else int(v.index.shape[rest[-1]]),))]
+            merge = Reshape(tuple(groups))
+            ops.append(merge)
+            index = index.reshape(merge.out_shape(tuple(index.shape)))
         flat = index.reshape(-1)
         if not torch.equal(torch.sort(flat).values, torch.arange(flat.numel())):
             return False  # not every element of h, exactly once: not a view of the whole state
@@ -555,31 +585,42 @@ def _z_axis_along(coords: tuple[Tensor, ...], q: int, nb: int) -> int | None:
     return found
 
 
-def _canonical(node: fx.Node, lm: list[str], sm: tuple[int, ...], batch_axis: dict[str, int], row: str | None,
-               k: str, z_shape: tuple[int, ...], nb: int) -> MNode:  # fmt: skip
-    """M as (*Z batch, rows, k): drop unit axes, order the rest, unsqueeze the missing ones."""
+def _canonical(node: fx.Node, lm: list[str], sm: tuple[int, ...], batch_axis: dict[str, int], rows: list[str],
+               contracted: list[str], nb: int) -> MNode:  # fmt: skip
+    """M as (*Z batch, rows, streams): drop unit axes, order the rest, merge the row axes and the
+    stream axes into one each, unsqueeze the missing ones."""
     ops: list[tuple[Any, ...]] = []
     labels = list(lm)
-    sizes = list(sm)
+    sizes = dict(zip(lm, sm))
     for i in reversed(range(len(labels))):
-        if labels[i] not in batch_axis and labels[i] not in (row, k):
+        if labels[i] not in batch_axis and labels[i] not in rows and labels[i] not in contracted:
             ops.append(("select", i))
-            del labels[i], sizes[i]
-    target = {lab: batch_axis[lab] for lab in labels if lab in batch_axis}
-    if row is not None:
-        target[row] = nb
-    target[k] = nb + 1
-    order = sorted(labels, key=lambda lab: target[lab])
+            del labels[i]
+    batch = sorted((lab for lab in labels if lab in batch_axis), key=lambda lab: batch_axis[lab])
+    order = [*batch, *rows, *contracted]
     perm = tuple(labels.index(lab) for lab in order)
     if perm != tuple(range(len(perm))):
         ops.append(("permute", perm))
-    present = sorted(target.values())
-    for pos in range(nb + 2):
+    b = len(batch)
+    if not rows:
+        ops.append(("unsqueeze", b))  # a single output row (e.g. H_pre)
+    elif len(rows) > 1:
+        ops.append(("flatten", b, b + len(rows) - 1))
+    if len(contracted) > 1:
+        ops.append(("flatten", b + 1, b + len(contracted)))
+    present = [batch_axis[lab] for lab in batch]
+    for pos in range(nb):
         if pos not in present:
             ops.append(("unsqueeze", pos))
+    n_rows, n_cols = 1, 1
+    for lab in rows:
+        n_rows *= sizes[lab]
+    for lab in contracted:
+        n_cols *= sizes[lab]
     shape = [1] * (nb + 2)
-    for lab, pos in target.items():
-        shape[pos] = sizes[labels.index(lab)]
+    for lab in batch:
+        shape[batch_axis[lab]] = sizes[lab]
+    shape[nb], shape[nb + 1] = n_rows, n_cols
     return MNode(node, tuple(ops), tuple(shape))
 
 
@@ -716,6 +757,13 @@ def emit_matrix(graph: fx.Graph, m: MatExpr, env: dict[fx.Node, Any], hidden: fx
                 elif op[0] == "permute":
                     shape = [shape[d] for d in op[1]]
                     x = node(aten.permute.default, (x, list(op[1])), tuple(shape))
+                elif op[0] == "flatten":
+                    start, end = op[1], op[2]
+                    merged = 1
+                    for size in shape[start : end + 1]:
+                        merged *= size
+                    shape[start : end + 1] = [merged]
+                    x = node(aten.flatten.using_ints, (x, start, end), tuple(shape))
                 else:
                     shape.insert(op[1], 1)
                     x = node(aten.unsqueeze.default, (x, op[1]), tuple(shape))

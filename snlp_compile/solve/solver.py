@@ -20,7 +20,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .scan import elementwise_affine_scan, identity_scan, matrix_affine_scan
+from .scan import (
+    apply_prefix_products,
+    elementwise_affine_scan,
+    identity_scan,
+    matrix_affine_scan,
+    static_init_products,
+    static_prefix_products,
+)
 from .stream_layout import StreamLayout
 
 ExtMode = Literal["stacked", "runtime", "shared"]
@@ -81,6 +88,18 @@ class LayerParallelSolve(nn.Module):
         # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
         self.register_buffer("warm_trace", None, persistent=False)
         self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
+        # HCN with static H: A, and the transfer matrices T[j, i] = A_j..A_{i+1}, P_j = A_j..A_0,
+        # computed once here; the correction is then one block matmul instead of a scan.
+        self.use_prefix_products = False
+        if self.stream_layout is not None:
+            static = _static_matrix(layers, self.ext_names, self.ext_modes, stacked)
+            if static is not None:
+                a = static * self.damping
+                flat = a.reshape(a.shape[0], *a.shape[-2:])
+                self.register_buffer("static_skip", a)
+                self.register_buffer("static_transfer", static_prefix_products(flat, matrix=True))
+                self.register_buffer("static_init", static_init_products(flat, matrix=True))
+                self.use_prefix_products = True
 
     def extra_repr(self) -> str:
         return (
@@ -122,12 +141,21 @@ class LayerParallelSolve(nn.Module):
     def correct_streams(
         self, g: torch.Tensor, a: torch.Tensor, u: torch.Tensor, h_in: torch.Tensor, layout: StreamLayout
     ) -> torch.Tensor:
-        """HCN: the same recurrence in the stream view Z = (*batch, n, m), A_j an n x n matrix."""
-        if self.damping != 1.0:
+        """HCN: the same recurrence in the stream view Z = (*batch, n, m), A_j an n x n matrix:
+        a log-depth scan, or (static H) the precomputed prefix products."""
+        prefix = self.use_prefix_products and hasattr(self, "static_transfer")
+        if prefix:
+            a = self.static_skip
+        elif self.damping != 1.0:
             a = a * self.damping
         zu, zg = layout.to_streams(u), layout.to_streams(g)
-        a = a.reshape(a.shape[:1] + (1,) * (zu.dim() - a.dim()) + a.shape[1:])
-        z = matrix_affine_scan(a, zg - a @ zu, layout.to_streams(h_in))
+        # (models may mix in float32, e.g. the hyper-connections package: correct in h's dtype)
+        a = a.to(zu.dtype).reshape(a.shape[:1] + (1,) * (zu.dim() - a.dim()) + a.shape[1:])
+        d, z_in = zg - a @ zu, layout.to_streams(h_in)
+        if prefix:
+            z = apply_prefix_products(self.static_transfer, d, z_in, True, self.static_init)
+        else:
+            z = matrix_affine_scan(a, d, z_in)
         return layout.from_streams(z, tuple(h_in.shape))
 
     def initial_inputs(self, h_in: torch.Tensor, ext: list[object]) -> torch.Tensor:
@@ -190,3 +218,39 @@ def _stream_layout(body: fx.GraphModule) -> StreamLayout:
     if not isinstance(layout, StreamLayout):
         raise ValueError("skip_kind='matrix' needs a body returning (out, A) with A's StreamLayout in its meta")
     return layout
+
+
+def _static_matrix(
+    layers: fx.GraphModule, ext_names: list[str], ext_modes: list[ExtMode], stacked: dict[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The batched layers' skip matrix (N, *1, n, n) when it depends on stacked buffers alone
+    (static H, folded at transform time), evaluated once; None when it depends on h or inputs."""
+    out = next(n for n in layers.graph.nodes if n.op == "output")
+    a_node = out.args[0][1]
+    placeholders = [n for n in layers.graph.nodes if n.op == "placeholder"]
+    need: set[fx.Node] = set()
+    todo = [a_node]
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo.extend(n.all_input_nodes)
+    h = placeholders[0]
+    if h in need and any(u in need and not getattr(u.target, "snlp_layer_invariant", False) for u in h.users):
+        return None  # A reads the hidden state: dynamic H
+    values: list[torch.Tensor] = []
+    for ph, name, mode in zip(placeholders[1:], ext_names, ext_modes):
+        if ph in need:
+            if mode != "stacked" or name not in stacked:
+                return None
+            values.append(stacked[name])
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in layers.graph.nodes:
+        if n in need:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[a_node])
+    dtype = next(iter(stacked.values())).dtype if stacked else torch.float32
+    args = [torch.empty(0, dtype=dtype) if ph is h else values.pop(0) for ph in placeholders if ph in need]
+    with torch.no_grad():
+        return fx.GraphModule(layers, graph)(*args)

@@ -15,7 +15,6 @@ torch.export and ONNX export like the rest of the solve.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +33,20 @@ class Reshape:
     groups: tuple[tuple[int, tuple[int | None, ...]], ...]  # (number of input dims, output sizes)
 
     def out_shape(self, shape: Shape) -> Shape:
+        # plain loops, no generators: torch.compile traces this without a graph break
         out: list[Any] = []
         i = 0
         for n_in, sizes in self.groups:
-            total = math.prod(shape[i : i + n_in]) if n_in else 1
+            total: Any = 1
+            for k in range(i, i + n_in):
+                total = total * shape[k]
             i += n_in
-            static = math.prod(s for s in sizes if s is not None)
-            out.extend(total // static if s is None else s for s in sizes)
+            static = 1
+            for size in sizes:
+                if size is not None:
+                    static *= size
+            for size in sizes:
+                out.append(total // static if size is None else size)
         return tuple(out)
 
 
@@ -49,7 +55,7 @@ class Permute:
     dims: tuple[int, ...]
 
     def out_shape(self, shape: Shape) -> Shape:
-        return tuple(shape[d] for d in self.dims)
+        return tuple([shape[d] for d in self.dims])
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def apply_op(op: LayoutOp, x: Tensor, rank: int) -> Tensor:
     if isinstance(op, Reshape):
         return x.reshape(*x.shape[:lead], *op.out_shape(tuple(x.shape[lead:])))
     if isinstance(op, Permute):
-        return x.permute(*range(lead), *(lead + d for d in op.dims))
+        return x.permute([*range(lead), *[lead + d for d in op.dims]])
     if isinstance(op, Unsqueeze):
         return x.unsqueeze(lead + op.dim)
     return x.squeeze(lead + op.dim)
@@ -89,8 +95,8 @@ def invert_op(op: LayoutOp, y: Tensor, in_shape: Shape) -> Tensor:
     if isinstance(op, Reshape):
         return y.reshape(*y.shape[:lead], *in_shape)
     if isinstance(op, Permute):
-        inverse = sorted(range(len(op.dims)), key=lambda d: op.dims[d])
-        return y.permute(*range(lead), *(lead + d for d in inverse))
+        inverse = [op.dims.index(d) for d in range(len(op.dims))]
+        return y.permute([*range(lead), *[lead + d for d in inverse]])
     if isinstance(op, Unsqueeze):
         return y.squeeze(lead + op.dim)
     return y.unsqueeze(lead + op.dim)
