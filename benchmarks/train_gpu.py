@@ -74,7 +74,7 @@ def run_variant(spec: str, args: argparse.Namespace, corpus: Any, windows: torch
     name, opts = parse_variant(spec)
     reg = regulariser_for(opts, args.steps)
     config = TrainConfig(
-        model=MODEL,
+        model=args.model,
         model_overrides=dict(SHAPE),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -127,7 +127,10 @@ def targets(variants: list[dict[str, Any]]) -> list[str]:
             continue
         seq = next(r for r in v["rows"] if r["mode"] == "sequential")["ppl"]
         base_seq = next(r for r in base["rows"] if r["mode"] == "sequential")["ppl"]
-        k2 = next(r for r in v["rows"] if r["K"] == 2 and r["parallel"] == SHAPE["n_layer"])["ppl"]
+        k2_rows = [r for r in v["rows"] if r["K"] == 2 and r["parallel"] == SHAPE["n_layer"]]
+        if not k2_rows:  # K=2 all-parallel not evaluated in this run
+            continue
+        k2 = k2_rows[0]["ppl"]
         d_seq, d_k2 = seq / base_seq - 1, k2 / seq - 1
         lines.append(
             f"- {v['name']}: sequential ppl {seq:.3f} vs baseline {base_seq:.3f} ({d_seq * 100:+.2f}%, target "
@@ -144,7 +147,7 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
     rows = [r for v in variants for r in v["rows"]]
     env = meta["environment"]
     lines = [
-        f"## SNLP-aware training: {MODEL} with {', '.join(f'{k}={v}' for k, v in SHAPE.items())}",
+        f"## SNLP-aware training: {meta['model']} with {', '.join(f'{k}={v}' for k, v in SHAPE.items())}",
         "",
         f"Device: {env.get('gpu', env.get('cpu'))}, torch {env['torch']}, Python {env['python']} (its stdlib is the "
         f"text). Data: {meta['data']}.",
@@ -183,7 +186,7 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
         plot_ppl_vs_k(
             rows,
             out / f"{name}.png",
-            title=f"{MODEL} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K",
+            title=f"{meta['model']} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K",
         )
 
 
@@ -206,6 +209,7 @@ def _command() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "regularised:weight=1.0"])
+    p.add_argument("--model", default=MODEL, help="registry name: nanochat-small, or mhc-small / mhc-dyn-small (HCN)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -233,7 +237,7 @@ def main() -> int:
     meta = {
         "environment": environment(device),
         "commands": [_command()],
-        "model": MODEL,
+        "model": args.model,
         "shape": SHAPE,
         "data": corpus.describe(),
         "eval": (
