@@ -14,7 +14,12 @@ from torch import nn
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
 from snlp_compile.export import SNLPBackendWarning, backend_records
-from snlp_compile.export.compile_backend import module_path, split_options
+from snlp_compile.export.compile_backend import (
+    _placeholder_weight_path,
+    lift_dynamo_graph,
+    module_path,
+    split_options,
+)
 from snlp_compile.models import build_model
 
 
@@ -155,3 +160,45 @@ def test_backend_bad_option_fails_compilation() -> None:
 )
 def test_module_path_from_dynamo_spelling(dynamo: str, ours: str) -> None:
     assert module_path(dynamo) == ours
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        (
+            "l_self_modules_transformer_modules_h_modules_0_modules_attn_modules_c_q_parameters_weight_",
+            "transformer.h.0.attn.c_q.weight",
+        ),
+        ("l_self_buffers_cos_", "cos"),
+        ("l_self_parameters_resid_lambdas_", "resid_lambdas"),
+        ("l_idx_", None),
+    ],
+)
+def test_weight_path_from_placeholder_name_without_source(name: str, path: str | None) -> None:
+    """Dynamo versions without ``_dynamo_source`` on placeholders: the name spells the path."""
+    graph = torch.fx.Graph()
+    node = graph.placeholder(name)
+    assert not hasattr(node, "_dynamo_source")
+    assert _placeholder_weight_path(node) == path
+
+
+def test_lift_keeps_attributes_and_submodules_dynamo_did_not_lift() -> None:
+    """A graph holding weights as get_attr / modules as call_module (Dynamo without inlined
+    modules) lifts to a module computing the same function over its real inputs."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 0.5))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.proj(x) * self.scale,)
+
+    model = Scaled()
+    gm = torch.fx.symbolic_trace(model)
+    assert {n.op for n in gm.graph.nodes} >= {"get_attr", "call_module"}
+    x = torch.randn(3, 4)
+    lifted = lift_dynamo_graph(gm, [x])
+    assert lifted.user_positions == [0] and lifted.weights == []
+    torch.testing.assert_close(lifted.module(x)[0], model(x)[0])

@@ -17,7 +17,14 @@ import torch
 import snlp_compile
 from snlp_compile import SNLPConfigError, SNLPRefusal
 from snlp_compile.cli import main as cli_main
-from snlp_compile.export.onnx_export import ONNXExport, all_op_types, export_onnx
+from snlp_compile.export.onnx_export import (
+    ONNXExport,
+    _rms_norm,
+    all_op_types,
+    decompose_device_rms_norm,
+    export_onnx,
+    export_program,
+)
 from snlp_compile.export.ort import (
     IOBindingRunner,
     ProviderError,
@@ -235,3 +242,34 @@ def test_cli_export_with_check(tmp_path: Path, capsys: pytest.CaptureFixture[str
     printed = capsys.readouterr().out
     assert out.exists()
     assert "rewritten" in printed and "check B=1 T=8" in printed and "(ok)" in printed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_rms_norm_in_primitive_ops_equals_torch(
+    dtype: torch.dtype, weighted: bool, eps: float | None
+) -> None:
+    """The rms_norm decomposition used for exports from CUDA computes what F.rms_norm computes."""
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 5, 16, generator=gen)).to(dtype)
+    weight = torch.randn(16, generator=gen).to(dtype) if weighted else None
+    want = torch.nn.functional.rms_norm(x, [16], weight, eps)
+    got = _rms_norm(x, [16], weight, eps)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_rms_norm_decomposition_of_an_exported_program() -> None:
+    model = build_model("nanochat-tiny", n_layer=2)
+    idx = torch.randint(0, 256, (2, 8))
+    transformed = snlp_compile.transform(model, (idx,), iterations=2)
+    program = export_program(transformed, (idx,), {}, dynamic=True)
+    rms = torch.ops.aten.rms_norm.default
+    assert any(n.target is rms for n in program.graph.nodes)
+    assert decompose_device_rms_norm(program) is program  # CPU tensors: nothing to do
+    decomposed = decompose_device_rms_norm(program, force=True)
+    assert not any(n.target is rms for n in decomposed.graph.nodes)
+    x = torch.randint(0, 256, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(decomposed.module()(x), transformed(x), rtol=0, atol=0)

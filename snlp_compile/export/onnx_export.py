@@ -99,7 +99,7 @@ def export_program(
     """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails."""
     try:
         with torch.no_grad():
-            return torch.export.export(
+            program = torch.export.export(
                 model,
                 args,
                 kwargs,
@@ -110,6 +110,40 @@ def export_program(
         raise SNLPCaptureError(
             f"torch.export could not capture {type(model).__name__} for ONNX export: {exc}"
         ) from exc
+    return decompose_device_rms_norm(program)
+
+
+def decompose_device_rms_norm(
+    program: torch.export.ExportedProgram, *, force: bool = False
+) -> torch.export.ExportedProgram:
+    """Replace aten.rms_norm by primitive ops when it runs on an accelerator (or ``force``): the
+    exporter would otherwise decompose it into that device's fused kernel op (see _rms_norm)."""
+    on_device = [
+        n
+        for n in program.graph.nodes
+        if n.target is torch.ops.aten.rms_norm.default
+        and isinstance(n.args[0].meta.get("val"), torch.Tensor)
+        and n.args[0].meta["val"].device.type != "cpu"
+    ]
+    if not (on_device or force):
+        return program
+    return program.run_decompositions({torch.ops.aten.rms_norm.default: _rms_norm})
+
+
+def _rms_norm(
+    x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None, eps: float | None = None
+) -> torch.Tensor:
+    """aten.rms_norm in primitive ops, computed as PyTorch computes it (half inputs and the weight
+    in float32, eps defaulting to float32's machine epsilon). On CUDA, torch 2.11 decomposes
+    rms_norm into ``_fused_rms_norm``, which its ONNX exporter cannot translate."""
+    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    eps = torch.finfo(opmath).eps if eps is None else eps
+    dims = list(range(-len(normalized_shape), 0))
+    up = x.to(opmath)
+    y = up * torch.rsqrt(up.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(opmath)
+    return y.to(x.dtype)
 
 
 def _readable_dims(model_proto: Any) -> dict[str, str]:
