@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -268,10 +268,10 @@ class _MixLayer(nn.Module):
         return skip + torch.tanh(self.branch(h))
 
 
-class _MixStack(nn.Module):
-    def __init__(self, kind: str, n: int = 4, d: int = 8, layers: int = 3) -> None:
+class _Stack(nn.Module):
+    def __init__(self, make: Callable[[], nn.Module], layers: int = 3) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_MixLayer(kind, n, d) for _ in range(layers))
+        self.layers = nn.ModuleList(make() for _ in range(layers))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -279,12 +279,38 @@ class _MixStack(nn.Module):
         return h
 
 
+def _mix_stack(kind: str, n: int = 4, d: int = 8) -> nn.Module:
+    return _Stack(lambda: _MixLayer(kind, n, d)).eval()
+
+
 def _stack_inputs(skip: str) -> torch.Tensor:
     return torch.randn(2, 5, 4, 80 if skip == "projection" else 8)
 
 
+def test_layout_round_trip_on_the_skip_is_still_idn() -> None:
+    """A skip path that re-arranges h and puts it back (view, transpose, contiguous, inverse)
+    is the identity: IDN, as without the detour."""
+
+    class RoundTrip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            b, t, d = h.shape
+            r = h.view(b, t, 2, 4).transpose(-1, -2).contiguous().transpose(-1, -2).reshape(b, t, d)
+            return r + torch.tanh(self.f(h))
+
+    model = _Stack(RoundTrip).double()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    fast = snlp_compile.transform(model, (x,), iterations=3)
+    assert fast.snlp_report.skip.startswith("identity skip (IDN)")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
+
+
 def test_plain_mixing_stack_is_hcn_and_exact() -> None:
-    model = _MixStack("plain").double()
+    model = _mix_stack("plain").double()
     h = _stack_inputs("plain").double()
     fast = snlp_compile.transform(model, (h,), iterations=3, layers="layers", dynamic_shapes=False)
     assert "(HCN)" in fast.snlp_report.skip
@@ -301,10 +327,78 @@ def test_plain_mixing_stack_is_hcn_and_exact() -> None:
     ],
 )
 def test_refusals_name_the_stream_problem(skip: str, message: str) -> None:
-    model = _MixStack(skip, d=_stack_inputs(skip).shape[-1])
+    model = _mix_stack(skip, d=_stack_inputs(skip).shape[-1])
     h = _stack_inputs(skip)
     with pytest.raises(snlp_compile.SNLPRefusal, match=message) as info:
         snlp_compile.transform(model, (h,), layers="layers", dynamic_shapes=False)
     assert "layers.2" in str(info.value)
     report = snlp_compile.explain(model, (h,), layers="layers", dynamic_shapes=False)
     assert not report.rewritten and message in (report.refusal or "")
+
+
+# -- lowering: the stream layout and the matrix correction in torch.compile and ONNX ----------------
+
+
+class _FoldedLayer(nn.Module):
+    """A hyper-connection layer in the package's layout: streams folded into the batch axis."""
+
+    def __init__(self, n: int = 4, d: int = 8) -> None:
+        super().__init__()
+        self.n = n
+        self.mix = nn.Parameter(torch.eye(n) + 0.3 * torch.randn(n, n))
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        bn, t, d = h.shape
+        streams = h.reshape(bn // self.n, self.n, t, d).permute(0, 2, 1, 3)  # (B, T, n, D)
+        mixed = torch.einsum("ij,btjd->btid", self.mix, streams)
+        skip = mixed.permute(0, 2, 1, 3).reshape(bn, t, d)
+        return skip + torch.tanh(self.proj(h))
+
+
+class _FoldedStack(nn.Module):
+    def __init__(self, layers: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_FoldedLayer() for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.repeat_interleave(4, dim=0)  # expand to 4 streams, (B*4, T, D)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+@pytest.fixture(scope="module")
+def folded() -> tuple[nn.Module, torch.fx.GraphModule]:
+    model = _FoldedStack().eval()
+    fast = snlp_compile.transform(model, (torch.randn(2, 5, 8),), iterations=3, layers="layers")
+    assert "(HCN) over 4 streams" in fast.snlp_report.skip and "permute" in fast.snlp_report.skip
+    return model, fast
+
+
+def test_folded_layout_torch_compile(folded: tuple[nn.Module, torch.fx.GraphModule]) -> None:
+    """fullgraph: no graph break in the stream layout or the scan (aot_eager: Dynamo and AOT
+    tracing without Inductor's C++ build, which would dominate a CPU test's time)."""
+    model, fast = folded
+    compiled = torch.compile(fast, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(2, 5, 8), (3, 7, 8)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_layout_onnx_runtime(folded: tuple[nn.Module, torch.fx.GraphModule]) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional dependency")
+    from torch.export import Dim
+
+    model, fast = folded
+    program = torch.onnx.export(
+        fast, (torch.randn(2, 5, 8),), dynamo=True, dynamic_shapes={"x": {0: Dim.AUTO, 1: Dim.AUTO}}, verbose=False
+    )
+    ops = Counter(n.op_type for n in program.model_proto.graph.node)
+    assert not {"Loop", "Scan", "If"} & set(ops)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 7, 8)  # another batch and sequence size than the export's
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)

@@ -201,8 +201,8 @@ def analyse_skip(layer: Layer) -> SkipPath:
         coef[n] = c
 
     out = coef.get(layer.output, ZERO)
-    if isinstance(out, Pre) and not out.ops and _is_scalar(out.scale):
-        out = out.scale  # h reached the output through identity-like ops only
+    if isinstance(out, Pre) and out.is_identity and _is_scalar(out.scale):
+        out = out.scale  # h reached the output through identity-like ops or layout round trips
     if isinstance(out, (Pre, Mixed)):
         return _stream_skip(layer, stream, out, h_dependent)
     if out == ZERO:
@@ -251,12 +251,14 @@ def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_depen
     matrix, layout = found
     nodes = mat_nodes(matrix)
     dynamic = any(n in h_dependent for n in nodes)
+    solver = "a log-depth prefix scan"
     if dynamic:
         how = "dynamic, computed per token from h inside the batched layers and frozen at the iterate"
     elif any(a.op == "placeholder" for a in ancestors(nodes)):
         how = "static (independent of h), computed from the model's inputs before the solve"
     else:
         how = "static (independent of h), folded into the solve's buffers at transform time"
+        solver = "precomputed prefix products of the static H (one block matmul)"
     prefix = layer.module_path + "."
 
     def name(n: fx.Node) -> str:
@@ -267,7 +269,8 @@ def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_depen
         "matrix",
         StreamMix(matrix, layout, layer.hidden_in, dynamic),
         f"stream-mixing skip h -> H h (HCN) over {layout.n} streams, H = {describe_matrix(matrix, name)} "
-        f"{how}, {layout.describe()}: HCN correction, a {layout.n} x {layout.n} matrix affine prefix scan",
+        f"{how}, {layout.describe()}: HCN correction, the {layout.n} x {layout.n} matrix affine recurrence "
+        f"over the layers by {solver}",
     )
 
 

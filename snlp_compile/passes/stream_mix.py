@@ -196,6 +196,11 @@ class Pre:
     ops: tuple[LayoutOp, ...]
     scale: Any
 
+    @property
+    def is_identity(self) -> bool:
+        """Every element of h in its own place (e.g. a view and its inverse)."""
+        return torch.equal(self.index.reshape(-1), torch.arange(self.index.numel()))
+
 
 @dataclass(eq=False)
 class Mixed:
