@@ -149,15 +149,22 @@ def test_matmul_count_independent_of_layer_count(tmp_path: Path) -> None:
     assert sixteen < 16 * 6
 
 
-def test_export_sequential_baseline(tmp_path: Path) -> None:
+def test_export_sequential_baseline_and_size_one_example(tmp_path: Path) -> None:
+    """rewrite=False exports the model as written; an example batch of 1 fixes the batch
+    dimension (torch.export specialises size 1), which export_onnx says instead of hiding."""
     model = build_model("gpt-tiny", n_layer=2)
-    idx = torch.randint(0, 256, (2, 6))
-    result = export_onnx(model, (idx,), tmp_path / "seq.onnx", rewrite=False, dynamic=False)
+    idx = torch.randint(0, 256, (1, 6))
+    with pytest.warns(UserWarning, match="dimension 0 is fixed to 1"):
+        result = export_onnx(model, (idx,), tmp_path / "seq.onnx", rewrite=False)
     assert result.snlp_report is None
+    assert result.inputs == [("idx", [1, "sequence"])]
+    assert any("fixed to 1" in note for note in result.notes)
     session = make_session(result.path)
-    (got,) = session.run(None, {"idx": idx.numpy()})
-    with torch.no_grad():
-        _close(torch.from_numpy(got), model(idx))
+    for seq in (6, 9):
+        x = torch.randint(0, 256, (1, seq))
+        (got,) = session.run(None, {"idx": x.numpy()})
+        with torch.no_grad():
+            _close(torch.from_numpy(got), model(x))
 
 
 def test_export_errors(tmp_path: Path, gpt: Exported) -> None:

@@ -47,6 +47,10 @@ def _config(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, DTYPES[args.dtype], args.seed)
+    if not args.static and args.batch < 2:
+        # torch.export fixes example sizes of 1: trace with two rows so that batch stays dynamic
+        print(f"tracing with --batch 2 (not {args.batch}) so that the batch dimension stays dynamic")
+        args.batch = 2
     idx = example_tokens(model, args.batch, args.seq, args.seed)
     overrides = {} if args.no_rewrite else _config(args)
     result = export_onnx(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,22 @@ def _readable_dims(model_proto: Any) -> dict[str, str]:
     return names
 
 
+def _static_input_dims(proto: Any) -> list[str]:
+    """Input dimensions that stayed fixed although dynamic shapes were asked for: torch.export
+    specialises sizes 0 and 1 (and sizes the model's code pins), so say which and why."""
+    notes = []
+    for inp in proto.graph.input:
+        for d, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if not dim.dim_param and dim.dim_value in (0, 1):
+                note = (
+                    f"input '{inp.name}' dimension {d} is fixed to {dim.dim_value}: torch.export "
+                    "specialises example sizes 0 and 1; export with a larger example size to keep it dynamic"
+                )
+                warnings.warn(note, stacklevel=3)
+                notes.append(note)
+    return notes
+
+
 def _shapes(values: Any) -> list[tuple[str, list[int | str]]]:
     return [
         (v.name, [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim])
@@ -272,6 +289,8 @@ def export_onnx(
         notes.append("symbolic dims: " + ", ".join(f"{k} -> {v}" for k, v in renamed.items()))
         onnx.save_model(proto, str(path))  # external data references are kept as they are
     onnx.checker.check_model(str(path))
+    if dynamic:
+        notes.extend(_static_input_dims(proto))
     result = ONNXExport(
         path=path,
         opset=opset,
