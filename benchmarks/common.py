@@ -266,8 +266,9 @@ class Record:
 class Bench:
     """Times variants, keeps every record, and writes JSON/markdown/plot after each case."""
 
-    def __init__(self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any]):
+    def __init__(self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any], name: str = ""):
         self.regime = regime
+        self.name = name or regime
         self.out_dir = out_dir
         self.device = device
         self.meta = meta
@@ -327,13 +328,13 @@ class Bench:
             "case_notes": notes,
             "records": [asdict(r) for r in self.records],
         }
-        (self.out_dir / f"{self.regime}.json").write_text(json.dumps(payload, indent=1, default=str))
-        (self.out_dir / f"{self.regime}.md").write_text(
+        (self.out_dir / f"{self.name}.json").write_text(json.dumps(payload, indent=1, default=str))
+        (self.out_dir / f"{self.name}.md").write_text(
             markdown(self.regime, self.meta, self.records, self.case_notes)
         )
 
     def plot(self) -> Path | None:
-        return plot_vs_k(self.regime, self.records, self.out_dir / f"{self.regime}.png")
+        return plot_vs_k(self.regime, self.records, self.out_dir / f"{self.name}.png")
 
 
 def first_tensor(out: Any) -> torch.Tensor:

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--name", default="decode", help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help="profile seq and SNLP K=1 compiled at batch 1")
     args = p.parse_args(argv)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         bw = copy_bandwidth(device)
         meta["copy_bandwidth_tbs"] = bw / 1e12
         meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    bench = Bench("decode", out, device, meta)
+    bench = Bench("decode", out, device, meta, name=args.name)
     ks = [int(k) for k in args.ks.split(",") if k]
     warm_ks = [int(k) for k in args.warm_ks.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         modes = [m for m in modes if not m.endswith("+graph")]
         warm_modes = [m for m in warm_modes if not m.endswith("+graph")]
-    prof_path = out / "decode_profile.txt"
+    prof_path = out / f"{args.name}_profile.txt"
     ctx = args.context
 
     with torch.no_grad():
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bench.plot()
-    print((out / "decode.md").read_text())
+    print((out / f"{args.name}.md").read_text())
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

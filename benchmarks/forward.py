@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--name", default="forward", help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help="profile seq and SNLP K=1 compiled per case")
     p.add_argument("--no-smoke", action="store_true")
@@ -105,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         bw = float("nan")
     if not args.no_smoke:
         meta["smoke"] = smoke(device)
-    bench = Bench("forward", out, device, meta)
+    bench = Bench("forward", out, device, meta, name=args.name)
     ks = [int(k) for k in args.ks.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
     if device.type != "cuda":
         modes = [m for m in modes if not m.endswith("+graph")]
-    prof_path = out / "forward_profile.txt"
+    prof_path = out / f"{args.name}_profile.txt"
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bench.plot()
-    print((out / "forward.md").read_text())
+    print((out / f"{args.name}.md").read_text())
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -205,3 +205,41 @@ def test_warm_init_starts_from_the_previous_trace() -> None:
         solve.reset_warm()
         assert solve.warm_trace is None
         assert _max_err(warm(*inputs)[0], h0_out[0]) < TIGHT
+
+
+# -- emitted forms the GPU benchmarks rely on ------------------------------------------------------
+def test_shared_input_linears_read_one_concatenated_weight() -> None:
+    model = _model("nanochat-tiny")
+    inputs = _step_inputs(model)
+    fast = snlp_compile.transform(CachedStep(model), inputs, iterations=model.config.n_layer)
+    solve = fast.get_submodule(SOLVE_NAME)
+    assert "fused_attn_c_q_attn_c_k_attn_c_v" in solve.ext_names  # main body: q, k, v in one
+    assert "fused_attn_c_k_attn_c_v" in solve.ext_names  # side outputs: k, v in one
+    fused = solve.stacked_fused_attn_c_q_attn_c_k_attn_c_v
+    parts = [getattr(solve, f"stacked_attn_c_{w}_weight") for w in "qkv"]
+    assert torch.equal(fused, torch.cat(parts, dim=1))
+    einsums = [n for n in solve.layers.graph.nodes if "einsum" in str(n.target)]
+    assert len(einsums) == 4  # qkv, c_proj, c_fc, mlp c_proj
+    with torch.no_grad():
+        for got, want in zip(fast(*inputs), model.forward_cached(*inputs)):
+            assert _max_err(got, want) < TIGHT
+
+
+def test_static_scaled_skip_is_corrected_by_one_cumsum() -> None:
+    """nanochat's per-layer resid_lambdas are folded at transform time: the correction becomes
+    P_j (h_in + cumsum(d_i / P_i)), equal to the elementwise scan it replaces."""
+    model = build_model("nanochat-small", dtype=torch.float64)
+    with torch.no_grad():
+        model.resid_lambdas.uniform_(0.6, 1.4)
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    fast = snlp_compile.transform(model, (idx,), iterations=2)
+    solve = fast.get_submodule(SOLVE_NAME)
+    assert solve.static_scalar is not None
+    assert torch.allclose(solve.static_scalar, model.resid_lambdas.detach())
+    with torch.no_grad():
+        fast_out = fast(idx)
+        saved, solve.static_scalar = solve.static_scalar, None  # the general scan
+        scan_out = fast(idx)
+        solve.static_scalar = saved
+    assert _max_err(fast_out, scan_out) < TIGHT
+    assert _max_err(fast_out, model(idx)) > 1e-6  # K=2 < 8 layers: a real approximation

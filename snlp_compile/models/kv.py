@@ -34,19 +34,35 @@ def cached_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
-    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D)."""
+    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D).
+
+    The softmax over [cache | new] is written as two exponentials against a shared row maximum
+    and one denominator, so neither the scores nor the probabilities are concatenated or sliced
+    (no copies around the two cache products); at T = 1 the new token's score and value are a dot
+    product and a scaled add instead of two tiny matrix products."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
     t_max = k_cache.shape[2]
+    scale = d**-0.5
     qg = q.reshape(b, hkv, rep * t, d)  # query heads of one kv head become rows
-    scores = torch.cat([qg @ k_cache.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1) * d**-0.5
-    scores = scores.view(b, hkv, rep, t, t_max + t) + bias
-    # softmax in at least float32 (bf16 scores lose the small probabilities), back to q's dtype
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-    probs = probs.view(b, hkv, rep * t, t_max + t)
-    out = probs[..., :t_max] @ v_cache + probs[..., t_max:] @ v
-    return out.view(b, h, t, d)
+    s_cache = (qg @ k_cache.transpose(-1, -2)) * scale
+    s_new = (qg * k).sum(-1, keepdim=True) * scale if t == 1 else (qg @ k.transpose(-1, -2)) * scale
+    # scores in at least float32 (bias is float32): bf16 exponentials lose the small probabilities
+    s_cache = s_cache.view(b, hkv, rep, t, t_max) + bias[:, :t_max]
+    s_new = s_new.view(b, hkv, rep, t, t) + bias[:, t_max:]
+    s_cache = s_cache.to(torch.promote_types(s_cache.dtype, torch.float32))
+    s_new = s_new.to(s_cache.dtype)
+    row_max = torch.maximum(s_cache.amax(-1, keepdim=True), s_new.amax(-1, keepdim=True))
+    e_cache = torch.exp(s_cache - row_max)
+    e_new = torch.exp(s_new - row_max)
+    denom = (e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)).view(b, hkv, rep * t, 1)
+    out = e_cache.to(q.dtype).view(b, hkv, rep * t, t_max) @ v_cache
+    if t == 1:
+        out = out + e_new.to(q.dtype).view(b, hkv, rep, 1) * v
+    else:
+        out = out + e_new.to(q.dtype).view(b, hkv, rep * t, t) @ v
+    return (out / denom).to(q.dtype).view(b, h, t, d)
 
 
 class CachedStep(nn.Module):

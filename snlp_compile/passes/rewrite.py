@@ -18,7 +18,7 @@ from ..config import SNLPConfig
 from ..errors import SNLPRefusal
 from ..ir import LayerChain
 from ..solve.solver import ExtMode, LayerParallelSolve
-from .batch_layers import batch_body
+from .batch_layers import _einsum_linear, batch_body
 from .graph_utils import ancestors, descendants
 from .skip_split import Const, emit_coefficient
 
@@ -123,6 +123,66 @@ def _forward_side_stacks(graph: fx.Graph, sides: list[fx.Node], num_layers: int)
             n.replace_all_uses_with(next(iter(srcs)))
 
 
+def fuse_shared_input_linears(
+    graphs: list[fx.GraphModule], names: list[str], modes: list[ExtMode], stacked: dict[str, torch.Tensor]
+) -> list[str]:
+    """Batched linears that read one input with stacked weights (q, k, v) become one einsum over
+    weights concatenated at transform time, split after: one weight stream per input instead of
+    several small batched GEMVs, which matters in decoding where each is bandwidth- and
+    launch-bound. The new stacked weights are appended to ``names``/``modes``/``stacked`` and every
+    graph gets their placeholders (the graphs share one calling convention). Returns the new names."""
+    added: list[str] = []
+    for gm in graphs:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        name_of = {ph: names[i - 1] for i, ph in enumerate(placeholders) if 0 < i <= len(names)}
+        groups: dict[fx.Node, list[fx.Node]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is _einsum_linear and len(n.args) == 2 and not n.kwargs:
+                x, w = n.args
+                weight = stacked.get(name_of.get(w, ""))
+                if isinstance(x, fx.Node) and weight is not None and weight.dim() == 3:
+                    groups.setdefault(x, []).append(n)
+        for x, members in groups.items():
+            weights = [stacked[name_of[m.args[1]]] for m in members]
+            if len(members) < 2 or len({(w.shape[0], w.shape[2], w.dtype, w.device) for w in weights}) != 1:
+                continue
+            fused = "fused_" + "_".join(re.sub(r"_weight$", "", name_of[m.args[1]]) for m in members)
+            if fused not in stacked:
+                stacked[fused] = torch.cat(weights, dim=1).contiguous()
+                names.append(fused)
+                modes.append("stacked")
+                added.append(fused)
+            ph = _placeholder(gm.graph, fused, stacked[fused])
+            with gm.graph.inserting_before(members[0]):
+                out = gm.graph.call_function(_einsum_linear, (x, ph))
+                parts = gm.graph.call_function(torch.split, (out, [w.shape[1] for w in weights], -1))
+                for k, m in enumerate(members):
+                    m.replace_all_uses_with(gm.graph.call_function(operator.getitem, (parts, k)))
+            for m in members:
+                gm.graph.erase_node(m)
+    for gm in graphs:  # the shared calling convention: every graph takes every new weight, in order
+        anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][len(names) - len(added)]
+        for name in added:
+            ph = _placeholder(gm.graph, name, stacked[name])
+            anchor.append(ph)
+            anchor = ph
+        gm.graph.lint()
+        gm.recompile()
+    return added
+
+
+def _placeholder(graph: fx.Graph, name: str, value: torch.Tensor) -> fx.Node:
+    """The placeholder ``name`` of ``graph``, appended after the existing ones if missing."""
+    existing = [n for n in graph.nodes if n.op == "placeholder"]
+    for n in existing:
+        if n.target == name:
+            return n
+    with graph.inserting_after(existing[-1]):
+        ph = graph.placeholder(name)
+    ph.meta["val"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return ph
+
+
 def build_body(chain: LayerChain, names: list[str]) -> tuple[fx.GraphModule, float | None]:
     """The template layer as a function (h, *externals) -> out [, skip coefficient]."""
     t = chain.template
@@ -177,6 +237,8 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
         side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel)
         fallbacks += [f for f in side_fallbacks if f not in fallbacks]
     chain.notes.extend(f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks)
+    fused = fuse_shared_input_linears([g for g in (layers, side_layers) if g is not None], names, modes, stacked)
+    chain.notes.extend(f"linears sharing one input read one concatenated weight: {f}" for f in fused)
     solve = LayerParallelSolve(
         body,
         layers,
