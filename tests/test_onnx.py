@@ -167,14 +167,16 @@ def test_export_sequential_baseline_and_size_one_example(tmp_path: Path) -> None
             _close(torch.from_numpy(got), model(x))
 
 
-def test_export_errors(tmp_path: Path, gpt: Exported) -> None:
+def test_export_errors(tmp_path: Path) -> None:
+    model = build_model("gpt-tiny", n_layer=2)
     idx = torch.randint(0, 256, (2, 6))
     with pytest.raises(SNLPConfigError, match="opset"):
-        export_onnx(gpt.model, (idx,), tmp_path / "x.onnx", opset=17)
+        export_onnx(model, (idx,), tmp_path / "x.onnx", opset=17)
+    transformed = snlp_compile.transform(model, (idx,), iterations=2)
     with pytest.raises(SNLPConfigError, match="already transformed"):
-        export_onnx(gpt.transformed, (idx,), tmp_path / "x.onnx", iterations=2)
+        export_onnx(transformed, (idx,), tmp_path / "x.onnx", iterations=2)
     with pytest.raises(SNLPConfigError, match="rewrite=False"):
-        export_onnx(gpt.model, (idx,), tmp_path / "x.onnx", rewrite=False, iterations=2)
+        export_onnx(model, (idx,), tmp_path / "x.onnx", rewrite=False, iterations=2)
     post_norm = torch.nn.TransformerEncoder(
         torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
         3,
@@ -188,10 +190,41 @@ def test_export_errors(tmp_path: Path, gpt: Exported) -> None:
 # --- onnxruntime helpers ----------------------------------------------------------------------
 
 
-def test_iobinding_runner_matches_session_run(gpt: Exported) -> None:
-    runner = IOBindingRunner(gpt.session, "cpu")
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-built model with shape arithmetic (Shape -> Reshape) and real work (Einsum):
+    output = reshape(0.5 * float(idx)^2, shape(idx))."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Shape", ["idx"], ["shape"], name="shape_of_idx"),
+        helper.make_node("Cast", ["idx"], ["x"], name="to_float", to=TensorProto.FLOAT),
+        helper.make_node("Einsum", ["x", "x"], ["sq"], name="square", equation="bt,bt->bt"),
+        helper.make_node("Mul", ["sq", "half"], ["scaled"], name="scale"),
+        helper.make_node("Reshape", ["scaled", "shape"], ["output"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "sequence"])],
+        initializer=[helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("small") / "small.onnx"
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_iobinding_runner_matches_session_run(small_onnx: Path) -> None:
+    session = make_session(small_onnx)
+    runner = IOBindingRunner(session, "cpu")
     idx = torch.randint(0, 256, (3, 11))
-    (want,) = gpt.session.run(None, {"idx": idx.numpy()})
+    (want,) = session.run(None, {"idx": idx.numpy()})
+    assert torch.equal(torch.from_numpy(want), 0.5 * idx.float() ** 2)
     (got,) = runner({"idx": idx})
     assert torch.equal(got, torch.from_numpy(want))
     buffer = runner.bound.outputs["output"]
@@ -200,46 +233,52 @@ def test_iobinding_runner_matches_session_run(gpt: Exported) -> None:
     assert torch.equal(buffer, torch.from_numpy(want))
     with pytest.raises(ProviderError, match=r"missing \['idx'\]"):
         runner({"tokens": idx})
+    with pytest.raises(ProviderError, match="contiguous"):
+        runner({"idx": idx.t()})
 
 
-def test_gpu_session_without_gpu_provider_raises(gpt: Exported) -> None:
+def test_gpu_session_without_gpu_provider_raises(small_onnx: Path) -> None:
     if "CUDAExecutionProvider" in available_providers():
         providers = providers_for("cuda")
         assert providers[0][0] == "CUDAExecutionProvider"
         return
     with pytest.raises(ProviderError, match="onnxruntime-gpu"):
-        make_session(gpt.result.path, "cuda")
+        make_session(small_onnx, "cuda")
     with pytest.raises(ProviderError, match="device must be"):
         providers_for("tpu")
 
 
-def test_placement_log_parsing_and_cpu_fallback_detection(gpt: Exported) -> None:
-    proto = onnx.load(str(gpt.result.path), load_external_data=False)
-    shape = next(n for n in proto.graph.node if n.op_type == "Shape")
-    einsum = next(n for n in proto.graph.node if n.op_type == "Einsum")
+def test_placement_log_parsing_and_cpu_fallback_detection(small_onnx: Path) -> None:
+    proto = onnx.load(str(small_onnx), load_external_data=False)
     prefix = "2026-01-01 [V:onnxruntime:, session_state.cc:1345 VerifyEachNodeIsAssignedToAnEp]"
     log = "\n".join(
         [
             f"{prefix} Node placements",
-            f"{prefix}  Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 2",
-            f"{prefix}   Add (node_add)",
-            f"{prefix}   MatMul (node_mm)",
+            f"{prefix}  Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 3",
+            f"{prefix}   Cast (to_float)",
+            f"{prefix}   Mul (scale)",
+            f"{prefix}   Reshape (reshape)",
             f"{prefix}  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 2",
-            f"{prefix}   Shape ({shape.name})",
-            f"{prefix}   Einsum ({einsum.name})",
+            f"{prefix}   Shape (shape_of_idx)",
+            f"{prefix}   Einsum (square)",
             "2026-01-01 [W:onnxruntime:, session_state.cc:1359 VerifyEachNodeIsAssignedToAnEp] Some nodes ...",
         ]
     )
     placements = parse_placements(log)
-    assert placements["CUDAExecutionProvider"] == [("Add", "node_add"), ("MatMul", "node_mm")]
-    assert placements["CPUExecutionProvider"] == [("Shape", shape.name), ("Einsum", einsum.name)]
+    assert placements["CUDAExecutionProvider"] == [
+        ("Cast", "to_float"),
+        ("Mul", "scale"),
+        ("Reshape", "reshape"),
+    ]
+    assert placements["CPUExecutionProvider"] == [("Shape", "shape_of_idx"), ("Einsum", "square")]
     # the Shape node computes sizes (int64, rank 1): allowed on the CPU; the Einsum is real work
-    assert cpu_fallbacks(placements, proto) == [("Einsum", einsum.name)]
+    assert cpu_fallbacks(placements, proto) == [("Einsum", "square")]
     assert cpu_fallbacks(placements, proto, allow_cpu=["Einsum"]) == []
-    everything = parse_placements(f"{prefix}  All nodes placed on [CPUExecutionProvider]. Number of nodes: 9")
-    assert everything == {"CPUExecutionProvider": 9}
-    assert cpu_fallbacks(everything, proto) == [("*", "all 9 nodes")]
-    assert cpu_fallbacks({"CUDAExecutionProvider": 9}, proto) == []
+    assert cpu_fallbacks(placements, proto, allow_cpu=["square"]) == []
+    everything = parse_placements(f"{prefix}  All nodes placed on [CPUExecutionProvider]. Number of nodes: 5")
+    assert everything == {"CPUExecutionProvider": 5}
+    assert cpu_fallbacks(everything, proto) == [("*", "all 5 nodes")]
+    assert cpu_fallbacks({"CUDAExecutionProvider": 5}, proto) == []
 
 
 def test_cli_export_with_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,13 +309,13 @@ def test_rms_norm_in_primitive_ops_equals_torch(
 def test_rms_norm_decomposition_of_an_exported_program() -> None:
     model = build_model("nanochat-tiny", n_layer=2)
     idx = torch.randint(0, 256, (2, 8))
-    transformed = snlp_compile.transform(model, (idx,), iterations=2)
-    program = export_program(transformed, (idx,), {}, dynamic=True)
+    transformed = snlp_compile.transform(model, (idx,), iterations=2, dynamic_shapes=False)
+    program = export_program(transformed, (idx,), {}, dynamic=False)
     rms = torch.ops.aten.rms_norm.default
     assert any(n.target is rms for n in program.graph.nodes)
     assert decompose_device_rms_norm(program) is program  # CPU tensors: nothing to do
     decomposed = decompose_device_rms_norm(program, force=True)
     assert not any(n.target is rms for n in decomposed.graph.nodes)
-    x = torch.randint(0, 256, (3, 11))
+    x = torch.randint(0, 256, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(decomposed.module()(x), transformed(x), rtol=0, atol=0)
