@@ -117,11 +117,11 @@ def test_gpt_idn_parity_structure_and_report(gpt: Exported) -> None:
 
 
 def test_nanochat_scaled_idn_parity_and_plain_ops(nanochat: Exported) -> None:
-    """Scaled IDN (nanochat's resid_lambdas), exported from a transform() result: the
-    elementwise affine scan is unrolled plain ops (no Loop/Scan, no CumSum needed)."""
+    """Scaled IDN (nanochat's resid_lambdas), exported from a transform() result: the affine
+    correction is plain tensor ops (no Loop/Scan)."""
     _check_parity(nanochat)
     ops = _check_file(nanochat)
-    assert ops["Mul"] > 0 and ops["Concat"] > 0
+    assert ops["Mul"] > 0
     assert "scaled IDN" in nanochat.result.snlp_report.skip
 
 
