@@ -259,6 +259,8 @@ class _MixLayer(nn.Module):
         if self.kind == "scrambled":  # mixes streams, then swaps streams and features around
             b, t, n, d = h.shape
             skip = (self.mix @ h).reshape(b, t, d, n).transpose(-1, -2)
+        elif self.kind == "shifted":  # H h + h / 2, written with signs flipped twice
+            skip = 0.5 * h - self.mix @ (-h)
         elif self.kind == "projection":  # a (wide) linear map of the features, not of streams
             skip = h @ self.proj
         elif self.kind == "per_feature":  # a different matrix for every feature
@@ -285,6 +287,19 @@ def _mix_stack(kind: str, n: int = 4, d: int = 8) -> nn.Module:
 
 def _stack_inputs(skip: str) -> torch.Tensor:
     return torch.randn(2, 5, 4, 80 if skip == "projection" else 8)
+
+
+def test_mixing_plus_scaled_identity_is_one_matrix() -> None:
+    """H h + h / 2 (through neg, sub, mul): A = H + I / 2, exact in one iteration without branch."""
+    model = _mix_stack("shifted").double()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.branch.weight.zero_()
+    h = _stack_inputs("shifted").double()
+    fast = snlp_compile.transform(model, (h,), iterations=1, dynamic_shapes=False)
+    assert "H = (c * I + H(mix))" in fast.snlp_report.skip, fast.snlp_report.skip
+    with torch.no_grad():
+        torch.testing.assert_close(fast(h), model(h), rtol=1e-10, atol=1e-10)
 
 
 def test_layout_round_trip_on_the_skip_is_still_idn() -> None:

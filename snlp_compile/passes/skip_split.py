@@ -262,7 +262,10 @@ def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_depen
     prefix = layer.module_path + "."
 
     def name(n: fx.Node) -> str:
-        path = innermost_module(n)
+        if n.op == "get_attr":  # a parameter used as it is: its path inside the layer
+            target = str(n.target)
+            return f"H({target[len(prefix):] if target.startswith(prefix) else target})"
+        path = innermost_module(n)  # else the sublayer that computes it
         return f"H({path[len(prefix):].split('.')[0] if path.startswith(prefix) else path or n.name})"
 
     return SkipPath(

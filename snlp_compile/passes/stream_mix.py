@@ -160,11 +160,24 @@ def _rows(a: MatExpr, rows: tuple[int, ...]) -> MatExpr:
     return MRows(a, rows)
 
 
+def _scale(c: Any, a: MatExpr) -> MatExpr:
+    """c * A, with constant factors multiplied out."""
+    from .skip_split import ONE, Const
+
+    if isinstance(a, MScale) and isinstance(c, Const) and isinstance(a.scale, Const):
+        c, a = Const(c.value * a.scale.value), a.a
+    return a if c == ONE else MScale(c, a)
+
+
 def _mul(a: MatExpr, b: MatExpr) -> MatExpr:
     if isinstance(b, MEye):
         return a
     if isinstance(a, MEye):
         return b
+    if isinstance(b, MScale) and isinstance(b.a, MEye):
+        return _scale(b.scale, a)
+    if isinstance(a, MScale) and isinstance(a.a, MEye):
+        return _scale(a.scale, b)
     return MMul(a, b)
 
 
@@ -248,7 +261,7 @@ def _name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-_PASS = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy", "type_as", "copy"}
+_PASS = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy", "type_as"}
 _LAYOUT = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t", "numpy_T",
            "unsqueeze", "squeeze", "movedim", "expand", "slice", "select", "narrow"}  # fmt: skip
 _MIXING = {"einsum", "matmul", "mm", "bmm"}
@@ -282,8 +295,7 @@ class StreamAnalysis:
         if self.streams is None:
             return None
         coords = tuple(c.flatten()[value.index] for c in self.streams.coords_h)
-        eye: MatExpr = MEye(self.streams.layout.n)
-        return Mixed(coords, eye if _is_one(value.scale) else MScale(value.scale, eye))
+        return Mixed(coords, _scale(value.scale, MEye(self.streams.layout.n)))
 
     # rules ------------------------------------------------------------------------------------
     def visit(self, node: fx.Node, of: Any, is_linear: Any, factor: Any, scale_ops: Any) -> Pre | Mixed | None:
@@ -322,8 +334,10 @@ class StreamAnalysis:
                         terms.append((v, s))
                 return self.combine(node, terms, mul, add) if terms else None
             if name == "neg":
+                from .skip_split import Const
+
                 v = self.as_pre(of(args[0]), is_scalar)
-                return None if v is None else self.scaled(node, v, -1.0, mul)
+                return None if v is None else self.scaled(node, v, Const(-1.0), mul)
             if name in ("mul", "div") and len(args) >= 2 and not node.kwargs.get("rounding_mode"):
                 lin = [k for k, a in enumerate(args[:2]) if is_linear(a)]
                 if len(lin) != 1 or (name == "div" and lin[0] != 0):
@@ -348,7 +362,7 @@ class StreamAnalysis:
                 return None
             return Pre(v.index, v.ops, mul(v.scale, f))
         coords = _broadcast(v.coords, out)
-        return Mixed(coords, MScale(f, v.matrix))
+        return Mixed(coords, _scale(f, v.matrix))
 
     def combine(self, node: fx.Node, terms: list[tuple[Pre | Mixed, float]], mul: Any, add: Any) -> Pre | Mixed | None:
         from .skip_split import Const
@@ -374,8 +388,7 @@ class StreamAnalysis:
         rows2 = tuple(int(x) for x in uniq % r2)
         a1 = _rows(m1.matrix, rows1)
         a2 = _rows(m2.matrix, rows2)
-        a1 = a1 if s1 == 1.0 else MScale(Const(s1), a1)
-        a2 = a2 if s2 == 1.0 else MScale(Const(s2), a2)
+        a1, a2 = _scale(Const(s1), a1), _scale(Const(s2), a2)
         coords = (*c1[:-2], inverse.reshape(out), c1[-1])
         return Mixed(coords, MAdd(a1, a2))
 
@@ -554,12 +567,6 @@ class StreamAnalysis:
 
 class _NotLinear(Exception):
     pass
-
-
-def _is_one(c: Any) -> bool:
-    from .skip_split import ONE
-
-    return c == ONE
 
 
 def _broadcast(coords: tuple[Tensor, ...], shape: tuple[int, ...] | None) -> tuple[Tensor, ...]:
