@@ -105,7 +105,7 @@ class TapBlock(PreNormBlock):
 
 
 class TapStack(Stack):
-    """The head also reads every layer's branch output, an intermediate value of the layer."""
+    """Each layer also hands its branch output to the head: a per-layer side output."""
 
     def __init__(self) -> None:
         super().__init__(TapBlock)
@@ -158,10 +158,31 @@ def test_irregular_layer_refused_with_reason() -> None:
     assert "differs from the template 'layers.3'" in str(err)
 
 
+class MixStack(Stack):
+    """The head reads the scaled layer inputs the loop computes: values inside the chain's layers
+    (between two hidden states) that are neither a layer's output nor a module's side output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = 0
+        for layer in self.layers:
+            u = 0.9 * x
+            taps = taps + u.tanh()
+            x = layer(u)
+        return self.head(x + taps)
+
+
 def test_intermediate_reader_refused() -> None:
-    err = _refusal(TapStack().eval())
+    err = _refusal(MixStack(PreNormBlock).eval())
     assert "intermediate value" in str(err)
-    assert err.module_path is not None
+    assert err.node is not None and err.module_path is not None
+
+
+def test_side_outputs_are_solved_exactly() -> None:
+    """Values a layer module hands out besides its hidden state come out of the solve too."""
+    model = TapStack().double().eval()
+    x = X.double()
+    fast = snlp_compile.transform(model, (x,), iterations=4)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
 
 
 def test_prenorm_stack_accepted_and_exact() -> None:
