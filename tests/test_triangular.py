@@ -13,11 +13,9 @@ from snlp_compile.models import build_model
 @pytest.mark.parametrize(
     "name,init,fraction",
     [
-        ("nanochat-small", "h0", "all"),
         ("nanochat-small", "h0", "half"),
         ("nanochat-small", "batch_fwd", "all"),
         ("gpt-tiny", "h0", "all"),
-        ("gpt-tiny", "batch_fwd", "half"),
     ],
 )
 def test_first_k_layers_exact_after_k_iterations(name: str, init: str, fraction: str) -> None:
