@@ -84,3 +84,14 @@ def test_transformers_models_exact(dtype: torch.dtype, fraction: str) -> None:
         torch.testing.assert_close(got, expected, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
         report = fast.snlp_report
         assert report.skip is not None and "identity" in report.skip, name
+
+
+def test_backout_reader_reads_the_solved_trace() -> None:
+    """nanochat-small subtracts a scaled h_{L/2} before the head: that reader must see the solve."""
+    model = build_model("nanochat-small").double()
+    assert model.config.backout
+    idx = torch.randint(0, 500, (2, 12))
+    fast = snlp_compile.transform(model, (idx,), iterations=8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), model(idx), rtol=1e-10, atol=1e-10)
+    assert any("output of layer 3" in r for r in fast.snlp_report.readers)
