@@ -115,6 +115,7 @@ def transform(
         assert report.error is not None
         raise report.error
     out = rewrite(gm, chain, cfg)
+    report.notes.extend(n for n in chain.notes if n not in report.notes)  # what the rewrite decided
     solve = out.get_submodule(SOLVE_NAME)
     report.externals = [
         (name, mode, _stack_shape(solve, name, mode, ext))

@@ -218,6 +218,7 @@ def test_shared_input_linears_read_one_concatenated_weight() -> None:
     fused = solve.stacked_fused_attn_c_q_attn_c_k_attn_c_v
     parts = [getattr(solve, f"stacked_attn_c_{w}_weight") for w in "qkv"]
     assert torch.equal(fused, torch.cat(parts, dim=1))
+    assert any("fused_attn_c_q_attn_c_k_attn_c_v" in note for note in fast.snlp_report.notes)
     einsums = [n for n in solve.layers.graph.nodes if "einsum" in str(n.target)]
     assert len(einsums) == 4  # qkv, c_proj, c_fc, mlp c_proj
     with torch.no_grad():
