@@ -36,7 +36,10 @@ class Decoder:
     config None (and no overrides): both steps are the model's own sequential cached step.
     Otherwise the decode step (T = 1) is transformed once here; prefill is the sequential step
     ("sequential") or a second transform of the step for prompts longer than one token ("solve",
-    built at the first prefill). ``k_cache``/``v_cache`` hold the caches of the last generate().
+    built at the first prefill). ``decode_step`` instead takes a step the caller built, e.g.
+    ``torch.compile(transform(CachedStep(model), ...))``, with the step's call signature
+    (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v). ``k_cache``/``v_cache`` hold the
+    caches of the last generate().
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Decoder:
         batch: int,
         max_len: int,
         prefill: PrefillKind = "sequential",
+        decode_step: Step | None = None,
         **overrides: Any,
     ):
         if not hasattr(model, "forward_cached"):
@@ -68,7 +72,11 @@ class Decoder:
         self.config: SNLPConfig | None = None
         self.decode_step: Step = self.sequential
         self.prefill_step: Step | None = self.sequential
-        if config is not None or overrides:
+        if decode_step is not None:  # a step transformed (and compiled, captured...) by the caller
+            if config is not None or overrides:
+                raise SNLPConfigError("pass either decode_step or a config to transform the step with, not both")
+            self.decode_step = decode_step
+        elif config is not None or overrides:
             self.config = resolve_config(config, overrides)
             self.decode_step = transform(CachedStep(model), self._example(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None

@@ -10,6 +10,7 @@ import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError
 from snlp_compile.generate import Decoder, generate
 from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep
 
 N_NEW = 200
 
@@ -59,6 +60,18 @@ def test_exact_mode_with_warm_init_and_solved_prefill(
     config = SNLPConfig(iterations=model.config.n_layer, init="warm")
     tokens = generate(model, prompt, N_NEW, config, prefill="solve")
     assert torch.equal(tokens, sequential[0])
+
+
+def test_decoder_takes_a_step_transformed_by_the_caller(
+    model: torch.nn.Module, prompt: torch.Tensor, sequential: tuple[torch.Tensor, Decoder]
+) -> None:
+    example = Decoder(model, batch=1, max_len=8 + N_NEW)._example(1)
+    step = snlp_compile.transform(CachedStep(model), example, iterations=model.config.n_layer)
+    dec = Decoder(model, batch=1, max_len=8 + N_NEW, decode_step=step)
+    assert dec.decode_step is step
+    assert torch.equal(generate(dec, prompt, 50), sequential[0][:, : 8 + 50])
+    with pytest.raises(SNLPConfigError, match="not both"):
+        Decoder(model, SNLPConfig(iterations=2), batch=1, max_len=16, decode_step=step)
 
 
 def test_inexact_solve_still_decodes(model: torch.nn.Module, prompt: torch.Tensor) -> None:
