@@ -19,7 +19,7 @@ from snlp_compile.models import (
 )
 
 SMALL = ("gpt-tiny", "gpt-small", "nanochat-tiny", "nanochat-small", "mhc-tiny", "mhc-dyn-tiny", "mhc-small", "mhc-dyn-small")
-BIG = ("nanochat-d20", "nanochat-0.5b", "gpt-0.5b", "mhc-d20", "mhc-0.5b")
+BIG = ("nanochat-d20", "nanochat-0.5b", "gpt-0.5b", "mhc-d20", "mhc-0.5b", "mhc-dyn-d20", "mhc-dyn-0.5b")
 TINY = ("gpt-tiny", "nanochat-tiny")
 
 

@@ -44,6 +44,12 @@ _CONFIGS: dict[str, GPTConfig | NanochatConfig] = {
     ),
     "mhc-d20": MHCConfig(vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280),
     "mhc-0.5b": MHCConfig(vocab_size=65536, sequence_len=2048, n_layer=32, n_head=10, n_kv_head=10, n_embd=640),
+    "mhc-dyn-d20": MHCConfig(
+        vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280, dynamic=True
+    ),
+    "mhc-dyn-0.5b": MHCConfig(
+        vocab_size=65536, sequence_len=2048, n_layer=32, n_head=10, n_kv_head=10, n_embd=640, dynamic=True
+    ),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_CONFIGS)
