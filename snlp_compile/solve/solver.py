@@ -93,12 +93,12 @@ class LayerParallelSolve(nn.Module):
         self.use_prefix_products = False
         if self.stream_layout is not None:
             static = _static_matrix(layers, self.ext_names, self.ext_modes, stacked)
-            if static is not None:
-                a = static * self.damping
+            if static is not None:  # products in float64 (bf16 products of 32 layers would drift)
+                a = static.double() * self.damping
                 flat = a.reshape(a.shape[0], *a.shape[-2:])
-                self.register_buffer("static_skip", a)
-                self.register_buffer("static_transfer", static_prefix_products(flat, matrix=True))
-                self.register_buffer("static_init", static_init_products(flat, matrix=True))
+                self.register_buffer("static_skip", a.to(static.dtype))
+                self.register_buffer("static_transfer", static_prefix_products(flat, matrix=True).to(static.dtype))
+                self.register_buffer("static_init", static_init_products(flat, matrix=True).to(static.dtype))
                 self.use_prefix_products = True
         # Scaled IDN with per-layer scalars folded at transform time (nanochat's resid_lambdas):
         # with P_j = a_j..a_0, h_j = P_j (h_in + sum_{i<=j} d_i / P_i): one cumsum over the layer
