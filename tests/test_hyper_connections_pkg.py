@@ -43,7 +43,7 @@ def test_exact_recovery_float32(variant: str) -> None:
     assert "(HCN) over 4 streams" in skip and "dynamic" in skip
     assert "H = H(mlp)[rows 1..4] @ H(attn)[rows 1..4]" in skip  # row 0 is the branch input
     assert "permute(0, 2, 3, 1, 4)" in skip
-    assert not fast.snlp_report.notes  # no vmap fallback
+    assert not [n for n in fast.snlp_report.notes if "vmap" in n]  # no vmap fallback
     for batch, t in [(2, 10), (1, 4), (3, 9)]:
         idx = _tokens(batch, t, seed=batch * t)
         with torch.no_grad():

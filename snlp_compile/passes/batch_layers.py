@@ -68,6 +68,7 @@ _DIM_ARGS: dict[str, list[tuple[int | str, int | None]]] = {
     "roll": [(2, None)],
     "flip": [(1, None)],
     "linalg_vector_norm": [(2, None)],
+    "unflatten": [(1, None)],
 }
 
 
