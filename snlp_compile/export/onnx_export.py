@@ -9,7 +9,6 @@ readable names ("batch", "sequence") in the ONNX graph.
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 import warnings
@@ -20,11 +19,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
 from ..api import transform
 from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPCaptureError, SNLPConfigError
+from ..passes.capture import auto_dims
 from ..report import ExplainReport
 
 DEFAULT_OPSET = 18
@@ -70,19 +69,8 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Every dimension of every tensor input AUTO: export keeps symbolic what the model allows."""
-
-    def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())}
-        if isinstance(x, (list, tuple)):
-            return type(x)(spec(v) for v in x)
-        if isinstance(x, dict):
-            return {k: spec(v) for k, v in x.items()}
-        return None
-
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    """Every dimension of every tensor input AUTO: the same spec the compiler captures with."""
+    return auto_dims(model, args, kwargs)
 
 
 def is_transformed(model: torch.nn.Module) -> bool:

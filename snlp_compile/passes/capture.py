@@ -26,7 +26,7 @@ class Captured:
     note: str
 
 
-def _auto_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def auto_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Every dimension of every tensor input marked AUTO (export keeps symbolic what it can),
     keyed by the forward's parameter names so positional and keyword inputs mix freely."""
 
@@ -73,7 +73,7 @@ def capture(
         try:
             kwargs: dict[str, Any] = {"strict": False}
             if use_dynamic:
-                kwargs["dynamic_shapes"] = _auto_dims(private, tuple(example_args), example_kwargs)
+                kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
             with torch.no_grad():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             gm = ep.module()
