@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -24,30 +24,25 @@ def innermost_module(node: fx.Node) -> str:
     return paths[-1] if paths else ""
 
 
-def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
-    """Every node reachable from roots through users (roots included)."""
+def _reach(roots: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     todo = list(roots)
     while todo:
         n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(n.users)
+        if n not in seen:
+            seen.add(n)
+            todo.extend(step(n))
     return seen
+
+
+def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node reachable from roots through users (roots included)."""
+    return _reach(roots, lambda n: n.users)
 
 
 def ancestors(roots: Iterable[fx.Node]) -> set[fx.Node]:
     """Every node roots depend on (roots included)."""
-    seen: set[fx.Node] = set()
-    todo = list(roots)
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return seen
+    return _reach(roots, lambda n: n.all_input_nodes)
 
 
 def flatten_args(value: Any) -> Iterator[Any]:
