@@ -8,6 +8,11 @@ per variant on a lent machine) are combined with --merge.
 
     python benchmarks/train_gpu.py --variants base reg:weight=1.0 --steps 3000 --out $OUT
     python benchmarks/train_gpu.py --merge a/train_gpu.json b/train_gpu.json --out benchmarks/results
+    python benchmarks/train_gpu.py --variants base reg:weight=2 --concurrent --out $OUT
+
+--concurrent trains every variant in its own process on the same GPU at once (eager training of
+these small models leaves most of an H100/H200 idle), then merges their results; the per-step
+times it reports are then those of runs sharing one GPU.
 
 A variant is ``name`` or ``name:key=value,...`` with keys weight (lambda; absent or 0 = baseline),
 sg (stop-gradient on the target, 0/1), suffix (parallel-suffix sizes, e.g. 16/8), every, ramp
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,8 +156,8 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
     lines = [
         f"## SNLP-aware training: {meta['model']} with {', '.join(f'{k}={v}' for k, v in SHAPE.items())}",
         "",
-        f"Device: {env.get('gpu', env.get('cpu'))}, torch {env['torch']}, Python {env['python']} (its stdlib is the "
-        f"text). Data: {meta['data']}.",
+        f"Device: {env.get('gpu', env.get('cpu'))}, torch {env['torch']}, Python {env['python']}. Text: "
+        f"{', '.join(meta.get('sources', ['its stdlib sources']))}. Data: {meta['data']}.",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),
         "",
@@ -202,6 +209,53 @@ def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     print((out / f"{name}.md").read_text())
 
 
+def run_concurrently(args: argparse.Namespace, argv: list[str], out: Path) -> int:
+    """One process per variant, all at once on the same device; then one merged result plus a log."""
+    parts = Path(args.parts_dir) if args.parts_dir else out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    base = _strip_options(argv, {"--variants": True, "--concurrent": False, "--out": True, "--name": True})
+    procs = []
+    for spec in args.variants:
+        name, _ = parse_variant(spec)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--variants", spec, "--out", str(parts)]
+        cmd += ["--name", f"part_{name}"]
+        log = open(parts / f"part_{name}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append(
+            (name, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()))
+        )
+        print(f"started {name}: {shlex.join(cmd)}", flush=True)
+    codes = []
+    for name, log, proc in procs:
+        codes.append(proc.wait())
+        log.close()
+        print(f"{name} finished with exit code {codes[-1]}", flush=True)
+    with open(out / f"{args.name}_log.txt", "w") as merged_log:
+        for name, _, _ in procs:
+            merged_log.write(f"===== {name} =====\n{(parts / f'part_{name}.log').read_text()}\n")
+    done = [
+        str(parts / f"part_{name}.json") for name, _, _ in procs if (parts / f"part_{name}.json").exists()
+    ]
+    if done:
+        merge(done, out, args.name, args.notes)
+    return max(codes) if codes else 0
+
+
+def _strip_options(argv: list[str], options: dict[str, bool]) -> list[str]:
+    """argv without the given options (True: the option takes values up to the next --option)."""
+    kept: list[str] = []
+    skipping = False
+    for a in argv:
+        if a.startswith("--"):
+            key = a.split("=", 1)[0]
+            skipping = options.get(key, False) and "=" not in a
+            if key in options:
+                continue
+        elif skipping:
+            continue
+        kept.append(a)
+    return kept
+
+
 def _command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
@@ -209,7 +263,9 @@ def _command() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "regularised:weight=1.0"])
-    p.add_argument("--model", default=MODEL, help="registry name: nanochat-small, or mhc-small / mhc-dyn-small (HCN)")
+    p.add_argument(
+        "--model", default=MODEL, help="registry name: nanochat-small, or mhc-small / mhc-dyn-small (HCN)"
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -219,20 +275,34 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=256)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="text files or folders (*.py searched); default: the stdlib sources",
+    )
+    p.add_argument("--max-bytes", type=int, default=None, help="cap on the train and the held-out text, each")
     p.add_argument("--smoke", action="store_true", help="tiny shape and steps: checks the script runs (CPU)")
     p.add_argument("--merge", nargs="+", default=None, help="combine the JSON of earlier runs")
     p.add_argument("--notes", default=None, help="with --merge: a markdown file appended to the table")
     p.add_argument("--name", default=NAME, help="file stem of the results")
     p.add_argument("--out", default=None, help="default: $OUT, else benchmarks/results")
-    args = p.parse_args()
+    p.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
+    p.add_argument(
+        "--parts-dir", default=None, help="with --concurrent: where each process writes (default OUT/parts)"
+    )
+    argv = sys.argv[1:]
+    args = p.parse_args(argv)
     out = out_dir_from(args.out)
     if args.merge:
         merge(args.merge, out, args.name, args.notes)
         return 0
     if args.smoke:
         SHAPE.update(n_layer=4, n_embd=64, sequence_len=64)
+    if args.concurrent:
+        return run_concurrently(args, argv, out)
     device = torch.device(args.device)
-    corpus = load_corpus(max_bytes=400_000 if args.smoke else None)
+    corpus = load_corpus(args.data, max_bytes=400_000 if args.smoke else args.max_bytes)
     windows = eval_windows(corpus.val, SHAPE["sequence_len"], args.eval_windows)
     meta = {
         "environment": environment(device),
@@ -240,6 +310,7 @@ def main() -> int:
         "model": args.model,
         "shape": SHAPE,
         "data": corpus.describe(),
+        "sources": args.data or ["the stdlib sources of the running interpreter"],
         "eval": (
             f"{windows.size(0)} windows of {SHAPE['sequence_len']} tokens spread over the held-out files; fp32; "
             f"K in {args.iterations}, all {SHAPE['n_layer']} layers or the last {SHAPE['n_layer'] // 2} parallel, init h0"
