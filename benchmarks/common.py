@@ -31,7 +31,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-SHAPES = {"d20": "nanochat-d20", "0.5b": "nanochat-0.5b", "small": "nanochat-small", "tiny": "nanochat-tiny"}
+SHAPES = {
+    "d20": "nanochat-d20",
+    "0.5b": "nanochat-0.5b",
+    "small": "nanochat-small",
+    "tiny": "nanochat-tiny",
+    # mHC, 4 hyper-connected streams: static H ("mhc-*") and per-token H ("mhc-dyn-*"), the
+    # nanochat trunks above with the residual stream widened (same layer weights plus the mixing)
+    "mhc-d20": "mhc-d20",
+    "mhc-0.5b": "mhc-0.5b",
+    "mhc-small": "mhc-small",
+    "mhc-tiny": "mhc-tiny",
+    "mhc-dyn-d20": "mhc-dyn-d20",
+    "mhc-dyn-0.5b": "mhc-dyn-0.5b",
+    "mhc-dyn-small": "mhc-dyn-small",
+    "mhc-dyn-tiny": "mhc-dyn-tiny",
+}
 MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -19,7 +19,9 @@ HC-Newton surrogate Jacobian (DESIGN.md section 1). H_pre (1 x n) reads the bran
   batched layer at the current iterate (the frozen-coefficient structured Newton surrogate).
 
 Attention and MLP are nanochat's own classes (imported, not copied). ``HCPackageGPT`` is the same
-network assembled from the ``hyper-connections`` package's modules instead (HC and mHC).
+network assembled from the ``hyper-connections`` package's modules instead (HC and mHC). Both have
+nanochat's KV-cached step, ``forward_cached`` (models.kv): the hyper-connection around the cached
+attention writes its output back into the streams and hands the new keys/values on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .nanochat import MLP, CausalSelfAttention, NanochatConfig, NanochatGPT, norm
+from .kv import attention_bias
+from .nanochat import MLP, CausalSelfAttention, KVInput, NanochatConfig, NanochatGPT, norm
 
 
 @dataclass
@@ -102,7 +105,9 @@ class HyperConnection(nn.Module):
         super().__init__()
         self.mix = DynamicMix(config) if config.dynamic else StaticMix(config)
 
-    def forward(self, h: torch.Tensor, branch: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, branch: nn.Module, *args: Any) -> Any:
+        """h (B, T, n, D) -> the new streams. A branch that returns a tuple (the cached attention:
+        (out, k, v)) has its first value written back and the rest handed on: (h, k, v)."""
         pre, post, res = self.mix(h)
         if pre.dim() == 1:  # static: one matrix for every token
             x = torch.einsum("j,btjd->btd", pre, h)
@@ -110,7 +115,9 @@ class HyperConnection(nn.Module):
         else:  # dynamic: per-token coefficients (B, T, ...)
             x = torch.einsum("btj,btjd->btd", pre, h)
             skip = torch.einsum("btij,btjd->btid", res, h)
-        y = branch(norm(x), *args)  # (B, T, D)
+        y = branch(norm(x), *args)  # (B, T, D), or (out, *extra) from a cached attention
+        if isinstance(y, tuple):
+            return (skip + post.unsqueeze(-1) * y[0].unsqueeze(-2), *y[1:])
         return skip + post.unsqueeze(-1) * y.unsqueeze(-2)
 
 
@@ -122,7 +129,12 @@ class MHCBlock(nn.Module):
         self.hc_attn = HyperConnection(config)
         self.hc_mlp = HyperConnection(config)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None
+    ) -> Any:
+        if kv is not None:  # cached step: also hand the new keys/values to the caller
+            h, k, v = self.hc_attn(h, self.attn, cos, sin, kv)
+            return self.hc_mlp(h, self.mlp), k, v
         h = self.hc_attn(h, self.attn, cos, sin)
         return self.hc_mlp(h, self.mlp)
 
@@ -178,6 +190,29 @@ class MHCGPT(NanochatGPT):
         logits = self.lm_head(x)
         softcap = self.config.softcap
         return softcap * torch.tanh(logits / softcap)
+
+    def forward_cached(
+        self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One KV-cached step (prefill when T > 1, decode when T = 1), functional; the contract of
+        NanochatGPT.forward_cached: idx [B, T] at positions pos .. pos+T-1, caches
+        [L, B, H_kv, T_max, D] holding positions < pos; returns softcapped logits [B, T, vocab]
+        and the new keys/values [L, B, H_kv, T, D], which the caller writes (models.kv)."""
+        _, t = idx.size()
+        positions = pos + torch.arange(t, device=idx.device)
+        cos, sin = self.cos[:, positions], self.sin[:, positions]
+        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        x = norm(self.transformer.wte(idx))
+        h = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.n_streams, x.shape[-1])  # (B, T, n, D)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.transformer.h):
+            h, k, v = block(h, cos, sin, (k_cache[i], v_cache[i], bias))
+            new_k.append(k)
+            new_v.append(v)
+        x = norm(h.sum(dim=-2))  # collapse the streams
+        logits = self.lm_head(x)
+        softcap = self.config.softcap
+        return softcap * torch.tanh(logits / softcap), torch.stack(new_k), torch.stack(new_v)
 
 
 class _PreNorm(nn.Module):
@@ -262,6 +297,27 @@ class HCPackageGPT(NanochatGPT):
         softcap = self.config.softcap
         return softcap * torch.tanh(logits / softcap)
 
+    def forward_cached(
+        self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One KV-cached step, the contract of NanochatGPT.forward_cached. The package's
+        hyper-connection modules write back the first value of a branch that returns a tuple and
+        hand the rest (the cached attention's new k, v) on."""
+        _, t = idx.size()
+        positions = pos + torch.arange(t, device=idx.device)
+        cos, sin = self.cos[:, positions], self.sin[:, positions]
+        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        h = self.expand_streams(norm(self.transformer.wte(idx)))  # (B*n, T, D)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.transformer.h):
+            h, k, v = block(h, cos, sin, (k_cache[i], v_cache[i], bias))
+            new_k.append(k)
+            new_v.append(v)
+        x = norm(self.reduce_streams(h))
+        logits = self.lm_head(x)
+        softcap = self.config.softcap
+        return softcap * torch.tanh(logits / softcap), torch.stack(new_k), torch.stack(new_v)
+
 
 class _HCBlock(nn.Module):
     """Attention then MLP, each inside its hyper-connection module (which adds the residual)."""
@@ -271,5 +327,10 @@ class _HCBlock(nn.Module):
         self.attn = attn
         self.mlp = mlp
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None
+    ) -> Any:
+        if kv is not None:  # cached step: the attention branch returns (out, k, v)
+            h, k, v = self.attn(h, cos, sin, kv)
+            return self.mlp(h), k, v
         return self.mlp(self.attn(h, cos, sin))
