@@ -16,7 +16,7 @@ times it reports are then those of runs sharing one GPU.
 
 A variant is ``name`` or ``name:key=value,...`` with keys weight (lambda; absent or 0 = baseline),
 sg (stop-gradient on the target, 0/1), suffix (parallel-suffix sizes, e.g. 16/8), every, ramp
-(lambda warm-up as a fraction of the steps), lr.
+(lambda warm-up as a fraction of the steps), lr, iters (the K of the regularised trace, default 1).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ TARGET_K2 = 0.05  # regularised K=2 all-parallel ppl within 5% of its own sequen
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, rest = spec.partition(":")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
-    unknown = set(opts) - {"weight", "sg", "suffix", "every", "ramp", "lr"}
+    unknown = set(opts) - {"weight", "sg", "suffix", "every", "ramp", "lr", "iters"}
     if unknown:
         raise SystemExit(f"variant {spec!r}: unknown keys {sorted(unknown)}")
     return name, opts
@@ -74,6 +74,7 @@ def regulariser_for(opts: dict[str, str], steps: int) -> RegulariserConfig | Non
         suffix_sizes=tuple(int(n) for n in opts["suffix"].split("/")) if "suffix" in opts else None,
         every=int(opts.get("every", 1)),
         ramp_steps=int(float(opts.get("ramp", 0.25)) * steps),
+        iterations=int(opts.get("iters", 1)),
     )
 
 
@@ -170,7 +171,8 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
             "-"
             if reg is None
             else ", ".join(
-                f"{k}={reg[k]}" for k in ("weight", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
+                f"{k}={reg.get(k, 1)}"
+                for k in ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
             )
         )
         lines.append(

@@ -40,7 +40,12 @@ def nano() -> dict:
 @pytest.fixture(scope="module")
 def gpt() -> dict:
     model, idx = _model("gpt-tiny")  # IDN, tied head
-    return {"model": model, "idx": idx, "reg": SNLPRegulariser(model, (idx,)), "fast": transform(model, (idx,))}
+    return {
+        "model": model,
+        "idx": idx,
+        "reg": SNLPRegulariser(model, (idx,)),
+        "fast": transform(model, (idx,)),
+    }
 
 
 def _check_traces(reg: SNLPRegulariser, fast: dict, idx: torch.Tensor) -> None:
@@ -71,13 +76,17 @@ def test_k1_trace_is_the_compilers_hcn() -> None:
     _check_traces(reg, {4: transform(model, (idx,))}, idx)
     model.zero_grad(set_to_none=True)
     reg(idx).loss.backward()
-    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("transformer.h.3."))
+    assert all(
+        p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("transformer.h.3.")
+    )
 
 
 def test_other_batch_shapes_after_capture(nano: dict) -> None:
     other = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
     h_hat, _ = nano["reg"].traces(other)[4]
-    torch.testing.assert_close(h_hat, solve_trace(nano["fast"][4], other, iterations=1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        h_hat, solve_trace(nano["fast"][4], other, iterations=1), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_loss_is_mean_relative_error_summed_over_suffixes(nano: dict) -> None:
@@ -122,14 +131,19 @@ def test_gradient_matches_finite_differences(nano: dict) -> None:
 def test_stop_gradient_detaches_the_target(nano: dict) -> None:
     model, idx = nano["model"], nano["idx"]
     grads = {}
-    for stop, reg in ((False, nano["reg"]), (True, SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4, 2), stop_gradient=True)))):
+    for stop, reg in (
+        (False, nano["reg"]),
+        (True, SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4, 2), stop_gradient=True))),
+    ):
         model.zero_grad(set_to_none=True)
         reg(idx).loss.backward()
         grads[stop] = model.transformer.h[2].mlp.c_fc.weight.grad.clone()
     # by hand: the same errors with the targets detached
     model.zero_grad(set_to_none=True)
     sum(_rel_err(h_hat, h.detach()) for h_hat, h in nano["reg"].traces(idx).values()).backward()
-    torch.testing.assert_close(grads[True], model.transformer.h[2].mlp.c_fc.weight.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        grads[True], model.transformer.h[2].mlp.c_fc.weight.grad, rtol=1e-10, atol=1e-14
+    )
     assert (grads[True] - grads[False]).abs().max() > 1e-6
 
 
@@ -141,7 +155,9 @@ def test_targets_output_and_gradients_on_nanochat_with_backout() -> None:
     reg = SNLPRegulariser(model, (idx,))
     ((n, (_, h_seq)),) = reg.traces(idx).items()
     assert n == model.config.n_layer
-    torch.testing.assert_close(h_seq, sequential_trace(model, list(model.transformer.h), idx), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        h_seq, sequential_trace(model, list(model.transformer.h), idx), rtol=0, atol=1e-12
+    )
     out = reg(idx)
     with torch.no_grad():
         torch.testing.assert_close(out.output, model(idx), rtol=0, atol=1e-12)
@@ -157,7 +173,9 @@ def test_targets_output_and_gradients_on_nanochat_with_backout() -> None:
         model.transformer.h[0].mlp.c_proj.weight.mul_(3.0)
         _, h_new = reg.traces(idx)[n]
         assert abs(reg(idx).loss - out.loss) > 1e-4
-    torch.testing.assert_close(h_new, sequential_trace(model, list(model.transformer.h), idx), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        h_new, sequential_trace(model, list(model.transformer.h), idx), rtol=0, atol=1e-12
+    )
 
 
 def test_ce_gradient_through_the_regulariser_is_the_models(gpt: dict) -> None:
@@ -245,3 +263,17 @@ def test_refuses_what_transform_refuses() -> None:
         SNLPRegulariser(model, (idx,))
     assert str(regulariser.value) == str(compiler.value)
     assert "no residual skip path" in str(regulariser.value) or "no layer stack" in str(regulariser.value)
+
+
+def test_k2_trace_is_the_compilers(nano: dict) -> None:
+    """iterations=2: the trace is solve_trace(..., iterations=2), and the term shrinks against K=1."""
+    model, idx = nano["model"], nano["idx"]
+    reg2 = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4,), iterations=2))
+    (h_hat, h_seq), (h_hat1, _) = reg2.traces(idx)[4], nano["reg"].traces(idx)[4]
+    torch.testing.assert_close(h_hat, solve_trace(nano["fast"][4], idx, iterations=2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_hat[:2], h_seq[:2], rtol=1e-10, atol=1e-10)  # first K layers exact
+    assert _rel_err(h_hat, h_seq) < _rel_err(h_hat1, h_seq)
+    with pytest.raises(SNLPConfigError, match="already exact"):
+        SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(2,), iterations=2))
+    with pytest.raises(SNLPConfigError, match="iterations must be an int >= 1"):
+        RegulariserConfig(iterations=0)

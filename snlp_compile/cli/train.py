@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reg.add_argument("--reg-weight", type=float, default=0.0, help="lambda; 0 trains the baseline")
     reg.add_argument("--reg-suffix", type=int, nargs="+", default=None, help="parallel-suffix sizes (default: all)")
     reg.add_argument("--reg-every", type=int, default=1, help="count every S-th layer's error")
+    reg.add_argument("--reg-iterations", type=int, default=1, help="K of the regularised trace (1: the paper's)")
     reg.add_argument("--reg-stop-gradient", action="store_true", help="detach the sequential target")
     reg.add_argument("--reg-ramp", type=int, default=None, help="lambda warm-up steps (default: steps // 4)")
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the final loss")
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             suffix_sizes=tuple(args.reg_suffix) if args.reg_suffix else None,
             every=args.reg_every,
             stop_gradient=args.reg_stop_gradient,
+            iterations=args.reg_iterations,
             ramp_steps=args.steps // 4 if args.reg_ramp is None else args.reg_ramp,
         )
     config = TrainConfig(

@@ -51,6 +51,10 @@ class RegulariserConfig:
     stop_gradient: detach the sequential target, so only the parallel trace is pulled towards it.
     ramp_steps: lambda rises linearly from 0 to ``weight`` over this many steps (0: no ramp).
     init: the solve's initial iterate ("h0" costs one evaluation, "batch_fwd" two).
+    iterations: the K of the trace compared with the sequential one. 1 (the paper's term) asks the
+        model to converge in one iteration; 2 asks only what a K=2 deployment needs, at the cost
+        of a second batched evaluation per suffix size (the first k layers of a K=k trace are
+        exact: their error is zero, and the mean still runs over all counted layers).
     eps: added to ||h_j|| so a zero hidden state cannot divide by zero.
     """
 
@@ -60,6 +64,7 @@ class RegulariserConfig:
     stop_gradient: bool = False
     ramp_steps: int = 0
     init: str = "h0"
+    iterations: int = 1
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -77,9 +82,15 @@ class RegulariserConfig:
         if not isinstance(self.every, int) or self.every < 1:
             raise SNLPConfigError(f"RegulariserConfig.every must be an int >= 1, got {self.every!r}")
         if not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
-            raise SNLPConfigError(f"RegulariserConfig.ramp_steps must be an int >= 0, got {self.ramp_steps!r}")
+            raise SNLPConfigError(
+                f"RegulariserConfig.ramp_steps must be an int >= 0, got {self.ramp_steps!r}"
+            )
         if self.init not in ("h0", "batch_fwd"):
             raise SNLPConfigError(f"RegulariserConfig.init must be 'h0' or 'batch_fwd', got {self.init!r}")
+        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
+            raise SNLPConfigError(
+                f"RegulariserConfig.iterations must be an int >= 1, got {self.iterations!r}"
+            )
         if not self.eps > 0:
             raise SNLPConfigError(f"RegulariserConfig.eps must be > 0, got {self.eps!r}")
 
@@ -140,6 +151,12 @@ class SNLPRegulariser:
         self.max_parallel = chain.num_parallel
         sizes = self.config.suffix_sizes or (self.max_parallel,)
         too_big = [n for n in sizes if n > self.max_parallel]
+        exact = [n for n in sizes if n <= self.config.iterations]
+        if exact:
+            raise SNLPConfigError(
+                f"RegulariserConfig.suffix_sizes {exact}: with iterations={self.config.iterations} the trace of "
+                "that many parallel layers is already exact, so the term would measure nothing"
+            )
         if too_big:
             raise SNLPConfigError(
                 f"RegulariserConfig.suffix_sizes {too_big} exceed the {self.max_parallel} layers of "
@@ -188,13 +205,15 @@ class SNLPRegulariser:
                 num_layers=n,
                 skip_kind=chain.skip.kind,
                 skip_constant=constant,
-                iterations=1,
+                iterations=self.config.iterations,
                 init=self.config.init,
                 damping=1.0,
             )
             counted = [j for j in range(n) if (n - 1 - j) % self.config.every == 0]
             self._suffixes.append(
-                _Suffix(n, solve, slot(par[0].hidden_in), [slot(layer.output) for layer in par], passed, counted)
+                _Suffix(
+                    n, solve, slot(par[0].hidden_in), [slot(layer.output) for layer in par], passed, counted
+                )
             )
         self._graph, self._out_spec, self._num_outputs = _graph_with_extras(gm, extras)
         self._names = self._check_names(gm)
@@ -234,7 +253,7 @@ class SNLPRegulariser:
         return RegulariserOutput(pytree.tree_unflatten(flat, self._out_spec), loss, errors)
 
     def traces(self, *args: Any, **kwargs: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per suffix size: (K=1 SNLP trace, sequential trace), each (N, *hidden)."""
+        """Per suffix size: (SNLP trace after ``config.iterations``, sequential trace), each (N, *hidden)."""
         _, extras = self._run(args, kwargs)
         return {s.size: self._traces(s, extras) for s in self._suffixes}
 
@@ -245,7 +264,9 @@ class SNLPRegulariser:
 
     @staticmethod
     def _traces(s: _Suffix, extras: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        passed = [extras[i[0]] if mode == "shared" else torch.stack([extras[j] for j in i]) for mode, i in s.passed]
+        passed = [
+            extras[i[0]] if mode == "shared" else torch.stack([extras[j] for j in i]) for mode, i in s.passed
+        ]
         h_hat = s.solve(extras[s.h_in], *passed)
         h_seq = torch.stack([extras[j] for j in s.targets])
         return h_hat, h_seq
@@ -265,7 +286,9 @@ def _graph_with_extras(gm: fx.GraphModule, extras: list[fx.Node]) -> tuple[fx.Gr
     old = gm.graph
     codegen = old._codegen
     if not isinstance(codegen, _PyTreeCodeGen):
-        raise TypeError(f"expected a torch.export graph with a pytree signature, got {type(codegen).__name__}")
+        raise TypeError(
+            f"expected a torch.export graph with a pytree signature, got {type(codegen).__name__}"
+        )
     graph = fx.Graph()
     graph._codegen = _PyTreeCodeGen(codegen.pytree_info._replace(out_spec=None))
     env: dict[fx.Node, fx.Node] = {}
