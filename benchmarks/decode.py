@@ -1,14 +1,20 @@
 """KV-cached decode benchmark: one token per step at context 1024, batch 1 and 8, sequential vs
-SNLP K = 1, 2, 4 (init h0, and warm for the first Ks).
+SNLP K = 1, 2, 4 (init h0, and warm for the first Ks), and chunked SNLP (K = 1, C = 2, 4 chunks).
 
     PYTHONPATH=. python benchmarks/decode.py                   # on a GPU: the full table
-    PYTHONPATH=. python benchmarks/decode.py --device cpu --shapes tiny --context 32 --modes eager
+    PYTHONPATH=. python benchmarks/decode.py --device cpu --shapes tiny --context 32 --modes eager \
+        --chunk-modes eager
 
 Every variant runs the same thing: the model's cached step (models.kv: explicit stacked caches,
 a position input, the new K/V returned) followed by the cache write (index_copy_), with the
 transformed step in place of the original for SNLP. The cache holds context-1 random keys/values
 and the step decodes position context-1, so attention reads `context` positions. Shapes are
 layer stacks ("trunks", vocab cut to --vocab); bf16; random weights.
+
+Chunked variants ("snlp K=1 C=2 <mode>", family "snlp-chunked"): the step transformed with
+SNLPConfig(iterations=1, chunks=C, init h0): C consecutive chunks of layers, each solved
+layer-parallel from the previous chunk's last output, so C batched evaluations per step instead of
+one; the new K/V are still one evaluation over all layers at the corrected inputs.
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
 SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-ks", default="1,2", help="SNLP iteration counts with init warm")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--warm-modes", default="compiled+graph")
+    p.add_argument(
+        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
+    )
+    p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")
@@ -101,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     warm_ks = [int(k) for k in args.warm_ks.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
     warm_modes = [m for m in args.warm_modes.split(",") if m]
+    chunk_counts = [int(c) for c in args.chunks.split(",") if c]
+    chunk_modes = [m for m in args.chunk_modes.split(",") if m]
     if device.type != "cuda":
         modes = [m for m in modes if not m.endswith("+graph")]
         warm_modes = [m for m in warm_modes if not m.endswith("+graph")]
+        chunk_modes = [m for m in chunk_modes if not m.endswith("+graph")]
     prof_path = out / f"{args.name}_profile.txt"
     ctx = args.context
 
@@ -127,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                 if warm_ks:
                     snlp["warm"] = snlp_compile.transform(step, inputs, iterations=1, init="warm")
                 transform_s = (time.perf_counter() - t0) / len(snlp)
+                # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
+                chunked = {
+                    c: snlp_compile.transform(step, inputs, iterations=1, chunks=c)
+                    for c in (chunk_counts if chunk_modes else [])
+                    if 1 < c <= cfg.n_layer
+                }
                 kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
                 case = f"b{batch} ctx={ctx}"
                 bench.case_notes[(shape_label, case)] = (
@@ -135,18 +154,26 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 floor = floor_ms(wbytes + kv_bytes, bw)
                 compiled: dict[str, Callable[..., Any]] = {}
-                plan: list[tuple[str, str, int | None, str]] = [("sequential", "", None, m) for m in modes]
-                plan += [("snlp", "h0", k, m) for k in ks for m in modes]
-                plan += [("snlp", "warm", k, m) for k in warm_ks for m in warm_modes]
+                # (family, init, K, mode, chunks)
+                plan: list[tuple[str, str, int | None, str, int]] = [
+                    ("sequential", "", None, m, 1) for m in modes
+                ]
+                plan += [("snlp", "h0", k, m, 1) for k in ks for m in modes]
+                plan += [("snlp", "warm", k, m, 1) for k in warm_ks for m in warm_modes]
+                plan += [("snlp-chunked", "h0", 1, m, c) for c in chunked for m in chunk_modes]
                 post = _writer(k_cache, v_cache, pos)
-                for family, init, k, mode in plan:
+                for family, init, k, mode, chunks in plan:
                     if family == "sequential":
                         variant, base = f"seq {mode}", step
+                    elif family == "snlp-chunked":
+                        variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
                     else:
                         tag = "" if init == "h0" else " warm"
                         variant, base = f"snlp K={k}{tag} {mode}", with_iterations(snlp[init], k)
                     rec = Record("decode", shape_label, case, variant, family, k, mode)
                     rec.extra["init"] = init or None
+                    if family == "snlp-chunked":
+                        rec.extra["chunks"] = chunks
                     if time.perf_counter() - t_start > args.budget_s:
                         rec.error = "skipped: time budget spent"
                         bench.records.append(rec)
@@ -167,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         if key in compiled:
                             fn = partial(compiled[key], *inputs)
                             profile_variant(fn, f"{shape_label} {case} {key}", prof_path, rows=40)
-                del snlp, compiled
+                del snlp, chunked, compiled
             del model, step
             torch._dynamo.reset()
             if device.type == "cuda":

@@ -1,7 +1,9 @@
-"""Full-sequence forward benchmark: batch 1, T = 256 and 2048, sequential vs SNLP K = 1, 2, 4.
+"""Full-sequence forward benchmark: batch 1, T = 256 and 2048, sequential vs SNLP K = 1, 2, 4, and
+chunked SNLP (K = 1, C = 2, 4 chunks).
 
     PYTHONPATH=. python benchmarks/forward.py                       # on a GPU: the full table
-    PYTHONPATH=. python benchmarks/forward.py --device cpu --shapes tiny --seq 32 --modes eager
+    PYTHONPATH=. python benchmarks/forward.py --device cpu --shapes tiny --seq 32 --modes eager \
+        --chunk-modes eager
 
 Shapes are layer stacks ("trunks"): nanochat-d20 (L=20, d=1280) and the paper's 0.5B shape
 (L=32, d=640), with the vocabulary cut to --vocab tokens so that the embedding and head (the same
@@ -10,7 +12,9 @@ work in every variant) do not blur the layer-stack comparison. bf16, random weig
 Variants: sequential eager / eager + CUDA graph / torch.compile / torch.compile + CUDA graph, and
 the same four for the transformed model at each K. "+ CUDA graph" captures the callable with
 torch.cuda.CUDAGraph after warm-up (what mode="reduce-overhead" does, without its tree
-bookkeeping). Each case reports the ratio against the best sequential variant of the same run and
+bookkeeping). Chunked variants ("snlp K=1 C=2 <mode>", family "snlp-chunked", in --chunk-modes):
+the model transformed with SNLPConfig(iterations=1, chunks=C, init h0), C consecutive chunks of
+layers each solved layer-parallel from the previous chunk's last output (C batched evaluations). Each case reports the ratio against the best sequential variant of the same run and
 the bytes floor (layer weights read once over the measured copy bandwidth).
 """
 
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--ks", default="1,2,4", help="SNLP iteration counts")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument(
+        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
+    )
+    p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")
@@ -109,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench("forward", out, device, meta, name=args.name)
     ks = [int(k) for k in args.ks.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
+    chunk_counts = [int(c) for c in args.chunks.split(",") if c]
+    chunk_modes = [m for m in args.chunk_modes.split(",") if m]
     if device.type != "cuda":
         modes = [m for m in modes if not m.endswith("+graph")]
+        chunk_modes = [m for m in chunk_modes if not m.endswith("+graph")]
     prof_path = out / f"{args.name}_profile.txt"
 
     with torch.no_grad():
@@ -123,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
             snlp = snlp_compile.transform(model, (example,), iterations=1)
             transform_s = time.perf_counter() - t0
+            # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
+            chunked = {
+                c: snlp_compile.transform(model, (example,), iterations=1, chunks=c)
+                for c in (chunk_counts if chunk_modes else [])
+                if 1 < c <= cfg.n_layer
+            }
             print(
                 f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB, transform {transform_s:.1f}s"
             )
@@ -140,16 +157,24 @@ def main(argv: list[str] | None = None) -> int:
                     + f"; transform() took {transform_s:.1f} s"
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
-                plan: list[tuple[str, int | None, str]] = [("sequential", None, m) for m in modes]
-                plan += [("snlp", k, m) for k in ks for m in modes]
-                for family, k, mode in plan:
-                    variant = f"seq {mode}" if family == "sequential" else f"snlp K={k} {mode}"
+                # (family, K, mode, chunks)
+                plan: list[tuple[str, int | None, str, int]] = [("sequential", None, m, 1) for m in modes]
+                plan += [("snlp", k, m, 1) for k in ks for m in modes]
+                plan += [("snlp-chunked", 1, m, c) for c in chunked for m in chunk_modes]
+                for family, k, mode, chunks in plan:
+                    if family == "sequential":
+                        variant, base = f"seq {mode}", model
+                    elif family == "snlp-chunked":
+                        variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
+                    else:
+                        variant, base = f"snlp K={k} {mode}", with_iterations(snlp, k)
                     rec = Record("forward", shape_label, case, variant, family, k, mode)
+                    if family == "snlp-chunked":
+                        rec.extra["chunks"] = chunks
                     if time.perf_counter() - t_start > args.budget_s:
                         rec.error = "skipped: time budget spent"
                         bench.records.append(rec)
                         continue
-                    base = model if family == "sequential" else with_iterations(snlp, k)
                     key = variant.replace("+graph", "")
                     build = partial(make_variant, base, mode, (idx,), device, compiled, key)
                     bench.measure(rec, build, ref, warmup=5)
@@ -166,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                             profile_variant(
                                 partial(compiled[key], idx), f"{shape_label} {case} {key}", prof_path
                             )
-            del model, snlp
+            del model, snlp, chunked
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .config import SNLPConfig, resolve_config
+from .config import SNLPConfig, chunk_sizes, resolve_config
 from .errors import SNLPRefusal
 from .ir import LayerChain
 from .passes.capture import capture
@@ -63,6 +63,13 @@ def analyse(
                 f"fewer than two layers of '{container}' can be solved in parallel: nothing to rewrite{why}",
                 module_path=container,
             )
+        if config.chunks > n_par:
+            raise SNLPRefusal(
+                f"SNLPConfig.chunks={config.chunks} but only {n_par} layers of '{container}' are solved in "
+                f"parallel: at most {n_par} chunks (one layer each)",
+                module_path=container,
+            )
+        report.chunks = chunk_sizes(n_par, config.chunks)
         parallel = layers[len(layers) - n_par :]
         readers = check_chain(gm, parallel)
         template = layers[-1]
@@ -91,7 +98,7 @@ def _container_size(gm: fx.GraphModule, container: str) -> int:
 def _config_text(config: SNLPConfig) -> str:
     return (
         f"K={config.iterations}, parallel_layers={config.parallel_layers or 'all'}, init={config.init}, "
-        f"damping={config.damping}"
+        f"damping={config.damping}, chunks={config.chunks}"
     )
 
 

@@ -27,6 +27,12 @@ class SNLPConfig:
     layers: module path of the layer container (e.g. "transformer.h"); None finds it.
     dynamic_shapes: capture with symbolic batch and sequence sizes (falls back to static shapes
         when torch.export cannot, which explain() reports).
+    chunks: C, chunkwise decomposition: the N parallel layers are split into C consecutive chunks
+        (sizes from chunk_sizes(): as even as possible, the larger ones first, as
+        torch.tensor_split does), solved one after another, each layer-parallel with K iterations
+        from the previous chunk's last output (the first from the chain's input); the correction
+        restarts at each chunk boundary. K >= the largest chunk is exact; C = N, K = 1 is the
+        sequential model; C = 1 is the plain solve. At most the number of parallel layers.
     """
 
     iterations: int = 1
@@ -35,6 +41,7 @@ class SNLPConfig:
     damping: float = 1.0
     layers: str | None = None
     dynamic_shapes: bool = True
+    chunks: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
@@ -49,6 +56,8 @@ class SNLPConfig:
             raise SNLPConfigError(f"SNLPConfig.init must be 'h0', 'batch_fwd' or 'warm', got {self.init!r}")
         if not (isinstance(self.damping, (int, float)) and 0.0 < float(self.damping) <= 1.0):
             raise SNLPConfigError(f"SNLPConfig.damping must be in (0, 1], got {self.damping!r}")
+        if not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or self.chunks < 1:
+            raise SNLPConfigError(f"SNLPConfig.chunks must be an int >= 1, got {self.chunks!r}")
 
     def replace(self, **overrides: Any) -> SNLPConfig:
         """A copy with some fields changed; unknown field names are an error that lists the valid ones."""
@@ -57,6 +66,17 @@ class SNLPConfig:
         if unknown:
             raise SNLPConfigError(f"unknown SNLPConfig field(s) {unknown}; valid fields: {sorted(valid)}")
         return dataclasses.replace(self, **overrides)
+
+
+def chunk_sizes(num_layers: int, chunks: int) -> list[int]:
+    """Sizes of ``chunks`` consecutive chunks of ``num_layers`` layers: as even as possible, the
+    larger ones first (torch.tensor_split's rule), e.g. 8 layers in 3 chunks -> [3, 3, 2]."""
+    if not 1 <= chunks <= num_layers:
+        raise SNLPConfigError(
+            f"SNLPConfig.chunks={chunks} must be between 1 and the {num_layers} parallel layers"
+        )
+    base, extra = divmod(num_layers, chunks)
+    return [base + 1] * extra + [base] * (chunks - extra)
 
 
 def resolve_config(config: SNLPConfig | None, overrides: dict[str, Any]) -> SNLPConfig:

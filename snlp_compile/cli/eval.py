@@ -1,6 +1,7 @@
 """Held-out perplexity and bits/byte of trained checkpoints, sequential and through SNLP solves (table, JSON, plot).
 
     snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
+    snlp-compile eval runs/reg -K 1 2 --chunks 1 2 4     # chunkwise decomposition too
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-K", "--iterations", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--parallel", type=_parallel, nargs="+", default=["all", "half"])
     parser.add_argument("--init", nargs="+", choices=("h0", "batch_fwd"), default=["h0"])
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="SNLPConfig.chunks: consecutive chunks solved one after another",
+    )
     add_data_arguments(parser)
     parser.set_defaults(val_fraction=None, suffix=None)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the training sequence length")
@@ -54,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None and len(args.label) != len(args.checkpoints):
         raise SystemExit(f"--label needs {len(args.checkpoints)} names, got {len(args.label)}")
     labels = args.label or [Path(c).name for c in args.checkpoints]
-    settings = [SolveSetting(k, p, i) for p, i, k in itertools.product(args.parallel, args.init, args.iterations)]
+    settings = [
+        SolveSetting(k, p, i, c)
+        for p, i, c, k in itertools.product(args.parallel, args.init, args.chunks, args.iterations)
+    ]
     rows: list[dict[str, Any]] = []
     layers: dict[str, int] = {}
     corpora: dict[str, Any] = {}

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--init", choices=["h0", "batch_fwd"], default="h0")
     parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=1,
+        help="consecutive chunks of the parallel layers, solved one after another",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 18 to 23")
     parser.add_argument("--static", action="store_true", help="fix batch and sequence to the example's sizes")
     parser.add_argument("--report", action="store_true", help="save the exporter's report beside the model")
@@ -42,6 +48,7 @@ def _config(args: argparse.Namespace) -> dict[str, object]:
         "parallel_layers": args.parallel_layers,
         "init": args.init,
         "damping": args.damping,
+        "chunks": args.chunks,
     }
 
 

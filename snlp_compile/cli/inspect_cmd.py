@@ -14,6 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--iterations", "-K", type=int, default=2)
     parser.add_argument("--parallel-layers", type=int, default=None)
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=1,
+        help="consecutive chunks of the parallel layers, solved one after another",
+    )
     parser.add_argument("--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after")
     parser.add_argument("--code", action="store_true", help="print the rewritten graph's code and the batched body")
 
@@ -21,17 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, DTYPES[args.dtype], args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
-    report = explain(model, (idx,), iterations=args.iterations, parallel_layers=args.parallel_layers)
+    config = {"iterations": args.iterations, "parallel_layers": args.parallel_layers, "chunks": args.chunks}
+    report = explain(model, (idx,), **config)
     print(report)
     if not report.rewritten:
         draw_chain(report, args.picture)
         print(f"\npicture: {args.picture}")
         return 1
-    fast = transform(model, (idx,), iterations=args.iterations, parallel_layers=args.parallel_layers)
+    fast = transform(model, (idx,), **config)
     if args.code:
         print("\n# rewritten model (.code)\n" + fast.code)
         print("# one layer, as matched (.snlp_solve.body.code)\n" + fast.snlp_solve.body.code)
-        print("# all parallel layers at once (.snlp_solve.layers.code)\n" + fast.snlp_solve.layers.code)
+        solve = fast.snlp_solve
+        what = f"one chunk's {solve.chunk_sizes[0]} layers" if solve.num_chunks > 1 else "all parallel layers"
+        print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
+        if solve.layers_short is not None:
+            print(f"# the {solve.chunk_sizes[-1]}-layer chunks: .snlp_solve.layers_short, the same batched for fewer")
     draw_chain(fast.snlp_report, args.picture, iterations=args.iterations)
     print(f"\npicture: {args.picture}")
     return 0

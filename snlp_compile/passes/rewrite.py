@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..config import SNLPConfig
+from ..config import SNLPConfig, chunk_sizes
 from ..errors import SNLPRefusal
 from ..ir import LayerChain
 from ..solve.solver import ExtMode, LayerParallelSolve
@@ -230,14 +230,22 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
 
     body, constant = build_body(chain, names)
     batched = [True, *(m != "shared" for m in modes)]
-    layers, fallbacks = batch_body(body, batched, chain.num_parallel)
+    # one batched body per distinct chunk size (the body fixes its layer count): the first chunk's
+    # (all N layers without chunks), and the smaller size when the chunks are uneven
+    sizes = chunk_sizes(chain.num_parallel, config.chunks)
+    layers, fallbacks = batch_body(body, batched, sizes[0])
+    layers_short = None
+    if sizes[-1] != sizes[0]:
+        layers_short, short_fallbacks = batch_body(body, batched, sizes[-1])
+        fallbacks += [f for f in short_fallbacks if f not in fallbacks]
     side_body = build_side_body(chain, names)
     side_layers = None
-    if side_body is not None:
+    if side_body is not None:  # evaluated once over all N layers after the solve, chunked or not
         side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel)
         fallbacks += [f for f in side_fallbacks if f not in fallbacks]
     chain.notes.extend(f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks)
-    fused = fuse_shared_input_linears([g for g in (layers, side_layers) if g is not None], names, modes, stacked)
+    batched_graphs = [g for g in (layers, layers_short, side_layers) if g is not None]
+    fused = fuse_shared_input_linears(batched_graphs, names, modes, stacked)
     chain.notes.extend(f"linears sharing one input read one concatenated weight: {f}" for f in fused)
     solve = LayerParallelSolve(
         body,
@@ -253,6 +261,8 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
         damping=config.damping,
         side_body=side_body,
         side_layers=side_layers,
+        chunk_sizes=sizes,
+        layers_short=layers_short,
     )
 
     region = {n for layer in par for n in layer.nodes}

@@ -10,6 +10,12 @@ The body is the template layer's graph with its weights as arguments, batched ov
 layer axis and the stacked weights of all layers (passes.batch_layers), so the number of matmuls per iteration does not depend
 on the number of layers. Everything here is plain tensor code: eager, torch.compile, torch.export
 and ONNX export all see the same ops.
+
+Chunks (SNLPConfig.chunks = C): the N layers are split into C consecutive chunks, solved one after
+another, each exactly as above with the previous chunk's last output as its h_in; the weights and
+the runtime externals of chunk c are views of rows start_c .. start_c + M_c - 1 of the stacked
+ones, and the precomputed products of the static corrections restart at every chunk. One batched
+body per distinct chunk size (at most two): C evaluations per iteration, whatever N.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class LayerParallelSolve(nn.Module):
             node carries the StreamLayout that views h as (*batch, n, m) streams).
         skip_constant: the skip coefficient when it is a number (1.0 for IDN); None when the body
             returns it as its second output.
+        chunk_sizes: sizes of consecutive chunks of layers solved one after another (None: one
+            chunk of all ``num_layers``). ``layers`` is then batched over the first (largest)
+            chunk's size, and ``layers_short`` over the smaller size when the chunks are uneven.
     """
 
     def __init__(
@@ -67,10 +76,21 @@ class LayerParallelSolve(nn.Module):
         damping: float,
         side_body: fx.GraphModule | None = None,
         side_layers: fx.GraphModule | None = None,
+        chunk_sizes: list[int] | None = None,
+        layers_short: fx.GraphModule | None = None,
     ):
         super().__init__()
         self.body = body
         self.layers = layers
+        sizes = [num_layers] if chunk_sizes is None else [int(m) for m in chunk_sizes]
+        if sum(sizes) != num_layers or min(sizes) < 1 or sizes != sorted(sizes, reverse=True):
+            raise ValueError(f"chunk_sizes {sizes}: positive, largest first, adding up to {num_layers}")
+        if (len(set(sizes)) > 1) != (layers_short is not None) or len(set(sizes)) > 2:
+            raise ValueError(f"chunk_sizes {sizes}: pass layers_short (over {sizes[-1]}) iff sizes differ")
+        self.chunk_sizes = sizes
+        self.chunk_starts = [sum(sizes[:c]) for c in range(len(sizes))]
+        # the body batched over the smaller chunk size, when the chunks are uneven
+        self.layers_short = layers_short
         self.ext_names = list(ext_names)
         self.ext_modes = list(ext_modes)
         for name, value in stacked.items():
@@ -88,37 +108,75 @@ class LayerParallelSolve(nn.Module):
         # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
         self.register_buffer("warm_trace", None, persistent=False)
         self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
-        # HCN with static H: A, and the transfer matrices T[j, i] = A_j..A_{i+1}, P_j = A_j..A_0,
-        # computed once here; the correction is then one block matmul instead of a scan.
+        # HCN with static H: A, and per chunk the transfer matrices T[j, i] = A_j..A_{i+1} and
+        # P_j = A_j..A_0 (j, i counted from the chunk's first layer), computed once here; the
+        # correction is then one block matmul instead of a scan.
         self.use_prefix_products = False
         if self.stream_layout is not None:
-            static = _static_matrix(layers, self.ext_names, self.ext_modes, stacked)
+            static = self._static_skip(stacked)
             if static is not None:  # products in float64 (bf16 products of 32 layers would drift)
                 a = static.double() * self.damping
                 flat = a.reshape(a.shape[0], *a.shape[-2:])
                 self.register_buffer("static_skip", a.to(static.dtype))
-                self.register_buffer("static_transfer", static_prefix_products(flat, matrix=True).to(static.dtype))
-                self.register_buffer("static_init", static_init_products(flat, matrix=True).to(static.dtype))
+                for c, (start, size) in enumerate(zip(self.chunk_starts, self.chunk_sizes)):
+                    part = flat[start : start + size]
+                    transfer = static_prefix_products(part, matrix=True).to(static.dtype)
+                    self.register_buffer(self._chunk_name("static_transfer", c), transfer)
+                    init_products = static_init_products(part, matrix=True).to(static.dtype)
+                    self.register_buffer(self._chunk_name("static_init", c), init_products)
                 self.use_prefix_products = True
         # Scaled IDN with per-layer scalars folded at transform time (nanochat's resid_lambdas):
         # with P_j = a_j..a_0, h_j = P_j (h_in + sum_{i<=j} d_i / P_i): one cumsum over the layer
         # axis (one pass over the trace, like IDN) instead of log2(N) scan levels that each re-read
         # it. Kept to well-conditioned products, where dividing by P_i loses nothing measurable.
+        # With chunks, the products restart at each chunk's first layer.
         self.register_buffer("static_scalar", None)
         if skip_kind == "elementwise" and skip_constant is None and self.stream_layout is None:
-            static = _static_matrix(layers, self.ext_names, self.ext_modes, stacked)
+            static = self._static_skip(stacked)
             if static is not None and static.numel() == num_layers:
                 a64 = static.reshape(num_layers).double() * self.damping
-                p64 = torch.cumprod(a64, dim=0)
+                p64 = torch.cat([torch.cumprod(part, dim=0) for part in a64.split(self.chunk_sizes)])
                 if bool((p64.abs() > 0).all()) and float(p64.abs().max() / p64.abs().min()) <= 1e4:
                     self.register_buffer("static_scalar", a64.to(static.dtype))
                     self.register_buffer("static_scalar_prod", p64.to(static.dtype))
                     self.register_buffer("static_scalar_inv_prod", (1.0 / p64).to(static.dtype))
 
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_sizes)
+
+    def _chunk_name(self, name: str, chunk: int) -> str:
+        """Buffer name of a per-chunk precomputed product (unchanged names for one chunk)."""
+        return name if self.num_chunks == 1 else f"{name}_{chunk}"
+
+    def _layers_of(self, chunk: int) -> fx.GraphModule:
+        """The batched body for a chunk's size."""
+        return self.layers if self.chunk_sizes[chunk] == self.chunk_sizes[0] else self.layers_short
+
+    def _rows(self, t: torch.Tensor, chunk: int | None) -> torch.Tensor:
+        """A chunk's rows of a tensor over all N layers (a view); the tensor itself for one chunk."""
+        if chunk is None or self.num_chunks == 1:
+            return t
+        start = self.chunk_starts[chunk]
+        return t[start : start + self.chunk_sizes[chunk]]
+
+    def _static_skip(self, stacked: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The skip coefficient of every layer when it depends on stacked buffers alone, chunk by
+        chunk (each batched body fixes its layer count), concatenated over the layer axis."""
+        parts = []
+        for c in range(self.num_chunks):
+            rows = {k: self._rows(v, c) for k, v in stacked.items()}
+            part = _static_matrix(self._layers_of(c), self.ext_names, self.ext_modes, rows)
+            if part is None:
+                return None
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def extra_repr(self) -> str:
+        chunks = f"chunks={self.num_chunks}" + (f" {self.chunk_sizes}" if self.num_chunks > 1 else "")
         return (
             f"num_layers={self.num_layers}, iterations={self.iterations}, init={self.init!r}, "
-            f"damping={self.damping}, skip={self.skip_kind}"
+            f"damping={self.damping}, skip={self.skip_kind}, {chunks}"
         )
 
     def _externals(self, passed: tuple[object, ...]) -> list[object]:
@@ -128,9 +186,20 @@ class LayerParallelSolve(nn.Module):
             values.append(getattr(self, f"stacked_{name}") if mode == "stacked" else next(it))
         return values
 
-    def _evaluate(self, u: torch.Tensor, ext: list[object]) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """All layers at once: g_j(u_j) and their skip coefficients A_j."""
-        out = self.layers(u, *ext)
+    def _chunk_externals(self, ext: list[object], chunk: int) -> list[object]:
+        """A chunk's externals: rows of the stacked and runtime ones (views), shared ones as is."""
+        if self.num_chunks == 1:
+            return ext
+        return [
+            v if mode == "shared" or not isinstance(v, torch.Tensor) else self._rows(v, chunk)
+            for v, mode in zip(ext, self.ext_modes)
+        ]
+
+    def _evaluate(
+        self, u: torch.Tensor, ext: list[object], chunk: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """All layers (of a chunk) at once: g_j(u_j) and their skip coefficients A_j."""
+        out = self._layers_of(chunk)(u, *ext)
         if self.skip_constant is not None:
             return out, self.skip_constant
         g, a = out
@@ -140,31 +209,46 @@ class LayerParallelSolve(nn.Module):
         a = a.reshape(a.shape[:1] + (1,) * (u.dim() - a.dim()) + a.shape[1:])
         return g, a
 
-    def correct(self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
-        """The structured Newton correction: h_j = a_j h_{j-1} + (g_j - a_j u_j)."""
+    def correct(
+        self,
+        g: torch.Tensor,
+        a: torch.Tensor | float,
+        u: torch.Tensor,
+        h_in: torch.Tensor,
+        chunk: int | None = None,
+    ) -> torch.Tensor:
+        """The structured Newton correction: h_j = a_j h_{j-1} + (g_j - a_j u_j), over the layers of
+        one chunk (``chunk`` selects its precomputed products; None: the only chunk)."""
         if self.stream_layout is not None:
             assert isinstance(a, torch.Tensor)
-            return self.correct_streams(g, a, u, h_in, self.stream_layout)
+            return self.correct_streams(g, a, u, h_in, self.stream_layout, chunk)
         if isinstance(a, float) and a == 1.0 and self.damping == 1.0:
             return identity_scan(g - u, h_in)
         if self.static_scalar is not None:
             shape = (-1,) + (1,) * (u.dim() - 1)
-            a = self.static_scalar.reshape(shape)
-            d = (g - a * u) * self.static_scalar_inv_prod.reshape(shape)
-            return self.static_scalar_prod.reshape(shape) * identity_scan(d, h_in)
+            a = self._rows(self.static_scalar, chunk).reshape(shape)
+            d = (g - a * u) * self._rows(self.static_scalar_inv_prod, chunk).reshape(shape)
+            return self._rows(self.static_scalar_prod, chunk).reshape(shape) * identity_scan(d, h_in)
         a = a * self.damping
         if isinstance(a, float):
             a = torch.full((u.shape[0],) + (1,) * (u.dim() - 1), a, dtype=u.dtype, device=u.device)
         return elementwise_affine_scan(a, g - a * u, h_in)
 
     def correct_streams(
-        self, g: torch.Tensor, a: torch.Tensor, u: torch.Tensor, h_in: torch.Tensor, layout: StreamLayout
+        self,
+        g: torch.Tensor,
+        a: torch.Tensor,
+        u: torch.Tensor,
+        h_in: torch.Tensor,
+        layout: StreamLayout,
+        chunk: int | None = None,
     ) -> torch.Tensor:
         """HCN: the same recurrence in the stream view Z = (*batch, n, m), A_j an n x n matrix:
         a log-depth scan, or (static H) the precomputed prefix products."""
-        prefix = self.use_prefix_products and hasattr(self, "static_transfer")
+        c = chunk or 0
+        prefix = self.use_prefix_products and hasattr(self, self._chunk_name("static_transfer", c))
         if prefix:
-            a = self.static_skip
+            a = self._rows(self.static_skip, chunk)
         elif self.damping != 1.0:
             a = a * self.damping
         zu, zg = layout.to_streams(u), layout.to_streams(g)
@@ -172,20 +256,24 @@ class LayerParallelSolve(nn.Module):
         a = a.to(zu.dtype).reshape(a.shape[:1] + (1,) * (zu.dim() - a.dim()) + a.shape[1:])
         d, z_in = zg - a @ zu, layout.to_streams(h_in)
         if prefix:
-            z = apply_prefix_products(self.static_transfer, d, z_in, True, self.static_init)
+            transfer = getattr(self, self._chunk_name("static_transfer", c))
+            init = getattr(self, self._chunk_name("static_init", c))
+            z = apply_prefix_products(transfer, d, z_in, True, init)
         else:
             z = matrix_affine_scan(a, d, z_in)
         return layout.from_streams(z, tuple(h_in.shape))
 
-    def initial_inputs(self, h_in: torch.Tensor, ext: list[object]) -> torch.Tensor:
-        """u^(0). "warm" starts layer j+1 from the previous call's solved h_j (in decoding: the
-        previous token's trace); its first call, or one whose shapes differ, starts from h0."""
-        u = h_in.unsqueeze(0).expand((self.num_layers, *h_in.shape))
+    def initial_inputs(self, h_in: torch.Tensor, ext: list[object], chunk: int = 0) -> torch.Tensor:
+        """u^(0) of a chunk (of all layers for one chunk). "warm" starts layer j+1 from the previous
+        call's solved h_j (in decoding: the previous token's trace; with chunks, that chunk's rows of
+        it); its first call, or one whose shapes differ, starts from h0."""
+        u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk], *h_in.shape))
         if self.init == "batch_fwd":
-            g, _ = self._evaluate(u, ext)
+            g, _ = self._evaluate(u, ext, chunk)
             u = torch.cat([h_in.unsqueeze(0), g[:-1]], dim=0)
         elif self.init == "warm" and self._has_warm_trace(h_in):
-            u = torch.cat([h_in.unsqueeze(0), self.warm_trace[:-1].to(h_in.dtype)], dim=0)
+            rows = self._rows(self.warm_trace, chunk)
+            u = torch.cat([h_in.unsqueeze(0), rows[:-1].to(h_in.dtype)], dim=0)
         return u
 
     def _has_warm_trace(self, h_in: torch.Tensor) -> bool:
@@ -205,24 +293,40 @@ class LayerParallelSolve(nn.Module):
         """Forget the previous trace: the next call starts from h0 (e.g. a new sequence)."""
         self.warm_trace = None
 
+    def solve_chunk(self, h_in: torch.Tensor, ext: list[object], chunk: int = 0) -> torch.Tensor:
+        """K iterations over one chunk's layers from its input ``h_in``: the chunk's solved trace.
+        ``ext`` are the chunk's externals (:meth:`_chunk_externals`)."""
+        u = self.initial_inputs(h_in, ext, chunk)
+        h = u
+        for step in range(self.iterations):
+            g, a = self._evaluate(u, ext, chunk)
+            # (one chunk: the call as before chunks existed, which tests may patch)
+            h = self.correct(g, a, u, h_in) if self.num_chunks == 1 else self.correct(g, a, u, h_in, chunk)
+            if step + 1 < self.iterations:
+                u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+        return h
+
     def forward(self, h_in: torch.Tensor, *passed: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The solved trace: (N, *h_in.shape), the outputs of the N parallel layers; with side
         outputs, (trace, *side outputs each stacked over the N layers)."""
         ext = self._externals(passed)
-        u = self.initial_inputs(h_in, ext)
-        h = u
-        for step in range(self.iterations):
-            g, a = self._evaluate(u, ext)
-            h = self.correct(g, a, u, h_in)
-            if step + 1 < self.iterations:
-                u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+        if self.num_chunks == 1:
+            h = self.solve_chunk(h_in, ext)
+        else:
+            parts, x = [], h_in
+            for c in range(self.num_chunks):
+                part = self.solve_chunk(x, self._chunk_externals(ext, c), c)
+                parts.append(part)
+                x = part[-1]
+            h = torch.cat(parts, dim=0)
         if self.init == "warm":
             self.remember(h)
         if self.side_layers is None:
             return h
         # Side outputs at the corrected inputs u_j = h_{j-1} of the solved trace, not at the
         # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
-        # each layer computes from the input the returned trace says it had.
+        # each layer computes from the input the returned trace says it had. One evaluation over
+        # all N layers, chunked or not.
         u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
         side = self.side_layers(u, *ext)
         return (h, *(side if isinstance(side, (tuple, list)) else (side,)))

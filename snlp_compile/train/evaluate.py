@@ -1,6 +1,6 @@
 """Held-out perplexity and bits per byte of a model run sequentially and through SNLP solves.
 
-Each solve setting (K, how many layers parallel, init) is the model transformed by
+Each solve setting (K, how many layers parallel, init, chunks) is the model transformed by
 ``snlp_compile.transform``; settings that differ only in K share one transform (K is the solve's
 iteration count, as ``solve_trace`` sets it). Results are rows of plain dicts, rendered as a
 markdown table and a plot of perplexity against K.
@@ -55,11 +55,13 @@ def perplexity(
 
 @dataclass(frozen=True)
 class SolveSetting:
-    """One SNLP configuration to evaluate. parallel: "all", "half" (of the parallelisable layers) or a count."""
+    """One SNLP configuration to evaluate. parallel: "all", "half" (of the parallelisable layers) or a count;
+    chunks: SNLPConfig.chunks."""
 
     iterations: int
     parallel: int | str = "all"
     init: str = "h0"
+    chunks: int = 1
 
 
 def parallel_count(parallel: int | str, available: int) -> int:
@@ -93,16 +95,17 @@ def evaluate_model(
     if chain is None:
         raise ValueError(f"{label}: transform() refuses the model: {report.refusal}")
     available = chain.num_parallel
-    groups: dict[tuple[int, str], list[int]] = {}
+    groups: dict[tuple[int, str, int], list[int]] = {}
     for s in settings:
-        groups.setdefault((parallel_count(s.parallel, available), s.init), []).append(s.iterations)
-    for (n_par, init), ks in groups.items():
-        fast = snlp_transform(model, example, parallel_layers=n_par, init=init)
+        groups.setdefault((parallel_count(s.parallel, available), s.init, s.chunks), []).append(s.iterations)
+    for (n_par, init, chunks), ks in groups.items():
+        fast = snlp_transform(model, example, parallel_layers=n_par, init=init, chunks=chunks)
         solve = fast.get_submodule(SOLVE_NAME)
         for k in sorted(set(ks)):
             solve.iterations = k
             res = perplexity(fast, windows, batch_size, device, bytes_per_token)
             row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
+            row["chunks"] = chunks
             rows.append({**row, "gap": res["ppl"] / seq["ppl"] - 1.0})
         del fast
     rows[0]["gap"] = 0.0
@@ -118,8 +121,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None
     for r in rows:
         total = (layers or {}).get(r["model"])
         par = "-" if r["mode"] == "sequential" else (f"{r['parallel']}/{total}" if total else str(r["parallel"]))
+        setting = r["mode"] + (f" C={r['chunks']}" if (r.get("chunks") or 1) > 1 else "")
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['K'] if r['K'] is not None else '-'} | {par} | {r['init'] or '-'} | "
+            f"| {r['model']} | {setting} | {r['K'] if r['K'] is not None else '-'} | {par} | {r['init'] or '-'} | "
             f"{r['ppl']:.3f} | {r['bpb']:.4f} | {r['gap'] * 100:+.2f}% |"
         )
     return "\n".join(lines) + "\n"
@@ -148,10 +152,13 @@ def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
             for r in mine:
                 if r["mode"] == "sequential":
                     ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=1, label=f"{m}: sequential")
-            keys = sorted({(r["parallel"], r["init"]) for r in mine if r["mode"] == "snlp"}, reverse=True)
-            for j, (par, init) in enumerate(keys):
+            snlp = [r for r in mine if r["mode"] == "snlp"]
+            keys = sorted({(r["parallel"], r["init"], r.get("chunks") or 1) for r in snlp}, reverse=True)
+            for j, (par, init, chunks) in enumerate(keys):
                 pts = sorted(
-                    (r["K"], r["ppl"]) for r in mine if r["mode"] == "snlp" and (r["parallel"], r["init"]) == (par, init)
+                    (r["K"], r["ppl"])
+                    for r in snlp
+                    if (r["parallel"], r["init"], r.get("chunks") or 1) == (par, init, chunks)
                 )
                 ax.plot(
                     [p[0] for p in pts],
@@ -159,7 +166,7 @@ def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
                     marker="os^v"[j % 4],
                     color=color,
                     linestyle="-" if j == 0 else ":",
-                    label=f"{m}: {par} parallel, init {init}",
+                    label=f"{m}: {par} parallel, init {init}" + (f", {chunks} chunks" if chunks > 1 else ""),
                 )
         ax.set_xlabel("K (SNLP iterations)")
         ax.set_xticks(ks)

@@ -1,0 +1,309 @@
+"""Chunkwise decomposition (SNLPConfig.chunks): C consecutive chunks of layers solved one after
+another, each layer-parallel from the previous chunk's last output. Exactness (K >= the largest
+chunk; C = N at K = 1 is the sequential model), the per-chunk static corrections (scaled IDN,
+HCN static H), a decode step's K/V, op counts, export paths and refusals. float64 on the CPU;
+static-shape captures where the shapes do not matter, which keeps the transforms fast."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from conftest import sequential_trace
+
+import snlp_compile
+from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
+from snlp_compile.config import chunk_sizes
+from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep, new_cache
+from snlp_compile.passes.rewrite import SOLVE_NAME
+
+TIGHT = 1e-10
+F64 = torch.float64
+
+
+def _model(name: str, **overrides) -> nn.Module:
+    if name.startswith("mhc"):
+        overrides.setdefault("sinkhorn_iters", 4)  # keeps the capture fast; exactness is unaffected
+    model = build_model(name, dtype=F64, **overrides)
+    if name.startswith("nanochat"):  # scaled IDN with scales other than 1: products that matter
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            model.resid_lambdas.copy_(
+                0.6 + 0.8 * torch.rand(model.resid_lambdas.shape, generator=g, dtype=F64)
+            )
+    return model
+
+
+def _tokens(model: nn.Module, batch: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, t), generator=g)
+
+
+def _transform(model: nn.Module, inputs: tuple, **config) -> fx.GraphModule:
+    return snlp_compile.transform(model, inputs, dynamic_shapes=False, **config)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# -- the rule and the knob ---------------------------------------------------------------------------
+
+
+def test_chunk_sizes_are_tensor_split_sizes() -> None:
+    assert chunk_sizes(8, 3) == [3, 3, 2]
+    assert chunk_sizes(7, 3) == [3, 2, 2]
+    assert chunk_sizes(5, 5) == [1] * 5
+    assert chunk_sizes(6, 1) == [6]
+    for n in range(1, 12):
+        for c in range(1, n + 1):
+            assert chunk_sizes(n, c) == [len(p) for p in torch.arange(n).tensor_split(c)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_bad_chunks_are_config_errors(bad: object) -> None:
+    with pytest.raises(SNLPConfigError, match=r"SNLPConfig\.chunks must be an int >= 1"):
+        SNLPConfig(chunks=bad)  # type: ignore[arg-type]
+
+
+def test_more_chunks_than_parallel_layers_is_refused() -> None:
+    model = _model("gpt-tiny")  # 4 layers
+    idx = _tokens(model)
+    with pytest.raises(SNLPRefusal, match=r"SNLPConfig\.chunks=3 but only 2 layers of 'transformer\.h'"):
+        _transform(model, (idx,), chunks=3, parallel_layers=2)
+    report = snlp_compile.explain(model, (idx,), chunks=5, dynamic_shapes=False)  # reported, not raised
+    assert not report.rewritten and report.refusal is not None
+    assert "SNLPConfig.chunks=5 but only 4 layers" in report.refusal
+
+
+# -- exactness -------------------------------------------------------------------------------------
+
+# (model, overrides, parallel layers, chunks): uneven chunks, and a sequential prefix
+EXACT = [
+    ("gpt-tiny", {"n_layer": 5}, None, 2),  # [3, 2]
+    ("gpt-tiny", {"n_layer": 5}, 4, 3),  # 1 sequential, then [2, 1, 1]
+    ("nanochat-tiny", {"n_layer": 5}, None, 3),  # [2, 2, 1], scaled IDN
+    ("nanochat-tiny", {}, 3, 2),  # 1 sequential, then [2, 1]
+    ("mhc-tiny", {}, None, 3),  # [2, 1, 1], HCN static H
+    ("mhc-dyn-tiny", {}, 3, 2),  # 1 sequential, then [2, 1], HCN dynamic H
+]
+
+
+@pytest.mark.parametrize("name,overrides,par,chunks", EXACT, ids=[f"{e[0]}-p{e[2]}-c{e[3]}" for e in EXACT])
+def test_k_equal_to_largest_chunk_is_exact(name: str, overrides: dict, par: int | None, chunks: int) -> None:
+    model = _model(name, **overrides)
+    idx = _tokens(model)
+    n_par = par or model.config.n_layer
+    sizes = chunk_sizes(n_par, chunks)
+    k = sizes[0]
+    fast = _transform(model, (idx,), iterations=k, parallel_layers=par, chunks=chunks)
+    solve = fast.get_submodule(SOLVE_NAME)
+    assert solve.chunk_sizes == sizes and solve.num_layers == n_par
+    assert (solve.layers_short is not None) == (sizes[-1] != sizes[0])
+    expected = sequential_trace(model, list(model.transformer.h), idx)[-n_par:]
+    with torch.no_grad():
+        assert _max_err(fast(idx), model(idx)) < TIGHT
+        assert _max_err(snlp_compile.solve_trace(fast, idx), expected) < TIGHT
+        # one iteration fewer is not exact: K >= the largest chunk is what exactness needs
+        assert _max_err(snlp_compile.solve_trace(fast, idx, iterations=k - 1), expected) > 1e-6
+    # the precomputed corrections restart at every chunk
+    starts = solve.chunk_starts
+    if name.startswith("nanochat"):
+        assert solve.static_scalar is not None
+        for s in starts:
+            assert torch.equal(solve.static_scalar_prod[s], solve.static_scalar[s])
+    if name == "mhc-tiny":
+        assert solve.use_prefix_products
+        for c, m in enumerate(sizes):
+            assert getattr(solve, f"static_transfer_{c}").shape[:2] == (m, m)
+            torch.testing.assert_close(
+                getattr(solve, f"static_init_{c}")[0], solve.static_skip[starts[c]].reshape(4, 4)
+            )
+    if name == "mhc-dyn-tiny":
+        assert not solve.use_prefix_products
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "nanochat-tiny"])
+def test_one_layer_per_chunk_at_k1_is_the_sequential_model(name: str) -> None:
+    model = _model(name)
+    idx = _tokens(model)
+    fast = _transform(model, (idx,), iterations=1, chunks=model.config.n_layer)
+    assert fast.snlp_solve.chunk_sizes == [1] * model.config.n_layer
+    with torch.no_grad():
+        assert _max_err(fast(idx), model(idx)) < TIGHT
+
+
+def test_batch_fwd_init_works_per_chunk() -> None:
+    """batch_fwd seeds every chunk with one extra evaluation at its own input: chunks of 2 layers
+    are then exact after one iteration."""
+    model = _model("gpt-tiny")
+    idx = _tokens(model)
+    fast = _transform(model, (idx,), iterations=1, chunks=2, init="batch_fwd")
+    with torch.no_grad():
+        assert _max_err(fast(idx), model(idx)) < TIGHT
+
+
+def test_chunked_k1_lies_between_unchunked_k1_and_sequential() -> None:
+    """K = 1 on 6 IDN layers: 2 chunks restart the solve from an exact-so-far input halfway, so
+    their trace is closer to the sequential one than the unchunked solve's, and not exact; the
+    first chunk's rows are the unchunked solve's rows (the same K = 1 formula over them)."""
+    model = _model("gpt-tiny", n_layer=6)
+    idx = _tokens(model)
+    expected = sequential_trace(model, list(model.transformer.h), idx)
+    traces = {}
+    with torch.no_grad():
+        for c in (1, 2, 6):
+            traces[c] = snlp_compile.solve_trace(_transform(model, (idx,), iterations=1, chunks=c), idx)
+    errors = {c: _rel(t, expected) for c, t in traces.items()}
+    assert errors[6] < TIGHT
+    assert 1e-3 < errors[2] < 0.9 * errors[1], errors
+    assert _max_err(traces[2][:3], traces[1][:3]) < TIGHT
+    assert _rel(traces[2][3:], expected[3:]) < _rel(traces[1][3:], expected[3:])
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+
+def _step_inputs(model: nn.Module, batch: int = 2, t_max: int = 16, pos: int = 7) -> tuple[torch.Tensor, ...]:
+    k_cache, v_cache = new_cache(model, batch, t_max)
+    g = torch.Generator().manual_seed(5)
+    k_cache[:, :, :, :pos] = torch.randn(k_cache[:, :, :, :pos].shape, generator=g, dtype=F64)
+    v_cache[:, :, :, :pos] = torch.randn(v_cache[:, :, :, :pos].shape, generator=g, dtype=F64)
+    return _tokens(model, batch, 1), torch.tensor(pos), k_cache, v_cache
+
+
+def test_decode_step_with_chunks_hands_out_the_sequential_kv() -> None:
+    """A cached step, 1 sequential layer then chunks [2, 1]: the cache slices are passed stacked and
+    cut per chunk inside the solve; in exact mode (K = 2) the logits and the new K/V (side outputs,
+    evaluated once over all layers at the corrected inputs) are the sequential step's. Warm start
+    from the exact trace is exact at K = 1, chunk by chunk."""
+    model = _model("nanochat-tiny")
+    inputs = _step_inputs(model)
+    step = CachedStep(model)
+    fast = _transform(step, inputs, iterations=2, parallel_layers=3, chunks=2)
+    assert "aten.slice.Tensor(k_cache, 0, 1, 4)" in fast.code  # one view of the stacked cache
+    warm = _transform(step, inputs, iterations=1, parallel_layers=3, chunks=2, init="warm")
+    with torch.no_grad():
+        ref = model.forward_cached(*inputs)
+        for got, want in zip(fast(*inputs), ref):
+            assert got.shape == want.shape and _max_err(got, want) < TIGHT
+        exact_trace = sequential_trace(step, list(model.transformer.h), *inputs)[1:]
+        first = warm(*inputs)  # no previous trace: h0, inexact
+        assert _max_err(first[1], ref[1]) > 1e-6
+        warm.snlp_solve.warm_trace.copy_(exact_trace)
+        for got, want in zip(warm(*inputs), ref):
+            assert _max_err(got, want) < TIGHT
+
+
+def test_hcn_decode_step_with_chunks_is_exact() -> None:
+    """HCN decode step, static H (per-chunk prefix products), chunks [2, 2] at K = 2: the logits and
+    new K/V are the sequential step's."""
+    model = _model("mhc-tiny")
+    inputs = _step_inputs(model)
+    fast = _transform(CachedStep(model), inputs, iterations=2, chunks=2)
+    assert fast.snlp_solve.use_prefix_products
+    with torch.no_grad():
+        for got, want in zip(fast(*inputs), model.forward_cached(*inputs)):
+            assert got.shape == want.shape and _max_err(got, want) < TIGHT
+
+
+# -- op counts -------------------------------------------------------------------------------------
+
+MATMUL = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "_einsum_linear")
+
+
+def _heavy(nodes) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        name = str(getattr(n.target, "__name__", n.target))
+        if "attention" in name:
+            counts["attention"] += 1
+        elif name.split(".")[0] in MATMUL or any(f"aten.{m}." in name for m in MATMUL):
+            counts["matmul"] += 1
+    return counts
+
+
+def _exported(fast: fx.GraphModule, idx: torch.Tensor) -> Counter[str]:
+    return _heavy(torch.export.export(fast, (idx,), strict=False).graph.nodes)
+
+
+def test_op_counts_are_chunks_times_body_whatever_the_depth() -> None:
+    """Exported graph: the ops outside the solve, plus K x C batched bodies (one evaluation per
+    chunk per iteration): the same for 5 (chunks [3, 2]) and 8 layers (chunks [4, 4]) at C = 2."""
+    idx = torch.randint(0, 200, (1, 8))
+    totals = {}
+    for n_layer in (5, 8):
+        model = build_model("gpt-tiny", n_layer=n_layer)
+        fast = _transform(model, (idx,), iterations=1, chunks=2)
+        solve = fast.get_submodule(SOLVE_NAME)
+        body = _heavy(solve.layers.graph.nodes)
+        assert body["matmul"] >= 4 and body["attention"] == 1, body
+        assert (solve.layers_short is not None) == (n_layer == 5)
+        if solve.layers_short is not None:
+            assert _heavy(solve.layers_short.graph.nodes) == body
+        outside = _heavy(fast.graph.nodes)  # the head; the solve is one call_module here
+        for k in (1, 2) if n_layer == 8 else (1,):
+            solve.iterations = k
+            total = _exported(fast, idx)
+            assert total == outside + Counter({op: k * 2 * c for op, c in body.items()}), (n_layer, k)
+            totals[(n_layer, k)] = total
+    assert totals[(5, 1)] == totals[(8, 1)]
+
+
+# -- reports, export paths -------------------------------------------------------------------------
+
+
+def test_explain_and_repr_show_the_chunks() -> None:
+    model = _model("gpt-tiny", n_layer=5)
+    idx = _tokens(model)
+    fast = _transform(model, (idx,), iterations=2, chunks=2)
+    text = str(fast.snlp_report)
+    assert fast.snlp_report.chunks == [3, 2]
+    assert "chunks=2" in text and "chunks:    2 (3 + 2 layers)" in text
+    assert "chunks=2 [3, 2]" in repr(fast.snlp_solve)
+    plain = _transform(model, (idx,), iterations=2)
+    assert "chunks=1" in str(plain.snlp_report) and "chunks:" not in str(plain.snlp_report)
+    assert plain.snlp_solve.chunk_sizes == [5] and plain.snlp_solve.layers_short is None
+
+
+def test_torch_compile_traces_the_chunked_solve_in_one_graph() -> None:
+    model = _model("gpt-tiny")
+    idx = _tokens(model)
+    fast = _transform(model, (idx,), iterations=2, chunks=2)
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert _max_err(compiled(idx), model(idx)) < TIGHT
+
+
+def test_onnx_export_of_a_chunked_idn_model(tmp_path) -> None:
+    """gpt (IDN), 3 layers in chunks [2, 1], K = 2 (exact), exported with dynamic batch and
+    sequence: ONNX Runtime (CPU) agrees with the rewritten module and the original model."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from snlp_compile.export.onnx_export import export_onnx
+    from snlp_compile.export.ort import make_session
+
+    model = build_model("gpt-tiny", n_layer=3, n_embd=32, n_head=2)
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, (idx,), tmp_path / "gpt_chunks.onnx", iterations=2, chunks=2)
+    assert result.snlp_report is not None and result.snlp_report.chunks == [2, 1]
+    assert not result.op_counts.keys() & {"Loop", "Scan", "If"}
+    fast = snlp_compile.transform(model, (idx,), iterations=2, chunks=2)
+    session = make_session(result.path)
+    for shape in [(1, 7), (3, 19)]:
+        x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        (out,) = session.run(None, {"idx": x.numpy()})
+        got = torch.from_numpy(out)
+        with torch.no_grad():
+            for want in (fast(x), model(x)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
