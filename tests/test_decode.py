@@ -244,3 +244,18 @@ def test_static_scaled_skip_is_corrected_by_one_cumsum() -> None:
         solve.static_scalar = saved
     assert _max_err(fast_out, scan_out) < TIGHT
     assert _max_err(fast_out, model(idx)) > 1e-6  # K=2 < 8 layers: a real approximation
+
+
+def test_fused_weights_are_held_once() -> None:
+    """q, k and v stay readable under their own names but share the fused weight's storage."""
+    model = _model("nanochat-tiny")
+    fast = snlp_compile.transform(CachedStep(model), _step_inputs(model), iterations=1)
+    solve = fast.get_submodule(SOLVE_NAME)
+    fused = solve.stacked_fused_attn_c_q_attn_c_k_attn_c_v
+    for w in "qkv":
+        part = getattr(solve, f"stacked_attn_c_{w}_weight")
+        assert part.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in solve.buffers()}
+    held = sum(storages.values())
+    views = sum(b.numel() * b.element_size() for b in solve.buffers())
+    assert held < views  # without the aliasing every buffer had its own storage

@@ -152,6 +152,7 @@ def fuse_shared_input_linears(
                 names.append(fused)
                 modes.append("stacked")
                 added.append(fused)
+                _alias_into(stacked, [name_of[m.args[1]] for m in members], fused)
             ph = _placeholder(gm.graph, fused, stacked[fused])
             with gm.graph.inserting_before(members[0]):
                 out = gm.graph.call_function(_einsum_linear, (x, ph))
@@ -169,6 +170,19 @@ def fuse_shared_input_linears(
         gm.graph.lint()
         gm.recompile()
     return added
+
+
+def _alias_into(stacked: dict[str, torch.Tensor], parts: list[str], fused: str) -> None:
+    """The stacked weights just concatenated into ``fused`` become views of it, so the solve holds
+    each weight once (the originals stay readable under their names: explain(), other graphs).
+    A weight already a view of an earlier fused weight keeps that storage."""
+    offset = 0
+    for name in parts:
+        weight = stacked[name]
+        rows = weight.shape[1]
+        if weight._base is None:
+            stacked[name] = stacked[fused][:, offset : offset + rows]
+        offset += rows
 
 
 def _placeholder(graph: fx.Graph, name: str, value: torch.Tensor) -> fx.Node:
