@@ -281,7 +281,9 @@ class Record:
 class Bench:
     """Times variants, keeps every record, and writes JSON/markdown/plot after each case."""
 
-    def __init__(self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any], name: str = ""):
+    def __init__(
+        self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any], name: str = ""
+    ):
         self.regime = regime
         self.name = name or regime
         self.out_dir = out_dir
@@ -453,3 +455,16 @@ def out_dir_from(arg: str | None) -> Path:
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"])
     return RESULTS_DIR
+
+
+def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module, str]:
+    """The benchmarked model and a note: static-H mHC models get their H computed once
+    (``freeze_static_mixing``), as an inference deployment would, so the sequential baselines do
+    not recompute a constant Sinkhorn projection at every step (the transform folds it anyway)."""
+    from snlp_compile.models import build_model
+    from snlp_compile.models.mhc import StaticMix, freeze_static_mixing
+
+    model = build_model(registry_name, **kwargs)
+    if any(isinstance(m, StaticMix) for m in model.modules()):
+        return freeze_static_mixing(model), "static H frozen (computed once) in every variant"
+    return model, ""

@@ -45,6 +45,7 @@ from common import (
     copy_bandwidth,
     environment,
     floor_ms,
+    inference_model,
     layer_bytes,
     make_variant,
     matmul_rate,
@@ -54,7 +55,6 @@ from common import (
 )
 
 import snlp_compile
-from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            model = build_model(SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype)
+            model, model_note = inference_model(
+                SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype
+            )
             cfg = model.config
             wbytes = layer_bytes(model)
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 case = f"b{batch} ctx={ctx}"
                 bench.case_notes[(shape_label, case)] = (
                     f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
-                    f"transform() took {transform_s:.1f} s"
+                    f"transform() took {transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
                 )
                 floor = floor_ms(wbytes + kv_bytes, bw)
                 compiled: dict[str, Callable[..., Any]] = {}

@@ -42,6 +42,7 @@ from common import (
     copy_bandwidth,
     environment,
     floor_ms,
+    inference_model,
     layer_bytes,
     make_variant,
     matmul_rate,
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for shape in args.shapes.split(","):
             name = SHAPES[shape]
-            model = build_model(name, vocab_size=args.vocab, device=device, dtype=dtype)
+            model, model_note = inference_model(name, vocab_size=args.vocab, device=device, dtype=dtype)
             cfg = model.config
             wbytes = layer_bytes(model)
             t0 = time.perf_counter()
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"layer weights {wbytes / 1e6:.0f} MB; {flops / 1e9:.0f} GFLOP per sequential forward"
                     + (f" (FLOP floor {flops / (rate * 1e12) * 1e3:.3f} ms)" if rate else "")
                     + f"; transform() took {transform_s:.1f} s"
+                    + (f"; {model_note}" if model_note else "")
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, K, mode, chunks)

@@ -266,3 +266,31 @@ def test_hc_package_cached_step(manifold: bool) -> None:
     assert "(HCN) over 4 streams" in (fast.snlp_report.skip or "")
     with torch.no_grad():
         _assert_step_equal(fast(*inputs), model.forward_cached(*inputs))
+
+
+def test_frozen_static_mixing_is_the_same_model_and_still_hcn() -> None:
+    """freeze_static_mixing (the benchmarks' fair sequential baseline) computes H once: the same
+    outputs, no Sinkhorn left in the step, and the transform still solves it exactly with HCN."""
+    import copy
+
+    from snlp_compile.models.mhc import FrozenMix, StaticMix, freeze_static_mixing
+
+    model = _model("mhc-tiny")
+    frozen = freeze_static_mixing(copy.deepcopy(model))
+    assert not any(isinstance(m, StaticMix) for m in frozen.modules())
+    assert sum(isinstance(m, FrozenMix) for m in frozen.modules()) == 2 * model.config.n_layer
+    inputs = _step_inputs(model)
+    with torch.no_grad():
+        _assert_step_equal(frozen.forward_cached(*inputs), model.forward_cached(*inputs), 1e-12)
+        idx = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+        assert _max_err(frozen(idx), model(idx)) < 1e-12
+    fast = snlp_compile.transform(
+        CachedStep(frozen), inputs, SNLPConfig(iterations=model.config.n_layer, **STATIC)
+    )
+    assert "(HCN) over 4 streams" in (fast.snlp_report.skip or "")
+    solve = fast.get_submodule(SOLVE_NAME)
+    assert solve.skip_kind == "matrix" and solve.use_prefix_products  # static H: precomputed products
+    with torch.no_grad():
+        _assert_step_equal(fast(*inputs), model.forward_cached(*inputs))
+    with pytest.raises(ValueError, match="no StaticMix"):
+        freeze_static_mixing(_model("mhc-dyn-tiny"))

@@ -74,6 +74,37 @@ class StaticMix(nn.Module):
         return pre, post, res
 
 
+class FrozenMix(nn.Module):
+    """A StaticMix's H_pre, H_post, H_res computed once and kept as buffers: what an inference
+    deployment of a static-H model runs (no Sinkhorn per step). See :func:`freeze_static_mixing`."""
+
+    def __init__(self, mix: StaticMix) -> None:
+        super().__init__()
+        with torch.no_grad():
+            pre, post, res = mix(torch.empty(0))
+        self.register_buffer("pre", pre.detach().clone())
+        self.register_buffer("post", post.detach().clone())
+        self.register_buffer("res", res.detach().clone())
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.pre, self.post, self.res
+
+
+def freeze_static_mixing(model: nn.Module) -> nn.Module:
+    """Replace every StaticMix of ``model`` (in place) by its FrozenMix and return the model.
+
+    A static-H model recomputes the same Sinkhorn projection at every forward; at inference that
+    is wasted work (most of a compiled batch-1 decode step of mhc-0.5b), and a fair sequential
+    baseline does not pay it. The result is for inference: its H no longer follows the logits."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, StaticMix)]
+    if not targets:
+        raise ValueError("freeze_static_mixing: the model has no StaticMix (is it a static-H mHC model?)")
+    for name, mix in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, FrozenMix(mix))
+    return model
+
+
 class DynamicMix(nn.Module):
     """H_pre, H_post, H_res per token from RMSNorm(vec(h)) (DeepSeek mHC eqs. 7-9)."""
 
@@ -169,7 +200,7 @@ class MHCGPT(NanochatGPT):
                 if isinstance(mix, StaticMix):
                     for p in (mix.pre_logits, mix.post_logits, mix.res_logits):
                         torch.nn.init.normal_(p, std=std)
-                else:
+                elif isinstance(mix, DynamicMix):
                     torch.nn.init.normal_(mix.phi, std=(n * d) ** -0.5)
                     torch.nn.init.normal_(mix.pre_bias, std=std)
                     torch.nn.init.normal_(mix.post_bias, std=std)
