@@ -8,7 +8,7 @@
 from .api import explain, solve_trace, transform
 from .api_compile import compile  # also registers the torch.compile backend "snlp"
 from .config import SNLPConfig
-from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal
+from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal, SNLPUsageError
 from .export.onnx_export import export_onnx
 from .generate import Decoder, generate
 from .report import ExplainReport
@@ -21,6 +21,7 @@ __all__ = [
     "SNLPConfigError",
     "SNLPError",
     "SNLPRefusal",
+    "SNLPUsageError",
     "compile",
     "explain",
     "export_onnx",

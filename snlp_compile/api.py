@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections import Counter
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .config import SNLPConfig, chunk_sizes, resolve_config
-from .errors import SNLPRefusal
+from .errors import SNLPRefusal, SNLPUsageError
 from .ir import LayerChain
 from .passes.capture import capture
 from .passes.cleanup import common_subexpressions
@@ -130,7 +131,30 @@ def transform(
     ]
     out.snlp_report = report
     out.snlp_config = cfg
+    _inference_mode_switches(out)
     return out
+
+
+def _train_inference_graph(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    if mode:
+        raise SNLPUsageError(
+            "the rewritten model is an inference graph (captured in eval mode: dropout off, no training "
+            "behaviour); train the original model (snlp_compile.train has the SNLP-aware regulariser) "
+            "and transform it again"
+        )
+    return self
+
+
+def _eval_inference_graph(self: torch.nn.Module) -> torch.nn.Module:
+    return self
+
+
+def _inference_mode_switches(gm: torch.nn.Module) -> None:
+    """torch.export's module raises NotImplementedError on .eval()/.train() (bound on the instance,
+    as here). The rewrite is captured in eval mode, so .eval() (what every inference script calls)
+    is a no-op and .train() a clear error."""
+    gm.train = types.MethodType(_train_inference_graph, gm)
+    gm.eval = types.MethodType(_eval_inference_graph, gm)
 
 
 def _stack_shape(solve: torch.nn.Module, name: str, mode: str, node: fx.Node) -> str:

@@ -33,3 +33,8 @@ class SNLPCaptureError(SNLPError):
 
 class SNLPConfigError(SNLPError, ValueError):
     """A configuration field holds a value the compiler cannot use; the message names the field."""
+
+
+class SNLPUsageError(SNLPError, RuntimeError):
+    """The rewritten model was used in a way it does not support (e.g. switched to training mode)."""
+

@@ -225,3 +225,20 @@ def test_not_a_module() -> None:
 def test_unknown_container_named() -> None:
     with pytest.raises(SNLPRefusal, match="names no layer container"):
         snlp_compile.transform(Stack(PreNormBlock).eval(), (X,), layers="blocks")
+
+
+def test_rewritten_model_eval_is_a_no_op_and_train_a_clear_error() -> None:
+    """Inference scripts call .eval(); torch.export's module raised NotImplementedError for it."""
+    from snlp_compile import SNLPUsageError
+    from snlp_compile.models import build_model
+
+    model = build_model("gpt-tiny", dtype=torch.float64)
+    idx = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    fast = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer, dynamic_shapes=False)
+    other = snlp_compile.transform(model, (idx,), iterations=1, dynamic_shapes=False)
+    assert fast.eval() is fast and fast.train(False) is fast
+    with torch.no_grad():
+        assert (fast(idx) - model(idx)).abs().max() < 1e-10
+    with pytest.raises(SNLPUsageError, match="inference graph"):
+        fast.train()
+    assert other.eval() is other  # every rewritten model gets the switches
