@@ -26,6 +26,13 @@ SOLVE_NAME = "snlp_solve"
 aten = torch.ops.aten
 
 
+def external_names(chain: LayerChain) -> list[str]:
+    """The body's placeholder names for the template layer's externals (after "h"), unique and
+    readable; the rewrite and the training regulariser build the same body with them."""
+    taken: set[str] = {"h"}
+    return [_external_name(e, chain.template.module_path, taken) for e in chain.template.externals]
+
+
 def _external_name(node: fx.Node, layer_path: str, taken: set[str]) -> str:
     """A readable placeholder name: weights by their path inside the layer, else the node name."""
     base = node.name
@@ -217,8 +224,7 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
     """Rewrite ``gm`` (a private capture) in place and return it."""
     par = chain.parallel_layers
     start = par[0].hidden_in
-    taken: set[str] = {"h"}
-    names = [_external_name(e, chain.template.module_path, taken) for e in chain.template.externals]
+    names = external_names(chain)
 
     modes: list[ExtMode] = []
     stacked: dict[str, torch.Tensor] = {}

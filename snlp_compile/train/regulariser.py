@@ -35,7 +35,7 @@ from ..config import SNLPConfig
 from ..errors import SNLPConfigError, SNLPRefusal
 from ..ir import LayerChain
 from ..passes.batch_layers import batch_body
-from ..passes.rewrite import _external_name, build_body
+from ..passes.rewrite import build_body, external_names
 from ..solve.solver import ExtMode, LayerParallelSolve
 
 
@@ -163,8 +163,7 @@ class SNLPRegulariser:
                 f"'{chain.container}' that can be solved in parallel"
             )
         self.suffix_sizes = tuple(sizes)
-        taken: set[str] = {"h"}
-        names = [_external_name(e, chain.template.module_path, taken) for e in chain.template.externals]
+        names = external_names(chain)
         body, constant = build_body(chain, names)
 
         extras: list[fx.Node] = []
