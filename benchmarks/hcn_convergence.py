@@ -84,9 +84,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def convergence(name: str, build: Callable[[int], torch.nn.Module], seed: int, batch: int, seq: int) -> list[dict[str, Any]]:
+def convergence(
+    name: str, build: Callable[[int], torch.nn.Module], seed: int, batch: int, seq: int
+) -> list[dict[str, Any]]:
     model = build(seed).double()
-    idx = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    idx = torch.randint(
+        0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
+    )
     fast = snlp_compile.transform(model, (idx,), iterations=1)
     trace_seq, logits_seq = sequential_trace(model, idx)
     n = len(trace_seq)
@@ -220,10 +224,15 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         for surrogate, style in (("HCN", "-o"), ("identity", "--s")):
-            rs = sorted((r for r in summary if r["model"] == model and r["surrogate"] == surrogate), key=lambda r: r["k"])
+            rs = sorted(
+                (r for r in summary if r["model"] == model and r["surrogate"] == surrogate),
+                key=lambda r: r["k"],
+            )
             ks = [r["k"] for r in rs]
             ax.semilogy(ks, [max(r["trace_err"], 1e-17) for r in rs], style, label=f"{surrogate}: trace")
-            ax.semilogy(ks, [max(r["logits_err"], 1e-17) for r in rs], style, alpha=0.45, label=f"{surrogate}: logits")
+            ax.semilogy(
+                ks, [max(r["logits_err"], 1e-17) for r in rs], style, alpha=0.45, label=f"{surrogate}: logits"
+            )
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("iterations K")
         ax.grid(True, which="both", alpha=0.3)
@@ -255,8 +264,12 @@ def main() -> None:
     for n_layers in tqdm((8, 20, 32), desc="correction timing"):
         timing.extend(time_correction(n_layers, batch=1, seq=256, dim=256, reps=args.reps))
 
-    meta = dict(batch=args.batch, seq=args.seq, seeds=args.seeds, reps=args.reps, env=environment(torch.device("cpu")))
-    (out / "hcn_convergence.json").write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows, timing=timing), indent=1))
+    meta = dict(
+        batch=args.batch, seq=args.seq, seeds=args.seeds, reps=args.reps, env=environment(torch.device("cpu"))
+    )
+    (out / "hcn_convergence.json").write_text(
+        json.dumps(dict(meta=meta, summary=summary, rows=rows, timing=timing), indent=1)
+    )
     table = markdown(summary, timing, meta)
     (out / "hcn_convergence.md").write_text(table)
     plot(summary, out / "hcn_convergence.png")

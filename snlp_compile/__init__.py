@@ -1,8 +1,8 @@
 """snlp_compile: rewrite a Transformer's residual layer chain into a layer-parallel SNLP solve.
 
-    import snlp_compile
-    fast = snlp_compile.transform(model, (idx,), iterations=2)
-    print(snlp_compile.explain(model, (idx,)))
+import snlp_compile
+fast = snlp_compile.transform(model, (idx,), iterations=2)
+print(snlp_compile.explain(model, (idx,)))
 """
 
 from .api import explain, solve_trace, transform

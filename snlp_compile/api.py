@@ -38,7 +38,10 @@ def _shape(node: fx.Node) -> str:
 
 
 def analyse(
-    model: torch.nn.Module, example_inputs: Any, config: SNLPConfig, example_kwargs: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    example_inputs: Any,
+    config: SNLPConfig,
+    example_kwargs: dict[str, Any] | None = None,
 ) -> tuple[fx.GraphModule, LayerChain | None, ExplainReport]:
     """Capture and analyse; the chain is None (and report.refusal set) when the model is refused."""
     report = ExplainReport(model=type(model).__name__, config=_config_text(config))
@@ -81,7 +84,11 @@ def analyse(
         report.body_ops = dict(Counter(op_name(n) for n in template.nodes))
         report.readers = [
             f"{r.node.name} ({r.module_path or '<root>'}) reads "
-            + ("the chain input" if r.layer_index < parallel[0].index else f"the output of layer {r.layer_index}")
+            + (
+                "the chain input"
+                if r.layer_index < parallel[0].index
+                else f"the output of layer {r.layer_index}"
+            )
             for r in readers
         ]
         return gm, chain, report
@@ -181,7 +188,9 @@ def explain(
         return report
 
 
-def solve_trace(transformed: fx.GraphModule, *flat_inputs: Any, iterations: int | None = None) -> torch.Tensor:
+def solve_trace(
+    transformed: fx.GraphModule, *flat_inputs: Any, iterations: int | None = None
+) -> torch.Tensor:
     """The solved hidden-state trace (N, *hidden) of a transformed model, for tests and analysis.
 
     ``flat_inputs`` are the model's tensor inputs in order; ``iterations`` overrides K.

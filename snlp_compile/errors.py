@@ -37,4 +37,3 @@ class SNLPConfigError(SNLPError, ValueError):
 
 class SNLPUsageError(SNLPError, RuntimeError):
     """The rewritten model was used in a way it does not support (e.g. switched to training mode)."""
-

@@ -74,7 +74,9 @@ class Decoder:
         self.prefill_step: Step | None = self.sequential
         if decode_step is not None:  # a step transformed (and compiled, captured...) by the caller
             if config is not None or overrides:
-                raise SNLPConfigError("pass either decode_step or a config to transform the step with, not both")
+                raise SNLPConfigError(
+                    "pass either decode_step or a config to transform the step with, not both"
+                )
             self.decode_step = decode_step
         elif config is not None or overrides:
             self.config = resolve_config(config, overrides)

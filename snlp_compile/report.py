@@ -29,7 +29,9 @@ class ExplainReport:
     def __str__(self) -> str:
         lines = [f"snlp_compile explain: {self.model}", f"  capture:   {self.capture}"]
         if self.container is not None:
-            lines.append(f"  layers:    {len(self.layers)} in '{self.container}' ({', '.join(self.layers[:3])}{', ...' if len(self.layers) > 3 else ''})")
+            lines.append(
+                f"  layers:    {len(self.layers)} in '{self.container}' ({', '.join(self.layers[:3])}{', ...' if len(self.layers) > 3 else ''})"
+            )
         if self.parallel_layers:
             seq = len(self.layers) - len(self.parallel_layers)
             lines.append(

@@ -59,7 +59,9 @@ def draw_chain(report: ExplainReport, path: str | Path, iterations: int | None =
 
     if report.refusal:
         right.set_title("not rewritten", fontsize=10)
-        right.text(5, 60, "REFUSED\n\n" + "\n".join(_wrap(report.refusal, 60)), ha="center", va="center", fontsize=8)
+        right.text(
+            5, 60, "REFUSED\n\n" + "\n".join(_wrap(report.refusal, 60)), ha="center", va="center", fontsize=8
+        )
     else:
         k = iterations if iterations is not None else "K"
         right.set_title(f"SNLP solve: {len(parallel)} layers in parallel, {k} iteration(s)", fontsize=10)

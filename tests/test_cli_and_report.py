@@ -16,7 +16,24 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def test_demo_prints_report_and_exact_last_row(capsys) -> None:
-    assert main(["demo", "--model", "nanochat-tiny", "--seq", "8", "--batch", "2", "--runs", "1", "--dtype", "float64"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--model",
+                "nanochat-tiny",
+                "--seq",
+                "8",
+                "--batch",
+                "2",
+                "--runs",
+                "1",
+                "--dtype",
+                "float64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "snlp_compile explain: NanochatGPT" in out
     assert "scaled IDN" in out
@@ -29,7 +46,23 @@ def test_demo_prints_report_and_exact_last_row(capsys) -> None:
 
 def test_inspect_writes_picture(tmp_path: Path, capsys) -> None:
     picture = tmp_path / "chain.png"
-    assert main(["inspect", "--model", "gpt-tiny", "--seq", "8", "--batch", "2", "--code", "--picture", str(picture)]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                "gpt-tiny",
+                "--seq",
+                "8",
+                "--batch",
+                "2",
+                "--code",
+                "--picture",
+                str(picture),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "self.snlp_solve(" in out and "_einsum_linear" in out
     assert picture.stat().st_size > 10_000

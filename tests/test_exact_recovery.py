@@ -77,7 +77,9 @@ def test_transformers_models_exact(dtype: torch.dtype, fraction: str) -> None:
         par = None if fraction == "all" else 2
         idx = torch.randint(0, 128, (2, 12))
         kwargs = {"use_cache": False}
-        fast = snlp_compile.transform(model, (idx,), example_kwargs=kwargs, iterations=par or 4, parallel_layers=par)
+        fast = snlp_compile.transform(
+            model, (idx,), example_kwargs=kwargs, iterations=par or 4, parallel_layers=par
+        )
         with torch.no_grad():
             expected = model(idx, **kwargs).logits
             got = fast(idx, **kwargs).logits

@@ -87,7 +87,9 @@ def test_gpt_exact_mode_batch_of_two() -> None:
     assert torch.equal(generate(gpt, prompt, 40, iterations=gpt.config.n_layer), ref)
 
 
-def test_sampling_is_seeded_and_respects_top_k(model: torch.nn.Module, prompt: torch.Tensor, exact: Decoder) -> None:
+def test_sampling_is_seeded_and_respects_top_k(
+    model: torch.nn.Module, prompt: torch.Tensor, exact: Decoder
+) -> None:
     kw = {"greedy": False, "temperature": 0.8, "top_k": 5}
     a = generate(model, prompt, 30, seed=3, **kw)
     assert torch.equal(a, generate(model, prompt, 30, seed=3, **kw))

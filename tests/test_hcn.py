@@ -91,7 +91,9 @@ def test_matrix_scan_matches_recurrence_all_lengths_and_stream_counts() -> None:
             torch.testing.assert_close(matrix_affine_scan(a, d, h0), ref, rtol=1e-10, atol=tol)
             if not a_batch:  # static A: the precomputed transfer matrices give the same trace
                 T, P = static_prefix_products(a, matrix=True), static_init_products(a, matrix=True)
-                torch.testing.assert_close(apply_prefix_products(T, d, h0, True, P), ref, rtol=1e-10, atol=tol)
+                torch.testing.assert_close(
+                    apply_prefix_products(T, d, h0, True, P), ref, rtol=1e-10, atol=tol
+                )
 
 
 # -- the analysis ----------------------------------------------------------------------------------
@@ -119,8 +121,12 @@ def test_static_skip_matrix_is_the_product_of_the_sinkhorn_matrices(case: Case) 
         return
     for j, block in enumerate(case.model.transformer.h):
         iters = block.hc_attn.mix.iters
-        expected = sinkhorn(block.hc_mlp.mix.res_logits, iters) @ sinkhorn(block.hc_attn.mix.res_logits, iters)
-        torch.testing.assert_close(solve.static_skip[j].reshape(4, 4), expected.detach(), rtol=1e-12, atol=1e-12)
+        expected = sinkhorn(block.hc_mlp.mix.res_logits, iters) @ sinkhorn(
+            block.hc_attn.mix.res_logits, iters
+        )
+        torch.testing.assert_close(
+            solve.static_skip[j].reshape(4, 4), expected.detach(), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_linear_layers_are_solved_in_one_iteration(case: Case) -> None:
@@ -169,7 +175,9 @@ def test_exact_recovery_with_prefix_damping_and_batch_fwd(name: str) -> None:
     """Two sequential layers then two in parallel, damped, batch_fwd init: still exact."""
     model = build_model(name, **FAST).double()
     idx = _tokens(model)
-    fast = snlp_compile.transform(model, (idx,), iterations=2, parallel_layers=2, damping=0.7, init="batch_fwd")
+    fast = snlp_compile.transform(
+        model, (idx,), iterations=2, parallel_layers=2, damping=0.7, init="batch_fwd"
+    )
     with torch.no_grad():
         torch.testing.assert_close(fast(idx), model(idx), rtol=1e-10, atol=1e-10)
 
@@ -199,7 +207,8 @@ def test_hcn_beats_identity_surrogate(case: Case) -> None:
     for surrogate in ("hcn", "identity"):
         with torch.no_grad(), identity_surrogate(case.fast) if surrogate == "identity" else nullcontext():
             errors[surrogate] = [
-                _rel(snlp_compile.solve_trace(case.fast, case.idx, iterations=k), case.expected) for k in (1, 2)
+                _rel(snlp_compile.solve_trace(case.fast, case.idx, iterations=k), case.expected)
+                for k in (1, 2)
             ]
             logits[surrogate] = case.fast(case.idx)
     for k in range(2):
@@ -409,11 +418,17 @@ def test_folded_layout_onnx_runtime(folded: tuple[nn.Module, torch.fx.GraphModul
 
     model, fast = folded
     program = torch.onnx.export(
-        fast, (torch.randn(2, 5, 8),), dynamo=True, dynamic_shapes={"x": {0: Dim.AUTO, 1: Dim.AUTO}}, verbose=False
+        fast,
+        (torch.randn(2, 5, 8),),
+        dynamo=True,
+        dynamic_shapes={"x": {0: Dim.AUTO, 1: Dim.AUTO}},
+        verbose=False,
     )
     ops = Counter(n.op_type for n in program.model_proto.graph.node)
     assert not {"Loop", "Scan", "If"} & set(ops)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     x = torch.randn(3, 7, 8)  # another batch and sequence size than the export's
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():

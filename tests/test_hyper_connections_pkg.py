@@ -26,7 +26,9 @@ TOL64 = {"hc": 1e-10, "mhc": 1e-6}
 
 def _model(variant: str, n_layer: int = 3, **options: object) -> HCPackageGPT:
     torch.manual_seed(0)
-    return HCPackageGPT(model_config("nanochat-tiny", n_layer=n_layer), manifold=variant == "mhc", **options).eval()
+    return HCPackageGPT(
+        model_config("nanochat-tiny", n_layer=n_layer), manifold=variant == "mhc", **options
+    ).eval()
 
 
 def _tokens(batch: int = 2, t: int = 10, seed: int = 1) -> torch.Tensor:

@@ -18,7 +18,16 @@ from snlp_compile.models import (
     model_config,
 )
 
-SMALL = ("gpt-tiny", "gpt-small", "nanochat-tiny", "nanochat-small", "mhc-tiny", "mhc-dyn-tiny", "mhc-small", "mhc-dyn-small")
+SMALL = (
+    "gpt-tiny",
+    "gpt-small",
+    "nanochat-tiny",
+    "nanochat-small",
+    "mhc-tiny",
+    "mhc-dyn-tiny",
+    "mhc-small",
+    "mhc-dyn-small",
+)
 BIG = ("nanochat-d20", "nanochat-0.5b", "gpt-0.5b", "mhc-d20", "mhc-0.5b", "mhc-dyn-d20", "mhc-dyn-0.5b")
 TINY = ("gpt-tiny", "nanochat-tiny")
 

@@ -93,7 +93,9 @@ def test_checkpoint_round_trip_and_transform(corpus, tmp_path) -> None:
     cfg = _config(None)
     cfg.steps, cfg.warmup_steps = 3, 1
     model = train(cfg, corpus).model
-    folder = save_checkpoint(tmp_path / "ckpt", model, "nanochat-tiny", tokenizer=corpus.tokenizer.to_json(), note="x")
+    folder = save_checkpoint(
+        tmp_path / "ckpt", model, "nanochat-tiny", tokenizer=corpus.tokenizer.to_json(), note="x"
+    )
     loaded = load_checkpoint(folder)
     assert read_checkpoint_info(folder)["note"] == "x" and not loaded.training
     idx = eval_windows(corpus.val, SEQ, 2)[:, :-1]
@@ -139,13 +141,59 @@ def test_bad_inputs() -> None:
 def test_cli_train_and_eval(tmp_path) -> None:
     ckpt = tmp_path / "base"
     common = ["--max-bytes", "60000", "--seq-len", "32"]
-    assert main(["train", "--set", "n_layer=3", "--steps", "4", "--warmup", "1", "--batch-size", "4",
-                 "--eval-windows", "4", "--out", str(ckpt), "--no-progress", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                "n_layer=3",
+                "--steps",
+                "4",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "4",
+                "--eval-windows",
+                "4",
+                "--out",
+                str(ckpt),
+                "--no-progress",
+                *common,
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "r"
-    assert main(["eval", str(ckpt), "-K", "1", "3", "--parallel", "all", "--windows", "8", "--batch-size", "4",
-                 "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot", f"{out}.png"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "-K",
+                "1",
+                "3",
+                "--parallel",
+                "all",
+                "--windows",
+                "8",
+                "--batch-size",
+                "4",
+                "--json",
+                f"{out}.json",
+                "--markdown",
+                f"{out}.md",
+                "--plot",
+                f"{out}.png",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert [(r["mode"], r["K"], r["parallel"]) for r in rows] == [("sequential", None, 0), ("snlp", 1, 3), ("snlp", 3, 3)]
+    assert [(r["mode"], r["K"], r["parallel"]) for r in rows] == [
+        ("sequential", None, 0),
+        ("snlp", 1, 3),
+        ("snlp", 3, 3),
+    ]
     assert math.isclose(rows[2]["ppl"], rows[0]["ppl"], rel_tol=1e-4)  # K = layers: exact
     assert rows[1]["ppl"] > rows[0]["ppl"]
     info = read_checkpoint_info(ckpt)

@@ -13,7 +13,12 @@ import torch
 
 from ..models import DEFAULT_MODEL, MODEL_NAMES, build_model
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +43,9 @@ def load_model(spec: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
             raise SystemExit(f"--model {spec!r}: cannot load {attr!r} from {module_name!r}: {exc}") from exc
         model = factory()
         if not isinstance(model, torch.nn.Module):
-            raise SystemExit(f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+            raise SystemExit(
+                f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
+            )
         return model.to(dtype).eval()
     if spec not in MODEL_NAMES:
         raise SystemExit(f"--model {spec!r}: unknown model; built-in names: {', '.join(MODEL_NAMES)}")

@@ -12,8 +12,12 @@ from .common import DTYPES, add_model_arguments, example_tokens, load_model, mar
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--parallel-layers", type=int, default=None, help="solve only the last N layers in parallel")
-    parser.add_argument("--max-k", type=int, default=None, help="largest K in the table (default: parallel layers)")
+    parser.add_argument(
+        "--parallel-layers", type=int, default=None, help="solve only the last N layers in parallel"
+    )
+    parser.add_argument(
+        "--max-k", type=int, default=None, help="largest K in the table (default: parallel layers)"
+    )
     parser.add_argument("--runs", type=int, default=7, help="timed runs per variant (median reported)")
 
 
@@ -21,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, dtype, args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
-    print(f"snlp-compile demo: {args.model}, batch {args.batch}, sequence {args.seq}, {args.dtype}, CPU eager\n")
+    print(
+        f"snlp-compile demo: {args.model}, batch {args.batch}, sequence {args.seq}, {args.dtype}, CPU eager\n"
+    )
     fast = transform(model, (idx,), iterations=1, parallel_layers=args.parallel_layers)
     print(fast.snlp_report, "\n")
     solve = fast.snlp_solve
@@ -38,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         rel = ((out - reference).norm() / reference.norm()).item()
         t = median_time(lambda: fast(idx), runs=args.runs)
         agree = (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
-        rows.append([k, f"{err:.3e}", f"{rel:.3e}", f"{100 * agree:.1f}%", f"{1e3 * t:.2f}", f"{t_seq / t:.2f}x"])
+        rows.append(
+            [k, f"{err:.3e}", f"{rel:.3e}", f"{100 * agree:.1f}%", f"{1e3 * t:.2f}", f"{t_seq / t:.2f}x"]
+        )
     print(f"error of the logits against the sequential model ({n} parallel layers; K = {n} is exact):")
     print(markdown_table(["K", "max abs err", "rel err", "argmax agrees", "time ms", "vs sequential"], rows))
     print(f"\nsequential model: {1e3 * t_seq:.2f} ms (median of {args.runs}).")

@@ -1,7 +1,7 @@
 """Held-out perplexity and bits/byte of trained checkpoints, sequential and through SNLP solves (table, JSON, plot).
 
-    snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
-    snlp-compile eval runs/reg -K 1 2 --chunks 1 2 4     # chunkwise decomposition too
+snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
+snlp-compile eval runs/reg -K 1 2 --chunks 1 2 4     # chunkwise decomposition too
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def _parallel(value: str) -> int | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", help="checkpoint folders written by `snlp-compile train`")
-    parser.add_argument("--label", nargs="+", default=None, help="one name per checkpoint (default: folder names)")
+    parser.add_argument(
+        "--label", nargs="+", default=None, help="one name per checkpoint (default: folder names)"
+    )
     parser.add_argument("-K", "--iterations", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--parallel", type=_parallel, nargs="+", default=["all", "half"])
     parser.add_argument("--init", nargs="+", choices=("h0", "batch_fwd"), default=["h0"])
@@ -96,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(rows, layers)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "checkpoints": args.checkpoints}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "checkpoints": args.checkpoints}, indent=2) + "\n"
+        )
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.plot:

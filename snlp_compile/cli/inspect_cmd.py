@@ -20,8 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="consecutive chunks of the parallel layers, solved one after another",
     )
-    parser.add_argument("--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after")
-    parser.add_argument("--code", action="store_true", help="print the rewritten graph's code and the batched body")
+    parser.add_argument(
+        "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
+    )
+    parser.add_argument(
+        "--code", action="store_true", help="print the rewritten graph's code and the batched body"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         what = f"one chunk's {solve.chunk_sizes[0]} layers" if solve.num_chunks > 1 else "all parallel layers"
         print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
         if solve.layers_short is not None:
-            print(f"# the {solve.chunk_sizes[-1]}-layer chunks: .snlp_solve.layers_short, the same batched for fewer")
+            print(
+                f"# the {solve.chunk_sizes[-1]}-layer chunks: .snlp_solve.layers_short, the same batched for fewer"
+            )
     draw_chain(fast.snlp_report, args.picture, iterations=args.iterations)
     print(f"\npicture: {args.picture}")
     return 0

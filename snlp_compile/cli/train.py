@@ -1,7 +1,7 @@
 """Train a reference model on real text (default: this Python's stdlib sources), optionally with the SNLP-aware regulariser.
 
-    snlp-compile train --model nanochat-tiny --steps 300 --out runs/base
-    snlp-compile train --model nanochat-tiny --steps 300 --reg-weight 1.0 --out runs/reg
+snlp-compile train --model nanochat-tiny --steps 300 --out runs/base
+snlp-compile train --model nanochat-tiny --steps 300 --reg-weight 1.0 --out runs/reg
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", nargs="+", default=None, help="files or folders (default: this Python's stdlib)")
+    parser.add_argument(
+        "--data", nargs="+", default=None, help="files or folders (default: this Python's stdlib)"
+    )
     parser.add_argument("--suffix", default=".py", help="file suffix searched for in folders")
     parser.add_argument("--max-bytes", type=int, default=None, help="cap on train and on held-out text, each")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of files held out")
@@ -37,7 +39,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="nanochat-tiny", choices=MODEL_NAMES)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="model config override"
+    )
     add_data_arguments(parser)
     parser.add_argument("--tokenizer", choices=("bytes", "bpe"), default="bytes")
     parser.add_argument("--bpe-vocab", type=int, default=4096)
@@ -51,12 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
+    )
     reg = parser.add_argument_group("SNLP-aware regulariser (off unless --reg-weight > 0)")
     reg.add_argument("--reg-weight", type=float, default=0.0, help="lambda; 0 trains the baseline")
-    reg.add_argument("--reg-suffix", type=int, nargs="+", default=None, help="parallel-suffix sizes (default: all)")
+    reg.add_argument(
+        "--reg-suffix", type=int, nargs="+", default=None, help="parallel-suffix sizes (default: all)"
+    )
     reg.add_argument("--reg-every", type=int, default=1, help="count every S-th layer's error")
-    reg.add_argument("--reg-iterations", type=int, default=1, help="K of the regularised trace (1: the paper's)")
+    reg.add_argument(
+        "--reg-iterations", type=int, default=1, help="K of the regularised trace (1: the paper's)"
+    )
     reg.add_argument("--reg-stop-gradient", action="store_true", help="detach the sequential target")
     reg.add_argument("--reg-ramp", type=int, default=None, help="lambda warm-up steps (default: steps // 4)")
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the final loss")

@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 
 
-def attention_bias(pos: torch.Tensor, t_new: int, t_max: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def attention_bias(
+    pos: torch.Tensor, t_new: int, t_max: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Additive mask (t_new, t_max + t_new): cache slots < pos and causal among the new tokens are 0,
     everything else -inf. float32 by default: added to bf16 scores it also promotes the softmax."""
     device = pos.device
@@ -31,7 +33,12 @@ def attention_bias(pos: torch.Tensor, t_new: int, t_max: int, dtype: torch.dtype
 
 
 def cached_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    bias: torch.Tensor,
 ) -> torch.Tensor:
     """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
     (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D).
@@ -95,7 +102,12 @@ def max_positions(model: nn.Module) -> int:
 
 
 def new_cache(
-    model: nn.Module, batch: int, max_len: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    model: nn.Module,
+    batch: int,
+    max_len: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed (k_cache, v_cache) for ``batch`` sequences of up to ``max_len`` tokens."""
     if max_len > max_positions(model):

@@ -267,18 +267,26 @@ class HCPackageGPT(NanochatGPT):
     Its zero-initialised input-dependent parts are randomised here, so that H is really dynamic.
     """
 
-    def __init__(self, config: NanochatConfig, n_streams: int = 4, manifold: bool = False, **hc_options: Any) -> None:
+    def __init__(
+        self, config: NanochatConfig, n_streams: int = 4, manifold: bool = False, **hc_options: Any
+    ) -> None:
         """``hc_options`` go to the package's ``get_init_and_expand_reduce_stream_functions``
         (e.g. ``num_fracs`` for frac-connections, ``sinkhorn_iters`` for the manifold variant)."""
         try:
             import hyper_connections as hc
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("HCPackageGPT needs the hyper-connections package: pip install hyper-connections") from exc
+            raise ImportError(
+                "HCPackageGPT needs the hyper-connections package: pip install hyper-connections"
+            ) from exc
         nn.Module.__init__(self)
         self.config = config
         self.n_streams = n_streams
         self.manifold = manifold
-        make = hc.mc_get_init_and_expand_reduce_stream_functions if manifold else hc.get_init_and_expand_reduce_stream_functions
+        make = (
+            hc.mc_get_init_and_expand_reduce_stream_functions
+            if manifold
+            else hc.get_init_and_expand_reduce_stream_functions
+        )
         init_hc, self.expand_streams, self.reduce_streams = make(n_streams, dim=config.n_embd, **hc_options)
         blocks = [
             _HCBlock(
@@ -287,7 +295,9 @@ class HCPackageGPT(NanochatGPT):
             )
             for i in range(config.n_layer)
         ]
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd), h=nn.ModuleList(blocks)))
+        self.transformer = nn.ModuleDict(
+            dict(wte=nn.Embedding(config.vocab_size, config.n_embd), h=nn.ModuleList(blocks))
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)

@@ -69,7 +69,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None) -> Any:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None
+    ) -> Any:
         """Without ``kv``: causal attention over x, returns [B, T, C]. With ``kv`` = (k_cache,
         v_cache, bias) of this layer: attention over the cache plus x, returns (out, k, v) where
         k, v [B, H_kv, T, D] are the new tokens' keys/values (see models.kv)."""
@@ -114,7 +116,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None) -> Any:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVInput | None = None
+    ) -> Any:
         if kv is not None:  # cached step: also hand the new keys/values to the caller
             a, k, v = self.attn(norm(x), cos, sin, kv)
             x = x + a

@@ -42,8 +42,12 @@ _CONFIGS: dict[str, GPTConfig | NanochatConfig] = {
     "mhc-dyn-small": MHCConfig(
         vocab_size=512, sequence_len=256, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, dynamic=True
     ),
-    "mhc-d20": MHCConfig(vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280),
-    "mhc-0.5b": MHCConfig(vocab_size=65536, sequence_len=2048, n_layer=32, n_head=10, n_kv_head=10, n_embd=640),
+    "mhc-d20": MHCConfig(
+        vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280
+    ),
+    "mhc-0.5b": MHCConfig(
+        vocab_size=65536, sequence_len=2048, n_layer=32, n_head=10, n_kv_head=10, n_embd=640
+    ),
     "mhc-dyn-d20": MHCConfig(
         vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280, dynamic=True
     ),

@@ -92,7 +92,9 @@ def _shift(d: Any) -> Any:
     return d
 
 
-def _vmap_op(op: Callable[..., Any], in_dims: tuple[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+def _vmap_op(
+    op: Callable[..., Any], in_dims: tuple[Any, Any], args: list[Any], kwargs: dict[str, Any]
+) -> Any:
     """Fallback for ops without a rule: torch.vmap over this one op."""
     return torch.vmap(lambda a, k: op(*a, **k), in_dims=in_dims)(args, kwargs)
 
@@ -102,7 +104,9 @@ def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("n...i,noi->n...o", x, w)
 
 
-def _layer_attention(op: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _layer_attention(
+    op: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """Attention over (N, B, ...) inputs with the layer axis folded into the batch axis: the fused
     kernels (flash, memory-efficient) and ONNX export take 4-D q/k/v only."""
     out = op(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args, **kwargs)
@@ -159,7 +163,9 @@ class _Batcher:
         """A shared tensor given the layer axis (for ops that need every operand batched)."""
         if self.is_batched(a):
             return self.env[a]
-        return self.call(torch.Tensor.expand, self.call(torch.unsqueeze, self.env[a], 0), self.n, *([-1] * _rank(a)))
+        return self.call(
+            torch.Tensor.expand, self.call(torch.unsqueeze, self.env[a], 0), self.n, *([-1] * _rank(a))
+        )
 
     # rules -------------------------------------------------------------------------------------
     def run(self) -> tuple[fx.GraphModule, list[str]]:
@@ -190,7 +196,10 @@ class _Batcher:
                 return self.env[node.args[0]]
             rank = _rank(node)
             args = [self.align(a, rank) if isinstance(a, fx.Node) else self.lift(a) for a in node.args]
-            kwargs = {k: self.align(v, rank) if isinstance(v, fx.Node) else self.lift(v) for k, v in node.kwargs.items()}
+            kwargs = {
+                k: self.align(v, rank) if isinstance(v, fx.Node) else self.lift(v)
+                for k, v in node.kwargs.items()
+            }
             return self.graph.call_function(node.target, tuple(args), kwargs)
         if name in ("view", "reshape", "_unsafe_view", "expand"):
             x, shape = node.args[0], node.args[1]
@@ -217,8 +226,12 @@ class _Batcher:
         if name == "einsum":
             return self.einsum_rule(node)
         if name == "expand_as":
-            return self.call(torch.Tensor.expand_as, self.align(node.args[0], _rank(node)), self.expand(node.args[1]))
-        if name in _DIM_ARGS and self.is_batched(node.args[0] if name not in ("cat", "concat") else node.args[0][0]):
+            return self.call(
+                torch.Tensor.expand_as, self.align(node.args[0], _rank(node)), self.expand(node.args[1])
+            )
+        if name in _DIM_ARGS and self.is_batched(
+            node.args[0] if name not in ("cat", "concat") else node.args[0][0]
+        ):
             return self.dim_rule(node, name)
         return self.fallback(node)
 
@@ -298,8 +311,17 @@ class _Batcher:
         if not affine_batched:
             w = self.env[weight] if isinstance(weight, fx.Node) else weight
             extra = (self.env[bias] if isinstance(bias, fx.Node) else bias,) if name == "layer_norm" else ()
-            return self.call(fn, self.env[x], list(shape), w, *extra, **({"eps": eps} if eps is not None else {}))
-        out = self.call(fn, self.env[x], list(shape), None, *((None,) if name == "layer_norm" else ()), **({"eps": eps} if eps is not None else {}))
+            return self.call(
+                fn, self.env[x], list(shape), w, *extra, **({"eps": eps} if eps is not None else {})
+            )
+        out = self.call(
+            fn,
+            self.env[x],
+            list(shape),
+            None,
+            *((None,) if name == "layer_norm" else ()),
+            **({"eps": eps} if eps is not None else {}),
+        )
         if weight is not None:
             out = self.call(torch.mul, out, self.align(weight, rank))
         if bias is not None:
@@ -321,7 +343,12 @@ class _Batcher:
         if self.is_batched(mask):
             return self.call(_fold_batched_mask, self.align(mask, rank + 1), self.n)
         val = mask.meta.get("val")
-        batch_is_one = isinstance(val, torch.Tensor) and val.dim() == rank and isinstance(val.shape[0], int) and val.shape[0] == 1
+        batch_is_one = (
+            isinstance(val, torch.Tensor)
+            and val.dim() == rank
+            and isinstance(val.shape[0], int)
+            and val.shape[0] == 1
+        )
         if _rank(mask) < rank or batch_is_one:
             return self.env[mask]  # broadcasts against N*B as it did against B
         return self.call(_fold_shared_mask, self.env[mask], self.n)
@@ -330,13 +357,19 @@ class _Batcher:
         self.fallbacks.append(f"{_name(node)} ({node.name})")
 
         def dims(a: Any) -> Any:
-            return fx.node.map_aggregate(a, lambda x: 0 if isinstance(x, fx.Node) and self.batched.get(x, False) else None)
+            return fx.node.map_aggregate(
+                a, lambda x: 0 if isinstance(x, fx.Node) and self.batched.get(x, False) else None
+            )
 
         in_dims = (dims(list(node.args)), dims(dict(node.kwargs)))
-        return self.call(_vmap_op, node.target, in_dims, self.lift(list(node.args)), self.lift(dict(node.kwargs)))
+        return self.call(
+            _vmap_op, node.target, in_dims, self.lift(list(node.args)), self.lift(dict(node.kwargs))
+        )
 
 
-def batch_body(body: fx.GraphModule, batched_inputs: list[bool], num_layers: int) -> tuple[fx.GraphModule, list[str]]:
+def batch_body(
+    body: fx.GraphModule, batched_inputs: list[bool], num_layers: int
+) -> tuple[fx.GraphModule, list[str]]:
     """The body rewritten to evaluate ``num_layers`` layers at once.
 
     ``batched_inputs`` says, per placeholder (h first), whether it carries the layer axis.

@@ -49,7 +49,9 @@ def _static_dims(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder" and isinstance(val, torch.Tensor):
-            static += [f"{node.name}[{i}]={s}" for i, s in enumerate(val.shape) if isinstance(s, int) and s <= 1]
+            static += [
+                f"{node.name}[{i}]={s}" for i, s in enumerate(val.shape) if isinstance(s, int) and s <= 1
+            ]
     return static
 
 
@@ -80,7 +82,11 @@ def capture(
             if use_dynamic:
                 static = _static_dims(gm)
                 if static:
-                    note_static = "; static: " + ", ".join(static) + " (example size 0 or 1 is specialised by torch.export)"
+                    note_static = (
+                        "; static: "
+                        + ", ".join(static)
+                        + " (example size 0 or 1 is specialised by torch.export)"
+                    )
             if use_dynamic:
                 note = "captured with symbolic sizes" + (note_static if static else "")
             else:

@@ -59,7 +59,9 @@ def find_container(gm: fx.GraphModule, requested: str | None) -> tuple[str, list
         parent = max(candidates)[1]
     indices = sorted(coverage[parent])
     if indices != list(range(len(indices))):
-        raise SNLPRefusal(f"layers of '{parent}' seen in the graph are {indices}, not 0..n-1", module_path=parent)
+        raise SNLPRefusal(
+            f"layers of '{parent}' seen in the graph are {indices}, not 0..n-1", module_path=parent
+        )
     return parent, [f"{parent}.{i}" if parent else str(i) for i in indices]
 
 
@@ -194,7 +196,9 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
     read_outside = values_read_outside(gm, paths)
     outputs = [outs[-1] for outs in read_outside]
     if len(outputs) < 2:
-        raise SNLPRefusal(f"'{container}' holds a single layer: nothing to solve in parallel", module_path=container)
+        raise SNLPRefusal(
+            f"'{container}' holds a single layer: nothing to solve in parallel", module_path=container
+        )
     last = len(outputs) - 1
     template = build_template(outputs[last - 1], outputs[last], paths[last], last)
     in_template = set(template.nodes)
@@ -243,7 +247,9 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
         for ext in layer.externals:
             if ext in downstream or ext in region_of:
                 sources = sorted({region_of[a].index for a in ancestors([ext]) if a in region_of})
-                source = layers[[lay.index for lay in layers].index(sources[-1])].module_path if sources else "?"
+                source = (
+                    layers[[lay.index for lay in layers].index(sources[-1])].module_path if sources else "?"
+                )
                 raise SNLPRefusal(
                     f"layer '{layer.module_path}' reads {ext.name} (module '{innermost_module(ext) or '<root>'}'), "
                     f"which is computed from the hidden state of layer '{source}': the layers are not a chain "

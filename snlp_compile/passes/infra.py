@@ -19,7 +19,9 @@ class PassResult:
 GraphPass = Callable[[fx.GraphModule], PassResult]
 
 
-def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass]) -> tuple[fx.GraphModule, list[tuple[str, PassResult]]]:
+def run_passes(
+    gm: fx.GraphModule, passes: Sequence[GraphPass]
+) -> tuple[fx.GraphModule, list[tuple[str, PassResult]]]:
     """Run passes in order; returns the final module and each pass's result, by name."""
     results = []
     for p in passes:

@@ -126,7 +126,10 @@ def _forward_side_stacks(graph: fx.Graph, sides: list[fx.Node], num_layers: int)
         srcs = {i.args[0] for i in items if isinstance(i, fx.Node) and i.target is operator.getitem}
         if len(srcs) != 1 or not srcs <= wanted:
             continue
-        if all(isinstance(i, fx.Node) and i.target is operator.getitem and i.args[1] == j for j, i in enumerate(items)):
+        if all(
+            isinstance(i, fx.Node) and i.target is operator.getitem and i.args[1] == j
+            for j, i in enumerate(items)
+        ):
             n.replace_all_uses_with(next(iter(srcs)))
 
 
@@ -303,7 +306,9 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
             args.append(env[column[0]])
         else:
             view = _as_layer_slice(graph, column, env)
-            args.append(view if view is not None else graph.call_function(torch.stack, ([env[c] for c in column],)))
+            args.append(
+                view if view is not None else graph.call_function(torch.stack, ([env[c] for c in column],))
+            )
     trace = graph.call_module(SOLVE_NAME, tuple(args))
     sides: list[fx.Node] = []
     if side_layers is not None:  # the solve returns (trace, *side outputs stacked over layers)
@@ -320,7 +325,11 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
             env[out_node].name = f"h_{par[j].index}"
     for n in old.nodes:
         if n in after:
-            if len(n.users) == 0 and n.op == "call_function" and any(a in region and a not in outputs for a in n.all_input_nodes):
+            if (
+                len(n.users) == 0
+                and n.op == "call_function"
+                and any(a in region and a not in outputs for a in n.all_input_nodes)
+            ):
                 continue  # a shape assert on a layer intermediate: the layer no longer exists
             env[n] = graph.node_copy(n, lambda a: env[a])
     _forward_side_stacks(graph, sides, len(par))

@@ -122,7 +122,12 @@ def describe(c: Coef) -> str:
         return f"{c.value:g}"
     if isinstance(c, Ext):
         n = c.node
-        if n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+        if (
+            n.op == "call_function"
+            and n.args
+            and isinstance(n.args[0], fx.Node)
+            and n.args[0].op == "get_attr"
+        ):
             return f"{n.args[0].target}[layer]"
         return str(n.target) if n.op == "get_attr" else c.name
     sym = {"add": "+", "mul": "*", "div": "/"}[c.op]
@@ -238,7 +243,9 @@ def analyse_skip(layer: Layer) -> SkipPath:
     )
 
 
-def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_dependent: set[fx.Node]) -> SkipPath:
+def _stream_skip(
+    layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_dependent: set[fx.Node]
+) -> SkipPath:
     """The "matrix" SkipPath of a hyper-connection layer, or a refusal saying what did not match."""
     found = stream.finish(out)
     if isinstance(found, str):
@@ -264,9 +271,9 @@ def _stream_skip(layer: Layer, stream: StreamAnalysis, out: Pre | Mixed, h_depen
     def name(n: fx.Node) -> str:
         if n.op == "get_attr":  # a parameter used as it is: its path inside the layer
             target = str(n.target)
-            return f"H({target[len(prefix):] if target.startswith(prefix) else target})"
+            return f"H({target[len(prefix) :] if target.startswith(prefix) else target})"
         path = innermost_module(n)  # else the sublayer that computes it
-        return f"H({path[len(prefix):].split('.')[0] if path.startswith(prefix) else path or n.name})"
+        return f"H({path[len(prefix) :].split('.')[0] if path.startswith(prefix) else path or n.name})"
 
     return SkipPath(
         "matrix",

@@ -135,7 +135,11 @@ def describe_matrix(m: MatExpr, name: Any = None) -> str:
         return name(m.node) if name is not None else m.node.name
     if isinstance(m, MRows):
         rows = m.rows
-        span = f"{rows[0]}..{rows[-1]}" if rows == tuple(range(rows[0], rows[-1] + 1)) else ",".join(map(str, rows))
+        span = (
+            f"{rows[0]}..{rows[-1]}"
+            if rows == tuple(range(rows[0], rows[-1] + 1))
+            else ",".join(map(str, rows))
+        )
         inner = describe_matrix(m.a, name)
         return f"({inner})[rows {span}]" if isinstance(m.a, (MMul, MAdd)) else f"{inner}[rows {span}]"
     if isinstance(m, MMul):
@@ -298,7 +302,9 @@ class StreamAnalysis:
         return Mixed(coords, _scale(value.scale, MEye(self.streams.layout.n)))
 
     # rules ------------------------------------------------------------------------------------
-    def visit(self, node: fx.Node, of: Any, is_linear: Any, factor: Any, scale_ops: Any) -> Pre | Mixed | None:
+    def visit(
+        self, node: fx.Node, of: Any, is_linear: Any, factor: Any, scale_ops: Any
+    ) -> Pre | Mixed | None:
         """The linear value of ``node``, or None (the node is branch territory).
 
         of(a): the linear value of argument a (Pre, Mixed, or a scalar-domain coefficient);
@@ -364,7 +370,9 @@ class StreamAnalysis:
         coords = _broadcast(v.coords, out)
         return Mixed(coords, _scale(f, v.matrix))
 
-    def combine(self, node: fx.Node, terms: list[tuple[Pre | Mixed, float]], mul: Any, add: Any) -> Pre | Mixed | None:
+    def combine(
+        self, node: fx.Node, terms: list[tuple[Pre | Mixed, float]], mul: Any, add: Any
+    ) -> Pre | Mixed | None:
         from .skip_split import Const
 
         out = _shape(node)
@@ -372,7 +380,11 @@ class StreamAnalysis:
             v, s = terms[0]
             return v if s == 1.0 else self.scaled(node, v, Const(s), mul)
         (v1, s1), (v2, s2) = terms
-        same = isinstance(v1, Pre) and isinstance(v2, Pre) and tuple(v1.index.shape) == out == tuple(v2.index.shape)
+        same = (
+            isinstance(v1, Pre)
+            and isinstance(v2, Pre)
+            and tuple(v1.index.shape) == out == tuple(v2.index.shape)
+        )
         if same and torch.equal(v1.index, v2.index):
             return Pre(v1.index, v1.ops, add(mul(Const(s1), v1.scale), mul(Const(s2), v2.scale)))
         m1, m2 = self.as_mixed(v1), self.as_mixed(v2)
@@ -448,7 +460,9 @@ class StreamAnalysis:
         for lab in contracted:
             n_k *= size_v[lab]
         if n_k > MAX_STREAMS:
-            return self.reject(node, f"contracts {n_k} > {MAX_STREAMS} values per position: a projection, not streams")
+            return self.reject(
+                node, f"contracts {n_k} > {MAX_STREAMS} values per position: a projection, not streams"
+            )
         for lab, live in zip(lv, v_live):
             if lab not in lo and lab not in contracted and live:
                 return self.reject(node, "sums the hidden state over an axis the mixing matrix does not have")
@@ -462,7 +476,9 @@ class StreamAnalysis:
         qks = [lv.index(lab) for lab in contracted]
         if isinstance(v, Pre):
             if self.streams is None and not self.define_streams(v, qks, _dynamic(v_node)):
-                return self.reject(node, "its stream operand is not a re-arrangement of the whole hidden state")
+                return self.reject(
+                    node, "its stream operand is not a re-arrangement of the whole hidden state"
+                )
             v = self.as_mixed(v)
             if v is None:
                 return None
@@ -483,7 +499,9 @@ class StreamAnalysis:
                 continue
             a = _z_axis_along(coords, lv.index(lab), st.nb)
             if a is None:
-                return self.reject(node, "the mixing matrix varies along an axis that is not a batch axis of the streams")
+                return self.reject(
+                    node, "the mixing matrix varies along an axis that is not a batch axis of the streams"
+                )
             batch_axis[lab] = a
         m_expr = _canonical(m_node, lm, sm, batch_axis, rows, contracted, st.nb)
         matrix = _mul(m_expr, _rows(v.matrix, tuple(int(x) for x in rho)))
@@ -746,7 +764,9 @@ def _eye_like(ref: Tensor, n: int) -> Tensor:
 _eye_like.snlp_layer_invariant = True  # type: ignore[attr-defined]
 
 
-def emit_matrix(graph: fx.Graph, m: MatExpr, env: dict[fx.Node, Any], hidden: fx.Node, emit_scalar: Any) -> fx.Node:
+def emit_matrix(
+    graph: fx.Graph, m: MatExpr, env: dict[fx.Node, Any], hidden: fx.Node, emit_scalar: Any
+) -> fx.Node:
     """Emit A into ``graph`` (env maps template nodes to the body's); every node gets a meta
     value of A's canonical shape, which the batching pass reads for ranks."""
     dtype = getattr(_val(hidden), "dtype", torch.float32)

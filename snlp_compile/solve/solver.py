@@ -339,7 +339,9 @@ def _stream_layout(body: fx.GraphModule) -> StreamLayout:
     coefficient = results[1] if isinstance(results, (tuple, list)) and len(results) == 2 else None
     layout = coefficient.meta.get("snlp_stream_layout") if isinstance(coefficient, fx.Node) else None
     if not isinstance(layout, StreamLayout):
-        raise ValueError("skip_kind='matrix' needs a body returning (out, A) with A's StreamLayout in its meta")
+        raise ValueError(
+            "skip_kind='matrix' needs a body returning (out, A) with A's StreamLayout in its meta"
+        )
     return layout
 
 

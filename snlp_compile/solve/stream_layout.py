@@ -152,7 +152,10 @@ def _describe_op(op: LayoutOp) -> str:
 
 
 def reshape_groups(
-    in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_dynamic: tuple[bool, ...], out_dynamic: tuple[bool, ...]
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    in_dynamic: tuple[bool, ...],
+    out_dynamic: tuple[bool, ...],
 ) -> Reshape | None:
     """A size-generic Reshape for a reshape seen with concrete shapes, or None when the output
     sizes cannot be derived from the input's run-time sizes (two dynamic sizes in one group, or

@@ -1,9 +1,9 @@
 """SNLP-aware training: the regulariser, real-text data, a training loop, evaluation, checkpoints.
 
-    from snlp_compile.train import RegulariserConfig, SNLPRegulariser
-    reg = SNLPRegulariser(model, (idx,), RegulariserConfig(weight=1.0))
-    out = reg(idx)                                   # model output + K=1 SNLP trace error
-    loss = cross_entropy(out.output, y) + reg.config.weight_at(step) * out.loss
+from snlp_compile.train import RegulariserConfig, SNLPRegulariser
+reg = SNLPRegulariser(model, (idx,), RegulariserConfig(weight=1.0))
+out = reg(idx)                                   # model output + K=1 SNLP trace error
+loss = cross_entropy(out.output, y) + reg.config.weight_at(step) * out.loss
 """
 
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint

@@ -28,7 +28,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, **meta:
 
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
-        raise TypeError(f"save_checkpoint needs a reference model with a dataclass .config, got {type(model).__name__}")
+        raise TypeError(
+            f"save_checkpoint needs a reference model with a dataclass .config, got {type(model).__name__}"
+        )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / WEIGHTS))

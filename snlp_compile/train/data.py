@@ -223,8 +223,10 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = N
     total = (tokens.numel() - 1) // seq_len
     if total < 1:
         raise ValueError(f"{tokens.numel()} held-out tokens cannot fill one window of {seq_len + 1}")
-    picks = torch.arange(total) if max_windows is None or max_windows >= total else (
-        torch.linspace(0, total - 1, max_windows).round().long()
+    picks = (
+        torch.arange(total)
+        if max_windows is None or max_windows >= total
+        else (torch.linspace(0, total - 1, max_windows).round().long())
     )
     offsets = torch.arange(seq_len + 1)
     return tokens[picks[:, None] * seq_len + offsets]

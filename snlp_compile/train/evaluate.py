@@ -47,7 +47,9 @@ def perplexity(
     for i in range(0, windows.size(0), batch_size):
         win = windows[i : i + batch_size].to(device)
         logits = logits_of(model(win[:, :-1])).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1), reduction="sum"
+        ).item()
         count += win[:, 1:].numel()
     ce = total / count
     return {"ce": ce, "ppl": math.exp(ce), "bpb": ce / math.log(2) / bytes_per_token}
@@ -89,7 +91,9 @@ def evaluate_model(
     if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
         windows = windows[: windows.size(0) // batch_size * batch_size]
     seq = perplexity(model, windows, batch_size, device, bytes_per_token)
-    rows: list[dict[str, Any]] = [{"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq}]
+    rows: list[dict[str, Any]] = [
+        {"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq}
+    ]
     example = (windows[:batch_size, :-1].to(device),)
     _, chain, report = analyse(model, example, SNLPConfig())
     if chain is None:
@@ -120,7 +124,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None
     ]
     for r in rows:
         total = (layers or {}).get(r["model"])
-        par = "-" if r["mode"] == "sequential" else (f"{r['parallel']}/{total}" if total else str(r["parallel"]))
+        par = (
+            "-"
+            if r["mode"] == "sequential"
+            else (f"{r['parallel']}/{total}" if total else str(r["parallel"]))
+        )
         setting = r["mode"] + (f" C={r['chunks']}" if (r.get("chunks") or 1) > 1 else "")
         lines.append(
             f"| {r['model']} | {setting} | {r['K'] if r['K'] is not None else '-'} | {par} | {r['init'] or '-'} | "
@@ -129,7 +137,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None
     return "\n".join(lines) + "\n"
 
 
-def plot_ppl_vs_k(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", zoom: float = 1.25) -> Path:
+def plot_ppl_vs_k(
+    rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", zoom: float = 1.25
+) -> Path:
     """Perplexity against K, one line per (model, parallel layers); dashed: each model's sequential run.
 
     Left: every point on a log scale (an unregularised model at small K can be off by orders of

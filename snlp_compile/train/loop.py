@@ -63,7 +63,9 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         span = max(1, self.steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
 
 
 @dataclass
@@ -76,7 +78,12 @@ class TrainResult:
     val: dict[str, float]  # final held-out sequential loss / perplexity / bits per byte
 
     def summary(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 2), "tokens": self.tokens, "val": self.val, "last": self.history[-1]}
+        return {
+            "seconds": round(self.seconds, 2),
+            "tokens": self.tokens,
+            "val": self.val,
+            "last": self.history[-1],
+        }
 
 
 def build_for_corpus(config: TrainConfig, corpus: Corpus) -> nn.Module:
@@ -114,10 +121,14 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
     batches = random_batches(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
     reg: SNLPRegulariser | None = None
     if config.regulariser is not None:
-        example, _ = next(random_batches(corpus.train, config.batch_size, config.seq_len, seed=config.seed + 1))
+        example, _ = next(
+            random_batches(corpus.train, config.batch_size, config.seq_len, seed=config.seed + 1)
+        )
         reg = SNLPRegulariser(model, (example.to(device),), config.regulariser)
     fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, **fused)
+    opt = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, **fused
+    )
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     bar = tqdm(
@@ -157,4 +168,6 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
     model.eval()
     windows = eval_windows(corpus.val, config.seq_len, config.eval_windows)
     val = perplexity(model, windows, config.batch_size, device, corpus.val_bytes_per_token)
-    return TrainResult(model, config, history, seconds, config.steps * config.batch_size * config.seq_len, val)
+    return TrainResult(
+        model, config, history, seconds, config.steps * config.batch_size * config.seq_len, val
+    )
