@@ -1,0 +1,24 @@
+"""The repository stays ruff clean (lint and format), so style drift shows up in CI, not in review."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("ruff")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "ruff", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [("check", "."), ("format", "--check", ".")], ids=["check", "format"])
+def test_ruff_clean(args: tuple[str, ...]) -> None:
+    result = _ruff(*args)
+    assert result.returncode == 0, f"ruff {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
