@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -468,3 +469,66 @@ def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module,
     if any(isinstance(m, StaticMix) for m in model.modules()):
         return freeze_static_mixing(model), "static H frozen (computed once) in every variant"
     return model, ""
+
+
+# -- the command line and setup shared by forward.py and decode.py --------------------------------
+def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) -> None:
+    """The options every regime script takes (shapes, K, modes, chunks, dtype, output, budget)."""
+    p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--ks", default="1,2,4", help=ks_help)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument(
+        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
+    )
+    p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--name", default=name, help="stem of the output files (NAME.json, .md, .png)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
+    p.add_argument("--profile", action="store_true", help=profile_help)
+
+
+@dataclass
+class RegimeRun:
+    """What a regime script's main() needs after parsing: device, dtype, output folder, run
+    metadata (environment, command, measured bandwidth and matmul rate) and the bytes-floor rate."""
+
+    t_start: float
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    meta: dict[str, Any]
+    bandwidth: float  # bytes/s; nan off CUDA
+
+
+def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> RegimeRun:
+    """Seed, Dynamo cache size, output folder and the measured device rates, the same for every regime."""
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64
+    meta: dict[str, Any] = {
+        "env": environment(device),
+        "dtype": args.dtype,
+        "note": note,
+        "command": f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    }
+    bw = float("nan")
+    if device.type == "cuda":
+        bw = copy_bandwidth(device)
+        meta["copy_bandwidth_tbs"] = bw / 1e12
+        meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
+    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw)
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def mode_list(text: str, device: torch.device) -> list[str]:
+    """Comma-separated modes; the CUDA-graph ones are dropped off CUDA."""
+    modes = [m for m in text.split(",") if m]
+    return modes if device.type == "cuda" else [m for m in modes if not m.endswith("+graph")]

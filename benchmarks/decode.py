@@ -24,7 +24,6 @@ time; that is part of the measured time, not of the floor.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -36,21 +35,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DTYPES,
-    MODES,
     RANDOM_WEIGHTS_NOTE,
     SHAPES,
     Bench,
     Record,
-    copy_bandwidth,
-    environment,
+    add_regime_arguments,
     floor_ms,
     inference_model,
+    int_list,
     layer_bytes,
     make_variant,
-    matmul_rate,
-    out_dir_from,
+    mode_list,
     profile_variant,
+    start_regime,
     with_iterations,
 )
 
@@ -69,54 +66,30 @@ def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
+    add_regime_arguments(
+        p,
+        name="decode",
+        ks_help="SNLP iteration counts (init h0)",
+        profile_help="profile seq and SNLP K=1 compiled at batch 1",
+    )
     p.add_argument("--batch", default="1,8")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--ks", default="1,2,4", help="SNLP iteration counts (init h0)")
     p.add_argument("--warm-ks", default="1,2", help="SNLP iteration counts with init warm")
-    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--warm-modes", default="compiled+graph")
-    p.add_argument(
-        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
-    )
-    p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
-    p.add_argument("--name", default="decode", help="stem of the output files (NAME.json, .md, .png)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
-    p.add_argument("--profile", action="store_true", help="profile seq and SNLP K=1 compiled at batch 1")
     args = p.parse_args(argv)
 
-    t_start = time.perf_counter()
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    torch._dynamo.config.cache_size_limit = 64
-    out = out_dir_from(args.out)
-    meta: dict[str, Any] = {
-        "env": environment(device),
-        "dtype": args.dtype,
-        "note": RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed",
-        "command": "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-    }
-    bw = float("nan")
-    if device.type == "cuda":
-        bw = copy_bandwidth(device)
-        meta["copy_bandwidth_tbs"] = bw / 1e12
-        meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    bench = Bench("decode", out, device, meta, name=args.name)
-    ks = [int(k) for k in args.ks.split(",") if k]
-    warm_ks = [int(k) for k in args.warm_ks.split(",") if k]
-    modes = [m for m in args.modes.split(",") if m]
-    warm_modes = [m for m in args.warm_modes.split(",") if m]
-    chunk_counts = [int(c) for c in args.chunks.split(",") if c]
-    chunk_modes = [m for m in args.chunk_modes.split(",") if m]
-    if device.type != "cuda":
-        modes = [m for m in modes if not m.endswith("+graph")]
-        warm_modes = [m for m in warm_modes if not m.endswith("+graph")]
-        chunk_modes = [m for m in chunk_modes if not m.endswith("+graph")]
+    run = start_regime(
+        args,
+        "decode.py",
+        RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed",
+        argv,
+    )
+    t_start, device, dtype, out, bw = run.t_start, run.device, run.dtype, run.out, run.bandwidth
+    bench = Bench("decode", out, device, run.meta, name=args.name)
+    ks, warm_ks, chunk_counts = int_list(args.ks), int_list(args.warm_ks), int_list(args.chunks)
+    modes = mode_list(args.modes, device)
+    warm_modes = mode_list(args.warm_modes, device)
+    chunk_modes = mode_list(args.chunk_modes, device)
     prof_path = out / f"{args.name}_profile.txt"
     ctx = args.context
 

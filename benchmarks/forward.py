@@ -21,7 +21,6 @@ the bytes floor (layer weights read once over the measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -33,22 +32,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    DTYPES,
-    MODES,
     RANDOM_WEIGHTS_NOTE,
     SHAPES,
     Bench,
     Record,
-    copy_bandwidth,
-    environment,
+    add_regime_arguments,
     floor_ms,
     inference_model,
+    int_list,
     layer_bytes,
     make_variant,
-    matmul_rate,
-    out_dir_from,
+    mode_list,
     profile_variant,
     rel_err,
+    start_regime,
     with_iterations,
 )
 
@@ -76,53 +73,32 @@ def smoke(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
+    add_regime_arguments(
+        p,
+        name="forward",
+        ks_help="SNLP iteration counts",
+        profile_help="profile seq and SNLP K=1 compiled per case",
+    )
     p.add_argument("--seq", default="256,2048", help="sequence lengths")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--ks", default="1,2,4", help="SNLP iteration counts")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument(
-        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
-    )
-    p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
-    p.add_argument("--name", default="forward", help="stem of the output files (NAME.json, .md, .png)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
-    p.add_argument("--profile", action="store_true", help="profile seq and SNLP K=1 compiled per case")
     p.add_argument("--no-smoke", action="store_true")
     args = p.parse_args(argv)
 
-    t_start = time.perf_counter()
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    torch._dynamo.config.cache_size_limit = 64
-    out = out_dir_from(args.out)
-    meta: dict[str, Any] = {
-        "env": environment(device),
-        "dtype": args.dtype,
-        "note": RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})",
-        "command": "python benchmarks/forward.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-    }
-    if device.type == "cuda":
-        bw = copy_bandwidth(device)
-        meta["copy_bandwidth_tbs"] = bw / 1e12
-        meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    else:
-        bw = float("nan")
+    run = start_regime(args, "forward.py", RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv)
+    t_start, device, dtype, out, bw, meta = (
+        run.t_start,
+        run.device,
+        run.dtype,
+        run.out,
+        run.bandwidth,
+        run.meta,
+    )
     if not args.no_smoke:
         meta["smoke"] = smoke(device)
     bench = Bench("forward", out, device, meta, name=args.name)
-    ks = [int(k) for k in args.ks.split(",") if k]
-    modes = [m for m in args.modes.split(",") if m]
-    chunk_counts = [int(c) for c in args.chunks.split(",") if c]
-    chunk_modes = [m for m in args.chunk_modes.split(",") if m]
-    if device.type != "cuda":
-        modes = [m for m in modes if not m.endswith("+graph")]
-        chunk_modes = [m for m in chunk_modes if not m.endswith("+graph")]
+    ks, chunk_counts = int_list(args.ks), int_list(args.chunks)
+    modes = mode_list(args.modes, device)
+    chunk_modes = mode_list(args.chunk_modes, device)
     prof_path = out / f"{args.name}_profile.txt"
 
     with torch.no_grad():

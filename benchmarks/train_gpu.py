@@ -216,7 +216,9 @@ def run_concurrently(args: argparse.Namespace, argv: list[str], out: Path) -> in
     """One process per variant, all at once on the same device; then one merged result plus a log."""
     parts = Path(args.parts_dir) if args.parts_dir else out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    base = _strip_options(argv, {"--variants": True, "--concurrent": False, "--out": True, "--name": True})
+    # argparse keeps the last value of a repeated option: the child's --variants/--out/--name,
+    # appended after the parent's own arguments, win
+    base = [a for a in argv if a != "--concurrent"]
     procs = []
     for spec in args.variants:
         name, _ = parse_variant(spec)
@@ -241,22 +243,6 @@ def run_concurrently(args: argparse.Namespace, argv: list[str], out: Path) -> in
     if done:
         merge(done, out, args.name, args.notes)
     return max(codes) if codes else 0
-
-
-def _strip_options(argv: list[str], options: dict[str, bool]) -> list[str]:
-    """argv without the given options (True: the option takes values up to the next --option)."""
-    kept: list[str] = []
-    skipping = False
-    for a in argv:
-        if a.startswith("--"):
-            key = a.split("=", 1)[0]
-            skipping = options.get(key, False) and "=" not in a
-            if key in options:
-                continue
-        elif skipping:
-            continue
-        kept.append(a)
-    return kept
 
 
 def _command() -> str:

@@ -176,16 +176,9 @@ class MHCGPT(NanochatGPT):
     def __init__(self, config: MHCConfig) -> None:
         nn.Module.__init__(self)
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([MHCBlock(config) for _ in range(config.n_layer)]),
-            )
+        self._set_trunk(
+            nn.Embedding(config.vocab_size, config.n_embd), [MHCBlock(config) for _ in range(config.n_layer)]
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -295,13 +288,7 @@ class HCPackageGPT(NanochatGPT):
             )
             for i in range(config.n_layer)
         ]
-        self.transformer = nn.ModuleDict(
-            dict(wte=nn.Embedding(config.vocab_size, config.n_embd), h=nn.ModuleList(blocks))
-        )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self._set_trunk(nn.Embedding(config.vocab_size, config.n_embd), blocks)
         self.init_weights()
 
     @torch.no_grad()

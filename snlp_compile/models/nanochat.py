@@ -133,23 +133,27 @@ class NanochatGPT(nn.Module):
     def __init__(self, config: NanochatConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            )
+        self._set_trunk(
+            nn.Embedding(config.vocab_size, config.n_embd), [Block(config) for _ in range(config.n_layer)]
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Per-layer scalars of the residual re-mix x <- resid_lambda * x + x0_lambda * x0.
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.tensor(0.2))
+        self.init_weights()
+
+    def _set_trunk(self, wte: nn.Embedding, blocks: list[nn.Module]) -> None:
+        """Embedding, layers, head and rotary tables: the parts every model of this family shares
+        (the mHC variants reuse it with their own blocks). The caller builds ``wte`` and ``blocks``
+        in its own order, which fixes how they draw from the random generator."""
+        config = self.config
+        self.transformer = nn.ModuleDict(dict(wte=wte, h=nn.ModuleList(blocks)))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived, not learned: non-persistent so they stay out of state_dict.
         cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.init_weights()
 
     def _precompute_rotary(self, seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables of shape [1, seq_len, 1, head_dim // 2], broadcast over batch and heads."""
