@@ -386,6 +386,9 @@ def markdown(
     )
     if meta.get("command"):
         lines += ["", f"Command: `{meta['command']}`"]
+    if meta.get("inductor"):
+        options = ", ".join(f"{k}={v}" for k, v in meta["inductor"].items())
+        lines += ["", f"Inductor options (every compiled variant): {options}"]
     for key in sorted({(r.shape, r.case) for r in records}, key=lambda k: (k[0], k[1])):
         rows = [r for r in records if (r.shape, r.case) == key]
         floor = next((r.floor_ms for r in rows if r.floor_ms is not None), None)
@@ -488,6 +491,12 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--name", default=name, help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help=profile_help)
+    p.add_argument(
+        "--inductor",
+        default="",
+        help="Inductor options for every compiled variant, sequential and SNLP alike, "
+        "e.g. max_autotune=True,coordinate_descent_tuning=True",
+    )
 
 
 @dataclass
@@ -516,12 +525,38 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         "note": note,
         "command": f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
+    options = inductor_options(args.inductor)
+    if options:
+        meta["inductor"] = options
     bw = float("nan")
     if device.type == "cuda":
         bw = copy_bandwidth(device)
         meta["copy_bandwidth_tbs"] = bw / 1e12
         meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
     return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw)
+
+
+def inductor_options(text: str) -> dict[str, Any]:
+    """Parse and apply ``key=value,...`` to torch._inductor.config (the whole process: every
+    compiled variant gets the same options, so the sequential baseline is as tuned as SNLP)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    options: dict[str, Any] = {}
+    for item in (x for x in text.split(",") if x):
+        key, sep, raw = item.partition("=")
+        if not sep or not hasattr(inductor_config, key.strip()):
+            raise SystemExit(
+                f"--inductor: '{item}' is not KEY=VALUE with KEY a torch._inductor.config option"
+            )
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        setattr(inductor_config, key.strip(), value)
+        options[key.strip()] = value
+    return options
 
 
 def int_list(text: str) -> list[int]:

@@ -1,0 +1,130 @@
+"""How the layer-batched linear of a decode step is lowered: one row per layer times stacked
+weights (N, O, I), preceded by the RMS norm that produces the row, compiled and captured in a CUDA
+graph. This is the op that dominates a batch-1 SNLP decode step; the profile of run 5 showed one
+device-to-device copy per batched matmul, which this script attributes and measures.
+
+    PYTHONPATH=. python benchmarks/gemv_lowering.py            # on a GPU
+    PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
+
+Variants (same inputs, same result up to rounding):
+  einsum      the compiler's ``_einsum_linear`` (Inductor lowers it to bmm over a (N, 1, I) row
+              whose size-1 dim gets stride 0; cuBLAS' bmm wrapper then clones it)
+  bmm-rows2   the same with two rows per layer (what a second row costs on a bandwidth-bound GEMV)
+  reduce      ``(x[..., None, :] * w).sum(-1)``: a Triton reduction instead of cuBLAS
+  mv-cat      ``(w @ x[..., None])``: weight-major, the row as a column
+For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
+bytes floor (the weights read once at the measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, cuda_graph, environment, floor_ms, out_dir_from, time_fn
+
+from snlp_compile.passes.batch_layers import _einsum_linear
+
+
+def _variants() -> dict[str, tuple[int, object]]:
+    """name -> (rows per layer, fn(x_raw (N, R, I), w (N, O, I)) -> (N, R, O))."""
+
+    def einsum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _einsum_linear(torch.nn.functional.rms_norm(x, (x.shape[-1],)), w)
+
+    def reduce(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xn = torch.nn.functional.rms_norm(x, (x.shape[-1],))
+        return (xn.unsqueeze(-2).float() * w.unsqueeze(1).float()).sum(-1).to(x.dtype)
+
+    def mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xn = torch.nn.functional.rms_norm(x, (x.shape[-1],))
+        return (w @ xn.transpose(1, 2)).transpose(1, 2)
+
+    return {"einsum": (1, einsum), "bmm-rows2": (2, einsum), "reduce": (1, reduce), "mv-cat": (1, mv)}
+
+
+def _clones_per_call(fn, calls: int = 5) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::clone") / calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="20x5120x1280,20x3840x1280,32x2560x640,32x640x2560", help="NxOxI list")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default="gemv_lowering")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = out_dir_from(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bw = copy_bandwidth(device)
+    rows: list[dict[str, object]] = []
+    torch.manual_seed(0)
+    for shape in args.shapes.split(","):
+        n, o, i = (int(s) for s in shape.split("x"))
+        w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
+        floor = floor_ms(w.numel() * w.element_size(), bw)
+        for name, (r, fn) in _variants().items():
+            x = torch.randn(n, r, i, device=device, dtype=dtype)
+            compiled = torch.compile(fn, dynamic=False)
+            with torch.no_grad():
+                y = compiled(x, w)
+                if r == 1:
+                    expect = _einsum_linear(torch.nn.functional.rms_norm(x, (i,)), w).float()
+                    err = float((y.float() - expect).norm() / expect.norm())
+                else:
+                    err = float("nan")
+                call = functools.partial(compiled, x, w)
+                clones = _clones_per_call(call)
+                run = cuda_graph(call, device) if device.type == "cuda" else call
+                t = time_fn(run, device, warmup=20, samples=200)
+            row = {
+                "shape": shape,
+                "variant": name,
+                "rows": r,
+                "median_us": t.median_ms * 1e3,
+                "floor_us": floor * 1e3,
+                "x_floor": t.median_ms / floor if floor == floor else None,
+                "clones_per_call": clones,
+                "rel_err": err,
+            }
+            rows.append(row)
+            print(
+                f"{shape:>15} {name:<10} {row['median_us']:8.2f} us  x floor {row['x_floor'] or float('nan'):.2f}"
+                f"  clones/call {clones:.0f}  rel_err {err:.1e}",
+                flush=True,
+            )
+    meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        "## Layer-batched GEMV lowering (compiled + CUDA graph)",
+        "",
+        f"Device: {meta['env'].get('device', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s",
+        "",
+        "| N x O x I | variant | rows | median us | floor us | x floor | clones/call | rel err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['shape']} | {row['variant']} | {row['rows']} | {row['median_us']:.2f} | {row['floor_us']:.2f} | "
+            f"{row['x_floor'] or float('nan'):.2f} | {row['clones_per_call']:.0f} | {row['rel_err']:.1e} |"
+        )
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
