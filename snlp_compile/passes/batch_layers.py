@@ -100,8 +100,25 @@ def _vmap_op(
 
 
 def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers."""
+    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers.
+
+    Under torch.compile (not export) it is written as :func:`_pinned_bmm_linear`, the same
+    product with the row strides pinned; eager code and exported graphs (ONNX) keep the einsum."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return _pinned_bmm_linear(x, w)
     return torch.einsum("n...i,noi->n...o", x, w)
+
+
+def _pinned_bmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``bmm`` over rows (N, R, I) whose strides are fixed by ``as_strided``. Inductor gives a
+    size-1 dim of a bmm operand stride 0 (one row per layer: a batch-1 decode step), and cuBLAS'
+    bmm wrapper copies such an operand before every call: one device copy and launch per batched
+    matmul, about 3 us each on an H200 (benchmarks/gemv_lowering.py). Pinned, none is made."""
+    n, i = x.shape[0], x.shape[-1]
+    rows = x.reshape(n, -1, i).contiguous()
+    r = rows.shape[1]
+    rows = rows.as_strided((n, r, i), (r * i, i, 1))
+    return torch.bmm(rows, w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
 
 
 def _layer_attention(
