@@ -49,6 +49,9 @@ SHAPES = {
     "mhc-dyn-tiny": "mhc-dyn-tiny",
 }
 MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
+# also accepted (not in the default list: Inductor's GEMM autotuning takes minutes per model):
+# "autotuned" / "autotuned+graph", torch.compile(mode="max-autotune-no-cudagraphs")
+ALL_MODES = (*MODES, "autotuned", "autotuned+graph")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 RANDOM_WEIGHTS_NOTE = (
@@ -144,11 +147,13 @@ def cuda_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> 
     return replay
 
 
-def compile_module(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.compile with Inductor defaults and static shapes; CUDA graphs are added separately
-    (``cuda_graph`` over the compiled callable), which is what mode="reduce-overhead" does, minus
-    its tree bookkeeping."""
-    return torch.compile(fn, dynamic=False, fullgraph=False)
+def compile_module(fn: Callable[..., Any], autotune: bool = False) -> Callable[..., Any]:
+    """torch.compile with static shapes, Inductor defaults or (``autotune``) GEMM autotuning over
+    cuBLAS and Triton templates; CUDA graphs are added separately (``cuda_graph`` over the compiled
+    callable), which is what mode="reduce-overhead" / "max-autotune" do, minus their tree
+    bookkeeping."""
+    mode = "max-autotune-no-cudagraphs" if autotune else None
+    return torch.compile(fn, dynamic=False, fullgraph=False, mode=mode)
 
 
 def with_iterations(transformed: torch.fx.GraphModule, k: int) -> torch.fx.GraphModule:
@@ -176,9 +181,9 @@ def make_variant(
 
     ``post`` runs eagerly on the result inside the callable (and inside its CUDA graph), e.g. a
     decode step's cache write; its return value is the callable's."""
-    if mode in ("compiled", "compiled+graph"):
+    if mode.split("+")[0] in ("compiled", "autotuned"):
         if key not in compiled:
-            compiled[key] = compile_module(base)
+            compiled[key] = compile_module(base, autotune=mode.startswith("autotuned"))
         fn = compiled[key]
     else:
         fn = base
@@ -267,7 +272,7 @@ class Record:
     variant: str  # e.g. "seq eager", "snlp K=1 compiled+graph"
     family: str  # "sequential" or "snlp"
     k: int | None
-    mode: str  # "eager" | "eager+graph" | "compiled" | "compiled+graph"
+    mode: str  # one of ALL_MODES
     median_ms: float | None = None
     p10_ms: float | None = None
     p90_ms: float | None = None
@@ -428,7 +433,7 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
-        for mode in ("eager", "eager+graph", "compiled", "compiled+graph"):
+        for mode in ALL_MODES:
             pts = sorted((r.k, r.median_ms) for r in rows if r.family == "snlp" and r.mode == mode and r.k)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"SNLP {mode}")
@@ -566,4 +571,7 @@ def int_list(text: str) -> list[int]:
 def mode_list(text: str, device: torch.device) -> list[str]:
     """Comma-separated modes; the CUDA-graph ones are dropped off CUDA."""
     modes = [m for m in text.split(",") if m]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
     return modes if device.type == "cuda" else [m for m in modes if not m.endswith("+graph")]

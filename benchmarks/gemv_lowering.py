@@ -9,7 +9,8 @@ device-to-device copy per batched matmul, which this script attributes and measu
 Variants (same inputs, same result up to rounding):
   einsum        ``torch.einsum`` as the compiler wrote it before run 6: Inductor lowers it to a bmm
                 over a (N, 1, I) row whose size-1 dim gets stride 0, which cuBLAS' bmm wrapper clones
-  pinned        the compiler's ``_einsum_linear`` under torch.compile (``_pinned_bmm_linear``)
+  pinned        the compiler's ``_einsum_linear`` under torch.compile (``_pinned_bmm_linear``: one
+                row per layer padded to two)
   *-rows2       two rows per layer: what a second row costs on a bandwidth-bound GEMV
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
 bytes floor (the weights read once at the measured copy bandwidth).

@@ -110,15 +110,19 @@ def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _pinned_bmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``bmm`` over rows (N, R, I) whose strides are fixed by ``as_strided``. Inductor gives a
-    size-1 dim of a bmm operand stride 0 (one row per layer: a batch-1 decode step), and cuBLAS'
-    bmm wrapper copies such an operand before every call: one device copy and launch per batched
-    matmul, about 3 us each on an H200 (benchmarks/gemv_lowering.py). Pinned, none is made."""
+    """``bmm`` over rows (N, R, I), with one row per layer padded to two. Inductor gives a size-1
+    dim of a bmm operand stride 0 (whatever strides the graph asks for), and cuBLAS' bmm wrapper
+    copies such an operand before every call: one device copy and launch per batched matmul of a
+    batch-1 decode step, about 3 us each on an H200, while a second row costs nothing on a
+    bandwidth-bound GEMV (benchmarks/gemv_lowering.py)."""
     n, i = x.shape[0], x.shape[-1]
-    rows = x.reshape(n, -1, i).contiguous()
-    r = rows.shape[1]
-    rows = rows.as_strided((n, r, i), (r * i, i, 1))
-    return torch.bmm(rows, w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+    rows = x.reshape(n, -1, i)
+    if isinstance(rows.shape[1], int) and rows.shape[1] == 1:
+        padded = torch.cat([rows, torch.zeros_like(rows)], dim=1)
+        out = torch.bmm(padded, w.transpose(1, 2))[:, :1]
+    else:
+        out = torch.bmm(rows, w.transpose(1, 2))
+    return out.reshape(*x.shape[:-1], w.shape[1])
 
 
 def _layer_attention(
