@@ -202,21 +202,3 @@ def test_lift_keeps_attributes_and_submodules_dynamo_did_not_lift() -> None:
     lifted = lift_dynamo_graph(gm, [x])
     assert lifted.user_positions == [0] and lifted.weights == []
     torch.testing.assert_close(lifted.module(x)[0], model(x)[0])
-
-
-@pytest.mark.parametrize("shape", [(3, 1, 1, 16), (3, 2, 5, 16), (3, 16)])
-def test_pinned_bmm_linear_is_the_einsum(shape):
-    """The compiled form of the batched linear (row strides pinned for cuBLAS) is the same product,
-    eagerly and under torch.compile, for one row per layer (decode), several, and none."""
-    from snlp_compile.passes.batch_layers import _einsum_linear, _pinned_bmm_linear
-
-    torch.manual_seed(0)
-    x = torch.randn(shape, dtype=torch.float64)
-    w = torch.randn(shape[0], 7, shape[-1], dtype=torch.float64)
-    expect = torch.einsum("n...i,noi->n...o", x, w)
-    torch.testing.assert_close(_pinned_bmm_linear(x, w), expect, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(
-        _pinned_bmm_linear(x.transpose(-1, -2).contiguous().transpose(-1, -2), w), expect
-    )
-    compiled = torch.compile(_einsum_linear, dynamic=False)
-    torch.testing.assert_close(compiled(x, w), expect, rtol=1e-12, atol=1e-12)

@@ -100,29 +100,8 @@ def _vmap_op(
 
 
 def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers.
-
-    Under torch.compile (not export) it is written as :func:`_pinned_bmm_linear`, the same
-    product with the row strides pinned; eager code and exported graphs (ONNX) keep the einsum."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return _pinned_bmm_linear(x, w)
+    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers."""
     return torch.einsum("n...i,noi->n...o", x, w)
-
-
-def _pinned_bmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``bmm`` over rows (N, R, I), with one row per layer padded to two. Inductor gives a size-1
-    dim of a bmm operand stride 0 (whatever strides the graph asks for), and cuBLAS' bmm wrapper
-    copies such an operand before every call: one device copy and launch per batched matmul of a
-    batch-1 decode step, about 3 us each on an H200, while a second row costs nothing on a
-    bandwidth-bound GEMV (benchmarks/gemv_lowering.py)."""
-    n, i = x.shape[0], x.shape[-1]
-    rows = x.reshape(n, -1, i)
-    if isinstance(rows.shape[1], int) and rows.shape[1] == 1:
-        padded = torch.cat([rows, torch.zeros_like(rows)], dim=1)
-        out = torch.bmm(padded, w.transpose(1, 2))[:, :1]
-    else:
-        out = torch.bmm(rows, w.transpose(1, 2))
-    return out.reshape(*x.shape[:-1], w.shape[1])
 
 
 def _layer_attention(
