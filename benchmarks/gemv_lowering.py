@@ -4,14 +4,16 @@ graph. This is the op that dominates a batch-1 SNLP decode step; the profile of 
 device-to-device copy per batched matmul, which this script attributes and measures: Inductor
 gives the size-1 row dim of the bmm operand stride 0 and cuBLAS' bmm wrapper (ATen) copies such
 an operand before every call. Two rows per layer take no copy. Neither pinning the strides with
-``as_strided`` nor padding the row to two under torch.compile removed it (run 6), so the compiler
-keeps the einsum.
+``as_strided`` nor padding the row to two inside the compiled graph removed it (run 6): Inductor
+re-derives the layout. The compiler now routes one-row-per-layer linears under torch.compile on a
+GPU through the opaque ``snlp::layer_gemv`` op, which restores the row's dense strides itself.
 
     PYTHONPATH=. python benchmarks/gemv_lowering.py            # on a GPU
     PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
 
 Variants (same inputs, same result up to rounding):
-  einsum        the compiler's ``_einsum_linear``: one row per layer, as in a batch-1 decode step
+  einsum        ``torch.einsum`` as the compiler wrote every batched linear before run 6
+  compiler      the compiler's ``_einsum_linear`` (one row per layer: ``snlp::layer_gemv``)
   einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
                 bandwidth-bound GEMV
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
@@ -41,9 +43,12 @@ def _variants() -> dict[str, tuple[int, object]]:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],))
 
     def einsum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("n...i,noi->n...o", norm(x), w)
+
+    def compiler(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _einsum_linear(norm(x), w)
 
-    return {"einsum": (1, einsum), "einsum-rows2": (2, einsum)}
+    return {"einsum": (1, einsum), "compiler": (1, compiler), "einsum-rows2": (2, einsum)}
 
 
 def _clones_per_call(fn, calls: int = 5) -> float:
