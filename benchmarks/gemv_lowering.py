@@ -3,17 +3,18 @@ weights (N, O, I), preceded by the RMS norm that produces the row, compiled and 
 graph. This is the op that dominates a batch-1 SNLP decode step; the profile of run 5 showed one
 device-to-device copy per batched matmul, which this script attributes and measures: Inductor
 gives the size-1 row dim of the bmm operand stride 0 and cuBLAS' bmm wrapper (ATen) copies such
-an operand before every call. Two rows per layer take no copy. Neither pinning the strides with
-``as_strided`` nor padding the row to two inside the compiled graph removed it (run 6): Inductor
-re-derives the layout. The compiler now routes one-row-per-layer linears under torch.compile on a
-GPU through the opaque ``snlp::layer_gemv`` op, which restores the row's dense strides itself.
+an operand whose dims it cannot use as they are. Two rows per layer take no copy. Three fixes
+were tried in run 6 and reverted, none removed the copy on the H200: the row pinned with
+``as_strided`` and the row padded to two inside the compiled graph (Inductor re-derives the
+layout), and an opaque custom op restoring the row's dense strides right before ``torch.bmm``
+(so the row's stride is not the whole story; ``gemv_lowering_r6*.md`` in benchmarks/results).
 
     PYTHONPATH=. python benchmarks/gemv_lowering.py            # on a GPU
     PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
 
 Variants (same inputs, same result up to rounding):
-  einsum        ``torch.einsum`` as the compiler wrote every batched linear before run 6
-  compiler      the compiler's ``_einsum_linear`` (one row per layer: ``snlp::layer_gemv``)
+  einsum        ``torch.einsum``, as the compiler's ``_einsum_linear`` writes every batched linear
+  compiler      ``_einsum_linear`` itself (the rows of the run-6 experiments: the lowering tried)
   einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
                 bandwidth-bound GEMV
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the

@@ -202,21 +202,3 @@ def test_lift_keeps_attributes_and_submodules_dynamo_did_not_lift() -> None:
     lifted = lift_dynamo_graph(gm, [x])
     assert lifted.user_positions == [0] and lifted.weights == []
     torch.testing.assert_close(lifted.module(x)[0], model(x)[0])
-
-
-def test_layer_gemv_matches_the_einsum_and_accepts_zero_strides():
-    """snlp::layer_gemv (the compiled GPU lowering of one-row-per-layer linears) is the einsum,
-    for a dense row and for the stride-0 row Inductor hands it; it passes torch.library's checks
-    and compiles."""
-    from snlp_compile.passes.batch_layers import layer_gemv
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 1, 16, dtype=torch.float64)
-    w = torch.randn(3, 7, 16, dtype=torch.float64)
-    expect = torch.einsum("nri,noi->nro", x, w)
-    zero_stride = x.as_strided(x.shape, (16, 0, 1))
-    for row in (x, zero_stride, x.transpose(1, 2).contiguous().transpose(1, 2)):
-        torch.testing.assert_close(layer_gemv(row, w), expect, rtol=1e-12, atol=1e-12)
-    torch.library.opcheck(layer_gemv, (x, w))
-    compiled = torch.compile(lambda a, b: layer_gemv(a, b) * 2, dynamic=False)
-    torch.testing.assert_close(compiled(x, w), 2 * expect, rtol=1e-12, atol=1e-12)

@@ -100,41 +100,8 @@ def _vmap_op(
 
 
 def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers.
-
-    With one row per layer (a batch-1 decode step) on a GPU under torch.compile it is
-    :func:`layer_gemv` instead, which spares cuBLAS an operand copy; exported graphs (ONNX), eager
-    code and everything else keep the einsum."""
-    rows = 1
-    for size in x.shape[1:-1]:
-        rows = rows * size
-    if (
-        isinstance(rows, int)
-        and rows == 1
-        and x.device.type == "cuda"
-        and torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-    ):
-        return layer_gemv(x.reshape(x.shape[0], 1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers."""
     return torch.einsum("n...i,noi->n...o", x, w)
-
-
-@torch.library.custom_op("snlp::layer_gemv", mutates_args=())
-def layer_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, 1, I) times w (N, O, I) transposed: (N, 1, O), one row per layer.
-
-    An opaque op on purpose. Inductor lays a size-1 dim out with stride 0, and ATen's cuBLAS bmm
-    wrapper copies an operand with a zero stride before every call: one device copy and launch
-    per batched matmul of a decode step (benchmarks/gemv_lowering.py). Here the row gets its dense
-    strides back (a size-1 dim's stride does not move any element), so no copy is made."""
-    if x.is_contiguous():
-        x = x.as_strided(x.shape, (x.shape[1] * x.shape[2], x.shape[2], 1))
-    return torch.bmm(x, w.transpose(1, 2))
-
-
-@layer_gemv.register_fake
-def _layer_gemv_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
 
 
 def _layer_attention(
