@@ -158,7 +158,9 @@ def fuse_shared_input_linears(
                 continue
             fused = "fused_" + "_".join(re.sub(r"_weight$", "", name_of[m.args[1]]) for m in members)
             if fused not in stacked:
-                stacked[fused] = torch.cat(weights, dim=1).contiguous()
+                stacked[fused] = _adjacent_rows(weights)
+                if stacked[fused] is None:
+                    stacked[fused] = torch.cat(weights, dim=1).contiguous()
                 names.append(fused)
                 modes.append("stacked")
                 added.append(fused)
@@ -180,6 +182,27 @@ def fuse_shared_input_linears(
         gm.graph.lint()
         gm.recompile()
     return added
+
+
+def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The weights as one view when they are consecutive row blocks of one fused weight (a decode
+    step's side outputs read k and v, already views of the fused q/k/v weight): the side output's
+    fused k/v weight then costs no memory. None when they are not."""
+    base = weights[0]._base
+    if base is None or any(w._base is not base for w in weights):
+        return None
+    first, rows = weights[0], sum(w.shape[1] for w in weights)
+    offset = first.storage_offset() - base.storage_offset()
+    if first.stride() != base.stride() or offset % base.stride(1):
+        return None
+    start = offset // base.stride(1)
+    view = base[:, start : start + rows]
+    at = start
+    for w in weights:  # each weight is the view's next block of rows, in order
+        if w.stride() != base.stride() or w.storage_offset() != base[:, at:].storage_offset():
+            return None
+        at += w.shape[1]
+    return view
 
 
 def _alias_into(stacked: dict[str, torch.Tensor], parts: list[str], fused: str) -> None:
