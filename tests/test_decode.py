@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import sequential_trace
+from decode_helpers import max_err, prefill_then_decode, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
 from snlp_compile.models import build_model
-from snlp_compile.models.kv import CachedStep, attention_bias, new_cache, write_cache
+from snlp_compile.models.kv import CachedStep, attention_bias, new_cache
 from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
@@ -20,19 +21,6 @@ TIGHT = 1e-10
 
 def _model(name: str) -> nn.Module:
     return build_model(name, dtype=torch.float64)
-
-
-def _step_inputs(model: nn.Module, batch: int = 2, t_max: int = 24, pos: int = 9) -> tuple[torch.Tensor, ...]:
-    """A decode step's inputs with a cache holding random (non-zero) keys/values before ``pos``."""
-    k_cache, v_cache = new_cache(model, batch, t_max)
-    k_cache[:, :, :, :pos].normal_()
-    v_cache[:, :, :, :pos].normal_()
-    idx = torch.randint(0, model.config.vocab_size, (batch, 1))
-    return idx, torch.tensor(pos), k_cache, v_cache
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
 
 
 @pytest.mark.parametrize("name", ["nanochat-tiny", "gpt-tiny"])
@@ -43,18 +31,11 @@ def test_cached_steps_reproduce_the_full_forward(name: str) -> None:
     with torch.no_grad():
         full = model(idx)
         k_cache, v_cache = new_cache(model, 2, 16)
-        pos = torch.tensor(0)
-        logits, new_k, new_v = model.forward_cached(idx[:, :9], pos, k_cache, v_cache)
+        decode = prefill_then_decode(model, idx, 9, k_cache, v_cache)
+        logits, new_k, _ = next(decode)  # the prefill
         assert new_k.shape == (model.config.n_layer, 2, k_cache.shape[2], 9, k_cache.shape[4])
-        write_cache(k_cache, v_cache, new_k, new_v, pos)
-        steps = [logits]
-        pos = torch.tensor(9)
-        for t in range(9, 14):
-            logits, new_k, new_v = model.forward_cached(idx[:, t : t + 1], pos, k_cache, v_cache)
-            write_cache(k_cache, v_cache, new_k, new_v, pos)
-            pos += 1
-            steps.append(logits)
-    assert _max_err(torch.cat(steps, dim=1), full) < TIGHT
+        steps = [logits, *(step[0] for step in decode)]
+    assert max_err(torch.cat(steps, dim=1), full) < TIGHT
     assert k_cache[:, :, :, 14:].abs().max() == 0  # nothing written past the last position
 
 
@@ -69,7 +50,7 @@ def test_attention_bias_masks_unwritten_slots_and_the_future() -> None:
 @pytest.mark.parametrize("name", ["nanochat-tiny", "gpt-tiny"])
 def test_exact_mode_step_equals_sequential_step(name: str) -> None:
     model = _model(name)
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=model.config.n_layer)
     with torch.no_grad():
         ref = model.forward_cached(*inputs)
@@ -77,12 +58,12 @@ def test_exact_mode_step_equals_sequential_step(name: str) -> None:
     assert len(out) == 3
     for got, want in zip(out, ref):
         assert got.shape == want.shape
-        assert _max_err(got, want) < TIGHT
+        assert max_err(got, want) < TIGHT
 
 
 def test_stacked_cache_is_passed_as_one_slice_and_kv_leave_the_solve_uncopied() -> None:
     model = _model("nanochat-tiny")
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=1)
     code = fast.code
     # the per-layer picks k_cache[i] became one view of the stacked cache, no torch.stack copy
@@ -102,7 +83,7 @@ def test_kv_are_consistent_with_the_corrected_inputs() -> None:
     """K=1 < L: the new K/V of layer j are what layer j computes from its corrected input, the
     solved trace's h_{j-1} (h_in for j = 0), not from the input of the last evaluation."""
     model = _model("gpt-tiny")
-    idx, pos, k_cache, v_cache = _step_inputs(model)
+    idx, pos, k_cache, v_cache = step_inputs(model)
     fast = snlp_compile.transform(CachedStep(model), (idx, pos, k_cache, v_cache), iterations=1)
     with torch.no_grad():
         _, new_k, new_v = fast(idx, pos, k_cache, v_cache)
@@ -114,11 +95,11 @@ def test_kv_are_consistent_with_the_corrected_inputs() -> None:
         for j, block in enumerate(blocks):
             u = h_in if j == 0 else trace[j - 1]
             _, k_ref, v_ref = block(u, (k_cache[j], v_cache[j], bias))
-            assert _max_err(new_k[j], k_ref) < TIGHT
-            assert _max_err(new_v[j], v_ref) < TIGHT
+            assert max_err(new_k[j], k_ref) < TIGHT
+            assert max_err(new_v[j], v_ref) < TIGHT
     # and, K=1 being inexact here, they differ from the sequential model's beyond layer 0
-    assert _max_err(new_k[0], seq_k[0]) < TIGHT
-    assert _max_err(new_k[1:], seq_k[1:]) > 1e-6
+    assert max_err(new_k[0], seq_k[0]) < TIGHT
+    assert max_err(new_k[1:], seq_k[1:]) > 1e-6
 
 
 # -- side outputs in general ----------------------------------------------------------------------
@@ -158,12 +139,12 @@ def test_side_outputs_exact_in_exact_mode_and_at_corrected_inputs() -> None:
     with torch.no_grad():
         ref_out, ref_taps = model(x)
         out, taps = exact(x)
-        assert _max_err(out, ref_out) < TIGHT and _max_err(taps, ref_taps) < TIGHT
+        assert max_err(out, ref_out) < TIGHT and max_err(taps, ref_taps) < TIGHT
         _, taps1 = approx(x)
         trace = snlp_compile.solve_trace(approx, x)
         for j, layer in enumerate(model.layers):
             u = x if j == 0 else trace[j - 1]
-            assert _max_err(taps1[j], layer(u)[1]) < TIGHT
+            assert max_err(taps1[j], layer(u)[1]) < TIGHT
 
 
 def test_irregular_side_output_refused() -> None:
@@ -184,7 +165,7 @@ def test_warm_init_starts_from_the_previous_trace() -> None:
     """Warm-started from the exact trace of this very token, one iteration is exact; from h0 it is
     not. The first call (no previous trace) starts from h0, and each call keeps its trace."""
     model = _model("nanochat-tiny")
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model)
     warm = snlp_compile.transform(CachedStep(model), inputs, iterations=1, init="warm")
     cold = snlp_compile.transform(CachedStep(model), inputs, iterations=1, init="h0")
     solve = warm.get_submodule(SOLVE_NAME)
@@ -194,23 +175,23 @@ def test_warm_init_starts_from_the_previous_trace() -> None:
         assert solve.warm_trace is None
         first = warm(*inputs)  # no previous trace: h0
         h0_out = cold(*inputs)
-        assert _max_err(first[0], h0_out[0]) < TIGHT
-        assert _max_err(h0_out[0], ref[0]) > 1e-6
+        assert max_err(first[0], h0_out[0]) < TIGHT
+        assert max_err(h0_out[0], ref[0]) > 1e-6
         assert solve.warm_trace is not None and solve.warm_trace.shape == exact_trace.shape
         solve.warm_trace.copy_(exact_trace)
         out = warm(*inputs)
         for got, want in zip(out, ref):
-            assert _max_err(got, want) < TIGHT
-        assert _max_err(solve.warm_trace, exact_trace) < TIGHT  # kept in place for the next call
+            assert max_err(got, want) < TIGHT
+        assert max_err(solve.warm_trace, exact_trace) < TIGHT  # kept in place for the next call
         solve.reset_warm()
         assert solve.warm_trace is None
-        assert _max_err(warm(*inputs)[0], h0_out[0]) < TIGHT
+        assert max_err(warm(*inputs)[0], h0_out[0]) < TIGHT
 
 
 # -- emitted forms the GPU benchmarks rely on ------------------------------------------------------
 def test_shared_input_linears_read_one_concatenated_weight() -> None:
     model = _model("nanochat-tiny")
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=model.config.n_layer)
     solve = fast.get_submodule(SOLVE_NAME)
     assert "fused_attn_c_q_attn_c_k_attn_c_v" in solve.ext_names  # main body: q, k, v in one
@@ -223,7 +204,7 @@ def test_shared_input_linears_read_one_concatenated_weight() -> None:
     assert len(einsums) == 4  # qkv, c_proj, c_fc, mlp c_proj
     with torch.no_grad():
         for got, want in zip(fast(*inputs), model.forward_cached(*inputs)):
-            assert _max_err(got, want) < TIGHT
+            assert max_err(got, want) < TIGHT
 
 
 def test_static_scaled_skip_is_corrected_by_one_cumsum() -> None:
@@ -242,14 +223,14 @@ def test_static_scaled_skip_is_corrected_by_one_cumsum() -> None:
         saved, solve.static_scalar = solve.static_scalar, None  # the general scan
         scan_out = fast(idx)
         solve.static_scalar = saved
-    assert _max_err(fast_out, scan_out) < TIGHT
-    assert _max_err(fast_out, model(idx)) > 1e-6  # K=2 < 8 layers: a real approximation
+    assert max_err(fast_out, scan_out) < TIGHT
+    assert max_err(fast_out, model(idx)) > 1e-6  # K=2 < 8 layers: a real approximation
 
 
 def test_fused_weights_are_held_once() -> None:
     """q, k and v stay readable under their own names but share the fused weight's storage."""
     model = _model("nanochat-tiny")
-    fast = snlp_compile.transform(CachedStep(model), _step_inputs(model), iterations=1)
+    fast = snlp_compile.transform(CachedStep(model), step_inputs(model), iterations=1)
     solve = fast.get_submodule(SOLVE_NAME)
     fused = solve.stacked_fused_attn_c_q_attn_c_k_attn_c_v
     for w in "qkv":

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import sequential_trace
+from decode_helpers import max_err, prefill_then_decode, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig
@@ -30,25 +31,11 @@ def _model(name: str, **overrides: object) -> nn.Module:
     return build_model(name, dtype=torch.float64, **FAST, **overrides)
 
 
-def _step_inputs(model: nn.Module, batch: int = 2, t_max: int = 24, pos: int = 9, seed: int = 0) -> tuple:
-    """A decode step's inputs with a cache holding random (non-zero) keys/values before ``pos``."""
-    g = torch.Generator().manual_seed(seed)
-    k_cache, v_cache = new_cache(model, batch, t_max)
-    k_cache[:, :, :, :pos] = torch.randn(k_cache[:, :, :, :pos].shape, generator=g, dtype=k_cache.dtype)
-    v_cache[:, :, :, :pos] = torch.randn(v_cache[:, :, :, :pos].shape, generator=g, dtype=v_cache.dtype)
-    idx = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g)
-    return idx, torch.tensor(pos), k_cache, v_cache
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
-
-
 def _assert_step_equal(got: tuple, want: tuple, tol: float = TIGHT) -> None:
     assert len(got) == 3
     for g, w, what in zip(got, want, ("logits", "new_k", "new_v")):
         assert g.shape == w.shape, what
-        assert _max_err(g, w) < tol, (what, _max_err(g, w))
+        assert max_err(g, w) < tol, (what, max_err(g, w))
 
 
 def _prefilled(model: nn.Module, batch: int = 2, prompt: int = 6, t_max: int = 16) -> tuple:
@@ -57,10 +44,9 @@ def _prefilled(model: nn.Module, batch: int = 2, prompt: int = 6, t_max: int = 1
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, model.config.vocab_size, (batch, t_max), generator=g)
     k_cache, v_cache = new_cache(model, batch, t_max)
-    pos = torch.tensor(0)
     with torch.no_grad():
-        _, new_k, new_v = model.forward_cached(tokens[:, :prompt], pos, k_cache, v_cache)
-    write_cache(k_cache, v_cache, new_k, new_v, pos)
+        for _ in prefill_then_decode(model, tokens[:, :prompt], prompt, k_cache, v_cache):
+            pass  # the prefill only, written once the generator finishes
     return k_cache, v_cache, torch.tensor(prompt), tokens[:, prompt:]
 
 
@@ -77,19 +63,12 @@ def test_cached_steps_reproduce_the_full_forward(name: str) -> None:
         full = model(idx)
         k_cache, v_cache = new_cache(model, 2, 16)
         assert k_cache.shape == (cfg.n_layer, 2, cfg.n_kv_head, 16, cfg.n_embd // cfg.n_head)
-        pos = torch.tensor(0)
-        logits, new_k, new_v = model.forward_cached(idx[:, :9], pos, k_cache, v_cache)
+        decode = prefill_then_decode(model, idx, 9, k_cache, v_cache)
+        logits, new_k, new_v = next(decode)  # the prefill, not yet written to the cache
         assert new_k.shape == new_v.shape == (cfg.n_layer, 2, cfg.n_kv_head, 9, cfg.n_embd // cfg.n_head)
         assert k_cache.abs().max() == 0  # the step never writes the cache itself
-        write_cache(k_cache, v_cache, new_k, new_v, pos)
-        steps = [logits]
-        pos = torch.tensor(9)
-        for t in range(9, 14):
-            logits, new_k, new_v = model.forward_cached(idx[:, t : t + 1], pos, k_cache, v_cache)
-            write_cache(k_cache, v_cache, new_k, new_v, pos)
-            pos += 1
-            steps.append(logits)
-    assert _max_err(torch.cat(steps, dim=1), full) < TIGHT
+        steps = [logits, *(step[0] for step in decode)]
+    assert max_err(torch.cat(steps, dim=1), full) < TIGHT
     assert k_cache[:, :, :, 14:].abs().max() == 0  # nothing written past the last position
     assert k_cache[:, :, :, :14].abs().amin(dim=-1).gt(0).float().mean() > 0.5
 
@@ -103,7 +82,7 @@ def test_exact_mode_step_equals_sequential_and_reports_hcn(name: str) -> None:
     at the example's sizes and at another batch, cache length and position."""
     model = _model(name)
     n_layer = model.config.n_layer
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model, seed=0)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=n_layer)
     report = fast.snlp_report
     assert report.rewritten, report.refusal
@@ -121,7 +100,7 @@ def test_exact_mode_step_equals_sequential_and_reports_hcn(name: str) -> None:
     # the per-layer cache picks k_cache[i] became one view of the stacked cache
     assert f"aten.slice.Tensor(k_cache, 0, 0, {n_layer})" in fast.code
     assert "torch.stack" not in fast.code and "aten.stack" not in fast.code
-    for other in (inputs, _step_inputs(model, batch=1, t_max=40, pos=17, seed=1)):
+    for other in (inputs, step_inputs(model, batch=1, t_max=40, pos=17, seed=1)):
         with torch.no_grad():
             _assert_step_equal(fast(*other), model.forward_cached(*other))
 
@@ -131,7 +110,7 @@ def test_exact_mode_with_a_sequential_prefix(name: str) -> None:
     """parallel_layers < L: the first layers run as they are, the rest are solved; still exact."""
     model = _model(name)
     n_layer = model.config.n_layer
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model, seed=0)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=n_layer, parallel_layers=2, **STATIC)
     report = fast.snlp_report
     assert report.parallel_layers == [f"model.transformer.h.{i}" for i in range(n_layer - 2, n_layer)]
@@ -163,7 +142,7 @@ def test_exact_mode_warm_init_over_decode_steps(name: str) -> None:
             write_cache(k_cache, v_cache, got[1], got[2], pos)
             write_cache(ref_k, ref_v, want[1], want[2], pos)
             pos = pos + 1
-    assert _max_err(k_cache, ref_k) < TIGHT and _max_err(v_cache, ref_v) < TIGHT
+    assert max_err(k_cache, ref_k) < TIGHT and max_err(v_cache, ref_v) < TIGHT
 
 
 @pytest.mark.parametrize("name", FLAVOURS)
@@ -183,12 +162,12 @@ def test_k1_warm_starts_from_the_previous_trace(name: str) -> None:
             token = tokens[:, t : t + 1]
             w, c = warm(token, pos, k_cache, v_cache), cold(token, pos, k_cache, v_cache)
             ref = model.forward_cached(token, pos, k_cache, v_cache)
-            assert _max_err(c[0], ref[0]) > 1e-6  # K = 1 < L: an approximation
+            assert max_err(c[0], ref[0]) > 1e-6  # K = 1 < L: an approximation
             if t == 0:
                 _assert_step_equal(w, c)
             else:
-                assert _max_err(w[0], c[0]) > 1e-6
-                assert _max_err(w[1][1:], c[1][1:]) > 1e-6  # K/V at the corrected inputs differ too
+                assert max_err(w[0], c[0]) > 1e-6
+                assert max_err(w[1][1:], c[1][1:]) > 1e-6  # K/V at the corrected inputs differ too
             write_cache(k_cache, v_cache, ref[1], ref[2], pos)
             pos = pos + 1
         token = tokens[:, 3:4]
@@ -221,7 +200,7 @@ def test_exact_mode_greedy_generate_equals_sequential(name: str) -> None:
     assert tokens.shape == (1, max_len) and torch.equal(tokens[:, :7], prompt)
     assert torch.equal(tokens, ref)
     assert len(set(tokens[0, 7:].tolist())) > 5  # a real sequence, not one token repeated
-    assert _max_err(dec.k_cache, ref_dec.k_cache) < TIGHT and _max_err(dec.v_cache, ref_dec.v_cache) < TIGHT
+    assert max_err(dec.k_cache, ref_dec.k_cache) < TIGHT and max_err(dec.v_cache, ref_dec.v_cache) < TIGHT
     assert ref_dec.k_cache[:, :, :, : max_len - 1].abs().amin(dim=-1).gt(0).float().mean() > 0.5
 
 
@@ -249,19 +228,11 @@ def test_hc_package_cached_step(manifold: bool) -> None:
     with torch.no_grad():
         full = model(idx)
         k_cache, v_cache = new_cache(model, 2, 12)
-        pos = torch.tensor(0)
-        logits, new_k, new_v = model.forward_cached(idx[:, :8], pos, k_cache, v_cache)
-        write_cache(k_cache, v_cache, new_k, new_v, pos)
-        steps = [logits]
-        for t in range(8, 12):
-            pos = torch.tensor(t)
-            logits, new_k, new_v = model.forward_cached(idx[:, t : t + 1], pos, k_cache, v_cache)
-            write_cache(k_cache, v_cache, new_k, new_v, pos)
-            steps.append(logits)
-    assert _max_err(torch.cat(steps, dim=1), full) < tol
+        steps = [step[0] for step in prefill_then_decode(model, idx, 8, k_cache, v_cache)]
+    assert max_err(torch.cat(steps, dim=1), full) < tol
     if manifold:
         return  # its transform costs 10 s of capture; tests/test_hyper_connections_pkg.py covers it
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model, seed=0)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=3, **STATIC)
     assert "(HCN) over 4 streams" in (fast.snlp_report.skip or "")
     with torch.no_grad():
@@ -279,11 +250,11 @@ def test_frozen_static_mixing_is_the_same_model_and_still_hcn() -> None:
     frozen = freeze_static_mixing(copy.deepcopy(model))
     assert not any(isinstance(m, StaticMix) for m in frozen.modules())
     assert sum(isinstance(m, FrozenMix) for m in frozen.modules()) == 2 * model.config.n_layer
-    inputs = _step_inputs(model)
+    inputs = step_inputs(model, seed=0)
     with torch.no_grad():
         _assert_step_equal(frozen.forward_cached(*inputs), model.forward_cached(*inputs), 1e-12)
         idx = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
-        assert _max_err(frozen(idx), model(idx)) < 1e-12
+        assert max_err(frozen(idx), model(idx)) < 1e-12
     fast = snlp_compile.transform(
         CachedStep(frozen), inputs, SNLPConfig(iterations=model.config.n_layer, **STATIC)
     )

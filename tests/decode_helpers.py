@@ -1,0 +1,47 @@
+"""Helpers shared by the KV-cached decode tests (tests/test_decode.py, tests/test_mhc_decode.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from snlp_compile.models.kv import new_cache, write_cache
+
+StepOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a cached step's (logits, new_k, new_v)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, the one number every tolerance in the decode tests is checked on."""
+    return float((a - b).abs().max())
+
+
+def step_inputs(
+    model: nn.Module, batch: int = 2, t_max: int = 24, pos: int = 9, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's inputs with a cache holding random (non-zero) keys/values before ``pos``, so a
+    step that ignored the cache would not pass; ``seed`` draws from its own generator, else the global one."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    k_cache, v_cache = new_cache(model, batch, t_max)
+    k_cache[:, :, :, :pos] = torch.randn(k_cache[:, :, :, :pos].shape, generator=g, dtype=k_cache.dtype)
+    v_cache[:, :, :, :pos] = torch.randn(v_cache[:, :, :, :pos].shape, generator=g, dtype=v_cache.dtype)
+    idx = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g)
+    return idx, torch.tensor(pos), k_cache, v_cache
+
+
+def prefill_then_decode(
+    model: nn.Module, idx: torch.Tensor, prompt: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> Iterator[StepOut]:
+    """Prefill ``idx[:, :prompt]``, then decode the rest of ``idx`` token by token through
+    ``model.forward_cached``, the sequential reference the cached steps are checked against.
+
+    Yields each step's output *before* writing its K/V into the caches (written when the generator is
+    resumed), so a test can check a step, or the still-unwritten cache, between steps; consume it to
+    the end to have every step written. Run it under ``torch.no_grad()``."""
+    spans = [(0, prompt), *((t, t + 1) for t in range(prompt, idx.shape[1]))]
+    for start, stop in spans:
+        pos = torch.tensor(start)
+        out = model.forward_cached(idx[:, start:stop], pos, k_cache, v_cache)
+        yield out
+        write_cache(k_cache, v_cache, out[1], out[2], pos)
