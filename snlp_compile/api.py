@@ -139,6 +139,7 @@ def transform(
     out.snlp_report = report
     out.snlp_config = cfg
     _inference_mode_switches(out)
+    _survive_copies(out)
     return out
 
 
@@ -162,6 +163,20 @@ def _inference_mode_switches(gm: torch.nn.Module) -> None:
     is a no-op and .train() a clear error."""
     gm.train = types.MethodType(_train_inference_graph, gm)
     gm.eval = types.MethodType(_eval_inference_graph, gm)
+
+
+def _survive_copies(gm: torch.nn.Module) -> None:
+    """A GraphModule's copies are rebuilt from its graph and drop instance attributes: keep the
+    report and config (fx's preserved-attributes key, re-set by deepcopy) and re-bind the mode
+    switches on every deep copy (fx's deepcopy hook)."""
+    if not isinstance(gm, fx.GraphModule):
+        return
+    gm.meta.setdefault("_user_preserved_attributes", {}).update(
+        snlp_report=gm.snlp_report, snlp_config=gm.snlp_config
+    )
+    register = getattr(gm, "_register_deepcopy_hook", None)
+    if register is not None:
+        register(_inference_mode_switches)
 
 
 def _stack_shape(solve: torch.nn.Module, name: str, mode: str, node: fx.Node) -> str:

@@ -242,3 +242,24 @@ def test_rewritten_model_eval_is_a_no_op_and_train_a_clear_error() -> None:
     with pytest.raises(SNLPUsageError, match="inference graph"):
         fast.train()
     assert other.eval() is other  # every rewritten model gets the switches
+
+
+def test_deep_copies_keep_the_switches_report_and_config() -> None:
+    """A GraphModule's deep copy is rebuilt from its graph: the copy (and a copy of the copy) still
+    refuses .train(), keeps .snlp_report / .snlp_config, and computes the same function."""
+    import copy
+
+    from snlp_compile import SNLPUsageError
+    from snlp_compile.models import build_model
+
+    model = build_model("gpt-tiny", dtype=torch.float64)
+    idx = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    fast = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer, dynamic_shapes=False)
+    for twin in (copy.deepcopy(fast), copy.deepcopy(copy.deepcopy(fast))):
+        with pytest.raises(SNLPUsageError, match="inference graph"):
+            twin.train()
+        assert twin.eval() is twin
+        assert twin.snlp_config == fast.snlp_config
+        assert twin.snlp_report.parallel_layers == fast.snlp_report.parallel_layers
+        with torch.no_grad():
+            assert (twin(idx) - model(idx)).abs().max() < 1e-10
