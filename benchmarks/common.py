@@ -156,14 +156,20 @@ def compile_module(fn: Callable[..., Any], autotune: bool = False) -> Callable[.
     return torch.compile(fn, dynamic=False, fullgraph=False, mode=mode)
 
 
-def with_iterations(transformed: torch.fx.GraphModule, k: int) -> torch.fx.GraphModule:
-    """A view of a transformed model that runs K iterations (weights shared, not copied)."""
+def with_iterations(
+    transformed: torch.fx.GraphModule, k: int, init: str | None = None
+) -> torch.fx.GraphModule:
+    """A view of a transformed model that runs K iterations, from another init if given (weights
+    shared, not copied; its own warm-start state): one transform() serves every K and init."""
     from snlp_compile.passes.rewrite import SOLVE_NAME
 
     new = copy.copy(transformed)
     solve = copy.copy(transformed.get_submodule(SOLVE_NAME))
     solve._buffers = dict(solve._buffers)
     solve.iterations = k
+    if init is not None:
+        solve.init = init
+        solve.reset_warm()
     setattr(new, SOLVE_NAME, solve)
     return new
 
@@ -415,8 +421,9 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
-    """Time against K per (shape, case), one line per mode, best sequential and floor as lines."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a note) where matplotlib is missing:
+    a benchmark's tables and JSON never depend on it."""
     try:
         import matplotlib
 
@@ -424,6 +431,14 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
+    """Time against K per (shape, case), one line per mode, best sequential and floor as lines."""
+    plt = pyplot()
+    if plt is None:
         return None
     keys = sorted({(r.shape, r.case) for r in records})
     if not keys:

@@ -44,6 +44,7 @@ from common import (
     layer_bytes,
     matmul_rate,
     out_dir_from,
+    pyplot,
     rel_err,
 )
 
@@ -339,13 +340,8 @@ def parity_markdown(meta: dict[str, Any], records: list[Record]) -> str:
 def plot(records: list[Record], path: Path) -> Path | None:
     """One panel per case: horizontal bars of the median time of every variant, best sequential
     and bytes floor as vertical lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     keys = sorted({(r.shape, r.case) for r in records})
     if not keys:
