@@ -131,3 +131,18 @@ def test_golden_rewrite_of_a_tiny_stack() -> None:
     torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
     _check_golden("tiny_stack_top.code", fast.code)
     _check_golden("tiny_stack_layers.code", fast.snlp_solve.layers.code)
+
+
+def test_weight_derived_inputs_are_named_after_their_weights() -> None:
+    """mHC's static H (a Sinkhorn projection of a parameter, folded at transform time) is listed
+    under the parameter it comes from, not a node name like div_279."""
+    import re
+
+    from snlp_compile.models import build_model
+
+    model = build_model("mhc-tiny", vocab_size=256).eval()
+    idx = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    report = snlp_compile.explain(model, (idx,), iterations=2)
+    names = [name for name, mode, _ in report.externals if mode == "stacked"]
+    assert "hc_attn_mix_res_logits_div" in names and "hc_mlp_mix_pre_logits_softmax" in names
+    assert not [n for n in names if re.fullmatch(r"(softmax|div|unsqueeze|mul|add)_\d+", n)], names

@@ -43,6 +43,8 @@ def _external_name(node: fx.Node, layer_path: str, taken: set[str]) -> str:
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "get_attr":
             base = f"{src.target}_l"
+    elif node.op == "call_function":
+        base = _derived_name(node, layer_path) or base
     name = re.sub(r"\W", "_", base).strip("_") or "ext"
     candidate, k = name, 1
     while candidate in taken:
@@ -50,6 +52,29 @@ def _external_name(node: fx.Node, layer_path: str, taken: set[str]) -> str:
         candidate = f"{name}_{k}"
     taken.add(candidate)
     return candidate
+
+
+def _derived_name(node: fx.Node, layer_path: str) -> str | None:
+    """A value computed from weights alone (e.g. mHC's static H: a Sinkhorn projection of a
+    parameter) named after what it reads and its last op, ``hc_attn_h_res_div``, instead of the
+    node name (``div_279``); None when it reads an input or no weight."""
+    todo, seen, weights = [node], set(), []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return None
+        if n.op == "get_attr":
+            target = str(n.target)
+            weights.append(target[len(layer_path) + 1 :] if target.startswith(layer_path + ".") else target)
+            continue
+        todo.extend(n.all_input_nodes)
+    if not weights:
+        return None
+    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return "_".join([*sorted(set(weights))[:2], op])
 
 
 def evaluate_static(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[Any]:
