@@ -48,3 +48,24 @@ def test_exact_mode_with_viewed_side_weights_matches_sequential() -> None:
 
 def step_layers() -> int:
     return build_model("nanochat-tiny", vocab_size=256).config.n_layer
+
+
+def test_moving_the_solve_keeps_one_copy_of_each_weight() -> None:
+    """.to(device)/.cuda() copy every buffer on its own (Module._apply); the solve rebuilds its
+    row-block weights as views of the fused weight afterwards, so a moved model still holds each
+    weight once and computes the same. (A clone per buffer stands in for the device copy here; a
+    captured graph keeps its dtype, so .to(dtype) is not a supported move.)"""
+    step, inputs, fast = _step(iterations=step_layers())
+    fast._apply(lambda t: t.clone())
+    solve = fast.get_submodule(SOLVE_NAME)
+    qkv = solve.stacked_fused_attn_c_q_attn_c_k_attn_c_v
+    for name in ("attn_c_q_weight", "attn_c_k_weight", "attn_c_v_weight", "fused_attn_c_k_attn_c_v"):
+        part = getattr(solve, f"stacked_{name}")
+        assert part.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr(), name
+    held = sum(
+        {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in solve.buffers()}.values()
+    )
+    layer_bytes = sum(p.numel() * p.element_size() for p in step.model.transformer.h.parameters())
+    assert held <= layer_bytes * 1.01
+    for a, b in zip(step(*inputs), fast(*inputs)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)

@@ -95,6 +95,9 @@ class LayerParallelSolve(nn.Module):
         self.ext_modes = list(ext_modes)
         for name, value in stacked.items():
             self.register_buffer(f"stacked_{name}", value)
+        # stacked weights that are row blocks of a fused one (q/k/v of fused q/k/v): rebuilt as views
+        # after .to()/.half()/.cuda(), which move every buffer on its own and would duplicate them
+        self._stacked_views = _row_block_views(stacked)
         self.num_layers = num_layers
         self.skip_kind = skip_kind
         self.skip_constant = skip_constant
@@ -140,6 +143,14 @@ class LayerParallelSolve(nn.Module):
                     self.register_buffer("static_scalar", a64.to(static.dtype))
                     self.register_buffer("static_scalar_prod", p64.to(static.dtype))
                     self.register_buffer("static_scalar_inv_prod", (1.0 / p64).to(static.dtype))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Module._apply (behind .to(), .cuda(), .half(), ...), then the row-block weights made views
+        of their fused weight again, so a moved solve still holds each weight once."""
+        out = super()._apply(fn, recurse)
+        for name, (base, start, rows) in self._stacked_views.items():
+            self._buffers[f"stacked_{name}"] = self._buffers[f"stacked_{base}"][:, start : start + rows]
+        return out
 
     @property
     def num_chunks(self) -> int:
@@ -330,6 +341,25 @@ class LayerParallelSolve(nn.Module):
         u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
         side = self.side_layers(u, *ext)
         return (h, *(side if isinstance(side, (tuple, list)) else (side,)))
+
+
+def _row_block_views(stacked: dict[str, torch.Tensor]) -> dict[str, tuple[str, int, int]]:
+    """name -> (fused name, first row, rows) for every stacked weight that is a block of rows
+    (dim 1) of another stacked weight, as passes.rewrite.fuse_shared_input_linears leaves them."""
+    roots = {id(v): k for k, v in stacked.items() if v._base is None}
+    views: dict[str, tuple[str, int, int]] = {}
+    for name, value in stacked.items():
+        base_name = roots.get(id(value._base)) if value._base is not None else None
+        if base_name is None or value.dim() < 2:
+            continue
+        base = stacked[base_name]
+        offset = value.storage_offset() - base.storage_offset()
+        if value.stride() != base.stride() or offset % base.stride(1):
+            continue
+        start = offset // base.stride(1)
+        if value.shape[0] == base.shape[0] and value.shape[2:] == base.shape[2:]:
+            views[name] = (base_name, start, value.shape[1])
+    return views
 
 
 def _stream_layout(body: fx.GraphModule) -> StreamLayout:
