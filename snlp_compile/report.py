@@ -51,8 +51,9 @@ class ExplainReport:
             lines.append(f"  body:      {sum(self.body_ops.values())} ops per layer ({ops})")
         if self.externals:
             lines.append("  layer inputs besides h:")
+            width = max(28, *(len(name) for name, _, _ in self.externals))
             for name, mode, shape in self.externals:
-                lines.append(f"    {name:<28} {mode:<8} {shape}")
+                lines.append(f"    {name:<{width}} {mode:<8} {shape}")
         if self.readers:
             lines.append("  hidden-state readers outside the chain (fed from the solved trace):")
             lines.extend(f"    {r}" for r in self.readers)
