@@ -12,7 +12,7 @@ import torch.fx as fx
 from .config import SNLPConfig, chunk_sizes, resolve_config
 from .errors import SNLPRefusal, SNLPUsageError
 from .ir import LayerChain
-from .passes.capture import capture
+from .passes.capture import capture, example_args
 from .passes.cleanup import common_subexpressions
 from .passes.find_chain import check_chain, find_layers
 from .passes.graph_utils import op_name
@@ -20,14 +20,6 @@ from .passes.infra import run_passes
 from .passes.rewrite import SOLVE_NAME, rewrite
 from .passes.skip_split import analyse_skip
 from .report import ExplainReport
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 def _shape(node: fx.Node) -> str:
@@ -45,7 +37,7 @@ def analyse(
 ) -> tuple[fx.GraphModule, LayerChain | None, ExplainReport]:
     """Capture and analyse; the chain is None (and report.refusal set) when the model is refused."""
     report = ExplainReport(model=type(model).__name__, config=_config_text(config))
-    captured = capture(model, _as_tuple(example_inputs), example_kwargs, dynamic=config.dynamic_shapes)
+    captured = capture(model, example_args(example_inputs), example_kwargs, dynamic=config.dynamic_shapes)
     report.capture = captured.note
     gm, _ = run_passes(captured.graph_module, [common_subexpressions])
     try:

@@ -23,7 +23,7 @@ import torch.fx as fx
 from ..api import transform
 from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPCaptureError, SNLPConfigError
-from ..passes.capture import auto_dims
+from ..passes.capture import auto_dims, example_args
 from ..report import ExplainReport
 
 DEFAULT_OPSET = 18
@@ -58,14 +58,6 @@ class ONNXExport:
             lines.append(f"  exporter report: {self.report_path}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +230,7 @@ def export_onnx(
     if not isinstance(opset, int) or not 18 <= opset <= 23:
         raise SNLPConfigError(f"opset must be an int from 18 to 23, got {opset!r}")
     path = Path(path)
-    args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
     snlp_report: ExplainReport | None = None
     if is_transformed(model):
         if config is not None or overrides:

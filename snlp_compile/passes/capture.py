@@ -26,6 +26,16 @@ class Captured:
     note: str
 
 
+def example_args(example_inputs: Any) -> tuple[Any, ...]:
+    """The positional example inputs as a tuple: a tuple as is, a list as a tuple, anything else
+    (one tensor) as the only argument."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
 def auto_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Every dimension of every tensor input marked AUTO (export keeps symbolic what it can),
     keyed by the forward's parameter names so positional and keyword inputs mix freely."""
