@@ -149,12 +149,31 @@ def _eval_inference_graph(self: torch.nn.Module) -> torch.nn.Module:
     return self
 
 
+def _apply_keeping_dtypes(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
+    """Module._apply (behind .to(), .cuda(), .half(), ...) for moves only: the captured graph
+    records its dtypes (casts, masks), so converting the weights alone would fail deep inside
+    torch or compute in a mix of precisions. Checked on an empty probe before anything moves."""
+    for t in [*self.parameters(), *self.buffers()]:
+        if t.is_floating_point():
+            converted = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            if isinstance(converted, torch.Tensor) and converted.dtype != t.dtype:
+                raise SNLPUsageError(
+                    f"the rewritten model was captured in {t.dtype} and its graph keeps that dtype; converting it "
+                    f"to {converted.dtype} is not supported: convert the model first, then transform() it "
+                    "(moving it to another device is fine)"
+                )
+            break
+    return type(self)._apply(self, fn, recurse)
+
+
 def _inference_mode_switches(gm: torch.nn.Module) -> None:
     """torch.export's module raises NotImplementedError on .eval()/.train() (bound on the instance,
     as here). The rewrite is captured in eval mode, so .eval() (what every inference script calls)
-    is a no-op and .train() a clear error."""
+    is a no-op and .train() a clear error; dtype conversions (.half(), .to(dtype)) are refused
+    before anything is converted."""
     gm.train = types.MethodType(_train_inference_graph, gm)
     gm.eval = types.MethodType(_eval_inference_graph, gm)
+    gm._apply = types.MethodType(_apply_keeping_dtypes, gm)
 
 
 def _survive_copies(gm: torch.nn.Module) -> None:

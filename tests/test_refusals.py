@@ -263,3 +263,23 @@ def test_deep_copies_keep_the_switches_report_and_config() -> None:
         assert twin.snlp_report.parallel_layers == fast.snlp_report.parallel_layers
         with torch.no_grad():
             assert (twin(idx) - model(idx)).abs().max() < 1e-10
+
+
+def test_dtype_conversion_of_a_rewritten_model_is_refused_before_anything_moves() -> None:
+    """The captured graph keeps its dtypes: .half()/.to(dtype) are refused with a clear message and
+    leave every weight as it was; a move that keeps the dtype (.to(same device)) still works."""
+    from snlp_compile import SNLPUsageError
+    from snlp_compile.models import build_model
+
+    model = build_model("gpt-tiny")
+    idx = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    fast = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer, dynamic_shapes=False)
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.double()):
+        with pytest.raises(SNLPUsageError, match=r"captured in torch\.float32"):
+            convert(fast)
+    assert {t.dtype for t in [*fast.parameters(), *fast.buffers()] if t.is_floating_point()} == {
+        torch.float32
+    }
+    assert fast.to("cpu") is fast
+    with torch.no_grad():
+        assert (fast(idx) - model(idx)).abs().max() < 1e-4
