@@ -13,8 +13,8 @@ layout), and an opaque custom op restoring the row's dense strides right before 
     PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
 
 Variants (same inputs, same result up to rounding):
-  einsum        ``torch.einsum``, as the compiler's ``_einsum_linear`` writes every batched linear
-  compiler      ``_einsum_linear`` itself (the rows of the run-6 experiments: the lowering tried)
+  einsum        the compiler's ``_einsum_linear`` (a ``torch.einsum``), one row per layer
+                (``gemv_lowering_r6*.md`` also have rows for the lowerings tried and reverted)
   einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
                 bandwidth-bound GEMV
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
@@ -44,12 +44,9 @@ def _variants() -> dict[str, tuple[int, object]]:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],))
 
     def einsum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("n...i,noi->n...o", norm(x), w)
-
-    def compiler(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _einsum_linear(norm(x), w)
 
-    return {"einsum": (1, einsum), "compiler": (1, compiler), "einsum-rows2": (2, einsum)}
+    return {"einsum": (1, einsum), "einsum-rows2": (2, einsum)}
 
 
 def _clones_per_call(fn, calls: int = 5) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections import Counter
 from typing import Any
@@ -153,16 +154,14 @@ def _apply_keeping_dtypes(self: torch.nn.Module, fn: Any, recurse: bool = True) 
     """Module._apply (behind .to(), .cuda(), .half(), ...) for moves only: the captured graph
     records its dtypes (casts, masks), so converting the weights alone would fail deep inside
     torch or compute in a mix of precisions. Checked on an empty probe before anything moves."""
-    for t in [*self.parameters(), *self.buffers()]:
-        if t.is_floating_point():
-            converted = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-            if isinstance(converted, torch.Tensor) and converted.dtype != t.dtype:
-                raise SNLPUsageError(
-                    f"the rewritten model was captured in {t.dtype} and its graph keeps that dtype; converting it "
-                    f"to {converted.dtype} is not supported: convert the model first, then transform() it "
-                    "(moving it to another device is fine)"
-                )
-            break
+    t = next((t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()), None)
+    converted = None if t is None else fn(torch.empty(0, dtype=t.dtype, device=t.device))
+    if isinstance(converted, torch.Tensor) and converted.dtype != t.dtype:
+        raise SNLPUsageError(
+            f"the rewritten model was captured in {t.dtype} and its graph keeps that dtype; converting it "
+            f"to {converted.dtype} is not supported: convert the model first, then transform() it "
+            "(moving it to another device is fine)"
+        )
     return type(self)._apply(self, fn, recurse)
 
 

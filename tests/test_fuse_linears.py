@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 
 import snlp_compile
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, model_config
 from snlp_compile.models.kv import CachedStep, new_cache
 from snlp_compile.passes.rewrite import SOLVE_NAME
+
+N_LAYERS = model_config("nanochat-tiny").n_layer
 
 
 def _step(iterations: int) -> tuple[CachedStep, tuple[torch.Tensor, ...], torch.fx.GraphModule]:
@@ -39,15 +41,11 @@ def test_side_output_weights_are_views_of_the_fused_qkv() -> None:
 
 
 def test_exact_mode_with_viewed_side_weights_matches_sequential() -> None:
-    step, inputs, fast = _step(iterations=step_layers())
+    step, inputs, fast = _step(iterations=N_LAYERS)
     logits, new_k, new_v = step(*inputs)
     got = fast(*inputs)
     for a, b in zip((logits, new_k, new_v), got):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
-
-
-def step_layers() -> int:
-    return build_model("nanochat-tiny", vocab_size=256).config.n_layer
 
 
 def test_moving_the_solve_keeps_one_copy_of_each_weight() -> None:
@@ -55,7 +53,7 @@ def test_moving_the_solve_keeps_one_copy_of_each_weight() -> None:
     row-block weights as views of the fused weight afterwards, so a moved model still holds each
     weight once and computes the same. (A clone per buffer stands in for the device copy here; a
     captured graph keeps its dtype, so .to(dtype) is not a supported move.)"""
-    step, inputs, fast = _step(iterations=step_layers())
+    step, inputs, fast = _step(iterations=N_LAYERS)
     fast._apply(lambda t: t.clone())
     solve = fast.get_submodule(SOLVE_NAME)
     qkv = solve.stacked_fused_attn_c_q_attn_c_k_attn_c_v

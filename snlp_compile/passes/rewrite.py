@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..config import SNLPConfig, chunk_sizes
 from ..errors import SNLPRefusal
 from ..ir import LayerChain
-from ..solve.solver import ExtMode, LayerParallelSolve
+from ..solve.solver import ExtMode, LayerParallelSolve, row_block_start
 from .batch_layers import _einsum_linear, batch_body
 from .graph_utils import ancestors, descendants
 from .skip_split import Const, emit_coefficient
@@ -58,23 +58,15 @@ def _derived_name(node: fx.Node, layer_path: str) -> str | None:
     """A value computed from weights alone (e.g. mHC's static H: a Sinkhorn projection of a
     parameter) named after what it reads and its last op, ``hc_attn_h_res_div``, instead of the
     node name (``div_279``); None when it reads an input or no weight."""
-    todo, seen, weights = [node], set(), []
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return None
-        if n.op == "get_attr":
-            target = str(n.target)
-            weights.append(target[len(layer_path) + 1 :] if target.startswith(layer_path + ".") else target)
-            continue
-        todo.extend(n.all_input_nodes)
+    reads = ancestors([node])
+    if any(n.op == "placeholder" for n in reads):
+        return None
+    prefix = layer_path + "."
+    weights = sorted({str(n.target).removeprefix(prefix) for n in reads if n.op == "get_attr"})
     if not weights:
         return None
     op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    return "_".join([*sorted(set(weights))[:2], op])
+    return "_".join([*weights[:2], op])
 
 
 def evaluate_static(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[Any]:
@@ -214,20 +206,15 @@ def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
     step's side outputs read k and v, already views of the fused q/k/v weight): the side output's
     fused k/v weight then costs no memory. None when they are not."""
     base = weights[0]._base
-    if base is None or any(w._base is not base for w in weights):
+    start = None if base is None else row_block_start(weights[0], base)
+    if start is None:
         return None
-    first, rows = weights[0], sum(w.shape[1] for w in weights)
-    offset = first.storage_offset() - base.storage_offset()
-    if first.stride() != base.stride() or offset % base.stride(1):
-        return None
-    start = offset // base.stride(1)
-    view = base[:, start : start + rows]
     at = start
-    for w in weights:  # each weight is the view's next block of rows, in order
-        if w.stride() != base.stride() or w.storage_offset() != base[:, at:].storage_offset():
+    for w in weights:  # each weight is the next block of rows, in order
+        if row_block_start(w, base) != at:
             return None
         at += w.shape[1]
-    return view
+    return base[:, start:at]
 
 
 def _alias_into(stacked: dict[str, torch.Tensor], parts: list[str], fused: str) -> None:

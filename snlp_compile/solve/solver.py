@@ -343,21 +343,26 @@ class LayerParallelSolve(nn.Module):
         return (h, *(side if isinstance(side, (tuple, list)) else (side,)))
 
 
+def row_block_start(view: torch.Tensor, base: torch.Tensor) -> int | None:
+    """The first row (dim 1) of ``base`` at which ``view`` is a block of whole rows (same layers,
+    same row length, same strides), or None when it is not one."""
+    if view._base is not base or view.dim() < 2 or view.stride() != base.stride():
+        return None
+    if view.shape[0] != base.shape[0] or view.shape[2:] != base.shape[2:]:
+        return None
+    start, rem = divmod(view.storage_offset() - base.storage_offset(), base.stride(1))
+    return start if rem == 0 else None
+
+
 def _row_block_views(stacked: dict[str, torch.Tensor]) -> dict[str, tuple[str, int, int]]:
     """name -> (fused name, first row, rows) for every stacked weight that is a block of rows
     (dim 1) of another stacked weight, as passes.rewrite.fuse_shared_input_linears leaves them."""
     roots = {id(v): k for k, v in stacked.items() if v._base is None}
     views: dict[str, tuple[str, int, int]] = {}
     for name, value in stacked.items():
-        base_name = roots.get(id(value._base)) if value._base is not None else None
-        if base_name is None or value.dim() < 2:
-            continue
-        base = stacked[base_name]
-        offset = value.storage_offset() - base.storage_offset()
-        if value.stride() != base.stride() or offset % base.stride(1):
-            continue
-        start = offset // base.stride(1)
-        if value.shape[0] == base.shape[0] and value.shape[2:] == base.shape[2:]:
+        base_name = roots.get(id(value._base))
+        start = None if base_name is None else row_block_start(value, stacked[base_name])
+        if start is not None:
             views[name] = (base_name, start, value.shape[1])
     return views
 
