@@ -16,6 +16,10 @@ SNLPConfig(iterations=1, chunks=C, init h0): C consecutive chunks of layers, eac
 layer-parallel from the previous chunk's last output, so C batched evaluations per step instead of
 one; the new K/V are still one evaluation over all layers at the corrected inputs.
 
+Einsum variants ("snlp K=1 einsum <mode>", family "snlp-einsum", graph modes only): the same
+transformed step compiled and captured with the layer-batched GEMV kernel off
+(``snlp_compile.kernels.set_gemv_kernel(False)``), i.e. cuBLAS' batched GEMM as before run 7.
+
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
 SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
 time; that is part of the measured time, not of the floor.
@@ -52,6 +56,7 @@ from common import (
 )
 
 import snlp_compile
+from snlp_compile.kernels import set_gemv_kernel
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 
@@ -62,6 +67,21 @@ def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> 
         return logits
 
     return write
+
+
+def gemv_kernel_off(build: Callable[[], Any]) -> Callable[[], Any]:
+    """``build`` (compile, warm-up and CUDA-graph capture) with the layer-batched GEMV kernel off,
+    so the captured step uses the einsum (cuBLAS) lowering: the kernel's A/B in the same run.
+    Graph modes only: a compiled callable outside a graph would re-trace with the kernel on."""
+
+    def run() -> Callable[[], Any]:
+        previous = set_gemv_kernel(False)
+        try:
+            return build()
+        finally:
+            set_gemv_kernel(previous)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--warm-ks", default="1,2", help="SNLP iteration counts with init warm")
     p.add_argument("--warm-modes", default="compiled+graph")
+    p.add_argument(
+        "--einsum-ks",
+        default="1",
+        help="SNLP iteration counts also timed with the GEMV kernel off (cuBLAS einsum), graph modes only",
+    )
     args = p.parse_args(argv)
 
     run = start_regime(
@@ -87,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start, device, dtype, out, bw = run.t_start, run.device, run.dtype, run.out, run.bandwidth
     bench = Bench("decode", out, device, run.meta, name=args.name)
     ks, warm_ks, chunk_counts = int_list(args.ks), int_list(args.warm_ks), int_list(args.chunks)
+    einsum_ks = int_list(args.einsum_ks)
     modes = mode_list(args.modes, device)
     warm_modes = mode_list(args.warm_modes, device)
     chunk_modes = mode_list(args.chunk_modes, device)
@@ -134,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                 plan += [("snlp", "h0", k, m, 1) for k in ks for m in modes]
                 plan += [("snlp", "warm", k, m, 1) for k in warm_ks for m in warm_modes]
                 plan += [("snlp-chunked", "h0", 1, m, c) for c in chunked for m in chunk_modes]
+                plan += [("snlp-einsum", "h0", k, m, 1) for k in einsum_ks for m in modes if m.endswith("+graph")]
                 post = _writer(k_cache, v_cache, pos)
                 for family, init, k, mode, chunks in plan:
                     if family == "sequential":
                         variant, base = f"seq {mode}", step
                     elif family == "snlp-chunked":
                         variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
+                    elif family == "snlp-einsum":
+                        variant, base = f"snlp K={k} einsum {mode}", with_iterations(snlp, k, "h0")
                     else:
                         tag = "" if init == "h0" else " warm"
                         variant, base = f"snlp K={k}{tag} {mode}", with_iterations(snlp, k, init)
@@ -153,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     key = variant.replace("+graph", "")
                     build = partial(make_variant, base, mode, inputs, device, compiled, key, post)
+                    if family == "snlp-einsum":
+                        build = gemv_kernel_off(build)
                     bench.measure(rec, build, ref, warmup=10)
                     ms = rec.median_ms if rec.median_ms else float("nan")
                     err = rec.rel_err if rec.rel_err is not None else float("nan")

@@ -13,10 +13,13 @@ layout), and an opaque custom op restoring the row's dense strides right before 
     PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
 
 Variants (same inputs, same result up to rounding):
-  einsum        the compiler's ``_einsum_linear`` (a ``torch.einsum``), one row per layer
-                (``gemv_lowering_r6*.md`` also have rows for the lowerings tried and reverted)
+  einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer: the lowering before
+                run 7 (``gemv_lowering_r6*.md`` also have rows for the lowerings tried and reverted)
+  kernel        the compiler's ``_einsum_linear``: the layer-batched GEMV Triton kernel
+                (``snlp_compile.kernels.layer_gemv``), one row per layer
   einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
                 bandwidth-bound GEMV
+  einsum-rows8, kernel-rows8   eight rows per layer (decoding at batch 8)
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
 bytes floor (the weights read once at the measured copy bandwidth).
 """
@@ -44,9 +47,18 @@ def _variants() -> dict[str, tuple[int, object]]:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],))
 
     def einsum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("n...i,noi->n...o", norm(x), w)
+
+    def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _einsum_linear(norm(x), w)
 
-    return {"einsum": (1, einsum), "einsum-rows2": (2, einsum)}
+    return {
+        "einsum": (1, einsum),
+        "kernel": (1, kernel),
+        "einsum-rows2": (2, einsum),
+        "einsum-rows8": (8, einsum),
+        "kernel-rows8": (8, kernel),
+    }
 
 
 def _clones_per_call(fn, calls: int = 5) -> float:
@@ -60,7 +72,11 @@ def _clones_per_call(fn, calls: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="20x5120x1280,20x3840x1280,32x2560x640,32x640x2560", help="NxOxI list")
+    p.add_argument(
+        "--shapes",
+        default="20x5120x1280,20x3840x1280,20x1280x5120,20x2560x1280,32x1920x640,32x640x640,32x2560x640,32x640x2560",
+        help="NxOxI list",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="gemv_lowering")

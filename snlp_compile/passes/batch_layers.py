@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..kernels import gemv_kernel_enabled, layer_gemv
+
 aten = torch.ops.aten
 Rule = Callable[["_Batcher", fx.Node, list[Any], dict[str, Any]], Any]
 
@@ -100,7 +102,16 @@ def _vmap_op(
 
 
 def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers."""
+    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers.
+
+    With few rows per layer on a GPU (decoding) it is the layer-batched GEMV kernel
+    (``snlp_compile.kernels``), which reads the weights closer to the bytes floor than cuBLAS'
+    batched GEMM and copies no operand; the choice is made when the graph runs or is traced
+    (exports and CPUs take the einsum), so the rewritten graph itself does not change."""
+    if gemv_kernel_enabled() and layer_gemv.applies(x, w):
+        rows = x.shape[1:-1]
+        y = torch.ops.snlp.layer_gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w)
+        return y.reshape(x.shape[0], *rows, w.shape[1])
     return torch.einsum("n...i,noi->n...o", x, w)
 
 

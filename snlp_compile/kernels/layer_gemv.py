@@ -1,0 +1,128 @@
+"""A layer-batched GEMV kernel: ``y[n] = x[n] @ w[n].T`` for every layer n at once, few rows each.
+
+Why a kernel of our own: a batch-1 SNLP decode step is one row per layer times stacked weights
+(N, O, I), and its time is the time to read those weights. cuBLAS' batched GEMM reads them at
+1.15-1.5x the bytes floor on these shapes (worst on the paper's 0.5B shape, 640-wide layers) and
+ATen's ``bmm`` wrapper adds a device-to-device copy of the one-row operand per call
+(``benchmarks/gemv_lowering.py``). This kernel streams each weight tile once, accumulates in
+float32 and reads x and y through their strides, so no operand is copied.
+
+It is registered as ``torch.ops.snlp.layer_gemv`` with ``torch.library.triton_op``, so Inductor
+traces into it and CUDA graphs capture it. Triton is optional: without it (or on the CPU, or
+while exporting) ``snlp_compile.passes.batch_layers._einsum_linear`` uses ``torch.einsum``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_ROWS = 16  # rows per layer the kernel takes; more rows are a real GEMM, cuBLAS' job
+
+try:  # triton is an optional dependency (the CPU wheel of torch does not bring it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+
+def available() -> bool:
+    """Whether the Triton kernel can be used in this process."""
+    return triton is not None
+
+
+if triton is not None:
+
+    def _configs() -> list[triton.Config]:
+        return [
+            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
+            for bo, bi, w, s in [
+                (8, 256, 4, 3),
+                (16, 256, 4, 3),
+                (16, 512, 4, 3),
+                (32, 128, 4, 4),
+                (32, 256, 4, 3),
+                (32, 256, 8, 3),
+                (64, 128, 4, 4),
+                (64, 128, 8, 3),
+                (64, 256, 8, 3),
+                (128, 64, 4, 4),
+            ]
+        ]
+
+    @triton.jit
+    def _layer_gemv_tile(
+        x_ptr, w_ptr, y_ptr,
+        R, O, I,  # noqa: E741
+        sxn, sxr, sxi,
+        swn, swo, swi,
+        syn, syr, syo,
+        BLOCK_R: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+    ):  # fmt: skip
+        pid_o = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_r = tl.arange(0, BLOCK_R)
+        x_base = x_ptr + n * sxn + offs_r[:, None] * sxr
+        w_base = w_ptr + n * swn + offs_o[:, None] * swo
+        acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            in_i = offs_i[None, :] < I
+            w = tl.load(w_base + offs_i[None, :] * swi, mask=(offs_o[:, None] < O) & in_i, other=0.0)
+            x = tl.load(x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & in_i, other=0.0)
+            if BLOCK_R == 1:  # a true GEMV: multiply and reduce along I
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            elif IEEE_DOT:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        y_ptrs = y_ptr + n * syn + offs_r[:, None] * syr + offs_o[None, :] * syo
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
+
+    _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["R", "O", "I", "BLOCK_R"])(_layer_gemv_tile)
+
+    def launch(kernel, x: torch.Tensor, w: torch.Tensor, **config: int) -> torch.Tensor:
+        """Run ``kernel`` (the autotuned one, or the bare tile with an explicit ``config`` of
+        BLOCK_O, BLOCK_I, as the tests do under ``TRITON_INTERPRET=1``) on x (N, R, I), w (N, O, I)."""
+        n, r, i = x.shape
+        o = w.shape[1]
+        y = torch.empty((n, r, o), device=x.device, dtype=x.dtype)
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(o, meta["BLOCK_O"]), n)
+
+        kernel[grid](
+            x, w, y,
+            r, o, i,
+            x.stride(0), x.stride(1), x.stride(2),
+            w.stride(0), w.stride(1), w.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            BLOCK_R=1 if r == 1 else 16,
+            IEEE_DOT=x.dtype == torch.float32,
+            **config,
+        )  # fmt: skip
+        return y
+
+    @torch.library.triton_op("snlp::layer_gemv", mutates_args={})
+    def layer_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (N, R, I), w (N, O, I) -> (N, R, O), R <= MAX_ROWS, float16/bfloat16/float32."""
+        return launch(torch.library.wrap_triton(_layer_gemv_tuned), x, w)
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``layer_gemv`` should compute ``einsum('n...i,noi->n...o', x, w)``: on a GPU, with
+    Triton, few rows per layer, matching floating dtypes, and not while exporting (ONNX wants the
+    standard op)."""
+    if triton is None or not x.is_cuda or not w.is_cuda or x.dtype != w.dtype:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dim() < 2 or w.dim() != 3:
+        return False
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    rows = 1
+    for s in x.shape[1:-1]:
+        rows *= int(s)
+    return 1 <= rows <= MAX_ROWS

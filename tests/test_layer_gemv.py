@@ -1,0 +1,149 @@
+"""The layer-batched GEMV kernel (``snlp_compile.kernels.layer_gemv``) against ``torch.einsum``.
+
+On the CPU the kernel's tile runs under Triton's interpreter (in a subprocess: the interpreter is
+chosen when the kernel is defined) where Triton is installed; on a GPU the registered op, the
+dispatch in ``_einsum_linear`` and a compiled rewritten decode step are checked against the
+einsum lowering.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from snlp_compile import kernels
+from snlp_compile.kernels import layer_gemv
+from snlp_compile.passes.batch_layers import _einsum_linear
+
+needs_triton = pytest.mark.skipif(not layer_gemv.available(), reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and layer_gemv.available()), reason="needs CUDA + triton"
+)
+
+
+@needs_triton
+def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
+    script = textwrap.dedent(
+        """
+        import torch
+        from snlp_compile.kernels import layer_gemv as lg
+        torch.manual_seed(0)
+        worst = 0.0
+        # odd sizes exercise the masks; R > 1 takes the tl.dot path; strided x and w views
+        for n, r, o, i in [(3, 1, 40, 70), (2, 5, 33, 130), (2, 1, 64, 256)]:
+            x = torch.randn(n, r, 2 * i)[..., ::2]
+            w = torch.randn(n, i, o).transpose(1, 2)
+            for bo, bi in [(16, 64), (32, 128)]:
+                y = lg.launch(lg._layer_gemv_tile, x, w, BLOCK_O=bo, BLOCK_I=bi)
+                ref = torch.einsum("nri,noi->nro", x.double(), w.double())
+                assert y.shape == (n, r, o) and y.dtype == torch.float32
+                worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+        print("worst", worst)
+        assert worst < 1e-6, worst
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worst" in proc.stdout
+
+
+def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:
+    w = torch.randn(3, 8, 16)
+    assert not layer_gemv.applies(torch.randn(3, 1, 16), w)
+    assert _einsum_linear(torch.randn(3, 2, 1, 16), w).shape == (3, 2, 1, 8)
+
+
+def test_switch_turns_the_kernel_off_and_back() -> None:
+    previous = kernels.set_gemv_kernel(False)
+    try:
+        assert not kernels.gemv_kernel_enabled()
+    finally:
+        kernels.set_gemv_kernel(previous)
+    assert kernels.gemv_kernel_enabled() == (previous and layer_gemv.available())
+
+
+def test_environment_variable_turns_the_kernel_off() -> None:
+    code = "from snlp_compile import kernels; print(kernels.gemv_kernel_enabled())"
+    env = dict(os.environ, SNLP_GEMV_KERNEL="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("shape", [(20, 3840, 1280), (32, 640, 2560), (5, 77, 100)])
+def test_gpu_op_matches_einsum(dtype: torch.dtype, rows: int, shape: tuple[int, int, int]) -> None:
+    n, o, i = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, rows, i, device="cuda", dtype=dtype)
+    w = torch.randn(n, o, i, device="cuda", dtype=dtype) / i**0.5
+    assert layer_gemv.applies(x, w)
+    y = torch.ops.snlp.layer_gemv(x, w)
+    ref = torch.einsum("nri,noi->nro", x.double(), w.double())
+    rel = ((y.double() - ref).norm() / ref.norm()).item()
+    assert rel < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], rel
+
+
+@needs_cuda
+def test_gpu_dispatch_compiled_and_graph_captured() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(20, 1, 1, 1280, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(20, 2560, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5
+    compiled = torch.compile(_einsum_linear, fullgraph=True)
+    y = compiled(x, w)
+    ref = torch.einsum("n...i,noi->n...o", x.float(), w.float())
+    assert y.shape == (20, 1, 1, 2560)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    static_y = compiled(x, w)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_y = compiled(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    ref = torch.einsum("n...i,noi->n...o", x.float(), w.float())
+    assert ((static_y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_exact_decode_step_with_the_kernel_equals_sequential(batch: int) -> None:
+    """A transformed decode step in exact mode, float32 on the GPU (TF32 off), run eagerly and
+    compiled with the kernel on, against the sequential step and the kernel-off (einsum) step."""
+    from decode_helpers import step_inputs
+
+    import snlp_compile
+    from snlp_compile.models import build_model
+    from snlp_compile.models.kv import CachedStep
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model("nanochat-tiny", dtype=torch.float32)
+    inputs = step_inputs(model, batch=batch)
+    fast = snlp_compile.transform(CachedStep(model), inputs, iterations=model.config.n_layer)
+    model, fast = model.cuda(), fast.cuda()
+    inputs = tuple(t.cuda() for t in inputs)
+    with torch.no_grad():
+        ref = model.forward_cached(*inputs)
+        eager = fast(*inputs)
+        compiled = torch.compile(fast)(*inputs)
+        previous = kernels.set_gemv_kernel(False)
+        try:
+            plain = fast(*inputs)
+        finally:
+            kernels.set_gemv_kernel(previous)
+    for got_eager, got_compiled, got_plain, want in zip(eager, compiled, plain, ref):
+        scale = want.abs().max().item()
+        assert (got_eager - want).abs().max().item() < 1e-4 * scale
+        assert (got_compiled - want).abs().max().item() < 1e-4 * scale
+        assert (got_plain - want).abs().max().item() < 1e-4 * scale
