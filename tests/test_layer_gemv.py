@@ -27,6 +27,7 @@ needs_cuda = pytest.mark.skipif(
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the compiled kernel")
 def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
     script = textwrap.dedent(
         """
@@ -147,3 +148,17 @@ def test_gpu_exact_decode_step_with_the_kernel_equals_sequential(batch: int) -> 
         assert (got_eager - want).abs().max().item() < 1e-4 * scale
         assert (got_compiled - want).abs().max().item() < 1e-4 * scale
         assert (got_plain - want).abs().max().item() < 1e-4 * scale
+
+
+@needs_cuda
+def test_gpu_onnx_capture_takes_the_einsum() -> None:
+    """export_onnx captures with the kernel off: ONNX has no op for a Triton kernel."""
+    import snlp_compile
+    from snlp_compile.export.onnx_export import export_program
+    from snlp_compile.models import build_model
+
+    model = build_model("nanochat-tiny", dtype=torch.float32).cuda()
+    idx = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
+    fast = snlp_compile.transform(model, (idx,), iterations=1)
+    assert "layer_gemv" in str(torch.export.export(fast, (idx,), strict=False).graph)
+    assert "layer_gemv" not in str(export_program(fast, (idx,), {}, dynamic=False).graph)

@@ -23,6 +23,7 @@ import torch.fx as fx
 from ..api import transform
 from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPCaptureError, SNLPConfigError
+from ..kernels import gemv_kernel
 from ..passes.capture import auto_dims, example_args
 from ..report import ExplainReport
 
@@ -77,9 +78,10 @@ def export_program(
     *,
     dynamic: bool,
 ) -> torch.export.ExportedProgram:
-    """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails."""
+    """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails.
+    The layer-batched GEMV kernel is off: ONNX has no op for a Triton kernel."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), gemv_kernel(False):
             program = torch.export.export(
                 model,
                 args,

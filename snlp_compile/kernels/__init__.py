@@ -6,7 +6,9 @@ GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from . import layer_gemv
 
@@ -26,4 +28,15 @@ def set_gemv_kernel(enabled: bool) -> bool:
     return previous
 
 
-__all__ = ["gemv_kernel_enabled", "layer_gemv", "set_gemv_kernel"]
+@contextlib.contextmanager
+def gemv_kernel(enabled: bool) -> Iterator[None]:
+    """The kernel on or off inside a block, e.g. off while exporting to ONNX, whose opset has no
+    Triton kernels (``export_onnx`` does this)."""
+    previous = set_gemv_kernel(enabled)
+    try:
+        yield
+    finally:
+        set_gemv_kernel(previous)
+
+
+__all__ = ["gemv_kernel", "gemv_kernel_enabled", "layer_gemv", "set_gemv_kernel"]

@@ -114,13 +114,14 @@ if triton is not None:
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``layer_gemv`` should compute ``einsum('n...i,noi->n...o', x, w)``: on a GPU, with
-    Triton, few rows per layer, matching floating dtypes, and not while exporting (ONNX wants the
-    standard op)."""
+    Triton, few rows per layer, matching floating dtypes, and not in the TorchScript ONNX exporter
+    (``export_onnx`` turns the kernel off around ``torch.export``; ``torch.compiler.is_exporting()``
+    cannot tell, it is also true while Dynamo traces for ``torch.compile``)."""
     if triton is None or not x.is_cuda or not w.is_cuda or x.dtype != w.dtype:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dim() < 2 or w.dim() != 3:
         return False
-    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export():
         return False
     rows = 1
     for s in x.shape[1:-1]:
