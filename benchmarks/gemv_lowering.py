@@ -70,6 +70,74 @@ def _clones_per_call(fn, calls: int = 5) -> float:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::clone") / calls
 
 
+def sweep(shapes: str, device: torch.device, dtype: torch.dtype, out: Path, name: str) -> None:
+    """Time the kernel's bare tile over a grid of launch configs (CUDA graph of one launch) beside
+    the einsum, rows 1 and 8: what the kernel can reach per shape, and which configs to autotune."""
+    from snlp_compile.kernels import layer_gemv as lg
+
+    bw = copy_bandwidth(device)
+    grid = [
+        (bo, bi, nw, ns)
+        for bo in (4, 8, 16, 32, 64)
+        for bi in (64, 128, 256, 512)
+        for nw in (2, 4, 8)
+        for ns in (1, 2, 3)
+        if 512 <= bo * bi <= 16384
+    ]
+    result: list[dict[str, object]] = []
+    for shape in shapes.split(","):
+        n, o, i = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
+        floor_us = floor_ms(w.numel() * w.element_size(), bw) * 1e3
+        for r in (1, 8):
+            x = torch.randn(n, r, i, device=device, dtype=dtype)
+            ref = torch.einsum("nri,noi->nro", x, w)
+            t_einsum = time_fn(
+                cuda_graph(functools.partial(torch.einsum, "nri,noi->nro", x, w), device),
+                device,
+                warmup=10,
+                samples=100,
+            )
+            timed = []
+            for bo, bi, nw, ns in grid:
+                call = functools.partial(
+                    lg.launch, lg._layer_gemv_tile, x, w, BLOCK_O=bo, BLOCK_I=bi, num_warps=nw, num_stages=ns
+                )
+                try:
+                    y = call()
+                    if not torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2):
+                        continue
+                    timed.append(
+                        (
+                            time_fn(cuda_graph(call, device), device, warmup=5, samples=50).median_ms * 1e3,
+                            (bo, bi, nw, ns),
+                        )
+                    )
+                except Exception:  # a config that does not compile (registers, shared memory) is skipped
+                    continue
+            timed.sort()
+            best = [
+                {"us": t, "BLOCK_O": c[0], "BLOCK_I": c[1], "warps": c[2], "stages": c[3]}
+                for t, c in timed[:5]
+            ]
+            row = {
+                "shape": shape,
+                "rows": r,
+                "einsum_us": t_einsum.median_ms * 1e3,
+                "floor_us": floor_us,
+                "best": best,
+            }
+            result.append(row)
+            print(
+                f"{shape:>14} rows {r}: einsum {row['einsum_us']:.1f} us, floor {floor_us:.1f}; best "
+                + "; ".join(
+                    f"{b['us']:.1f} ({b['BLOCK_O']},{b['BLOCK_I']},{b['warps']},{b['stages']})" for b in best
+                ),
+                flush=True,
+            )
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -80,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="gemv_lowering")
+    p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        sweep(args.shapes, device, dtype, out, args.name)
+        return 0
     bw = copy_bandwidth(device)
     rows: list[dict[str, object]] = []
     torch.manual_seed(0)

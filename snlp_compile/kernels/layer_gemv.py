@@ -67,18 +67,38 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_R)
         x_base = x_ptr + n * sxn + offs_r[:, None] * sxr
         w_base = w_ptr + n * swn + offs_o[:, None] * swo
-        acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            in_i = offs_i[None, :] < I
-            w = tl.load(w_base + offs_i[None, :] * swi, mask=(offs_o[:, None] < O) & in_i, other=0.0)
-            x = tl.load(x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & in_i, other=0.0)
-            if BLOCK_R == 1:  # a true GEMV: multiply and reduce along I
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-            elif IEEE_DOT:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+        if BLOCK_R == 1:
+            # a true GEMV: elementwise products accumulate in registers across the I loop and
+            # are reduced once at the end (a reduction per tile would serialise the loop)
+            part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+            for i0 in range(0, I, BLOCK_I):
+                offs_i = i0 + tl.arange(0, BLOCK_I)
+                in_i = offs_i[None, :] < I
+                w = tl.load(
+                    w_base + offs_i[None, :] * swi,
+                    mask=(offs_o[:, None] < O) & in_i,
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                x = tl.load(x_base + offs_i[None, :] * sxi, mask=in_i, other=0.0)
+                part += w.to(tl.float32) * x.to(tl.float32)
+            acc = tl.sum(part, axis=1)[None, :]
+        else:
+            acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+            for i0 in range(0, I, BLOCK_I):
+                offs_i = i0 + tl.arange(0, BLOCK_I)
+                in_i = offs_i[None, :] < I
+                w = tl.load(
+                    w_base + offs_i[None, :] * swi,
+                    mask=(offs_o[:, None] < O) & in_i,
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                x = tl.load(x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & in_i, other=0.0)
+                if IEEE_DOT:
+                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
         y_ptrs = y_ptr + n * syn + offs_r[:, None] * syr + offs_o[None, :] * syo
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
 
