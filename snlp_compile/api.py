@@ -16,7 +16,7 @@ from .ir import LayerChain
 from .passes.capture import capture, example_args
 from .passes.cleanup import common_subexpressions
 from .passes.find_chain import check_chain, find_layers
-from .passes.graph_utils import op_name
+from .passes.graph_utils import op_name, retarget_devices
 from .passes.infra import run_passes
 from .passes.rewrite import SOLVE_NAME, rewrite
 from .passes.skip_split import analyse_skip
@@ -153,7 +153,8 @@ def _eval_inference_graph(self: torch.nn.Module) -> torch.nn.Module:
 def _apply_keeping_dtypes(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
     """Module._apply (behind .to(), .cuda(), .half(), ...) for moves only: the captured graph
     records its dtypes (casts, masks), so converting the weights alone would fail deep inside
-    torch or compute in a mix of precisions. Checked on an empty probe before anything moves."""
+    torch or compute in a mix of precisions. Checked on an empty probe before anything moves.
+    A move also moves the device the graph's factory ops (masks, positions) were captured on."""
     t = next((t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()), None)
     converted = None if t is None else fn(torch.empty(0, dtype=t.dtype, device=t.device))
     if isinstance(converted, torch.Tensor) and converted.dtype != t.dtype:
@@ -162,7 +163,10 @@ def _apply_keeping_dtypes(self: torch.nn.Module, fn: Any, recurse: bool = True) 
             f"to {converted.dtype} is not supported: convert the model first, then transform() it "
             "(moving it to another device is fine)"
         )
-    return type(self)._apply(self, fn, recurse)
+    moved = type(self)._apply(self, fn, recurse)
+    if t is not None and isinstance(converted, torch.Tensor) and converted.device != t.device:
+        retarget_devices(self, t.device, converted.device)  # the graph's own factory ops follow
+    return moved
 
 
 def _inference_mode_switches(gm: torch.nn.Module) -> None:

@@ -240,3 +240,30 @@ def test_fused_weights_are_held_once() -> None:
     held = sum(storages.values())
     views = sum(b.numel() * b.element_size() for b in solve.buffers())
     assert held < views  # without the aliasing every buffer had its own storage
+
+
+def test_moving_a_rewritten_step_moves_its_factory_ops() -> None:
+    """torch.export bakes the capture device into factory ops (the attention mask's arange/ones);
+    .to(device) of the rewritten step points them at the new device too. The meta device stands in
+    for a GPU here (a mixed-device graph fails on meta exactly as it does on CUDA)."""
+    model = build_model("nanochat-tiny", dtype=torch.float32)
+    inputs = step_inputs(model, batch=1)
+    fast = snlp_compile.transform(CachedStep(model), inputs, iterations=1)
+
+    def factory_devices(gm: torch.nn.Module) -> set[str]:
+        return {
+            torch.device(n.kwargs["device"]).type
+            for m in gm.modules()
+            if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes
+            if n.op == "call_function" and isinstance(n.kwargs.get("device"), torch.device)
+        }
+
+    assert factory_devices(fast) == {"cpu"}
+    fast = fast.to("meta")
+    assert factory_devices(fast) == {"meta"}
+    with torch.no_grad():
+        out = fast(*(t.to("meta") for t in inputs))
+        ref = model.forward_cached(*inputs)
+    assert [o.device.type for o in out] == ["meta"] * 3
+    assert [o.shape for o in out] == [r.shape for r in ref]

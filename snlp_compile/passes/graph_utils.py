@@ -84,3 +84,35 @@ def op_name(node: fx.Node) -> str:
     name = getattr(t, "__name__", str(t))
     mod = getattr(t, "__module__", "") or ""
     return f"{mod.split('.')[0]}.{name}" if mod else name
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when the current one is 0."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type in ("cpu", "meta"):
+        return True
+    current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def retarget_devices(gm: fx.GraphModule, old: torch.device, new: torch.device) -> int:
+    """Point the ``device=`` of the graph's factory ops (arange, ones, full, ...) captured on
+    ``old`` at ``new``, in ``gm`` and every GraphModule inside it; returns how many changed.
+
+    torch.export bakes the capture device into factory calls, so a captured model moved with
+    ``.to(device)`` would otherwise mix devices (its weights moved, its masks and positions not)."""
+    changed = 0
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        edited = False
+        for node in module.graph.nodes:
+            device = node.kwargs.get("device") if node.op == "call_function" else None
+            if isinstance(device, (torch.device, str)) and _same_device(torch.device(device), old):
+                node.kwargs = {**node.kwargs, "device": new}
+                edited = True
+                changed += 1
+        if edited:
+            module.recompile()
+    return changed
