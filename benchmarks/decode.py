@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 plan += [("snlp", "h0", k, m, 1) for k in ks for m in modes]
                 plan += [("snlp", "warm", k, m, 1) for k in warm_ks for m in warm_modes]
                 plan += [("snlp-chunked", "h0", 1, m, c) for c in chunked for m in chunk_modes]
-                plan += [("snlp-einsum", "h0", k, m, 1) for k in einsum_ks for m in modes if m.endswith("+graph")]
+                plan += [
+                    ("snlp-einsum", "h0", k, m, 1) for k in einsum_ks for m in modes if m.endswith("+graph")
+                ]
                 post = _writer(k_cache, v_cache, pos)
                 for family, init, k, mode, chunks in plan:
                     if family == "sequential":

@@ -131,6 +131,8 @@ def transform(
     ]
     out.snlp_report = report
     out.snlp_config = cfg
+    weight = _first_float_tensor(out)
+    out.meta[_GRAPH_DEVICE] = None if weight is None else weight.device  # what factory ops were captured on
     _inference_mode_switches(out)
     _survive_copies(out)
     return out
@@ -150,12 +152,21 @@ def _eval_inference_graph(self: torch.nn.Module) -> torch.nn.Module:
     return self
 
 
+_GRAPH_DEVICE = "snlp_graph_device"
+
+
+def _first_float_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    return next(
+        (t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None
+    )
+
+
 def _apply_keeping_dtypes(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
     """Module._apply (behind .to(), .cuda(), .half(), ...) for moves only: the captured graph
     records its dtypes (casts, masks), so converting the weights alone would fail deep inside
     torch or compute in a mix of precisions. Checked on an empty probe before anything moves.
     A move also moves the device the graph's factory ops (masks, positions) were captured on."""
-    t = next((t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()), None)
+    t = _first_float_tensor(self)
     converted = None if t is None else fn(torch.empty(0, dtype=t.dtype, device=t.device))
     if isinstance(converted, torch.Tensor) and converted.dtype != t.dtype:
         raise SNLPUsageError(
@@ -164,8 +175,12 @@ def _apply_keeping_dtypes(self: torch.nn.Module, fn: Any, recurse: bool = True) 
             "(moving it to another device is fine)"
         )
     moved = type(self)._apply(self, fn, recurse)
-    if t is not None and isinstance(converted, torch.Tensor) and converted.device != t.device:
-        retarget_devices(self, t.device, converted.device)  # the graph's own factory ops follow
+    # the graph's own factory ops follow; their device is recorded at transform time, not read off
+    # a weight, which the original model may share with this one and may have moved already
+    graph_device = getattr(self, "meta", {}).get(_GRAPH_DEVICE)
+    if isinstance(converted, torch.Tensor) and graph_device is not None and converted.device != graph_device:
+        retarget_devices(self, graph_device, converted.device)
+        self.meta[_GRAPH_DEVICE] = converted.device
     return moved
 
 

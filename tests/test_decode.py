@@ -4,6 +4,8 @@ warm init. Everything in float64 on the CPU, against the sequential model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -249,6 +251,8 @@ def test_moving_a_rewritten_step_moves_its_factory_ops() -> None:
     model = build_model("nanochat-tiny", dtype=torch.float32)
     inputs = step_inputs(model, batch=1)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=1)
+    with torch.no_grad():
+        ref = model.forward_cached(*inputs)
 
     def factory_devices(gm: torch.nn.Module) -> set[str]:
         return {
@@ -260,10 +264,11 @@ def test_moving_a_rewritten_step_moves_its_factory_ops() -> None:
         }
 
     assert factory_devices(fast) == {"cpu"}
+    model.to("meta")  # the rewritten step shares weights with the model: they move first
     fast = fast.to("meta")
     assert factory_devices(fast) == {"meta"}
     with torch.no_grad():
         out = fast(*(t.to("meta") for t in inputs))
-        ref = model.forward_cached(*inputs)
     assert [o.device.type for o in out] == ["meta"] * 3
     assert [o.shape for o in out] == [r.shape for r in ref]
+    assert copy.deepcopy(fast).meta["snlp_graph_device"] == torch.device("meta")
