@@ -18,7 +18,7 @@ one; the new K/V are still one evaluation over all layers at the corrected input
 
 Einsum variants ("snlp K=1 einsum <mode>", family "snlp-einsum", graph modes only): the same
 transformed step compiled and captured with the layer-batched GEMV kernel off
-(``snlp_compile.kernels.set_gemv_kernel(False)``), i.e. cuBLAS' batched GEMM as before run 7.
+(``snlp_compile.kernels.gemv_kernel(False)``), i.e. cuBLAS' batched GEMM as before run 7.
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
 SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
@@ -56,7 +56,7 @@ from common import (
 )
 
 import snlp_compile
-from snlp_compile.kernels import set_gemv_kernel
+from snlp_compile.kernels import gemv_kernel
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 
@@ -75,11 +75,8 @@ def gemv_kernel_off(build: Callable[[], Any]) -> Callable[[], Any]:
     Graph modes only: a compiled callable outside a graph would re-trace with the kernel on."""
 
     def run() -> Callable[[], Any]:
-        previous = set_gemv_kernel(False)
-        try:
+        with gemv_kernel(False):
             return build()
-        finally:
-            set_gemv_kernel(previous)
 
     return run
 

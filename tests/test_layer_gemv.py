@@ -26,6 +26,17 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+def _gemv_kernel_ran(fn) -> bool:
+    """Whether calling ``fn`` launched the layer-batched GEMV tile (a fallback to cuBLAS would
+    give the same numbers, so the dispatch is checked on the kernels that ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("_layer_gemv_tile" in e.key for e in prof.key_averages())
+
+
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the compiled kernel")
 def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
@@ -102,6 +113,7 @@ def test_gpu_dispatch_compiled_and_graph_captured() -> None:
     w = torch.randn(20, 2560, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5
     compiled = torch.compile(_einsum_linear, fullgraph=True)
     y = compiled(x, w)
+    assert _gemv_kernel_ran(lambda: compiled(x, w))
     ref = torch.einsum("n...i,noi->n...o", x.float(), w.float())
     assert y.shape == (20, 1, 1, 2560)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
@@ -136,13 +148,13 @@ def test_gpu_exact_decode_step_with_the_kernel_equals_sequential(batch: int) -> 
     inputs = tuple(t.cuda() for t in inputs)
     with torch.no_grad():
         ref = model.forward_cached(*inputs)
-        eager = fast(*inputs)
-        compiled = torch.compile(fast)(*inputs)
-        previous = kernels.set_gemv_kernel(False)
-        try:
+        compiled_step = torch.compile(fast)
+        eager, compiled = fast(*inputs), compiled_step(*inputs)
+        assert _gemv_kernel_ran(lambda: fast(*inputs))
+        assert _gemv_kernel_ran(lambda: compiled_step(*inputs))
+        with kernels.gemv_kernel(False):
             plain = fast(*inputs)
-        finally:
-            kernels.set_gemv_kernel(previous)
+            assert not _gemv_kernel_ran(lambda: fast(*inputs))
     for got_eager, got_compiled, got_plain, want in zip(eager, compiled, plain, ref):
         scale = want.abs().max().item()
         assert (got_eager - want).abs().max().item() < 1e-4 * scale

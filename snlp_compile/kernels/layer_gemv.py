@@ -55,6 +55,21 @@ if triton is not None:
         ]
 
     @triton.jit
+    def _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I: tl.constexpr):  # noqa: E741
+        """The weight tile (BLOCK_O, BLOCK_I) at column i0, streamed once (evict first), and the
+        rows of x (BLOCK_R, BLOCK_I) it multiplies; zeros outside the matrices."""
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        in_i = offs_i[None, :] < I
+        w = tl.load(
+            w_base + offs_i[None, :] * swi,
+            mask=(offs_o[:, None] < O) & in_i,
+            other=0.0,
+            eviction_policy="evict_first",
+        )
+        x = tl.load(x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & in_i, other=0.0)
+        return w, x
+
+    @triton.jit
     def _layer_gemv_tile(
         x_ptr, w_ptr, y_ptr,
         R, O, I,  # noqa: E741
@@ -77,29 +92,13 @@ if triton is not None:
             # are reduced once at the end (a reduction per tile would serialise the loop)
             part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
-                offs_i = i0 + tl.arange(0, BLOCK_I)
-                in_i = offs_i[None, :] < I
-                w = tl.load(
-                    w_base + offs_i[None, :] * swi,
-                    mask=(offs_o[:, None] < O) & in_i,
-                    other=0.0,
-                    eviction_policy="evict_first",
-                )
-                x = tl.load(x_base + offs_i[None, :] * sxi, mask=in_i, other=0.0)
+                w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
                 part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
         else:
             acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
-                offs_i = i0 + tl.arange(0, BLOCK_I)
-                in_i = offs_i[None, :] < I
-                w = tl.load(
-                    w_base + offs_i[None, :] * swi,
-                    mask=(offs_o[:, None] < O) & in_i,
-                    other=0.0,
-                    eviction_policy="evict_first",
-                )
-                x = tl.load(x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & in_i, other=0.0)
+                w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
                 if IEEE_DOT:
                     acc += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
