@@ -46,8 +46,9 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
         from snlp_compile.kernels import layer_gemv as lg
         torch.manual_seed(0)
         worst = 0.0
-        # odd sizes exercise the masks; R > 1 takes the tl.dot path; strided x and w views
-        for n, r, o, i in [(3, 1, 40, 70), (2, 5, 33, 130), (2, 1, 64, 256)]:
+        # odd sizes exercise the masks; R <= 4 accumulates in registers (R = 3 pads to 4 rows),
+        # R > 4 takes the tl.dot path; strided x and w views
+        for n, r, o, i in [(3, 1, 40, 70), (2, 2, 24, 70), (2, 3, 40, 130), (2, 5, 33, 130), (2, 1, 64, 256)]:
             x = torch.randn(n, r, 2 * i)[..., ::2]
             w = torch.randn(n, i, o).transpose(1, 2)
             for bo, bi in [(16, 64), (32, 128)]:
@@ -92,7 +93,7 @@ def test_environment_variable_turns_the_kernel_off() -> None:
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("shape", [(20, 3840, 1280), (32, 640, 2560), (5, 77, 100)])
 def test_gpu_op_matches_einsum(dtype: torch.dtype, rows: int, shape: tuple[int, int, int]) -> None:
     n, o, i = shape

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 MAX_ROWS = 16  # rows per layer the kernel takes; more rows are a real GEMM, cuBLAS' job
+REGISTER_ROWS = 4  # up to this many rows: products accumulated in registers; more: tl.dot tiles
 
 try:  # triton is an optional dependency (the CPU wheel of torch does not bring it)
     import triton
@@ -31,6 +32,8 @@ def available() -> bool:
 
 
 if triton is not None:
+
+    _REGISTER_ROWS = tl.constexpr(REGISTER_ROWS)  # (a jit function reads only constexpr globals)
 
     def _configs() -> list[triton.Config]:
         """The fastest launch configs of ``benchmarks/gemv_lowering.py --sweep`` on an H200 (run 7)
@@ -87,14 +90,15 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_R)
         x_base = x_ptr + n * sxn + offs_r[:, None] * sxr
         w_base = w_ptr + n * swn + offs_o[:, None] * swo
-        if BLOCK_R == 1:
-            # a true GEMV: elementwise products accumulate in registers across the I loop and
-            # are reduced once at the end (a reduction per tile would serialise the loop)
-            part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        if BLOCK_R <= _REGISTER_ROWS:
+            # GEMV: elementwise products accumulate in registers across the I loop and are reduced
+            # once at the end (a reduction per tile would serialise the loop); each weight tile
+            # serves all BLOCK_R rows (a deferred-K/V step has two)
+            part = tl.zeros((BLOCK_R, BLOCK_O, BLOCK_I), dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
                 w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
-                part += w.to(tl.float32) * x.to(tl.float32)
-            acc = tl.sum(part, axis=1)[None, :]
+                part += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
+            acc = tl.sum(part, axis=2)
         else:
             acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
@@ -107,6 +111,10 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
 
     _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["R", "O", "I", "BLOCK_R"])(_layer_gemv_tile)
+
+    def block_rows(rows: int) -> int:
+        """The kernel's row tile: the next power of two up to REGISTER_ROWS, else a 16-row dot."""
+        return 1 << (rows - 1).bit_length() if rows <= REGISTER_ROWS else 16
 
     def launch(kernel, x: torch.Tensor, w: torch.Tensor, **config: int) -> torch.Tensor:
         """Run ``kernel`` (the autotuned one, or the bare tile with an explicit ``config`` of
@@ -124,7 +132,7 @@ if triton is not None:
             x.stride(0), x.stride(1), x.stride(2),
             w.stride(0), w.stride(1), w.stride(2),
             y.stride(0), y.stride(1), y.stride(2),
-            BLOCK_R=1 if r == 1 else 16,
+            BLOCK_R=block_rows(r),
             IEEE_DOT=x.dtype == torch.float32,
             **config,
         )  # fmt: skip
