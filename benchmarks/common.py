@@ -167,6 +167,7 @@ def with_iterations(
     solve = copy.copy(transformed.get_submodule(SOLVE_NAME))
     solve._buffers = dict(solve._buffers)
     solve.iterations = k
+    solve.reset_deferred()  # (its own pending K/V, if deferred)
     if init is not None:
         solve.init = init
         solve.reset_warm()

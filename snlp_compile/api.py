@@ -15,6 +15,7 @@ from .errors import SNLPRefusal, SNLPUsageError
 from .ir import LayerChain
 from .passes.capture import capture, example_args
 from .passes.cleanup import common_subexpressions
+from .passes.defer_kv import defer_kv
 from .passes.find_chain import check_chain, find_layers
 from .passes.graph_utils import op_name, retarget_devices
 from .passes.infra import run_passes
@@ -123,6 +124,8 @@ def transform(
         assert report.error is not None
         raise report.error
     out = rewrite(gm, chain, cfg)
+    if cfg.deferred_kv:
+        chain.notes.extend(defer_kv(out, SOLVE_NAME))
     report.notes.extend(n for n in chain.notes if n not in report.notes)  # what the rewrite decided
     solve = out.get_submodule(SOLVE_NAME)
     report.externals = [

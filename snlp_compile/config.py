@@ -33,6 +33,12 @@ class SNLPConfig:
         from the previous chunk's last output (the first from the chain's input); the correction
         restarts at each chunk boundary. K >= the largest chunk is exact; C = N, K = 1 is the
         sequential model; C = 1 is the plain solve. At most the number of parallel layers.
+    deferred_kv: decode steps only (models.kv.CachedStep, one new token): token t's corrected K/V
+        are computed in token t+1's first evaluation, as a second row of its q/k/v GEMVs (one
+        weight read instead of two), and written by that step into the caches at t's position;
+        the K/V a step returns are provisional (at its uncorrected inputs) until then. Exact mode
+        stays exact. Not for ONNX export; needs chunks=1. ``Decoder`` completes the last token's
+        K/V (``Decoder.flush``); a hand-driven step completes them with one more call.
     """
 
     iterations: int = 1
@@ -42,6 +48,7 @@ class SNLPConfig:
     layers: str | None = None
     dynamic_shapes: bool = True
     chunks: int = 1
+    deferred_kv: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
@@ -58,6 +65,12 @@ class SNLPConfig:
             raise SNLPConfigError(f"SNLPConfig.damping must be in (0, 1], got {self.damping!r}")
         if not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or self.chunks < 1:
             raise SNLPConfigError(f"SNLPConfig.chunks must be an int >= 1, got {self.chunks!r}")
+        if not isinstance(self.deferred_kv, bool):
+            raise SNLPConfigError(f"SNLPConfig.deferred_kv must be a bool, got {self.deferred_kv!r}")
+        if self.deferred_kv and self.chunks != 1:
+            raise SNLPConfigError(
+                f"SNLPConfig.deferred_kv needs chunks=1 (one merged evaluation of all layers), got chunks={self.chunks}"
+            )
 
     def replace(self, **overrides: Any) -> SNLPConfig:
         """A copy with some fields changed; unknown field names are an error that lists the valid ones."""

@@ -97,6 +97,19 @@ class Decoder:
             solve = _solve_of(step)
             if solve is not None:
                 solve.reset_warm()
+                solve.reset_deferred()
+
+    def flush(self) -> None:
+        """Complete the caches after the last decode step. With ``deferred_kv`` each step writes
+        the previous token's corrected K/V, so the last token's are still provisional: one more
+        call of the step at that token's position writes them (its own outputs are dropped).
+        A no-op otherwise."""
+        solve = _solve_of(self.decode_step)
+        if solve is None or not solve.deferred_pending:
+            return
+        token = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.decode_step(token, solve.deferred_pos.clone(), self.k_cache, self.v_cache)
+        solve.reset_deferred()
 
     def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Run the prompt at ``pos``, write its K/V, return the logits of its last position."""
@@ -105,7 +118,9 @@ class Decoder:
             step = self.decode_step
         else:
             if self.prefill_step is None:  # "solve": one transform for prompts of any length >= 2
-                self.prefill_step = transform(CachedStep(self.model), self._example(t), self.config)
+                # (deferral is for one-token steps: the prompt's K/V are written by this call)
+                cfg = None if self.config is None else self.config.replace(deferred_kv=False)
+                self.prefill_step = transform(CachedStep(self.model), self._example(t), cfg)
             step = self.prefill_step
         logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)
         write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
@@ -198,4 +213,5 @@ def generate(
         token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen)
         pos += 1
         out.append(token)
+    decoder.flush()  # (deferred K/V: the last token's, so the caches are complete)
     return torch.cat([prompt_ids, torch.stack(out, dim=1)], dim=1)

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from ..api import transform
 from ..config import SNLPConfig, resolve_config
-from ..errors import SNLPCaptureError, SNLPConfigError
+from ..errors import SNLPCaptureError, SNLPConfigError, SNLPUsageError
 from ..kernels import gemv_kernel
 from ..passes.capture import auto_dims, example_args
 from ..report import ExplainReport
@@ -80,6 +80,12 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails.
     The layer-batched GEMV kernel is off: ONNX has no op for a Triton kernel."""
+    for name, sub in model.named_modules():
+        if getattr(sub, "deferred_layers", None) is not None:
+            raise SNLPUsageError(
+                f"'{name}' defers its K/V (SNLPConfig.deferred_kv): the step writes the caches itself, "
+                "which an exported ONNX step cannot; export a step transformed with deferred_kv=False"
+            )
     try:
         with torch.no_grad(), gemv_kernel(False):
             program = torch.export.export(

@@ -32,7 +32,6 @@ def available() -> bool:
 
 
 if triton is not None:
-
     _REGISTER_ROWS = tl.constexpr(REGISTER_ROWS)  # (a jit function reads only constexpr globals)
 
     def _configs() -> list[triton.Config]:

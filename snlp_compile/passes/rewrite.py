@@ -300,6 +300,8 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
     side_layers = None
     if side_body is not None:  # evaluated once over all N layers after the solve, chunked or not
         side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel)
+        side_layers.graph.eliminate_dead_code()  # batching leaves the rest of the layer dead here
+        side_layers.recompile()
         fallbacks += [f for f in side_fallbacks if f not in fallbacks]
     chain.notes.extend(f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks)
     batched_graphs = [g for g in (layers, layers_short, side_layers) if g is not None]

@@ -110,6 +110,14 @@ class LayerParallelSolve(nn.Module):
         self.side_layers = side_layers
         # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
         self.register_buffer("warm_trace", None, persistent=False)
+        # deferred K/V (passes.defer_kv, enable_deferred()): the merged first evaluation, the
+        # externals index of the cache each side output is written to, the externals whose
+        # previous-call values are kept, and the previous call's corrected inputs and position
+        self.deferred_layers: fx.GraphModule | None = None
+        self.deferred_caches: list[int] = []
+        self.deferred_saved: list[int] = []
+        self.register_buffer("deferred_u", None, persistent=False)
+        self.register_buffer("deferred_pos", None, persistent=False)
         self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
         # HCN with static H: A, and per chunk the transfer matrices T[j, i] = A_j..A_{i+1} and
         # P_j = A_j..A_0 (j, i counted from the chunk's first layer), computed once here; the
@@ -210,9 +218,14 @@ class LayerParallelSolve(nn.Module):
         self, u: torch.Tensor, ext: list[object], chunk: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """All layers (of a chunk) at once: g_j(u_j) and their skip coefficients A_j."""
-        out = self._layers_of(chunk)(u, *ext)
+        return self._split_evaluation(self._layers_of(chunk)(u, *ext), u)
+
+    def _split_evaluation(
+        self, out: torch.Tensor | tuple[torch.Tensor, ...], u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """A batched body's result as (g, A), A aligned for correct()."""
         if self.skip_constant is not None:
-            return out, self.skip_constant
+            return out, self.skip_constant  # type: ignore[return-value]
         g, a = out
         if self.stream_layout is not None:
             return g, a  # (N, *batch, n, n): aligned against the stream view in correct()
@@ -317,10 +330,96 @@ class LayerParallelSolve(nn.Module):
                 u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
         return h
 
-    def forward(self, h_in: torch.Tensor, *passed: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def enable_deferred(self, cache_ext: list[int]) -> list[str]:
+        """Defer the side outputs (a decode step's K/V) to the next call (passes.defer_kv):
+        ``cache_ext[s]`` is the index, among the externals, of the cache side output s is written
+        to. Returns the weight reads the merged evaluation shares."""
+        from ..passes.defer_kv import build_deferred_layers  # (passes import the solve)
+
+        if self.side_layers is None or self.num_chunks != 1:
+            raise ValueError("deferred side outputs need side outputs and one chunk")
+        blocks: dict[str, tuple[str, int, int]] = {}
+        for name, mode in zip(self.ext_names, self.ext_modes):
+            value = getattr(self, f"stacked_{name}", None) if mode == "stacked" else None
+            if isinstance(value, torch.Tensor) and value.dim() == 3:
+                blocks[name] = self._stacked_views.get(name, (name, 0, int(value.shape[1])))
+        merged, saved, shared = build_deferred_layers(
+            self.layers, self.side_layers, self.ext_names, self.ext_modes, blocks, cache_ext
+        )
+        self.deferred_layers, self.deferred_caches, self.deferred_saved = merged, list(cache_ext), saved
+        for i in saved:
+            self.register_buffer(f"deferred_ext_{i}", None, persistent=False)
+        return shared
+
+    @property
+    def deferred_pending(self) -> bool:
+        """Whether the last call's side outputs are still to be written (by the next call)."""
+        return self.deferred_layers is not None and self.deferred_u is not None
+
+    def reset_deferred(self) -> None:
+        """Forget the pending side outputs: the next call starts a sequence (writes nothing)."""
+        self.deferred_u = None
+        self.deferred_pos = None
+
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        """``self.<name> = value``, copied in place when the buffer fits (a CUDA graph keeps
+        writing the same memory)."""
+        prev = getattr(self, name)
+        if (
+            isinstance(prev, torch.Tensor)
+            and prev.shape == value.shape
+            and prev.dtype == value.dtype
+            and prev.device == value.device
+        ):
+            prev.copy_(value)
+        else:
+            setattr(self, name, value.detach().clone())
+
+    def _solve_deferred(
+        self, h_in: torch.Tensor, ext: list[object], position: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """solve_chunk with the first evaluation merged with the previous call's side outputs
+        (written into their caches by it) and returning this call's provisional ones."""
+        u = self.initial_inputs(h_in, ext)
+        h, provisional = u, ()
+        ready = self.deferred_u is not None and tuple(self.deferred_u.shape) == (self.num_layers, *h_in.shape)
+        for step in range(self.iterations):
+            if step == 0 and ready:
+                saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
+                out = self.deferred_layers(u, *ext, self.deferred_u, *saved, self.deferred_pos)
+                n_body = 1 if self.skip_constant is not None else 2
+                body = out[0] if n_body == 1 else tuple(out[:2])
+                g, a = self._split_evaluation(body, u)
+                provisional = tuple(out[n_body:])
+            else:
+                g, a = self._evaluate(u, ext)
+                if step == 0:  # the first call of a sequence: nothing to write
+                    side = self.side_layers(u, *ext)
+                    provisional = tuple(side) if isinstance(side, (tuple, list)) else (side,)
+            h = self.correct(g, a, u, h_in)
+            if step + 1 < self.iterations:
+                u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+        self._keep("deferred_u", torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0))
+        self._keep("deferred_pos", position)
+        for i in self.deferred_saved:
+            self._keep(f"deferred_ext_{i}", ext[i])
+        return h, provisional
+
+    def forward(
+        self, h_in: torch.Tensor, *passed: object, position: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The solved trace: (N, *h_in.shape), the outputs of the N parallel layers; with side
-        outputs, (trace, *side outputs each stacked over the N layers)."""
+        outputs, (trace, *side outputs each stacked over the N layers). With deferred side
+        outputs, ``position`` is the step's position input: the previous call's side outputs are
+        written at the position it had, and the ones returned are provisional (at u^(0))."""
         ext = self._externals(passed)
+        if self.deferred_layers is not None:
+            if position is None:
+                raise ValueError("a solve with deferred side outputs is called with position=")
+            h, provisional = self._solve_deferred(h_in, ext, position)
+            if self.init == "warm":
+                self.remember(h)
+            return (h, *provisional)
         if self.num_chunks == 1:
             h = self.solve_chunk(h_in, ext)
         else:
