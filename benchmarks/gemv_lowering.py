@@ -70,9 +70,17 @@ def _clones_per_call(fn, calls: int = 5) -> float:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::clone") / calls
 
 
-def sweep(shapes: str, device: torch.device, dtype: torch.dtype, out: Path, name: str) -> None:
+def sweep(
+    shapes: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    out: Path,
+    name: str,
+    row_counts: tuple[int, ...] = (1, 8),
+) -> None:
     """Time the kernel's bare tile over a grid of launch configs (CUDA graph of one launch) beside
-    the einsum, rows 1 and 8: what the kernel can reach per shape, and which configs to autotune."""
+    the einsum, for each row count (1: batch-1 decode, 2: deferred K/V, 8: batch 8): what the
+    kernel can reach per shape, and which configs to autotune."""
     from snlp_compile.kernels import layer_gemv as lg
 
     bw = copy_bandwidth(device)
@@ -89,7 +97,7 @@ def sweep(shapes: str, device: torch.device, dtype: torch.dtype, out: Path, name
         n, o, i = (int(v) for v in shape.split("x"))
         w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
         floor_us = floor_ms(w.numel() * w.element_size(), bw) * 1e3
-        for r in (1, 8):
+        for r in row_counts:
             x = torch.randn(n, r, i, device=device, dtype=dtype)
             ref = torch.einsum("nri,noi->nro", x, w)
             t_einsum = time_fn(
@@ -149,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="gemv_lowering")
     p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
+    p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        sweep(args.shapes, device, dtype, out, args.name)
+        sweep(args.shapes, device, dtype, out, args.name, tuple(int(r) for r in args.sweep_rows.split(",")))
         return 0
     bw = copy_bandwidth(device)
     rows: list[dict[str, object]] = []
