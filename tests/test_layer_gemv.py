@@ -46,8 +46,8 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
         from snlp_compile.kernels import layer_gemv as lg
         torch.manual_seed(0)
         worst = 0.0
-        # odd sizes exercise the masks; R <= 4 accumulates in registers (R = 3 pads to 4 rows),
-        # R > 4 takes the tl.dot path; strided x and w views
+        # odd sizes exercise the masks; R > 1 takes the tl.dot path (dispatch sends 2-4 rows to
+        # cuBLAS, the op itself takes them); strided x and w views
         for n, r, o, i in [(3, 1, 40, 70), (2, 2, 24, 70), (2, 3, 40, 130), (2, 5, 33, 130), (2, 1, 64, 256)]:
             x = torch.randn(n, r, 2 * i)[..., ::2]
             w = torch.randn(n, i, o).transpose(1, 2)
@@ -72,6 +72,8 @@ def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:
     w = torch.randn(3, 8, 16)
     assert not layer_gemv.applies(torch.randn(3, 1, 16), w)
     assert _einsum_linear(torch.randn(3, 2, 1, 16), w).shape == (3, 2, 1, 8)
+    # on a GPU: 1 and 5-16 rows per layer take the kernel, 2-4 (a deferred step's q/k/v) cuBLAS
+    assert 2 in layer_gemv.CUBLAS_ROWS and 1 not in layer_gemv.CUBLAS_ROWS and 8 not in layer_gemv.CUBLAS_ROWS
 
 
 def test_switch_turns_the_kernel_off_and_back() -> None:

@@ -17,7 +17,10 @@ from __future__ import annotations
 import torch
 
 MAX_ROWS = 16  # rows per layer the kernel takes; more rows are a real GEMM, cuBLAS' job
-REGISTER_ROWS = 4  # up to this many rows: products accumulated in registers; more: tl.dot tiles
+# 2-4 rows per layer (a deferred-K/V step's q/k/v GEMV has two) are cuBLAS' job: its batched
+# GEMM beat both this kernel's tl.dot tile and a register-accumulating variant there (run 8 sweep,
+# H200: 27.1 vs 31.0 us on 32x1920x640, 51.1 vs 62.5 us on 20x3840x1280)
+CUBLAS_ROWS = range(2, 5)
 
 try:  # triton is an optional dependency (the CPU wheel of torch does not bring it)
     import triton
@@ -32,7 +35,6 @@ def available() -> bool:
 
 
 if triton is not None:
-    _REGISTER_ROWS = tl.constexpr(REGISTER_ROWS)  # (a jit function reads only constexpr globals)
 
     def _configs() -> list[triton.Config]:
         """The fastest launch configs of ``benchmarks/gemv_lowering.py --sweep`` on an H200 (run 7)
@@ -97,14 +99,6 @@ if triton is not None:
                 w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
                 part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
-        elif BLOCK_R <= _REGISTER_ROWS:
-            # the same for 2-4 rows (a deferred-K/V step has two): each weight tile serves every
-            # row. (The 1-row case kept apart: written this way it ran 5-15% slower.)
-            parts = tl.zeros((BLOCK_R, BLOCK_O, BLOCK_I), dtype=tl.float32)
-            for i0 in range(0, I, BLOCK_I):
-                w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
-                parts += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-            acc = tl.sum(parts, axis=2)
         else:
             acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
@@ -117,10 +111,6 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
 
     _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["R", "O", "I", "BLOCK_R"])(_layer_gemv_tile)
-
-    def block_rows(rows: int) -> int:
-        """The kernel's row tile: the next power of two up to REGISTER_ROWS, else a 16-row dot."""
-        return 1 << (rows - 1).bit_length() if rows <= REGISTER_ROWS else 16
 
     def launch(kernel, x: torch.Tensor, w: torch.Tensor, **config: int) -> torch.Tensor:
         """Run ``kernel`` (the autotuned one, or the bare tile with an explicit ``config`` of
@@ -138,7 +128,7 @@ if triton is not None:
             x.stride(0), x.stride(1), x.stride(2),
             w.stride(0), w.stride(1), w.stride(2),
             y.stride(0), y.stride(1), y.stride(2),
-            BLOCK_R=block_rows(r),
+            BLOCK_R=1 if r == 1 else 16,
             IEEE_DOT=x.dtype == torch.float32,
             **config,
         )  # fmt: skip
@@ -164,4 +154,4 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     rows = 1
     for s in x.shape[1:-1]:
         rows *= int(s)
-    return 1 <= rows <= MAX_ROWS
+    return 1 <= rows <= MAX_ROWS and rows not in CUBLAS_ROWS
