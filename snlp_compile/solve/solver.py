@@ -110,11 +110,10 @@ class LayerParallelSolve(nn.Module):
         self.side_layers = side_layers
         # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
         self.register_buffer("warm_trace", None, persistent=False)
-        # deferred K/V (passes.defer_kv, enable_deferred()): the merged first evaluation, the
-        # externals index of the cache each side output is written to, the externals whose
-        # previous-call values are kept, and the previous call's corrected inputs and position
+        # deferred K/V (passes.defer_kv, enable_deferred()): the merged first evaluation (which
+        # holds the cache writes), the externals whose previous-call values are kept, and the
+        # previous call's corrected inputs and position
         self.deferred_layers: fx.GraphModule | None = None
-        self.deferred_caches: list[int] = []
         self.deferred_saved: list[int] = []
         self.register_buffer("deferred_u", None, persistent=False)
         self.register_buffer("deferred_pos", None, persistent=False)
@@ -346,7 +345,7 @@ class LayerParallelSolve(nn.Module):
         merged, saved, shared = build_deferred_layers(
             self.layers, self.side_layers, self.ext_names, self.ext_modes, blocks, cache_ext
         )
-        self.deferred_layers, self.deferred_caches, self.deferred_saved = merged, list(cache_ext), saved
+        self.deferred_layers, self.deferred_saved = merged, saved
         for i in saved:
             self.register_buffer(f"deferred_ext_{i}", None, persistent=False)
         return shared
