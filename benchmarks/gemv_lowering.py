@@ -77,25 +77,30 @@ def sweep(
     out: Path,
     name: str,
     row_counts: tuple[int, ...] = (1, 8),
+    stages: tuple[int, ...] = (1, 2, 3),
 ) -> None:
     """Time the kernel's bare tile over a grid of launch configs (CUDA graph of one launch) beside
     the einsum, for each row count (1: batch-1 decode, 2: deferred K/V, 8: batch 8): what the
-    kernel can reach per shape, and which configs to autotune."""
+    kernel can reach per shape, and which configs to autotune. A shape ending in ``t`` stores w
+    transposed, (N, I, O) read as (N, O, I): the values cache in a decode step's attention."""
     from snlp_compile.kernels import layer_gemv as lg
 
     bw = copy_bandwidth(device)
     grid = [
         (bo, bi, nw, ns)
-        for bo in (4, 8, 16, 32, 64)
+        for bo in (4, 8, 16, 32, 64, 128)
         for bi in (64, 128, 256, 512)
         for nw in (2, 4, 8)
-        for ns in (1, 2, 3)
+        for ns in stages
         if 512 <= bo * bi <= 16384
     ]
     result: list[dict[str, object]] = []
     for shape in shapes.split(","):
-        n, o, i = (int(v) for v in shape.split("x"))
-        w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
+        n, o, i = (int(v) for v in shape.rstrip("t").split("x"))
+        if shape.endswith("t"):
+            w = torch.randn(n, i, o, device=device, dtype=dtype).transpose(1, 2) / i**0.5
+        else:
+            w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
         floor_us = floor_ms(w.numel() * w.element_size(), bw) * 1e3
         for r in row_counts:
             x = torch.randn(n, r, i, device=device, dtype=dtype)
@@ -158,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="gemv_lowering")
     p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
     p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")
+    p.add_argument("--sweep-stages", default="1,2,3", help="num_stages values the sweep tries")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        sweep(args.shapes, device, dtype, out, args.name, tuple(int(r) for r in args.sweep_rows.split(",")))
+        rows = tuple(int(r) for r in args.sweep_rows.split(","))
+        stages = tuple(int(s) for s in args.sweep_stages.split(","))
+        sweep(args.shapes, device, dtype, out, args.name, rows, stages)
         return 0
     bw = copy_bandwidth(device)
     rows: list[dict[str, object]] = []

@@ -217,7 +217,7 @@ def test_hcn_decode_step_with_chunks_is_exact() -> None:
 
 # -- op counts -------------------------------------------------------------------------------------
 
-MATMUL = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "_einsum_linear")
+MATMUL = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "_einsum_linear", "_layer_matmul")
 
 
 def _heavy(nodes) -> Counter[str]:

@@ -18,7 +18,7 @@ import torch
 
 from snlp_compile import kernels
 from snlp_compile.kernels import layer_gemv
-from snlp_compile.passes.batch_layers import _einsum_linear
+from snlp_compile.passes.batch_layers import _einsum_linear, _layer_matmul, _views_as_batch
 
 needs_triton = pytest.mark.skipif(not layer_gemv.available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(
@@ -76,6 +76,21 @@ def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:
     assert 2 in layer_gemv.CUBLAS_ROWS and 1 not in layer_gemv.CUBLAS_ROWS and 8 not in layer_gemv.CUBLAS_ROWS
 
 
+def test_layer_matmul_on_cpu_is_matmul_and_checks_views() -> None:
+    """Attention products between batched activations: torch.matmul on the CPU; the kernel is
+    only offered b operands whose batch dims flatten without copying a cache."""
+    torch.manual_seed(0)
+    q = torch.randn(4, 2, 3, 1, 16, dtype=torch.float64)
+    cache = torch.randn(4, 2, 3, 40, 16, dtype=torch.float64)
+    torch.testing.assert_close(_layer_matmul(q, cache.transpose(-1, -2)), q @ cache.transpose(-1, -2))
+    p = torch.randn(4, 2, 3, 1, 40, dtype=torch.float64)
+    torch.testing.assert_close(_layer_matmul(p, cache), p @ cache)
+    assert _views_as_batch(cache, 3) and _views_as_batch(cache.transpose(-1, -2), 3)
+    assert _views_as_batch(cache[:1], 3)  # unit dims do not matter
+    assert not _views_as_batch(cache.transpose(0, 1), 3)
+    assert not _views_as_batch(cache[:, :, :2], 3)
+
+
 def test_switch_turns_the_kernel_off_and_back() -> None:
     previous = kernels.set_gemv_kernel(False)
     try:
@@ -129,6 +144,42 @@ def test_gpu_dispatch_compiled_and_graph_captured() -> None:
     graph.replay()
     ref = torch.einsum("n...i,noi->n...o", x.float(), w.float())
     assert ((static_y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("heads,dim", [(10, 64), (10, 128)])
+def test_gpu_attention_products_take_the_kernel(heads: int, dim: int) -> None:
+    """A decode step's two cache products over all layers (0.5B / d20 head shapes), compiled and
+    graph-captured: the kernel runs, reading the caches through their strides, and agrees with
+    torch.matmul; batch dims that do not flatten without a copy stay with torch.matmul."""
+    torch.manual_seed(0)
+    k_cache = torch.randn(8, 1, heads, 1024, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(8, 1, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+
+    def attend(q: torch.Tensor) -> torch.Tensor:
+        s = _layer_matmul(q, k_cache.transpose(-1, -2)) * dim**-0.5
+        return _layer_matmul(torch.softmax(s.float(), -1).to(q.dtype), v_cache)
+
+    def reference(q: torch.Tensor) -> torch.Tensor:
+        s = (q.double() @ k_cache.double().transpose(-1, -2)) * dim**-0.5
+        return torch.softmax(s, -1) @ v_cache.double()
+
+    compiled = torch.compile(attend, fullgraph=True)
+    assert _gemv_kernel_ran(lambda: compiled(q))
+    graph = torch.cuda.CUDAGraph()
+    static_out = compiled(q)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = compiled(q)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    ref = reference(q)
+    assert static_out.shape == ref.shape
+    assert ((static_out.double() - ref).norm() / ref.norm()).item() < 2e-2
+    swapped = k_cache.transpose(0, 2)  # (heads, 1, 8, T, D): batch dims no longer nest
+    q2 = q.transpose(0, 2)
+    assert not _gemv_kernel_ran(lambda: _layer_matmul(q2, swapped.transpose(-1, -2)))
 
 
 @needs_cuda

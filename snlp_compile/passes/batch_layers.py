@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -113,6 +114,35 @@ def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         y = torch.ops.snlp.layer_gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w)
         return y.reshape(x.shape[0], *rows, w.shape[1])
     return torch.einsum("n...i,noi->n...o", x, w)
+
+
+def _views_as_batch(t: torch.Tensor, lead: int) -> bool:
+    """Whether t's first ``lead`` dims flatten into one without a copy (strides nest)."""
+    dims = [(n, st) for n, st in zip(t.shape[:lead], t.stride()[:lead]) if n != 1]
+    return all(st == nxt_n * nxt_st for (_, st), (nxt_n, nxt_st) in pairwise(dims))
+
+
+def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two layer-batched activations, e.g. a decode step's attention products
+    (queries times the cached keys, probabilities times the cached values).
+
+    With the same leading dims, few rows per product and b's batch dims flattening without a copy,
+    on a GPU it is the layer-batched GEMV kernel over ``b`` transposed (read through its strides):
+    ATen's ``bmm`` copies the one-row operand and moves the cache at ~1.3x the bytes floor
+    (BENCHMARKS.md, run 9). Everything else, and exports and CPUs, is ``torch.matmul``."""
+    lead = a.dim() - 2
+    if (
+        gemv_kernel_enabled()
+        and lead >= 1
+        and b.dim() == a.dim()
+        and a.shape[:-2] == b.shape[:-2]
+        and _views_as_batch(b, lead)
+    ):
+        w = b.transpose(-1, -2).flatten(0, lead - 1)
+        x = a.flatten(0, lead - 1)
+        if layer_gemv.applies(x, w):
+            return torch.ops.snlp.layer_gemv(x, w).unflatten(0, a.shape[:-2])
+    return torch.matmul(a, b)
 
 
 def _layer_attention(
@@ -287,6 +317,8 @@ class _Batcher:
         if min(ra, rb) == 1:
             return self.matvec_rule(a, b, ra, rb)
         rank = max(ra, rb)
+        if self.is_batched(a) and self.is_batched(b):
+            return self.call(_layer_matmul, self.align(a, rank), self.align(b, rank))
         return self.call(torch.matmul, self.align(a, rank), self.align(b, rank))
 
     def matvec_rule(self, a: fx.Node, b: fx.Node, ra: int, rb: int) -> Any:
