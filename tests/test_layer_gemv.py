@@ -117,7 +117,8 @@ def test_gpu_op_matches_einsum(dtype: torch.dtype, rows: int, shape: tuple[int, 
     torch.manual_seed(0)
     x = torch.randn(n, rows, i, device="cuda", dtype=dtype)
     w = torch.randn(n, o, i, device="cuda", dtype=dtype) / i**0.5
-    assert layer_gemv.applies(x, w)
+    # the dispatch sends 2-4 rows per layer to cuBLAS; the op itself takes them all
+    assert layer_gemv.applies(x, w) == (rows not in layer_gemv.CUBLAS_ROWS)
     y = torch.ops.snlp.layer_gemv(x, w)
     ref = torch.einsum("nri,noi->nro", x.double(), w.double())
     rel = ((y.double() - ref).norm() / ref.norm()).item()

@@ -16,6 +16,8 @@ into the query rows, so the cache is never repeated either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -39,9 +41,11 @@ def cached_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     bias: torch.Tensor,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
 ) -> torch.Tensor:
     """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
-    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D).
+    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D). ``matmul`` computes
+    the two products over the cache (``benchmarks/attention_lowering.py`` swaps their lowering).
 
     The softmax over [cache | new] is written as two exponentials against a shared row maximum
     and one denominator, so neither the scores nor the probabilities are concatenated or sliced
@@ -53,7 +57,7 @@ def cached_attention(
     t_max = k_cache.shape[2]
     scale = d**-0.5
     qg = q.reshape(b, hkv, rep * t, d)  # query heads of one kv head become rows
-    s_cache = (qg @ k_cache.transpose(-1, -2)) * scale
+    s_cache = matmul(qg, k_cache.transpose(-1, -2)) * scale
     s_new = (qg * k).sum(-1, keepdim=True) * scale if t == 1 else (qg @ k.transpose(-1, -2)) * scale
     # scores in at least float32 (bias is float32): bf16 exponentials lose the small probabilities
     s_cache = s_cache.view(b, hkv, rep, t, t_max) + bias[:, :t_max]
@@ -64,7 +68,7 @@ def cached_attention(
     e_cache = torch.exp(s_cache - row_max)
     e_new = torch.exp(s_new - row_max)
     denom = (e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)).view(b, hkv, rep * t, 1)
-    out = e_cache.to(q.dtype).view(b, hkv, rep * t, t_max) @ v_cache
+    out = matmul(e_cache.to(q.dtype).view(b, hkv, rep * t, t_max), v_cache)
     if t == 1:
         out = out + e_new.to(q.dtype).view(b, hkv, rep, 1) * v
     else:

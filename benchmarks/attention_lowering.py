@@ -1,0 +1,119 @@
+"""How a decode step's attention over the caches is lowered, all layers at once: the reference
+models' ``cached_attention`` (two products over the cache, one softmax with the new token's score
+beside it) on layer-batched operands, compiled and captured in a CUDA graph.
+
+    PYTHONPATH=. python benchmarks/attention_lowering.py            # on a GPU
+    PYTHONPATH=. python benchmarks/attention_lowering.py --device cpu --shapes tiny   # smoke run
+
+Lowerings of the two cache products (same inputs, same result up to rounding):
+  matmul   ``torch.matmul`` (ATen ``bmm``, cuBLAS): the lowering before run 9
+  kernel   ``passes.batch_layers._layer_matmul``: the layer-batched GEMV kernel reading the caches
+           through their strides (what the compiler emits from run 9 on)
+  mulsum   broadcast product and sum, left to Inductor as a reduction it can fuse with the softmax
+Each under Inductor's defaults and under ``max-autotune``; the bytes floor is both caches read once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from snlp_compile.models.kv import attention_bias, cached_attention
+from snlp_compile.passes.batch_layers import _layer_matmul
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compile_module, copy_bandwidth, cuda_graph, environment, floor_ms, out_dir_from, time_fn
+
+# name -> (layers, heads, head dim): the decode benchmark's shapes (batch 1, MHA)
+SHAPES = {"0.5b": (32, 10, 64), "d20": (20, 10, 128), "tiny": (4, 2, 16)}
+
+
+def _mulsum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+LOWERINGS = {"matmul": torch.matmul, "kernel": _layer_matmul, "mulsum": _mulsum}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="0.5b,d20", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--lowerings", default=",".join(LOWERINGS))
+    p.add_argument("--modes", default="compiled,autotuned")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default="attention_lowering")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = out_dir_from(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bw = copy_bandwidth(device)
+    rows: list[dict[str, object]] = []
+    torch.manual_seed(0)
+    for shape in args.shapes.split(","):
+        layers, heads, dim = SHAPES[shape]
+        t_max = args.context
+        # the layer axis folded into the batch axis, as the rewritten step's operands are
+        k_cache = torch.randn(layers, heads, t_max, dim, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        q, k, v = (torch.randn(layers, heads, 1, dim, device=device, dtype=dtype) for _ in range(3))
+        bias = attention_bias(torch.tensor(t_max - 1, device=device), 1, t_max)
+        floor_us = floor_ms(2 * k_cache.numel() * k_cache.element_size(), bw) * 1e3
+        ref = cached_attention(
+            q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), bias.double()
+        )
+        for lowering in args.lowerings.split(","):
+            for mode in args.modes.split(","):
+                fn = functools.partial(cached_attention, matmul=LOWERINGS[lowering])
+                compiled = compile_module(fn, autotune=mode == "autotuned")
+                call = functools.partial(compiled, q, k, v, k_cache, v_cache, bias)
+                with torch.no_grad():
+                    got = call()
+                    err = float((got.double() - ref).norm() / ref.norm())
+                    run = cuda_graph(call, device) if device.type == "cuda" else call
+                    t = time_fn(run, device, warmup=20, samples=200)
+                row = {
+                    "shape": shape,
+                    "lowering": lowering,
+                    "mode": mode,
+                    "median_us": t.median_ms * 1e3,
+                    "floor_us": floor_us,
+                    "x_floor": t.median_ms * 1e3 / floor_us,
+                    "rel_err": err,
+                }
+                rows.append(row)
+                print(
+                    f"{shape:>5} {lowering:<7} {mode:<10} {row['median_us']:8.2f} us  x floor "
+                    f"{row['x_floor']:.2f}  rel_err {err:.1e}",
+                    flush=True,
+                )
+    meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        "## Decode attention over the caches, all layers at once (compiled + CUDA graph)",
+        "",
+        f"Device: {meta['env'].get('gpu', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+        f"context {args.context}, batch 1",
+        "",
+        "| shape | lowering | mode | median us | floor us | x floor | rel err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['shape']} | {row['lowering']} | {row['mode']} | {row['median_us']:.2f} | "
+            f"{row['floor_us']:.2f} | {row['x_floor']:.2f} | {row['rel_err']:.1e} |"
+        )
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
