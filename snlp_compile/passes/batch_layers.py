@@ -126,16 +126,19 @@ def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of two layer-batched activations, e.g. a decode step's attention products
     (queries times the cached keys, probabilities times the cached values).
 
-    With the same leading dims, few rows per product and b's batch dims flattening without a copy,
-    on a GPU it is the layer-batched GEMV kernel over ``b`` transposed (read through its strides):
-    ATen's ``bmm`` copies the one-row operand and moves the cache at ~1.3x the bytes floor
-    (BENCHMARKS.md, run 9). Everything else, and exports and CPUs, is ``torch.matmul``."""
+    With the same leading dims, few rows per product, b's batch dims flattening without a copy and
+    ``b`` transposed laid out as the kernel streams weights (rows contiguous along the reduced dim:
+    queries times the keys cache), on a GPU it is the layer-batched GEMV kernel: ATen's ``bmm``
+    adds a memset and a copy of the one-row operand there. The values product, whose reduced dim is
+    strided, is faster in cuBLAS (run 9, ``benchmarks/attention_lowering.py``). Everything else,
+    and exports and CPUs, is ``torch.matmul``."""
     lead = a.dim() - 2
     if (
         gemv_kernel_enabled()
         and lead >= 1
         and b.dim() == a.dim()
         and a.shape[:-2] == b.shape[:-2]
+        and b.stride(-2) == 1
         and _views_as_batch(b, lead)
     ):
         w = b.transpose(-1, -2).flatten(0, lead - 1)
