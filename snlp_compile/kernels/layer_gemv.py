@@ -39,8 +39,8 @@ if triton is not None:
     def _configs() -> list[triton.Config]:
         """The fastest launch configs of ``benchmarks/gemv_lowering.py --sweep`` on an H200 (run 7)
         for the decode shapes (d20: 1280/5120-wide, 0.5B: 640/1920/2560-wide), one row per layer
-        (the first seven) and eight (the next five); the last three are for the queries-times-keys
-        product (``passes.batch_layers._layer_matmul``)."""
+        (the first seven) and eight (the next five); the last four are for the attention products
+        (``passes.batch_layers._layer_matmul``)."""
         return [
             triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
             for bo, bi, w, s in [
@@ -56,10 +56,13 @@ if triton is not None:
                 (64, 128, 2, 2),
                 (64, 128, 4, 3),
                 (32, 256, 2, 3),
-                # queries times a decode step's keys cache (I = head dim 64/128; run 9 sweep)
+                # a decode step's attention products (run 9 sweep): queries times the keys
+                # cache (I = head dim 64/128), probabilities times the values cache read
+                # transposed (O = head dim, contiguous)
                 (32, 64, 4, 1),
                 (128, 64, 4, 2),
                 (64, 64, 4, 1),
+                (32, 64, 8, 2),
             ]
         ]
 

@@ -126,19 +126,18 @@ def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of two layer-batched activations, e.g. a decode step's attention products
     (queries times the cached keys, probabilities times the cached values).
 
-    With the same leading dims, few rows per product, b's batch dims flattening without a copy and
-    ``b`` transposed laid out as the kernel streams weights (rows contiguous along the reduced dim:
-    queries times the keys cache), on a GPU it is the layer-batched GEMV kernel: ATen's ``bmm``
-    adds a memset and a copy of the one-row operand there. The values product, whose reduced dim is
-    strided, is faster in cuBLAS (run 9, ``benchmarks/attention_lowering.py``). Everything else,
-    and exports and CPUs, is ``torch.matmul``."""
+    With the same leading dims, few rows per product and b's batch dims flattening without a copy,
+    on a GPU it is the layer-batched GEMV kernel over ``b`` transposed, read through its strides.
+    ATen's ``bmm`` adds a memset and a copy of the one-row operand per product; its kernels are
+    as fast or faster (~1-3 us on the values product), but in a CUDA-graphed 0.5B step the two
+    launches fewer win: 0.174 -> 0.163 ms (run 9, BENCHMARKS.md). Everything else, and exports
+    and CPUs, is ``torch.matmul``."""
     lead = a.dim() - 2
     if (
         gemv_kernel_enabled()
         and lead >= 1
         and b.dim() == a.dim()
         and a.shape[:-2] == b.shape[:-2]
-        and b.stride(-2) == 1
         and _views_as_batch(b, lead)
     ):
         w = b.transpose(-1, -2).flatten(0, lead - 1)
