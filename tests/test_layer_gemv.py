@@ -100,12 +100,16 @@ def test_switch_turns_the_kernel_off_and_back() -> None:
     assert kernels.gemv_kernel_enabled() == (previous and layer_gemv.available())
 
 
-def test_environment_variable_turns_the_kernel_off() -> None:
-    code = "from snlp_compile import kernels; print(kernels.gemv_kernel_enabled())"
-    env = dict(os.environ, SNLP_GEMV_KERNEL="0")
+@pytest.mark.parametrize(
+    "variable,expected", [("SNLP_GEMV_KERNEL", "False False"), ("SNLP_ATTENTION_KERNEL", "True False")]
+)
+def test_environment_variable_turns_the_kernel_off(variable: str, expected: str) -> None:
+    code = "from snlp_compile import kernels as k; print(k._gemv_enabled, k.attention_kernel_enabled())"
+    env = dict(os.environ, SNLP_GEMV_KERNEL="1", SNLP_ATTENTION_KERNEL="1")
+    env[variable] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == expected
 
 
 @needs_cuda

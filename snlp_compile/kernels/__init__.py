@@ -2,6 +2,8 @@
 
 ``SNLP_GEMV_KERNEL=0`` in the environment (or ``set_gemv_kernel(False)``) turns the layer-batched
 GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the CPU.
+``SNLP_ATTENTION_KERNEL=0`` keeps it for the linears only: the attention products of a decode step
+(``passes.batch_layers._layer_matmul``) go back to ``torch.matmul``, for A/B timing on a GPU.
 """
 
 from __future__ import annotations
@@ -12,12 +14,20 @@ from collections.abc import Iterator
 
 from . import layer_gemv
 
-_gemv_enabled = os.environ.get("SNLP_GEMV_KERNEL", "1").strip().lower() not in ("0", "false", "off", "no")
+_OFF = ("0", "false", "off", "no")
+_gemv_enabled = os.environ.get("SNLP_GEMV_KERNEL", "1").strip().lower() not in _OFF
+_attention_enabled = os.environ.get("SNLP_ATTENTION_KERNEL", "1").strip().lower() not in _OFF
 
 
 def gemv_kernel_enabled() -> bool:
     """Whether batched linears with few rows per layer on a GPU use ``torch.ops.snlp.layer_gemv``."""
     return _gemv_enabled and layer_gemv.available()
+
+
+def attention_kernel_enabled() -> bool:
+    """Whether products of two layer-batched activations with few rows (attention over a decode
+    step's caches) also use the kernel: on unless ``SNLP_ATTENTION_KERNEL=0``."""
+    return _attention_enabled and gemv_kernel_enabled()
 
 
 def set_gemv_kernel(enabled: bool) -> bool:
@@ -39,4 +49,4 @@ def gemv_kernel(enabled: bool) -> Iterator[None]:
         set_gemv_kernel(previous)
 
 
-__all__ = ["gemv_kernel", "gemv_kernel_enabled", "layer_gemv", "set_gemv_kernel"]
+__all__ = ["attention_kernel_enabled", "gemv_kernel", "gemv_kernel_enabled", "layer_gemv", "set_gemv_kernel"]

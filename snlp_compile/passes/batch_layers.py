@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..kernels import gemv_kernel_enabled, layer_gemv
+from ..kernels import attention_kernel_enabled, gemv_kernel_enabled, layer_gemv
 
 aten = torch.ops.aten
 Rule = Callable[["_Batcher", fx.Node, list[Any], dict[str, Any]], Any]
@@ -130,11 +130,11 @@ def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     on a GPU it is the layer-batched GEMV kernel over ``b`` transposed, read through its strides.
     ATen's ``bmm`` adds a memset and a copy of the one-row operand per product; its kernels are
     as fast or faster (~1-3 us on the values product), but in a CUDA-graphed 0.5B step the two
-    launches fewer win: 0.174 -> 0.163 ms (run 9, BENCHMARKS.md). Everything else, and exports
-    and CPUs, is ``torch.matmul``."""
+    launches fewer win: 0.174 -> 0.163 ms (run 9, BENCHMARKS.md). Everything else, exports, CPUs
+    and ``SNLP_ATTENTION_KERNEL=0`` take ``torch.matmul``."""
     lead = a.dim() - 2
     if (
-        gemv_kernel_enabled()
+        attention_kernel_enabled()
         and lead >= 1
         and b.dim() == a.dim()
         and a.shape[:-2] == b.shape[:-2]
