@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,16 @@ from snlp_compile.models.kv import attention_bias, cached_attention
 from snlp_compile.passes.batch_layers import _layer_matmul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compile_module, copy_bandwidth, cuda_graph, environment, floor_ms, out_dir_from, time_fn
+from common import (
+    compile_module,
+    copy_bandwidth,
+    cuda_graph,
+    environment,
+    floor_ms,
+    out_dir_from,
+    time_fn,
+    write_table,
+)
 
 # name -> (layers, heads, head dim): the decode benchmark's shapes (batch 1, MHA)
 SHAPES = {"0.5b": (32, 10, 64), "d20": (20, 10, 128), "tiny": (4, 2, 16)}
@@ -95,23 +103,21 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        "## Decode attention over the caches, all layers at once (compiled + CUDA graph)",
-        "",
+    title = (
+        "## Decode attention over the caches, all layers at once (compiled + CUDA graph)\n\n"
         f"Device: {meta['env'].get('gpu', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-        f"context {args.context}, batch 1",
-        "",
-        "| shape | lowering | mode | median us | floor us | x floor | rel err |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['shape']} | {row['lowering']} | {row['mode']} | {row['median_us']:.2f} | "
-            f"{row['floor_us']:.2f} | {row['x_floor']:.2f} | {row['rel_err']:.1e} |"
-        )
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"context {args.context}, batch 1"
+    )
+    columns = {
+        "shape": "shape:",
+        "lowering": "lowering:",
+        "mode": "mode:",
+        "median us": "median_us:.2f",
+        "floor us": "floor_us:.2f",
+        "x floor": "x_floor:.2f",
+        "rel err": "rel_err:.1e",
+    }
+    print(write_table(out, args.name, meta, rows, title, columns))
     return 0
 
 

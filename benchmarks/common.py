@@ -473,6 +473,27 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     return path
 
 
+def write_table(
+    out: Path,
+    name: str,
+    meta: dict[str, Any],
+    rows: list[dict[str, Any]],
+    title: str,
+    columns: dict[str, str],
+) -> str:
+    """NAME.json (meta + rows) and NAME.md (title, then ``columns``: header -> format spec of the
+    row key of the same position, e.g. {"median us": "median_us:.2f"}); returns the markdown."""
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    specs = [spec.split(":", 1) for spec in columns.values()]
+    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [format(row[key] if row[key] is not None else float("nan"), fmt) for key, fmt in specs]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    return text
+
+
 def out_dir_from(arg: str | None) -> Path:
     """--out, else $OUT (the device machine's return folder), else benchmarks/results."""
     if arg:

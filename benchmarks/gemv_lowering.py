@@ -37,7 +37,7 @@ import torch
 from snlp_compile.passes.batch_layers import _einsum_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, cuda_graph, environment, floor_ms, out_dir_from, time_fn
+from common import copy_bandwidth, cuda_graph, environment, floor_ms, out_dir_from, time_fn, write_table
 
 
 def _variants() -> dict[str, tuple[int, object]]:
@@ -209,22 +209,21 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        "## Layer-batched GEMV lowering (compiled + CUDA graph)",
-        "",
-        f"Device: {meta['env'].get('device', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s",
-        "",
-        "| N x O x I | variant | rows | median us | floor us | x floor | clones/call | rel err |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['shape']} | {row['variant']} | {row['rows']} | {row['median_us']:.2f} | {row['floor_us']:.2f} | "
-            f"{row['x_floor'] or float('nan'):.2f} | {row['clones_per_call']:.0f} | {row['rel_err']:.1e} |"
-        )
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    title = (
+        "## Layer-batched GEMV lowering (compiled + CUDA graph)\n\n"
+        f"Device: {meta['env'].get('device', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s"
+    )
+    columns = {
+        "N x O x I": "shape:",
+        "variant": "variant:",
+        "rows": "rows:",
+        "median us": "median_us:.2f",
+        "floor us": "floor_us:.2f",
+        "x floor": "x_floor:.2f",
+        "clones/call": "clones_per_call:.0f",
+        "rel err": "rel_err:.1e",
+    }
+    print(write_table(out, args.name, meta, rows, title, columns))
     return 0
 
 
