@@ -135,6 +135,7 @@ def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     lead = a.dim() - 2
     if (
         attention_kernel_enabled()
+        and a.is_cuda  # (before any flattening: CPUs take torch.matmul as they are)
         and lead >= 1
         and b.dim() == a.dim()
         and a.shape[:-2] == b.shape[:-2]

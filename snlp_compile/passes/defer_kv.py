@@ -36,6 +36,7 @@ import torch.fx as fx
 from ..errors import SNLPRefusal
 from .batch_layers import _einsum_linear
 from .cleanup import common_subexpressions
+from .graph_utils import descendants, flatten_args
 
 aten = torch.ops.aten
 
@@ -203,7 +204,7 @@ def build_deferred_layers(
     graph = gm.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     main_in, u_prev, pos_prev = phs[: len(lph)], phs[len(lph)], phs[-1]
-    prev = _descendants(phs[len(lph) : -1])  # computed from the previous token's inputs
+    prev = _strict_descendants(phs[len(lph) : -1])  # computed from the previous token's inputs
     main = {n for n in graph.nodes if n.op == "call_function"} - prev
     names = {ph: name for ph, name in zip(main_in[1:], ext_names)}
     shared = _share_weight_reads(
@@ -217,7 +218,7 @@ def build_deferred_layers(
 
     # the previous token's K/V written at pos_prev, before every node that reads a cache
     caches = [main_in[1 + ci] for ci in cache_ext]
-    reads = _descendants(caches)
+    reads = _strict_descendants(caches)
     with graph.inserting_before(out):
         index = graph.call_function(aten.reshape.default, (pos_prev, [1]))
         writes = [
@@ -234,15 +235,10 @@ def build_deferred_layers(
     return fx.GraphModule(torch.nn.Module(), graph, class_name="DeferredLayers"), saved, shared
 
 
-def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = [u for r in roots for u in r.users]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.users)
-    return seen
+def _strict_descendants(roots: list[fx.Node]) -> set[fx.Node]:
+    """Nodes computed from roots, the roots (placeholders, whose order is the calling convention)
+    left out."""
+    return descendants(roots) - set(roots)
 
 
 def _is_tensor(ph: fx.Node) -> bool:
@@ -264,7 +260,7 @@ def protocol_caches(
         )
     pos, caches = inputs[1], inputs[2:]
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    flat = list(_flatten(out.args[0]))
+    flat = list(flatten_args(out.args[0]))
     if len(flat) != 3:
         raise SNLPRefusal(
             f"deferred_kv needs a step returning (logits, new_k, new_v); this one returns {len(flat)} values"
@@ -300,14 +296,6 @@ def protocol_caches(
             )
         arg_of.append(found)
     return pos, list(caches), arg_of
-
-
-def _flatten(value: object) -> Iterable[object]:
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flatten(v)
-    else:
-        yield value
 
 
 def defer_kv(gm: fx.GraphModule, solve_name: str) -> list[str]:

@@ -20,6 +20,7 @@ body per distinct chunk size (at most two): C evaluations per iteration, whateve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -293,10 +294,10 @@ class LayerParallelSolve(nn.Module):
         u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk], *h_in.shape))
         if self.init == "batch_fwd":
             g, _ = self._evaluate(u, ext, chunk)
-            u = torch.cat([h_in.unsqueeze(0), g[:-1]], dim=0)
+            u = _inputs_from_trace(h_in, g)
         elif self.init == "warm" and self._has_warm_trace(h_in):
             rows = self._rows(self.warm_trace, chunk)
-            u = torch.cat([h_in.unsqueeze(0), rows[:-1].to(h_in.dtype)], dim=0)
+            u = _inputs_from_trace(h_in, rows.to(h_in.dtype))
         return u
 
     def _has_warm_trace(self, h_in: torch.Tensor) -> bool:
@@ -306,27 +307,33 @@ class LayerParallelSolve(nn.Module):
     def remember(self, h: torch.Tensor) -> None:
         """Keep the solved trace for the next call's warm start, in place when the shapes allow
         (a captured CUDA graph keeps writing the same buffer)."""
-        prev = self.warm_trace
-        if prev is not None and prev.shape == h.shape and prev.dtype == h.dtype and prev.device == h.device:
-            prev.copy_(h)
-        else:
-            self.warm_trace = h.detach().clone()
+        self._keep("warm_trace", h)
 
     def reset_warm(self) -> None:
         """Forget the previous trace: the next call starts from h0 (e.g. a new sequence)."""
         self.warm_trace = None
 
-    def solve_chunk(self, h_in: torch.Tensor, ext: list[object], chunk: int = 0) -> torch.Tensor:
+    def solve_chunk(
+        self,
+        h_in: torch.Tensor,
+        ext: list[object],
+        chunk: int = 0,
+        first_evaluation: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]] | None = None,
+    ) -> torch.Tensor:
         """K iterations over one chunk's layers from its input ``h_in``: the chunk's solved trace.
-        ``ext`` are the chunk's externals (:meth:`_chunk_externals`)."""
+        ``ext`` are the chunk's externals (:meth:`_chunk_externals`); ``first_evaluation(u)``, when
+        given, replaces the first iteration's evaluation (deferred side outputs)."""
         u = self.initial_inputs(h_in, ext, chunk)
         h = u
         for step in range(self.iterations):
-            g, a = self._evaluate(u, ext, chunk)
+            if step == 0 and first_evaluation is not None:
+                g, a = first_evaluation(u)
+            else:
+                g, a = self._evaluate(u, ext, chunk)
             # (one chunk: the call as before chunks existed, which tests may patch)
             h = self.correct(g, a, u, h_in) if self.num_chunks == 1 else self.correct(g, a, u, h_in, chunk)
             if step + 1 < self.iterations:
-                u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+                u = _inputs_from_trace(h_in, h)
         return h
 
     def enable_deferred(self, cache_ext: list[int]) -> list[str]:
@@ -379,26 +386,22 @@ class LayerParallelSolve(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """solve_chunk with the first evaluation merged with the previous call's side outputs
         (written into their caches by it) and returning this call's provisional ones."""
-        u = self.initial_inputs(h_in, ext)
-        h, provisional = u, ()
+        provisional: tuple[torch.Tensor, ...] = ()
         ready = self.deferred_u is not None and tuple(self.deferred_u.shape) == (self.num_layers, *h_in.shape)
-        for step in range(self.iterations):
-            if step == 0 and ready:
-                saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
-                out = self.deferred_layers(u, *ext, self.deferred_u, *saved, self.deferred_pos)
-                n_body = 1 if self.skip_constant is not None else 2
-                body = out[0] if n_body == 1 else tuple(out[:2])
-                g, a = self._split_evaluation(body, u)
-                provisional = tuple(out[n_body:])
-            else:
-                g, a = self._evaluate(u, ext)
-                if step == 0:  # the first call of a sequence: nothing to write
-                    side = self.side_layers(u, *ext)
-                    provisional = tuple(side) if isinstance(side, (tuple, list)) else (side,)
-            h = self.correct(g, a, u, h_in)
-            if step + 1 < self.iterations:
-                u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
-        self._keep("deferred_u", torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0))
+
+        def first_evaluation(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+            nonlocal provisional
+            if not ready:  # the first call of a sequence: nothing to write
+                provisional = _as_tuple(self.side_layers(u, *ext))
+                return self._evaluate(u, ext)
+            saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
+            out = self.deferred_layers(u, *ext, self.deferred_u, *saved, self.deferred_pos)
+            n_body = 1 if self.skip_constant is not None else 2
+            provisional = tuple(out[n_body:])
+            return self._split_evaluation(out[0] if n_body == 1 else tuple(out[:2]), u)
+
+        h = self.solve_chunk(h_in, ext, first_evaluation=first_evaluation)
+        self._keep("deferred_u", _inputs_from_trace(h_in, h))
         self._keep("deferred_pos", position)
         for i in self.deferred_saved:
             self._keep(f"deferred_ext_{i}", ext[i])
@@ -436,9 +439,16 @@ class LayerParallelSolve(nn.Module):
         # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
         # each layer computes from the input the returned trace says it had. One evaluation over
         # all N layers, chunked or not.
-        u = torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
-        side = self.side_layers(u, *ext)
-        return (h, *(side if isinstance(side, (tuple, list)) else (side,)))
+        return (h, *_as_tuple(self.side_layers(_inputs_from_trace(h_in, h), *ext)))
+
+
+def _inputs_from_trace(h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The layer inputs a trace h (N, ...) implies: u_0 = h_in, u_j = h_{j-1}."""
+    return torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
+
+
+def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)  # type: ignore[arg-type]
 
 
 def row_block_start(view: torch.Tensor, base: torch.Tensor) -> int | None:
