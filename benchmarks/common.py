@@ -147,13 +147,18 @@ def cuda_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> 
     return replay
 
 
-def compile_module(fn: Callable[..., Any], autotune: bool = False) -> Callable[..., Any]:
+def compile_module(
+    fn: Callable[..., Any], autotune: bool = False, options: dict[str, Any] | None = None
+) -> Callable[..., Any]:
     """torch.compile with static shapes, Inductor defaults or (``autotune``) GEMM autotuning over
-    cuBLAS and Triton templates; CUDA graphs are added separately (``cuda_graph`` over the compiled
-    callable), which is what mode="reduce-overhead" / "max-autotune" do, minus their tree
-    bookkeeping."""
+    cuBLAS and Triton templates, plus ``options`` for this compile only; CUDA graphs are added
+    separately (``cuda_graph`` over the compiled callable), which is what mode="reduce-overhead" /
+    "max-autotune" do, minus their tree bookkeeping."""
     mode = "max-autotune-no-cudagraphs" if autotune else None
-    return torch.compile(fn, dynamic=False, fullgraph=False, mode=mode)
+    if not options:
+        return torch.compile(fn, dynamic=False, fullgraph=False, mode=mode)
+    merged = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
+    return torch.compile(fn, dynamic=False, fullgraph=False, options=merged)
 
 
 def with_iterations(
@@ -183,6 +188,7 @@ def make_variant(
     compiled: dict[str, Callable[..., Any]],
     key: str,
     post: Callable[[Any], Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Callable[[], Any]:
     """A zero-argument callable running ``base(*args)`` in the given mode (compiles are reused).
 
@@ -190,7 +196,7 @@ def make_variant(
     decode step's cache write; its return value is the callable's."""
     if mode.split("+")[0] in ("compiled", "autotuned"):
         if key not in compiled:
-            compiled[key] = compile_module(base, autotune=mode.startswith("autotuned"))
+            compiled[key] = compile_module(base, autotune=mode.startswith("autotuned"), options=options)
         fn = compiled[key]
     else:
         fn = base
@@ -401,6 +407,9 @@ def markdown(
     if meta.get("inductor"):
         options = ", ".join(f"{k}={v}" for k, v in meta["inductor"].items())
         lines += ["", f"Inductor options (every compiled variant): {options}"]
+    if meta.get("snlp_inductor"):
+        options = ", ".join(f"{k}={v}" for k, v in meta["snlp_inductor"].items())
+        lines += ["", f"Inductor options of the SNLP variants (on top): {options}"]
     for key in sorted({(r.shape, r.case) for r in records}, key=lambda k: (k[0], k[1])):
         rows = [r for r in records if (r.shape, r.case) == key]
         floor = next((r.floor_ms for r in rows if r.floor_ms is not None), None)
@@ -517,6 +526,15 @@ def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module,
 
 
 # -- the command line and setup shared by forward.py and decode.py --------------------------------
+# Inductor options every compiled variant gets by default, sequential and SNLP alike (run 10,
+# H200, same machine): programmatic dependent launch took the compiled+graph sequential 0.5B
+# decode step from 1.524 to 1.360 ms. Combo kernels (independent small kernels launched as one)
+# are SNLP's alone: 0.1472 -> 0.1455 ms on its K=1 step, but 1.360 -> 1.623 ms on the sequential
+# step together with PDL. "" gives Inductor's defaults.
+BEST_INDUCTOR = "triton.enable_pdl=True"
+SNLP_INDUCTOR = "combo_kernels=True"
+
+
 def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) -> None:
     """The options every regime script takes (shapes, K, modes, chunks, dtype, output, budget)."""
     p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
@@ -535,9 +553,15 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--profile", action="store_true", help=profile_help)
     p.add_argument(
         "--inductor",
-        default="",
-        help="Inductor options for every compiled variant, sequential and SNLP alike, "
+        default=BEST_INDUCTOR,
+        help="Inductor options for every compiled variant, sequential and SNLP alike "
+        f"(default {BEST_INDUCTOR!r}; '' for Inductor's defaults), "
         "e.g. max_autotune=True,coordinate_descent_tuning=True",
+    )
+    p.add_argument(
+        "--snlp-inductor",
+        default=SNLP_INDUCTOR,
+        help=f"further Inductor options for the SNLP variants only (default {SNLP_INDUCTOR!r})",
     )
 
 
@@ -570,6 +594,9 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
     options = inductor_options(args.inductor)
     if options:
         meta["inductor"] = options
+    snlp_options = parse_inductor_options(args.snlp_inductor, "--snlp-inductor")
+    if snlp_options:
+        meta["snlp_inductor"] = snlp_options
     bw = float("nan")
     if device.type == "cuda":
         bw = copy_bandwidth(device)
@@ -578,9 +605,8 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
     return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw)
 
 
-def inductor_options(text: str) -> dict[str, Any]:
-    """Parse and apply ``key=value,...`` to torch._inductor.config (the whole process: every
-    compiled variant gets the same options, so the sequential baseline is as tuned as SNLP)."""
+def parse_inductor_options(text: str, flag: str = "--inductor") -> dict[str, Any]:
+    """``key=value,...`` of torch._inductor.config options as a dict (values as Python literals)."""
     import ast
 
     import torch._inductor.config as inductor_config
@@ -589,15 +615,23 @@ def inductor_options(text: str) -> dict[str, Any]:
     for item in (x for x in text.split(",") if x):
         key, sep, raw = item.partition("=")
         if not sep or not hasattr(inductor_config, key.strip()):
-            raise SystemExit(
-                f"--inductor: '{item}' is not KEY=VALUE with KEY a torch._inductor.config option"
-            )
+            raise SystemExit(f"{flag}: '{item}' is not KEY=VALUE with KEY a torch._inductor.config option")
         try:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             value = raw.strip()
-        setattr(inductor_config, key.strip(), value)
         options[key.strip()] = value
+    return options
+
+
+def inductor_options(text: str) -> dict[str, Any]:
+    """Parse and apply ``key=value,...`` to torch._inductor.config (the whole process: every
+    compiled variant gets the same options, so the sequential baseline is as tuned as SNLP)."""
+    import torch._inductor.config as inductor_config
+
+    options = parse_inductor_options(text)
+    for key, value in options.items():
+        setattr(inductor_config, key, value)
     return options
 
 

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                         bench.records.append(rec)
                         continue
                     key = variant.replace("+graph", "")
-                    build = partial(make_variant, base, mode, inputs, device, compiled, key, post)
+                    options = None if family == "sequential" else run.meta.get("snlp_inductor")
+                    build = partial(make_variant, base, mode, inputs, device, compiled, key, post, options)
                     if family == "snlp-einsum":
                         build = gemv_kernel_off(build)
                     bench.measure(rec, build, ref, warmup=10)

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", default="256,2048", help="sequence lengths")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-smoke", action="store_true")
+    p.add_argument("--seq-modes", default=None, help="modes of the sequential variants (default: --modes)")
     args = p.parse_args(argv)
 
     run = start_regime(args, "forward.py", RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv)
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench("forward", out, device, meta, name=args.name)
     ks, chunk_counts = int_list(args.ks), int_list(args.chunks)
     modes = mode_list(args.modes, device)
+    seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
     chunk_modes = mode_list(args.chunk_modes, device)
     prof_path = out / f"{args.name}_profile.txt"
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, K, mode, chunks)
-                plan: list[tuple[str, int | None, str, int]] = [("sequential", None, m, 1) for m in modes]
+                plan: list[tuple[str, int | None, str, int]] = [("sequential", None, m, 1) for m in seq_modes]
                 plan += [("snlp", k, m, 1) for k in ks for m in modes]
                 plan += [("snlp-chunked", 1, m, c) for c in chunked for m in chunk_modes]
                 for family, k, mode, chunks in plan:
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                         bench.records.append(rec)
                         continue
                     key = variant.replace("+graph", "")
-                    build = partial(make_variant, base, mode, (idx,), device, compiled, key)
+                    options = None if family == "sequential" else meta.get("snlp_inductor")
+                    build = partial(make_variant, base, mode, (idx,), device, compiled, key, None, options)
                     bench.measure(rec, build, ref, warmup=5)
                     print(
                         f"  {case:>12} {variant:<28} {rec.median_ms if rec.median_ms else float('nan'):8.3f} ms"
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 bench.finish_case(shape_label, case, floor)
                 if args.profile and device.type == "cuda":
-                    for key in ("seq compiled", "snlp K=1 compiled"):
+                    for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 autotuned"):
                         if key in compiled:
                             profile_variant(
                                 partial(compiled[key], idx), f"{shape_label} {case} {key}", prof_path

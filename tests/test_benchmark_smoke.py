@@ -35,3 +35,32 @@ def test_gemv_lowering_smoke(tmp_path: Path) -> None:
     result = _run("gemv_lowering.py", "--shapes", "4x64x32", out=tmp_path)
     assert len(result["rows"]) == 5 and all(r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]
     assert "| 4x64x32 | kernel | 1 |" in (tmp_path / "gemv_lowering.md").read_text()
+
+
+def test_decode_benchmark_compiles_snlp_with_its_own_inductor_options(tmp_path: Path) -> None:
+    """decode.py compiles the sequential step with --inductor only and the SNLP steps with
+    --snlp-inductor on top, and says so in its table."""
+    result = _run(
+        "decode.py", "--shapes", "tiny", "--context", "32", "--batch", "1", "--modes", "compiled",
+        "--ks", "1", "--warm-ks", "", "--chunks", "", "--deferred-ks", "", "--einsum-ks", "",
+        "--dtype", "fp32", "--inductor", "", "--snlp-inductor", "combo_kernels=True", out=tmp_path,
+    )  # fmt: skip
+    variants = {r["variant"]: r for r in result["records"]}
+    assert set(variants) == {"seq compiled", "snlp K=1 compiled"}, list(variants)
+    assert all(r["median_ms"] > 0 and r["error"] is None for r in variants.values()), variants
+    assert result["meta"]["snlp_inductor"] == {"combo_kernels": True}
+    assert (
+        "Inductor options of the SNLP variants (on top): combo_kernels=True"
+        in (tmp_path / "decode.md").read_text()
+    )
+
+
+def test_unknown_inductor_option_is_refused_by_name(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--shapes", "tiny",
+         "--out", str(tmp_path), "--snlp-inductor", "no_such_option=1"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--snlp-inductor: 'no_such_option=1' is not KEY=VALUE" in proc.stderr

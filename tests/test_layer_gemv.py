@@ -101,11 +101,19 @@ def test_switch_turns_the_kernel_off_and_back() -> None:
 
 
 @pytest.mark.parametrize(
-    "variable,expected", [("SNLP_GEMV_KERNEL", "False False"), ("SNLP_ATTENTION_KERNEL", "True False")]
+    "variable,expected",
+    [
+        ("SNLP_GEMV_KERNEL", "False False True"),
+        ("SNLP_ATTENTION_KERNEL", "True False True"),
+        ("SNLP_PDL", "True True False"),
+    ],
 )
 def test_environment_variable_turns_the_kernel_off(variable: str, expected: str) -> None:
-    code = "from snlp_compile import kernels as k; print(k._gemv_enabled, k.attention_kernel_enabled())"
-    env = dict(os.environ, SNLP_GEMV_KERNEL="1", SNLP_ATTENTION_KERNEL="1")
+    code = (
+        "from snlp_compile import kernels as k; "
+        "print(k._gemv_enabled, k._attention_enabled and k._gemv_enabled, k.pdl_enabled())"
+    )
+    env = dict(os.environ, SNLP_GEMV_KERNEL="1", SNLP_ATTENTION_KERNEL="1", SNLP_PDL="1")
     env[variable] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -123,10 +131,59 @@ def test_gpu_op_matches_einsum(dtype: torch.dtype, rows: int, shape: tuple[int, 
     w = torch.randn(n, o, i, device="cuda", dtype=dtype) / i**0.5
     # the dispatch sends 2-4 rows per layer to cuBLAS; the op itself takes them all
     assert layer_gemv.applies(x, w) == (rows not in layer_gemv.CUBLAS_ROWS)
-    y = torch.ops.snlp.layer_gemv(x, w)
     ref = torch.einsum("nri,noi->nro", x.double(), w.double())
-    rel = ((y.double() - ref).norm() / ref.norm()).item()
-    assert rel < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], rel
+    for y in (torch.ops.snlp.layer_gemv(x, w), torch.ops.snlp.layer_gemv_pdl(x, w)):
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        assert rel < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], rel
+
+
+@needs_cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
+)
+def test_gpu_pdl_chain_in_a_cuda_graph_reads_each_producer_after_it_finished() -> None:
+    """A chain of PDL-launched GEMVs, each reading what the kernel before it wrote (an Inductor
+    kernel, itself launched with PDL), compiled and replayed in a CUDA graph with new inputs: every
+    replay equals float64. A kernel reading x before gdc_wait would read the previous replay's
+    values (stale) and fail this."""
+    import torch._inductor.config as inductor_config
+
+    from snlp_compile.passes.batch_layers import _einsum_linear
+
+    torch.manual_seed(0)
+    ws = [torch.randn(32, 640, 640, device="cuda", dtype=torch.bfloat16) / 640**0.5 for _ in range(6)]
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        for w in ws:
+            x = torch.relu(_einsum_linear(x, w)) * 1.5 + x  # a kernel between every two GEMVs
+        return x
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        for w in ws:
+            x = torch.relu(torch.einsum("nri,noi->nro", x, w.double())) * 1.5 + x
+        return x
+
+    x = torch.randn(32, 1, 640, device="cuda", dtype=torch.bfloat16)
+    with inductor_config.patch({"triton.enable_pdl": True}):
+        compiled = torch.compile(chain, fullgraph=True)
+        for _ in range(2):
+            compiled(x)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        compiled(x)
+        torch.cuda.synchronize()
+    assert any("layer_gemv_pdl" in e.key for e in prof.key_averages())
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(x)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref = reference(x)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2, seed
 
 
 @needs_cuda

@@ -4,6 +4,7 @@
 GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the CPU.
 ``SNLP_ATTENTION_KERNEL=0`` keeps it for the linears only: the attention products of a decode step
 (``passes.batch_layers._layer_matmul``) go back to ``torch.matmul``, for A/B timing on a GPU.
+``SNLP_PDL=0`` launches it without programmatic dependent launch on Hopper and newer GPUs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import layer_gemv
 _OFF = ("0", "false", "off", "no")
 _gemv_enabled = os.environ.get("SNLP_GEMV_KERNEL", "1").strip().lower() not in _OFF
 _attention_enabled = os.environ.get("SNLP_ATTENTION_KERNEL", "1").strip().lower() not in _OFF
+_pdl_enabled = os.environ.get("SNLP_PDL", "1").strip().lower() not in _OFF
 
 
 def gemv_kernel_enabled() -> bool:
@@ -28,6 +30,12 @@ def attention_kernel_enabled() -> bool:
     """Whether products of two layer-batched activations with few rows (attention over a decode
     step's caches) also use the kernel: on unless ``SNLP_ATTENTION_KERNEL=0``."""
     return _attention_enabled and gemv_kernel_enabled()
+
+
+def pdl_enabled() -> bool:
+    """Whether the kernel is launched with programmatic dependent launch where the GPU supports it
+    (``layer_gemv.layer_gemv_pdl``): on unless ``SNLP_PDL=0``."""
+    return _pdl_enabled
 
 
 def set_gemv_kernel(enabled: bool) -> bool:
@@ -49,4 +57,11 @@ def gemv_kernel(enabled: bool) -> Iterator[None]:
         set_gemv_kernel(previous)
 
 
-__all__ = ["attention_kernel_enabled", "gemv_kernel", "gemv_kernel_enabled", "layer_gemv", "set_gemv_kernel"]
+__all__ = [
+    "attention_kernel_enabled",
+    "gemv_kernel",
+    "gemv_kernel_enabled",
+    "layer_gemv",
+    "pdl_enabled",
+    "set_gemv_kernel",
+]

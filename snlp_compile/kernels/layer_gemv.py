@@ -67,19 +67,25 @@ if triton is not None:
         ]
 
     @triton.jit
-    def _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I: tl.constexpr):  # noqa: E741
-        """The weight tile (BLOCK_O, BLOCK_I) at column i0, streamed once (evict first), and the
-        rows of x (BLOCK_R, BLOCK_I) it multiplies; zeros outside the matrices."""
+    def _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I: tl.constexpr):  # noqa: E741
+        """The weight tile (BLOCK_O, BLOCK_I) at column i0, streamed once (evict first); zeros
+        outside the matrix."""
         offs_i = i0 + tl.arange(0, BLOCK_I)
-        in_i = offs_i[None, :] < I
-        w = tl.load(
-            w_base + offs_i[None, :] * swi,
-            mask=(offs_o[:, None] < O) & in_i,
-            other=0.0,
-            eviction_policy="evict_first",
+        mask = (offs_o[:, None] < O) & (offs_i[None, :] < I)
+        return tl.load(w_base + offs_i[None, :] * swi, mask=mask, other=0.0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _x_tile(x_base, offs_r, i0, R, I, sxi, BLOCK_I: tl.constexpr):  # noqa: E741
+        """The rows of x (BLOCK_R, BLOCK_I) at column i0 that a weight tile multiplies."""
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        return tl.load(
+            x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & (offs_i[None, :] < I), other=0.0
         )
-        x = tl.load(x_base + offs_i[None, :] * sxi, mask=(offs_r[:, None] < R) & in_i, other=0.0)
-        return w, x
+
+    @triton.jit
+    def _dot(x, w, IEEE_DOT: tl.constexpr):
+        """x (BLOCK_R, BLOCK_I) times the weight tile transposed, in float32 (exact for float32 x)."""
+        return tl.dot(x, tl.trans(w), input_precision="ieee" if IEEE_DOT else None)
 
     @triton.jit
     def _layer_gemv_tile(
@@ -92,6 +98,7 @@ if triton is not None:
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
         IEEE_DOT: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         pid_o = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
@@ -99,30 +106,41 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_R)
         x_base = x_ptr + n * sxn + offs_r[:, None] * sxr
         w_base = w_ptr + n * swn + offs_o[:, None] * swo
+        # The first weight tile is loaded before anything another kernel writes is read: launched
+        # with PDL (programmatic dependent launch), the kernel starts while the kernel before it
+        # drains, and the weights, which no kernel writes, stream during that overlap. gdc_wait
+        # blocks until that kernel has finished and its writes are visible (a no-op when launched
+        # without PDL); x is read and y written after it, so neither races the previous kernel.
+        w = _w_tile(w_base, offs_o, 0, O, I, swi, BLOCK_I)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
         if BLOCK_R == 1:
             # a true GEMV: elementwise products accumulate in registers across the I loop and
             # are reduced once at the end (a reduction per tile would serialise the loop)
-            part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-            for i0 in range(0, I, BLOCK_I):
-                w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
+            part = w.to(tl.float32) * x.to(tl.float32)
+            for i0 in range(BLOCK_I, I, BLOCK_I):
+                w = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I)
+                x = _x_tile(x_base, offs_r, i0, R, I, sxi, BLOCK_I)
                 part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
         else:
-            acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
-            for i0 in range(0, I, BLOCK_I):
-                w, x = _tiles(w_base, x_base, offs_o, offs_r, i0, O, R, I, swi, sxi, BLOCK_I)
-                if IEEE_DOT:
-                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-                else:
-                    acc += tl.dot(x, tl.trans(w))
+            acc = _dot(x, w, IEEE_DOT)
+            for i0 in range(BLOCK_I, I, BLOCK_I):
+                w = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I)
+                x = _x_tile(x_base, offs_r, i0, R, I, sxi, BLOCK_I)
+                acc += _dot(x, w, IEEE_DOT)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch; it waits for y
         y_ptrs = y_ptr + n * syn + offs_r[:, None] * syr + offs_o[None, :] * syo
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
 
     _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["R", "O", "I", "BLOCK_R"])(_layer_gemv_tile)
 
-    def launch(kernel, x: torch.Tensor, w: torch.Tensor, **config: int) -> torch.Tensor:
+    def launch(kernel, x: torch.Tensor, w: torch.Tensor, pdl: bool = False, **config: int) -> torch.Tensor:
         """Run ``kernel`` (the autotuned one, or the bare tile with an explicit ``config`` of
-        BLOCK_O, BLOCK_I, as the tests do under ``TRITON_INTERPRET=1``) on x (N, R, I), w (N, O, I)."""
+        BLOCK_O, BLOCK_I, as the tests do under ``TRITON_INTERPRET=1``) on x (N, R, I), w (N, O, I);
+        ``pdl``: launched with programmatic dependent launch (``layer_gemv_pdl``)."""
         n, r, i = x.shape
         o = w.shape[1]
         y = torch.empty((n, r, o), device=x.device, dtype=x.dtype)
@@ -138,6 +156,8 @@ if triton is not None:
             y.stride(0), y.stride(1), y.stride(2),
             BLOCK_R=1 if r == 1 else 16,
             IEEE_DOT=x.dtype == torch.float32,
+            PDL=pdl,  # (explicit: Inductor passes a triton_op's kernel no defaults)
+            **({"launch_pdl": True} if pdl else {}),
             **config,
         )  # fmt: skip
         return y
@@ -146,6 +166,33 @@ if triton is not None:
     def layer_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x (N, R, I), w (N, O, I) -> (N, R, O), R <= MAX_ROWS, float16/bfloat16/float32."""
         return launch(torch.library.wrap_triton(_layer_gemv_tuned), x, w)
+
+    @torch.library.custom_op("snlp::layer_gemv_pdl", mutates_args=())
+    def layer_gemv_pdl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``layer_gemv`` launched with programmatic dependent launch (Hopper and newer): it starts
+        while the kernel before it finishes and streams its first weight tiles meanwhile.
+
+        An opaque custom op, not a ``triton_op``: Inductor launches the kernels of a triton_op
+        itself, without the launch attribute PDL needs, so this op launches its own (Inductor
+        calls it like an ATen kernel; inside a CUDA graph the launch costs nothing extra)."""
+        return launch(_layer_gemv_tuned, x, w, pdl=True)
+
+    @layer_gemv_pdl.register_fake
+    def _layer_gemv_pdl_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
+
+
+def pdl_supported(x: torch.Tensor) -> bool:
+    """Whether x's GPU launches kernels with PDL (compute capability 9.0, Hopper, or newer)."""
+    return triton is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
+    """x (N, R, I), w (N, O, I) -> (N, R, O) on the kernel, launched with PDL where ``pdl`` is
+    asked for and the GPU supports it (callers check :func:`applies` first)."""
+    if pdl and pdl_supported(x):
+        return torch.ops.snlp.layer_gemv_pdl(x, w)
+    return torch.ops.snlp.layer_gemv(x, w)
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..kernels import attention_kernel_enabled, gemv_kernel_enabled, layer_gemv
+from ..kernels import attention_kernel_enabled, gemv_kernel_enabled, layer_gemv, pdl_enabled
 
 aten = torch.ops.aten
 Rule = Callable[["_Batcher", fx.Node, list[Any], dict[str, Any]], Any]
@@ -111,7 +111,7 @@ def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (exports and CPUs take the einsum), so the rewritten graph itself does not change."""
     if gemv_kernel_enabled() and layer_gemv.applies(x, w):
         rows = x.shape[1:-1]
-        y = torch.ops.snlp.layer_gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w)
+        y = layer_gemv.gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w, pdl_enabled())
         return y.reshape(x.shape[0], *rows, w.shape[1])
     return torch.einsum("n...i,noi->n...o", x, w)
 
@@ -144,7 +144,7 @@ def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         w = b.transpose(-1, -2).flatten(0, lead - 1)
         x = a.flatten(0, lead - 1)
         if layer_gemv.applies(x, w):
-            return torch.ops.snlp.layer_gemv(x, w).unflatten(0, a.shape[:-2])
+            return layer_gemv.gemv(x, w, pdl_enabled()).unflatten(0, a.shape[:-2])
     return torch.matmul(a, b)
 
 
