@@ -540,6 +540,7 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--ks", default="1,2,4", help=ks_help)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--seq-modes", default=None, help="modes of the sequential variants (default: --modes)")
     p.add_argument(
         "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
     )

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     deferred_ks = int_list(args.deferred_ks)
     deferred_modes = mode_list(args.deferred_modes, device)
     modes = mode_list(args.modes, device)
+    seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
     warm_modes = mode_list(args.warm_modes, device)
     chunk_modes = mode_list(args.chunk_modes, device)
     prof_path = out / f"{args.name}_profile.txt"
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, init, K, mode, chunks)
                 plan: list[tuple[str, str, int | None, str, int]] = [
-                    ("sequential", "", None, m, 1) for m in modes
+                    ("sequential", "", None, m, 1) for m in seq_modes
                 ]
                 plan += [("snlp", "h0", k, m, 1) for k in ks for m in modes]
                 plan += [("snlp", "warm", k, m, 1) for k in warm_ks for m in warm_modes]

@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", default="256,2048", help="sequence lengths")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-smoke", action="store_true")
-    p.add_argument("--seq-modes", default=None, help="modes of the sequential variants (default: --modes)")
     args = p.parse_args(argv)
 
     run = start_regime(args, "forward.py", RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv)
