@@ -356,9 +356,15 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
             sides[-1].name = f"{template_side.name}_layers"
             for j, layer in enumerate(par):
                 env[layer.side_outputs[s]] = graph.call_function(operator.getitem, (sides[-1], j))
+    read = {j for out_node, j in outputs.items() if any(u not in region for u in out_node.users)}
+    # only the last layer's output read (a forward): the solve may return that row alone
+    solve.last_row_only = read == {len(par) - 1} and side_layers is None
+    if solve.last_row_only:
+        chain.notes.append("only the last layer's output is read: the solve corrects that row alone")
     for out_node, j in outputs.items():
-        if any(u not in region for u in out_node.users):
-            env[out_node] = graph.call_function(operator.getitem, (trace, j))
+        if j in read:
+            index = -1 if solve.last_row_only else j
+            env[out_node] = graph.call_function(operator.getitem, (trace, index))
             env[out_node].name = f"h_{par[j].index}"
     for n in old.nodes:
         if n in after:

@@ -1,0 +1,96 @@
+"""A forward reads only the last layer's output, so the solve corrects only that row
+(``LayerParallelSolve.correct_last``): a sum over the layers instead of a prefix sum for identity
+and folded scalar skips, the full trace's last row otherwise. Each case against the full-trace
+solve (the same K, to rounding) and, in exact mode, the sequential model; float64 on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from decode_helpers import step_inputs
+from torch.overrides import TorchFunctionMode
+
+import snlp_compile
+from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep
+from snlp_compile.passes.rewrite import SOLVE_NAME
+
+F64 = torch.float64
+TIGHT = 1e-10
+
+
+class _Calls(TorchFunctionMode):
+    """Records the torch functions called inside the block (names only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(name: str) -> nn.Module:
+    model = build_model(name, dtype=F64, **({"sinkhorn_iters": 4} if name.startswith("mhc") else {}))
+    if name.startswith("nanochat"):  # scales other than 1: the folded products matter
+        with torch.no_grad():
+            model.resid_lambdas.uniform_(0.6, 1.4, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def _solve_output_rows(fast: fx.GraphModule, idx: torch.Tensor) -> int:
+    rows: list[int] = []
+    hook = fast.get_submodule(SOLVE_NAME).register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+    try:
+        with torch.no_grad():
+            fast(idx)
+    finally:
+        hook.remove()
+    return rows[0]
+
+
+@pytest.mark.parametrize(
+    "name,summed",
+    [("gpt-tiny", True), ("nanochat-tiny", True), ("mhc-tiny", False)],
+)
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_forward_solves_only_the_last_row(name: str, summed: bool, chunks: int) -> None:
+    model = _model(name)
+    idx = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    n = model.config.n_layer
+    approx = snlp_compile.transform(model, (idx,), iterations=1, chunks=chunks, dynamic_shapes=False)
+    solve = approx.get_submodule(SOLVE_NAME)
+    assert solve.last_row_only and solve.returns_last_row_only()
+    assert "snlp_solve[-1]" in approx.code
+    assert any("corrects that row alone" in note for note in approx.snlp_report.notes)
+    assert _solve_output_rows(approx, idx) == 1
+    with _Calls() as calls, torch.no_grad():
+        last = approx(idx)
+    solve.last_row_only = False  # the full trace, as before
+    assert _solve_output_rows(approx, idx) == n
+    with _Calls() as full_calls, torch.no_grad():
+        full = approx(idx)
+    if summed:  # identity and folded scalar skips: a sum instead of the prefix sum
+        assert "cumsum" in full_calls.names and "cumsum" not in calls.names, calls.names
+    assert float((last - full).abs().max()) < TIGHT
+    exact = snlp_compile.transform(model, (idx,), iterations=n, chunks=chunks, dynamic_shapes=False)
+    with torch.no_grad():
+        assert float((exact(idx) - model(idx)).abs().max()) < TIGHT
+
+
+def test_warm_init_and_side_outputs_keep_the_whole_trace() -> None:
+    """A warm start remembers the whole trace, and a decode step's K/V are evaluated at every
+    corrected input: neither returns the last row alone."""
+    model = _model("nanochat-tiny")
+    idx = torch.randint(0, model.config.vocab_size, (1, 5))
+    warm = snlp_compile.transform(model, (idx,), iterations=1, init="warm", dynamic_shapes=False)
+    solve = warm.get_submodule(SOLVE_NAME)
+    assert solve.last_row_only and not solve.returns_last_row_only()
+    assert _solve_output_rows(warm, idx) == model.config.n_layer
+    assert solve.warm_trace.shape[0] == model.config.n_layer
+    step = snlp_compile.transform(CachedStep(model), step_inputs(model), iterations=1)
+    step_solve = step.get_submodule(SOLVE_NAME)
+    assert not step_solve.last_row_only and not step_solve.returns_last_row_only()
