@@ -76,6 +76,50 @@ def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:
     assert 2 in layer_gemv.CUBLAS_ROWS and 1 not in layer_gemv.CUBLAS_ROWS and 8 not in layer_gemv.CUBLAS_ROWS
 
 
+class _ScaledBlock(torch.nn.Module):
+    """A residual layer whose linear weight is computed when it runs (weight times an input)."""
+
+    def __init__(self, d: int, scaled: bool) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(d, d, dtype=torch.float64) / d**0.5)
+        self.scaled = scaled
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(torch.nn.functional.linear(x, self.w * s if self.scaled else self.w))
+
+
+class _ScaledStack(torch.nn.Module):
+    def __init__(self, scaled: bool, d: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ScaledBlock(d, scaled) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x, s)
+        return x
+
+
+def test_linears_of_weights_computed_at_run_time_are_marked_dynamic() -> None:
+    """Stacked weights (fixed at transform time) give ``_einsum_linear``, whose PDL launch reads
+    its first weight tiles before waiting for the previous kernel; a weight computed in the layer
+    gives ``_einsum_linear_dynamic``, which waits first (the kernel before it may write it)."""
+    import snlp_compile
+    from snlp_compile.passes.batch_layers import _einsum_linear_dynamic
+    from snlp_compile.passes.rewrite import SOLVE_NAME
+
+    torch.manual_seed(0)
+    x, s = torch.randn(2, 4, 8, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    for scaled, linear, other in [
+        (True, _einsum_linear_dynamic, _einsum_linear),
+        (False, _einsum_linear, _einsum_linear_dynamic),
+    ]:
+        model = _ScaledStack(scaled)
+        fast = snlp_compile.transform(model, (x, s), iterations=3)
+        targets = [n.target for n in fast.get_submodule(SOLVE_NAME).layers.graph.nodes]
+        assert linear in targets and other not in targets, scaled
+        torch.testing.assert_close(fast(x, s), model(x, s), rtol=1e-10, atol=1e-10)
+
+
 def test_layer_matmul_on_cpu_is_matmul_and_checks_views() -> None:
     """Attention products between batched activations: torch.matmul on the CPU; the kernel is
     only offered b operands whose batch dims flatten without copying a cache."""

@@ -11,7 +11,18 @@ import torch.fx as fx
 import snlp_compile
 from snlp_compile.models import build_model
 
-MATMUL = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "_einsum_linear", "_layer_matmul")
+MATMUL = (
+    "linear",
+    "matmul",
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "einsum",
+    "_einsum_linear",
+    "_einsum_linear_dynamic",
+    "_layer_matmul",
+)
 
 
 def _kind(node: fx.Node) -> str | None:

@@ -99,6 +99,7 @@ if triton is not None:
         BLOCK_I: tl.constexpr,
         IEEE_DOT: tl.constexpr,
         PDL: tl.constexpr,
+        EARLY_W: tl.constexpr,
     ):  # fmt: skip
         pid_o = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
@@ -106,13 +107,16 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_R)
         x_base = x_ptr + n * sxn + offs_r[:, None] * sxr
         w_base = w_ptr + n * swn + offs_o[:, None] * swo
-        # The first weight tile is loaded before anything another kernel writes is read: launched
-        # with PDL (programmatic dependent launch), the kernel starts while the kernel before it
-        # drains, and the weights, which no kernel writes, stream during that overlap. gdc_wait
-        # blocks until that kernel has finished and its writes are visible (a no-op when launched
-        # without PDL); x is read and y written after it, so neither races the previous kernel.
+        # Launched with PDL (programmatic dependent launch), the kernel starts while the kernel
+        # before it drains; gdc_wait blocks until that kernel has finished and its writes are
+        # visible (a no-op when launched without PDL). With EARLY_W (w a transform-time constant,
+        # stacked weights: no kernel writes them) the first weight tile streams before the wait,
+        # during that overlap; w read from an activation (a decode step's cache, which the step
+        # itself may write just before) waits first. x is read and y written after the wait.
+        if PDL and not EARLY_W:
+            tl.extra.cuda.gdc_wait()
         w = _w_tile(w_base, offs_o, 0, O, I, swi, BLOCK_I)
-        if PDL:
+        if PDL and EARLY_W:
             tl.extra.cuda.gdc_wait()
         x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
         if BLOCK_R == 1:
@@ -137,10 +141,18 @@ if triton is not None:
 
     _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["R", "O", "I", "BLOCK_R"])(_layer_gemv_tile)
 
-    def launch(kernel, x: torch.Tensor, w: torch.Tensor, pdl: bool = False, **config: int) -> torch.Tensor:
+    def launch(
+        kernel,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        pdl: bool = False,
+        early_weights: bool = False,
+        **config: int,
+    ) -> torch.Tensor:
         """Run ``kernel`` (the autotuned one, or the bare tile with an explicit ``config`` of
         BLOCK_O, BLOCK_I, as the tests do under ``TRITON_INTERPRET=1``) on x (N, R, I), w (N, O, I);
-        ``pdl``: launched with programmatic dependent launch (``layer_gemv_pdl``)."""
+        ``pdl``: launched with programmatic dependent launch (``layer_gemv_pdl``), ``early_weights``:
+        w is constant, its first tile is read before waiting for the previous kernel."""
         n, r, i = x.shape
         o = w.shape[1]
         y = torch.empty((n, r, o), device=x.device, dtype=x.dtype)
@@ -157,6 +169,7 @@ if triton is not None:
             BLOCK_R=1 if r == 1 else 16,
             IEEE_DOT=x.dtype == torch.float32,
             PDL=pdl,  # (explicit: Inductor passes a triton_op's kernel no defaults)
+            EARLY_W=early_weights,
             **({"launch_pdl": True} if pdl else {}),
             **config,
         )  # fmt: skip
@@ -168,17 +181,18 @@ if triton is not None:
         return launch(torch.library.wrap_triton(_layer_gemv_tuned), x, w)
 
     @torch.library.custom_op("snlp::layer_gemv_pdl", mutates_args=())
-    def layer_gemv_pdl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def layer_gemv_pdl(x: torch.Tensor, w: torch.Tensor, early_weights: bool) -> torch.Tensor:
         """``layer_gemv`` launched with programmatic dependent launch (Hopper and newer): it starts
-        while the kernel before it finishes and streams its first weight tiles meanwhile.
+        while the kernel before it finishes and, with ``early_weights`` (w a constant no kernel
+        writes: stacked weights, not a cache), streams its first weight tiles meanwhile.
 
         An opaque custom op, not a ``triton_op``: Inductor launches the kernels of a triton_op
         itself, without the launch attribute PDL needs, so this op launches its own (Inductor
         calls it like an ATen kernel; inside a CUDA graph the launch costs nothing extra)."""
-        return launch(_layer_gemv_tuned, x, w, pdl=True)
+        return launch(_layer_gemv_tuned, x, w, pdl=True, early_weights=early_weights)
 
     @layer_gemv_pdl.register_fake
-    def _layer_gemv_pdl_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _layer_gemv_pdl_fake(x: torch.Tensor, w: torch.Tensor, early_weights: bool) -> torch.Tensor:
         return x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
 
 
@@ -187,11 +201,12 @@ def pdl_supported(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool, weights_constant: bool) -> torch.Tensor:
     """x (N, R, I), w (N, O, I) -> (N, R, O) on the kernel, launched with PDL where ``pdl`` is
-    asked for and the GPU supports it (callers check :func:`applies` first)."""
+    asked for and the GPU supports it (callers check :func:`applies` first). ``weights_constant``:
+    no kernel writes w (stacked weights), so with PDL its first tiles stream before the wait."""
     if pdl and pdl_supported(x):
-        return torch.ops.snlp.layer_gemv_pdl(x, w)
+        return torch.ops.snlp.layer_gemv_pdl(x, w, weights_constant)
     return torch.ops.snlp.layer_gemv(x, w)
 
 

@@ -108,10 +108,22 @@ def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     With few rows per layer on a GPU (decoding) it is the layer-batched GEMV kernel
     (``snlp_compile.kernels``), which reads the weights closer to the bytes floor than cuBLAS'
     batched GEMM and copies no operand; the choice is made when the graph runs or is traced
-    (exports and CPUs take the einsum), so the rewritten graph itself does not change."""
+    (exports and CPUs take the einsum), so the rewritten graph itself does not change. w is a
+    transform-time constant (the solve's stacked weights): launched with PDL, the kernel streams
+    its first weight tiles before waiting for the kernel before it."""
+    return _batched_linear(x, w, weights_constant=True)
+
+
+def _einsum_linear_dynamic(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`_einsum_linear` with weights computed when the graph runs (read only after the
+    kernel before it has finished)."""
+    return _batched_linear(x, w, weights_constant=False)
+
+
+def _batched_linear(x: torch.Tensor, w: torch.Tensor, weights_constant: bool) -> torch.Tensor:
     if gemv_kernel_enabled() and layer_gemv.applies(x, w):
         rows = x.shape[1:-1]
-        y = layer_gemv.gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w, pdl_enabled())
+        y = layer_gemv.gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w, pdl_enabled(), weights_constant)
         return y.reshape(x.shape[0], *rows, w.shape[1])
     return torch.einsum("n...i,noi->n...o", x, w)
 
@@ -144,7 +156,7 @@ def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         w = b.transpose(-1, -2).flatten(0, lead - 1)
         x = a.flatten(0, lead - 1)
         if layer_gemv.applies(x, w):
-            return layer_gemv.gemv(x, w, pdl_enabled()).unflatten(0, a.shape[:-2])
+            return layer_gemv.gemv(x, w, pdl_enabled(), weights_constant=False).unflatten(0, a.shape[:-2])
     return torch.matmul(a, b)
 
 
@@ -168,7 +180,13 @@ def _fold_shared_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _Batcher:
-    def __init__(self, body: fx.GraphModule, batched_inputs: list[bool], num_layers: int):
+    def __init__(
+        self,
+        body: fx.GraphModule,
+        batched_inputs: list[bool],
+        num_layers: int,
+        constant_inputs: list[bool] | None = None,
+    ):
         self.body = body
         self.n = num_layers
         self.graph = fx.Graph()
@@ -180,6 +198,8 @@ class _Batcher:
             self.env[node] = self.graph.placeholder(node.name)
             self.env[node].meta = dict(node.meta)
             self.batched[node] = is_batched
+        # placeholders whose values are fixed at transform time (stacked weights)
+        self.constant = {n for n, c in zip(placeholders, constant_inputs or []) if c}
 
     # helpers -----------------------------------------------------------------------------------
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -310,7 +330,8 @@ class _Batcher:
         if name == "linear":
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if self.is_batched(b):
-                out = self.call(_einsum_linear, self.expand(a), self.env[b])
+                linear = _einsum_linear if b in self.constant else _einsum_linear_dynamic
+                out = self.call(linear, self.expand(a), self.env[b])
             else:
                 out = self.call(F.linear, self.env[a], self.env[b])
             if bias is not None:
@@ -414,11 +435,16 @@ class _Batcher:
 
 
 def batch_body(
-    body: fx.GraphModule, batched_inputs: list[bool], num_layers: int
+    body: fx.GraphModule,
+    batched_inputs: list[bool],
+    num_layers: int,
+    constant_inputs: list[bool] | None = None,
 ) -> tuple[fx.GraphModule, list[str]]:
     """The body rewritten to evaluate ``num_layers`` layers at once.
 
-    ``batched_inputs`` says, per placeholder (h first), whether it carries the layer axis.
+    ``batched_inputs`` says, per placeholder (h first), whether it carries the layer axis;
+    ``constant_inputs``, whether its value is fixed at transform time (stacked weights: their
+    linears are ``_einsum_linear``, the others' ``_einsum_linear_dynamic``; default none).
     Returns the batched GraphModule and the ops that needed the vmap fallback.
     """
-    return _Batcher(body, batched_inputs, num_layers).run()
+    return _Batcher(body, batched_inputs, num_layers, constant_inputs).run()

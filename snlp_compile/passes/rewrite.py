@@ -288,18 +288,19 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
 
     body, constant = build_body(chain, names)
     batched = [True, *(m != "shared" for m in modes)]
+    fixed = [False, *(m == "stacked" for m in modes)]  # values known at transform time
     # one batched body per distinct chunk size (the body fixes its layer count): the first chunk's
     # (all N layers without chunks), and the smaller size when the chunks are uneven
     sizes = chunk_sizes(chain.num_parallel, config.chunks)
-    layers, fallbacks = batch_body(body, batched, sizes[0])
+    layers, fallbacks = batch_body(body, batched, sizes[0], fixed)
     layers_short = None
     if sizes[-1] != sizes[0]:
-        layers_short, short_fallbacks = batch_body(body, batched, sizes[-1])
+        layers_short, short_fallbacks = batch_body(body, batched, sizes[-1], fixed)
         fallbacks += [f for f in short_fallbacks if f not in fallbacks]
     side_body = build_side_body(chain, names)
     side_layers = None
     if side_body is not None:  # evaluated once over all N layers after the solve, chunked or not
-        side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel)
+        side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel, fixed)
         side_layers.graph.eliminate_dead_code()  # batching leaves the rest of the layer dead here
         side_layers.recompile()
         fallbacks += [f for f in side_fallbacks if f not in fallbacks]
