@@ -68,6 +68,59 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
     assert "worst" in proc.stdout
 
 
+@needs_triton
+def test_pdl_kernel_reads_only_constant_weights_before_the_wait() -> None:
+    """The kernel compiled for sm90 (no GPU needed): without PDL no grid-dependency wait; with PDL
+    nothing is stored before ``griddepcontrol.wait``, nothing at all is loaded before it unless
+    EARLY_W, and with EARLY_W only the first weight tile (the same loads for 1 and 16 rows of x)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from snlp_compile.kernels import layer_gemv as lg
+
+    ints = ["R", "O", "I", "sxn", "sxr", "sxi", "swn", "swo", "swi", "syn", "syr", "syo"]
+    signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", **dict.fromkeys(ints, "i32")}
+    signature.update(
+        dict.fromkeys(["BLOCK_R", "BLOCK_O", "BLOCK_I", "IEEE_DOT", "PDL", "EARLY_W"], "constexpr")
+    )
+
+    def before_wait(rows: int, pdl: bool, early: bool) -> tuple[int, int, int] | None:
+        consts = {
+            "BLOCK_R": rows,
+            "BLOCK_O": 32,
+            "BLOCK_I": 128,
+            "IEEE_DOT": False,
+            "PDL": pdl,
+            "EARLY_W": early,
+        }
+        src = ASTSource(lg._layer_gemv_tile, signature, constexprs=consts)
+        try:
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": pdl})
+        except Exception as why:  # no CUDA backend tools in this triton install
+            pytest.skip(f"cannot compile for sm90 here: {why}")
+        lines = kernel.asm["ptx"].splitlines()
+        waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+        if not waits:
+            return None
+        loads = [i for i, line in enumerate(lines) if re.search(r"\b(ld\.global|cp\.async)", line)]
+        stores = [i for i, line in enumerate(lines) if "st.global" in line]
+        return (
+            sum(i < waits[0] for i in loads),
+            sum(i > waits[0] for i in loads),
+            sum(i < waits[0] for i in stores),
+        )
+
+    assert before_wait(1, pdl=False, early=False) is None
+    for rows in (1, 16):
+        early_loads, late_loads, early_stores = before_wait(rows, pdl=True, early=False)
+        assert early_loads == 0 and late_loads > 0 and early_stores == 0
+    one, sixteen = before_wait(1, pdl=True, early=True), before_wait(16, pdl=True, early=True)
+    assert one[0] > 0 and one[0] == sixteen[0] and one[2] == sixteen[2] == 0
+
+
 def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:
     w = torch.randn(3, 8, 16)
     assert not layer_gemv.applies(torch.randn(3, 1, 16), w)
