@@ -251,11 +251,12 @@ def solve_trace(
             graph.output(env[n])
             break
     gm = fx.GraphModule(transformed, graph)
-    saved = solve.iterations
+    saved = solve.iterations, solve.last_row_only
     try:
         if iterations is not None:
             solve.iterations = iterations
+        solve.last_row_only = False  # the whole trace, though the model reads only its last row
         out = gm(*flat_inputs)
         return out[0] if isinstance(out, tuple) else out  # (trace, *side outputs) with side outputs
     finally:
-        solve.iterations = saved
+        solve.iterations, solve.last_row_only = saved

@@ -14,6 +14,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(1)
 
 
+# names of the functions and ATen ops that count as matrix products in op-count tests
+MATMUL_OPS = (
+    "linear",
+    "matmul",
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "einsum",
+    "_einsum_linear",
+    "_einsum_linear_dynamic",
+    "_layer_matmul",
+)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from conftest import sequential_trace
+from conftest import MATMUL_OPS, sequential_trace
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
@@ -217,19 +217,6 @@ def test_hcn_decode_step_with_chunks_is_exact() -> None:
 
 # -- op counts -------------------------------------------------------------------------------------
 
-MATMUL = (
-    "linear",
-    "matmul",
-    "mm",
-    "bmm",
-    "addmm",
-    "baddbmm",
-    "einsum",
-    "_einsum_linear",
-    "_einsum_linear_dynamic",
-    "_layer_matmul",
-)
-
 
 def _heavy(nodes) -> Counter[str]:
     counts: Counter[str] = Counter()
@@ -239,7 +226,7 @@ def _heavy(nodes) -> Counter[str]:
         name = str(getattr(n.target, "__name__", n.target))
         if "attention" in name:
             counts["attention"] += 1
-        elif name.split(".")[0] in MATMUL or any(f"aten.{m}." in name for m in MATMUL):
+        elif name.split(".")[0] in MATMUL_OPS or any(f"aten.{m}." in name for m in MATMUL_OPS):
             counts["matmul"] += 1
     return counts
 

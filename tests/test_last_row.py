@@ -67,6 +67,9 @@ def test_forward_solves_only_the_last_row(name: str, summed: bool, chunks: int) 
     assert "snlp_solve[-1]" in approx.code
     assert any("corrects that row alone" in note for note in approx.snlp_report.notes)
     assert _solve_output_rows(approx, idx) == 1
+    with torch.no_grad():  # solve_trace() still shows the whole trace, and leaves the solve as it was
+        assert snlp_compile.solve_trace(approx, idx).shape[0] == n
+    assert solve.last_row_only
     with _Calls() as calls, torch.no_grad():
         last = approx(idx)
     solve.last_row_only = False  # the full trace, as before

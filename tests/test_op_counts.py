@@ -7,22 +7,10 @@ from collections import Counter
 import pytest
 import torch
 import torch.fx as fx
+from conftest import MATMUL_OPS
 
 import snlp_compile
 from snlp_compile.models import build_model
-
-MATMUL = (
-    "linear",
-    "matmul",
-    "mm",
-    "bmm",
-    "addmm",
-    "baddbmm",
-    "einsum",
-    "_einsum_linear",
-    "_einsum_linear_dynamic",
-    "_layer_matmul",
-)
 
 
 def _kind(node: fx.Node) -> str | None:
@@ -31,7 +19,7 @@ def _kind(node: fx.Node) -> str | None:
     name = str(getattr(node.target, "__name__", node.target))
     if "attention" in name:
         return "attention"
-    return "matmul" if name.split(".")[0] in MATMUL else None
+    return "matmul" if name.split(".")[0] in MATMUL_OPS else None
 
 
 def heavy_ops(graph: fx.Graph) -> Counter[str]:
@@ -46,7 +34,7 @@ def exported_ops(module: torch.nn.Module, idx: torch.Tensor) -> Counter[str]:
             name = str(n.target)
             if "attention" in name:
                 counts["attention"] += 1
-            elif any(f"aten.{m}." in name for m in MATMUL):
+            elif any(f"aten.{m}." in name for m in MATMUL_OPS):
                 counts["matmul"] += 1
     return counts
 
