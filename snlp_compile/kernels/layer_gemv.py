@@ -8,7 +8,9 @@ ATen's ``bmm`` wrapper adds a device-to-device copy of the one-row operand per c
 float32 and reads x and y through their strides, so no operand is copied.
 
 It is registered as ``torch.ops.snlp.layer_gemv`` with ``torch.library.triton_op``, so Inductor
-traces into it and CUDA graphs capture it. Triton is optional: without it (or on the CPU, or
+traces into it and CUDA graphs capture it; on Hopper and newer GPUs the batcher calls
+``torch.ops.snlp.layer_gemv_pdl`` instead, the same kernel launched with programmatic dependent
+launch (it starts while the kernel before it finishes; stacked weights stream meanwhile). Triton is optional: without it (or on the CPU, or
 while exporting) ``snlp_compile.passes.batch_layers._einsum_linear`` uses ``torch.einsum``.
 """
 
