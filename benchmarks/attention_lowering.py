@@ -30,6 +30,7 @@ from common import (
     compile_module,
     copy_bandwidth,
     cuda_graph,
+    device_label,
     environment,
     floor_ms,
     out_dir_from,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
     title = (
         "## Decode attention over the caches, all layers at once (compiled + CUDA graph)\n\n"
-        f"Device: {meta['env'].get('gpu', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+        f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s, "
         f"context {args.context}, batch 1"
     )
     columns = {

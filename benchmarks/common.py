@@ -256,6 +256,11 @@ def floor_ms(nbytes: float, bandwidth: float) -> float:
 
 
 # -- environment ----------------------------------------------------------------------------------
+def device_label(env: dict[str, Any]) -> str:
+    """The GPU's name (or the CPU's) from :func:`environment`, for table titles."""
+    return str(env.get("gpu") or env.get("cpu") or env.get("device", "?"))
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "torch": torch.__version__,
@@ -397,7 +402,7 @@ def markdown(
     lines = [f"## {regime}", ""]
     env = meta.get("env", {})
     lines.append(
-        f"Device: {env.get('gpu', env.get('cpu', '?'))}, torch {env.get('torch')}, "
+        f"Device: {device_label(env)}, torch {env.get('torch')}, "
         f"copy bandwidth {_fmt(meta.get('copy_bandwidth_tbs'), '.2f')} TB/s, "
         f"matmul {_fmt(meta.get('matmul_tflops'), '.0f')} TFLOP/s, dtype {meta.get('dtype')}. "
         f"{meta.get('note', '')}"

@@ -37,7 +37,16 @@ import torch
 from snlp_compile.passes.batch_layers import _einsum_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, cuda_graph, environment, floor_ms, out_dir_from, time_fn, write_table
+from common import (
+    copy_bandwidth,
+    cuda_graph,
+    device_label,
+    environment,
+    floor_ms,
+    out_dir_from,
+    time_fn,
+    write_table,
+)
 
 
 def _variants() -> dict[str, tuple[int, object]]:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
     title = (
         "## Layer-batched GEMV lowering (compiled + CUDA graph)\n\n"
-        f"Device: {meta['env'].get('device', device.type)}, copy bandwidth {bw / 1e12:.2f} TB/s"
+        f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s"
     )
     columns = {
         "N x O x I": "shape:",

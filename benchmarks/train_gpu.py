@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, out_dir_from
+from common import device_label, environment, out_dir_from
 
 from snlp_compile.train import (
     RegulariserConfig,
@@ -158,7 +158,7 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
     lines = [
         f"## SNLP-aware training: {meta['model']} with {', '.join(f'{k}={v}' for k, v in SHAPE.items())}",
         "",
-        f"Device: {env.get('gpu', env.get('cpu'))}, torch {env['torch']}, Python {env['python']}. Text: "
+        f"Device: {device_label(env)}, torch {env['torch']}, Python {env['python']}. Text: "
         f"{', '.join(meta.get('sources', ['its stdlib sources']))}. Data: {meta['data']}.",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),

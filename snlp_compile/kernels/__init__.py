@@ -15,10 +15,15 @@ from collections.abc import Iterator
 
 from . import layer_gemv
 
-_OFF = ("0", "false", "off", "no")
-_gemv_enabled = os.environ.get("SNLP_GEMV_KERNEL", "1").strip().lower() not in _OFF
-_attention_enabled = os.environ.get("SNLP_ATTENTION_KERNEL", "1").strip().lower() not in _OFF
-_pdl_enabled = os.environ.get("SNLP_PDL", "1").strip().lower() not in _OFF
+
+def _env_flag(name: str) -> bool:
+    """An on-by-default switch from the environment: 0, false, off or no turn it off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_gemv_enabled = _env_flag("SNLP_GEMV_KERNEL")
+_attention_enabled = _env_flag("SNLP_ATTENTION_KERNEL")
+_pdl_enabled = _env_flag("SNLP_PDL")
 
 
 def gemv_kernel_enabled() -> bool:

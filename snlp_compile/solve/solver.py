@@ -273,11 +273,17 @@ class LayerParallelSolve(nn.Module):
         other recurrences take their full trace's last row."""
         summed = self._summed_increments(g, a, u, chunk)
         if summed is None:
-            full = self.correct(g, a, u, h_in) if self.num_chunks == 1 else self.correct(g, a, u, h_in, chunk)
-            return full[-1:]
+            return self._correct_chunk(g, a, u, h_in, chunk)[-1:]
         d, products = summed
         h = (h_in + d.sum(0)).unsqueeze(0)
         return h if products is None else products[-1:] * h
+
+    def _correct_chunk(
+        self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, h_in: torch.Tensor, chunk: int | None
+    ) -> torch.Tensor:
+        """:meth:`correct` over one chunk; with one chunk called as before chunks existed (the
+        four-argument call, which tests may patch)."""
+        return self.correct(g, a, u, h_in) if self.num_chunks == 1 else self.correct(g, a, u, h_in, chunk)
 
     def _summed_increments(
         self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, chunk: int | None
@@ -382,8 +388,7 @@ class LayerParallelSolve(nn.Module):
                 g, a = self._evaluate(u, ext, chunk)
             if last_row_only and step + 1 == self.iterations:
                 return self.correct_last(g, a, u, h_in, chunk)
-            # (one chunk: the call as before chunks existed, which tests may patch)
-            h = self.correct(g, a, u, h_in) if self.num_chunks == 1 else self.correct(g, a, u, h_in, chunk)
+            h = self._correct_chunk(g, a, u, h_in, chunk)
             if step + 1 < self.iterations:
                 u = _inputs_from_trace(h_in, h)
         return h
