@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     key = variant.replace("+graph", "")
                     options = None if family == "sequential" else run.meta.get("snlp_inductor")
+                    rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
                     build = partial(make_variant, base, mode, inputs, device, compiled, key, post, options)
                     if family == "snlp-einsum":
                         build = gemv_kernel_off(build)

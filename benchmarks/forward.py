@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     key = variant.replace("+graph", "")
                     options = None if family == "sequential" else meta.get("snlp_inductor")
+                    rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
                     build = partial(make_variant, base, mode, (idx,), device, compiled, key, None, options)
                     bench.measure(rec, build, ref, warmup=5)
                     print(

@@ -49,6 +49,8 @@ def test_decode_benchmark_compiles_snlp_with_its_own_inductor_options(tmp_path: 
     assert set(variants) == {"seq compiled", "snlp K=1 compiled"}, list(variants)
     assert all(r["median_ms"] > 0 and r["error"] is None for r in variants.values()), variants
     assert result["meta"]["snlp_inductor"] == {"combo_kernels": True}
+    assert variants["seq compiled"]["extra"]["own_inductor_options"] == {}
+    assert variants["snlp K=1 compiled"]["extra"]["own_inductor_options"] == {"combo_kernels": True}
     assert (
         "Inductor options of the SNLP variants (on top): combo_kernels=True"
         in (tmp_path / "decode.md").read_text()
