@@ -46,9 +46,11 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
         from snlp_compile.kernels import layer_gemv as lg
         torch.manual_seed(0)
         worst = 0.0
-        # odd sizes exercise the masks; R > 1 takes the tl.dot path (dispatch sends 2-4 rows to
-        # cuBLAS, the op itself takes them); strided x and w views
-        for n, r, o, i in [(3, 1, 40, 70), (2, 2, 24, 70), (2, 3, 40, 130), (2, 5, 33, 130), (2, 1, 64, 256)]:
+        # odd sizes exercise the masks; R = 2 takes the two-accumulator path, R > 2 the tl.dot
+        # one (dispatch sends 3-4 rows to cuBLAS, the op itself takes them); strided x and w views
+        for n, r, o, i in [
+            (3, 1, 40, 70), (2, 2, 24, 70), (3, 2, 40, 130), (2, 3, 40, 130), (2, 5, 33, 130), (2, 1, 64, 256)
+        ]:
             x = torch.randn(n, r, 2 * i)[..., ::2]
             w = torch.randn(n, i, o).transpose(1, 2)
             for bo, bi in [(16, 64), (32, 128)]:
@@ -72,7 +74,7 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
 def test_pdl_kernel_reads_only_constant_weights_before_the_wait() -> None:
     """The kernel compiled for sm90 (no GPU needed): without PDL no grid-dependency wait; with PDL
     nothing is stored before ``griddepcontrol.wait``, nothing at all is loaded before it unless
-    EARLY_W, and with EARLY_W only the first weight tile (the same loads for 1 and 16 rows of x)."""
+    EARLY_W, and with EARLY_W only the first weight tile (the same loads for 1, 2 and 16 rows of x)."""
     import re
 
     import triton
@@ -114,11 +116,11 @@ def test_pdl_kernel_reads_only_constant_weights_before_the_wait() -> None:
         )
 
     assert before_wait(1, pdl=False, early=False) is None
-    for rows in (1, 16):
+    for rows in (1, 2, 16):
         early_loads, late_loads, early_stores = before_wait(rows, pdl=True, early=False)
         assert early_loads == 0 and late_loads > 0 and early_stores == 0
-    one, sixteen = before_wait(1, pdl=True, early=True), before_wait(16, pdl=True, early=True)
-    assert one[0] > 0 and one[0] == sixteen[0] and one[2] == sixteen[2] == 0
+    one, two, sixteen = (before_wait(r, pdl=True, early=True) for r in (1, 2, 16))
+    assert one[0] > 0 and one[0] == two[0] == sixteen[0] and one[2] == two[2] == sixteen[2] == 0
 
 
 def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:

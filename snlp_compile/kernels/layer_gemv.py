@@ -85,6 +85,15 @@ if triton is not None:
         )
 
     @triton.jit
+    def _x_rows2(x_row0, sxr, i0, I, sxi, BLOCK_I: tl.constexpr):  # noqa: E741
+        """Rows 0 and 1 of x at column i0 as two (1, BLOCK_I) float32 tiles (x_row0: the layer's
+        row 0; ``launch`` takes this path for exactly two rows)."""
+        offs_i = i0 + tl.arange(0, BLOCK_I)[None, :]
+        x0 = tl.load(x_row0 + offs_i * sxi, mask=offs_i < I, other=0.0)
+        x1 = tl.load(x_row0 + sxr + offs_i * sxi, mask=offs_i < I, other=0.0)
+        return x0.to(tl.float32), x1.to(tl.float32)
+
+    @triton.jit
     def _dot(x, w, IEEE_DOT: tl.constexpr):
         """x (BLOCK_R, BLOCK_I) times the weight tile transposed, in float32 (exact for float32 x)."""
         return tl.dot(x, tl.trans(w), input_precision="ieee" if IEEE_DOT else None)
@@ -120,8 +129,8 @@ if triton is not None:
         w = _w_tile(w_base, offs_o, 0, O, I, swi, BLOCK_I)
         if PDL and EARLY_W:
             tl.extra.cuda.gdc_wait()
-        x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
         if BLOCK_R == 1:
+            x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
             # a true GEMV: elementwise products accumulate in registers across the I loop and
             # are reduced once at the end (a reduction per tile would serialise the loop)
             part = w.to(tl.float32) * x.to(tl.float32)
@@ -130,7 +139,23 @@ if triton is not None:
                 x = _x_tile(x_base, offs_r, i0, R, I, sxi, BLOCK_I)
                 part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
+        elif BLOCK_R == 2:
+            # two rows (a deferred-K/V step's q/k/v: the previous token's corrected input and this
+            # one's): two 2-D accumulators, one per row, each the one-row loop's (a 3-D
+            # accumulator over both rows ran 70% slower than one row, run 8)
+            x_row0 = x_ptr + n * sxn
+            x0, x1 = _x_rows2(x_row0, sxr, 0, I, sxi, BLOCK_I)
+            wf = w.to(tl.float32)
+            part0 = wf * x0
+            part1 = wf * x1
+            for i0 in range(BLOCK_I, I, BLOCK_I):
+                wf = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I).to(tl.float32)
+                x0, x1 = _x_rows2(x_row0, sxr, i0, I, sxi, BLOCK_I)
+                part0 += wf * x0
+                part1 += wf * x1
+            acc = tl.join(tl.sum(part0, axis=1), tl.sum(part1, axis=1)).trans()
         else:
+            x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
             acc = _dot(x, w, IEEE_DOT)
             for i0 in range(BLOCK_I, I, BLOCK_I):
                 w = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I)
@@ -168,7 +193,7 @@ if triton is not None:
             x.stride(0), x.stride(1), x.stride(2),
             w.stride(0), w.stride(1), w.stride(2),
             y.stride(0), y.stride(1), y.stride(2),
-            BLOCK_R=1 if r == 1 else 16,
+            BLOCK_R=r if r <= 2 else 16,
             IEEE_DOT=x.dtype == torch.float32,
             PDL=pdl,  # (explicit: Inductor passes a triton_op's kernel no defaults)
             EARLY_W=early_weights,

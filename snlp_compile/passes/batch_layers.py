@@ -192,6 +192,7 @@ class _Batcher:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.batched: dict[fx.Node, bool] = {}
+        self.expanded: dict[fx.Node, fx.Node] = {}
         self.fallbacks: list[str] = []
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
         for node, is_batched in zip(placeholders, batched_inputs):
@@ -224,12 +225,15 @@ class _Batcher:
         return out
 
     def expand(self, a: Any) -> Any:
-        """A shared tensor given the layer axis (for ops that need every operand batched)."""
+        """A shared tensor given the layer axis (for ops that need every operand batched): one
+        view per value, so linears reading the same shared input still see one input node."""
         if self.is_batched(a):
             return self.env[a]
-        return self.call(
-            torch.Tensor.expand, self.call(torch.unsqueeze, self.env[a], 0), self.n, *([-1] * _rank(a))
-        )
+        if a not in self.expanded:
+            self.expanded[a] = self.call(
+                torch.Tensor.expand, self.call(torch.unsqueeze, self.env[a], 0), self.n, *([-1] * _rank(a))
+            )
+        return self.expanded[a]
 
     # rules -------------------------------------------------------------------------------------
     def run(self) -> tuple[fx.GraphModule, list[str]]:
