@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 
 MAX_ROWS = 16  # rows per layer the kernel takes; more rows are a real GEMM, cuBLAS' job
-# 2-4 rows per layer (a deferred-K/V step's q/k/v GEMV has two) are cuBLAS' job: its batched
-# GEMM beat both this kernel's tl.dot tile and a register-accumulating variant there (run 8 sweep,
-# H200: 27.1 vs 31.0 us on 32x1920x640, 51.1 vs 62.5 us on 20x3840x1280)
-CUBLAS_ROWS = range(2, 5)
+# 3-4 rows per layer are cuBLAS' job: its batched GEMM beat this kernel's tl.dot tile there (run 8
+# sweep). Two rows (a deferred-K/V step's q/k/v) take the kernel's two-accumulator path since run 11:
+# in the CUDA-graphed step it beat cuBLAS on both shapes (0.5B deferred K=1 0.148 -> 0.139 ms, d20
+# 0.268 -> 0.261 ms; alone 25.2 vs 27.0 us on 32x1920x640, 55.3 vs 54.2 us on 20x3840x1280)
+CUBLAS_ROWS = range(3, 5)
 
 try:  # triton is an optional dependency (the CPU wheel of torch does not bring it)
     import triton
@@ -41,7 +42,7 @@ if triton is not None:
     def _configs() -> list[triton.Config]:
         """The fastest launch configs of ``benchmarks/gemv_lowering.py --sweep`` on an H200 (run 7)
         for the decode shapes (d20: 1280/5120-wide, 0.5B: 640/1920/2560-wide), one row per layer
-        (the first seven) and eight (the next five); the last four are for the attention products
+        (the first seven), eight (the next five) and two (run 11); the last four are for the attention products
         (``passes.batch_layers._layer_matmul``)."""
         return [
             triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
@@ -58,6 +59,7 @@ if triton is not None:
                 (64, 128, 2, 2),
                 (64, 128, 4, 3),
                 (32, 256, 2, 3),
+                (64, 128, 8, 1),  # two rows per layer (run 11 sweep, both deferred q/k/v shapes)
                 # a decode step's attention products (run 9 sweep): queries times the keys
                 # cache (I = head dim 64/128), probabilities times the values cache read
                 # transposed (O = head dim, contiguous)
