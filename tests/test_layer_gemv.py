@@ -231,7 +231,10 @@ def test_gpu_op_matches_einsum(dtype: torch.dtype, rows: int, shape: tuple[int, 
     # the dispatch sends 3-4 rows per layer to cuBLAS; the op itself takes them all
     assert layer_gemv.applies(x, w) == (rows not in layer_gemv.CUBLAS_ROWS)
     ref = torch.einsum("nri,noi->nro", x.double(), w.double())
-    for y in (torch.ops.snlp.layer_gemv(x, w), torch.ops.snlp.layer_gemv_pdl(x, w)):
+    ops = [torch.ops.snlp.layer_gemv(x, w)]
+    if layer_gemv.pdl_supported(x):  # the PDL op, with and without the early weight tile
+        ops += [torch.ops.snlp.layer_gemv_pdl(x, w, early) for early in (False, True)]
+    for y in ops:
         rel = ((y.double() - ref).norm() / ref.norm()).item()
         assert rel < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], rel
 
