@@ -31,7 +31,7 @@ case "${1:-}" in
       --shapes 32x1920x640,20x3840x1280 --out "$out" --name gemv_sweep_rows2_r11
     for r in cublas kernel; do eval rows2 $r $snlp_decode --name rows2_ab_$r | grep "ms  rel_err"; done ;;
   last-row-ab)
-    for v in 0 sum matmul; do
+    for v in 0 sum matmul; do  # (run 11; "matmul" was removed after it: no gain)
       SNLP_LAST_ROW=$v python benchmarks/forward.py --shapes 0.5b --seq 2048 --seq-modes '' \
         --modes compiled+graph,autotuned+graph --ks 1 --chunks '' --no-smoke --out "$out" --name last_row_ab_$v | grep " ms "
     done ;;

@@ -5,6 +5,10 @@ solve (the same K, to rounding) and, in exact mode, the sequential model; float6
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.fx as fx
@@ -97,3 +101,23 @@ def test_warm_init_and_side_outputs_keep_the_whole_trace() -> None:
     step = snlp_compile.transform(CachedStep(model), step_inputs(model), iterations=1)
     step_solve = step.get_submodule(SOLVE_NAME)
     assert not step_solve.last_row_only and not step_solve.returns_last_row_only()
+
+
+def test_environment_switch_keeps_the_whole_trace() -> None:
+    """``SNLP_LAST_ROW=0`` (A/B timing, read at import) leaves a forward's solve as it was before
+    last-row solves: the whole trace, indexed by layer."""
+    script = (
+        "import torch, snlp_compile\n"
+        "from snlp_compile.models import build_model\n"
+        "m = build_model('gpt-tiny', dtype=torch.float64)\n"
+        "idx = torch.randint(0, m.config.vocab_size, (1, 5))\n"
+        "fast = snlp_compile.transform(m, (idx,), iterations=1, dynamic_shapes=False)\n"
+        "print(fast.snlp_solve.last_row_only, 'snlp_solve[-1]' in fast.code)\n"
+    )
+    for value, expected in (("0", "False False"), ("1", "True True")):
+        env = dict(os.environ, SNLP_LAST_ROW=value)
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == expected

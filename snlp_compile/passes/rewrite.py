@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..config import SNLPConfig, chunk_sizes
 from ..errors import SNLPRefusal
 from ..ir import LayerChain
-from ..solve.solver import LAST_ROW_SUM, ExtMode, LayerParallelSolve, row_block_start
+from ..solve.solver import LAST_ROW_SOLVE, ExtMode, LayerParallelSolve, row_block_start
 from .batch_layers import _einsum_linear, batch_body
 from .graph_utils import ancestors, descendants
 from .skip_split import Const, emit_coefficient
@@ -359,7 +359,7 @@ def rewrite(gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig) -> fx.Gra
                 env[layer.side_outputs[s]] = graph.call_function(operator.getitem, (sides[-1], j))
     read = {j for out_node, j in outputs.items() if any(u not in region for u in out_node.users)}
     # only the last layer's output read (a forward): the solve may return that row alone
-    solve.last_row_only = read == {len(par) - 1} and side_layers is None and LAST_ROW_SUM not in ("0", "off")
+    solve.last_row_only = read == {len(par) - 1} and side_layers is None and LAST_ROW_SOLVE
     if solve.last_row_only:
         chain.notes.append("only the last layer's output is read: the solve corrects that row alone")
     for out_node, j in outputs.items():

@@ -40,10 +40,12 @@ from .stream_layout import StreamLayout
 
 ExtMode = Literal["stacked", "runtime", "shared"]
 
-# How a solve that returns only the last row sums the layers (A/B timing, read once at import):
-# "sum" (default) a reduction over the layer axis, "matmul" a (1, N) x (N, M) product, "0" off
-# (the rewrite then leaves the full trace, as before last-row solves existed).
-LAST_ROW_SUM = os.environ.get("SNLP_LAST_ROW", "sum").strip().lower()
+# SNLP_LAST_ROW=0 (read once, at import): no last-row solves, the full trace as before they
+# existed, for A/B timing. Run 11 measured no difference in a T=2048 forward's wall time (the
+# forward is bound by its GEMMs and attention), and summing the layers as a (1, N) x (N, M)
+# product instead of a reduction neither (BENCHMARKS.md); last-row solves stay on: one row written
+# instead of N.
+LAST_ROW_SOLVE = os.environ.get("SNLP_LAST_ROW", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 class LayerParallelSolve(nn.Module):
@@ -277,33 +279,12 @@ class LayerParallelSolve(nn.Module):
         over the layers instead of a prefix sum, so the correction writes one row instead of N
         (at T=2048 on the 0.5B shape the scan wrote a 84 MB trace of which one row was read);
         other recurrences take their full trace's last row."""
-        if LAST_ROW_SUM == "matmul" and self.stream_layout is None:
-            weights = self._layer_sum_weights(a, u, chunk)
-            if weights is not None:
-                c, e, p_last = weights
-                h = (h_in + _layer_sum(g, c) - _layer_sum(u, e)).unsqueeze(0)
-                return h if p_last is None else p_last * h
         summed = self._summed_increments(g, a, u, chunk)
         if summed is None:
             return self._correct_chunk(g, a, u, h_in, chunk)[-1:]
         d, products = summed
         h = (h_in + d.sum(0)).unsqueeze(0)
         return h if products is None else products[-1:] * h
-
-    def _layer_sum_weights(
-        self, a: torch.Tensor | float, u: torch.Tensor, chunk: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """(c, e, P_last) with the last row h = P_last (h_in + sum_j c_j g_j - sum_j e_j u_j), for
-        the recurrences :meth:`_summed_increments` sums; else None."""
-        if isinstance(a, float) and a == 1.0 and self.damping == 1.0:
-            ones = torch.ones(u.shape[0], dtype=u.dtype, device=u.device)
-            return ones, ones, None
-        if self.static_scalar is None or not isinstance(a, torch.Tensor):
-            return None
-        inv = self._rows(self.static_scalar_inv_prod, chunk)
-        e = self._rows(self.static_scalar, chunk) * inv
-        p_last = self._rows(self.static_scalar_prod, chunk)[-1:].reshape((1,) * u.dim())
-        return inv, e, p_last
 
     def _correct_chunk(
         self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, h_in: torch.Tensor, chunk: int | None
@@ -525,14 +506,6 @@ class LayerParallelSolve(nn.Module):
         # each layer computes from the input the returned trace says it had. One evaluation over
         # all N layers, chunked or not.
         return (h, *_as_tuple(self.side_layers(_inputs_from_trace(h_in, h), *ext)))
-
-
-def _layer_sum(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j t_j over the layer axis as one (1, N) x (N, M) product (a GEMV that streams t
-    once); a broadcast t (u from h0: every row h_in) is one row times sum(w)."""
-    if t.stride(0) == 0:
-        return t[0] * w.sum().to(t.dtype)
-    return (w.to(t.dtype).unsqueeze(0) @ t.reshape(t.shape[0], -1)).reshape(t.shape[1:])
 
 
 def _inputs_from_trace(h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
