@@ -2,8 +2,7 @@
 # Run 11's figures on a lent GPU (BENCHMARKS.md "Run 11"): `bash benchmarks/run11.sh PART`, output in $OUT.
 #   probe        the kernel's two-row path swept on the deferred q/k/v shapes, and an SNLP-only A/B on
 #                one machine: deferred steps with 2 rows per layer on cuBLAS vs on the kernel
-#   last-row-ab  the forward's last-row solve on one machine: off (full trace), summed over the layer
-#                axis by Inductor, summed as a (1, N) x (N, M) product (SNLP_LAST_ROW=0|sum|matmul)
+#   last-row-ab  the forward's last-row solve on one machine, off (full trace) and on (SNLP_LAST_ROW=0|1)
 #   gpu-tests    the GPU tests of the kernel, the deferred K/V and the decode step
 #   decode-05b | decode-d20   decode step, batch 1, context 1024: the sequential step compiled and
 #                max-autotuned (both CUDA-graphed), SNLP K=1,2 plain and deferred
@@ -31,7 +30,7 @@ case "${1:-}" in
       --shapes 32x1920x640,20x3840x1280 --out "$out" --name gemv_sweep_rows2_r11
     for r in cublas kernel; do eval rows2 $r $snlp_decode --name rows2_ab_$r | grep "ms  rel_err"; done ;;
   last-row-ab)
-    for v in 0 sum matmul; do  # (run 11; "matmul" was removed after it: no gain)
+    for v in 0 1; do  # (run 11 timed 0, sum and matmul, a product form of the sum removed after: no gain)
       SNLP_LAST_ROW=$v python benchmarks/forward.py --shapes 0.5b --seq 2048 --seq-modes '' \
         --modes compiled+graph,autotuned+graph --ks 1 --chunks '' --no-smoke --out "$out" --name last_row_ab_$v | grep " ms "
     done ;;
