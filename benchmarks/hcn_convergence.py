@@ -38,11 +38,11 @@ from snlp_compile.models import build_model, model_config
 from snlp_compile.models.mhc import HCPackageGPT
 from snlp_compile.solve.scan import (
     apply_prefix_products,
-    identity_scan,
     matrix_affine_scan,
     static_init_products,
     static_prefix_products,
 )
+from snlp_compile.solve.solver import identity_surrogate
 
 MODELS = {
     "mhc-small (static H)": lambda seed: build_model("mhc-small", seed=seed),
@@ -70,16 +70,6 @@ def sequential_trace(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.T
     return torch.stack(outs), logits
 
 
-@contextmanager
-def identity_surrogate(fast: torch.fx.GraphModule) -> Iterator[None]:
-    solve = fast.snlp_solve
-    solve.correct = lambda g, a, u, h_in: identity_scan(g - u, h_in)
-    try:
-        yield
-    finally:
-        del solve.correct
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -97,7 +87,7 @@ def convergence(
     rows = []
     for surrogate in ("HCN", "identity"):
         for k in range(1, n + 1):
-            with torch.no_grad(), identity_surrogate(fast) if surrogate == "identity" else _null():
+            with torch.no_grad(), identity_surrogate(fast.snlp_solve) if surrogate == "identity" else _null():
                 trace = snlp_compile.solve_trace(fast, idx, iterations=k)
                 fast.snlp_solve.iterations = k
                 logits = fast(idx)

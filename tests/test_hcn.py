@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
@@ -20,12 +20,12 @@ from snlp_compile.models import build_model
 from snlp_compile.models.mhc import sinkhorn
 from snlp_compile.solve.scan import (
     apply_prefix_products,
-    identity_scan,
     matrix_affine_scan,
     sequential_affine_recurrence,
     static_init_products,
     static_prefix_products,
 )
+from snlp_compile.solve.solver import identity_surrogate
 
 F64 = torch.float64
 FLAVOURS = ["mhc-tiny", "mhc-dyn-tiny"]
@@ -58,17 +58,6 @@ def case(request: pytest.FixtureRequest) -> Case:
     idx = _tokens(model)
     fast = snlp_compile.transform(model, (idx,), iterations=1)
     return Case(model, idx, fast, sequential_trace(model, list(model.transformer.h), idx))
-
-
-@contextmanager
-def identity_surrogate(fast: torch.fx.GraphModule) -> Iterator[None]:
-    """The same solve with the skip treated as the identity (IDN's correction, A = I)."""
-    solve = fast.snlp_solve
-    solve.correct = lambda g, a, u, h_in: identity_scan(g - u, h_in)
-    try:
-        yield
-    finally:
-        del solve.correct
 
 
 # -- 1. the scan against the sequential recurrence ---------------------------------------------------
@@ -151,7 +140,7 @@ def test_linear_layers_are_solved_in_one_iteration(case: Case) -> None:
             fast.snlp_solve.use_prefix_products = False  # the log-depth scan gives the same
             torch.testing.assert_close(fast(idx), model(idx), rtol=1e-10, atol=1e-10)
         expected = sequential_trace(model, list(model.transformer.h), idx)[1:]
-        with identity_surrogate(fast):
+        with identity_surrogate(fast.snlp_solve):
             assert _rel(snlp_compile.solve_trace(fast, idx), expected) > 1e-2
 
 
@@ -205,7 +194,10 @@ def test_hcn_beats_identity_surrogate(case: Case) -> None:
     errors: dict[str, list[float]] = {}
     logits: dict[str, torch.Tensor] = {}
     for surrogate in ("hcn", "identity"):
-        with torch.no_grad(), identity_surrogate(case.fast) if surrogate == "identity" else nullcontext():
+        with (
+            torch.no_grad(),
+            identity_surrogate(case.fast.snlp_solve) if surrogate == "identity" else nullcontext(),
+        ):
             errors[surrogate] = [
                 _rel(snlp_compile.solve_trace(case.fast, case.idx, iterations=k), case.expected)
                 for k in (1, 2)

@@ -21,7 +21,8 @@ body per distinct chunk size (at most two): C evaluations per iteration, whateve
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -506,6 +507,18 @@ class LayerParallelSolve(nn.Module):
         # each layer computes from the input the returned trace says it had. One evaluation over
         # all N layers, chunked or not.
         return (h, *_as_tuple(self.side_layers(_inputs_from_trace(h_in, h), *ext)))
+
+
+@contextmanager
+def identity_surrogate(solve: LayerParallelSolve) -> Iterator[None]:
+    """Inside the block, ``solve`` corrects as if every skip were the identity (IDN's correction,
+    A = I) whatever its skips are: the baseline a structured (HCN) correction is measured against
+    (``tests/test_hcn.py``, ``benchmarks/hcn_convergence.py``)."""
+    solve.correct = lambda g, a, u, h_in, chunk=None: identity_scan(g - u, h_in)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del solve.correct
 
 
 def _inputs_from_trace(h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
