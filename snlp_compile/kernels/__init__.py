@@ -10,20 +10,14 @@ GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
+from ..config import env_flag
 from . import layer_gemv
 
-
-def _env_flag(name: str) -> bool:
-    """An on-by-default switch from the environment: 0, false, off or no turn it off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-_gemv_enabled = _env_flag("SNLP_GEMV_KERNEL")
-_attention_enabled = _env_flag("SNLP_ATTENTION_KERNEL")
-_pdl_enabled = _env_flag("SNLP_PDL")
+_gemv_enabled = env_flag("SNLP_GEMV_KERNEL")
+_attention_enabled = env_flag("SNLP_ATTENTION_KERNEL")
+_pdl_enabled = env_flag("SNLP_PDL")
 
 
 def gemv_kernel_enabled() -> bool:

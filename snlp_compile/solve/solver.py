@@ -20,7 +20,6 @@ body per distinct chunk size (at most two): C evaluations per iteration, whateve
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -29,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..config import env_flag
 from .scan import (
     apply_prefix_products,
     elementwise_affine_scan,
@@ -41,12 +41,9 @@ from .stream_layout import StreamLayout
 
 ExtMode = Literal["stacked", "runtime", "shared"]
 
-# SNLP_LAST_ROW=0 (read once, at import): no last-row solves, the full trace as before they
-# existed, for A/B timing. Run 11 measured no difference in a T=2048 forward's wall time (the
-# forward is bound by its GEMMs and attention), and summing the layers as a (1, N) x (N, M)
-# product instead of a reduction neither (BENCHMARKS.md); last-row solves stay on: one row written
-# instead of N.
-LAST_ROW_SOLVE = os.environ.get("SNLP_LAST_ROW", "1").strip().lower() not in ("0", "false", "off", "no")
+# SNLP_LAST_ROW=0 (read once, at import): no last-row solves, the full trace, for A/B timing
+# (run 11 measured no wall-time difference in a T=2048 forward; BENCHMARKS.md).
+LAST_ROW_SOLVE = env_flag("SNLP_LAST_ROW")
 
 
 class LayerParallelSolve(nn.Module):
