@@ -251,6 +251,15 @@ def layer_bytes(model: torch.nn.Module, container: str = "transformer.h") -> int
     return sum(p.numel() * p.element_size() for p in layers.parameters())
 
 
+def layer_parallel_passes(k: int, n_layers: int) -> float:
+    """Passes over N layers' weights (and a decode step's caches) that K SNLP iterations make at
+    least: iteration s (from 0) must evaluate the N - s layers whose inputs are not yet exact
+    (after s iterations the first s are, DESIGN.md invariant), so sum_{s<K} (N - s) / N. Weights
+    larger than the L2 cache are re-read by every iteration. 1 at K=1; (N + 1) / 2 at K=N."""
+    k = min(int(k), int(n_layers))
+    return sum(n_layers - s for s in range(k)) / n_layers
+
+
 def floor_ms(nbytes: float, bandwidth: float) -> float:
     return nbytes / bandwidth * 1e3 if bandwidth and not math.isnan(bandwidth) else float("nan")
 
@@ -298,6 +307,11 @@ class Record:
     ratio_vs_best_seq: float | None = None
     floor_ms: float | None = None
     x_floor: float | None = None
+    # the least time of any step of this variant's kind: one pass over the layers for the
+    # sequential model, layer_parallel_passes(K, N) passes for SNLP at K (finish_case)
+    k_floor_ms: float | None = None
+    # best sequential / k_floor_ms: the most any step of this kind can reach against that baseline
+    ceiling_vs_best_seq: float | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -346,12 +360,31 @@ class Bench:
         self.records.append(rec)
         return rec
 
-    def finish_case(self, shape: str, case: str, floor: float | None) -> None:
-        """Ratios against the best sequential variant of this case; floor multiples."""
+    def finish_case(
+        self,
+        shape: str,
+        case: str,
+        floor: float | None,
+        layers: int | None = None,
+        pass_floor: float | None = None,
+    ) -> None:
+        """Ratios against the best sequential variant of this case; floor multiples.
+
+        ``pass_floor`` (default ``floor``): the least time of one pass over all ``layers`` (bytes
+        or FLOPs, whichever binds); each row's ``k_floor_ms`` is that many passes as its kind must
+        make (:func:`layer_parallel_passes`), and ``ceiling_vs_best_seq`` what a step running at
+        that floor would reach against the best sequential variant: the highest ratio any target
+        for this row can ask."""
         rows = [r for r in self.records if r.shape == shape and r.case == case]
         seq = [r.median_ms for r in rows if r.family == "sequential" and r.median_ms is not None]
         best = min(seq) if seq else None
+        one_pass = floor if pass_floor is None else pass_floor
         for r in rows:
+            if one_pass is not None and not math.isnan(one_pass) and layers:
+                passes = layer_parallel_passes(r.k, layers) if r.family != "sequential" and r.k else 1.0
+                r.k_floor_ms = one_pass * passes
+                if best is not None:
+                    r.ceiling_vs_best_seq = best / r.k_floor_ms
             if r.median_ms is None:
                 continue
             if best is not None:
@@ -422,16 +455,17 @@ def markdown(
         if case_notes and key in case_notes:
             lines += [case_notes[key], ""]
         lines += [
-            "| variant | median ms | p10-p90 ms | vs best seq | x floor | rel err |",
-            "|---|---|---|---|---|---|",
+            "| variant | median ms | p10-p90 ms | vs best seq | x floor | floor at K ms | ceiling vs best seq | rel err |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             if r.error:
-                lines.append(f"| {r.variant} | failed: {r.error[:80]} | | | | |")
+                lines.append(f"| {r.variant} | failed: {r.error[:80]} | | | | | | |")
                 continue
             lines.append(
                 f"| {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.p10_ms)}-{_fmt(r.p90_ms)} | "
-                f"{_fmt(r.ratio_vs_best_seq, '.2f')}x | {_fmt(r.x_floor, '.2f')} | {_fmt(r.rel_err, '.1e')} |"
+                f"{_fmt(r.ratio_vs_best_seq, '.2f')}x | {_fmt(r.x_floor, '.2f')} | {_fmt(r.k_floor_ms)} | "
+                f"{_fmt(r.ceiling_vs_best_seq, '.2f')}x | {_fmt(r.rel_err, '.1e')} |"
             )
     return "\n".join(lines) + "\n"
 

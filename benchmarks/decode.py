@@ -27,6 +27,9 @@ K/V projection weights are read once per step. The timed loop repeats one positi
 rewrites that slot (the same work as in generation).
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
+"floor at K": what a step must read at least, the floor times ``common.layer_parallel_passes``
+(K SNLP iterations re-read the weights and caches of every layer whose input is not yet exact);
+"ceiling vs best seq": the best sequential time over it, the highest ratio any step can reach.
 SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
 time; that is part of the measured time, not of the floor.
 """
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"  ({rec.extra['build_and_time_s']} s)",
                         flush=True,
                     )
-                bench.finish_case(shape_label, case, floor)
+                bench.finish_case(shape_label, case, floor, layers=cfg.n_layer)
                 if args.profile and device.type == "cuda" and batch == 1:
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 deferred compiled"):
                         if key in compiled:

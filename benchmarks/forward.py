@@ -15,7 +15,9 @@ torch.cuda.CUDAGraph after warm-up (what mode="reduce-overhead" does, without it
 bookkeeping). Chunked variants ("snlp K=1 C=2 <mode>", family "snlp-chunked", in --chunk-modes):
 the model transformed with SNLPConfig(iterations=1, chunks=C, init h0), C consecutive chunks of
 layers each solved layer-parallel from the previous chunk's last output (C batched evaluations). Each case reports the ratio against the best sequential variant of the same run and
-the bytes floor (layer weights read once over the measured copy bandwidth).
+the bytes floor (layer weights read once over the measured copy bandwidth); "floor at K" is the
+larger of that and the FLOP floor (the layers' FLOPs at the measured matmul rate) times
+``common.layer_parallel_passes``, and "ceiling vs best seq" the best sequential time over it.
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 flops = 2 * cfg.n_layer * args.batch * T * (12 * cfg.n_embd**2 + T * cfg.n_embd)
                 floor = floor_ms(wbytes, bw)
                 rate = meta.get("matmul_tflops")
+                # one pass over the layers is bound by FLOPs here (at the measured matmul rate)
+                pass_floor = max(floor, flops / (rate * 1e12) * 1e3) if rate else floor
                 bench.case_notes[(shape_label, case)] = (
                     f"layer weights {wbytes / 1e6:.0f} MB; {flops / 1e9:.0f} GFLOP per sequential forward"
                     + (f" (FLOP floor {flops / (rate * 1e12) * 1e3:.3f} ms)" if rate else "")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"  ({rec.extra['build_and_time_s']} s)",
                         flush=True,
                     )
-                bench.finish_case(shape_label, case, floor)
+                bench.finish_case(shape_label, case, floor, layers=cfg.n_layer, pass_floor=pass_floor)
                 if args.profile and device.type == "cuda":
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 autotuned"):
                         if key in compiled:

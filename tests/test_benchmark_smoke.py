@@ -3,11 +3,13 @@ the GPU runs use the same code paths, so a broken script is found here, not on a
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +68,54 @@ def test_unknown_inductor_option_is_refused_by_name(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--snlp-inductor: 'no_such_option=1' is not KEY=VALUE" in proc.stderr
+
+
+def _benchmarks_module(name: str) -> ModuleType:
+    """A module of benchmarks/ (not a package: its scripts import each other by file name)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_layer_parallel_passes() -> None:
+    """K SNLP iterations re-read every layer whose input is not yet exact: sum_{s<K} (N - s) / N."""
+    passes = _benchmarks_module("common").layer_parallel_passes
+    assert passes(1, 32) == 1.0
+    assert passes(2, 32) == 63 / 32
+    assert passes(20, 20) == 21 / 2 == passes(50, 20)  # exact mode: (N + 1) / 2, K past N clamps
+
+
+def _record(variant: str, family: str, k: int | None, ms: float, shape: str = "d20 (L=20, d=1280)") -> dict:
+    return {
+        "shape": shape, "case": "b1 ctx=1024", "variant": variant, "family": family, "k": k,
+        "median_ms": ms, "floor_ms": 0.2,
+    }  # fmt: skip
+
+
+def test_targets_tell_infeasible_from_missed(tmp_path: Path) -> None:
+    """A ratio target above best seq / (floor x passes) is infeasible; below it, missed or met."""
+    payload = {
+        "regime": "decode",
+        "records": [
+            _record("seq compiled+graph", "sequential", None, 0.7),
+            _record("snlp K=1 compiled+graph", "snlp", 1, 0.25),  # 2.8x < 4x; ceiling 3.5x: infeasible
+            _record("snlp K=1 deferred compiled+graph", "snlp-deferred", 1, 0.26),  # not the best K=1
+            _record("snlp K=2 compiled+graph", "snlp", 2, 0.36),  # 1.94x >= 1.9x: met
+            _record("seq compiled+graph", "sequential", None, 1.0, "0.5b (L=32, d=640)"),
+            _record("snlp K=1 compiled+graph", "snlp", 1, 0.14, "0.5b (L=32, d=640)"),  # ceiling 5x
+        ],
+    }
+    path = tmp_path / "decode_x.json"
+    path.write_text(json.dumps(payload))
+    targets = _benchmarks_module("targets")
+    assert targets.main([str(path), "--out", str(tmp_path), "--name", "t"]) == 0
+    rows = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    d20_k1 = rows["d20 decode b1 ctx=1024 K=1 >= 4.0x"]
+    assert d20_k1["status"] == "infeasible" and d20_k1["snlp_ms"] == 0.25
+    assert abs(d20_k1["ceiling"] - 3.5) < 1e-9 and abs(d20_k1["required_ms"] - 0.175) < 1e-9
+    assert rows["d20 decode b1 ctx=1024 K=2 >= 1.9x"]["status"] == "met"
+    assert rows["0.5b decode b1 ctx=1024 K=1 >= 8.0x"]["status"] == "infeasible"  # 8x > 1.0 / 0.2
+    assert rows["d20 decode b1 ctx=1024 K=1 within 1.5x of the bytes floor"]["status"] == "met"
+    assert "| infeasible |" in (tmp_path / "t.md").read_text()

@@ -1,0 +1,161 @@
+"""Issue 6's speed targets, read off benchmark result files: measured, required, and reachable.
+
+    python benchmarks/targets.py benchmarks/results/decode_05b_r11.json \
+        benchmarks/results/decode_d20_r11.json benchmarks/results/forward_r11.json --name targets_r11
+
+For each target (a ratio against the best sequential variant of the same run) it prints and saves
+the best SNLP time at that K, the time the target asks for, and the ceiling: the best sequential
+time over the least time any step at that K can take (``common.layer_parallel_passes`` passes over
+the layers, each at the bytes floor, or for the forward at the larger of the bytes and FLOP
+floors). A target above its ceiling cannot be met against that baseline by any layer-parallel
+step, however it is written ("infeasible"); "needs" says how close to the floor it asks a step to
+run. Works on older result files too: what they lack is recomputed from their floors and notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import layer_parallel_passes, out_dir_from
+
+
+@dataclass(frozen=True)
+class Target:
+    regime: str  # "decode" or "forward"
+    shape: str  # the shape key, e.g. "0.5b"
+    case: str  # e.g. "b1 ctx=1024"
+    k: int
+    ratio: float | None  # against the best sequential variant; None: a floor target
+    max_x_floor: float | None = None  # K=1 within this multiple of the bytes floor
+
+
+# DESIGN.md section 3 / issue 6, item 2 (ratios) and item 3 (bytes floor)
+TARGETS = [
+    Target("decode", "d20", "b1 ctx=1024", 1, 4.0),
+    Target("decode", "0.5b", "b1 ctx=1024", 1, 8.0),
+    Target("decode", "d20", "b1 ctx=1024", 2, 1.9),
+    Target("decode", "0.5b", "b1 ctx=1024", 2, 4.0),
+    Target("forward", "0.5b", "b1 T=2048", 1, 1.7),
+    Target("decode", "d20", "b1 ctx=1024", 1, None, 1.5),
+    Target("decode", "0.5b", "b1 ctx=1024", 1, None, 1.5),
+]
+
+# families that are "the compiler's output at K" (chunked configurations are another K's work)
+SNLP_FAMILIES = ("snlp", "snlp-deferred", "snlp-einsum")
+
+
+def _layers(shape_label: str) -> int:
+    m = re.search(r"L=(\d+)", shape_label)
+    if not m:
+        raise SystemExit(f"shape '{shape_label}': no layer count (L=...) in its label")
+    return int(m.group(1))
+
+
+def _flop_floor(note: str) -> float | None:
+    m = re.search(r"FLOP floor ([0-9.]+) ms", note or "")
+    return float(m.group(1)) if m else None
+
+
+def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The target's row from one result file, or None when the file has no such case."""
+    recs = [
+        r
+        for r in payload["records"]
+        if r["shape"].split(" ")[0] == target.shape and r["case"] == target.case and r.get("median_ms")
+    ]
+    seq = [r["median_ms"] for r in recs if r["family"] == "sequential"]
+    snlp = [r for r in recs if r["family"] in SNLP_FAMILIES and r["k"] == target.k]
+    if not seq or not snlp:
+        return None
+    best_seq, best = min(seq), min(snlp, key=lambda r: r["median_ms"])
+    n = _layers(best["shape"])
+    floor = best.get("floor_ms")
+    note = payload.get("case_notes", {}).get(f"{best['shape']} | {target.case}", "")
+    one_pass = max(floor or 0.0, _flop_floor(note) or 0.0) if target.regime == "forward" else floor
+    k_floor = one_pass * layer_parallel_passes(target.k, n) if one_pass else None
+    row: dict[str, Any] = {
+        "target": (
+            f"{target.shape} {target.regime} {target.case} K={target.k} "
+            + (f">= {target.ratio}x" if target.ratio else f"within {target.max_x_floor}x of the bytes floor")
+        ),
+        "best_seq_ms": best_seq,
+        "snlp_variant": best["variant"],
+        "snlp_ms": best["median_ms"],
+        "ratio": best_seq / best["median_ms"],
+        "floor_at_k_ms": k_floor,
+        "ceiling": best_seq / k_floor if k_floor else None,
+    }
+    if target.ratio is not None:
+        required = best_seq / target.ratio
+        row["required_ms"] = required
+        row["required_x_floor_at_k"] = required / k_floor if k_floor else None
+        met = row["ratio"] >= target.ratio
+        feasible = row["ceiling"] is None or row["ceiling"] >= target.ratio
+        row["status"] = "met" if met else ("missed" if feasible else "infeasible")
+    else:
+        x = best["median_ms"] / floor
+        row.update(required_ms=floor * target.max_x_floor, x_floor=x)
+        row["status"] = "met" if x <= target.max_x_floor else "missed"
+    return row
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict[str, Any]], sources: list[str]) -> str:
+    lines = [
+        "## Issue 6 targets, from " + ", ".join(f"`{s}`" for s in sources),
+        "",
+        "| target | best seq ms | SNLP ms (variant) | ratio | required ms | floor at K ms | "
+        "ceiling | required / floor at K | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['best_seq_ms']:.3f} | {r['snlp_ms']:.3f} ({r['snlp_variant']}) | "
+            f"{r['ratio']:.2f}x | {_fmt(r.get('required_ms'), '.3f')} | {_fmt(r['floor_at_k_ms'], '.3f')} | "
+            f"{_fmt(r['ceiling'], '.2f')}x | {_fmt(r.get('required_x_floor_at_k'), '.2f')} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", help="result JSON files of decode.py / forward.py")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--name", default="targets")
+    args = p.parse_args(argv)
+    payloads = []
+    for path in args.results:
+        try:
+            payloads.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"{path}: not a readable result file ({exc})") from None
+    rows = []
+    for target in TARGETS:
+        found = [evaluate(target, pl) for pl in payloads if pl.get("regime") == target.regime]
+        found = [r for r in found if r is not None]
+        rows.extend(found[:1])
+        if not found:
+            print(f"(no result for {target})", file=sys.stderr)
+    out = out_dir_from(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, [Path(s).name for s in args.results])
+    (out / f"{args.name}.md").write_text(text)
+    (out / f"{args.name}.json").write_text(
+        json.dumps({"sources": args.results, "targets": [asdict(t) for t in TARGETS], "rows": rows}, indent=1)
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
