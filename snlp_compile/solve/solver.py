@@ -121,10 +121,13 @@ class LayerParallelSolve(nn.Module):
         self.register_buffer("warm_trace", None, persistent=False)
         # deferred K/V (passes.defer_kv, enable_deferred()): the merged first evaluation (which
         # holds the cache writes), the externals whose previous-call values are kept, and the
-        # previous call's corrected inputs and position
+        # previous call's input, solved trace and position. The trace is kept, not the inputs it
+        # implies ([h_in, h_0 .. h_{N-2}], built where it is read): a copy of the trace fuses into
+        # the kernel that writes it, a copy of its shifted rows took a kernel of its own (run 12)
         self.deferred_layers: fx.GraphModule | None = None
         self.deferred_saved: list[int] = []
-        self.register_buffer("deferred_u", None, persistent=False)
+        self.register_buffer("deferred_h_in", None, persistent=False)
+        self.register_buffer("deferred_h", None, persistent=False)
         self.register_buffer("deferred_pos", None, persistent=False)
         self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
         # HCN with static H: A, and per chunk the transfer matrices T[j, i] = A_j..A_{i+1} and
@@ -423,11 +426,12 @@ class LayerParallelSolve(nn.Module):
     @property
     def deferred_pending(self) -> bool:
         """Whether the last call's side outputs are still to be written (by the next call)."""
-        return self.deferred_layers is not None and self.deferred_u is not None
+        return self.deferred_layers is not None and self.deferred_h is not None
 
     def reset_deferred(self) -> None:
         """Forget the pending side outputs: the next call starts a sequence (writes nothing)."""
-        self.deferred_u = None
+        self.deferred_h_in = None
+        self.deferred_h = None
         self.deferred_pos = None
 
     def _keep(self, name: str, value: torch.Tensor) -> None:
@@ -450,7 +454,7 @@ class LayerParallelSolve(nn.Module):
         """solve_chunk with the first evaluation merged with the previous call's side outputs
         (written into their caches by it) and returning this call's provisional ones."""
         provisional: tuple[torch.Tensor, ...] = ()
-        ready = self.deferred_u is not None and tuple(self.deferred_u.shape) == (self.num_layers, *h_in.shape)
+        ready = self.deferred_h is not None and tuple(self.deferred_h.shape) == (self.num_layers, *h_in.shape)
 
         def first_evaluation(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
             nonlocal provisional
@@ -458,13 +462,15 @@ class LayerParallelSolve(nn.Module):
                 provisional = _as_tuple(self.side_layers(u, *ext))
                 return self._evaluate(u, ext)
             saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
-            out = self.deferred_layers(u, *ext, self.deferred_u, *saved, self.deferred_pos)
+            previous_u = _inputs_from_trace(self.deferred_h_in, self.deferred_h)
+            out = self.deferred_layers(u, *ext, previous_u, *saved, self.deferred_pos)
             n_body = 1 if self.skip_constant is not None else 2
             provisional = tuple(out[n_body:])
             return self._split_evaluation(out[0] if n_body == 1 else tuple(out[:2]), u)
 
         h = self.solve_chunk(h_in, ext, first_evaluation=first_evaluation)
-        self._keep("deferred_u", _inputs_from_trace(h_in, h))
+        self._keep("deferred_h_in", h_in)
+        self._keep("deferred_h", h)
         self._keep("deferred_pos", position)
         for i in self.deferred_saved:
             self._keep(f"deferred_ext_{i}", ext[i])
