@@ -87,10 +87,12 @@ def test_layer_parallel_passes() -> None:
     assert passes(20, 20) == 21 / 2 == passes(50, 20)  # exact mode: (N + 1) / 2, K past N clamps
 
 
-def _record(variant: str, family: str, k: int | None, ms: float, shape: str = "d20 (L=20, d=1280)") -> dict:
+def _record(
+    variant: str, family: str, k: int | None, ms: float, shape: str = "d20 (L=20, d=1280)", floor: float = 0.2
+) -> dict:
     return {
         "shape": shape, "case": "b1 ctx=1024", "variant": variant, "family": family, "k": k,
-        "median_ms": ms, "floor_ms": 0.2,
+        "median_ms": ms, "floor_ms": floor,
     }  # fmt: skip
 
 
@@ -119,3 +121,22 @@ def test_targets_tell_infeasible_from_missed(tmp_path: Path) -> None:
     assert rows["0.5b decode b1 ctx=1024 K=1 >= 8.0x"]["status"] == "infeasible"  # 8x > 1.0 / 0.2
     assert rows["d20 decode b1 ctx=1024 K=1 within 1.5x of the bytes floor"]["status"] == "met"
     assert "| infeasible |" in (tmp_path / "t.md").read_text()
+
+
+def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
+    """--strongest-baseline takes the fastest sequential time of any run: a target "met" against
+    one run's slower autotuned baseline is missed against another run's faster one."""
+    targets = _benchmarks_module("targets")
+    for name, seq_ms in (("decode_a.json", 1.0), ("decode_b.json", 0.8)):
+        records = [
+            _record("seq autotuned+graph", "sequential", None, seq_ms, "0.5b (L=32, d=640)", floor=0.1),
+            _record("snlp K=2 compiled+graph", "snlp", 2, 0.24, "0.5b (L=32, d=640)", floor=0.1),
+        ]
+        (tmp_path / name).write_text(json.dumps({"regime": "decode", "records": records}))
+    files = [str(tmp_path / "decode_a.json"), str(tmp_path / "decode_b.json")]
+    key = "0.5b decode b1 ctx=1024 K=2 >= 4.0x"  # 1.0 / 0.24 = 4.2x; 0.8 / 0.24 = 3.3x, ceiling 4.1x
+    for pooled, status, best_seq in ((False, "met", 1.0), (True, "missed", 0.8)):
+        args = [*files, "--out", str(tmp_path), "--name", "t"] + (["--strongest-baseline"] if pooled else [])
+        assert targets.main(args) == 0
+        row = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}[key]
+        assert (row["status"], row["best_seq_ms"]) == (status, best_seq), row
