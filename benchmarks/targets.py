@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import layer_parallel_passes, out_dir_from
+from common import layer_parallel_passes, out_dir_from, pyplot
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,33 @@ def markdown(rows: list[dict[str, Any]], sources: list[str], pooled: bool = Fals
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """The ratio targets as bars: measured ratio, the target (a tick) and the ceiling (a diamond)."""
+    plt = pyplot()
+    ratio_rows = [r for r in rows if "required_x_floor_at_k" in r]
+    if plt is None or not ratio_rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(ratio_rows) + 1.2))
+    y = list(range(len(ratio_rows)))
+    colors = {"met": "tab:green", "missed": "tab:orange", "infeasible": "tab:red"}
+    ax.barh(y, [r["ratio"] for r in ratio_rows], color=[colors[r["status"]] for r in ratio_rows], alpha=0.7)
+    goal = [float(r["target"].rsplit(">= ", 1)[1].rstrip("x")) for r in ratio_rows]
+    ax.scatter(goal, y, marker="|", s=400, color="black", label="target", zorder=3)
+    ax.scatter(
+        [r["ceiling"] or 0 for r in ratio_rows], y, marker="D", color="tab:blue", label="ceiling", zorder=3
+    )
+    ax.set_yticks(
+        y, [r["target"].replace(" b1", "").replace(" ctx=1024", "") for r in ratio_rows], fontsize=8
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the best sequential variant (bar colour: met / missed / infeasible)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="result JSON files of decode.py / forward.py")
@@ -191,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
+    plot(rows, out / f"{args.name}.png")
     print(text)
     return 0
 
