@@ -106,6 +106,8 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
         met = row["ratio"] >= target.ratio
         feasible = row["ceiling"] is None or row["ceiling"] >= target.ratio
         row["status"] = "met" if met else ("missed" if feasible else "infeasible")
+    elif not floor:  # (a CPU run measures no bandwidth)
+        row["status"] = "no bytes floor in the results"
     else:
         x = best["median_ms"] / floor
         row.update(required_ms=floor * target.max_x_floor, x_floor=x)

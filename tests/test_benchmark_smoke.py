@@ -121,6 +121,17 @@ def test_targets_tell_infeasible_from_missed(tmp_path: Path) -> None:
     assert rows["0.5b decode b1 ctx=1024 K=1 >= 8.0x"]["status"] == "infeasible"  # 8x > 1.0 / 0.2
     assert rows["d20 decode b1 ctx=1024 K=1 within 1.5x of the bytes floor"]["status"] == "met"
     assert "| infeasible |" in (tmp_path / "t.md").read_text()
+    # a run without a measured bandwidth (a CPU run) has no floor to hold a step to
+    for r in payload["records"]:
+        r["floor_ms"] = None
+    path.write_text(json.dumps(payload))
+    assert targets.main([str(path), "--out", str(tmp_path), "--name", "t"]) == 0
+    rows = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert (
+        rows["d20 decode b1 ctx=1024 K=1 within 1.5x of the bytes floor"]["status"]
+        == "no bytes floor in the results"
+    )
+    assert rows["d20 decode b1 ctx=1024 K=1 >= 4.0x"]["status"] == "missed"  # (no ceiling: not infeasible)
 
 
 def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
