@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         found = [r for r in found if r is not None]
         rows.extend(found[:1])
         if not found:
-            print(f"(no result for {target})", file=sys.stderr)
+            what = f"{target.shape} {target.regime} {target.case} K={target.k}"
+            print(f"(no result for {what} in these files)", file=sys.stderr)
     out = out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, [Path(s).name for s in args.results], pooled=args.strongest_baseline)

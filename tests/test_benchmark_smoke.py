@@ -151,3 +151,18 @@ def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
         assert targets.main(args) == 0
         row = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}[key]
         assert (row["status"], row["best_seq_ms"]) == (status, best_seq), row
+
+
+def test_cli_bench_targets(tmp_path: Path) -> None:
+    """`snlp-compile bench targets FILES` runs benchmarks/targets.py (a script with a dataclass,
+    loaded by file path) and writes its table."""
+    from snlp_compile.cli import main
+
+    records = [
+        _record("seq autotuned+graph", "sequential", None, 0.7),
+        _record("snlp K=1 compiled+graph", "snlp", 1, 0.25),
+    ]
+    path = tmp_path / "decode_x.json"
+    path.write_text(json.dumps({"regime": "decode", "records": records}))
+    assert main(["bench", "targets", str(path), "--out", str(tmp_path), "--name", "cli"]) == 0
+    assert "| d20 decode b1 ctx=1024 K=1 >= 4.0x | 0.700 | 0.250" in (tmp_path / "cli.md").read_text()

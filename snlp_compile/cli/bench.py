@@ -1,8 +1,10 @@
-"""Run a GPU benchmark regime from the repository's benchmarks/ folder (forward or decode).
+"""Run a GPU benchmark regime from the repository's benchmarks/ folder (forward or decode), or
+read issue 6's speed targets off their result files (targets).
 
     snlp-compile bench forward --shapes 0.5b --seq 2048
     snlp-compile bench decode --batch 1 --ks 1,2
     snlp-compile bench decode -- --help        # the regime's own options
+    snlp-compile bench targets benchmarks/results/decode_05b_r12.json ... [--strongest-baseline]
 
 Arguments after the regime go to the regime's script unchanged; results land in $OUT or
 benchmarks/results (JSON, markdown table, plot). The scripts live beside the package in a source
@@ -16,7 +18,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-REGIMES = ("forward", "decode")
+REGIMES = ("forward", "decode", "targets")
 
 
 def benchmarks_dir() -> Path:
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location(f"snlp_bench_{args.regime}", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses defined in a script look their module up there)
     spec.loader.exec_module(module)
     rest = [a for a in args.script_args if a != "--"] if args.script_args[:1] == ["--"] else args.script_args
     return int(module.main(rest) or 0)
