@@ -10,7 +10,10 @@ Lowerings of the two cache products (same inputs, same result up to rounding):
   kernel   ``passes.batch_layers._layer_matmul``: the layer-batched GEMV kernel reading the caches
            through their strides (what the compiler emits from run 9 on)
   mulsum   broadcast product and sum, left to Inductor as a reduction it can fuse with the softmax
+  fused    the whole attention as one kernel (``kernels.decode_attention``, run 13), without and
+           with PDL (``fused-pdl``)
 Each under Inductor's defaults and under ``max-autotune``; the bytes floor is both caches read once.
+``--per-layer`` times the sequential step's pattern instead: one call per layer, in order.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import argparse
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from snlp_compile.models.kv import attention_bias, cached_attention
+from snlp_compile.kernels import decode_attention
+from snlp_compile.models.kv import attention_bias, attention_ops
 from snlp_compile.passes.batch_layers import _layer_matmul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +51,32 @@ def _mulsum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
 
 
-LOWERINGS = {"matmul": torch.matmul, "kernel": _layer_matmul, "mulsum": _mulsum}
+LOWERINGS = {
+    "matmul": torch.matmul,
+    "kernel": _layer_matmul,
+    "mulsum": _mulsum,
+    "fused": None,
+    "fused-pdl": None,
+}
+
+
+def lowering_fn(name: str) -> Any:
+    """The attention (q, k, v, k_cache, v_cache, bias) -> out under lowering ``name``."""
+    if name.startswith("fused"):
+        return functools.partial(decode_attention.attention, pdl=name == "fused-pdl")
+    return functools.partial(attention_ops, matmul=LOWERINGS[name])
+
+
+def per_layer(fn: Any, layers: int) -> Any:
+    """``fn`` called once per layer on that layer's slice, in order (the sequential step)."""
+
+    def run(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, bias: Any) -> list[Any]:
+        return [
+            fn(q[i : i + 1], k[i : i + 1], v[i : i + 1], k_cache[i : i + 1], v_cache[i : i + 1], bias)
+            for i in range(layers)
+        ]
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="attention_lowering")
+    p.add_argument("--per-layer", action="store_true", help="one call per layer (the sequential step)")
+    p.add_argument(
+        "--programs-per-sm",
+        default="",
+        help="comma list: fused rows once per value of kernels.decode_attention.PROGRAMS_PER_SM",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -75,32 +111,47 @@ def main(argv: list[str] | None = None) -> int:
         q, k, v = (torch.randn(layers, heads, 1, dim, device=device, dtype=dtype) for _ in range(3))
         bias = attention_bias(torch.tensor(t_max - 1, device=device), 1, t_max)
         floor_us = floor_ms(2 * k_cache.numel() * k_cache.element_size(), bw) * 1e3
-        ref = cached_attention(
+        ref = attention_ops(
             q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), bias.double()
         )
+        variants = []
         for lowering in args.lowerings.split(","):
+            if lowering.startswith("fused") and device.type != "cuda":
+                continue  # a GPU kernel
+            per_sm = (
+                [int(x) for x in args.programs_per_sm.split(",") if x] if lowering.startswith("fused") else []
+            )
+            variants += [(lowering, p) for p in per_sm] or [(lowering, None)]
+        for lowering, per_sm in variants:
+            if per_sm is not None:
+                decode_attention.PROGRAMS_PER_SM = per_sm
             for mode in args.modes.split(","):
-                fn = functools.partial(cached_attention, matmul=LOWERINGS[lowering])
+                fn = lowering_fn(lowering)
+                if args.per_layer:
+                    fn = per_layer(fn, layers)
                 compiled = compile_module(fn, autotune=mode == "autotuned")
                 call = functools.partial(compiled, q, k, v, k_cache, v_cache, bias)
                 with torch.no_grad():
                     got = call()
+                    got = torch.cat(got) if isinstance(got, list) else got
                     err = float((got.double() - ref).norm() / ref.norm())
                     run = cuda_graph(call, device) if device.type == "cuda" else call
                     t = time_fn(run, device, warmup=20, samples=200)
                 row = {
-                    "shape": shape,
-                    "lowering": lowering,
+                    "shape": shape + (" per layer" if args.per_layer else ""),
+                    "lowering": lowering + ("" if per_sm is None else f" {per_sm}/SM"),
                     "mode": mode,
                     "median_us": t.median_ms * 1e3,
                     "floor_us": floor_us,
                     "x_floor": t.median_ms * 1e3 / floor_us,
                     "rel_err": err,
                 }
+                if lowering.startswith("fused"):
+                    row["config"] = str(decode_attention._decode_attention_tuned.best_config)
                 rows.append(row)
                 print(
                     f"{shape:>5} {lowering:<7} {mode:<10} {row['median_us']:8.2f} us  x floor "
-                    f"{row['x_floor']:.2f}  rel_err {err:.1e}",
+                    f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}",
                     flush=True,
                 )
     meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}

@@ -14,7 +14,7 @@ from .config import SNLPConfig, chunk_sizes, resolve_config
 from .errors import SNLPRefusal, SNLPUsageError
 from .ir import LayerChain
 from .passes.capture import capture, example_args
-from .passes.cleanup import common_subexpressions
+from .passes.cleanup import common_subexpressions, inline_marker_ops
 from .passes.defer_kv import defer_kv
 from .passes.find_chain import check_chain, find_layers
 from .passes.graph_utils import op_name, retarget_devices
@@ -126,6 +126,7 @@ def transform(
     out = rewrite(gm, chain, cfg)
     if cfg.deferred_kv:
         chain.notes.extend(defer_kv(out, SOLVE_NAME))
+    inline_marker_ops(out)
     report.notes.extend(n for n in chain.notes if n not in report.notes)  # what the rewrite decided
     solve = out.get_submodule(SOLVE_NAME)
     report.externals = [

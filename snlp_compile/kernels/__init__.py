@@ -4,7 +4,10 @@
 GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the CPU.
 ``SNLP_ATTENTION_KERNEL=0`` keeps it for the linears only: the attention products of a decode step
 (``passes.batch_layers._layer_matmul``) go back to ``torch.matmul``, for A/B timing on a GPU.
-``SNLP_PDL=0`` launches it without programmatic dependent launch on Hopper and newer GPUs.
+``SNLP_DECODE_ATTENTION=0`` keeps the decode step's attention as its four ops instead of the fused
+decode-attention kernel (``decode_attention``), for A/B timing. ``SNLP_PDL=0`` launches the kernels
+without programmatic dependent launch on Hopper and newer GPUs. Turning the GEMV kernel off
+(``gemv_kernel(False)``, as ``export_onnx`` does) turns every kernel off.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import contextlib
 from collections.abc import Iterator
 
 from ..config import env_flag
-from . import layer_gemv
+from . import decode_attention, layer_gemv
 
 _gemv_enabled = env_flag("SNLP_GEMV_KERNEL")
 _attention_enabled = env_flag("SNLP_ATTENTION_KERNEL")
 _pdl_enabled = env_flag("SNLP_PDL")
+_decode_attention_enabled = env_flag("SNLP_DECODE_ATTENTION")
 
 
 def gemv_kernel_enabled() -> bool:
@@ -29,6 +33,12 @@ def attention_kernel_enabled() -> bool:
     """Whether products of two layer-batched activations with few rows (attention over a decode
     step's caches) also use the kernel: on unless ``SNLP_ATTENTION_KERNEL=0``."""
     return _attention_enabled and gemv_kernel_enabled()
+
+
+def decode_attention_enabled() -> bool:
+    """Whether a decode step's attention (``models.kv.cached_attention`` at one new token) runs as
+    the fused kernel on a GPU: on unless ``SNLP_DECODE_ATTENTION=0`` or the GEMV kernel is off."""
+    return _decode_attention_enabled and _gemv_enabled and decode_attention.available()
 
 
 def pdl_enabled() -> bool:
@@ -58,6 +68,8 @@ def gemv_kernel(enabled: bool) -> Iterator[None]:
 
 __all__ = [
     "attention_kernel_enabled",
+    "decode_attention",
+    "decode_attention_enabled",
     "gemv_kernel",
     "gemv_kernel_enabled",
     "layer_gemv",

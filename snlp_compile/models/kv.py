@@ -11,7 +11,10 @@ of the model, which the compiler returns from the layer-parallel solve.
 Attention reads the cache once, without copying it: scores against the whole cache (slots at and
 after ``pos`` masked out by an additive bias) are concatenated with causal scores among the new
 tokens, one softmax, two products. Grouped-query heads are handled by folding the query groups
-into the query rows, so the cache is never repeated either.
+into the query rows, so the cache is never repeated either. On a GPU, one new token's attention is
+one fused kernel (``kernels.decode_attention``) instead of those ops, in the original model and in
+the rewritten one: while ``transform()`` captures, :func:`cached_attention` is recorded as one op,
+``snlp::cached_attention``, which the batching pass turns into one call over all layers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+
+from .. import markers
+from ..kernels import decode_attention, decode_attention_enabled, pdl_enabled
+from ..kernels.layer_gemv import pdl_supported
 
 
 def attention_bias(
@@ -44,8 +51,32 @@ def cached_attention(
     matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
 ) -> torch.Tensor:
     """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
-    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D). ``matmul`` computes
-    the two products over the cache (``benchmarks/attention_lowering.py`` swaps their lowering).
+    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D).
+
+    One new token on a GPU runs the fused decode-attention kernel (unless
+    ``SNLP_DECODE_ATTENTION=0``); everything else, exports included, the ops of
+    :func:`attention_ops`. While ``transform()`` captures, this is one op (``markers``). ``matmul``
+    other than ``torch.matmul`` always takes the ops with it
+    (``benchmarks/attention_lowering.py`` swaps their lowering)."""
+    if matmul is torch.matmul and markers.keeping_whole():
+        return torch.ops.snlp.cached_attention(q, k, v, k_cache, v_cache, bias)
+    fused = matmul is torch.matmul and decode_attention_enabled()
+    if fused and decode_attention.applies(q, k, k_cache, v_cache, bias):
+        pdl = pdl_enabled() and pdl_supported(q)
+        return decode_attention.attention(q, k, v, k_cache, v_cache, bias, pdl)
+    return attention_ops(q, k, v, k_cache, v_cache, bias, matmul)
+
+
+def attention_ops(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    bias: torch.Tensor,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
+) -> torch.Tensor:
+    """:func:`cached_attention` as tensor ops; ``matmul`` computes the two products over the cache.
 
     The softmax over [cache | new] is written as two exponentials against a shared row maximum
     and one denominator, so neither the scores nor the probabilities are concatenated or sliced
@@ -74,6 +105,29 @@ def cached_attention(
     else:
         out = out + e_new.to(q.dtype).view(b, hkv, rep * t, t) @ v
     return (out / denom).to(q.dtype).view(b, h, t, d)
+
+
+@torch.library.custom_op("snlp::cached_attention", mutates_args=())
+def _cached_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`cached_attention` as one node of a captured graph (``markers``); run, it is that."""
+    with markers.keep_whole(False):
+        return cached_attention(q, k, v, k_cache, v_cache, bias)
+
+
+@_cached_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, bias):
+    return q.new_empty(q.shape)
+
+
+# q, k, v and both caches carry the batch; the bias row is shared
+markers.register(torch.ops.snlp.cached_attention.default, cached_attention, folded=(0, 1, 2, 3, 4))
 
 
 class CachedStep(nn.Module):

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import markers
 from ..kernels import attention_kernel_enabled, gemv_kernel_enabled, layer_gemv, pdl_enabled
 
 aten = torch.ops.aten
@@ -169,6 +170,16 @@ def _layer_attention(
     return out.unflatten(0, (q.shape[0], q.shape[1]))
 
 
+def _layer_marked(op: Any, *args: Any) -> Any:
+    """The function a marker op stands for (``markers``, by its op: the graph's code names an op,
+    not a Python function) over all layers at once: the layer axis of its batched arguments is
+    folded into their batch axis, one call, and unfolded from the result."""
+    marked = markers.MARKED[op]
+    lead = args[marked.folded[0]].shape[:2]
+    flat = [a.flatten(0, 1) if i in marked.folded else a for i, a in enumerate(args)]
+    return marked.function(*flat).unflatten(0, lead)
+
+
 def _fold_batched_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     """A per-layer mask (N, B or 1, ...) as (N*B or N, ...), matching the folded q."""
     return mask.expand(n, *mask.shape[1:]).flatten(0, 1)
@@ -291,6 +302,8 @@ class _Batcher:
             return self.norm_rule(node, name)
         if name == "scaled_dot_product_attention":
             return self.attention_rule(node)
+        if node.target in markers.MARKED:
+            return self.marked_rule(node, markers.MARKED[node.target])
         if name == "einsum":
             return self.einsum_rule(node)
         if name == "expand_as":
@@ -408,6 +421,14 @@ class _Batcher:
         if isinstance(node.kwargs.get("attn_mask"), fx.Node):
             kwargs["attn_mask"] = self.fold_mask(node.kwargs["attn_mask"], _rank(node.args[0]))
         return self.call(_layer_attention, node.target, q, k, v, *rest, **kwargs)
+
+    def marked_rule(self, node: fx.Node, marked: markers.Marked) -> Any:
+        """A marker op (``markers``, e.g. a decode step's attention): the function it stands for,
+        called once with the layer axis folded into the batch axis of its batched arguments."""
+        if node.kwargs or any(self.is_batched(a) for i, a in enumerate(node.args) if i not in marked.folded):
+            return self.fallback(node)
+        args = [self.expand(a) if i in marked.folded else self.lift(a) for i, a in enumerate(node.args)]
+        return self.call(_layer_marked, node.target, *args)
 
     def fold_mask(self, mask: fx.Node, rank: int) -> Any:
         """The mask for attention with the layer axis folded into the batch axis (N*B, ...)."""

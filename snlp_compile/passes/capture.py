@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from .. import markers
 from ..errors import SNLPCaptureError
 
 
@@ -86,7 +87,7 @@ def capture(
             kwargs: dict[str, Any] = {"strict": False}
             if use_dynamic:
                 kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
-            with torch.no_grad():
+            with torch.no_grad(), markers.keep_whole():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             gm = ep.module()
             if use_dynamic:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
+from .. import markers
 from .infra import PassResult
 
 
@@ -22,3 +23,21 @@ def common_subexpressions(gm: fx.GraphModule) -> PassResult:
     gm.graph = new.graph
     gm.recompile()
     return PassResult(gm, True, f"{before - len(gm.graph.nodes)} nodes merged")
+
+
+def inline_marker_ops(gm: fx.GraphModule) -> PassResult:
+    """Replace every marker op (``markers``) left in ``gm`` and its submodules by the function it
+    stands for, which exports and compiles as its own ops (or its kernel, where one applies)."""
+    count = 0
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        changed = False
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target in markers.MARKED:
+                node.target = markers.MARKED[node.target].function
+                changed = True
+                count += 1
+        if changed:
+            module.recompile()
+    return PassResult(gm, count > 0, f"{count} marker ops inlined")
