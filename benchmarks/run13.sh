@@ -7,6 +7,7 @@
 #   gpu-tests    every GPU test of the kernels, the deferred K/V and the decode step
 #   decode-ab 0|1  decode, batch 1, context 1024, both shapes, with the fused attention off (0) or
 #                on (1): SNLP_DECODE_ATTENTION, for the sequential and the SNLP steps alike
+#   step-ab      SNLP deferred steps alone under SNLP_DECODE_ATTENTION=0 / 1 / all
 #   decode-05b | decode-d20   the full decode tables (as run 12's)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -28,6 +29,11 @@ case "${1:-}" in
     a=${2:?decode-ab 0 or 1}
     for s in 0.5b d20; do
       eval SNLP_DECODE_ATTENTION=$a python benchmarks/decode.py --shapes $s $ab --name decode_ab_${s}_fused$a | grep -E " ms |Error|error"
+    done ;;
+  step-ab)  # SNLP deferred steps only: SNLP_DECODE_ATTENTION off, default (ops in the step), all (fused in the step)
+    snlp="--batch 1 --seq-modes '' --modes compiled+graph --ks '' --warm-ks '' --chunks '' --deferred-ks 1,2 --deferred-modes compiled+graph --einsum-ks '' --out $out"
+    for v in 0:off 1:default all:all; do
+      eval SNLP_DECODE_ATTENTION=${v%%:*} python benchmarks/decode.py --shapes 0.5b,d20 $snlp --name step_ab_${v##*:}_r13 2>&1 | grep -E " ms |Error" | sed "s|^|[$v] |"
     done ;;
   decode-05b) eval python benchmarks/decode.py --shapes 0.5b $decode --name decode_05b_r13 ;;
   decode-d20) eval python benchmarks/decode.py --shapes d20 $decode --name decode_d20_r13 ;;

@@ -193,7 +193,15 @@ def test_gpu_kernel_runs_compiled_in_a_cuda_graph() -> None:
 
 @needs_cuda
 @pytest.mark.parametrize("deferred", [False, True])
-def test_gpu_rewritten_step_runs_the_kernel_and_is_exact(deferred: bool) -> None:
+@pytest.mark.parametrize("in_layers", [False, True])
+def test_gpu_original_step_runs_the_kernel_rewritten_one_where_asked_and_both_are_exact(
+    deferred: bool, in_layers: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model as written fuses its attention; the rewritten step keeps the ops (faster there,
+    run 13) unless SNLP_DECODE_ATTENTION=all; the logits agree either way in exact mode."""
+    import snlp_compile.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_decode_attention_layers", in_layers)
     torch.manual_seed(0)
     model = build_model("nanochat-tiny").cuda().eval()
     step = CachedStep(model)
@@ -204,5 +212,6 @@ def test_gpu_rewritten_step_runs_the_kernel_and_is_exact(deferred: bool) -> None
     with torch.no_grad():
         want = step(*inputs)
         got = fast(*inputs)
-        assert _kernel_ran(lambda: fast(*inputs))
+        assert _kernel_ran(lambda: step(*inputs))
+        assert _kernel_ran(lambda: fast(*inputs)) == in_layers
     assert max_err(got[0], want[0]) < 1e-4

@@ -4,8 +4,10 @@
 GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the CPU.
 ``SNLP_ATTENTION_KERNEL=0`` keeps it for the linears only: the attention products of a decode step
 (``passes.batch_layers._layer_matmul``) go back to ``torch.matmul``, for A/B timing on a GPU.
-``SNLP_DECODE_ATTENTION=0`` keeps the decode step's attention as its four ops instead of the fused
-decode-attention kernel (``decode_attention``), for A/B timing. ``SNLP_PDL=0`` launches the kernels
+``SNLP_DECODE_ATTENTION=0`` keeps a decode step's attention as its ops instead of the fused
+decode-attention kernel (``decode_attention``), for A/B timing; the default (``1``) fuses it where one
+layer's attention is one call (the model as written, sequential), ``all`` also in the rewritten
+step, where the ops measured faster (BENCHMARKS.md, run 13). ``SNLP_PDL=0`` launches the kernels
 without programmatic dependent launch on Hopper and newer GPUs. Turning the GEMV kernel off
 (``gemv_kernel(False)``, as ``export_onnx`` does) turns every kernel off.
 """
@@ -13,6 +15,7 @@ without programmatic dependent launch on Hopper and newer GPUs. Turning the GEMV
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from ..config import env_flag
@@ -22,6 +25,7 @@ _gemv_enabled = env_flag("SNLP_GEMV_KERNEL")
 _attention_enabled = env_flag("SNLP_ATTENTION_KERNEL")
 _pdl_enabled = env_flag("SNLP_PDL")
 _decode_attention_enabled = env_flag("SNLP_DECODE_ATTENTION")
+_decode_attention_layers = os.environ.get("SNLP_DECODE_ATTENTION", "1").strip().lower() == "all"
 
 
 def gemv_kernel_enabled() -> bool:
@@ -39,6 +43,12 @@ def decode_attention_enabled() -> bool:
     """Whether a decode step's attention (``models.kv.cached_attention`` at one new token) runs as
     the fused kernel on a GPU: on unless ``SNLP_DECODE_ATTENTION=0`` or the GEMV kernel is off."""
     return _decode_attention_enabled and _gemv_enabled and decode_attention.available()
+
+
+def decode_attention_in_layers() -> bool:
+    """Whether the rewritten step's layer-batched attention also takes the fused kernel
+    (``SNLP_DECODE_ATTENTION=all``); by default it keeps the ops, cache products on the GEMV kernel."""
+    return _decode_attention_layers and decode_attention_enabled()
 
 
 def pdl_enabled() -> bool:
@@ -70,6 +80,7 @@ __all__ = [
     "attention_kernel_enabled",
     "decode_attention",
     "decode_attention_enabled",
+    "decode_attention_in_layers",
     "gemv_kernel",
     "gemv_kernel_enabled",
     "layer_gemv",

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import markers
-from ..kernels import decode_attention, decode_attention_enabled, pdl_enabled
+from ..kernels import decode_attention, decode_attention_enabled, decode_attention_in_layers, pdl_enabled
 from ..kernels.layer_gemv import pdl_supported
 
 
@@ -126,8 +126,32 @@ def _(q, k, v, k_cache, v_cache, bias):
     return q.new_empty(q.shape)
 
 
+def layer_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`cached_attention` in the rewritten step, every layer folded into the batch: the ops,
+    the two cache products on the layer-batched GEMV kernel. In the CUDA-graphed step they beat the
+    fused kernel (0.5B K=1 0.138 vs 0.148 ms), which alone is faster (29.5 vs 36.4 us; BENCHMARKS.md,
+    run 13); ``SNLP_DECODE_ATTENTION=all`` takes the fused kernel here too."""
+    if decode_attention_in_layers():
+        return cached_attention(q, k, v, k_cache, v_cache, bias)
+    from ..passes.batch_layers import _layer_matmul  # (a pass helper: imported when called)
+
+    return attention_ops(q, k, v, k_cache, v_cache, bias, _layer_matmul)
+
+
 # q, k, v and both caches carry the batch; the bias row is shared
-markers.register(torch.ops.snlp.cached_attention.default, cached_attention, folded=(0, 1, 2, 3, 4))
+markers.register(
+    torch.ops.snlp.cached_attention.default,
+    cached_attention,
+    folded=(0, 1, 2, 3, 4),
+    layer_function=layer_cached_attention,
+)
 
 
 class CachedStep(nn.Module):

@@ -177,7 +177,7 @@ def _layer_marked(op: Any, *args: Any) -> Any:
     marked = markers.MARKED[op]
     lead = args[marked.folded[0]].shape[:2]
     flat = [a.flatten(0, 1) if i in marked.folded else a for i, a in enumerate(args)]
-    return marked.function(*flat).unflatten(0, lead)
+    return (marked.layer_function or marked.function)(*flat).unflatten(0, lead)
 
 
 def _fold_batched_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
