@@ -11,10 +11,10 @@ of the model, which the compiler returns from the layer-parallel solve.
 Attention reads the cache once, without copying it: scores against the whole cache (slots at and
 after ``pos`` masked out by an additive bias) are concatenated with causal scores among the new
 tokens, one softmax, two products. Grouped-query heads are handled by folding the query groups
-into the query rows, so the cache is never repeated either. On a GPU, one new token's attention is
-one fused kernel (``kernels.decode_attention``) instead of those ops, in the original model and in
-the rewritten one: while ``transform()`` captures, :func:`cached_attention` is recorded as one op,
-``snlp::cached_attention``, which the batching pass turns into one call over all layers.
+into the query rows, so the cache is never repeated either. On a GPU, one new token's attention in
+the model as written is one fused kernel (``kernels.decode_attention``) instead of those ops. While
+``transform()`` captures, :func:`cached_attention` is recorded as one op, ``snlp::cached_attention``,
+which the batching pass turns into one call over all layers (:func:`layer_cached_attention`).
 """
 
 from __future__ import annotations
