@@ -45,6 +45,17 @@ if triton is not None:
     NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for the running maximum: no NaN from exp
 
     @triton.jit
+    def _key_block(bias_ptr, k_base, v_base, t, t_stop, offs_d, D, sbt, skt, skd, svt, svd):
+        """The bias (BLOCK_T,) float32 and the key and value tiles (BLOCK_T, BLOCK_D) of the keys
+        ``t``, as float32; -inf and zeros past ``t_stop``."""
+        in_range = t < t_stop
+        mask_td = in_range[:, None] & (offs_d[None, :] < D)
+        b = tl.load(bias_ptr + t * sbt, mask=in_range, other=float("-inf"))
+        k = tl.load(k_base + t[:, None] * skt + offs_d[None, :] * skd, mask=mask_td, other=0.0)
+        v = tl.load(v_base + t[:, None] * svt + offs_d[None, :] * svd, mask=mask_td, other=0.0)
+        return b, k.to(tl.float32), v.to(tl.float32)
+
+    @triton.jit
     def _decode_attention_split(
         q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, bias_ptr, o_ptr, part_ptr,
         R, T, D, scale, keys_per_split,
@@ -96,18 +107,15 @@ if triton is not None:
             l_t = tl.zeros((BLOCK_T,), tl.float32)
             acc_t = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
             for t0 in tl.range(t_start, t_stop, BLOCK_T):
-                t = t0 + offs_t
-                in_range = t < t_stop
-                mask_td = in_range[:, None] & (offs_d[None, :] < D)
-                b = tl.load(bias_ptr + t * sbt, mask=in_range, other=float("-inf"))
-                k = tl.load(k_base + t[:, None] * skt + offs_d[None, :] * skd, mask=mask_td, other=0.0)
-                v = tl.load(v_base + t[:, None] * svt + offs_d[None, :] * svd, mask=mask_td, other=0.0)
-                scores = tl.sum(k.to(tl.float32) * q1[None, :], axis=1) + b
+                b, k, v = _key_block(
+                    bias_ptr, k_base, v_base, t0 + offs_t, t_stop, offs_d, D, sbt, skt, skd, svt, svd
+                )
+                scores = tl.sum(k * q1[None, :], axis=1) + b
                 m_new = tl.maximum(m_t, scores)
                 alpha = tl.exp(m_t - m_new)
                 p = tl.exp(scores - m_new)
                 l_t = l_t * alpha + p
-                acc_t = acc_t * alpha[:, None] + p[:, None] * v.to(tl.float32)
+                acc_t = acc_t * alpha[:, None] + p[:, None] * v
                 m_t = m_new
             m1 = tl.max(m_t, axis=0)
             w = tl.exp(m_t - m1)
@@ -119,18 +127,15 @@ if triton is not None:
             l_r = tl.zeros((BLOCK_R, BLOCK_T), tl.float32)
             acc_r = tl.zeros((BLOCK_R, BLOCK_T, BLOCK_D), tl.float32)
             for t0 in tl.range(t_start, t_stop, BLOCK_T):
-                t = t0 + offs_t
-                in_range = t < t_stop
-                mask_td = in_range[:, None] & (offs_d[None, :] < D)
-                b = tl.load(bias_ptr + t * sbt, mask=in_range, other=float("-inf"))
-                k = tl.load(k_base + t[:, None] * skt + offs_d[None, :] * skd, mask=mask_td, other=0.0)
-                v = tl.load(v_base + t[:, None] * svt + offs_d[None, :] * svd, mask=mask_td, other=0.0)
-                scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) + b[None, :]
+                b, k, v = _key_block(
+                    bias_ptr, k_base, v_base, t0 + offs_t, t_stop, offs_d, D, sbt, skt, skd, svt, svd
+                )
+                scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) + b[None, :]
                 m_new = tl.maximum(m_r, scores)
                 alpha = tl.exp(m_r - m_new)
                 p = tl.exp(scores - m_new)
                 l_r = l_r * alpha + p
-                acc_r = acc_r * alpha[:, :, None] + p[:, :, None] * v.to(tl.float32)[None, :, :]
+                acc_r = acc_r * alpha[:, :, None] + p[:, :, None] * v[None, :, :]
                 m_r = m_new
             m = tl.max(m_r, axis=1)
             w = tl.exp(m_r - m[:, None])
