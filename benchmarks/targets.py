@@ -70,6 +70,14 @@ def _flop_floor(note: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _floor_at_k(target: Target, payload: dict[str, Any], best: dict[str, Any]) -> float | None:
+    """The floor at K of ``best``'s row, from a result file that does not record it."""
+    floor = best.get("floor_ms")
+    note = payload.get("case_notes", {}).get(f"{best['shape']} | {target.case}", "")
+    one_pass = max(floor or 0.0, _flop_floor(note) or 0.0) if target.regime == "forward" else floor
+    return one_pass * layer_parallel_passes(target.k, _layers(best["shape"])) if one_pass else None
+
+
 def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
     """The target's row from one result file, or None when the file has no such case."""
     recs = [
@@ -82,11 +90,10 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
     if not seq or not snlp:
         return None
     best_seq, best = min(seq), min(snlp, key=lambda r: r["median_ms"])
-    n = _layers(best["shape"])
     floor = best.get("floor_ms")
-    note = payload.get("case_notes", {}).get(f"{best['shape']} | {target.case}", "")
-    one_pass = max(floor or 0.0, _flop_floor(note) or 0.0) if target.regime == "forward" else floor
-    k_floor = one_pass * layer_parallel_passes(target.k, n) if one_pass else None
+    # results since run 12 carry the row's floor at K; older ones get it recomputed from the
+    # layer count in the shape label and, for the forward, the FLOP floor in the case note
+    k_floor = best.get("k_floor_ms") or _floor_at_k(target, payload, best)
     row: dict[str, Any] = {
         "target": (
             f"{target.shape} {target.regime} {target.case} K={target.k} "

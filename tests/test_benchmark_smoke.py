@@ -132,6 +132,14 @@ def test_targets_tell_infeasible_from_missed(tmp_path: Path) -> None:
         == "no bytes floor in the results"
     )
     assert rows["d20 decode b1 ctx=1024 K=1 >= 4.0x"]["status"] == "missed"  # (no ceiling: not infeasible)
+    # a row that records its floor at K (results since run 12) is held to that, not to a recomputed one
+    payload["records"][1]["k_floor_ms"] = 0.25
+    path.write_text(json.dumps(payload))
+    assert targets.main([str(path), "--out", str(tmp_path), "--name", "t"]) == 0
+    rows = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    d20_k1 = rows["d20 decode b1 ctx=1024 K=1 >= 4.0x"]
+    assert d20_k1["floor_at_k_ms"] == 0.25 and abs(d20_k1["ceiling"] - 2.8) < 1e-9
+    assert d20_k1["status"] == "infeasible"
 
 
 def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
