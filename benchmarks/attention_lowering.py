@@ -7,7 +7,7 @@ beside it) on layer-batched operands, compiled and captured in a CUDA graph.
 
 Lowerings of the two cache products (same inputs, same result up to rounding):
   matmul   ``torch.matmul`` (ATen ``bmm``, cuBLAS): the lowering before run 9
-  kernel   ``passes.batch_layers._layer_matmul``: the layer-batched GEMV kernel reading the caches
+  kernel   ``kernels.layer_matmul``: the layer-batched GEMV kernel reading the caches
            through their strides (what the compiler emits from run 9 on)
   mulsum   broadcast product and sum, left to Inductor as a reduction it can fuse with the softmax
   fused    the whole attention as one kernel (``kernels.decode_attention``, run 13), without and

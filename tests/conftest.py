@@ -26,6 +26,7 @@ MATMUL_OPS = (
     "_einsum_linear",
     "_einsum_linear_dynamic",
     "_layer_matmul",
+    "layer_matmul",
 )
 
 

@@ -9,14 +9,13 @@ against float64, with and without key splits and PDL, in the original and the re
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 
 import pytest
 import torch
+from decode_helpers import max_err, step_inputs
+from triton_helpers import run_under_interpreter
 
 import snlp_compile
 from snlp_compile import markers
@@ -24,9 +23,6 @@ from snlp_compile.kernels import decode_attention
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, attention_bias, attention_ops, cached_attention
 from snlp_compile.passes.capture import capture
-
-sys.path.insert(0, os.path.dirname(__file__))
-from decode_helpers import max_err, step_inputs
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and decode_attention.available()), reason="needs CUDA + triton"
@@ -141,10 +137,7 @@ def test_kernel_matches_the_ops_under_the_interpreter() -> None:
         assert worst < 1e-5, worst
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_under_interpreter(script)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "worst" in proc.stdout
 

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from triton_helpers import run_under_interpreter
 
 from snlp_compile import kernels
 from snlp_compile.kernels import layer_gemv
@@ -62,10 +63,7 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
         assert worst < 1e-6, worst
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_under_interpreter(script)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "worst" in proc.stdout
 

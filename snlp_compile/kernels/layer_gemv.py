@@ -43,7 +43,7 @@ if triton is not None:
         """The fastest launch configs of ``benchmarks/gemv_lowering.py --sweep`` on an H200 (run 7)
         for the decode shapes (d20: 1280/5120-wide, 0.5B: 640/1920/2560-wide), one row per layer
         (the first seven), eight (the next five) and two (run 11); the last four are for the attention products
-        (``passes.batch_layers._layer_matmul``)."""
+        (``kernels.layer_matmul``)."""
         return [
             triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
             for bo, bi, w, s in [

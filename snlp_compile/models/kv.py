@@ -25,7 +25,13 @@ import torch
 import torch.nn as nn
 
 from .. import markers
-from ..kernels import decode_attention, decode_attention_enabled, decode_attention_in_layers, pdl_enabled
+from ..kernels import (
+    decode_attention,
+    decode_attention_enabled,
+    decode_attention_in_layers,
+    layer_matmul,
+    pdl_enabled,
+)
 from ..kernels.layer_gemv import pdl_supported
 
 
@@ -140,9 +146,7 @@ def layer_cached_attention(
     run 13); ``SNLP_DECODE_ATTENTION=all`` takes the fused kernel here too."""
     if decode_attention_in_layers():
         return cached_attention(q, k, v, k_cache, v_cache, bias)
-    from ..passes.batch_layers import _layer_matmul  # (a pass helper: imported when called)
-
-    return attention_ops(q, k, v, k_cache, v_cache, bias, _layer_matmul)
+    return attention_ops(q, k, v, k_cache, v_cache, bias, layer_matmul)
 
 
 # q, k, v and both caches carry the batch; the bias row is shared

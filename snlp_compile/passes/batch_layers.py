@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -25,9 +24,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import markers
-from ..kernels import attention_kernel_enabled, gemv_kernel_enabled, layer_gemv, pdl_enabled
+from ..kernels import gemv_kernel_enabled, layer_gemv, layer_matmul, pdl_enabled, views_as_batch
 
 aten = torch.ops.aten
+# the attention products' lowering lives with the kernels (models.kv calls it too); the old names stay
+_layer_matmul = layer_matmul
+_views_as_batch = views_as_batch
 Rule = Callable[["_Batcher", fx.Node, list[Any], dict[str, Any]], Any]
 
 _ELEMENTWISE = {
@@ -127,38 +129,6 @@ def _batched_linear(x: torch.Tensor, w: torch.Tensor, weights_constant: bool) ->
         y = layer_gemv.gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w, pdl_enabled(), weights_constant)
         return y.reshape(x.shape[0], *rows, w.shape[1])
     return torch.einsum("n...i,noi->n...o", x, w)
-
-
-def _views_as_batch(t: torch.Tensor, lead: int) -> bool:
-    """Whether t's first ``lead`` dims flatten into one without a copy (strides nest)."""
-    dims = [(n, st) for n, st in zip(t.shape[:lead], t.stride()[:lead]) if n != 1]
-    return all(st == nxt_n * nxt_st for (_, st), (nxt_n, nxt_st) in pairwise(dims))
-
-
-def _layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of two layer-batched activations, e.g. a decode step's attention products
-    (queries times the cached keys, probabilities times the cached values).
-
-    With the same leading dims, few rows per product and b's batch dims flattening without a copy,
-    on a GPU it is the layer-batched GEMV kernel over ``b`` transposed, read through its strides.
-    ATen's ``bmm`` adds a memset and a copy of the one-row operand per product; its kernels are
-    as fast or faster (~1-3 us on the values product), but in a CUDA-graphed 0.5B step the two
-    launches fewer win: 0.174 -> 0.163 ms (run 9, BENCHMARKS.md). Everything else, exports, CPUs
-    and ``SNLP_ATTENTION_KERNEL=0`` take ``torch.matmul``."""
-    lead = a.dim() - 2
-    if (
-        attention_kernel_enabled()
-        and a.is_cuda  # (before any flattening: CPUs take torch.matmul as they are)
-        and lead >= 1
-        and b.dim() == a.dim()
-        and a.shape[:-2] == b.shape[:-2]
-        and _views_as_batch(b, lead)
-    ):
-        w = b.transpose(-1, -2).flatten(0, lead - 1)
-        x = a.flatten(0, lead - 1)
-        if layer_gemv.applies(x, w):
-            return layer_gemv.gemv(x, w, pdl_enabled(), weights_constant=False).unflatten(0, a.shape[:-2])
-    return torch.matmul(a, b)
 
 
 def _layer_attention(
@@ -359,7 +329,7 @@ class _Batcher:
             return self.matvec_rule(a, b, ra, rb)
         rank = max(ra, rb)
         if self.is_batched(a) and self.is_batched(b):
-            return self.call(_layer_matmul, self.align(a, rank), self.align(b, rank))
+            return self.call(layer_matmul, self.align(a, rank), self.align(b, rank))
         return self.call(torch.matmul, self.align(a, rank), self.align(b, rank))
 
     def matvec_rule(self, a: fx.Node, b: fx.Node, ra: int, rb: int) -> Any:

@@ -6,6 +6,7 @@ import torch.fx as fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 from .. import markers
+from .graph_utils import graph_modules
 from .infra import PassResult
 
 
@@ -29,9 +30,7 @@ def inline_marker_ops(gm: fx.GraphModule) -> PassResult:
     """Replace every marker op (``markers``) left in ``gm`` and its submodules by the function it
     stands for, which exports and compiles as its own ops (or its kernel, where one applies)."""
     count = 0
-    for module in gm.modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
+    for module in graph_modules(gm):
         changed = False
         for node in module.graph.nodes:
             if node.op == "call_function" and node.target in markers.MARKED:

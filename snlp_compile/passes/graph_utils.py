@@ -96,6 +96,11 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
+def graph_modules(gm: torch.nn.Module) -> Iterator[fx.GraphModule]:
+    """``gm`` and every GraphModule inside it (a rewritten model's solve and its bodies)."""
+    return (m for m in gm.modules() if isinstance(m, fx.GraphModule))
+
+
 def retarget_devices(gm: fx.GraphModule, old: torch.device, new: torch.device) -> int:
     """Point the ``device=`` of the graph's factory ops (arange, ones, full, ...) captured on
     ``old`` at ``new``, in ``gm`` and every GraphModule inside it; returns how many changed.
@@ -103,9 +108,7 @@ def retarget_devices(gm: fx.GraphModule, old: torch.device, new: torch.device) -
     torch.export bakes the capture device into factory calls, so a captured model moved with
     ``.to(device)`` would otherwise mix devices (its weights moved, its masks and positions not)."""
     changed = 0
-    for module in gm.modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
+    for module in graph_modules(gm):
         edited = False
         for node in module.graph.nodes:
             device = node.kwargs.get("device") if node.op == "call_function" else None
