@@ -1,0 +1,240 @@
+"""Where a CUDA-graphed decode step's time goes, kernel by kernel, measured inside the graph.
+
+    PYTHONPATH=. python benchmarks/step_timeline.py                       # on a GPU
+    PYTHONPATH=. python benchmarks/step_timeline.py --shapes 0.5b --variants ops,fused,fused-nopdl
+
+The profiles in ``*_profile.txt`` run the compiled step outside its CUDA graph, so their gaps
+between kernels include Python and launch overhead that a graph replay does not have. This script
+times the SNLP deferred step (batch 1, context 1024, compiled+graph, the decode benchmark's
+Inductor options) by CUDA events, then profiles graph replays (CUPTI records the kernels a graph
+launches) and reports per replay: the span from the first kernel's start to the last one's end,
+the kernels' summed time, the gaps between them, and each kernel's median duration.
+
+Variants of the rewritten step's attention (``models.kv.layer_cached_attention``):
+  ops            the ops, cache products on the layer-batched GEMV kernel (the default)
+  fused          the fused decode-attention kernel (``SNLP_DECODE_ATTENTION=all``), autotuned, PDL
+  fused-nopdl    the fused kernel launched without PDL (the GEMVs keep it)
+  fused:T:W:S    the fused kernel with one config: T keys per step, W warps, S stages (PDL);
+                 append ``:nopdl`` to launch it without PDL
+Random weights (speed does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    BEST_INDUCTOR,
+    SHAPES,
+    SNLP_INDUCTOR,
+    device_label,
+    environment,
+    inductor_options,
+    inference_model,
+    make_variant,
+    out_dir_from,
+    parse_inductor_options,
+    rel_err,
+    time_fn,
+    with_iterations,
+)
+from decode import _writer
+
+import snlp_compile
+import snlp_compile.kernels as kernels
+from snlp_compile.kernels import decode_attention
+from snlp_compile.models import kv
+from snlp_compile.models.kv import CachedStep, new_cache
+
+
+@contextmanager
+def attention_variant(spec: str) -> Iterator[None]:
+    """Set the rewritten step's attention lowering for one variant (see the module docstring);
+    restores every patched module attribute afterwards."""
+    parts = spec.split(":")
+    name, pdl = parts[0], "nopdl" not in parts and spec != "fused-nopdl"
+    if name not in ("ops", "fused", "fused-nopdl"):
+        raise SystemExit(f"unknown variant {spec!r}: ops, fused, fused-nopdl or fused:T:W:S[:nopdl]")
+    saved = (kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned)
+    kernels._decode_attention_layers = name != "ops"
+    if not pdl:
+        kv.pdl_enabled = lambda: False
+    numbers = [int(p) for p in parts[1:] if p.isdigit()]
+    if numbers:
+        import triton
+
+        block_t, warps, stages = numbers
+        decode_attention._decode_attention_tuned = triton.autotune(
+            configs=[triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)],
+            key=["R", "T", "D", "BLOCK_R", "SPLIT", "keys_per_split"],
+        )(decode_attention._decode_attention_split)
+    try:
+        yield
+    finally:
+        kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned = saved
+
+
+def kernel_events(trace_path: Path) -> list[dict[str, Any]]:
+    """The GPU kernels (and memsets, copies) of a chrome trace written by torch.profiler, in start order."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    kernels_ = [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e]
+    return sorted(kernels_, key=lambda e: e["ts"])
+
+
+def timeline(replay: Any, replays: int) -> dict[str, Any]:
+    """Profile ``replays`` graph replays; split the kernels into replays (same count each) and
+    summarise span, busy time, gaps and each kernel slot's median duration (microseconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = kernel_events(path)
+    if not events or len(events) % replays:
+        return {"error": f"{len(events)} kernel events for {replays} replays"}
+    per = len(events) // replays
+    groups = [events[i * per : (i + 1) * per] for i in range(replays)]
+    spans = [g[-1]["ts"] + g[-1]["dur"] - g[0]["ts"] for g in groups]
+    busy = [sum(e["dur"] for e in g) for g in groups]
+    slots = []
+    for j in range(per):
+        durs = [g[j]["dur"] for g in groups]
+        gaps = [g[j]["ts"] - (g[j - 1]["ts"] + g[j - 1]["dur"]) for g in groups] if j else [0.0]
+        slots.append(
+            {
+                "kernel": groups[0][j]["name"][:90],
+                "median_us": round(statistics.median(durs), 2),
+                "gap_before_us": round(statistics.median(gaps), 2),
+            }
+        )
+    return {
+        "kernels": per,
+        "span_us": round(statistics.median(spans), 2),
+        "busy_us": round(statistics.median(busy), 2),
+        "gaps_us": round(statistics.median(s - b for s, b in zip(spans, busy)), 2),
+        "slots": slots,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="0.5b,d20")
+    p.add_argument("--ks", default="1")
+    p.add_argument("--variants", default="ops,fused,fused-nopdl")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--replays", type=int, default=20, help="graph replays profiled per variant")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--name", default="step_timeline")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("step_timeline.py needs a CUDA GPU (it profiles CUDA-graph replays)")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64
+    inductor_options(BEST_INDUCTOR)
+    snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
+    out = out_dir_from(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    with torch.no_grad():
+        for shape in args.shapes.split(","):
+            model, _ = inference_model(SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype)
+            step = CachedStep(model)
+            k_cache, v_cache = new_cache(model, 1, args.context)
+            k_cache[:, :, :, : args.context - 1].normal_()
+            v_cache[:, :, :, : args.context - 1].normal_()
+            pos = torch.tensor(args.context - 1, device=device)
+            idx = torch.randint(0, args.vocab, (1, 1), device=device)
+            inputs = (idx, pos, k_cache, v_cache)
+            ref = step(*inputs)[0]
+            for spec in args.variants.split(","):
+                for k in (int(x) for x in args.ks.split(",")):
+                    torch._dynamo.reset()
+                    with attention_variant(spec):
+                        snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
+                        base = with_iterations(snlp, k, "h0")
+                        post = _writer(k_cache, v_cache, pos)
+                        replay = make_variant(
+                            base, "compiled+graph", inputs, device, {}, "step", post, snlp_options
+                        )
+                        err = rel_err(replay(), ref)
+                        t = time_fn(replay, device, warmup=20, samples=300)
+                        line = timeline(replay, args.replays)
+                    row = {
+                        "shape": shape,
+                        "k": k,
+                        "variant": spec,
+                        "median_ms": t.median_ms,
+                        "rel_err": err,
+                        **line,
+                    }
+                    results.append(row)
+                    print(
+                        f"{shape:>5} K={k} {spec:<18} {t.median_ms:.4f} ms  span {line.get('span_us')} us"
+                        f"  busy {line.get('busy_us')} us  gaps {line.get('gaps_us')} us"
+                        f"  kernels {line.get('kernels')}  rel_err {err:.1e}",
+                        flush=True,
+                    )
+            del model, step
+            torch.cuda.empty_cache()
+    payload = {
+        "env": env,
+        "command": "python benchmarks/step_timeline.py " + " ".join(argv or sys.argv[1:]),
+        "results": results,
+    }
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    lines = [
+        f"# Decode step timeline inside the CUDA graph ({device_label(env)}, torch {env['torch']})",
+        "",
+        "SNLP deferred step, batch 1, context 1024, compiled+graph; replay time by CUDA events, the",
+        "rest from profiled graph replays (medians). Random weights.",
+        "",
+        "| shape | K | attention | replay ms | span us | kernels busy us | gaps us | kernels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['shape']} | {r['k']} | {r['variant']} | {r['median_ms']:.4f} | {r.get('span_us')} |"
+            f" {r.get('busy_us')} | {r.get('gaps_us')} | {r.get('kernels')} |"
+        )
+    for r in results:
+        lines += [
+            "",
+            f"## {r['shape']} K={r['k']} {r['variant']}",
+            "",
+            "| kernel | us | gap before us |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{s['kernel']}` | {s['median_us']} | {s['gap_before_us']} |" for s in r.get("slots", [])
+        ]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[: 7 + len(results)]))
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
