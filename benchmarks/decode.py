@@ -24,7 +24,10 @@ Deferred variants ("snlp K=1 deferred <mode>", family "snlp-deferred"): the step
 with SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a second row of this
 step's q/k/v GEMVs and are written by the step into the cache at the previous position, so the
 K/V projection weights are read once per step. The timed loop repeats one position, so each call
-rewrites that slot (the same work as in generation).
+rewrites that slot (the same work as in generation). As in generation (``Decoder``), the
+provisional K/V a deferred step returns are not written (from run 14; runs 8-13 wrote them: two
+index copies, ~5 us a step). Every cache write takes pos as its index at one token (run 14: no
+arange and add kernels before the copies, ~2 us a step, the sequential step too).
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
 "floor at K": what a step must read at least, the floor times ``common.layer_parallel_passes``
@@ -76,6 +79,12 @@ def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> 
         return logits
 
     return write
+
+
+def logits_only(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A deferred step's post: its K/V are provisional and not written (``Decoder`` skips them:
+    the next step writes the corrected ones into that slot before reading it)."""
+    return out[0]
 
 
 def gemv_kernel_off(build: Callable[[], Any]) -> Callable[[], Any]:
@@ -208,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                     key = variant.replace("+graph", "")
                     options = None if family == "sequential" else run.meta.get("snlp_inductor")
                     rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
-                    build = partial(make_variant, base, mode, inputs, device, compiled, key, post, options)
+                    write = logits_only if family == "snlp-deferred" else post
+                    build = partial(make_variant, base, mode, inputs, device, compiled, key, write, options)
                     if family == "snlp-einsum":
                         build = gemv_kernel_off(build)
                     bench.measure(rec, build, ref, warmup=10)

@@ -6,9 +6,10 @@
 The profiles in ``*_profile.txt`` run the compiled step outside its CUDA graph, so their gaps
 between kernels include Python and launch overhead that a graph replay does not have. This script
 times the SNLP deferred step (batch 1, context 1024, compiled+graph, the decode benchmark's
-Inductor options) by CUDA events, then profiles graph replays (CUPTI records the kernels a graph
-launches) and reports per replay: the span from the first kernel's start to the last one's end,
-the kernels' summed time, the gaps between them, and each kernel's median duration.
+Inductor options; its provisional K/V are not written, as in ``decode.py`` and ``Decoder``) by
+CUDA events, then profiles graph replays (CUPTI records the kernels a graph launches) and reports
+per replay: the span from the first kernel's start to the last one's end, the kernels' summed
+time, the gaps between them, and each kernel's median duration.
 
 Variants of the rewritten step's attention (``models.kv.layer_cached_attention``):
   ops            the ops, cache products on the layer-batched GEMV kernel (the default)
@@ -50,7 +51,7 @@ from common import (
     time_fn,
     with_iterations,
 )
-from decode import _writer
+from decode import logits_only
 
 import snlp_compile
 import snlp_compile.kernels as kernels
@@ -175,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     with attention_variant(spec):
                         snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
                         base = with_iterations(snlp, k, "h0")
-                        post = _writer(k_cache, v_cache, pos)
                         replay = make_variant(
-                            base, "compiled+graph", inputs, device, {}, "step", post, snlp_options
+                            base, "compiled+graph", inputs, device, {}, "step", logits_only, snlp_options
                         )
                         err = rel_err(replay(), ref)
                         t = time_fn(replay, device, warmup=20, samples=300)

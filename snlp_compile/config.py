@@ -43,7 +43,8 @@ class SNLPConfig:
     deferred_kv: decode steps only (models.kv.CachedStep, one new token): token t's corrected K/V
         are computed in token t+1's first evaluation, as a second row of its q/k/v GEMVs (one
         weight read instead of two), and written by that step into the caches at t's position;
-        the K/V a step returns are provisional (at its uncorrected inputs) until then. Exact mode
+        the K/V a step returns are provisional (at its uncorrected inputs) and need not be written:
+        the next step writes that slot before reading it (``Decoder`` skips them). Exact mode
         stays exact. Not for ONNX export; needs chunks=1. ``Decoder`` completes the last token's
         K/V (``Decoder.flush``); a hand-driven step completes them with one more call.
     """

@@ -117,20 +117,32 @@ class Decoder:
         if t == 1:
             step = self.decode_step
         else:
+            self.flush()  # (a pending deferred token's K/V first: the prompt's attention reads them)
             if self.prefill_step is None:  # "solve": one transform for prompts of any length >= 2
                 # (deferral is for one-token steps: the prompt's K/V are written by this call)
                 cfg = None if self.config is None else self.config.replace(deferred_kv=False)
                 self.prefill_step = transform(CachedStep(self.model), self._example(t), cfg)
             step = self.prefill_step
         logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)
-        write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
+        if step is self.decode_step:
+            self._write_decoded(new_k, new_v, pos)
+        else:
+            write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
         return logits[:, -1]
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step for tokens (B,) at ``pos``: writes their K/V, returns logits (B, vocab)."""
         logits, new_k, new_v = self.decode_step(token[:, None], pos, self.k_cache, self.v_cache)
-        write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
+        self._write_decoded(new_k, new_v, pos)
         return logits[:, -1]
+
+    def _write_decoded(self, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write a one-token step's K/V, unless they are deferred: a deferred step returns
+        provisional K/V, and the next step (or ``flush``) writes the corrected ones into that slot
+        before anything reads it, so writing these would be two copies per step for nothing."""
+        solve = _solve_of(self.decode_step)
+        if solve is None or solve.deferred_layers is None:
+            write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
 
 
 def _solve_of(step: Step | None) -> Any:

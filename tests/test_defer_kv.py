@@ -110,6 +110,42 @@ def test_generation_with_deferred_kv_equals_sequential_caches_included(name: str
     assert torch.equal(snlp_compile.generate(warm, prompt, n_new), want)
 
 
+def test_decoder_skips_provisional_writes_flush_and_prefill_complete_them() -> None:
+    """A Decoder's deferred steps leave the newest slot unwritten (the next step writes it before
+    reading it); the logits stay the sequential model's, and flush() or a later multi-token
+    prefill completes the caches."""
+    model = _model("nanochat-tiny")
+    cfg = SNLPConfig(iterations=model.config.n_layer, deferred_kv=True)
+    ref = snlp_compile.Decoder(model, batch=2, max_len=24)
+    dec = snlp_compile.Decoder(model, cfg, batch=2, max_len=24)
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 4), generator=gen)
+    pos = torch.tensor(0)
+    for d in (ref, dec):
+        d.reset()
+    assert max_err(dec.prefill(prompt, pos), ref.prefill(prompt, pos)) < TIGHT
+    for t in range(4, 9):
+        token = torch.randint(0, model.config.vocab_size, (2,), generator=gen)
+        assert max_err(dec.step(token, torch.tensor(t)), ref.step(token, torch.tensor(t))) < TIGHT
+        for mine, theirs in zip((dec.k_cache, dec.v_cache), (ref.k_cache, ref.v_cache)):
+            assert max_err(mine[:, :, :, :t], theirs[:, :, :, :t]) < TIGHT
+            assert not mine[:, :, :, t:].any()  # the newest slot: never written by the Decoder
+    chunk = torch.randint(0, model.config.vocab_size, (2, 3), generator=gen)
+    got, want = dec.prefill(chunk, torch.tensor(9)), ref.prefill(chunk, torch.tensor(9))
+    assert max_err(got, want) < TIGHT  # (prefill flushed slot 8 before its attention read it)
+    assert max_err(dec.k_cache, ref.k_cache) < TIGHT and max_err(dec.v_cache, ref.v_cache) < TIGHT
+
+
+def test_write_cache_one_token_and_several() -> None:
+    cache = (torch.zeros(2, 1, 3, 8, 4), torch.zeros(2, 1, 3, 8, 4))
+    for t, p in ((1, 5), (3, 2)):
+        new_k, new_v = torch.randn(2, 1, 3, t, 4), torch.randn(2, 1, 3, t, 4)
+        write_cache(*cache, new_k, new_v, torch.tensor(p))
+        assert torch.equal(cache[0][:, :, :, p : p + t], new_k)
+        assert torch.equal(cache[1][:, :, :, p : p + t], new_v)
+    assert torch.count_nonzero(cache[0][:, :, :, (0, 1, 6, 7)]) == 0
+
+
 def test_refusals_name_the_reason() -> None:
     with pytest.raises(SNLPConfigError, match="deferred_kv needs chunks=1"):
         SNLPConfig(deferred_kv=True, chunks=2)

@@ -210,7 +210,11 @@ def write_cache(
     """Write a step's new keys/values (L, B, Hkv, T, D) at positions pos .. pos+T-1, in place.
 
     ``pos`` is a device tensor, so this neither synchronises nor depends on a Python int (it can be
-    captured in a CUDA graph together with the step)."""
-    positions = pos + torch.arange(new_k.shape[3], device=new_k.device)
+    captured in a CUDA graph together with the step). One new token (a decode step) indexes with a
+    view of ``pos`` itself: no index kernels (arange, add) before the two copies."""
+    if new_k.shape[3] == 1 and isinstance(pos, torch.Tensor) and pos.dtype == torch.long:
+        positions = pos.reshape(1)
+    else:
+        positions = pos + torch.arange(new_k.shape[3], device=new_k.device)
     k_cache.index_copy_(3, positions, new_k.to(k_cache.dtype))
     v_cache.index_copy_(3, positions, new_v.to(v_cache.dtype))
