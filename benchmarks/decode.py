@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     run = start_regime(
         args,
         "decode.py",
-        RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed",
+        RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed"
+        " (deferred steps: the step alone, which writes the previous token's K/V)",
         argv,
     )
     t_start, device, dtype, out, bw = run.t_start, run.device, run.dtype, run.out, run.bandwidth

@@ -20,7 +20,6 @@ Scores, the softmax and the accumulation are float32, whatever the inputs' dtype
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -30,8 +29,6 @@ try:  # triton is an optional dependency (the CPU wheel of torch does not bring 
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-# A/B switch: keep the autotuner to configs whose pipelined tiles fit this many KB of shared memory
-SMEM_KB = int(os.environ.get("SNLP_DECODE_ATTENTION_SMEM_KB", "0"))
 MAX_ROWS = 16  # query heads per kv head the kernel takes (grouped-query attention up to 16:1)
 MAX_HEAD_DIM = 256
 
@@ -198,13 +195,6 @@ if triton is not None:
     def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
         tile = kwargs["BLOCK_R"] * kwargs["BLOCK_D"]
         kept = [c for c in configs if c.kwargs["BLOCK_T"] * tile <= 64 * 32 * c.num_warps]
-        if SMEM_KB:  # the key and value tiles in flight, stages deep
-            size = named_args["k_ptr"].element_size()
-            kept = [
-                c
-                for c in kept
-                if 2 * c.num_stages * c.kwargs["BLOCK_T"] * kwargs["BLOCK_D"] * size <= SMEM_KB * 1024
-            ]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
 
     _decode_attention_tuned = triton.autotune(

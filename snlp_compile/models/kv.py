@@ -141,9 +141,12 @@ def layer_cached_attention(
     bias: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`cached_attention` in the rewritten step, every layer folded into the batch: the ops,
-    the two cache products on the layer-batched GEMV kernel. In the CUDA-graphed step they beat the
-    fused kernel (0.5B K=1 0.138 vs 0.148 ms), which alone is faster (29.5 vs 36.4 us; BENCHMARKS.md,
-    run 13); ``SNLP_DECODE_ATTENTION=all`` takes the fused kernel here too."""
+    the two cache products on the layer-batched GEMV kernel. Inside the step's CUDA graph they take
+    as long as the fused kernel (0.5B: 28.3 vs 27.6 us), because Inductor fuses the softmax with
+    the bias and the products launch with PDL; the opaque fused kernel instead needs its bias and
+    operands materialised (two to three small kernels) and breaks the PDL overlap, so the step is
+    slower with it (0.136 vs 0.127 ms; BENCHMARKS.md, run 14). ``SNLP_DECODE_ATTENTION=all``
+    takes the fused kernel here too."""
     if decode_attention_in_layers():
         return cached_attention(q, k, v, k_cache, v_cache, bias)
     return attention_ops(q, k, v, k_cache, v_cache, bias, layer_matmul)
