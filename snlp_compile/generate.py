@@ -146,6 +146,9 @@ class Decoder:
 
 
 def _solve_of(step: Step | None) -> Any:
+    """The solve of a transformed step, also through ``torch.compile``'s wrapper (``_orig_mod``):
+    a compiled deferred step needs its pending K/V flushed like any other."""
+    step = getattr(step, "_orig_mod", step)
     if isinstance(step, torch.fx.GraphModule) and hasattr(step, SOLVE_NAME):
         return step.get_submodule(SOLVE_NAME)
     return None

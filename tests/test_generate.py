@@ -74,6 +74,22 @@ def test_decoder_takes_a_step_transformed_by_the_caller(
         Decoder(model, SNLPConfig(iterations=2), batch=1, max_len=16, decode_step=step)
 
 
+def test_decoder_flushes_a_compiled_deferred_step(
+    model: torch.nn.Module, prompt: torch.Tensor, sequential: tuple[torch.Tensor, Decoder]
+) -> None:
+    """A deferred step the caller compiled: the Decoder finds its solve through torch.compile's
+    wrapper, so it skips the provisional writes and flushes the last token's K/V."""
+    example = Decoder(model, batch=1, max_len=8 + N_NEW)._example(1)
+    step = snlp_compile.transform(
+        CachedStep(model), example, iterations=model.config.n_layer, deferred_kv=True
+    )
+    dec = Decoder(model, batch=1, max_len=8 + N_NEW, decode_step=torch.compile(step, backend="eager"))
+    assert torch.equal(generate(dec, prompt, N_NEW), sequential[0])
+    ref = sequential[1]
+    assert torch.allclose(dec.k_cache, ref.k_cache, rtol=0, atol=1e-10)
+    assert torch.allclose(dec.v_cache, ref.v_cache, rtol=0, atol=1e-10)
+
+
 def test_inexact_solve_still_decodes(model: torch.nn.Module, prompt: torch.Tensor) -> None:
     """K=1 with warm init on an untrained model: runs and returns valid tokens (no equality claim)."""
     tokens = generate(model, prompt, 12, SNLPConfig(iterations=1, init="warm"))
