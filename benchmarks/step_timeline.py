@@ -13,6 +13,9 @@ time, the gaps between them, and each kernel's median duration.
 
 Variants of the rewritten step's attention (``models.kv.layer_cached_attention``):
   ops            the ops, cache products on the layer-batched GEMV kernel (the default)
+  plain          the default build's step without deferred K/V (it writes its K/V after the step)
+  seq            the model as written, compiled+graph (the sequential baseline without autotuning;
+                 ``--ks`` does not apply)
   fused          the fused decode-attention kernel (``SNLP_DECODE_ATTENTION=all``), autotuned, PDL
   fused-nopdl    the fused kernel launched without PDL (the GEMVs keep it)
   fused:T:W:S    the fused kernel with one config: T keys per step, W warps, S stages (PDL);
@@ -51,7 +54,7 @@ from common import (
     time_fn,
     with_iterations,
 )
-from decode import logits_only
+from decode import _writer, logits_only
 
 import snlp_compile
 import snlp_compile.kernels as kernels
@@ -66,10 +69,12 @@ def attention_variant(spec: str) -> Iterator[None]:
     restores every patched module attribute afterwards."""
     parts = spec.split(":")
     name, pdl = parts[0], "nopdl" not in parts and spec != "fused-nopdl"
-    if name not in ("ops", "fused", "fused-nopdl"):
-        raise SystemExit(f"unknown variant {spec!r}: ops, fused, fused-nopdl or fused:T:W:S[:nopdl]")
+    if name not in ("ops", "plain", "seq", "fused", "fused-nopdl"):
+        raise SystemExit(
+            f"unknown variant {spec!r}: ops, plain, seq, fused, fused-nopdl or fused:T:W:S[:nopdl]"
+        )
     saved = (kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned)
-    kernels._decode_attention_layers = name != "ops"
+    kernels._decode_attention_layers = name.startswith("fused")
     if not pdl:
         kv.pdl_enabled = lambda: False
     numbers = [int(p) for p in parts[1:] if p.isdigit()]
@@ -174,10 +179,15 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (int(x) for x in args.ks.split(",")):
                     torch._dynamo.reset()
                     with attention_variant(spec):
-                        snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
-                        base = with_iterations(snlp, k, "h0")
+                        if spec == "seq":
+                            base, post, options = step, _writer(k_cache, v_cache, pos), None
+                        else:
+                            deferred = spec != "plain"
+                            snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=deferred)
+                            base, options = with_iterations(snlp, k, "h0"), snlp_options
+                            post = logits_only if deferred else _writer(k_cache, v_cache, pos)
                         replay = make_variant(
-                            base, "compiled+graph", inputs, device, {}, "step", logits_only, snlp_options
+                            base, "compiled+graph", inputs, device, {}, "step", post, options
                         )
                         err = rel_err(replay(), ref)
                         t = time_fn(replay, device, warmup=20, samples=300)
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Decode step timeline inside the CUDA graph ({device_label(env)}, torch {env['torch']})",
         "",
-        "SNLP deferred step, batch 1, context 1024, compiled+graph; replay time by CUDA events, the",
+        "The SNLP deferred step (plain: without deferral; seq: the model as written), batch 1, context",
+        "1024, compiled+graph; replay time by CUDA events, the",
         "rest from profiled graph replays (medians). Random weights.",
         "",
         "| shape | K | attention | replay ms | span us | kernels busy us | gaps us | kernels |",
