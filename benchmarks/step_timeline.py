@@ -84,7 +84,7 @@ def attention_variant(spec: str) -> Iterator[None]:
         block_t, warps, stages = numbers
         decode_attention._decode_attention_tuned = triton.autotune(
             configs=[triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)],
-            key=["R", "T", "D", "BLOCK_R", "SPLIT", "keys_per_split"],
+            key=decode_attention.AUTOTUNE_KEY,
         )(decode_attention._decode_attention_split)
     try:
         yield

@@ -55,6 +55,7 @@ if triton is not None:
     @triton.jit
     def _decode_attention_split(
         q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, bias_ptr, o_ptr, part_ptr,
+        G,  # the groups (the grid's first axis): unused here, an argument so that the autotuner keys on it
         R, T, D, scale, keys_per_split,
         sqg, sqr, sqd,
         skg, skt, skd,
@@ -197,9 +198,12 @@ if triton is not None:
         kept = [c for c in configs if c.kwargs["BLOCK_T"] * tile <= 64 * 32 * c.num_warps]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
 
+    # keyed on the groups too (the grid's first axis): one layer's 10 heads and 32 layers' 320
+    # want other tiles, and Triton keys only on what is named here (and the arguments' dtypes)
+    AUTOTUNE_KEY = ["G", "R", "T", "D", "BLOCK_R", "SPLIT", "keys_per_split"]
     _decode_attention_tuned = triton.autotune(
         configs=_configs(),
-        key=["R", "T", "D", "BLOCK_R", "SPLIT", "keys_per_split"],
+        key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _prune},
     )(_decode_attention_split)
 
@@ -245,6 +249,7 @@ if triton is not None:
         kernel = _decode_attention_tuned if config is None else _decode_attention_split
         kernel[(groups, n_splits)](
             q, k_cache, v_cache, k_new, v_new, bias, out, part,
+            groups,
             rows, keys, dim, scale, per_split,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
