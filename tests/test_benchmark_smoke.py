@@ -161,6 +161,38 @@ def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
         assert (row["status"], row["best_seq_ms"]) == (status, best_seq), row
 
 
+def test_exact_sequential_mode_counts_as_the_sequential_baseline(tmp_path: Path) -> None:
+    """K=1 with as many chunks as layers is the sequential computation (the compiler's lowering):
+    when it is faster than the model as written it is the baseline; fewer chunks are not."""
+    targets = _benchmarks_module("targets")
+    shape = "0.5b (L=32, d=640)"
+    records = [
+        _record("seq autotuned+graph", "sequential", None, 0.84, shape, floor=0.1),
+        {
+            **_record("snlp K=1 C=32 compiled+graph", "snlp-chunked", 1, 0.735, shape, floor=0.1),
+            "extra": {"chunks": 32},
+        },
+        {
+            **_record("snlp K=1 C=4 compiled+graph", "snlp-chunked", 1, 0.5, shape, floor=0.1),
+            "extra": {"chunks": 4},
+        },
+        _record("snlp K=1 deferred compiled+graph", "snlp-deferred", 1, 0.129, shape, floor=0.1),
+    ]
+    (tmp_path / "decode_c.json").write_text(json.dumps({"regime": "decode", "records": records}))
+    assert targets.main([str(tmp_path / "decode_c.json"), "--out", str(tmp_path), "--name", "t"]) == 0
+    row = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}[
+        "0.5b decode b1 ctx=1024 K=1 >= 8.0x"
+    ]
+    assert (row["best_seq_ms"], row["best_seq_variant"]) == (0.735, "snlp K=1 C=32 compiled+graph")
+    assert abs(row["ratio"] - 0.735 / 0.129) < 1e-9
+    assert "0.735 (snlp K=1 C=32 compiled+graph)" in (tmp_path / "t.md").read_text()
+    common = _benchmarks_module("common")
+    assert common.computes_sequentially("snlp-chunked", 1, 32, 32)
+    assert not common.computes_sequentially("snlp-chunked", 1, 4, 32)
+    assert not common.computes_sequentially("snlp-chunked", 2, 32, 32)
+    assert not common.computes_sequentially("snlp", 1, None, 32)
+
+
 def test_cli_bench_targets(tmp_path: Path) -> None:
     """`snlp-compile bench targets FILES` runs benchmarks/targets.py (a script with a dataclass,
     loaded by file path) and writes its table."""
