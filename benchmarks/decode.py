@@ -81,6 +81,19 @@ def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> 
     return write
 
 
+def step_inputs(
+    model: torch.nn.Module, batch: int, ctx: int, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, pos, k_cache, v_cache) of a step decoding position ctx-1 over ctx-1 random cached
+    keys/values, so that its attention reads ``ctx`` positions."""
+    k_cache, v_cache = new_cache(model, batch, ctx)
+    k_cache[:, :, :, : ctx - 1].normal_()
+    v_cache[:, :, :, : ctx - 1].normal_()
+    pos = torch.tensor(ctx - 1, device=device)
+    idx = torch.randint(0, vocab, (batch, 1), device=device)
+    return idx, pos, k_cache, v_cache
+
+
 def logits_only(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A deferred step's post: its K/V are provisional and not written (``Decoder`` skips them:
     the next step writes the corrected ones into that slot before reading it)."""
@@ -154,12 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
             step = CachedStep(model)
             for batch in (int(b) for b in args.batch.split(",")):
-                k_cache, v_cache = new_cache(model, batch, ctx)
-                k_cache[:, :, :, : ctx - 1].normal_()
-                v_cache[:, :, :, : ctx - 1].normal_()
-                pos = torch.tensor(ctx - 1, device=device)
-                idx = torch.randint(0, args.vocab, (batch, 1), device=device)
-                inputs = (idx, pos, k_cache, v_cache)
+                inputs = step_inputs(model, batch, ctx, args.vocab, device)
+                _, pos, k_cache, v_cache = inputs
                 ref = step(*inputs)[0]
                 t0 = time.perf_counter()
                 snlp = snlp_compile.transform(step, inputs, iterations=1)

@@ -54,13 +54,13 @@ from common import (
     time_fn,
     with_iterations,
 )
-from decode import _writer, logits_only
+from decode import _writer, logits_only, step_inputs
 
 import snlp_compile
 import snlp_compile.kernels as kernels
 from snlp_compile.kernels import decode_attention
 from snlp_compile.models import kv
-from snlp_compile.models.kv import CachedStep, new_cache
+from snlp_compile.models.kv import CachedStep
 
 
 @contextmanager
@@ -168,12 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for shape in args.shapes.split(","):
             model, _ = inference_model(SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype)
             step = CachedStep(model)
-            k_cache, v_cache = new_cache(model, 1, args.context)
-            k_cache[:, :, :, : args.context - 1].normal_()
-            v_cache[:, :, :, : args.context - 1].normal_()
-            pos = torch.tensor(args.context - 1, device=device)
-            idx = torch.randint(0, args.vocab, (1, 1), device=device)
-            inputs = (idx, pos, k_cache, v_cache)
+            inputs = step_inputs(model, 1, args.context, args.vocab, device)
+            _, pos, k_cache, v_cache = inputs
             ref = step(*inputs)[0]
             for spec in args.variants.split(","):
                 for k in (int(x) for x in args.ks.split(",")):
