@@ -61,6 +61,24 @@ def operands(n: int, r: int, o: int, i: int, transposed: bool, device: torch.dev
     return x, w
 
 
+def launches(sets: list[tuple], splits: int, mode: str, pdl: bool, early_weights: bool):
+    """A function that launches the product ``CHAIN`` times, cycling over the operand copies;
+    ``mode`` "op": the op alone, "+sum": ``layer_gemv.gemv`` (partial sums added and cast)."""
+
+    def chain() -> torch.Tensor:
+        for c in range(CHAIN):
+            x, w = sets[c % COPIES]
+            if mode == "+sum":
+                y = layer_gemv.gemv(x, w, pdl, early_weights, splits)
+            elif pdl:
+                y = torch.ops.snlp.layer_gemv_pdl(x, w, early_weights, splits)
+            else:
+                y = torch.ops.snlp.layer_gemv(x, w, splits)
+        return y
+
+    return chain
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="0.5b,d20")
@@ -87,25 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             if name not in args.products.split(","):
                 continue
             sets = [operands(n, r, o, i, transposed, device) for _ in range(COPIES)]
-            ref = torch.einsum("nri,noi->nro", sets[0][0].float(), sets[0][1].float())
+            last = sets[(CHAIN - 1) % COPIES]  # the operands of the launch whose result is checked
+            ref = torch.einsum("nri,noi->nro", last[0].float(), last[1].float())
             nbytes = n * o * i * 2
             auto = layer_gemv.split_count(n, o, i, sms)
             for splits in (int(s) for s in args.splits.split(",")):
                 for mode in ("op", "+sum"):
-
-                    def chain(splits: int = splits, mode: str = mode) -> torch.Tensor:
-                        for c in range(CHAIN):
-                            x, w = sets[c % COPIES]
-                            if mode == "op":
-                                y = (
-                                    torch.ops.snlp.layer_gemv_pdl(x, w, not transposed, splits)
-                                    if pdl
-                                    else (torch.ops.snlp.layer_gemv(x, w, splits))
-                                )
-                            else:
-                                y = layer_gemv.gemv(x, w, pdl, not transposed, splits)
-                        return y
-
+                    chain = launches(sets, splits, mode, pdl, early_weights=not transposed)
                     y = chain()  # autotunes outside the capture
                     got = y.sum(0) if (mode == "op" and splits > 1) else y
                     err = ((got.float() - ref).norm() / ref.norm()).item()
