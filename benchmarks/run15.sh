@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run 15's figures on a lent GPU (BENCHMARKS.md "Run 15"): `bash benchmarks/run15.sh PART`, output in $OUT.
-#   gpu-tests     the GPU tests of the GEMV kernel's users (split products, attention products,
+#   gpu-tests     the GPU tests of the GEMV kernel's users (attention products,
 #                 PDL chain, compiled dispatch, exact decode step), the decode attention, deferred K/V, decode
 #   gpu-matrix    test_layer_gemv's op-vs-einsum matrix (45 cases, autotuning each)
-#   sweep         benchmarks/split_sweep.py: every step product at 1, 2, 4, 8 splits, both shapes
-#   timeline S V  the SNLP deferred step's kernels inside its CUDA graph (e.g. 0.5b,d20 ops,ops-nosplit)
+#   (split_sweep_r15: `bash benchmarks/run15.sh sweep` at commit 445ef42, before the split was removed)
+#   timeline S V  the SNLP deferred step's kernels inside its CUDA graph (e.g. 0.5b,d20 ops,plain)
 #   decode-05b | decode-d20   the decode tables (as run 14) plus the compiler's exact sequential mode
 #                 (chunks = layers, K=1) beside the sequential variants
 set -u
@@ -15,9 +15,8 @@ case "${1:-}" in
   gpu-tests) python -m pytest -q tests/test_layer_gemv.py tests/test_decode_attention.py tests/test_defer_kv.py tests/test_decode.py \
                -k "(gpu or decode_attention) and not gpu_op_matches_einsum" ;;
   gpu-matrix) python -m pytest -q tests/test_layer_gemv.py -k gpu_op_matches_einsum ;;
-  sweep) python benchmarks/split_sweep.py --out "$out" --name "split_sweep_${2:-r15}" ;;
-  timeline) python benchmarks/step_timeline.py --shapes "${2:-0.5b,d20}" --variants "${3:-ops,ops-nosplit}" --out "$out" --name "step_timeline_${4:-r15}" ;;
+  timeline) python benchmarks/step_timeline.py --shapes "${2:-0.5b,d20}" --variants "${3:-ops}" --out "$out" --name "step_timeline_${4:-r15}" ;;
   decode-05b) eval python benchmarks/decode.py --shapes 0.5b $decode --chunks 32 --name decode_05b_r15 ;;
   decode-d20) eval python benchmarks/decode.py --shapes d20 $decode --chunks 20 --name decode_d20_r15 ;;
-  *) echo "usage: bash benchmarks/run15.sh {gpu-tests|gpu-matrix|sweep [TAG]|timeline [SHAPES] [VARIANTS] [TAG]|decode-05b|decode-d20}"; exit 2 ;;
+  *) echo "usage: bash benchmarks/run15.sh {gpu-tests|gpu-matrix|timeline [SHAPES] [VARIANTS] [TAG]|decode-05b|decode-d20}"; exit 2 ;;
 esac

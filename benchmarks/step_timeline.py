@@ -12,9 +12,7 @@ per replay: the span from the first kernel's start to the last one's end, the ke
 time, the gaps between them, and each kernel's median duration.
 
 Variants of the rewritten step's attention (``models.kv.layer_cached_attention``):
-  ops            the ops, cache products on the layer-batched GEMV kernel (the default; from run 15
-                 the values product splits the context over programs, ``layer_gemv.splits_for``)
-  ops-nosplit    the same, each values product's reduction in one program (``SNLP_GEMV_SPLITS=0``)
+  ops            the ops, cache products on the layer-batched GEMV kernel (the default)
   plain          the default build's step without deferred K/V (it writes its K/V after the step)
   seq            the model as written, compiled+graph (the sequential baseline without autotuning;
                  ``--ks`` does not apply)
@@ -71,18 +69,12 @@ def attention_variant(spec: str) -> Iterator[None]:
     restores every patched module attribute afterwards."""
     parts = spec.split(":")
     name, pdl = parts[0], "nopdl" not in parts and spec != "fused-nopdl"
-    if name not in ("ops", "ops-nosplit", "plain", "seq", "fused", "fused-nopdl"):
+    if name not in ("ops", "plain", "seq", "fused", "fused-nopdl"):
         raise SystemExit(
-            f"unknown variant {spec!r}: ops, ops-nosplit, plain, seq, fused, fused-nopdl or fused:T:W:S[:nopdl]"
+            f"unknown variant {spec!r}: ops, plain, seq, fused, fused-nopdl or fused:T:W:S[:nopdl]"
         )
-    saved = (
-        kernels._decode_attention_layers,
-        kernels._split_products,
-        kv.pdl_enabled,
-        decode_attention._decode_attention_tuned,
-    )
+    saved = (kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned)
     kernels._decode_attention_layers = name.startswith("fused")
-    kernels._split_products = name != "ops-nosplit"
     if not pdl:
         kv.pdl_enabled = lambda: False
     numbers = [int(p) for p in parts[1:] if p.isdigit()]
@@ -97,12 +89,7 @@ def attention_variant(spec: str) -> Iterator[None]:
     try:
         yield
     finally:
-        (
-            kernels._decode_attention_layers,
-            kernels._split_products,
-            kv.pdl_enabled,
-            decode_attention._decode_attention_tuned,
-        ) = saved
+        kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned = saved
 
 
 def kernel_events(trace_path: Path) -> list[dict[str, Any]]:

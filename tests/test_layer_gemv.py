@@ -46,7 +46,7 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
         import torch
         from snlp_compile.kernels import layer_gemv as lg
         torch.manual_seed(0)
-        worst, splits_seen = 0.0, set()
+        worst = 0.0
         # odd sizes exercise the masks; R = 2 takes the two-accumulator path, R > 2 the tl.dot
         # one (dispatch sends 3-4 rows to cuBLAS, the op itself takes them); strided x and w views
         for n, r, o, i in [
@@ -54,39 +54,18 @@ def test_kernel_tile_matches_einsum_under_the_interpreter() -> None:
         ]:
             x = torch.randn(n, r, 2 * i)[..., ::2]
             w = torch.randn(n, i, o).transpose(1, 2)
-            ref = torch.einsum("nri,noi->nro", x.double(), w.double())
             for bo, bi in [(16, 64), (32, 128)]:
                 y = lg.launch(lg._layer_gemv_tile, x, w, BLOCK_O=bo, BLOCK_I=bi)
+                ref = torch.einsum("nri,noi->nro", x.double(), w.double())
                 assert y.shape == (n, r, o) and y.dtype == torch.float32
                 worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-            # the reduction split over programs: float32 partial sums that add up to the product;
-            # 3 splits of 70 columns in 64-wide tiles leave the last split empty (zeros)
-            for splits in (2, 3):
-                parts = lg.launch(lg._layer_gemv_tile, x, w, splits=splits, BLOCK_O=16, BLOCK_I=64)
-                assert parts.shape == (splits, n, r, o) and parts.dtype == torch.float32
-                assert parts[0].abs().max() > 0 and not torch.equal(parts[0], parts.sum(0))
-                y = parts.sum(0)
-                worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-                splits_seen.add(splits)
-        print("worst", worst, "splits", sorted(splits_seen))
+        print("worst", worst)
         assert worst < 1e-6, worst
         """
     )
     proc = run_under_interpreter(script)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "splits [2, 3]" in proc.stdout
-
-
-def test_split_count_fills_the_gpu_only_where_outputs_are_few() -> None:
-    """A decode step's values product (layers x heads products of head-dim outputs over the
-    context) splits its reduction; the keys product and the weight GEMVs have programs enough."""
-    sms = 132  # an H100/H200
-    assert layer_gemv.split_count(32 * 10, 64, 1024, sms) == 4  # 0.5B values: 320 -> 1280 programs
-    assert layer_gemv.split_count(20 * 10, 128, 1024, sms) == 4  # d20 values: 400 -> 1600
-    assert layer_gemv.split_count(32 * 10, 1024, 64, sms) == 1  # keys: 5120 programs already
-    assert layer_gemv.split_count(32, 1920, 640, sms) == 2  # (a 0.5B q/k/v GEMV, were it asked)
-    assert layer_gemv.split_count(1, 64, 200, sms) == 1  # too few columns to split
-    assert layer_gemv.splits_for(torch.randn(4, 1, 1024), torch.randn(4, 64, 1024)) == 1  # the CPU
+    assert "worst" in proc.stdout
 
 
 @needs_triton
@@ -97,11 +76,7 @@ def test_autotuners_key_on_the_grid_axes() -> None:
     from snlp_compile.kernels import decode_attention as da
     from snlp_compile.kernels import layer_gemv as lg
 
-    for tuner, axis in (
-        (lg._layer_gemv_tuned, "N"),
-        (lg._layer_gemv_tuned, "S"),
-        (da._decode_attention_tuned, "G"),
-    ):
+    for tuner, axis in ((lg._layer_gemv_tuned, "N"), (da._decode_attention_tuned, "G")):
         assert axis in tuner.keys
         assert set(tuner.keys) <= set(tuner.arg_names), set(tuner.keys) - set(tuner.arg_names)
 
@@ -119,7 +94,7 @@ def test_pdl_kernel_reads_only_constant_weights_before_the_wait() -> None:
 
     from snlp_compile.kernels import layer_gemv as lg
 
-    ints = ["R", "O", "I", "N", "S", "sxn", "sxr", "sxi", "swn", "swo", "swi", "sys", "syn", "syr", "syo"]
+    ints = ["R", "O", "I", "N", "sxn", "sxr", "sxi", "swn", "swo", "swi", "syn", "syr", "syo"]
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", **dict.fromkeys(ints, "i32")}
     signature.update(
         dict.fromkeys(["BLOCK_R", "BLOCK_O", "BLOCK_I", "IEEE_DOT", "PDL", "EARLY_W"], "constexpr")
@@ -276,25 +251,6 @@ def test_gpu_op_matches_einsum(dtype: torch.dtype, rows: int, shape: tuple[int, 
 
 
 @needs_cuda
-@pytest.mark.parametrize("splits", [2, 4, 8])
-def test_gpu_split_products_add_up_to_the_product(splits: int) -> None:
-    """The values product of a 0.5B step (320 products, 64 outputs over 1024 cached positions,
-    read transposed) with its reduction split: the partial sums have the split shape, and their
-    sum (``gemv``) agrees with float64 on both ops, PDL or not."""
-    torch.manual_seed(0)
-    v_cache = torch.randn(320, 1024, 64, device="cuda", dtype=torch.bfloat16)
-    w = v_cache.transpose(1, 2)
-    x = torch.softmax(torch.randn(320, 1, 1024, device="cuda"), -1).to(torch.bfloat16)
-    ref = torch.einsum("nri,noi->nro", x.double(), w.double())
-    parts = torch.ops.snlp.layer_gemv(x, w, splits)
-    assert parts.shape == (splits, 320, 1, 64) and parts.dtype == torch.float32
-    for pdl in (False, True):
-        y = layer_gemv.gemv(x, w, pdl, weights_constant=False, splits=splits)
-        assert y.shape == (320, 1, 64) and y.dtype == torch.bfloat16
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
-
-
-@needs_cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
 )
@@ -398,8 +354,6 @@ def test_gpu_attention_products_take_the_kernel(heads: int, dim: int) -> None:
     assert static_out.shape == ref.shape
     assert ((static_out.double() - ref).norm() / ref.norm()).item() < 2e-2
     probs = torch.rand(8, 1, heads, 1, 1024, device="cuda", dtype=torch.bfloat16)
-    # the values product splits the context over programs (8 x heads products of head-dim outputs)
-    assert layer_gemv.splits_for(probs.flatten(0, 2), v_cache.transpose(-1, -2).flatten(0, 2)) > 1
     assert _gemv_kernel_ran(lambda: _layer_matmul(probs, v_cache))
     assert _gemv_kernel_ran(lambda: _layer_matmul(q, k_cache.transpose(-1, -2)))
     swapped = k_cache.transpose(0, 2)  # (heads, 1, 8, T, D): batch dims no longer nest

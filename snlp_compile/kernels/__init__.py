@@ -8,9 +8,7 @@ GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the 
 decode-attention kernel (``decode_attention``), for A/B timing; the default (``1``) fuses it where one
 layer's attention is one call (the model as written, sequential), ``all`` also in the rewritten
 step, where the ops measured faster (BENCHMARKS.md, run 13). ``SNLP_PDL=0`` launches the kernels
-without programmatic dependent launch on Hopper and newer GPUs. ``SNLP_GEMV_SPLITS=0`` keeps each
-attention product's reduction in one program per output tile (by default the values product,
-whose layers x heads x head-dim outputs cannot fill a GPU, splits the context, ``layer_gemv.splits_for``). Turning the GEMV kernel off
+without programmatic dependent launch on Hopper and newer GPUs. Turning the GEMV kernel off
 (``gemv_kernel(False)``, as ``export_onnx`` does) turns every kernel off.
 """
 
@@ -31,7 +29,6 @@ _attention_enabled = env_flag("SNLP_ATTENTION_KERNEL")
 _pdl_enabled = env_flag("SNLP_PDL")
 _decode_attention_enabled = env_flag("SNLP_DECODE_ATTENTION")
 _decode_attention_layers = os.environ.get("SNLP_DECODE_ATTENTION", "1").strip().lower() == "all"
-_split_products = env_flag("SNLP_GEMV_SPLITS")
 
 
 def gemv_kernel_enabled() -> bool:
@@ -110,9 +107,7 @@ def layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         w = b.transpose(-1, -2).flatten(0, lead - 1)
         x = a.flatten(0, lead - 1)
         if layer_gemv.applies(x, w):
-            splits = layer_gemv.splits_for(x, w) if _split_products else 1
-            y = layer_gemv.gemv(x, w, pdl_enabled(), weights_constant=False, splits=splits)
-            return y.unflatten(0, a.shape[:-2])
+            return layer_gemv.gemv(x, w, pdl_enabled(), weights_constant=False).unflatten(0, a.shape[:-2])
     return torch.matmul(a, b)
 
 

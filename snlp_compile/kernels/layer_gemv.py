@@ -24,10 +24,6 @@ MAX_ROWS = 16  # rows per layer the kernel takes; more rows are a real GEMM, cuB
 # in the CUDA-graphed step it beat cuBLAS on both shapes (0.5B deferred K=1 0.148 -> 0.139 ms, d20
 # 0.268 -> 0.261 ms; alone 25.2 vs 27.0 us on 32x1920x640, 55.3 vs 54.2 us on 20x3840x1280)
 CUBLAS_ROWS = range(3, 5)
-# splitting the reduction of a product with too few output tiles to fill the GPU (splits_for)
-PROGRAMS_PER_SM = 8
-SPLIT_BLOCK_O = 64
-MIN_SPLIT_I = 128
 
 try:  # triton is an optional dependency (the CPU wheel of torch does not bring it)
     import triton
@@ -109,10 +105,9 @@ if triton is not None:
         x_ptr, w_ptr, y_ptr,
         R, O, I,  # noqa: E741
         N,  # the layers (the grid's second axis): unused here, an argument so that the autotuner keys on it
-        S,  # the splits of I (the grid's third axis): y holds S partial sums, the caller adds them
         sxn, sxr, sxi,
         swn, swo, swi,
-        sys, syn, syr, syo,
+        syn, syr, syo,
         BLOCK_R: tl.constexpr,
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
@@ -122,11 +117,6 @@ if triton is not None:
     ):  # fmt: skip
         pid_o = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
-        split = tl.program_id(2)
-        # this program's columns [i_lo, i_hi): whole tiles, the last split takes the remainder
-        span = tl.cdiv(tl.cdiv(I, S), BLOCK_I) * BLOCK_I
-        i_lo = split * span
-        i_hi = tl.minimum(I, i_lo + span)
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_r = tl.arange(0, BLOCK_R)
         x_base = x_ptr + n * sxn + offs_r[:, None] * sxr
@@ -139,17 +129,17 @@ if triton is not None:
         # itself may write just before) waits first. x is read and y written after the wait.
         if PDL and not EARLY_W:
             tl.extra.cuda.gdc_wait()
-        w = _w_tile(w_base, offs_o, i_lo, O, i_hi, swi, BLOCK_I)
+        w = _w_tile(w_base, offs_o, 0, O, I, swi, BLOCK_I)
         if PDL and EARLY_W:
             tl.extra.cuda.gdc_wait()
         if BLOCK_R == 1:
-            x = _x_tile(x_base, offs_r, i_lo, R, i_hi, sxi, BLOCK_I)
+            x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
             # a true GEMV: elementwise products accumulate in registers across the I loop and
             # are reduced once at the end (a reduction per tile would serialise the loop)
             part = w.to(tl.float32) * x.to(tl.float32)
-            for i0 in range(i_lo + BLOCK_I, i_hi, BLOCK_I):
-                w = _w_tile(w_base, offs_o, i0, O, i_hi, swi, BLOCK_I)
-                x = _x_tile(x_base, offs_r, i0, R, i_hi, sxi, BLOCK_I)
+            for i0 in range(BLOCK_I, I, BLOCK_I):
+                w = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I)
+                x = _x_tile(x_base, offs_r, i0, R, I, sxi, BLOCK_I)
                 part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
         elif BLOCK_R == 2:
@@ -157,38 +147,33 @@ if triton is not None:
             # one's): two 2-D accumulators, one per row, each the one-row loop's (a 3-D
             # accumulator over both rows ran 70% slower than one row, run 8)
             x_row0 = x_ptr + n * sxn
-            x0, x1 = _x_rows2(x_row0, sxr, i_lo, i_hi, sxi, BLOCK_I)
+            x0, x1 = _x_rows2(x_row0, sxr, 0, I, sxi, BLOCK_I)
             wf = w.to(tl.float32)
             part0 = wf * x0
             part1 = wf * x1
-            for i0 in range(i_lo + BLOCK_I, i_hi, BLOCK_I):
-                wf = _w_tile(w_base, offs_o, i0, O, i_hi, swi, BLOCK_I).to(tl.float32)
-                x0, x1 = _x_rows2(x_row0, sxr, i0, i_hi, sxi, BLOCK_I)
+            for i0 in range(BLOCK_I, I, BLOCK_I):
+                wf = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I).to(tl.float32)
+                x0, x1 = _x_rows2(x_row0, sxr, i0, I, sxi, BLOCK_I)
                 part0 += wf * x0
                 part1 += wf * x1
             acc = tl.join(tl.sum(part0, axis=1), tl.sum(part1, axis=1)).trans()
         else:
-            x = _x_tile(x_base, offs_r, i_lo, R, i_hi, sxi, BLOCK_I)
+            x = _x_tile(x_base, offs_r, 0, R, I, sxi, BLOCK_I)
             acc = _dot(x, w, IEEE_DOT)
-            for i0 in range(i_lo + BLOCK_I, i_hi, BLOCK_I):
-                w = _w_tile(w_base, offs_o, i0, O, i_hi, swi, BLOCK_I)
-                x = _x_tile(x_base, offs_r, i0, R, i_hi, sxi, BLOCK_I)
+            for i0 in range(BLOCK_I, I, BLOCK_I):
+                w = _w_tile(w_base, offs_o, i0, O, I, swi, BLOCK_I)
+                x = _x_tile(x_base, offs_r, i0, R, I, sxi, BLOCK_I)
                 acc += _dot(x, w, IEEE_DOT)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch; it waits for y
-        y_ptrs = y_ptr + split * sys + n * syn + offs_r[:, None] * syr + offs_o[None, :] * syo
+        y_ptrs = y_ptr + n * syn + offs_r[:, None] * syr + offs_o[None, :] * syo
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
 
     # keyed on the layer count too: the best tile for one layer's programs is not the best for
     # 32 layers' (a chunk of one layer tuned first made a 32-layer step 37% slower, run 14)
-    _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "S", "R", "O", "I", "BLOCK_R"])(
+    _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "R", "O", "I", "BLOCK_R"])(
         _layer_gemv_tile
     )
-
-    def _out_shape(x: torch.Tensor, w: torch.Tensor, splits: int) -> tuple[int, ...]:
-        """``launch``'s result shape: (N, R, O), or the partial sums' (splits, N, R, O)."""
-        shape = (x.shape[0], x.shape[1], w.shape[1])
-        return (splits, *shape) if splits > 1 else shape
 
     def launch(
         kernel,
@@ -196,34 +181,26 @@ if triton is not None:
         w: torch.Tensor,
         pdl: bool = False,
         early_weights: bool = False,
-        splits: int = 1,
         **config: int,
     ) -> torch.Tensor:
         """Run ``kernel`` (the autotuned one, or the bare tile with an explicit ``config`` of
         BLOCK_O, BLOCK_I, as the tests do under ``TRITON_INTERPRET=1``) on x (N, R, I), w (N, O, I);
         ``pdl``: launched with programmatic dependent launch (``layer_gemv_pdl``), ``early_weights``:
-        w is constant, its first tile is read before waiting for the previous kernel. ``splits`` > 1
-        splits I over that many programs per output tile and returns their float32 partial sums
-        (splits, N, R, O), which the caller adds (:func:`gemv`): more programs where N x O alone
-        cannot fill the GPU."""
+        w is constant, its first tile is read before waiting for the previous kernel."""
         n, r, i = x.shape
         o = w.shape[1]
-        y = torch.empty(
-            _out_shape(x, w, splits), device=x.device, dtype=torch.float32 if splits > 1 else x.dtype
-        )
-        split_stride = y.stride(0) if splits > 1 else 0
-        ys = y.stride()[-3:]
+        y = torch.empty((n, r, o), device=x.device, dtype=x.dtype)
 
-        def grid(meta: dict) -> tuple[int, int, int]:
-            return (triton.cdiv(o, meta["BLOCK_O"]), n, splits)
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(o, meta["BLOCK_O"]), n)
 
         kernel[grid](
             x, w, y,
             r, o, i,
-            n, splits,
+            n,
             x.stride(0), x.stride(1), x.stride(2),
             w.stride(0), w.stride(1), w.stride(2),
-            split_stride, ys[0], ys[1], ys[2],
+            y.stride(0), y.stride(1), y.stride(2),
             BLOCK_R=r if r <= 2 else 16,
             IEEE_DOT=x.dtype == torch.float32,
             PDL=pdl,  # (explicit: Inductor passes a triton_op's kernel no defaults)
@@ -234,15 +211,12 @@ if triton is not None:
         return y
 
     @torch.library.triton_op("snlp::layer_gemv", mutates_args={})
-    def layer_gemv(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.Tensor:
-        """x (N, R, I), w (N, O, I) -> (N, R, O), R <= MAX_ROWS, float16/bfloat16/float32; with
-        ``splits`` > 1 the float32 partial sums (splits, N, R, O) over I's splits."""
-        return launch(torch.library.wrap_triton(_layer_gemv_tuned), x, w, splits=splits)
+    def layer_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (N, R, I), w (N, O, I) -> (N, R, O), R <= MAX_ROWS, float16/bfloat16/float32."""
+        return launch(torch.library.wrap_triton(_layer_gemv_tuned), x, w)
 
     @torch.library.custom_op("snlp::layer_gemv_pdl", mutates_args=())
-    def layer_gemv_pdl(
-        x: torch.Tensor, w: torch.Tensor, early_weights: bool, splits: int = 1
-    ) -> torch.Tensor:
+    def layer_gemv_pdl(x: torch.Tensor, w: torch.Tensor, early_weights: bool) -> torch.Tensor:
         """``layer_gemv`` launched with programmatic dependent launch (Hopper and newer): it starts
         while the kernel before it finishes and, with ``early_weights`` (w a constant no kernel
         writes: stacked weights, not a cache), streams its first weight tiles meanwhile.
@@ -250,14 +224,11 @@ if triton is not None:
         An opaque custom op, not a ``triton_op``: Inductor launches the kernels of a triton_op
         itself, without the launch attribute PDL needs, so this op launches its own (Inductor
         calls it like an ATen kernel; inside a CUDA graph the launch costs nothing extra)."""
-        return launch(_layer_gemv_tuned, x, w, pdl=True, early_weights=early_weights, splits=splits)
+        return launch(_layer_gemv_tuned, x, w, pdl=True, early_weights=early_weights)
 
     @layer_gemv_pdl.register_fake
-    def _layer_gemv_pdl_fake(
-        x: torch.Tensor, w: torch.Tensor, early_weights: bool, splits: int = 1
-    ) -> torch.Tensor:
-        dtype = torch.float32 if splits > 1 else x.dtype
-        return x.new_empty(_out_shape(x, w, splits), dtype=dtype)
+    def _layer_gemv_pdl_fake(x: torch.Tensor, w: torch.Tensor, early_weights: bool) -> torch.Tensor:
+        return x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
 
 
 def pdl_supported(x: torch.Tensor) -> bool:
@@ -265,45 +236,13 @@ def pdl_supported(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def gemv(
-    x: torch.Tensor, w: torch.Tensor, pdl: bool, weights_constant: bool, splits: int = 1
-) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool, weights_constant: bool) -> torch.Tensor:
     """x (N, R, I), w (N, O, I) -> (N, R, O) on the kernel, launched with PDL where ``pdl`` is
     asked for and the GPU supports it (callers check :func:`applies` first). ``weights_constant``:
-    no kernel writes w (stacked weights), so with PDL its first tiles stream before the wait.
-    ``splits`` > 1 (:func:`splits_for`) adds the kernel's partial sums here, as graph ops, so that
-    a compiled graph fuses the addition into the kernel that reads the product."""
+    no kernel writes w (stacked weights), so with PDL its first tiles stream before the wait."""
     if pdl and pdl_supported(x):
-        y = torch.ops.snlp.layer_gemv_pdl(x, w, weights_constant, splits)
-    else:
-        y = torch.ops.snlp.layer_gemv(x, w, splits)
-    return y.sum(0).to(x.dtype) if splits > 1 else y
-
-
-@torch.compiler.assume_constant_result
-def _sm_count(device_index: int) -> int:
-    """The GPU's streaming multiprocessors (a constant to Dynamo while it traces a step)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def splits_for(x: torch.Tensor, w: torch.Tensor) -> int:
-    """:func:`split_count` for x (N, R, I) times w (N, O, I) on x's GPU (1 elsewhere)."""
-    if not x.is_cuda:
-        return 1
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return split_count(w.shape[0], w.shape[1], w.shape[2], _sm_count(index))
-
-
-def split_count(products: int, outputs: int, columns: int, sms: int) -> int:
-    """How many splits of the reduction (a power of two) give ``products`` GEMVs of ``outputs`` x
-    ``columns`` at least ``PROGRAMS_PER_SM`` programs per SM, counting ``SPLIT_BLOCK_O`` outputs a
-    program and keeping ``MIN_SPLIT_I`` columns a split. A decode step's values product is the
-    case: layers x heads products of only head-dim outputs (64 or 128) over the whole context."""
-    programs = products * -(-outputs // SPLIT_BLOCK_O)
-    splits = 1
-    while programs * splits < PROGRAMS_PER_SM * sms and columns // (2 * splits) >= MIN_SPLIT_I:
-        splits *= 2
-    return splits
+        return torch.ops.snlp.layer_gemv_pdl(x, w, weights_constant)
+    return torch.ops.snlp.layer_gemv(x, w)
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
