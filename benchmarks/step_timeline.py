@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--replays", type=int, default=20, help="graph replays profiled per variant")
+    p.add_argument(
+        "--inductor",
+        default=BEST_INDUCTOR,
+        help="torch._inductor.config options of every variant, key=value,... (default: the benchmarks')",
+    )
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--name", default="step_timeline")
     args = p.parse_args(argv)
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
-    inductor_options(BEST_INDUCTOR)
+    options_all = inductor_options(args.inductor)
     snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
     out = out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "env": env,
         "command": "python benchmarks/step_timeline.py " + " ".join(argv or sys.argv[1:]),
+        "inductor": options_all,
         "results": results,
     }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Decode step timeline inside the CUDA graph ({device_label(env)}, torch {env['torch']})",
         "",
         "The SNLP deferred step (plain: without deferral; seq: the model as written), batch 1, context",
-        "1024, compiled+graph; replay time by CUDA events, the",
+        f"1024, compiled+graph (Inductor options {options_all}); replay time by CUDA events, the",
         "rest from profiled graph replays (medians). Random weights.",
         "",
         "| shape | K | attention | replay ms | span us | kernels busy us | gaps us | kernels |",
