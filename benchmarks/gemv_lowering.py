@@ -122,7 +122,6 @@ def sweep(
     row_counts: tuple[int, ...] = (1, 8),
     stages: tuple[int, ...] = (1, 2, 3),
     cold: bool = False,
-    kernel: str = "tile",
 ) -> None:
     """Time the kernel's bare tile over a grid of launch configs (CUDA graph of one launch) beside
     the einsum, for each row count (1: batch-1 decode, 2: deferred K/V, 8: batch 8): what the
@@ -163,7 +162,7 @@ def sweep(
             for bo, bi, nw, ns in grid:
                 tile = functools.partial(
                     lg.launch,
-                    getattr(lg, f"_layer_gemv_{kernel}"),
+                    lg._layer_gemv_tile,
                     BLOCK_O=bo,
                     BLOCK_I=bi,
                     num_warps=nw,
@@ -185,7 +184,6 @@ def sweep(
                 "shape": shape,
                 "rows": r,
                 "cold": cold,
-                "kernel": kernel,
                 "einsum_us": t_einsum,
                 "shipped_us": t_shipped,
                 "floor_us": floor_us,
@@ -217,12 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")
     p.add_argument("--sweep-stages", default="1,2,3", help="num_stages values the sweep tries")
     p.add_argument(
-        "--sweep-kernel",
-        default="tile",
-        choices=["tile", "tile_t"],
-        help="the tile swept: _layer_gemv_tile, or _layer_gemv_tile_t (one row, w read transposed)",
-    )
-    p.add_argument(
         "--sweep-cold", action="store_true", help="time chains of launches over operand copies (cold L2)"
     )
     args = p.parse_args(argv)
@@ -233,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         rows = tuple(int(r) for r in args.sweep_rows.split(","))
         stages = tuple(int(s) for s in args.sweep_stages.split(","))
-        sweep(args.shapes, device, dtype, out, args.name, rows, stages, args.sweep_cold, args.sweep_kernel)
+        sweep(args.shapes, device, dtype, out, args.name, rows, stages, args.sweep_cold)
         return 0
     bw = copy_bandwidth(device)
     rows: list[dict[str, object]] = []

@@ -169,55 +169,6 @@ if triton is not None:
         y_ptrs = y_ptr + n * syn + offs_r[:, None] * syr + offs_o[None, :] * syo
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_o[None, :] < O))
 
-    @triton.jit
-    def _layer_gemv_tile_t(
-        x_ptr, w_ptr, y_ptr,
-        R, O, I,  # noqa: E741
-        N,
-        sxn, sxr, sxi,
-        swn, swo, swi,
-        syn, syr, syo,
-        BLOCK_R: tl.constexpr,
-        BLOCK_O: tl.constexpr,
-        BLOCK_I: tl.constexpr,
-        IEEE_DOT: tl.constexpr,
-        PDL: tl.constexpr,
-        EARLY_W: tl.constexpr,
-    ):  # fmt: skip
-        """``_layer_gemv_tile`` for one row and w stored (N, I, O), O contiguous (a values cache
-        read as the weight): the tile is (BLOCK_I, BLOCK_O) as memory holds it and x a column, so
-        the product needs no re-layout of x per tile; the reduction runs over axis 0 at the end."""
-        pid_o = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-        offs_i = tl.arange(0, BLOCK_I)
-        w_base = w_ptr + n * swn + offs_o[None, :] * swo
-        x_base = x_ptr + n * sxn
-        if PDL and not EARLY_W:
-            tl.extra.cuda.gdc_wait()
-        mask_o = offs_o[None, :] < O
-        w = tl.load(
-            w_base + offs_i[:, None] * swi,
-            mask=mask_o & (offs_i[:, None] < I),
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-        if PDL and EARLY_W:
-            tl.extra.cuda.gdc_wait()
-        x = tl.load(x_base + offs_i[:, None] * sxi, mask=offs_i[:, None] < I, other=0.0)
-        part = w.to(tl.float32) * x.to(tl.float32)
-        for i0 in range(BLOCK_I, I, BLOCK_I):
-            rows = i0 + offs_i[:, None]
-            w = tl.load(
-                w_base + rows * swi, mask=mask_o & (rows < I), other=0.0, eviction_policy="evict_first"
-            )
-            x = tl.load(x_base + rows * sxi, mask=rows < I, other=0.0)
-            part += w.to(tl.float32) * x.to(tl.float32)
-        acc = tl.sum(part, axis=0)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.store(y_ptr + n * syn + offs_o * syo, acc.to(y_ptr.dtype.element_ty), mask=offs_o < O)
-
     # keyed on the layer count too: the best tile for one layer's programs is not the best for
     # 32 layers' (a chunk of one layer tuned first made a 32-layer step 37% slower, run 14)
     _layer_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "R", "O", "I", "BLOCK_R"])(
