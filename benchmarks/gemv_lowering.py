@@ -146,16 +146,13 @@ def sweep(
     result: list[dict[str, object]] = []
     for shape in shapes.split(","):
         n, o, i = (int(v) for v in shape.rstrip("t").split("x"))
-        copies = COPIES if cold else 1
-
-        ws = [_weights(shape, n, o, i, device, dtype) for _ in range(copies)]
+        ws = [_weights(shape, n, o, i, device, dtype) for _ in range(COPIES if cold else 1)]
         w = ws[-1]
         floor_us = floor_ms(w.numel() * w.element_size(), bw) * 1e3
         for r in row_counts:
             operands = [(torch.randn(n, r, i, device=device, dtype=dtype), wc) for wc in ws]
             x = operands[-1][0]
             ref = torch.einsum("nri,noi->nro", x, w)
-
             t_einsum = _timed_us(functools.partial(torch.einsum, "nri,noi->nro"), operands, cold, device)
             t_shipped = _timed_us(torch.ops.snlp.layer_gemv, operands, cold, device)
             timed = []
