@@ -1,0 +1,70 @@
+"""Perplexity of the KV-cached decode step (train.decode_eval): the quality of the path that is timed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from snlp_compile import SNLPConfig, transform
+from snlp_compile.models import build_model
+from snlp_compile.train.decode_eval import DecodeSetting, decode_perplexity, settings_grid
+from snlp_compile.train.evaluate import perplexity
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model("nanochat-tiny", seed=3, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+
+
+def test_sequential_and_exact_decode_equal_the_full_sequence(model, windows) -> None:
+    full = perplexity(model, windows, 2, "cpu", 1.0)
+    grid = [
+        DecodeSetting(None),
+        DecodeSetting(4, None, "h0"),
+        DecodeSetting(4, None, "warm"),
+        DecodeSetting(2, 2),
+    ]
+    results = decode_perplexity(model, windows, grid, bytes_per_token=1.0)
+    assert [r.setting for r in results] == grid
+    for r in results:  # K >= parallel layers: exact, whatever the init
+        assert r.ce == pytest.approx(full["ce"], rel=1e-6), (
+            r.setting.label()
+        )  # (perplexity() casts logits to float32)
+        assert r.tokens == windows.numel() - windows.size(0)
+        assert not r.graphs  # (CPU: the eager loop)
+
+
+def test_decode_ppl_at_small_k_is_the_teacher_forced_decode_step(model, windows) -> None:
+    """K=1 differs from sequential, and equals a hand-written token-by-token loop over the
+    transformed step (past K/V from each token's corrected trace, as Decoder writes them)."""
+    from snlp_compile import Decoder
+
+    (res,) = decode_perplexity(model, windows, [DecodeSetting(1, None, "warm")], bytes_per_token=1.0)
+    dec = Decoder(model, SNLPConfig(iterations=1, init="warm"), batch=2, max_len=12)
+    dec.reset()
+    total = 0.0
+    for t in range(12):
+        logits = dec.step(windows[:, t], torch.tensor(t))
+        total += torch.nn.functional.cross_entropy(logits, windows[:, t + 1], reduction="sum").item()
+    assert res.ce == pytest.approx(total / 24, rel=1e-12)
+    seq = perplexity(model, windows, 2, "cpu", 1.0)["ce"]
+    assert abs(res.ce - seq) > 1e-6
+    # the full-sequence forward at K=1 is a different computation (K/V from the current iterate)
+    fast = transform(model, (windows[:, :-1],), iterations=1)
+    assert perplexity(fast, windows, 2, "cpu", 1.0)["ce"] != pytest.approx(res.ce, rel=1e-9)
+    assert math.isclose(res.ppl, math.exp(res.ce))
+
+
+def test_settings_grid_and_bad_windows(model) -> None:
+    grid = settings_grid([None, 2], [1, 2], ["h0", "warm"])
+    assert grid[0].sequential and len(grid) == 1 + 2 * 2 * 2
+    assert grid[1].label() == "par=all K=1 init=h0"
+    with pytest.raises(ValueError, match="windows must be"):
+        decode_perplexity(model, torch.zeros(3, dtype=torch.long), grid, bytes_per_token=1.0)
