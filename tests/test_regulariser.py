@@ -26,13 +26,18 @@ def _rel_err(h_hat: torch.Tensor, h: torch.Tensor, eps: float = 1e-6) -> torch.T
 
 HCN = "mhc-tiny" if "mhc-tiny" in MODEL_NAMES else None
 
+# the project's first recipe (every layer counted, averaged, target not detached); the tests of the
+# trace machinery use it, test_paper_recipe_defaults the paper's defaults
+OLD = {"every": 1, "reduction": "mean", "stop_gradient": False}
+ALL = RegulariserConfig(suffix_fractions=(1.0,), **OLD)  # one suffix of every parallelisable layer
+
 
 @pytest.fixture(scope="module")
 def nano() -> dict:
     """nanochat-tiny (4 layers, scaled IDN) with suffix sizes 4 and 2, and the compiler's transforms.
     Tests that use it must not change its weights; they zero its gradients first."""
     model, idx = _model("nanochat-tiny")
-    reg = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4, 2)))
+    reg = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4, 2), **OLD))
     fast = {n: transform(model, (idx,), parallel_layers=n) for n in (4, 2)}
     return {"model": model, "idx": idx, "reg": reg, "fast": fast}
 
@@ -43,7 +48,7 @@ def gpt() -> dict:
     return {
         "model": model,
         "idx": idx,
-        "reg": SNLPRegulariser(model, (idx,)),
+        "reg": SNLPRegulariser(model, (idx,), ALL),
         "fast": transform(model, (idx,)),
     }
 
@@ -71,7 +76,7 @@ def test_k1_trace_is_the_compilers_idn(gpt: dict) -> None:
 def test_k1_trace_is_the_compilers_hcn() -> None:
     """HCN with static H: the compiler folds H into prefix products, the regulariser scans the live H."""
     model, idx = _model(HCN)
-    reg = SNLPRegulariser(model, (idx,))
+    reg = SNLPRegulariser(model, (idx,), ALL)
     assert reg.chain.skip.kind == "matrix"
     _check_traces(reg, {4: transform(model, (idx,))}, idx)
     model.zero_grad(set_to_none=True)
@@ -102,7 +107,7 @@ def test_loss_is_mean_relative_error_summed_over_suffixes(nano: dict) -> None:
 
 def test_every_s_th_layer_counts_back_from_the_last(nano: dict) -> None:
     model, idx = nano["model"], nano["idx"]
-    reg = SNLPRegulariser(model, (idx,), RegulariserConfig(every=2))
+    reg = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_fractions=(1.0,), **{**OLD, "every": 2}))
     with torch.no_grad():
         loss = reg(idx).loss
     h_hat, h = nano["reg"].traces(idx)[4]
@@ -133,7 +138,12 @@ def test_stop_gradient_detaches_the_target(nano: dict) -> None:
     grads = {}
     for stop, reg in (
         (False, nano["reg"]),
-        (True, SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4, 2), stop_gradient=True))),
+        (
+            True,
+            SNLPRegulariser(
+                model, (idx,), RegulariserConfig(suffix_sizes=(4, 2), **{**OLD, "stop_gradient": True})
+            ),
+        ),
     ):
         model.zero_grad(set_to_none=True)
         reg(idx).loss.backward()
@@ -152,7 +162,7 @@ def test_targets_output_and_gradients_on_nanochat_with_backout() -> None:
     own forward, the output is its output, gradients reach every layer parameter, and a change to
     the weights after construction is seen (no stale copies)."""
     model, idx = _model("nanochat-small")
-    reg = SNLPRegulariser(model, (idx,))
+    reg = SNLPRegulariser(model, (idx,), ALL)
     ((n, (_, h_seq)),) = reg.traces(idx).items()
     assert n == model.config.n_layer
     torch.testing.assert_close(
@@ -199,7 +209,7 @@ def test_hugging_face_gpt2_with_keyword_inputs() -> None:
     model = transformers.GPT2LMHeadModel(cfg).eval().double()
     idx = torch.randint(0, 64, (2, 10))
     kw = {"use_cache": False}
-    reg = SNLPRegulariser(model, (idx,), example_kwargs=kw)
+    reg = SNLPRegulariser(model, (idx,), ALL, example_kwargs=kw)
     out = reg(idx, **kw)
     with torch.no_grad():
         torch.testing.assert_close(out.output.logits, model(idx, **kw).logits, rtol=0, atol=1e-10)
@@ -208,6 +218,42 @@ def test_hugging_face_gpt2_with_keyword_inputs() -> None:
     torch.testing.assert_close(h_hat, solve_trace(fast, idx, False, iterations=1), rtol=1e-10, atol=1e-10)
     out.loss.backward()
     assert model.transformer.h[1].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_paper_recipe_defaults(nano: dict) -> None:
+    """RegulariserConfig() is the paper's recipe: lambda 0.0625 summed over every 3rd layer (and the
+    last) of the last 1/4, 1/2, 3/4 of the layers, target detached, ramp left to train() (20%)."""
+    cfg = RegulariserConfig()
+    assert (cfg.weight, cfg.reduction, cfg.every, cfg.stop_gradient, cfg.ramp_steps, cfg.iterations) == (
+        0.0625,
+        "sum",
+        3,
+        True,
+        None,
+        1,
+    )
+    assert cfg.suffix_sizes_for(32) == (8, 16, 24) and cfg.suffix_sizes_for(16) == (4, 8, 12)
+    assert cfg.suffix_sizes_for(4) == (2, 3)  # rounded, at least 2, duplicates dropped
+    assert RegulariserConfig(iterations=2).suffix_sizes_for(4) == (3,)  # more than K: not exact
+    assert RegulariserConfig(suffix_fractions=(1.0,)).suffix_sizes_for(16) == (16,)
+    assert RegulariserConfig(suffix_fractions=None).suffix_sizes_for(16) == (16,)
+    assert RegulariserConfig(suffix_sizes=(5, 3)).suffix_sizes_for(16) == (5, 3)  # explicit wins
+    assert cfg.weight_at(0) == 0.0625  # no ramp unless train() resolves one
+    model, idx = nano["model"], nano["idx"]
+    reg = SNLPRegulariser(model, (idx,))
+    assert reg.suffix_sizes == (2, 3)
+    traces = nano["reg"].traces(idx)  # (4, 2) suffixes: the 3-layer suffix is checked by hand below
+    h_hat, h = traces[2]
+    with torch.no_grad():
+        out = reg(idx)
+        (h3_hat, h3) = reg.traces(idx)[3]
+    torch.testing.assert_close(out.errors[2], _rel_err(h_hat[[1]], h[[1]]))  # every 3rd from the last: j=1
+    torch.testing.assert_close(out.errors[3], _rel_err(h3_hat[[2]], h3[[2]]))  # j=2 (j=-1 does not exist)
+    # sum over counted layers: with every layer counted, the layer count times the mean
+    summed = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4,), every=1))
+    with torch.no_grad():
+        total = summed(idx).loss
+    torch.testing.assert_close(total, 4 * _rel_err(*traces[4]))
 
 
 def test_ramp() -> None:
@@ -224,7 +270,10 @@ def test_ramp() -> None:
         ({"suffix_sizes": (3, 3)}, "duplicates"),
         ({"every": 0}, "every must be an int >= 1"),
         ({"weight": -1.0}, "weight must be a number >= 0"),
-        ({"ramp_steps": -2}, "ramp_steps must be an int >= 0"),
+        ({"ramp_steps": -2}, "ramp_steps must be None or an int >= 0"),
+        ({"reduction": "max"}, "reduction must be 'sum' or 'mean'"),
+        ({"suffix_fractions": (0.0,)}, r"suffix_fractions must be None or non-empty numbers in \(0, 1\]"),
+        ({"suffix_fractions": (1.5,)}, r"suffix_fractions must be None or non-empty numbers in \(0, 1\]"),
         ({"init": "warm"}, "init must be 'h0' or 'batch_fwd'"),
     ],
 )
@@ -268,7 +317,7 @@ def test_refuses_what_transform_refuses() -> None:
 def test_k2_trace_is_the_compilers(nano: dict) -> None:
     """iterations=2: the trace is solve_trace(..., iterations=2), and the term shrinks against K=1."""
     model, idx = nano["model"], nano["idx"]
-    reg2 = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4,), iterations=2))
+    reg2 = SNLPRegulariser(model, (idx,), RegulariserConfig(suffix_sizes=(4,), iterations=2, **OLD))
     (h_hat, h_seq), (h_hat1, _) = reg2.traces(idx)[4], nano["reg"].traces(idx)[4]
     torch.testing.assert_close(h_hat, solve_trace(nano["fast"][4], idx, iterations=2), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h_hat[:2], h_seq[:2], rtol=1e-10, atol=1e-10)  # first K layers exact

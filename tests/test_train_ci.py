@@ -114,6 +114,87 @@ def test_split_is_by_file_and_stable(corpus) -> None:
     assert corpus.val_bytes_per_token == 1.0  # bytes: bits per byte = bits per token
 
 
+def test_split_is_unbiased_under_a_byte_cap() -> None:
+    """A cap keeps a sample of the files spread over the whole key range on both sides (not the
+    alphabetically first train files against held-out files from everywhere)."""
+    capped = load_corpus(max_bytes=1_000_000)
+    keys = sorted(k for k, _ in collect_files(default_sources()))
+    assert len(capped.train_keys) == capped.train_files and len(capped.val_keys) == capped.val_files
+    assert capped.train_files < 0.5 * len(keys)  # the cap bites
+    rank = {k: i / len(keys) for i, k in enumerate(keys)}
+    for side in (capped.train_keys, capped.val_keys):
+        quantiles = sorted(rank[k] for k in side)
+        # the sample's median rank near the middle, its ends near the ends
+        assert 0.35 < quantiles[len(quantiles) // 2] < 0.65, quantiles[len(quantiles) // 2]
+        assert quantiles[0] < 0.1 and quantiles[-1] > 0.9
+    assert all(not is_held_out(k, 0.05) for k in capped.train_keys)
+    assert all(is_held_out(k, 0.05) for k in capped.val_keys)
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_checkpoint_round_trip_with_bpe_tokenizer(tmp_path, layout: str) -> None:
+    """Every trained variant's checkpoint: weights (identical logits), the model config (its init
+    option included) and the BPE tokenizer (identical encoding) come back."""
+    from snlp_compile.train import checkpoint_tokenizer
+
+    small = load_corpus(max_bytes=40_000, tokenizer="bpe", bpe_vocab_size=300)
+    cfg = TrainConfig(
+        model="nanochat-tiny",
+        model_overrides={"sequence_len": 32, "n_layer": 2},
+        steps=2,
+        batch_size=2,
+        seq_len=32,
+        warmup_steps=1,
+        eval_windows=2,
+        progress=False,
+    )
+    result = train(cfg, small)
+    assert result.model.config.zero_init_out and result.model.config.vocab_size == 300
+    path = tmp_path / ("ckpt.safetensors" if layout == "file" else "ckpt")
+    written = result.save(path, tokenizer=small.tokenizer, data=small.spec)
+    assert written == path and (path.is_file() if layout == "file" else (path / "config.json").is_file())
+    loaded = load_checkpoint(path)
+    info = read_checkpoint_info(path)
+    assert info["model"] == "nanochat-tiny" and info["train"]["objective"] == "ce"
+    assert loaded.config == result.model.config
+    idx = eval_windows(small.val, 32, 2)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), result.model(idx), rtol=0, atol=0)
+    tok = checkpoint_tokenizer(path)
+    text = b"def g(y):\n    return [y] * 2\n"
+    assert tok.vocab_size == 300 and list(tok.encode(text)) == list(small.tokenizer.encode(text))
+    assert tok.to_json() == small.tokenizer.to_json()
+
+
+def test_train_config_objectives() -> None:
+    """How TrainConfig resolves its objective, regulariser, solve and weights."""
+    from snlp_compile import SNLPConfig
+
+    assert TrainConfig().objective == "ce" and TrainConfig().seq_weight == 1.0
+    old = TrainConfig(regulariser=RegulariserConfig(weight=1.0))  # callers before `objective`
+    assert old.objective == "regulariser"
+    paper = TrainConfig(objective="regulariser", steps=100, warmup_steps=10)
+    assert paper.regulariser == RegulariserConfig() and paper.regulariser_config().ramp_steps == 20
+    assert (
+        paper.regulariser_config().weight_at(19) == 0.0625
+        and paper.regulariser_config().weight_at(9) < 0.0625
+    )
+    kept = TrainConfig(objective="regulariser", regulariser=RegulariserConfig(ramp_steps=0))
+    assert kept.regulariser_config().ramp_steps == 0
+    sft = TrainConfig(objective="snlp-forward")
+    assert sft.snlp == SNLPConfig() and sft.seq_weight == 0.0 and sft.regulariser is None
+    both = TrainConfig(objective="both", snlp=SNLPConfig(iterations=2), seq_ce_weight=0.5)
+    assert both.regulariser == RegulariserConfig() and both.seq_weight == 0.5
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TrainConfig(objective="sft")
+    with pytest.raises(ValueError, match="distill_weight needs objective"):
+        TrainConfig(distill_weight=1.0)
+    with pytest.raises(ValueError, match="snlp is set but objective='ce'"):
+        TrainConfig(snlp=SNLPConfig())
+    with pytest.raises(ValueError, match="regulariser is set but objective='snlp-forward'"):
+        TrainConfig(objective="snlp-forward", regulariser=RegulariserConfig())
+
+
 def test_bpe_tokenizer_round_trip() -> None:
     """The optional byte-level BPE: trained on the training files, more than a byte per token,
     saved in the checkpoint JSON and restored to the same encoder."""
@@ -147,6 +228,8 @@ def test_cli_train_and_eval(tmp_path) -> None:
                 "train",
                 "--set",
                 "n_layer=3",
+                "--set",
+                "zero_init_out=False",  # random c_proj: K=1 below is not exact
                 "--steps",
                 "4",
                 "--warmup",
@@ -202,3 +285,12 @@ def test_cli_train_and_eval(tmp_path) -> None:
     assert math.isclose(direct["ppl"], rows[0]["ppl"], rel_tol=1e-6)
     assert "| base | snlp | 1 | 3/3 | h0 |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").stat().st_size > 10_000
+    # fine-tune the checkpoint through the K=1 solve of its last 2 layers, into one file
+    sft = tmp_path / "sft.safetensors"
+    args = ["train", "--objective", "snlp-forward", "--init-from", str(ckpt), "--parallel-layers", "2"]
+    args += ["--iterations", "1", "--steps", "3", "--warmup", "1", "--batch-size", "4", "--eval-windows", "4"]
+    assert main([*args, "--out", str(sft), "--no-progress", *common]) == 0
+    tuned = read_checkpoint_info(sft)
+    assert tuned["model_config"] == info["model_config"] and tuned["tokenizer"] == info["tokenizer"]
+    assert tuned["train"]["objective"] == "snlp-forward" and tuned["train"]["snlp"]["parallel_layers"] == 2
+    assert "snlp_ce" in tuned["result"]["last"] and "snlp_ppl" in tuned["result"]["val"]

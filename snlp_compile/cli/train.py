@@ -1,7 +1,10 @@
-"""Train a reference model on real text (default: this Python's stdlib sources), optionally with the SNLP-aware regulariser.
+"""Train a reference model on real text (default: this Python's stdlib sources): the baseline, with
+the SNLP-aware regulariser (the paper's recipe by default), or fine-tuned through the SNLP forward.
 
 snlp-compile train --model nanochat-tiny --steps 300 --out runs/base
-snlp-compile train --model nanochat-tiny --steps 300 --reg-weight 1.0 --out runs/reg
+snlp-compile train --model nanochat-tiny --steps 300 --objective regulariser --out runs/reg
+snlp-compile train --objective snlp-forward --init-from runs/base --parallel-layers 4 --iterations 2 \
+    --steps 100 --out runs/sft
 """
 
 from __future__ import annotations
@@ -58,47 +61,133 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
     )
-    reg = parser.add_argument_group("SNLP-aware regulariser (off unless --reg-weight > 0)")
-    reg.add_argument("--reg-weight", type=float, default=0.0, help="lambda; 0 trains the baseline")
-    reg.add_argument(
-        "--reg-suffix", type=int, nargs="+", default=None, help="parallel-suffix sizes (default: all)"
+    parser.add_argument(
+        "--objective",
+        choices=("ce", "regulariser", "snlp-forward", "both"),
+        default=None,
+        help="ce: sequential cross-entropy (baseline); regulariser: ce + lambda * the K=1 trace error; "
+        "snlp-forward: cross-entropy of the K-iteration SNLP forward (--parallel-layers, --iterations, "
+        "--init); both: the two added (default: regulariser if --reg-weight > 0 is given, else ce)",
     )
-    reg.add_argument("--reg-every", type=int, default=1, help="count every S-th layer's error")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CKPT",
+        help="checkpoint (folder or .safetensors) to fine-tune; the model keeps its config and tokenizer "
+        "(--model, --set, --tokenizer are then ignored)",
+    )
+    reg = parser.add_argument_group(
+        "SNLP-aware regulariser (objective regulariser or both; defaults: the paper's)"
+    )
+    reg.add_argument(
+        "--reg-weight",
+        type=float,
+        default=None,
+        help="lambda (default 0.0625); > 0 without --objective: regulariser",
+    )
+    reg.add_argument(
+        "--reg-reduction", choices=("sum", "mean"), default="sum", help="over the counted layers"
+    )
+    reg.add_argument(
+        "--reg-suffix",
+        type=int,
+        nargs="+",
+        default=None,
+        help="parallel-suffix sizes (overrides the fractions)",
+    )
+    reg.add_argument(
+        "--reg-suffix-fractions",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75],
+        help="suffix sizes as fractions of the parallelisable layers (1.0: one suffix of all)",
+    )
+    reg.add_argument("--reg-every", type=int, default=3, help="count every S-th layer's error (and the last)")
     reg.add_argument(
         "--reg-iterations", type=int, default=1, help="K of the regularised trace (1: the paper's)"
     )
-    reg.add_argument("--reg-stop-gradient", action="store_true", help="detach the sequential target")
-    reg.add_argument("--reg-ramp", type=int, default=None, help="lambda warm-up steps (default: steps // 4)")
+    reg.add_argument(
+        "--reg-stop-gradient",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="detach the sequential target (default on)",
+    )
+    reg.add_argument(
+        "--reg-ramp", type=int, default=None, help="lambda warm-up steps (default: 20%% of --steps)"
+    )
+    snlp = parser.add_argument_group("SNLP forward (objective snlp-forward or both): the deployed solve")
+    snlp.add_argument(
+        "--parallel-layers",
+        type=int,
+        default=None,
+        help="the last N layers solved in parallel (default: all)",
+    )
+    snlp.add_argument("--iterations", type=int, default=1, help="K, parallel iterations of the solve")
+    snlp.add_argument("--init", choices=("h0", "batch_fwd"), default="h0", help="the solve's initial iterate")
+    snlp.add_argument(
+        "--seq-ce-weight",
+        type=float,
+        default=None,
+        help="weight of the sequential cross-entropy (default: 0 for snlp-forward, 1 otherwise)",
+    )
+    snlp.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.0,
+        help="weight of KL(starting model's sequential distribution || SNLP's)",
+    )
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the final loss")
-    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument(
+        "--out", required=True, help="checkpoint to write: a folder, or one file if it ends in .safetensors"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import RegulariserConfig, TrainConfig, load_corpus, save_checkpoint, train
+    from ..config import SNLPConfig
+    from ..train import (
+        RegulariserConfig,
+        TrainConfig,
+        checkpoint_tokenizer,
+        load_corpus,
+        read_checkpoint_info,
+        train,
+    )
 
+    objective = args.objective or ("regulariser" if (args.reg_weight or 0) > 0 else "ce")
+    tokenizer = args.tokenizer
+    model_name, overrides = args.model, parse_assignments(args.set)
+    if args.init_from is not None:
+        info = read_checkpoint_info(args.init_from)
+        model_name, overrides = info["model"], {}
+        tokenizer = checkpoint_tokenizer(args.init_from) or "bytes"
     corpus = load_corpus(
         args.data,
         val_fraction=args.val_fraction,
         max_bytes=args.max_bytes,
-        tokenizer=args.tokenizer,
+        tokenizer=tokenizer,
         bpe_vocab_size=args.bpe_vocab,
         suffix=args.suffix,
     )
     print(f"data: {corpus.describe()}")
     regulariser = None
-    if args.reg_weight > 0:
+    if objective in ("regulariser", "both"):
         regulariser = RegulariserConfig(
-            weight=args.reg_weight,
+            weight=0.0625 if args.reg_weight is None else args.reg_weight,
+            reduction=args.reg_reduction,
             suffix_sizes=tuple(args.reg_suffix) if args.reg_suffix else None,
+            suffix_fractions=tuple(args.reg_suffix_fractions),
             every=args.reg_every,
             stop_gradient=args.reg_stop_gradient,
             iterations=args.reg_iterations,
-            ramp_steps=args.steps // 4 if args.reg_ramp is None else args.reg_ramp,
+            ramp_steps=args.reg_ramp,  # None: 20% of the steps
         )
+    snlp = None
+    if objective in ("snlp-forward", "both"):
+        snlp = SNLPConfig(parallel_layers=args.parallel_layers, iterations=args.iterations, init=args.init)
     config = TrainConfig(
-        model=args.model,
-        model_overrides=parse_assignments(args.set),
+        model=model_name,
+        model_overrides=overrides,
         steps=args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -113,21 +202,19 @@ def run(args: argparse.Namespace) -> int:
         regulariser=regulariser,
         eval_windows=args.eval_windows,
         progress=not args.no_progress,
+        objective=objective,
+        snlp=snlp,
+        seq_ce_weight=args.seq_ce_weight,
+        distill_weight=args.distill_weight,
+        init_from=args.init_from,
     )
     result = train(config, corpus)
-    folder = save_checkpoint(
-        args.out,
-        result.model,
-        args.model,
-        tokenizer=corpus.tokenizer.to_json(),
-        data=corpus.spec,
-        train=training_record(config),
-        result=result.summary(),
-    )
+    folder = result.save(args.out, tokenizer=corpus.tokenizer, data=corpus.spec)
     val = result.val
+    solved = f"; through the solve {val['snlp_ppl']:.3f}" if "snlp_ppl" in val else ""
     print(
         f"trained {result.tokens:,} tokens in {result.seconds:.1f}s; held-out sequential ppl {val['ppl']:.3f}, "
-        f"{val['bpb']:.4f} bits/byte; checkpoint: {folder}"
+        f"{val['bpb']:.4f} bits/byte{solved}; checkpoint: {folder}"
     )
     return 0
 

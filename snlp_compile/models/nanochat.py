@@ -36,6 +36,11 @@ class NanochatConfig:
     softcap: float = 15.0
     backout: bool = False
     rope_base: float = 10000.0
+    # nanochat's training init: the output projections (c_proj of attention and MLP) start at zero,
+    # so every layer starts as the identity and the K=1 SNLP trace is exact at step 0. False: the
+    # non-zero init (std 0.4/sqrt(in)) the compiler's reference models use (models.registry sets it
+    # for every named preset: a reference model for a compiler needs every layer to do something).
+    zero_init_out: bool = True
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +170,9 @@ class NanochatGPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Random init with non-trivial branches (unlike nanochat's training init, c_proj is NOT
-        zeroed): a reference model for a compiler needs every layer to do something."""
+        """nanochat's init. ``config.zero_init_out`` (the default) zeroes the output projections, as
+        nanochat's training does; False keeps them random (branches of rms ~0.3-0.5), for reference
+        models of a compiler. The other weights draw the same values either way."""
         d = self.config.n_embd
         s = 3**0.5 * d**-0.5  # uniform bound with std d**-0.5, as nanochat
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
@@ -178,6 +184,8 @@ class NanochatGPT(nn.Module):
             # visible but not dominant, at every width.
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 torch.nn.init.normal_(proj.weight, mean=0.0, std=0.4 * proj.in_features**-0.5)
+                if self.config.zero_init_out:
+                    proj.weight.zero_()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: LongTensor [B, T] -> softcapped logits [B, T, vocab_size] at every position."""

@@ -56,6 +56,14 @@ _CONFIGS: dict[str, GPTConfig | NanochatConfig] = {
     ),
 }
 
+# The named presets are the compiler's reference models: their layers must do something at init, so
+# they keep random output projections (NanochatConfig.zero_init_out=False); training
+# (snlp_compile.train) builds them with nanochat's zero init unless told otherwise.
+_CONFIGS = {
+    k: dataclasses.replace(v, zero_init_out=False) if isinstance(v, NanochatConfig) else v
+    for k, v in _CONFIGS.items()
+}
+
 MODEL_NAMES: tuple[str, ...] = tuple(_CONFIGS)
 DEFAULT_MODEL = "nanochat-small"
 

@@ -3,13 +3,15 @@
 By default the corpus is the ``*.py`` sources of the running interpreter's standard library
 (``sysconfig.get_paths()['stdlib']``, third-party ``site-packages`` left out); any files or folders
 can be given instead. Files are split into train and held-out by a hash of their path, so the
-split does not depend on which other files exist. Tokens are bytes by default (vocabulary 256,
+split does not depend on which other files exist, and read in the order of a second hash of their
+path, so a byte cap keeps an unbiased sample of files on both sides (not the alphabetically first). Tokens are bytes by default (vocabulary 256,
 bits per byte = bits per token); a byte-level BPE trained on the training files with
 ``tokenizers`` is the alternative.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
 import zlib
@@ -97,7 +99,8 @@ def default_sources() -> list[Path]:
 def collect_files(sources: Sequence[str | Path] | None = None, suffix: str = ".py") -> list[tuple[str, Path]]:
     """(key, path) of every text file: files as given, folders searched for ``*suffix``.
 
-    The key (path relative to the folder given) decides the split; the order is sorted by key.
+    The key (path relative to the folder given) decides the split; the order is sorted by key
+    (``load_corpus`` reads them in ``read_order``).
     """
     found: dict[str, Path] = {}
     for src in sources or default_sources():
@@ -121,6 +124,12 @@ def is_held_out(key: str, fraction: float) -> bool:
     return (zlib.crc32(key.encode()) % 10_000) < fraction * 10_000
 
 
+def read_order(files: Sequence[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """The files in the order of a hash of their key (independent of the split's hash): a
+    pseudo-random but stable order, so a byte cap takes an unbiased sample of the files."""
+    return sorted(files, key=lambda kv: (hashlib.blake2b(kv[0].encode(), digest_size=8).digest(), kv[0]))
+
+
 @dataclass
 class Corpus:
     """Train and held-out token streams plus what bits per byte needs."""
@@ -132,6 +141,8 @@ class Corpus:
     train_files: int
     val_files: int
     spec: dict[str, Any] = field(default_factory=dict)  # load_corpus arguments that rebuild the same split
+    train_keys: list[str] = field(default_factory=list)  # the files read, in stream order
+    val_keys: list[str] = field(default_factory=list)
 
     @property
     def val_bytes_per_token(self) -> float:
@@ -154,13 +165,15 @@ def load_corpus(
     bpe_vocab_size: int = 4096,
     suffix: str = ".py",
 ) -> Corpus:
-    """Read, split and tokenize. ``max_bytes`` caps the train and the held-out text each (files in
-    key order, the last one cut), for quick runs."""
+    """Read, split and tokenize. ``max_bytes`` caps the train and the held-out text each, for quick
+    runs: files are read in ``read_order`` (a hash of their key, so both sides are unbiased samples
+    of the files), the last one cut."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    files = collect_files(sources, suffix)
+    files = read_order(collect_files(sources, suffix))
     train_parts: list[bytes] = []
     val_parts: list[bytes] = []
+    keys: tuple[list[str], list[str]] = ([], [])
     sizes = [0, 0]
     for key, path in files:
         which = 1 if is_held_out(key, val_fraction) else 0
@@ -170,6 +183,7 @@ def load_corpus(
         if max_bytes is not None:
             data = data[: max_bytes - sizes[which]]
         (val_parts if which else train_parts).append(data)
+        keys[which].append(key)
         sizes[which] += len(data) + len(SEPARATOR)
     if not train_parts or not val_parts:
         raise ValueError(
@@ -201,6 +215,8 @@ def load_corpus(
         len(train_parts),
         len(val_parts),
         spec,
+        keys[0],
+        keys[1],
     )
 
 

@@ -1,10 +1,11 @@
 """The SNLP-aware regulariser (DESIGN.md section 1): a loss term that teaches a model to converge
 in one parallel iteration.
 
-    R = sum over suffix sizes N of  mean_j  mean_tokens ||h_hat_j - h_j|| / ||h_j||
+    R = sum over suffix sizes N of  sum_j  mean_tokens ||h_hat_j - h_j|| / ||h_j||   (j counted)
 
 h_j is the sequential trace of the last N layers, h_hat_j the K=1 SNLP trace the transformed
-model would compute with those N layers parallel. Both come from the compiler's own analysis, so
+model would compute with those N layers parallel; j runs over every S-th layer of the suffix
+(``every``), and ``reduction="mean"`` averages over them instead of summing. Both come from the compiler's own analysis, so
 the term works for any model ``transform()`` accepts:
 
 - the model is captured and analysed once (``api.analyse``); a copy of the captured graph that also
@@ -22,8 +23,9 @@ own, so the K=1 trace here is the one ``solve_trace(transform(...), iterations=1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -37,19 +39,33 @@ from ..ir import LayerChain
 from ..passes.batch_layers import batch_body
 from ..passes.rewrite import build_body, external_names
 from ..solve.solver import ExtMode, LayerParallelSolve
+from .live import LiveGraph
 
 
 @dataclass(frozen=True)
 class RegulariserConfig:
-    """What the regulariser measures and how strongly.
+    """What the regulariser measures and how strongly. The defaults are the paper's recipe.
 
-    weight: lambda, the final weight of the term in the training loss.
-    suffix_sizes: the parallel-suffix sizes N (the last N layers parallel); None means one suffix
-        holding every layer the compiler can parallelise. Each size costs one batched evaluation.
+    weight: lambda, the final weight of the term in the training loss (the paper: 0.0625-0.5 with
+        ``reduction="sum"``).
+    reduction: how the counted layers of one suffix combine: "sum" (the paper's: sum over the
+        counted layers of the mean over tokens) or "mean" (this project's first choice: the mean over
+        layers and tokens; lambda_mean = lambda_sum * number of counted layers).
+    suffix_sizes: explicit parallel-suffix sizes N (the last N layers parallel), ints >= 2; when
+        given, ``suffix_fractions`` is ignored. Each size costs one batched evaluation.
+    suffix_fractions: the suffix sizes as fractions of the layers the compiler can parallelise,
+        resolved when the regulariser is built (``suffix_sizes_for``: rounded half up, at least 2
+        and more than ``iterations``, at most all of them, duplicates dropped). The default
+        (0.25, 0.5, 0.75) is the paper's last 8/16/24 of 32 layers; ``(1.0,)`` is one suffix of
+        every parallelisable layer (counted from the chain's first layer). None with
+        ``suffix_sizes=None`` means the same as ``(1.0,)``.
     every: use the error of every S-th layer of a suffix (counted back from its last layer, which
         always counts); the batched evaluation still covers all N layers, the K=1 trace needs them.
+        The paper: S=3.
     stop_gradient: detach the sequential target, so only the parallel trace is pulled towards it.
     ramp_steps: lambda rises linearly from 0 to ``weight`` over this many steps (0: no ramp).
+        None: ``train()`` uses ``TrainConfig.reg_ramp_fraction`` of its steps (20%, the paper's);
+        used directly, None means no ramp.
     init: the solve's initial iterate ("h0" costs one evaluation, "batch_fwd" two).
     iterations: the K of the trace compared with the sequential one. 1 (the paper's term) asks the
         model to converge in one iteration; 2 asks only what a K=2 deployment needs, at the cost
@@ -58,13 +74,15 @@ class RegulariserConfig:
     eps: added to ||h_j|| so a zero hidden state cannot divide by zero.
     """
 
-    weight: float = 1.0
+    weight: float = 0.0625
     suffix_sizes: tuple[int, ...] | None = None
-    every: int = 1
-    stop_gradient: bool = False
-    ramp_steps: int = 0
+    suffix_fractions: tuple[float, ...] | None = (0.25, 0.5, 0.75)
+    every: int = 3
+    stop_gradient: bool = True
+    ramp_steps: int | None = None
     init: str = "h0"
     iterations: int = 1
+    reduction: Literal["sum", "mean"] = "sum"
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -79,11 +97,24 @@ class RegulariserConfig:
             if len(set(sizes)) != len(sizes):
                 raise SNLPConfigError(f"RegulariserConfig.suffix_sizes has duplicates: {self.suffix_sizes!r}")
             object.__setattr__(self, "suffix_sizes", sizes)
+        if self.suffix_fractions is not None:
+            fractions = tuple(self.suffix_fractions)
+            if not fractions or any(
+                not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f <= 1.0
+                for f in fractions
+            ):
+                raise SNLPConfigError(
+                    "RegulariserConfig.suffix_fractions must be None or non-empty numbers in (0, 1], "
+                    f"got {self.suffix_fractions!r}"
+                )
+            object.__setattr__(self, "suffix_fractions", tuple(float(f) for f in fractions))
         if not isinstance(self.every, int) or self.every < 1:
             raise SNLPConfigError(f"RegulariserConfig.every must be an int >= 1, got {self.every!r}")
-        if not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
+        if self.ramp_steps is not None and (
+            not isinstance(self.ramp_steps, int) or isinstance(self.ramp_steps, bool) or self.ramp_steps < 0
+        ):
             raise SNLPConfigError(
-                f"RegulariserConfig.ramp_steps must be an int >= 0, got {self.ramp_steps!r}"
+                f"RegulariserConfig.ramp_steps must be None or an int >= 0, got {self.ramp_steps!r}"
             )
         if self.init not in ("h0", "batch_fwd"):
             raise SNLPConfigError(f"RegulariserConfig.init must be 'h0' or 'batch_fwd', got {self.init!r}")
@@ -91,14 +122,30 @@ class RegulariserConfig:
             raise SNLPConfigError(
                 f"RegulariserConfig.iterations must be an int >= 1, got {self.iterations!r}"
             )
+        if self.reduction not in ("sum", "mean"):
+            raise SNLPConfigError(
+                f"RegulariserConfig.reduction must be 'sum' or 'mean', got {self.reduction!r}"
+            )
         if not self.eps > 0:
             raise SNLPConfigError(f"RegulariserConfig.eps must be > 0, got {self.eps!r}")
 
     def weight_at(self, step: int) -> float:
         """lambda at optimiser step ``step`` (0-based): the warm-up ramp."""
-        if self.ramp_steps == 0:
+        if not self.ramp_steps:
             return float(self.weight)
         return float(self.weight) * min(1.0, (step + 1) / self.ramp_steps)
+
+    def suffix_sizes_for(self, max_parallel: int) -> tuple[int, ...]:
+        """The suffix sizes for a chain of ``max_parallel`` parallelisable layers."""
+        if self.suffix_sizes is not None:
+            return self.suffix_sizes
+        if self.suffix_fractions is None:
+            return (max_parallel,)
+        low = max(2, self.iterations + 1)
+        sizes = (
+            min(max_parallel, max(low, math.floor(f * max_parallel + 0.5))) for f in self.suffix_fractions
+        )
+        return tuple(dict.fromkeys(sizes))
 
 
 @dataclass
@@ -106,8 +153,8 @@ class RegulariserOutput:
     """One forward: the model's output, the regularisation term and its parts."""
 
     output: Any  # what model(*args, **kwargs) returns, computed by the same forward
-    loss: torch.Tensor  # sum over suffix sizes of the mean relative error (unweighted)
-    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # suffix size -> its mean relative error
+    loss: torch.Tensor  # sum over suffix sizes of the reduced relative error (unweighted)
+    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # suffix size -> its reduced relative error
 
 
 @dataclass
@@ -149,7 +196,7 @@ class SNLPRegulariser:
             raise SNLPRefusal(report.refusal or "refused")
         self.chain: LayerChain = chain
         self.max_parallel = chain.num_parallel
-        sizes = self.config.suffix_sizes or (self.max_parallel,)
+        sizes = self.config.suffix_sizes_for(self.max_parallel)
         too_big = [n for n in sizes if n > self.max_parallel]
         exact = [n for n in sizes if n <= self.config.iterations]
         if exact:
@@ -214,31 +261,8 @@ class SNLPRegulariser:
                     n, solve, slot(par[0].hidden_in), [slot(layer.output) for layer in par], passed, counted
                 )
             )
-        self._graph, self._out_spec, self._num_outputs = _graph_with_extras(gm, extras)
-        self._names = self._check_names(gm)
-
-    def _check_names(self, gm: fx.GraphModule) -> list[str]:
-        """The graph's parameters and buffers, each of which must be one of the model's."""
-        live = self._live()
-        names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
-        names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
-        missing = [n for n in names if n not in live]
-        if missing:
-            raise SNLPRefusal(
-                f"the captured graph reads tensors the model does not expose by these names: {missing[:5]}"
-            )
-        # drop the capture's private copies: the graph reads the live tensors at every call
-        for n in names:
-            owner_path, _, attr = n.rpartition(".")
-            owner = self._graph.get_submodule(owner_path) if owner_path else self._graph
-            owner._parameters.pop(attr, None)
-            owner._buffers.pop(attr, None)
-        return names
-
-    def _live(self) -> dict[str, torch.Tensor]:
-        live: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
-        live.update(self.model.named_buffers(remove_duplicate=False))
-        return live
+        graph, self._out_spec, self._num_outputs = _graph_with_extras(gm, extras)
+        self._live = LiveGraph(model, gm, graph)
 
     def __call__(self, *args: Any, **kwargs: Any) -> RegulariserOutput:
         flat, extras = self._run(args, kwargs)
@@ -247,7 +271,9 @@ class SNLPRegulariser:
             h_hat, h_seq = self._traces(s, extras)
             if self.config.stop_gradient:
                 h_seq = h_seq.detach()
-            errors[s.size] = _relative_error(h_hat[s.counted], h_seq[s.counted], self.config.eps)
+            errors[s.size] = _relative_error(
+                h_hat[s.counted], h_seq[s.counted], self.config.eps, self.config.reduction
+            )
         loss = torch.stack(list(errors.values())).sum()
         return RegulariserOutput(pytree.tree_unflatten(flat, self._out_spec), loss, errors)
 
@@ -257,8 +283,7 @@ class SNLPRegulariser:
         return {s.size: self._traces(s, extras) for s in self._suffixes}
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        live = self._live()
-        values = torch.func.functional_call(self._graph, {n: live[n] for n in self._names}, args, kwargs)
+        values = self._live(args, kwargs)
         return list(values[: self._num_outputs]), list(values[self._num_outputs :])
 
     @staticmethod
@@ -271,12 +296,16 @@ class SNLPRegulariser:
         return h_hat, h_seq
 
 
-def _relative_error(h_hat: torch.Tensor, h_seq: torch.Tensor, eps: float) -> torch.Tensor:
-    """mean over layers and positions of ||h_hat - h|| / ||h||, norms over the last dimension, in at
-    least fp32 (bf16 norms of long vectors lose the digits the term is about)."""
+def _relative_error(
+    h_hat: torch.Tensor, h_seq: torch.Tensor, eps: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """||h_hat - h|| / ||h|| per layer and position, norms over the last dimension, in at least fp32
+    (bf16 norms of long vectors lose the digits the term is about); averaged over positions, then
+    summed ("sum") or averaged ("mean") over the layers (the leading axis)."""
     dtype = torch.promote_types(h_seq.dtype, torch.float32)
     diff = torch.linalg.vector_norm((h_hat - h_seq).to(dtype), dim=-1)
-    return (diff / (torch.linalg.vector_norm(h_seq.to(dtype), dim=-1) + eps)).mean()
+    rel = (diff / (torch.linalg.vector_norm(h_seq.to(dtype), dim=-1) + eps)).flatten(1).mean(1)
+    return rel.sum() if reduction == "sum" else rel.mean()
 
 
 def _graph_with_extras(gm: fx.GraphModule, extras: list[fx.Node]) -> tuple[fx.GraphModule, Any, int]:
