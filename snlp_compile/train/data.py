@@ -164,10 +164,12 @@ def load_corpus(
     tokenizer: str | Tokenizer = "bytes",
     bpe_vocab_size: int = 4096,
     suffix: str = ".py",
+    val_max_bytes: int | None = None,
 ) -> Corpus:
     """Read, split and tokenize. ``max_bytes`` caps the train and the held-out text each, for quick
     runs: files are read in ``read_order`` (a hash of their key, so both sides are unbiased samples
-    of the files), the last one cut."""
+    of the files), the last one cut. ``val_max_bytes`` caps the held-out text alone (default:
+    ``max_bytes``), e.g. to tokenise only the held-out windows an evaluation reads."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     files = read_order(collect_files(sources, suffix))
@@ -175,13 +177,15 @@ def load_corpus(
     val_parts: list[bytes] = []
     keys: tuple[list[str], list[str]] = ([], [])
     sizes = [0, 0]
+    caps = (max_bytes, max_bytes if val_max_bytes is None else val_max_bytes)
     for key, path in files:
         which = 1 if is_held_out(key, val_fraction) else 0
-        if max_bytes is not None and sizes[which] >= max_bytes:
+        cap = caps[which]
+        if cap is not None and sizes[which] >= cap:
             continue
         data = path.read_bytes()
-        if max_bytes is not None:
-            data = data[: max_bytes - sizes[which]]
+        if cap is not None:
+            data = data[: cap - sizes[which]]
         (val_parts if which else train_parts).append(data)
         keys[which].append(key)
         sizes[which] += len(data) + len(SEPARATOR)
@@ -205,6 +209,7 @@ def load_corpus(
         "sources": None if not sources else [str(Path(s).resolve()) for s in sources],
         "val_fraction": val_fraction,
         "max_bytes": max_bytes,
+        "val_max_bytes": val_max_bytes,
         "suffix": suffix,
     }
     return Corpus(

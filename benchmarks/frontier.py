@@ -1,0 +1,934 @@
+"""Speed at equal quality: train a model family, measure the perplexity of the KV-cached decode step
+the users deploy, time that step, and put both on one frontier beside shallower sequential models.
+
+    python benchmarks/frontier.py run --work /tmp/frontier --out $OUT     # on a GPU, ~20 min
+    python benchmarks/frontier.py run --smoke --work /tmp/fs --out /tmp/fs # CPU, ~2 min: checks the script
+    python benchmarks/frontier.py reference --work /tmp/ref               # a GPU: one checkpoint, ~4 min
+    python benchmarks/frontier.py report benchmarks/results/frontier.json # table + plot from the JSON
+
+Stages, one process (so checkpoints stay on the machine's local disk, ``--work``):
+1. data: a byte-level BPE (``--vocab``) trained on a sample of the local Python sources, then the
+   train / held-out split tokenised with it (per-token perplexity, as the paper reports);
+2. train: the unregularised baseline (two seeds: the noise), the paper-recipe regularised model
+   (``RegulariserConfig()`` defaults), SNLP-forward fine-tunes of the baseline, and shallow
+   sequential controls (L/2, L/4) on the same data and token budget; each a safetensors checkpoint;
+3. quality: teacher-forced perplexity of each model's cached decode step
+   (``snlp_compile.train.decode_eval``) over parallel layers x K x init, in bf16 as timed;
+4. speed: the same steps at batch 1, context ``--context``: the sequential baselines (model as
+   written and the compiler's exact sequential lowering, eager and compiled + CUDA graphs), the
+   grid eager + CUDA graphs, then the frontier points compiled + CUDA graphs (plain and deferred
+   K/V); speed-ups against the best sequential step of this run;
+5. report: ``frontier.json`` (points, summary), ``frontier.md`` and ``frontier.png``.
+
+Each stage writes what it has (checkpoints, quality rows, timings) before the next begins, so a run
+cut short keeps what it finished and a second run resumes from the checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import site
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    BEST_INDUCTOR,
+    SNLP_INDUCTOR,
+    copy_bandwidth,
+    environment,
+    floor_ms,
+    inductor_options,
+    layer_bytes,
+    make_variant,
+    parse_inductor_options,
+    pyplot,
+    time_fn,
+    with_iterations,
+)
+from decode import _writer, logits_only, step_inputs
+
+import snlp_compile
+from snlp_compile import SNLPConfig
+from snlp_compile.models.kv import CachedStep
+from snlp_compile.train import (
+    RegulariserConfig,
+    TrainConfig,
+    load_checkpoint,
+    load_corpus,
+    save_checkpoint,
+    train,
+)
+from snlp_compile.train.data import eval_windows
+from snlp_compile.train.decode_eval import DecodeSetting, decode_perplexity, settings_grid
+from snlp_compile.train.evaluate import perplexity
+
+MODEL = "nanochat-small"
+BASELINE = "base-s0"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything that sets the size of a run (the smoke scale checks the script on a CPU)."""
+
+    n_layer: int = 16
+    n_embd: int = 512
+    n_head: int = 4
+    seq_len: int = 1024
+    vocab: int = 8192
+    batch: int = 32
+    steps: int = 700  # 700 x 32 x 1024 = 23M tokens per model
+    finetune_steps: int = 250
+    lr: float = 1.5e-3
+    finetune_lr: float = 3e-4
+    warmup: int = 80
+    max_bytes: int = 60_000_000
+    val_max_bytes: int = 4_000_000  # ~1.3M held-out tokens; the windows read 64 x 1025 spread over them
+    bpe_sample_bytes: int = 6_000_000
+    eval_windows: int = 64
+    context: int = 1024  # decode timing: attention over this many positions
+    parallel: tuple[int, ...] = (4, 8, 12, 16)
+    iterations: tuple[int, ...] = (1, 2, 4)
+    inits: tuple[str, ...] = ("h0", "warm")
+    device: str = "cuda"
+    dtype: str = "bf16"
+
+    def overrides(self, n_layer: int | None = None) -> dict[str, Any]:
+        return {
+            "n_layer": n_layer or self.n_layer,
+            "n_embd": self.n_embd,
+            "n_head": self.n_head,
+            "n_kv_head": self.n_head,
+            "sequence_len": max(self.seq_len, self.context),
+            "backout": False,
+        }
+
+
+SMOKE = Scale(
+    n_layer=4, n_embd=64, n_head=2, seq_len=64, vocab=512, batch=4, steps=12, finetune_steps=6, warmup=2,
+    max_bytes=400_000, val_max_bytes=100_000, bpe_sample_bytes=200_000, eval_windows=3, context=64, parallel=(2, 4),
+    iterations=(1, 4), device="cpu", dtype="fp32",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained model: how it is trained and from what."""
+
+    name: str
+    objective: str = "ce"
+    seed: int = 0
+    n_layer: int | None = None  # None: the scale's depth
+    init_from: str | None = None
+    snlp: SNLPConfig | None = None
+    note: str = ""
+
+
+def variants(scale: Scale) -> list[Variant]:
+    n = scale.n_layer
+    return [
+        Variant("base-s0", note="unregularised baseline, seed 0"),
+        Variant("base-s1", seed=1, note="unregularised baseline, seed 1 (the noise)"),
+        Variant("reg", objective="regulariser", note="paper recipe: RegulariserConfig() defaults"),
+        Variant(
+            "sft-k1", "snlp-forward", init_from="base-s0", snlp=SNLPConfig(iterations=1),
+            note=f"base-s0 fine-tuned through the K=1 solve, all {n} layers parallel",
+        ),
+        Variant(
+            "sft-k2", "snlp-forward", init_from="base-s0", snlp=SNLPConfig(iterations=2),
+            note=f"base-s0 fine-tuned through the K=2 solve, all {n} layers parallel",
+        ),
+        Variant(f"seq-l{n // 2}", n_layer=n // 2, note=f"shallow sequential control, {n // 2} layers"),
+        Variant(f"seq-l{n // 4}", n_layer=n // 4, note=f"shallow sequential control, {n // 4} layers"),
+    ]  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- stage 1: data --------------------------------------------------------------------------------
+def sources() -> list[str]:
+    """The local Python sources: the standard library and the installed packages."""
+    found = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
+    return [s for s in dict.fromkeys(found) if Path(s).is_dir()]
+
+
+def prepare_data(scale: Scale, work: Path) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """(corpus, held-out windows, facts): cached under ``work`` so a resumed run re-reads them."""
+    cache = work / "corpus.pt"
+    if cache.exists():
+        corpus = torch.load(cache, weights_only=False)
+        log(f"data: reused {cache}")
+    else:
+        t0 = time.perf_counter()
+        sample = load_corpus(
+            sources(), max_bytes=scale.bpe_sample_bytes, tokenizer="bpe", bpe_vocab_size=scale.vocab
+        )
+        tok = sample.tokenizer
+        log(
+            f"data: BPE vocab {tok.vocab_size} trained on {scale.bpe_sample_bytes:,} bytes in {time.perf_counter() - t0:.0f} s"
+        )
+        corpus = load_corpus(
+            sources(), max_bytes=scale.max_bytes, val_max_bytes=scale.val_max_bytes, tokenizer=tok
+        )
+        torch.save(corpus, cache)
+        log(f"data: {corpus.describe()} ({time.perf_counter() - t0:.0f} s)")
+    windows = eval_windows(corpus.val, scale.seq_len, scale.eval_windows)
+    facts = {
+        "describe": corpus.describe(),
+        "train_tokens": corpus.train.numel(),
+        "val_tokens": corpus.val.numel(),
+        "val_bytes_per_token": corpus.val_bytes_per_token,
+        "eval_windows": list(windows.shape),
+    }
+    return corpus, windows, facts
+
+
+# -- stage 2: train -------------------------------------------------------------------------------
+def checkpoint_path(work: Path, name: str) -> Path:
+    return work / f"{name}.safetensors"
+
+
+def train_flops_per_token(n_params: int, n_layer: int, seq_len: int, n_embd: int) -> float:
+    """Forward + backward FLOPs per token: 6 N plus the attention scores (Kaplan et al.)."""
+    return 6.0 * n_params + 6.0 * n_layer * seq_len * n_embd
+
+
+def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str, Any]:
+    """Train (or reuse) one variant's checkpoint; returns what the report needs about it."""
+    path = checkpoint_path(work, v.name)
+    facts_path = work / f"{v.name}.train.json"
+    if path.exists() and facts_path.exists():
+        log(f"train {v.name}: reused {path}")
+        return json.loads(facts_path.read_text())
+    finetune = v.init_from is not None
+    steps = scale.finetune_steps if finetune else scale.steps
+    cfg = TrainConfig(
+        model=MODEL,
+        model_overrides=scale.overrides(v.n_layer),
+        steps=steps,
+        batch_size=scale.batch,
+        seq_len=scale.seq_len,
+        lr=scale.finetune_lr if finetune else scale.lr,
+        warmup_steps=min(scale.warmup, steps),
+        seed=v.seed,
+        device=scale.device,
+        objective=v.objective,
+        regulariser=RegulariserConfig() if v.objective in ("regulariser", "both") else None,
+        snlp=v.snlp,
+        init_from=str(checkpoint_path(work, v.init_from)) if finetune else None,
+        eval_windows=min(64, scale.eval_windows),
+    )
+    log(f"train {v.name}: {v.note}; {steps} steps x {scale.batch} x {scale.seq_len}")
+    res = train(cfg, corpus)
+    save_checkpoint(path, res.model, MODEL, tokenizer=corpus.tokenizer.to_json(), variant=v.name)
+    layers = res.model.get_submodule("transformer.h")
+    n_params = sum(p.numel() for p in layers.parameters())
+    n_layer = v.n_layer or scale.n_layer
+    facts = {
+        "name": v.name,
+        "note": v.note,
+        "objective": v.objective,
+        "seed": v.seed,
+        "n_layer": n_layer,
+        "init_from": v.init_from,
+        "snlp": None if v.snlp is None else asdict(v.snlp),
+        "layer_params": n_params,
+        "steps": steps,
+        "tokens": res.tokens,
+        "tokens_per_layer_param": res.tokens / n_params,
+        "train_flops": res.tokens * train_flops_per_token(n_params, n_layer, scale.seq_len, scale.n_embd),
+        "train_seconds": res.seconds,
+        "val_full_forward": res.val,
+        "last": res.history[-1],
+    }
+    facts_path.write_text(json.dumps(facts, indent=1, default=str))
+    log(f"train {v.name}: done in {res.seconds:.0f} s, held-out ppl {res.val.get('ppl', float('nan')):.3f}")
+    return facts
+
+
+# -- stage 3: quality -----------------------------------------------------------------------------
+def load_for_inference(work: Path, name: str, scale: Scale) -> torch.nn.Module:
+    model = load_checkpoint(checkpoint_path(work, name), device=scale.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[scale.dtype]
+    return model.to(dtype).eval()
+
+
+def measure_quality(
+    v: Variant, scale: Scale, windows: torch.Tensor, bytes_per_token: float, work: Path
+) -> list[dict[str, Any]]:
+    path = work / f"{v.name}.quality.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model = load_for_inference(work, v.name, scale)
+    n = v.n_layer or scale.n_layer
+    if v.n_layer is None:
+        par = [None if p >= n else p for p in scale.parallel]
+        grid = settings_grid(par, scale.iterations, scale.inits)
+    else:
+        grid = [DecodeSetting(None)]
+    t0 = time.perf_counter()
+
+    def show(r: Any) -> None:
+        log(f"quality {v.name} {r.setting.label():<26} ppl {r.ppl:9.4f}  ({time.perf_counter() - t0:.0f} s)")
+
+    results = decode_perplexity(model, windows, grid, bytes_per_token=bytes_per_token, progress=show)
+    full = perplexity(model, windows, scale.batch, scale.device, bytes_per_token)
+    rows = []
+    for r in results:
+        row = {"model": v.name, **r.row()}
+        if row["parallel_layers"] is None and row["iterations"] is not None:
+            row["parallel_layers"] = n
+        if r.setting.sequential:
+            row["parallel_layers"] = 0
+            row["full_forward_ppl"] = full["ppl"]
+        rows.append(row)
+    path.write_text(json.dumps(rows, indent=1))
+    del model
+    return rows
+
+
+def graph_check(work: Path, scale: Scale, windows: torch.Tensor, bytes_per_token: float) -> dict[str, float]:
+    """The CUDA-graph replay of the teacher-forced sweep against the eager loop on a few windows:
+    the quality grid relies on it, so every run checks it (cross entropies, nats)."""
+    model = load_for_inference(work, BASELINE, scale)
+    few = windows[:2, : min(windows.size(1), 65)]
+    grid = [DecodeSetting(None), DecodeSetting(1, None, "warm"), DecodeSetting(2, scale.n_layer // 2, "h0")]
+    graphed = decode_perplexity(model, few, grid, bytes_per_token=bytes_per_token, graphs=True)
+    eager = decode_perplexity(model, few, grid, bytes_per_token=bytes_per_token, graphs=False)
+    check = {g.setting.label(): abs(g.ce - e.ce) for g, e in zip(graphed, eager)}
+    check["all_graphed"] = float(all(g.graphs for g in graphed))
+    log(f"graph check (|ce graph - ce eager|): {check}")
+    return check
+
+
+# -- stage 4: speed -------------------------------------------------------------------------------
+@dataclass
+class Timed:
+    model: str
+    parallel_layers: int  # 0: sequential
+    iterations: int | None
+    init: str | None
+    variant: str  # e.g. "seq compiled+graph", "snlp eager+graph", "snlp deferred compiled+graph"
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Timer:
+    """Times batch-1 decode steps of one model at one context, the way ``Decoder`` runs them."""
+
+    def __init__(
+        self, model: torch.nn.Module, name: str, scale: Scale, snlp_options: dict[str, Any], work: Path
+    ):
+        self.model, self.name, self.scale, self.work = model, name, scale, work
+        self.device = torch.device(scale.device)
+        self.n_layer = model.config.n_layer
+        self.step = CachedStep(model)
+        self.inputs = step_inputs(model, 1, scale.context, model.config.vocab_size, self.device)
+        _, pos, k_cache, v_cache = self.inputs
+        self.write = _writer(k_cache, v_cache, pos)
+        self.compiled: dict[str, Any] = {}
+        self.snlp_options = snlp_options
+        self.rows: list[Timed] = []
+        self.kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        self.weight_bytes = layer_bytes(model)
+
+    def time(self, row: Timed, base: Any, mode: str, deferred: bool = False) -> Timed:
+        t0 = time.perf_counter()
+        try:
+            key = f"{row.variant} {row.parallel_layers} {row.iterations} {row.init}"
+            options = None if row.parallel_layers == 0 else self.snlp_options
+            post = logits_only if deferred else self.write
+            fn = make_variant(base, mode, self.inputs, self.device, self.compiled, key, post, options)
+            fn()
+            samples = 300 if self.device.type == "cuda" else 10
+            t = time_fn(fn, self.device, warmup=20 if samples > 10 else 2, samples=samples)
+            row.median_ms, row.p10_ms, row.p90_ms = t.median_ms, t.p10_ms, t.p90_ms
+        except Exception as exc:  # one variant failing must not lose the run
+            row.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        row.extra["build_and_time_s"] = round(time.perf_counter() - t0, 1)
+        self.rows.append(row)
+        save_timing(self.work, row)
+        ms = f"{row.median_ms:.4f} ms" if row.median_ms else row.error
+        log(f"speed {self.name} par={row.parallel_layers} K={row.iterations} {row.init} {row.variant}: {ms}")
+        return row
+
+    def sequential(self, modes: list[str]) -> None:
+        for mode in modes:
+            self.time(Timed(self.name, 0, None, None, f"seq {mode}"), self.step, mode)
+        if self.n_layer > 1:  # the compiler's exact sequential lowering: K=1, one chunk per layer
+            exact = snlp_compile.transform(self.step, self.inputs, iterations=1, chunks=self.n_layer)
+            for mode in modes:
+                self.time(Timed(self.name, 0, None, None, f"exact-seq {mode}"), exact, mode)
+
+    def grid(self, parallel: list[int], iterations: list[int], inits: list[str], mode: str) -> None:
+        for par in parallel:
+            for init in inits:
+                t = snlp_compile.transform(
+                    self.step, self.inputs, iterations=1, parallel_layers=par, init=init
+                )
+                for k in iterations:
+                    self.time(
+                        Timed(self.name, par, k, init, f"snlp {mode}"), with_iterations(t, k, init), mode
+                    )
+                del t
+
+    def point(self, par: int, k: int, init: str, mode: str) -> None:
+        t = snlp_compile.transform(self.step, self.inputs, iterations=k, parallel_layers=par, init=init)
+        self.time(Timed(self.name, par, k, init, f"snlp {mode}"), t, mode)
+        if par < self.n_layer:  # (deferred K/V needs every layer in the parallel chain)
+            return
+        d = snlp_compile.transform(
+            self.step, self.inputs, iterations=k, parallel_layers=par, init=init, deferred_kv=True
+        )
+        self.time(Timed(self.name, par, k, init, f"snlp deferred {mode}"), d, mode, deferred=True)
+
+    def floor_ms(self, bandwidth: float) -> float:
+        return floor_ms(self.weight_bytes + self.kv_bytes, bandwidth)
+
+
+def save_timing(work: Path, row: Timed) -> None:
+    """Append one timing to ``work/timings.json``, so a run cut short keeps every step it timed."""
+    path = work / "timings.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*rows, asdict(row)], indent=1))
+
+
+def load_timings(work: Path, log: Path | None) -> list[Timed]:
+    """The timings of a run: ``work/timings.json``, else the ``speed ...`` lines of its log (runs
+    before timings.json existed)."""
+    path = work / "timings.json"
+    if path.exists():
+        return [Timed(**r) for r in json.loads(path.read_text())]
+    if log is None:
+        raise SystemExit(f"frontier: no {path} and no --log to read timings from")
+    rows = []
+    pattern = re.compile(r"speed (\S+) par=(\d+) K=(\S+) (\S+) (.+): ([0-9.]+) ms$")
+    for line in log.read_text().splitlines():
+        m = pattern.search(line)
+        if m:
+            model, par, k, init, variant, ms = m.groups()
+            rows.append(
+                Timed(
+                    model,
+                    int(par),
+                    None if k == "None" else int(k),
+                    None if init == "None" else init,
+                    variant,
+                    float(ms),
+                    extra={"from_log": True},
+                )
+            )
+    return rows
+
+
+# -- stage 5: the frontier ------------------------------------------------------------------------
+def best_ms(rows: list[Timed], **match: Any) -> tuple[float | None, str | None]:
+    hits = [r for r in rows if r.median_ms is not None and all(getattr(r, k) == v for k, v in match.items())]
+    if not hits:
+        return None, None
+    best = min(hits, key=lambda r: r.median_ms or math.inf)
+    return best.median_ms, best.variant
+
+
+def build_points(
+    quality: list[dict[str, Any]], timed: list[Timed], trained: dict[str, dict[str, Any]], scale: Scale
+) -> dict[str, Any]:
+    """Join quality and speed: one point per (model, parallel layers, K, init)."""
+    base_ppl = next(q["ppl"] for q in quality if q["model"] == BASELINE and q["iterations"] is None)
+    deep = [r for r in timed if r.model == BASELINE]
+    best_seq, best_seq_variant = best_ms([r for r in deep if r.parallel_layers == 0])
+    points = []
+    for q in quality:
+        info = trained.get(q["model"], {})
+        shallow = info.get("n_layer", scale.n_layer) < scale.n_layer
+        if q["iterations"] is None:  # (a deep model's sequential step is timed once, on the baseline)
+            source = q["model"] if shallow else BASELINE
+            ms, variant = best_ms([r for r in timed if r.model == source and r.parallel_layers == 0])
+            par = 0
+        else:
+            par = q["parallel_layers"]
+            ms, variant = best_ms(deep, parallel_layers=par, iterations=q["iterations"], init=q["init"])
+        points.append(
+            {
+                "model": q["model"],
+                "kind": "shallow-control" if shallow else ("sequential" if par == 0 else "snlp"),
+                "n_layer": info.get("n_layer", scale.n_layer),
+                "parallel_layers": par,
+                "iterations": q["iterations"],
+                "init": q["init"],
+                "fusion": "none",
+                "ppl": q["ppl"],
+                "ppl_vs_baseline": q["ppl"] / base_ppl - 1.0,
+                "bpb": q["bpb"],
+                "decode_ms": ms,
+                "timed_variant": variant,
+                "best_seq_ms": best_seq,
+                "speedup": None if ms is None or best_seq is None else best_seq / ms,
+            }
+        )
+    return {
+        "points": points,
+        "best_seq_ms": best_seq,
+        "best_seq_variant": best_seq_variant,
+        "base_ppl": base_ppl,
+    }
+
+
+def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
+    snlp = [p for p in points if p["kind"] == "snlp" and p["speedup"] is not None]
+
+    def best_within(bound: float) -> dict[str, Any] | None:
+        ok = [p for p in snlp if p["ppl_vs_baseline"] <= bound]
+        return max(ok, key=lambda p: p["speedup"]) if ok else None
+
+    def brief(p: dict[str, Any] | None) -> dict[str, Any] | None:
+        keys = ("model", "parallel_layers", "iterations", "init", "ppl_vs_baseline", "speedup", "decode_ms")
+        return None if p is None else {k: p[k] for k in keys}
+
+    controls = {}
+    for c in (p for p in points if p["kind"] == "shallow-control" and p["speedup"] is not None):
+        dom = [
+            s for s in snlp if s["speedup"] >= c["speedup"] and s["ppl_vs_baseline"] <= c["ppl_vs_baseline"]
+        ]
+        controls[c["model"]] = {
+            "ppl_vs_baseline": c["ppl_vs_baseline"],
+            "speedup": c["speedup"],
+            "dominated": bool(dom),
+            "dominated_by": brief(max(dom, key=lambda s: s["speedup"])) if dom else None,
+        }
+    seeds = [p for p in points if p["kind"] == "sequential" and p["model"].startswith("base-")]
+    within1, within5 = best_within(0.01), best_within(0.05)
+    return {
+        "best_speedup_within_1pct": within1["speedup"] if within1 else None,
+        "best_point_within_1pct": brief(within1),
+        "best_speedup_within_5pct": within5["speedup"] if within5 else None,
+        "best_point_within_5pct": brief(within5),
+        "shallow_controls": controls,
+        "seed_spread_ppl_vs_baseline": {p["model"]: p["ppl_vs_baseline"] for p in seeds},
+        "goals": {
+            ">=2.0x at <=+1%": bool(within1 and within1["speedup"] >= 2.0),
+            ">=3.0x at <=+5%": bool(within5 and within5["speedup"] >= 3.0),
+            "shallow controls dominated": bool(controls) and all(c["dominated"] for c in controls.values()),
+        },
+    }
+
+
+def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other point beats on both speed-up and perplexity."""
+    live = sorted((p for p in points if p["speedup"] is not None), key=lambda p: (-p["speedup"], p["ppl"]))
+    front, best_ppl = [], math.inf
+    for p in live:
+        if p["ppl"] < best_ppl * (1 - 1e-6):  # (exact points differ from sequential by rounding)
+            front.append(p)
+            best_ppl = p["ppl"]
+    return front
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, meta = result["summary"], result["meta"]
+    pct = lambda x: "" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
+    num = lambda x, f=".3f": "" if x is None else format(x, f)  # noqa: E731
+    lines = [
+        "## Frontier: decode-path perplexity against decode speed-up",
+        "",
+        f"Device: {meta['env'].get('gpu') or meta['env'].get('cpu')}, torch {meta['env']['torch']}. "
+        f"{meta['scale_note']} Best sequential step {num(result['best_seq_ms'], '.4f')} ms "
+        f"({result['best_seq_variant']}); bytes floor {num(meta.get('floor_ms'), '.4f')} ms. "
+        f"Baseline ({BASELINE}) sequential decode perplexity {result['base_ppl']:.4f}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    gaps = meta.get("incomplete")
+    if gaps:
+        lines += [
+            f"**Incomplete run.** {gaps['note']} Not timed: {len(gaps['untimed_configs'])} configurations "
+            f"(parallel, K, init): {', '.join(str(tuple(c)) for c in gaps['untimed_configs'])}. SNLP points "
+            f"compiled + CUDA graphs: {gaps['snlp_compiled_points']}.",
+            "",
+        ]
+    lines += [
+        "| goal | result |",
+        "|---|---|",
+        f"| >= 2.0x at <= +1% | {num(s['best_speedup_within_1pct'], '.2f')}x "
+        f"({'met' if s['goals']['>=2.0x at <=+1%'] else 'missed'}) |",
+        f"| >= 3.0x at <= +5% | {num(s['best_speedup_within_5pct'], '.2f')}x "
+        f"({'met' if s['goals']['>=3.0x at <=+5%'] else 'missed'}) |",
+    ]
+    for name, c in s["shallow_controls"].items():
+        by = c["dominated_by"]
+        how = (
+            ""
+            if not by
+            else f" by {by['model']} par={by['parallel_layers']} K={by['iterations']} {by['init']}"
+        )
+        lines.append(
+            f"| control {name} ({pct(c['ppl_vs_baseline'])}, {c['speedup']:.2f}x) dominated | "
+            f"{'yes' + how if c['dominated'] else 'no'} |"
+        )
+    spread = ", ".join(f"{k} {pct(v)}" for k, v in s["seed_spread_ppl_vs_baseline"].items())
+    lines += ["", f"Seed spread of the baseline's sequential perplexity: {spread}.", ""]
+    lines += [
+        "Pareto points (faster first; every point of every model in frontier.json):",
+        "",
+        "| model | parallel | K | init | ppl | vs baseline | decode ms | speed-up | timed as |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in pareto(result["points"]):
+        lines.append(
+            f"| {p['model']} | {p['parallel_layers']} | {p['iterations'] or ''} | {p['init'] or ''} | "
+            f"{p['ppl']:.3f} | {pct(p['ppl_vs_baseline'])} | {num(p['decode_ms'], '.4f')} | "
+            f"{num(p['speedup'], '.2f')}x | {p['timed_variant']} |"
+        )
+    lines += quality_grid(result["points"])
+    lines += [
+        "",
+        "Models:",
+        "",
+        "| model | objective | layers | tokens | tokens/param | train FLOPs | train s | note |",
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for m in result["models"].values():
+        lines.append(
+            f"| {m['name']} | {m['objective']} | {m['n_layer']} | {m['tokens']:,} | "
+            f"{m['tokens_per_layer_param']:.2f} | {m['train_flops']:.2e} | {m['train_seconds']:.0f} | {m['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def quality_grid(points: list[dict[str, Any]]) -> list[str]:
+    """Decode-path perplexity vs the baseline, one row per model and init, one column per
+    (parallel layers, K): the whole quality grid at a glance."""
+    snlp = [p for p in points if p["kind"] == "snlp"]
+    cols = sorted({(p["parallel_layers"], p["iterations"]) for p in snlp})
+    if not cols:
+        return []
+    lines = [
+        "",
+        "Decode-path perplexity vs the baseline's sequential (all measured points):",
+        "",
+        "| model | init | seq | " + " | ".join(f"{par}/K={k}" for par, k in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    seq = {p["model"]: p["ppl_vs_baseline"] for p in points if p["parallel_layers"] == 0}
+    for model in dict.fromkeys(p["model"] for p in snlp):
+        for init in dict.fromkeys(p["init"] for p in snlp if p["model"] == model):
+            got = {(p["parallel_layers"], p["iterations"]): p["ppl_vs_baseline"] for p in snlp
+                   if p["model"] == model and p["init"] == init}  # fmt: skip
+            cells = [f"{100 * got[c]:+.1f}%" if c in got else "" for c in cols]
+            lines.append(
+                f"| {model} | {init} | {100 * seq.get(model, float('nan')):+.2f}% | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pts = [p for p in result["points"] if p["speedup"] is not None]
+    for model in dict.fromkeys(p["model"] for p in pts):
+        mine = [p for p in pts if p["model"] == model]
+        if mine[0]["kind"] == "shallow-control":
+            ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine],
+                       marker="*", s=220, edgecolor="k", zorder=5, label=f"{model} (sequential)")  # fmt: skip
+        else:
+            ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine],
+                       s=22, alpha=0.8, label=model)  # fmt: skip
+    front = pareto(pts)
+    ax.plot(
+        [p["speedup"] for p in front],
+        [100 * p["ppl_vs_baseline"] for p in front],
+        "k--",
+        lw=1,
+        label="Pareto",
+    )
+    spread = [100 * v for v in result["summary"]["seed_spread_ppl_vs_baseline"].values()]
+    if spread:
+        ax.axhspan(min(0.0, *spread), max(0.0, *spread), color="grey", alpha=0.2, label="seed spread")
+    for y in (1, 5):
+        ax.axhline(y, color="grey", lw=0.6, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=2.0)
+    ax.set_xlabel("decode speed-up over the best sequential step (batch 1, same run)")
+    ax.set_ylabel("decode-path perplexity vs baseline (%)")
+    ax.set_title("Speed at equal quality: SNLP points and shallow sequential controls")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "frontier.md").write_text(markdown(result))
+    plot(result, out / "frontier.png")
+    log(f"report: {out / 'frontier.json'}, frontier.md, frontier.png")
+
+
+# -- the run --------------------------------------------------------------------------------------
+def pick_compiled(points: list[dict[str, Any]], limit: int) -> list[tuple[int, int, str]]:
+    """The configurations worth compiling: best within 1% and 5%, then the Pareto front."""
+    snlp = [p for p in points if p["kind"] == "snlp" and p["speedup"] is not None]
+    order: list[dict[str, Any]] = []
+    for bound in (0.01, 0.02, 0.05, 0.10):
+        ok = [p for p in snlp if p["ppl_vs_baseline"] <= bound]
+        if ok:
+            order.append(max(ok, key=lambda p: p["speedup"]))
+    order += pareto(snlp)
+    configs = list(dict.fromkeys((p["parallel_layers"], p["iterations"], p["init"]) for p in order))
+    return configs[:limit]
+
+
+def run(args: argparse.Namespace) -> int:
+    scale = SMOKE if args.smoke else Scale()
+    if args.steps:
+        scale = Scale(**{**asdict(scale), "steps": args.steps})
+    if args.device:
+        dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+        scale = Scale(**{**asdict(scale), "device": args.device, "dtype": dtype})
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    left = lambda: args.budget_min * 60 - (time.perf_counter() - t_start)  # noqa: E731
+    device = torch.device(scale.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("frontier: this run needs a CUDA GPU (use --smoke for the CPU check)")
+    meta: dict[str, Any] = {
+        "env": environment(device),
+        "command": "python benchmarks/frontier.py "
+        + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "scale": asdict(scale),
+        "scale_note": (
+            f"nanochat L={scale.n_layer}, d={scale.n_embd}, BPE vocab {scale.vocab}, trained at T={scale.seq_len}; "
+            f"decode timed at batch 1, context {scale.context}, {scale.dtype}; perplexity of the cached decode "
+            f"step, teacher-forced over {scale.eval_windows} held-out windows of {scale.seq_len} tokens."
+        ),
+    }
+    snlp_options: dict[str, Any] = {}
+    if device.type == "cuda":
+        meta["inductor"] = inductor_options(BEST_INDUCTOR)
+        snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
+        torch._dynamo.config.cache_size_limit = 256
+    chosen = [v for v in variants(scale) if not args.models or v.name in args.models]
+    corpus, windows, meta["data"] = prepare_data(scale, work)
+    (work / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    stages = set(args.stages.split(","))
+    trained: dict[str, dict[str, Any]] = {}
+    if "train" in stages:
+        for v in chosen:
+            trained[v.name] = train_variant(v, scale, corpus, work)
+    else:
+        trained = {v.name: json.loads((work / f"{v.name}.train.json").read_text()) for v in chosen}
+    if "quality" not in stages:
+        return 0
+    quality: list[dict[str, Any]] = []
+    if device.type == "cuda":
+        meta["graph_check"] = graph_check(work, scale, windows, corpus.val_bytes_per_token)
+        (work / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    for v in chosen:
+        quality += measure_quality(v, scale, windows, corpus.val_bytes_per_token, work)
+    if "speed" not in stages:
+        return 0
+    modes = ["eager+graph", "compiled+graph"] if device.type == "cuda" else ["eager"]
+    grid_mode, point_mode = modes[0], modes[-1]
+    timers: list[Timer] = []
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else float("nan")
+    with torch.no_grad():
+        deep = Timer(load_for_inference(work, BASELINE, scale), BASELINE, scale, snlp_options, work)
+        timers.append(deep)
+        meta["floor_ms"] = deep.floor_ms(bandwidth)
+        meta["copy_bandwidth_tbs"] = bandwidth / 1e12
+        deep.sequential(modes)
+        for v in chosen:
+            if v.n_layer is not None:
+                t = Timer(load_for_inference(work, v.name, scale), v.name, scale, snlp_options, work)
+                t.sequential(modes)
+                timers.append(t)
+        deep.grid(list(scale.parallel), list(scale.iterations), list(scale.inits), grid_mode)
+        timed = [r for t in timers for r in t.rows]
+        joined = build_points(quality, timed, trained, scale)
+        if point_mode != grid_mode:
+            for par, k, init in pick_compiled(joined["points"], args.max_compiled):
+                if left() < 90:
+                    log("speed: budget spent, no more compiled points")
+                    break
+                deep.point(par, k, init, point_mode)
+    timed = [r for t in timers for r in t.rows]
+    joined = build_points(quality, timed, trained, scale)
+    result = {
+        "meta": meta,
+        **joined,
+        "summary": summarise(joined["points"]),
+        "models": trained,
+        "timings": [asdict(r) for r in timed],
+    }
+    write_report(result, out)
+    print(markdown(result))
+    log(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def assemble(args: argparse.Namespace) -> int:
+    """The frontier from a run's stage results in ``--work`` (checkpoints not needed): the report of a
+    run cut short, with what it did not measure listed under ``meta.incomplete``."""
+    work = Path(args.work)
+    scale = Scale()
+    meta_path = work / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.setdefault("env", {"gpu": args.device_label, "torch": args.torch_version})
+    meta.setdefault("scale", asdict(scale))
+    meta.setdefault("scale_note", "(scale as recorded in each model's train.json)")
+    meta["command"] = "python benchmarks/frontier.py " + " ".join(
+        sys.argv[1:] if args.argv is None else args.argv
+    )
+    names = [v.name for v in variants(scale)]
+    trained = {
+        n: json.loads((work / f"{n}.train.json").read_text())
+        for n in names
+        if (work / f"{n}.train.json").exists()
+    }
+    quality = [
+        row
+        for n in names
+        if (work / f"{n}.quality.json").exists()
+        for row in json.loads((work / f"{n}.quality.json").read_text())
+    ]
+    timed = load_timings(work, Path(args.log) if args.log else None)
+    joined = build_points(quality, timed, trained, scale)
+    untimed = sorted(
+        {
+            (p["parallel_layers"], p["iterations"], p["init"])
+            for p in joined["points"]
+            if p["decode_ms"] is None
+        },
+        key=str,
+    )
+    compiled = [r for r in timed if r.parallel_layers > 0 and "compiled" in r.variant]
+    meta["incomplete"] = {
+        "untimed_configs": [list(c) for c in untimed],
+        "snlp_compiled_points": len(compiled),
+        "note": args.note,
+    }
+    result = {
+        "meta": meta,
+        **joined,
+        "summary": summarise(joined["points"]),
+        "models": trained,
+        "timings": [asdict(r) for r in timed],
+    }
+    write_report(result, Path(args.out))
+    print(markdown(result))
+    return 0
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """ms per training step of each objective at the full scale, on random tokens: the device
+    schedule's arithmetic (how many steps fit in a call)."""
+    from snlp_compile.train import ByteTokenizer, Corpus
+
+    scale = Scale()
+    tok = ByteTokenizer()
+    tok.vocab_size = scale.vocab  # type: ignore[misc]  # (random ids: only the size matters)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, scale.vocab, (4_000_000,), generator=g)
+    corpus = Corpus(tok, data, data[:200_000], 600_000, 1, 1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = Variant("calib-base")
+    cases = [
+        base,
+        Variant("calib-reg", "regulariser"),
+        Variant("calib-sft", "snlp-forward", init_from="calib-base", snlp=SNLPConfig(iterations=2)),
+    ]
+    for v in cases:
+        for steps in (3, 3 + args.steps):
+            t = Scale(**{**asdict(scale), "steps": steps, "finetune_steps": steps, "eval_windows": 2})
+            name = f"{v.name}-{steps}"
+            facts = train_variant(
+                Variant(name, v.objective, init_from=v.init_from and f"{v.init_from}-{steps}", snlp=v.snlp),
+                t,
+                corpus,
+                work,
+            )
+            if steps == 3:
+                first = facts["train_seconds"]
+        per_step = (facts["train_seconds"] - first) / args.steps
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        log(
+            f"calibrate {v.name}: {1e3 * per_step:.1f} ms/step at {scale.batch} x {scale.seq_len}, peak {mem:.1f} GiB"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="frontier", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train, measure quality and speed, write the frontier")
+    r.add_argument("--work", required=True, help="checkpoints and stage results (local disk; resumable)")
+    r.add_argument("--out", required=True, help="where frontier.json/.md/.png go")
+    r.add_argument(
+        "--smoke", action="store_true", help="a tiny run that checks the script (CPU unless --device)"
+    )
+    r.add_argument("--device", default=None, help="default: cuda (the smoke scale: cpu)")
+    r.add_argument("--models", nargs="*", default=None, help="only these variants (default: all)")
+    r.add_argument(
+        "--stages", default="train,quality,speed", help="comma-separated subset of train,quality,speed"
+    )
+    r.add_argument("--steps", type=int, default=None, help="override the training steps per model")
+    r.add_argument("--max-compiled", type=int, default=4, help="frontier points compiled + CUDA graphs")
+    r.add_argument("--budget-min", type=float, default=27.0, help="stop compiling points after this")
+    ref = sub.add_parser("reference", help="retrain the seeded baseline checkpoint only (GPU, a few minutes)")
+    ref.add_argument("--work", required=True)
+    ref.add_argument("--smoke", action="store_true")
+    ref.add_argument("--device", default=None)
+    cal = sub.add_parser("calibrate", help="ms per training step of each objective at full scale (GPU)")
+    cal.add_argument("--work", required=True)
+    cal.add_argument("--steps", type=int, default=10)
+    asm = sub.add_parser("assemble", help="the frontier from a run's stage results (a run cut short)")
+    asm.add_argument("--work", required=True)
+    asm.add_argument("--out", required=True)
+    asm.add_argument("--log", default=None, help="the run's log, if it predates work/timings.json")
+    asm.add_argument("--note", default="", help="what the run did not reach, for the report")
+    asm.add_argument("--device-label", default="?", help="when work/meta.json is missing")
+    asm.add_argument("--torch-version", default="?", help="when work/meta.json is missing")
+    rep = sub.add_parser("report", help="re-render frontier.md and frontier.png from a frontier.json")
+    rep.add_argument("json")
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.command == "report":
+        path = Path(args.json)
+        result = json.loads(path.read_text())
+        write_report(result, path.parent)
+        return 0
+    if args.command == "assemble":
+        return assemble(args)
+    if args.command == "calibrate":
+        return calibrate(args)
+    if args.command == "reference":
+        args.out, args.models, args.stages, args.steps = args.work, [BASELINE], "train", None
+        args.max_compiled, args.budget_min = 0, 1e9
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
