@@ -667,6 +667,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         ax.axhline(y, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=2.0)
+    ax.set_ylim(bottom=-1.0)
     ax.set_xlabel("decode speed-up over the best sequential step (batch 1, same run)")
     ax.set_ylabel("decode-path perplexity vs baseline (%)")
     ax.set_title("Speed at equal quality: SNLP points and shallow sequential controls")
