@@ -2,16 +2,16 @@
 models' ``cached_attention`` (two products over the cache, one softmax with the new token's score
 beside it) on layer-batched operands, compiled and captured in a CUDA graph.
 
-    PYTHONPATH=. python benchmarks/attention_lowering.py            # on a GPU
-    PYTHONPATH=. python benchmarks/attention_lowering.py --device cpu --shapes tiny   # smoke run
+    python -m benchmarks attention-lowering                                 # on a GPU
+    python -m benchmarks attention-lowering --device cpu --shapes tiny      # smoke run
 
 Lowerings of the two cache products (same inputs, same result up to rounding):
-  matmul   ``torch.matmul`` (ATen ``bmm``, cuBLAS): the lowering before run 9
+  matmul   ``torch.matmul`` (ATen ``bmm``, cuBLAS)
   kernel   ``kernels.layer_matmul``: the layer-batched GEMV kernel reading the caches
-           through their strides (what the compiler emits from run 9 on)
+           through their strides (what the compiler emits)
   mulsum   broadcast product and sum, left to Inductor as a reduction it can fuse with the softmax
-  fused    the whole attention as one kernel (``kernels.decode_attention``, run 13), without and
-           with PDL (``fused-pdl``)
+  fused    the whole attention as one kernel (``kernels.decode_attention``), without and with PDL
+           (``fused-pdl``)
 Each under Inductor's defaults and under ``max-autotune``; the bytes floor is both caches read once.
 ``--per-layer`` times the sequential step's pattern instead: one call per layer, in order.
 """
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +28,8 @@ from snlp_compile.kernels import decode_attention
 from snlp_compile.models.kv import attention_bias, attention_ops
 from snlp_compile.passes.batch_layers import _layer_matmul
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from .common import (
+    command,
     compile_module,
     copy_bandwidth,
     cuda_graph,
@@ -154,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}",
                     flush=True,
                 )
-    meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
+    meta = {
+        "env": environment(device),
+        "copy_bandwidth_tbs": bw / 1e12,
+        "command": command("attention-lowering", argv),
+    }
     title = (
         "## Decode attention over the caches, all layers at once (compiled + CUDA graph)\n\n"
         f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s, "
@@ -171,7 +173,3 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(write_table(out, args.name, meta, rows, title, columns))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

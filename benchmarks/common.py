@@ -1,11 +1,11 @@
-"""Shared benchmark machinery: timing with CUDA events, CUDA-graph capture, compile, the bytes floor,
+"""Shared benchmark machinery: timing with CUDA events, CUDA-graph capture, compile, the floors,
 and result output (JSON + markdown table + plot).
 
-Every regime script (forward.py, decode.py) builds callables for each variant, hands them to
-``Bench.measure`` and lets this module time them the same way: warm-up calls first, then many timed
-samples (each sample = ``inner`` back-to-back calls between two CUDA events), median reported.
-The ratio of every variant is taken against the best *sequential* variant of the same run, so a
-slow baseline can never make the compiler look good.
+Every regime (forward, decode) builds callables for each variant, hands them to ``Bench.measure``
+and lets this module time them the same way: warm-up calls first, then many timed samples (each
+sample = ``inner`` back-to-back calls between two CUDA events), median reported. The ratio of
+every variant is taken against the best *sequential* variant of the same run, so a slow baseline
+can never make the compiler look good.
 """
 
 from __future__ import annotations
@@ -22,31 +22,19 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from the repo root
-    sys.path.insert(0, str(REPO_ROOT))
 
-SHAPES = {
-    "d20": "nanochat-d20",
-    "0.5b": "nanochat-0.5b",
-    "small": "nanochat-small",
-    "tiny": "nanochat-tiny",
-    # mHC, 4 hyper-connected streams: static H ("mhc-*") and per-token H ("mhc-dyn-*"), the
-    # nanochat trunks above with the residual stream widened (same layer weights plus the mixing)
-    "mhc-d20": "mhc-d20",
-    "mhc-0.5b": "mhc-0.5b",
-    "mhc-small": "mhc-small",
-    "mhc-tiny": "mhc-tiny",
-    "mhc-dyn-d20": "mhc-dyn-d20",
-    "mhc-dyn-0.5b": "mhc-dyn-0.5b",
-    "mhc-dyn-small": "mhc-dyn-small",
-    "mhc-dyn-tiny": "mhc-dyn-tiny",
+# --shapes keys -> model registry names: the nanochat trunks, and mHC with 4 hyper-connected streams,
+# static H ("mhc-*") and per-token H ("mhc-dyn-*"): the same trunks with the residual stream widened
+SIZES = ("d20", "0.5b", "small", "tiny")
+SHAPES = {s: f"nanochat-{s}" for s in SIZES} | {
+    f"mhc{h}-{s}": f"mhc{h}-{s}" for h in ("", "-dyn") for s in SIZES
 }
 MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
 # also accepted (not in the default list: Inductor's GEMM autotuning takes minutes per model):
@@ -254,7 +242,7 @@ def layer_bytes(model: torch.nn.Module, container: str = "transformer.h") -> int
 def layer_parallel_passes(k: int, n_layers: int) -> float:
     """Passes over N layers' weights (and a decode step's caches) that K SNLP iterations make at
     least: iteration s (from 0) must evaluate the N - s layers whose inputs are not yet exact
-    (after s iterations the first s are, DESIGN.md invariant), so sum_{s<K} (N - s) / N. Weights
+    (after s iterations the first s are, docs/DESIGN.md invariant), so sum_{s<K} (N - s) / N. Weights
     larger than the L2 cache are re-read by every iteration. 1 at K=1; (N + 1) / 2 at K=N."""
     k = min(int(k), int(n_layers))
     return sum(n_layers - s for s in range(k)) / n_layers
@@ -263,9 +251,8 @@ def layer_parallel_passes(k: int, n_layers: int) -> float:
 def computes_sequentially(family: str, k: int | None, chunks: int | None, layers: int | None) -> bool:
     """Whether a row is a sequential baseline: the model as written, or the compiler's exact
     sequential mode (K = 1 with as many chunks as layers: each layer solved from the exact output
-    of the one before, which is the sequential computation with the compiler's lowering). Run 14
-    measured the latter as fast as max-autotune of the model as written, so the ratios are taken
-    against the faster of the two."""
+    of the one before, which is the sequential computation with the compiler's lowering): the
+    ratios are taken against the faster of the two."""
     if family == "sequential":
         return True
     return family == "snlp-chunked" and k == 1 and chunks is not None and chunks == layers
@@ -422,8 +409,43 @@ class Bench:
             markdown(self.regime, self.meta, self.records, self.case_notes)
         )
 
-    def plot(self) -> Path | None:
-        return plot_vs_k(self.regime, self.records, self.out_dir / f"{self.name}.png")
+    def run(
+        self,
+        run: RegimeRun,
+        rec: Record,
+        base: Callable[..., Any],
+        inputs: tuple[Any, ...],
+        reference: torch.Tensor,
+        compiled: dict[str, Callable[..., Any]],
+        *,
+        post: Callable[[Any], Any] | None = None,
+        warmup: int,
+        wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
+    ) -> None:
+        """Build (compile, capture: ``make_variant``) and time one variant of a regime, unless the
+        run's time budget is spent; SNLP variants get the --snlp-inductor options on top."""
+        if time.perf_counter() - run.t_start > run.budget_s:
+            rec.error = "skipped: time budget spent"
+            self.records.append(rec)
+            return
+        options = None if rec.family == "sequential" else run.meta.get("snlp_inductor")
+        rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
+        key = rec.variant.replace("+graph", "")
+        build = partial(make_variant, base, rec.mode, inputs, run.device, compiled, key, post, options)
+        self.measure(rec, wrap(build) if wrap else build, reference, warmup=warmup)
+        ms = rec.median_ms if rec.median_ms else float("nan")
+        err = rec.rel_err if rec.rel_err is not None else float("nan")
+        print(
+            f"  {rec.shape.split()[0]:>5} {rec.case:>13} {rec.variant:<30} {ms:8.4f} ms  rel_err {err:.1e}"
+            f"  ({rec.extra['build_and_time_s']} s)",
+            flush=True,
+        )
+
+    def done(self, t_start: float) -> int:
+        plot_vs_k(self.regime, self.records, self.out_dir / f"{self.name}.png")
+        print((self.out_dir / f"{self.name}.md").read_text())
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -439,6 +461,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table's lines (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _record_cells(r: Record) -> list[str]:
+    if r.error:
+        return [r.variant, f"failed: {r.error[:80]}", "", "", "", "", "", ""]
+    ratio, ceiling = _fmt(r.ratio_vs_best_seq, ".2f"), _fmt(r.ceiling_vs_best_seq, ".2f")
+    spread = f"{_fmt(r.p10_ms)}-{_fmt(r.p90_ms)}"
+    x_floor, k_floor, err = _fmt(r.x_floor, ".2f"), _fmt(r.k_floor_ms), _fmt(r.rel_err, ".1e")
+    return [r.variant, _fmt(r.median_ms), spread, f"{ratio}x", x_floor, k_floor, f"{ceiling}x", err]
 
 
 def markdown(
@@ -469,19 +506,8 @@ def markdown(
         lines += ["", f"### {key[0]}, {key[1]} (bytes floor {_fmt(floor)} ms)", ""]
         if case_notes and key in case_notes:
             lines += [case_notes[key], ""]
-        lines += [
-            "| variant | median ms | p10-p90 ms | vs best seq | x floor | floor at K ms | ceiling vs best seq | rel err |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            if r.error:
-                lines.append(f"| {r.variant} | failed: {r.error[:80]} | | | | | | |")
-                continue
-            lines.append(
-                f"| {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.p10_ms)}-{_fmt(r.p90_ms)} | "
-                f"{_fmt(r.ratio_vs_best_seq, '.2f')}x | {_fmt(r.x_floor, '.2f')} | {_fmt(r.k_floor_ms)} | "
-                f"{_fmt(r.ceiling_vs_best_seq, '.2f')}x | {_fmt(r.rel_err, '.1e')} |"
-            )
+        header = "variant,median ms,p10-p90 ms,vs best seq,x floor,floor at K ms,ceiling vs best seq,rel err"
+        lines += md_table(header.split(","), [_record_cells(r) for r in rows])
     return "\n".join(lines) + "\n"
 
 
@@ -548,11 +574,10 @@ def write_table(
     row key of the same position, e.g. {"median us": "median_us:.2f"}); returns the markdown."""
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     specs = [spec.split(":", 1) for spec in columns.values()]
-    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [format(row[key] if row[key] is not None else float("nan"), fmt) for key, fmt in specs]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
+    cells = [
+        [format(row[k] if row[k] is not None else float("nan"), fmt) for k, fmt in specs] for row in rows
+    ]
+    text = "\n".join([title, "", *md_table(list(columns), cells)]) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
 
@@ -579,12 +604,10 @@ def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module,
     return model, ""
 
 
-# -- the command line and setup shared by forward.py and decode.py --------------------------------
-# Inductor options every compiled variant gets by default, sequential and SNLP alike (run 10,
-# H200, same machine): programmatic dependent launch took the compiled+graph sequential 0.5B
-# decode step from 1.524 to 1.360 ms. Combo kernels (independent small kernels launched as one)
-# are SNLP's alone: 0.1472 -> 0.1455 ms on its K=1 step, but 1.360 -> 1.623 ms on the sequential
-# step together with PDL. "" gives Inductor's defaults.
+# -- the command line and setup shared by forward and decode ---------------------------------------
+# Inductor options every compiled variant gets by default, sequential and SNLP alike: programmatic
+# dependent launch speeds up both (the sequential step more). Combo kernels are SNLP's alone: they
+# slow the sequential step down together with PDL (docs/benchmark-history.md). "": Inductor's defaults.
 BEST_INDUCTOR = "triton.enable_pdl=True"
 SNLP_INDUCTOR = "combo_kernels=True"
 
@@ -631,6 +654,7 @@ class RegimeRun:
     out: Path
     meta: dict[str, Any]
     bandwidth: float  # bytes/s; nan off CUDA
+    budget_s: float
 
 
 def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> RegimeRun:
@@ -644,7 +668,7 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         "env": environment(device),
         "dtype": args.dtype,
         "note": note,
-        "command": f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command(script, argv),
     }
     options = inductor_options(args.inductor)
     if options:
@@ -657,7 +681,12 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         bw = copy_bandwidth(device)
         meta["copy_bandwidth_tbs"] = bw / 1e12
         meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw)
+    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw, args.budget_s)
+
+
+def command(subcommand: str, argv: list[str] | None) -> str:
+    """The command line that reproduces a result, for its metadata."""
+    return f"python -m benchmarks {subcommand} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def parse_inductor_options(text: str, flag: str = "--inductor") -> dict[str, Any]:

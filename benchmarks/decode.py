@@ -1,56 +1,43 @@
 """KV-cached decode benchmark: one token per step at context 1024, batch 1 and 8, sequential vs
 SNLP K = 1, 2, 4 (init h0, and warm for the first Ks), and chunked SNLP (K = 1, C = 2, 4 chunks).
 
-    PYTHONPATH=. python benchmarks/decode.py                   # on a GPU: the full table
-    PYTHONPATH=. python benchmarks/decode.py --device cpu --shapes tiny --context 32 --modes eager \
-        --chunk-modes eager
+    python -m benchmarks decode                        # on a GPU: the full table
+    python -m benchmarks decode --device cpu --shapes tiny --context 32 --modes eager --chunk-modes eager
 
 Every variant runs the same thing: the model's cached step (models.kv: explicit stacked caches,
-a position input, the new K/V returned) followed by the cache write (index_copy_), with the
+a position input, the new K/V returned) followed by the cache write (index_copy_ at pos), with the
 transformed step in place of the original for SNLP. The cache holds context-1 random keys/values
 and the step decodes position context-1, so attention reads `context` positions. Shapes are
 layer stacks ("trunks", vocab cut to --vocab); bf16; random weights.
 
-Chunked variants ("snlp K=1 C=2 <mode>", family "snlp-chunked"): the step transformed with
-SNLPConfig(iterations=1, chunks=C, init h0): C consecutive chunks of layers, each solved
-layer-parallel from the previous chunk's last output, so C batched evaluations per step instead of
-one; the new K/V are still one evaluation over all layers at the corrected inputs.
-
-Einsum variants ("snlp K=1 einsum <mode>", family "snlp-einsum", graph modes only): the same
-transformed step compiled and captured with the layer-batched GEMV kernel off
-(``snlp_compile.kernels.gemv_kernel(False)``), i.e. cuBLAS' batched GEMM as before run 7.
-
-Deferred variants ("snlp K=1 deferred <mode>", family "snlp-deferred"): the step transformed
-with SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a second row of this
-step's q/k/v GEMVs and are written by the step into the cache at the previous position, so the
-K/V projection weights are read once per step. The timed loop repeats one position, so each call
-rewrites that slot (the same work as in generation). As in generation (``Decoder``), the
-provisional K/V a deferred step returns are not written (from run 14; runs 8-13 wrote them: two
-index copies, ~5 us a step). Every cache write takes pos as its index at one token (run 14: no
-arange and add kernels before the copies, ~2 us a step, the sequential step too).
+Families: "snlp K=k C=c" (SNLPConfig chunks: C consecutive chunks solved one after another, each
+layer-parallel; C = layers at K = 1 is the compiler's exact sequential mode, counted as a
+sequential baseline); "snlp K=k einsum" (graph modes only: the GEMV kernel off, cuBLAS' batched
+GEMM); "snlp K=k deferred" (SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a
+second row of this step's q/k/v GEMVs, written by the step into the cache; the provisional K/V the
+step returns are not written, as in ``Decoder``, so the step is timed alone).
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
-"floor at K": what a step must read at least, the floor times ``common.layer_parallel_passes``
-(K SNLP iterations re-read the weights and caches of every layer whose input is not yet exact);
-"ceiling vs best seq": the best sequential time over it, the highest ratio any step can reach.
-SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
-time; that is part of the measured time, not of the floor.
+"floor at K": the floor times ``common.layer_parallel_passes`` (K iterations re-read the weights
+and caches of every layer whose input is not yet exact); "ceiling vs best seq": the best
+sequential time over it, the highest ratio any step can reach.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+import snlp_compile
+from snlp_compile.kernels import gemv_kernel
+from snlp_compile.models.kv import CachedStep, new_cache, write_cache
+
+from .common import (
     RANDOM_WEIGHTS_NOTE,
     SHAPES,
     Bench,
@@ -60,16 +47,11 @@ from common import (
     inference_model,
     int_list,
     layer_bytes,
-    make_variant,
     mode_list,
     profile_variant,
     start_regime,
     with_iterations,
 )
-
-import snlp_compile
-from snlp_compile.kernels import gemv_kernel
-from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 
 def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> Callable[[Any], torch.Tensor]:
@@ -139,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run = start_regime(
         args,
-        "decode.py",
+        "decode",
         RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed"
         " (deferred steps: the step alone, which writes the previous token's K/V)",
         argv,
     )
-    t_start, device, dtype, out, bw = run.t_start, run.device, run.dtype, run.out, run.bandwidth
+    device, out = run.device, run.out
     bench = Bench("decode", out, device, run.meta, name=args.name)
     ks, warm_ks, chunk_counts = int_list(args.ks), int_list(args.warm_ks), int_list(args.chunks)
     einsum_ks = int_list(args.einsum_ks)
@@ -154,13 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
     warm_modes = mode_list(args.warm_modes, device)
     chunk_modes = mode_list(args.chunk_modes, device)
-    prof_path = out / f"{args.name}_profile.txt"
     ctx = args.context
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
             model, model_note = inference_model(
-                SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype
+                SHAPES[shape], vocab_size=args.vocab, device=device, dtype=run.dtype
             )
             cfg = model.config
             wbytes = layer_bytes(model)
@@ -190,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
                     f"transform() took {transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
                 )
-                floor = floor_ms(wbytes + kv_bytes, bw)
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, init, K, mode, chunks)
                 plan: list[tuple[str, str, int | None, str, int]] = [
@@ -220,41 +200,20 @@ def main(argv: list[str] | None = None) -> int:
                     rec.extra["init"] = init or None
                     if family == "snlp-chunked":
                         rec.extra["chunks"] = chunks
-                    if time.perf_counter() - t_start > args.budget_s:
-                        rec.error = "skipped: time budget spent"
-                        bench.records.append(rec)
-                        continue
-                    key = variant.replace("+graph", "")
-                    options = None if family == "sequential" else run.meta.get("snlp_inductor")
-                    rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
                     write = logits_only if family == "snlp-deferred" else post
-                    build = partial(make_variant, base, mode, inputs, device, compiled, key, write, options)
-                    if family == "snlp-einsum":
-                        build = gemv_kernel_off(build)
-                    bench.measure(rec, build, ref, warmup=10)
-                    ms = rec.median_ms if rec.median_ms else float("nan")
-                    err = rec.rel_err if rec.rel_err is not None else float("nan")
-                    print(
-                        f"  {shape:>5} {case:>13} {variant:<30} {ms:8.4f} ms  rel_err {err:.1e}"
-                        f"  ({rec.extra['build_and_time_s']} s)",
-                        flush=True,
-                    )
+                    wrap = gemv_kernel_off if family == "snlp-einsum" else None
+                    bench.run(run, rec, base, inputs, ref, compiled, post=write, warmup=10, wrap=wrap)
+                floor = floor_ms(wbytes + kv_bytes, run.bandwidth)
                 bench.finish_case(shape_label, case, floor, layers=cfg.n_layer)
                 if args.profile and device.type == "cuda" and batch == 1:
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 deferred compiled"):
                         if key in compiled:
                             fn = partial(compiled[key], *inputs)
-                            profile_variant(fn, f"{shape_label} {case} {key}", prof_path, rows=40)
+                            label = f"{shape_label} {case} {key}"
+                            profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
                 del snlp, chunked, compiled, deferred
             del model, step
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bench.plot()
-    print((out / f"{args.name}.md").read_text())
-    print(f"total {time.perf_counter() - t_start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return bench.done(run.t_start)

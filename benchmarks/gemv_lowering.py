@@ -1,24 +1,17 @@
 """How the layer-batched linear of a decode step is lowered: one row per layer times stacked
 weights (N, O, I), preceded by the RMS norm that produces the row, compiled and captured in a CUDA
-graph. This is the op that dominates a batch-1 SNLP decode step; the profile of run 5 showed one
-device-to-device copy per batched matmul, which this script attributes and measures: Inductor
-gives the size-1 row dim of the bmm operand stride 0 and cuBLAS' bmm wrapper (ATen) copies such
-an operand whose dims it cannot use as they are. Two rows per layer take no copy. Three fixes
-were tried in run 6 and reverted, none removed the copy on the H200: the row pinned with
-``as_strided`` and the row padded to two inside the compiled graph (Inductor re-derives the
-layout), and an opaque custom op restoring the row's dense strides right before ``torch.bmm``
-(so the row's stride is not the whole story; ``gemv_lowering_r6*.md`` in benchmarks/results).
+graph: the op that dominates a batch-1 SNLP decode step.
 
-    PYTHONPATH=. python benchmarks/gemv_lowering.py            # on a GPU
-    PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
+    python -m benchmarks gemv-lowering                                   # on a GPU
+    python -m benchmarks gemv-lowering --device cpu --shapes 4x256x64    # smoke run
+    python -m benchmarks gemv-lowering --sweep --sweep-cold ...          # the kernel's launch configs
+    ncu --profile-from-start off ... python -m benchmarks gemv-lowering --ncu-probe
 
 Variants (same inputs, same result up to rounding):
-  einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer: the lowering before
-                run 7 (``gemv_lowering_r6*.md`` also have rows for the lowerings tried and reverted)
+  einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer
   kernel        the compiler's ``_einsum_linear``: the layer-batched GEMV Triton kernel
                 (``snlp_compile.kernels.layer_gemv``), one row per layer
-  einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
-                bandwidth-bound GEMV
+  einsum-rows2  two rows per layer (cuBLAS' bmm wrapper copies a one-row operand, not two rows)
   einsum-rows8, kernel-rows8   eight rows per layer (decoding at batch 8)
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
 bytes floor (the weights read once at the measured copy bandwidth).
@@ -29,15 +22,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from snlp_compile.passes.batch_layers import _einsum_linear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from .common import (
+    command,
     copy_bandwidth,
     cuda_graph,
     device_label,
@@ -128,7 +120,7 @@ def sweep(
     kernel can reach per shape, and which configs to autotune. A shape ending in ``t`` stores w
     transposed, (N, I, O) read as (N, O, I): the values cache in a decode step's attention.
 
-    ``cold`` (from run 15): each timing is per launch in a chain of ``CHAIN`` launches over
+    ``cold``: each timing is per launch in a chain of ``CHAIN`` launches over
     ``COPIES`` operand copies in one CUDA graph, so operands come from DRAM as in a step (a 42 MB
     values cache mostly fits the H200's L2 when one launch is replayed), and the autotuned op
     (``torch.ops.snlp.layer_gemv``, the configs the compiler ships) is timed the same way."""
@@ -198,6 +190,25 @@ def sweep(
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
 
 
+def ncu_probe() -> None:
+    """One launch each of a 0.5B decode step's values and keys products on the GEMV kernel
+    (autotuned first, outside the profiled range), for Nsight Compute (--profile-from-start off)."""
+    from snlp_compile.kernels import layer_gemv  # noqa: F401  (registers the op)
+
+    torch.manual_seed(0)
+    cache = torch.randn(320, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(320, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(320, 1, 64, device="cuda", dtype=torch.bfloat16)
+    for profiled in (False, False, False, True):  # autotune, steady launches, then the profiled one
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        torch.ops.snlp.layer_gemv(probs, cache.transpose(1, 2))  # values: w (320, 64, 1024) transposed
+        torch.ops.snlp.layer_gemv(q, cache)  # keys: w (320, 1024, 64)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -214,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sweep-cold", action="store_true", help="time chains of launches over operand copies (cold L2)"
     )
+    p.add_argument("--ncu-probe", action="store_true", help="one values and one keys product, for ncu")
     args = p.parse_args(argv)
+    if args.ncu_probe:
+        ncu_probe()
+        return 0
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = out_dir_from(args.out)
@@ -258,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"  clones/call {clones:.0f}  rel_err {err:.1e}",
                 flush=True,
             )
-    meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
+    meta = {
+        "env": environment(device),
+        "copy_bandwidth_tbs": bw / 1e12,
+        "command": command("gemv-lowering", argv),
+    }
     title = (
         "## Layer-batched GEMV lowering (compiled + CUDA graph)\n\n"
         f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s"
@@ -275,7 +294,3 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(write_table(out, args.name, meta, rows, title, columns))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Lowering on a GPU: parity and speed of the deployment paths (torch.compile, ONNX Runtime).
 
-    PYTHONPATH=. python benchmarks/lowering_gpu.py                  # on a GPU: parity + table
-    PYTHONPATH=. python benchmarks/lowering_gpu.py --device cpu --shape tiny --seq 16 --parity-model nanochat-tiny
+    python -m benchmarks lowering-gpu                  # on a GPU: parity + table
+    python -m benchmarks lowering-gpu --device cpu --shape tiny --seq 16 --parity-model nanochat-tiny
 
 1. Providers: ``onnxruntime.get_available_providers()`` as printed by this machine.
 2. Parity (float32, small nanochat-style model): the torch.compile backend "snlp" and
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,13 +29,17 @@ from typing import Any, ClassVar
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+import snlp_compile
+from snlp_compile.export.onnx_export import export_onnx
+from snlp_compile.models import build_model
+
+from .common import (
     DTYPES,
     RANDOM_WEIGHTS_NOTE,
     SHAPES,
     Bench,
     Record,
+    command,
     copy_bandwidth,
     environment,
     floor_ms,
@@ -47,10 +49,6 @@ from common import (
     pyplot,
     rel_err,
 )
-
-import snlp_compile
-from snlp_compile.export.onnx_export import export_onnx
-from snlp_compile.models import build_model
 
 REGIME = "lowering_gpu"
 
@@ -65,12 +63,6 @@ def ort_providers() -> list[str]:
 
 def has_ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort_providers()
-
-
-def _first(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 def _guard(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
@@ -234,31 +226,17 @@ def plan_case(
             ("seq compiled+graph", "sequential", None, "compiled+graph", lambda: compiled(graph_mode))
         )
     if ort_cuda:
-        plan.append(
-            (
-                "seq ORT-CUDA",
-                "sequential",
-                None,
-                "ort-cuda",
-                lambda: ort_variant("seq ORT-CUDA", "seq", rewrite=False),
-            )
-        )
+        seq_ort = lambda: ort_variant("seq ORT-CUDA", "seq", rewrite=False)  # noqa: E731
+        plan.append(("seq ORT-CUDA", "sequential", None, "ort-cuda", seq_ort))
     for i, k in enumerate(ks):
-        label = f"snlp K={k}"
-        if i == 0:
+        label, first = f"snlp K={k}", i == 0
+        if first:
             plan.append((f"{label} eager", "snlp", k, "eager", lambda k=k: snlp_eager(k)))
             plan.append((f"{label} compiled", "snlp", k, "compiled", lambda k=k: snlp_compiled(k, None)))
         if graph_mode:
-            plan.append(
-                (
-                    f"{label} compiled+graph",
-                    "snlp",
-                    k,
-                    "compiled+graph",
-                    lambda k=k: snlp_compiled(k, graph_mode),
-                )
-            )
-        if i == 0:
+            build = lambda k=k: snlp_compiled(k, graph_mode)  # noqa: E731
+            plan.append((f"{label} compiled+graph", "snlp", k, "compiled+graph", build))
+        if first:
             suffix = "+graph" if graph_mode else ""
             plan.append(
                 (
@@ -269,16 +247,9 @@ def plan_case(
                     lambda k=k: snlp_backend(k),
                 )
             )
-        if ort_cuda and i == 0:
-            plan.append(
-                (
-                    f"{label} ORT-CUDA",
-                    "snlp",
-                    k,
-                    "ort-cuda",
-                    lambda k=k, label=label: ort_variant(f"{label} ORT-CUDA", f"snlp{k}", iterations=k),
-                )
-            )
+        if ort_cuda and first:
+            build = lambda k=k, label=label: ort_variant(f"{label} ORT-CUDA", f"snlp{k}", iterations=k)  # noqa: E731
+            plan.append((f"{label} ORT-CUDA", "snlp", k, "ort-cuda", build))
     return plan, onnx_paths
 
 
@@ -401,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "ort_providers": providers,
         "note": RANDOM_WEIGHTS_NOTE + f"; trunk shape (vocab {args.vocab})",
-        "command": "python benchmarks/lowering_gpu.py "
-        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command("lowering-gpu", argv),
     }
     try:
         import onnxruntime
@@ -428,7 +398,3 @@ def main(argv: list[str] | None = None) -> int:
     print((out / f"{args.name}.md").read_text())
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

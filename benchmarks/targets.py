@@ -1,7 +1,7 @@
 """Issue 6's speed targets, read off benchmark result files: measured, required, and reachable.
 
-    python benchmarks/targets.py benchmarks/results/decode_05b_r11.json \
-        benchmarks/results/decode_d20_r11.json benchmarks/results/forward_r11.json --name targets_r11
+    python -m benchmarks targets benchmarks/results/decode_05b.json \
+        benchmarks/results/decode_d20.json benchmarks/results/forward_05b.json --name targets
 
 For each target (a ratio against the best sequential variant of the same run) it prints and saves
 the best SNLP time at that K, the time the target asks for, and the ceiling: the best sequential
@@ -9,7 +9,7 @@ time over the least time any step at that K can take (``common.layer_parallel_pa
 the layers, each at the bytes floor, or for the forward at the larger of the bytes and FLOP
 floors). A target above its ceiling cannot be met against that baseline by any layer-parallel
 step, however it is written ("infeasible"); "required / floor at K" says how close to the floor
-it asks a step to run. Works on older result files too: what they lack is recomputed from their
+it asks a step to run. Result files without a row's floor at K get it recomputed from their
 floors and notes.
 
 The sequential baseline is the fastest row that computes the sequential model: the model as
@@ -19,8 +19,7 @@ layers; ``common.computes_sequentially``).
 By default each target is read off the first file that has it (one run: the issue's "same run").
 ``--strongest-baseline`` pools the files of a regime instead: the fastest sequential and the
 fastest SNLP time of any of them. Inductor's max-autotune picks different GEMM kernels from run
-to run (the same 0.5B sequential step took 0.922 ms in run 11 and 1.073 ms in run 12 while the
-SNLP steps moved by 1%), so a ratio from one run can flatter; the pooled one cannot.
+to run (docs/benchmark-history.md), so a ratio from one run can flatter; the pooled one cannot.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _fmt, computes_sequentially, layer_parallel_passes, out_dir_from, pyplot
+from .common import _fmt, computes_sequentially, layer_parallel_passes, md_table, out_dir_from, pyplot
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class Target:
     max_x_floor: float | None = None  # K=1 within this multiple of the bytes floor
 
 
-# DESIGN.md section 3 / issue 6, item 2 (ratios) and item 3 (bytes floor)
+# docs/DESIGN.md section 3 / issue 6, item 2 (ratios) and item 3 (bytes floor)
 TARGETS = [
     Target("decode", "d20", "b1 ctx=1024", 1, 4.0),
     Target("decode", "0.5b", "b1 ctx=1024", 1, 8.0),
@@ -102,8 +100,8 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
     fastest_seq, best = min(seq, key=lambda r: r["median_ms"]), min(snlp, key=lambda r: r["median_ms"])
     best_seq = fastest_seq["median_ms"]
     floor = best.get("floor_ms")
-    # results since run 12 carry the row's floor at K; older ones get it recomputed from the
-    # layer count in the shape label and, for the forward, the FLOP floor in the case note
+    # results carry the row's floor at K; older ones get it recomputed from the layer count in
+    # the shape label and, for the forward, the FLOP floor in the case note
     k_floor = best.get("k_floor_ms") or _floor_at_k(target, payload, best)
     row: dict[str, Any] = {
         "target": (
@@ -153,21 +151,24 @@ def _unless_plain(variant: str | None) -> str:
 
 def markdown(rows: list[dict[str, Any]], sources: list[str], pooled: bool = False) -> str:
     how = "the fastest of any of" if pooled else "from"
-    lines = [
-        f"## Issue 6 targets, {how} " + ", ".join(f"`{s}`" for s in sources),
-        "",
-        "| target | best seq ms | SNLP ms (variant) | ratio | required ms | floor at K ms | "
-        "ceiling | required / floor at K | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = "target,best seq ms,SNLP ms (variant),ratio,required ms,floor at K ms,ceiling,"
+    header += "required / floor at K,status"
+    cells = [
+        [
+            r["target"],
+            f"{r['best_seq_ms']:.3f}{_unless_plain(r.get('best_seq_variant'))}",
+            f"{r['snlp_ms']:.3f} ({r['snlp_variant']})",
+            f"{r['ratio']:.2f}x",
+            _fmt(r.get("required_ms"), ".3f"),
+            _fmt(r["floor_at_k_ms"], ".3f"),
+            f"{_fmt(r['ceiling'], '.2f')}x",
+            _fmt(r.get("required_x_floor_at_k"), ".2f"),
+            r["status"],
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['target']} | {r['best_seq_ms']:.3f}{_unless_plain(r.get('best_seq_variant'))} | "
-            f"{r['snlp_ms']:.3f} ({r['snlp_variant']}) | "
-            f"{r['ratio']:.2f}x | {_fmt(r.get('required_ms'), '.3f')} | {_fmt(r['floor_at_k_ms'], '.3f')} | "
-            f"{_fmt(r['ceiling'], '.2f')}x | {_fmt(r.get('required_x_floor_at_k'), '.2f')} | {r['status']} |"
-        )
-    return "\n".join(lines) + "\n"
+    title = f"## Issue 6 targets, {how} " + ", ".join(f"`{s}`" for s in sources)
+    return "\n".join([title, "", *md_table(header.split(","), cells)]) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -245,7 +246,3 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / f"{args.name}.png")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

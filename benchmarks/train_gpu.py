@@ -6,14 +6,8 @@ Each variant is trained, evaluated and written out (JSON, markdown table, plot) 
 starts, so a run cut short still returns what it finished. Results of several runs (e.g. one call
 per variant on a lent machine) are combined with --merge.
 
-    python benchmarks/train_gpu.py --variants base reg:weight=1.0 --steps 3000 --out $OUT
-    python benchmarks/train_gpu.py --merge a/train_gpu.json b/train_gpu.json --out benchmarks/results
-    python benchmarks/train_gpu.py --variants base reg:weight=2 --concurrent --out $OUT
-
---concurrent trains every variant in its own process on the same GPU at once, then merges their
-results; the per-step times it reports are then those of runs sharing one GPU. Measured on an
-H200 with L=16, d=512, batch 32 x 512: no net gain (two runs together took as long as one after
-the other), so it only helps models too small to keep the GPU busy.
+    python -m benchmarks train-gpu --variants base reg:weight=1.0 --steps 3000 --out $OUT
+    python -m benchmarks train-gpu --merge a/train_gpu.json b/train_gpu.json --out benchmarks/results
 
 A variant is ``name`` or ``name:key=value,...`` with keys weight (lambda; absent or 0 = baseline),
 sg (stop-gradient on the target, 0/1), suffix (parallel-suffix sizes, e.g. 16/8), every, ramp
@@ -24,18 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, environment, out_dir_from
 
 from snlp_compile.train import (
     RegulariserConfig,
@@ -48,6 +36,8 @@ from snlp_compile.train import (
     train,
 )
 from snlp_compile.train.data import eval_windows
+
+from .common import command, device_label, environment, out_dir_from
 
 NAME = "train_gpu"
 MODEL = "nanochat-small"
@@ -204,7 +194,7 @@ def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(runs[0])
     meta.pop("variants")
-    meta["commands"] = [c for r in runs for c in r["commands"]] + [_command()]
+    meta["commands"] = [*(c for r in runs for c in r["commands"]), command("train-gpu", None)]
     meta["environments"] = [r["environment"] for r in runs]
     if notes:
         meta["notes"] = Path(notes).read_text()
@@ -212,44 +202,7 @@ def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     print((out / f"{name}.md").read_text())
 
 
-def run_concurrently(args: argparse.Namespace, argv: list[str], out: Path) -> int:
-    """One process per variant, all at once on the same device; then one merged result plus a log."""
-    parts = Path(args.parts_dir) if args.parts_dir else out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    # argparse keeps the last value of a repeated option: the child's --variants/--out/--name,
-    # appended after the parent's own arguments, win
-    base = [a for a in argv if a != "--concurrent"]
-    procs = []
-    for spec in args.variants:
-        name, _ = parse_variant(spec)
-        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--variants", spec, "--out", str(parts)]
-        cmd += ["--name", f"part_{name}"]
-        log = open(parts / f"part_{name}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append(
-            (name, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()))
-        )
-        print(f"started {name}: {shlex.join(cmd)}", flush=True)
-    codes = []
-    for name, log, proc in procs:
-        codes.append(proc.wait())
-        log.close()
-        print(f"{name} finished with exit code {codes[-1]}", flush=True)
-    with open(out / f"{args.name}_log.txt", "w") as merged_log:
-        for name, _, _ in procs:
-            merged_log.write(f"===== {name} =====\n{(parts / f'part_{name}.log').read_text()}\n")
-    done = [
-        str(parts / f"part_{name}.json") for name, _, _ in procs if (parts / f"part_{name}.json").exists()
-    ]
-    if done:
-        merge(done, out, args.name, args.notes)
-    return max(codes) if codes else 0
-
-
-def _command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "regularised:weight=1.0"])
     p.add_argument(
@@ -276,11 +229,7 @@ def main() -> int:
     p.add_argument("--notes", default=None, help="with --merge: a markdown file appended to the table")
     p.add_argument("--name", default=NAME, help="file stem of the results")
     p.add_argument("--out", default=None, help="default: $OUT, else benchmarks/results")
-    p.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
-    p.add_argument(
-        "--parts-dir", default=None, help="with --concurrent: where each process writes (default OUT/parts)"
-    )
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     out = out_dir_from(args.out)
     if args.merge:
@@ -288,14 +237,12 @@ def main() -> int:
         return 0
     if args.smoke:
         SHAPE.update(n_layer=4, n_embd=64, sequence_len=64)
-    if args.concurrent:
-        return run_concurrently(args, argv, out)
     device = torch.device(args.device)
     corpus = load_corpus(args.data, max_bytes=400_000 if args.smoke else args.max_bytes)
     windows = eval_windows(corpus.val, SHAPE["sequence_len"], args.eval_windows)
     meta = {
         "environment": environment(device),
-        "commands": [_command()],
+        "commands": [command("train-gpu", argv)],
         "model": args.model,
         "shape": SHAPE,
         "data": corpus.describe(),
@@ -315,7 +262,3 @@ def main() -> int:
             torch.cuda.empty_cache()
     print("\n".join(targets(variants)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
