@@ -28,18 +28,7 @@ from snlp_compile.kernels import decode_attention
 from snlp_compile.models.kv import attention_bias, attention_ops
 from snlp_compile.passes.batch_layers import _layer_matmul
 
-from .common import (
-    command,
-    compile_module,
-    copy_bandwidth,
-    cuda_graph,
-    device_label,
-    environment,
-    floor_ms,
-    out_dir_from,
-    time_fn,
-    write_table,
-)
+from . import common
 
 # name -> (layers, heads, head dim): the decode benchmark's shapes (batch 1, MHA)
 SHAPES = {"0.5b": (32, 10, 64), "d20": (20, 10, 128), "tiny": (4, 2, 16)}
@@ -95,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bw = copy_bandwidth(device)
+    bw = common.copy_bandwidth(device)
     rows: list[dict[str, object]] = []
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
@@ -108,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         v_cache = torch.randn_like(k_cache)
         q, k, v = (torch.randn(layers, heads, 1, dim, device=device, dtype=dtype) for _ in range(3))
         bias = attention_bias(torch.tensor(t_max - 1, device=device), 1, t_max)
-        floor_us = floor_ms(2 * k_cache.numel() * k_cache.element_size(), bw) * 1e3
+        floor_us = common.floor_ms(2 * k_cache.numel() * k_cache.element_size(), bw) * 1e3
         ref = attention_ops(
             q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), bias.double()
         )
@@ -127,23 +116,20 @@ def main(argv: list[str] | None = None) -> int:
                 fn = lowering_fn(lowering)
                 if args.per_layer:
                     fn = per_layer(fn, layers)
-                compiled = compile_module(fn, autotune=mode == "autotuned")
+                compiled = common.compile_module(fn, autotune=mode == "autotuned")
                 call = functools.partial(compiled, q, k, v, k_cache, v_cache, bias)
                 with torch.no_grad():
                     got = call()
                     got = torch.cat(got) if isinstance(got, list) else got
                     err = float((got.double() - ref).norm() / ref.norm())
-                    run = cuda_graph(call, device) if device.type == "cuda" else call
-                    t = time_fn(run, device, warmup=20, samples=200)
-                row = {
-                    "shape": shape + (" per layer" if args.per_layer else ""),
-                    "lowering": lowering + ("" if per_sm is None else f" {per_sm}/SM"),
-                    "mode": mode,
-                    "median_us": t.median_ms * 1e3,
-                    "floor_us": floor_us,
-                    "x_floor": t.median_ms * 1e3 / floor_us,
-                    "rel_err": err,
-                }
+                    run = common.cuda_graph(call, device) if device.type == "cuda" else call
+                    t = common.time_fn(run, device, warmup=20, samples=200)
+                row = {"shape": shape + (" per layer" if args.per_layer else ""), "mode": mode}
+                row["lowering"] = lowering + ("" if per_sm is None else f" {per_sm}/SM")
+                row.update(
+                    median_us=t.median_ms * 1e3, floor_us=floor_us, x_floor=t.median_ms * 1e3 / floor_us
+                )
+                row["rel_err"] = err
                 if lowering.startswith("fused"):
                     row["config"] = str(decode_attention._decode_attention_tuned.best_config)
                 rows.append(row)
@@ -152,24 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}",
                     flush=True,
                 )
-    meta = {
-        "env": environment(device),
-        "copy_bandwidth_tbs": bw / 1e12,
-        "command": command("attention-lowering", argv),
-    }
+    meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
+    meta["command"] = common.command("attention-lowering", argv)
     title = (
         "## Decode attention over the caches, all layers at once (compiled + CUDA graph)\n\n"
-        f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+        f"Device: {common.device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s, "
         f"context {args.context}, batch 1"
     )
-    columns = {
-        "shape": "shape:",
-        "lowering": "lowering:",
-        "mode": "mode:",
-        "median us": "median_us:.2f",
-        "floor us": "floor_us:.2f",
-        "x floor": "x_floor:.2f",
-        "rel err": "rel_err:.1e",
-    }
-    print(write_table(out, args.name, meta, rows, title, columns))
+    columns = "shape lowering mode median_us:.2f floor_us:.2f x_floor:.2f rel_err:.1e"
+    print(common.write_table(out, args.name, meta, rows, title, columns))
     return 0

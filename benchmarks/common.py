@@ -269,20 +269,12 @@ def device_label(env: dict[str, Any]) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
+    env.update(device=str(device), time=time.strftime("%Y-%m-%d %H:%M:%S"))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(
-            gpu=props.name,
-            sms=props.multi_processor_count,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-        )
+        env.update(gpu=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     else:
         env["cpu"] = platform.processor() or platform.machine()
     return env
@@ -320,24 +312,14 @@ class Bench:
     def __init__(
         self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any], name: str = ""
     ):
-        self.regime = regime
-        self.name = name or regime
-        self.out_dir = out_dir
-        self.device = device
+        self.regime, self.name, self.out_dir, self.device = regime, name or regime, out_dir, device
         self.meta = meta
         self.records: list[Record] = []
         self.case_notes: dict[tuple[str, str], str] = {}
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def measure(
-        self,
-        rec: Record,
-        make: Callable[[], Callable[[], Any]],
-        reference: torch.Tensor | None,
-        *,
-        warmup: int,
-        samples: int | None = None,
-        inner: int = 1,
+        self, rec: Record, make: Callable[[], Callable[[], Any]], reference: Any, *, warmup: int
     ) -> Record:
         """Build the variant (compile/capture happen here), check its output, time it.
 
@@ -348,7 +330,7 @@ class Bench:
             out = fn()
             if reference is not None:
                 rec.rel_err = rel_err(first_tensor(out), reference)
-            t = time_fn(fn, self.device, warmup=warmup, samples=samples, inner=inner)
+            t = time_fn(fn, self.device, warmup=warmup, samples=None, inner=1)
             rec.median_ms, rec.p10_ms, rec.p90_ms = t.median_ms, t.p10_ms, t.p90_ms
         except Exception as exc:  # a variant failing must not lose the rest of the run
             rec.error = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -359,13 +341,8 @@ class Bench:
         return rec
 
     def finish_case(
-        self,
-        shape: str,
-        case: str,
-        floor: float | None,
-        layers: int | None = None,
-        pass_floor: float | None = None,
-    ) -> None:
+        self, shape: str, case: str, floor: float | None, layers: int | None = None, pass_floor=None
+    ):
         """Ratios against the best sequential variant of this case; floor multiples.
 
         ``pass_floor`` (default ``floor``): the least time of one pass over all ``layers`` (bytes
@@ -398,12 +375,8 @@ class Bench:
 
     def write(self) -> None:
         notes = {f"{k[0]} | {k[1]}": v for k, v in self.case_notes.items()}
-        payload = {
-            "regime": self.regime,
-            "meta": self.meta,
-            "case_notes": notes,
-            "records": [asdict(r) for r in self.records],
-        }
+        payload = {"regime": self.regime, "meta": self.meta, "case_notes": notes}
+        payload["records"] = [asdict(r) for r in self.records]
         (self.out_dir / f"{self.name}.json").write_text(json.dumps(payload, indent=1, default=str))
         (self.out_dir / f"{self.name}.md").write_text(
             markdown(self.regime, self.meta, self.records, self.case_notes)
@@ -415,11 +388,11 @@ class Bench:
         rec: Record,
         base: Callable[..., Any],
         inputs: tuple[Any, ...],
-        reference: torch.Tensor,
+        reference: Any,
         compiled: dict[str, Callable[..., Any]],
         *,
-        post: Callable[[Any], Any] | None = None,
         warmup: int,
+        post: Callable[[Any], Any] | None = None,
         wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
     ) -> None:
         """Build (compile, capture: ``make_variant``) and time one variant of a regime, unless the
@@ -459,7 +432,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _fmt(x: float | None, spec: str = ".3f") -> str:
+def fmt(x: float | None, spec: str = ".3f") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
@@ -472,10 +445,10 @@ def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def _record_cells(r: Record) -> list[str]:
     if r.error:
         return [r.variant, f"failed: {r.error[:80]}", "", "", "", "", "", ""]
-    ratio, ceiling = _fmt(r.ratio_vs_best_seq, ".2f"), _fmt(r.ceiling_vs_best_seq, ".2f")
-    spread = f"{_fmt(r.p10_ms)}-{_fmt(r.p90_ms)}"
-    x_floor, k_floor, err = _fmt(r.x_floor, ".2f"), _fmt(r.k_floor_ms), _fmt(r.rel_err, ".1e")
-    return [r.variant, _fmt(r.median_ms), spread, f"{ratio}x", x_floor, k_floor, f"{ceiling}x", err]
+    ratio, ceiling = fmt(r.ratio_vs_best_seq, ".2f"), fmt(r.ceiling_vs_best_seq, ".2f")
+    spread = f"{fmt(r.p10_ms)}-{fmt(r.p90_ms)}"
+    x_floor, k_floor, err = fmt(r.x_floor, ".2f"), fmt(r.k_floor_ms), fmt(r.rel_err, ".1e")
+    return [r.variant, fmt(r.median_ms), spread, f"{ratio}x", x_floor, k_floor, f"{ceiling}x", err]
 
 
 def markdown(
@@ -488,8 +461,8 @@ def markdown(
     env = meta.get("env", {})
     lines.append(
         f"Device: {device_label(env)}, torch {env.get('torch')}, "
-        f"copy bandwidth {_fmt(meta.get('copy_bandwidth_tbs'), '.2f')} TB/s, "
-        f"matmul {_fmt(meta.get('matmul_tflops'), '.0f')} TFLOP/s, dtype {meta.get('dtype')}. "
+        f"copy bandwidth {fmt(meta.get('copy_bandwidth_tbs'), '.2f')} TB/s, "
+        f"matmul {fmt(meta.get('matmul_tflops'), '.0f')} TFLOP/s, dtype {meta.get('dtype')}. "
         f"{meta.get('note', '')}"
     )
     if meta.get("command"):
@@ -503,7 +476,7 @@ def markdown(
     for key in sorted({(r.shape, r.case) for r in records}, key=lambda k: (k[0], k[1])):
         rows = [r for r in records if (r.shape, r.case) == key]
         floor = next((r.floor_ms for r in rows if r.floor_ms is not None), None)
-        lines += ["", f"### {key[0]}, {key[1]} (bytes floor {_fmt(floor)} ms)", ""]
+        lines += ["", f"### {key[0]}, {key[1]} (bytes floor {fmt(floor)} ms)", ""]
         if case_notes and key in case_notes:
             lines += [case_notes[key], ""]
         header = "variant,median ms,p10-p90 ms,vs best seq,x floor,floor at K ms,ceiling vs best seq,rel err"
@@ -563,21 +536,14 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
 
 
 def write_table(
-    out: Path,
-    name: str,
-    meta: dict[str, Any],
-    rows: list[dict[str, Any]],
-    title: str,
-    columns: dict[str, str],
+    out: Path, name: str, meta: dict[str, Any], rows: list[dict[str, Any]], title: str, columns: str
 ) -> str:
-    """NAME.json (meta + rows) and NAME.md (title, then ``columns``: header -> format spec of the
-    row key of the same position, e.g. {"median us": "median_us:.2f"}); returns the markdown."""
+    """NAME.json (meta + rows) and NAME.md (title, then one column per ``KEY:FORMAT`` of the
+    space-separated ``columns``, headed by the key with spaces for underscores); returns the markdown."""
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    specs = [spec.split(":", 1) for spec in columns.values()]
-    cells = [
-        [format(row[k] if row[k] is not None else float("nan"), fmt) for k, fmt in specs] for row in rows
-    ]
-    text = "\n".join([title, "", *md_table(list(columns), cells)]) + "\n"
+    specs = [spec.partition(":")[::2] for spec in columns.split()]
+    cells = [[format(row[k] if row[k] is not None else float("nan"), f) for k, f in specs] for row in rows]
+    text = "\n".join([title, "", *md_table([k.replace("_", " ") for k, _ in specs], cells)]) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
 

@@ -37,21 +37,7 @@ import snlp_compile
 from snlp_compile.kernels import gemv_kernel
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
-from .common import (
-    RANDOM_WEIGHTS_NOTE,
-    SHAPES,
-    Bench,
-    Record,
-    add_regime_arguments,
-    floor_ms,
-    inference_model,
-    int_list,
-    layer_bytes,
-    mode_list,
-    profile_variant,
-    start_regime,
-    with_iterations,
-)
+from . import common
 
 
 def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> Callable[[Any], torch.Tensor]:
@@ -96,7 +82,7 @@ def gemv_kernel_off(build: Callable[[], Any]) -> Callable[[], Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_regime_arguments(
+    common.add_regime_arguments(
         p,
         name="decode",
         ks_help="SNLP iteration counts (init h0)",
@@ -119,32 +105,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    run = start_regime(
+    run = common.start_regime(
         args,
         "decode",
-        RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed"
+        common.RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed"
         " (deferred steps: the step alone, which writes the previous token's K/V)",
         argv,
     )
     device, out = run.device, run.out
-    bench = Bench("decode", out, device, run.meta, name=args.name)
-    ks, warm_ks, chunk_counts = int_list(args.ks), int_list(args.warm_ks), int_list(args.chunks)
-    einsum_ks = int_list(args.einsum_ks)
-    deferred_ks = int_list(args.deferred_ks)
-    deferred_modes = mode_list(args.deferred_modes, device)
-    modes = mode_list(args.modes, device)
-    seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
-    warm_modes = mode_list(args.warm_modes, device)
-    chunk_modes = mode_list(args.chunk_modes, device)
+    bench = common.Bench("decode", out, device, run.meta, name=args.name)
+    ks, warm_ks, chunk_counts = (
+        common.int_list(args.ks),
+        common.int_list(args.warm_ks),
+        common.int_list(args.chunks),
+    )
+    einsum_ks = common.int_list(args.einsum_ks)
+    deferred_ks = common.int_list(args.deferred_ks)
+    deferred_modes = common.mode_list(args.deferred_modes, device)
+    modes = common.mode_list(args.modes, device)
+    seq_modes = modes if args.seq_modes is None else common.mode_list(args.seq_modes, device)
+    warm_modes = common.mode_list(args.warm_modes, device)
+    chunk_modes = common.mode_list(args.chunk_modes, device)
     ctx = args.context
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            model, model_note = inference_model(
-                SHAPES[shape], vocab_size=args.vocab, device=device, dtype=run.dtype
+            model, model_note = common.inference_model(
+                common.SHAPES[shape], vocab_size=args.vocab, device=device, dtype=run.dtype
             )
             cfg = model.config
-            wbytes = layer_bytes(model)
+            wbytes = common.layer_bytes(model)
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
             step = CachedStep(model)
             for batch in (int(b) for b in args.batch.split(",")):
@@ -190,27 +180,40 @@ def main(argv: list[str] | None = None) -> int:
                     elif family == "snlp-chunked":
                         variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
                     elif family == "snlp-deferred":
-                        variant, base = f"snlp K={k} deferred {mode}", with_iterations(deferred, k, "h0")
+                        variant, base = (
+                            f"snlp K={k} deferred {mode}",
+                            common.with_iterations(deferred, k, "h0"),
+                        )
                     elif family == "snlp-einsum":
-                        variant, base = f"snlp K={k} einsum {mode}", with_iterations(snlp, k, "h0")
+                        variant, base = f"snlp K={k} einsum {mode}", common.with_iterations(snlp, k, "h0")
                     else:
                         tag = "" if init == "h0" else " warm"
-                        variant, base = f"snlp K={k}{tag} {mode}", with_iterations(snlp, k, init)
-                    rec = Record("decode", shape_label, case, variant, family, k, mode)
+                        variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
+                    rec = common.Record("decode", shape_label, case, variant, family, k, mode)
                     rec.extra["init"] = init or None
                     if family == "snlp-chunked":
                         rec.extra["chunks"] = chunks
                     write = logits_only if family == "snlp-deferred" else post
                     wrap = gemv_kernel_off if family == "snlp-einsum" else None
-                    bench.run(run, rec, base, inputs, ref, compiled, post=write, warmup=10, wrap=wrap)
-                floor = floor_ms(wbytes + kv_bytes, run.bandwidth)
+                    bench.run(
+                        run,
+                        rec,
+                        base,
+                        inputs,
+                        reference=ref,
+                        compiled=compiled,
+                        post=write,
+                        warmup=10,
+                        wrap=wrap,
+                    )
+                floor = common.floor_ms(wbytes + kv_bytes, run.bandwidth)
                 bench.finish_case(shape_label, case, floor, layers=cfg.n_layer)
                 if args.profile and device.type == "cuda" and batch == 1:
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 deferred compiled"):
                         if key in compiled:
                             fn = partial(compiled[key], *inputs)
                             label = f"{shape_label} {case} {key}"
-                            profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
+                            common.profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
                 del snlp, chunked, compiled, deferred
             del model, step
             torch._dynamo.reset()

@@ -27,22 +27,7 @@ import torch
 import snlp_compile
 from snlp_compile.models import build_model
 
-from .common import (
-    RANDOM_WEIGHTS_NOTE,
-    SHAPES,
-    Bench,
-    Record,
-    add_regime_arguments,
-    floor_ms,
-    inference_model,
-    int_list,
-    layer_bytes,
-    mode_list,
-    profile_variant,
-    rel_err,
-    start_regime,
-    with_iterations,
-)
+from . import common
 
 
 def smoke(device: torch.device) -> dict[str, Any]:
@@ -51,7 +36,7 @@ def smoke(device: torch.device) -> dict[str, Any]:
     idx = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
     out = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer)
     with torch.no_grad():
-        err = rel_err(out(idx), model(idx))
+        err = common.rel_err(out(idx), model(idx))
     ok = err < 1e-4
     print(f"smoke: nanochat-small fp32 K=L on {device}: rel err {err:.2e} ({'ok' if ok else 'FAILED'})")
     return {
@@ -65,7 +50,7 @@ def smoke(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_regime_arguments(
+    common.add_regime_arguments(
         p,
         name="forward",
         ks_help="SNLP iteration counts",
@@ -76,22 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-smoke", action="store_true")
     args = p.parse_args(argv)
 
-    run = start_regime(args, "forward", RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv)
+    run = common.start_regime(
+        args, "forward", common.RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv
+    )
     device, out, meta = run.device, run.out, run.meta
     if not args.no_smoke:
         meta["smoke"] = smoke(device)
-    bench = Bench("forward", out, device, meta, name=args.name)
-    ks, chunk_counts = int_list(args.ks), int_list(args.chunks)
-    modes = mode_list(args.modes, device)
-    seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
-    chunk_modes = mode_list(args.chunk_modes, device)
+    bench = common.Bench("forward", out, device, meta, name=args.name)
+    ks, chunk_counts = common.int_list(args.ks), common.int_list(args.chunks)
+    modes = common.mode_list(args.modes, device)
+    seq_modes = modes if args.seq_modes is None else common.mode_list(args.seq_modes, device)
+    chunk_modes = common.mode_list(args.chunk_modes, device)
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            name = SHAPES[shape]
-            model, model_note = inference_model(name, vocab_size=args.vocab, device=device, dtype=run.dtype)
+            name = common.SHAPES[shape]
+            model, model_note = common.inference_model(
+                name, vocab_size=args.vocab, device=device, dtype=run.dtype
+            )
             cfg = model.config
-            wbytes = layer_bytes(model)
+            wbytes = common.layer_bytes(model)
             t0 = time.perf_counter()
             example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
             snlp = snlp_compile.transform(model, (example,), iterations=1)
@@ -109,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 ref = model(idx)
                 case = f"b{args.batch} T={T}"
                 flops = 2 * cfg.n_layer * args.batch * T * (12 * cfg.n_embd**2 + T * cfg.n_embd)
-                floor = floor_ms(wbytes, run.bandwidth)
+                floor = common.floor_ms(wbytes, run.bandwidth)
                 rate = meta.get("matmul_tflops")
                 # one pass over the layers is bound by FLOPs here (at the measured matmul rate)
                 pass_floor = max(floor, flops / (rate * 1e12) * 1e3) if rate else floor
@@ -130,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     elif family == "snlp-chunked":
                         variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
                     else:
-                        variant, base = f"snlp K={k} {mode}", with_iterations(snlp, k)
-                    rec = Record("forward", shape_label, case, variant, family, k, mode)
+                        variant, base = f"snlp K={k} {mode}", common.with_iterations(snlp, k)
+                    rec = common.Record("forward", shape_label, case, variant, family, k, mode)
                     if family == "snlp-chunked":
                         rec.extra["chunks"] = chunks
                     bench.run(run, rec, base, (idx,), ref, compiled, warmup=5)
@@ -140,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 autotuned"):
                         if key in compiled:
                             label = f"{shape_label} {case} {key}"
-                            profile_variant(
+                            common.profile_variant(
                                 partial(compiled[key], idx), label, out / f"{args.name}_profile.txt"
                             )
             del model, snlp, chunked

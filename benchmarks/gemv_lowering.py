@@ -28,17 +28,7 @@ import torch
 
 from snlp_compile.passes.batch_layers import _einsum_linear
 
-from .common import (
-    command,
-    copy_bandwidth,
-    cuda_graph,
-    device_label,
-    environment,
-    floor_ms,
-    out_dir_from,
-    time_fn,
-    write_table,
-)
+from . import common
 
 
 def _variants() -> dict[str, tuple[int, object]]:
@@ -99,7 +89,7 @@ def _timed_us(
     """Median us of one fn(x, w) in a CUDA graph: a chain over the copies (cold), or one launch."""
     call = _chain(fn, operands) if cold else functools.partial(fn, *operands[-1])
     return (
-        time_fn(cuda_graph(call, device), device, warmup=5, samples=50).median_ms
+        common.time_fn(common.cuda_graph(call, device), device, warmup=5, samples=50).median_ms
         * 1e3
         / (CHAIN if cold else 1)
     )
@@ -126,7 +116,7 @@ def sweep(
     (``torch.ops.snlp.layer_gemv``, the configs the compiler ships) is timed the same way."""
     from snlp_compile.kernels import layer_gemv as lg
 
-    bw = copy_bandwidth(device)
+    bw = common.copy_bandwidth(device)
     grid = [
         (bo, bi, nw, ns)
         for bo in (4, 8, 16, 32, 64, 128)
@@ -140,7 +130,7 @@ def sweep(
         n, o, i = (int(v) for v in shape.rstrip("t").split("x"))
         ws = [_weights(shape, n, o, i, device, dtype) for _ in range(COPIES if cold else 1)]
         w = ws[-1]
-        floor_us = floor_ms(w.numel() * w.element_size(), bw) * 1e3
+        floor_us = common.floor_ms(w.numel() * w.element_size(), bw) * 1e3
         for r in row_counts:
             operands = [(torch.randn(n, r, i, device=device, dtype=dtype), wc) for wc in ws]
             x = operands[-1][0]
@@ -150,12 +140,7 @@ def sweep(
             timed = []
             for bo, bi, nw, ns in grid:
                 tile = functools.partial(
-                    lg.launch,
-                    lg._layer_gemv_tile,
-                    BLOCK_O=bo,
-                    BLOCK_I=bi,
-                    num_warps=nw,
-                    num_stages=ns,
+                    lg.launch, lg._layer_gemv_tile, BLOCK_O=bo, BLOCK_I=bi, num_warps=nw, num_stages=ns
                 )
                 try:
                     y = tile(x, w)
@@ -169,24 +154,19 @@ def sweep(
                 {"us": t, "BLOCK_O": c[0], "BLOCK_I": c[1], "warps": c[2], "stages": c[3]}
                 for t, c in timed[:5]
             ]
-            row = {
-                "shape": shape,
-                "rows": r,
-                "cold": cold,
-                "einsum_us": t_einsum,
-                "shipped_us": t_shipped,
-                "floor_us": floor_us,
-                "best": best,
-            }
-            result.append(row)
-            print(
-                f"{shape:>14} rows {r}: einsum {t_einsum:.1f} us, shipped (autotuned) {t_shipped:.2f} us,"
-                f" floor {floor_us:.1f}; best "
-                + "; ".join(
-                    f"{b['us']:.2f} ({b['BLOCK_O']},{b['BLOCK_I']},{b['warps']},{b['stages']})" for b in best
-                ),
-                flush=True,
+            row = dict(
+                shape=shape, rows=r, cold=cold, einsum_us=t_einsum, shipped_us=t_shipped, floor_us=floor_us
             )
+            row["best"] = best
+            result.append(row)
+            tops = "; ".join(
+                f"{b['us']:.2f} ({b['BLOCK_O']},{b['BLOCK_I']},{b['warps']},{b['stages']})" for b in best
+            )
+            print(
+                f"{shape:>14} rows {r}: einsum {t_einsum:.1f} us, shipped (autotuned) {t_shipped:.2f} us,",
+                end="",
+            )
+            print(f" floor {floor_us:.1f}; best {tops}", flush=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -232,20 +212,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         rows = tuple(int(r) for r in args.sweep_rows.split(","))
         stages = tuple(int(s) for s in args.sweep_stages.split(","))
         sweep(args.shapes, device, dtype, out, args.name, rows, stages, args.sweep_cold)
         return 0
-    bw = copy_bandwidth(device)
+    bw = common.copy_bandwidth(device)
     rows: list[dict[str, object]] = []
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
         n, o, i = (int(s) for s in shape.split("x"))
         w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
-        floor = floor_ms(w.numel() * w.element_size(), bw)
+        floor = common.floor_ms(w.numel() * w.element_size(), bw)
         for name, (r, fn) in _variants().items():
             x = torch.randn(n, r, i, device=device, dtype=dtype)
             compiled = torch.compile(fn, dynamic=False)
@@ -255,42 +235,24 @@ def main(argv: list[str] | None = None) -> int:
                 err = float((y.float() - expect).norm() / expect.norm())
                 call = functools.partial(compiled, x, w)
                 clones = _clones_per_call(call)
-                run = cuda_graph(call, device) if device.type == "cuda" else call
-                t = time_fn(run, device, warmup=20, samples=200)
-            row = {
-                "shape": shape,
-                "variant": name,
-                "rows": r,
-                "median_us": t.median_ms * 1e3,
-                "floor_us": floor * 1e3,
-                "x_floor": t.median_ms / floor if floor == floor else None,
-                "clones_per_call": clones,
-                "rel_err": err,
-            }
+                run = common.cuda_graph(call, device) if device.type == "cuda" else call
+                t = common.time_fn(run, device, warmup=20, samples=200)
+            row = dict(shape=shape, variant=name, rows=r, median_us=t.median_ms * 1e3, floor_us=floor * 1e3)
+            row.update(
+                x_floor=t.median_ms / floor if floor == floor else None, clones_per_call=clones, rel_err=err
+            )
             rows.append(row)
             print(
                 f"{shape:>15} {name:<10} {row['median_us']:8.2f} us  x floor {row['x_floor'] or float('nan'):.2f}"
                 f"  clones/call {clones:.0f}  rel_err {err:.1e}",
                 flush=True,
             )
-    meta = {
-        "env": environment(device),
-        "copy_bandwidth_tbs": bw / 1e12,
-        "command": command("gemv-lowering", argv),
-    }
+    meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
+    meta["command"] = common.command("gemv-lowering", argv)
     title = (
         "## Layer-batched GEMV lowering (compiled + CUDA graph)\n\n"
-        f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s"
+        f"Device: {common.device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s"
     )
-    columns = {
-        "N x O x I": "shape:",
-        "variant": "variant:",
-        "rows": "rows:",
-        "median us": "median_us:.2f",
-        "floor us": "floor_us:.2f",
-        "x floor": "x_floor:.2f",
-        "clones/call": "clones_per_call:.0f",
-        "rel err": "rel_err:.1e",
-    }
-    print(write_table(out, args.name, meta, rows, title, columns))
+    columns = "shape variant rows median_us:.2f floor_us:.2f x_floor:.2f clones_per_call:.0f rel_err:.1e"
+    print(common.write_table(out, args.name, meta, rows, title, columns))
     return 0

@@ -39,7 +39,7 @@ from snlp_compile.solve.scan import (
 )
 from snlp_compile.solve.solver import identity_surrogate
 
-from .common import environment, md_table, out_dir_from, pyplot, time_fn
+from . import common
 
 MODELS = {
     "mhc-small (static H)": lambda seed: build_model("mhc-small", seed=seed),
@@ -117,7 +117,7 @@ def time_correction(n_layers: int, batch: int, seq: int, dim: int, reps: int) ->
     out = []
     for label, fn in variants.items():
         err = rel(fn(), ref)
-        t = time_fn(fn, torch.device("cpu"), warmup=3, samples=reps)
+        t = common.time_fn(fn, torch.device("cpu"), warmup=3, samples=reps)
         out.append(
             dict(
                 variant=label, layers=n_layers, shape=f"B={batch} T={seq} n=4 D={dim}", median_ms=t.median_ms,
@@ -160,7 +160,7 @@ def markdown(summary: list[dict[str, Any]], timing: list[dict[str, Any]], meta: 
             errs = [f"{x[e]:.2e}" for e in ("trace_err", "last_err", "logits_err") for x in (h, i)]
             cells.append([model, k, *errs])
     header = "model,K,trace HCN,trace identity,last HCN,last identity,logits HCN,logits identity"
-    lines += md_table(header.split(","), cells)
+    lines += common.md_table(header.split(","), cells)
     lines += [
         "",
         "Notes. HCN's trace is closer to the sequential one than the identity surrogate's at every K < N, "
@@ -193,12 +193,12 @@ def markdown(summary: list[dict[str, Any]], timing: list[dict[str, Any]], meta: 
         "rel_diff:.1e",
     )
     cells = [[format(t[k], f) for k, f in (s.split(":") for s in specs)] for t in timing]
-    lines += md_table(header.split(","), cells)
+    lines += common.md_table(header.split(","), cells)
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     if plt is None:
         return
     models = list(dict.fromkeys(r["model"] for r in summary))
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
@@ -246,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         timing.extend(time_correction(n_layers, batch=1, seq=256, dim=256, reps=args.reps))
 
     meta = dict(
-        batch=args.batch, seq=args.seq, seeds=args.seeds, reps=args.reps, env=environment(torch.device("cpu"))
+        batch=args.batch,
+        seq=args.seq,
+        seeds=args.seeds,
+        reps=args.reps,
+        env=common.environment(torch.device("cpu")),
     )
     (out / "hcn_convergence.json").write_text(
         json.dumps(dict(meta=meta, summary=summary, rows=rows, timing=timing), indent=1)

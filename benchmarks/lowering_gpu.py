@@ -3,18 +3,14 @@
     python -m benchmarks lowering-gpu                  # on a GPU: parity + table
     python -m benchmarks lowering-gpu --device cpu --shape tiny --seq 16 --parity-model nanochat-tiny
 
-1. Providers: ``onnxruntime.get_available_providers()`` as printed by this machine.
-2. Parity (float32, small nanochat-style model): the torch.compile backend "snlp" and
-   ``snlp_compile.compile(mode="reduce-overhead")`` in exact mode (K = L) against the original
-   model; the exported ONNX file under ONNX Runtime (CPU provider, and the CUDA provider when
-   this onnxruntime has it) against the transformed PyTorch module on the GPU, two shapes from
-   one export.
-3. Speed (fp16, nanochat-style trunk, batch 1, T = 256 and 2048): sequential and SNLP K = 1
-   (K = 2 compiled with CUDA graphs beside) as PyTorch eager, torch.compile, torch.compile with
-   CUDA graphs (mode="reduce-overhead": the best sequential baseline), the "snlp" backend, and
-   ONNX Runtime's CUDA provider (IOBinding, buffers on the GPU) when present. Medians of CUDA
-   events after warm-up; ratios against the best sequential variant of the same run; the bytes
-   floor is the layer weights read once at the measured copy bandwidth.
+1. Providers: ``onnxruntime.get_available_providers()`` (and its version) on this machine.
+2. Parity (float32): the "snlp" backend and ``snlp_compile.compile(mode="reduce-overhead")`` in
+   exact mode (K = L) against the original model; the exported ONNX file under ONNX Runtime (CPU
+   provider, and CUDA where present) against the transformed module, two shapes from one export.
+3. Speed (fp16 trunk, batch 1, T = 256 and 2048): sequential and SNLP K = 1 (K = 2 compiled with
+   CUDA graphs beside) eager, compiled, compiled with CUDA graphs (mode="reduce-overhead"), under
+   the "snlp" backend, and under ONNX Runtime's CUDA provider (IOBinding) where present; ratios
+   against the best sequential variant of the same run, the bytes floor beside.
 """
 
 from __future__ import annotations
@@ -33,22 +29,7 @@ import snlp_compile
 from snlp_compile.export.onnx_export import export_onnx
 from snlp_compile.models import build_model
 
-from .common import (
-    DTYPES,
-    RANDOM_WEIGHTS_NOTE,
-    SHAPES,
-    Bench,
-    Record,
-    command,
-    copy_bandwidth,
-    environment,
-    floor_ms,
-    layer_bytes,
-    matmul_rate,
-    out_dir_from,
-    pyplot,
-    rel_err,
-)
+from . import common
 
 REGIME = "lowering_gpu"
 
@@ -58,7 +39,7 @@ def ort_providers() -> list[str]:
         import onnxruntime as ort
     except ImportError as exc:
         return [f"onnxruntime not importable: {exc}"]
-    return list(ort.get_available_providers())
+    return [*ort.get_available_providers(), f"(onnxruntime {ort.__version__})"]
 
 
 def has_ort_cuda() -> bool:
@@ -92,7 +73,7 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
         with torch.no_grad():
             got = compiled(idx)
         record = snlp_compile.export.backend_records()[-1]
-        return {"K": n_layer, "rel_err_vs_original": rel_err(got, want), "rewritten": record.rewritten}
+        return {"K": n_layer, "rel_err_vs_original": common.rel_err(got, want), "rewritten": record.rewritten}
 
     def one_call() -> dict[str, Any]:
         torch._dynamo.reset()
@@ -100,7 +81,7 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
         with torch.no_grad():
             got = fast(idx).clone()
             got = fast(idx).clone()  # second call: replayed from the CUDA graph
-        return {"K": n_layer, "rel_err_vs_original": rel_err(got, want)}
+        return {"K": n_layer, "rel_err_vs_original": common.rel_err(got, want)}
 
     def onnx_runtime() -> dict[str, Any]:
         from snlp_compile.export.ort import IOBindingRunner, ProviderError, make_session
@@ -136,7 +117,9 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
                     got = torch.from_numpy(got)
                 else:
                     (got,) = IOBindingRunner(session, "cuda", device.index or 0)({"idx": x.contiguous()})
-                errs.append({"B": batch, "T": seq, "rel_err_vs_torch": rel_err(got.to(ref.device), ref)})
+                errs.append(
+                    {"B": batch, "T": seq, "rel_err_vs_torch": common.rel_err(got.to(ref.device), ref)}
+                )
             out[f"ort_{label}"] = errs
         return out
 
@@ -238,25 +221,22 @@ def plan_case(
             plan.append((f"{label} compiled+graph", "snlp", k, "compiled+graph", build))
         if first:
             suffix = "+graph" if graph_mode else ""
-            plan.append(
-                (
-                    f"{label} backend 'snlp'{suffix}",
-                    "snlp",
-                    k,
-                    f"backend{suffix}",
-                    lambda k=k: snlp_backend(k),
-                )
-            )
+            build = lambda k=k: snlp_backend(k)  # noqa: E731
+            plan.append((f"{label} backend 'snlp'{suffix}", "snlp", k, f"backend{suffix}", build))
         if ort_cuda and first:
             build = lambda k=k, label=label: ort_variant(f"{label} ORT-CUDA", f"snlp{k}", iterations=k)  # noqa: E731
             plan.append((f"{label} ORT-CUDA", "snlp", k, "ort-cuda", build))
     return plan, onnx_paths
 
 
-def bench(args: argparse.Namespace, device: torch.device, bench_: Bench, tmp: Path, t_start: float) -> None:
-    model = build_model(SHAPES[args.shape], vocab_size=args.vocab, device=device, dtype=DTYPES[args.dtype])
+def bench(
+    args: argparse.Namespace, device: torch.device, bench_: common.Bench, tmp: Path, t_start: float
+) -> None:
+    model = build_model(
+        common.SHAPES[args.shape], vocab_size=args.vocab, device=device, dtype=common.DTYPES[args.dtype]
+    )
     cfg = model.config
-    wbytes = layer_bytes(model)
+    wbytes = common.layer_bytes(model)
     bw = bench_.meta.get("copy_bandwidth_tbs", float("nan")) * 1e12
     shape_label = f"{args.shape} (L={cfg.n_layer}, d={cfg.n_embd})"
     ort_cuda = has_ort_cuda() and device.type == "cuda" and not args.no_ort
@@ -270,7 +250,7 @@ def bench(args: argparse.Namespace, device: torch.device, bench_: Bench, tmp: Pa
         for variant, family, k, mode, make in plan:
             if only and not any(o in variant for o in only):
                 continue
-            rec = Record(args.name, shape_label, case, variant, family, k, mode)
+            rec = common.Record(args.name, shape_label, case, variant, family, k, mode)
             if time.perf_counter() - t_start > args.budget_s:
                 rec.error = "skipped: time budget spent"
                 bench_.records.append(rec)
@@ -285,19 +265,16 @@ def bench(args: argparse.Namespace, device: torch.device, bench_: Bench, tmp: Pa
                 f"  {case:>12} {variant:<34} {ms:8.3f} ms  rel_err {err:.1e}  ({rec.extra['build_and_time_s']} s)",
                 flush=True,
             )
-        bench_.finish_case(shape_label, case, floor_ms(wbytes, bw))
+        bench_.finish_case(shape_label, case, common.floor_ms(wbytes, bw))
         for path in onnx_paths.values():
             path.unlink(missing_ok=True)
             Path(str(path) + ".data").unlink(missing_ok=True)
 
 
-def parity_markdown(meta: dict[str, Any], records: list[Record]) -> str:
+def parity_markdown(meta: dict[str, Any], records: list[common.Record]) -> str:
     """Providers (verbatim), parity checks and ORT placements, appended to the markdown table."""
     lines = ["", "### onnxruntime on this machine", ""]
-    lines.append(
-        f"`onnxruntime.get_available_providers()` printed `{meta.get('ort_providers')}` "
-        f"(onnxruntime {meta.get('onnxruntime', '?')})."
-    )
+    lines.append(f"`onnxruntime.get_available_providers()` printed `{meta.get('ort_providers')}`.")
     lines += ["", "### parity", ""]
     for key, value in meta.get("parity", {}).items():
         lines.append(f"- {key}: `{json.dumps(value, default=str)}`")
@@ -308,10 +285,10 @@ def parity_markdown(meta: dict[str, Any], records: list[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[Record], path: Path) -> Path | None:
+def plot(records: list[common.Record], path: Path) -> Path | None:
     """One panel per case: horizontal bars of the median time of every variant, best sequential
     and bytes floor as vertical lines."""
-    plt = pyplot()
+    plt = common.pyplot()
     if plt is None:
         return None
     keys = sorted({(r.shape, r.case) for r in records})
@@ -341,11 +318,11 @@ def plot(records: list[Record], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="0.5b", choices=sorted(common.SHAPES))
     p.add_argument("--seq", default="256,2048")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--ks", default="1,2", help="SNLP iteration counts (the first gets every variant)")
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp16", choices=sorted(common.DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk model (head cost)")
     p.add_argument("--parity-model", default="nanochat-small")
     p.add_argument("--device", default="cuda")
@@ -364,26 +341,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     providers = ort_providers()
     print(f"onnxruntime.get_available_providers() -> {providers}", flush=True)
     meta: dict[str, Any] = {
-        "env": environment(device),
+        "env": common.environment(device),
         "dtype": args.dtype,
         "ort_providers": providers,
-        "note": RANDOM_WEIGHTS_NOTE + f"; trunk shape (vocab {args.vocab})",
-        "command": command("lowering-gpu", argv),
+        "note": common.RANDOM_WEIGHTS_NOTE + f"; trunk shape (vocab {args.vocab})",
+        "command": common.command("lowering-gpu", argv),
     }
-    try:
-        import onnxruntime
-
-        meta["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
     if device.type == "cuda":
-        meta["copy_bandwidth_tbs"] = copy_bandwidth(device) / 1e12
-        meta["matmul_tflops"] = matmul_rate(device, DTYPES[args.dtype]) / 1e12
-    bench_ = Bench(args.name, out, device, meta)
+        meta["copy_bandwidth_tbs"] = common.copy_bandwidth(device) / 1e12
+        meta["matmul_tflops"] = common.matmul_rate(device, common.DTYPES[args.dtype]) / 1e12
+    bench_ = common.Bench(args.name, out, device, meta)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_parity:

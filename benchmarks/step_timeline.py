@@ -44,23 +44,7 @@ import snlp_compile.kernels as kernels
 from snlp_compile.models import kv
 from snlp_compile.models.kv import CachedStep
 
-from .common import (
-    BEST_INDUCTOR,
-    SHAPES,
-    SNLP_INDUCTOR,
-    command,
-    device_label,
-    environment,
-    inductor_options,
-    inference_model,
-    make_variant,
-    md_table,
-    out_dir_from,
-    parse_inductor_options,
-    rel_err,
-    time_fn,
-    with_iterations,
-)
+from . import common
 from .decode import _writer, logits_only, step_inputs
 
 
@@ -134,8 +118,11 @@ def step_code(step: CachedStep, inputs: tuple[Any, ...], shape: str, k: int, out
     from torch._inductor.utils import run_and_get_code
 
     snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
-    options = {**parse_inductor_options(BEST_INDUCTOR), **parse_inductor_options(SNLP_INDUCTOR)}
-    compiled = torch.compile(with_iterations(snlp, k, "h0"), dynamic=False, options=options)
+    options = {
+        **common.parse_inductor_options(common.BEST_INDUCTOR),
+        **common.parse_inductor_options(common.SNLP_INDUCTOR),
+    }
+    compiled = torch.compile(common.with_iterations(snlp, k, "h0"), dynamic=False, options=options)
     compiled(*inputs)  # the first call of a sequence (writes nothing); the second is the step
     _, codes = run_and_get_code(compiled, *inputs)
     path = out / f"step_code_{shape}_k{k}.py"
@@ -155,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replays", type=int, default=20, help="graph replays profiled per variant")
     p.add_argument(
         "--inductor",
-        default=BEST_INDUCTOR,
+        default=common.BEST_INDUCTOR,
         help="torch._inductor.config options of every variant, key=value,... (default: the benchmarks')",
     )
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
@@ -167,16 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
-    options_all = inductor_options(args.inductor)
-    snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
-    out = out_dir_from(args.out)
+    options_all = common.inductor_options(args.inductor)
+    snlp_options = common.parse_inductor_options(common.SNLP_INDUCTOR, "--snlp-inductor")
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
+    env = common.environment(device)
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            model, _ = inference_model(SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype)
+            model, _ = common.inference_model(
+                common.SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype
+            )
             step = CachedStep(model)
             inputs = step_inputs(model, 1, args.context, args.vocab, device)
             _, pos, k_cache, v_cache = inputs
@@ -194,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             deferred = spec != "plain"
                             snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=deferred)
-                            base, options = with_iterations(snlp, k, "h0"), snlp_options
+                            base, options = common.with_iterations(snlp, k, "h0"), snlp_options
                             post = logits_only if deferred else _writer(k_cache, v_cache, pos)
-                        replay = make_variant(
+                        replay = common.make_variant(
                             base, "compiled+graph", inputs, device, {}, "step", post, options
                         )
-                        err = rel_err(replay(), ref)
-                        t = time_fn(replay, device, warmup=20, samples=300)
+                        err = common.rel_err(replay(), ref)
+                        t = common.time_fn(replay, device, warmup=20, samples=300)
                         line = timeline(replay, args.replays)
                     row = {"shape": shape, "k": k, "variant": spec, "median_ms": t.median_ms, "rel_err": err}
                     row.update(line)
@@ -215,18 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     payload = {
         "env": env,
-        "command": command("step-timeline", argv),
+        "command": common.command("step-timeline", argv),
         "inductor": options_all,
         "results": results,
     }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     header = ["shape", "K", "attention", "replay ms", "span us", "kernels busy us", "gaps us", "kernels"]
     keys = ("shape", "k", "variant", "median_ms", "span_us", "busy_us", "gaps_us", "kernels")
-    summary = md_table(
+    summary = common.md_table(
         header, [[format(r.get(k), ".4f" if k == "median_ms" else "") for k in keys] for r in results]
     )
     lines = [
-        f"# Decode step timeline inside the CUDA graph ({device_label(env)}, torch {env['torch']})",
+        f"# Decode step timeline inside the CUDA graph ({common.device_label(env)}, torch {env['torch']})",
         "",
         "The SNLP deferred step (plain: without deferral; seq: the model as written), batch 1, context",
         f"1024, compiled+graph (Inductor options {options_all}); replay time by CUDA events, the",
@@ -237,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         slots = [[f"`{s['kernel']}`", s["median_us"], s["gap_before_us"]] for s in r.get("slots", [])]
         lines += ["", f"## {r['shape']} K={r['k']} {r['variant']}", ""]
-        lines += md_table(["kernel", "us", "gap before us"], slots)
+        lines += common.md_table(["kernel", "us", "gap before us"], slots)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[: 6 + len(summary)]))
     print(f"total {time.perf_counter() - t_start:.0f} s")

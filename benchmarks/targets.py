@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import _fmt, computes_sequentially, layer_parallel_passes, md_table, out_dir_from, pyplot
+from . import common
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _floor_at_k(target: Target, payload: dict[str, Any], best: dict[str, Any]) -
     floor = best.get("floor_ms")
     note = payload.get("case_notes", {}).get(f"{best['shape']} | {target.case}", "")
     one_pass = max(floor or 0.0, _flop_floor(note) or 0.0) if target.regime == "forward" else floor
-    return one_pass * layer_parallel_passes(target.k, _layers(best["shape"])) if one_pass else None
+    return one_pass * common.layer_parallel_passes(target.k, _layers(best["shape"])) if one_pass else None
 
 
 def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -90,7 +90,7 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
     seq = [
         r
         for r in recs
-        if computes_sequentially(
+        if common.computes_sequentially(
             r["family"], r["k"], (r.get("extra") or {}).get("chunks"), _layers(r["shape"])
         )
     ]
@@ -159,21 +159,21 @@ def markdown(rows: list[dict[str, Any]], sources: list[str], pooled: bool = Fals
             f"{r['best_seq_ms']:.3f}{_unless_plain(r.get('best_seq_variant'))}",
             f"{r['snlp_ms']:.3f} ({r['snlp_variant']})",
             f"{r['ratio']:.2f}x",
-            _fmt(r.get("required_ms"), ".3f"),
-            _fmt(r["floor_at_k_ms"], ".3f"),
-            f"{_fmt(r['ceiling'], '.2f')}x",
-            _fmt(r.get("required_x_floor_at_k"), ".2f"),
+            common.fmt(r.get("required_ms"), ".3f"),
+            common.fmt(r["floor_at_k_ms"], ".3f"),
+            f"{common.fmt(r['ceiling'], '.2f')}x",
+            common.fmt(r.get("required_x_floor_at_k"), ".2f"),
             r["status"],
         ]
         for r in rows
     ]
     title = f"## Issue 6 targets, {how} " + ", ".join(f"`{s}`" for s in sources)
-    return "\n".join([title, "", *md_table(header.split(","), cells)]) + "\n"
+    return "\n".join([title, "", *common.md_table(header.split(","), cells)]) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """The ratio targets as bars: measured ratio, the target (a tick) and the ceiling (a diamond)."""
-    plt = pyplot()
+    plt = common.pyplot()
     ratio_rows = [r for r in rows if "required_x_floor_at_k" in r]
     if plt is None or not ratio_rows:
         return None
@@ -203,11 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+", help="result JSON files of decode.py / forward.py")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--name", default="targets")
-    p.add_argument(
-        "--strongest-baseline",
-        action="store_true",
-        help="pool the files of each regime: the fastest sequential and SNLP times of any run",
-    )
+    pool = "pool the files of each regime: the fastest sequential and SNLP times of any run"
+    p.add_argument("--strongest-baseline", action="store_true", help=pool)
     args = p.parse_args(argv)
     payloads = []
     for path in args.results:
@@ -228,21 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             what = f"{target.shape} {target.regime} {target.case} K={target.k}"
             print(f"(no result for {what} in these files)", file=sys.stderr)
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, [Path(s).name for s in args.results], pooled=args.strongest_baseline)
     (out / f"{args.name}.md").write_text(text)
-    (out / f"{args.name}.json").write_text(
-        json.dumps(
-            {
-                "sources": args.results,
-                "strongest_baseline": args.strongest_baseline,
-                "targets": [asdict(t) for t in TARGETS],
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
+    payload = {"sources": args.results, "strongest_baseline": args.strongest_baseline}
+    payload |= {"targets": [asdict(t) for t in TARGETS], "rows": rows}
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, out / f"{args.name}.png")
     print(text)
     return 0

@@ -37,7 +37,7 @@ from snlp_compile.train import (
 )
 from snlp_compile.train.data import eval_windows
 
-from .common import command, device_label, environment, out_dir_from
+from . import common
 
 NAME = "train_gpu"
 MODEL = "nanochat-small"
@@ -73,18 +73,10 @@ def run_variant(spec: str, args: argparse.Namespace, corpus: Any, windows: torch
     name, opts = parse_variant(spec)
     reg = regulariser_for(opts, args.steps)
     config = TrainConfig(
-        model=args.model,
-        model_overrides=dict(SHAPE),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=SHAPE["sequence_len"],
-        lr=float(opts.get("lr", args.lr)),
-        warmup_steps=min(args.warmup, args.steps),
-        seed=args.seed,
-        device=args.device,
-        regulariser=reg,
-        eval_windows=16,
-    )
+        model=args.model, model_overrides=dict(SHAPE), steps=args.steps, batch_size=args.batch_size,
+        seq_len=SHAPE["sequence_len"], lr=float(opts.get("lr", args.lr)), warmup_steps=min(args.warmup, args.steps),
+        seed=args.seed, device=args.device, regulariser=reg, eval_windows=16,
+    )  # fmt: skip
     print(
         f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)",
         flush=True,
@@ -92,29 +84,16 @@ def run_variant(spec: str, args: argparse.Namespace, corpus: Any, windows: torch
     result = train(config, corpus, log_every=50)
     t0 = time.perf_counter()
     settings = [SolveSetting(k, p) for p in ("all", "half") for k in args.iterations]
-    rows = evaluate_model(
-        result.model,
-        windows,
-        settings,
-        batch_size=args.eval_batch,
-        device=args.device,
-        bytes_per_token=corpus.val_bytes_per_token,
-        label=name,
-    )
+    bpt = corpus.val_bytes_per_token
+    kw = {"batch_size": args.eval_batch, "device": args.device, "bytes_per_token": bpt, "label": name}
+    rows = evaluate_model(result.model, windows, settings, **kw)
     print(markdown_table(rows, {name: SHAPE["n_layer"]}), flush=True)
     return {
-        "name": name,
-        "spec": spec,
-        "regulariser": None if reg is None else {**reg.__dict__},
-        "lr": config.lr,
-        "steps": args.steps,
-        "tokens": result.tokens,
-        "train_s": round(result.seconds, 1),
-        "ms_per_step": round(result.seconds / args.steps * 1e3, 2),
-        "eval_s": round(time.perf_counter() - t0, 1),
-        "history": result.history,
-        "rows": rows,
-    }
+        "name": name, "spec": spec, "regulariser": None if reg is None else {**reg.__dict__}, "lr": config.lr,
+        "steps": args.steps, "tokens": result.tokens, "train_s": round(result.seconds, 1),
+        "ms_per_step": round(result.seconds / args.steps * 1e3, 2), "eval_s": round(time.perf_counter() - t0, 1),
+        "history": result.history, "rows": rows,
+    }  # fmt: skip
 
 
 def targets(variants: list[dict[str, Any]]) -> list[str]:
@@ -148,7 +127,7 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
     lines = [
         f"## SNLP-aware training: {meta['model']} with {', '.join(f'{k}={v}' for k, v in SHAPE.items())}",
         "",
-        f"Device: {device_label(env)}, torch {env['torch']}, Python {env['python']}. Text: "
+        f"Device: {common.device_label(env)}, torch {env['torch']}, Python {env['python']}. Text: "
         f"{', '.join(meta.get('sources', ['its stdlib sources']))}. Data: {meta['data']}.",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),
@@ -158,14 +137,8 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
     ]
     for v in variants:
         reg = v["regulariser"]
-        reg_text = (
-            "-"
-            if reg is None
-            else ", ".join(
-                f"{k}={reg.get(k, 1)}"
-                for k in ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
-            )
-        )
+        keys = ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
+        reg_text = "-" if reg is None else ", ".join(f"{k}={reg.get(k, 1)}" for k in keys)
         lines.append(
             f"| {v['name']} | {reg_text} | {v['lr']} | {v['steps']} | {v['tokens']:,} | {v['train_s']} | "
             f"{v['ms_per_step']} | {v['eval_s']} |"
@@ -183,18 +156,15 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
         lines += [meta["notes"].rstrip(), ""]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     if rows:
-        plot_ppl_vs_k(
-            rows,
-            out / f"{name}.png",
-            title=f"{meta['model']} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K",
-        )
+        title = f"{meta['model']} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K"
+        plot_ppl_vs_k(rows, out / f"{name}.png", title=title)
 
 
 def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(runs[0])
     meta.pop("variants")
-    meta["commands"] = [*(c for r in runs for c in r["commands"]), command("train-gpu", None)]
+    meta["commands"] = [*(c for r in runs for c in r["commands"]), common.command("train-gpu", None)]
     meta["environments"] = [r["environment"] for r in runs]
     if notes:
         meta["notes"] = Path(notes).read_text()
@@ -231,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: $OUT, else benchmarks/results")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     if args.merge:
         merge(args.merge, out, args.name, args.notes)
         return 0
@@ -241,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(args.data, max_bytes=400_000 if args.smoke else args.max_bytes)
     windows = eval_windows(corpus.val, SHAPE["sequence_len"], args.eval_windows)
     meta = {
-        "environment": environment(device),
-        "commands": [command("train-gpu", argv)],
+        "environment": common.environment(device),
+        "commands": [common.command("train-gpu", argv)],
         "model": args.model,
         "shape": SHAPE,
         "data": corpus.describe(),
