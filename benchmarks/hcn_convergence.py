@@ -163,18 +163,7 @@ def markdown(summary: list[dict[str, Any]], timing: list[dict[str, Any]], meta: 
     lines += common.md_table(header.split(","), cells)
     lines += [
         "",
-        "Notes. HCN's trace is closer to the sequential one than the identity surrogate's at every K < N, "
-        "and the identity surrogate's trace error even grows for a few iterations (its correction "
-        "moves every stream by the whole sum of the branch updates, ignoring how H mixes them). "
-        "In the mHC models the logits agree to rounding at K = 1: the model reads the streams only "
-        "through their sum, H_res is doubly stochastic (Sinkhorn ends with a column normalisation), "
-        "so 1^T A = 1^T and the stream sum of the two corrections is the same; from K = 2 on the "
-        "layer inputs differ and HCN's logits converge faster. Plain HC's H is not stochastic: its "
-        "logits differ from K = 1 on. In the hyper-connections package's mHC at its own "
-        "initialisation the branch outputs go to all streams nearly equally, the streams stay "
-        "close to each other and a stochastic H maps equal streams to themselves, so the two "
-        "surrogates differ less there. K = N is exact for both (float32 mixing inside the mHC "
-        "package limits that row to ~1e-7).",
+        "How to read it: docs/benchmark-history.md (HC-Newton against the identity surrogate).",
         "",
         "## Correction step alone, static H (CPU, float32)",
         "",
