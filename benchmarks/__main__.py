@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown sub-command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     sys.argv[0] = f"python -m benchmarks {name}"  # (argparse's usage line)
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a lent machine's log as they come
+        sys.stdout.reconfigure(line_buffering=True)
     return int(importlib.import_module(SUBCOMMANDS[name]).main(rest) or 0)
 
 

@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="attention_lowering")
     p.add_argument("--per-layer", action="store_true", help="one call per layer (the sequential step)")
-    p.add_argument(
-        "--programs-per-sm",
-        default="",
-        help="comma list: fused rows once per value of kernels.decode_attention.PROGRAMS_PER_SM",
-    )
+    p.add_argument("--programs-per-sm", default="", help="fused rows at each PROGRAMS_PER_SM")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -135,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(
                     f"{shape:>5} {lowering:<7} {mode:<10} {row['median_us']:8.2f} us  x floor "
-                    f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}",
-                    flush=True,
+                    f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}"
                 )
     meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
     meta["command"] = common.command("attention-lowering", argv)

@@ -410,8 +410,7 @@ class Bench:
         err = rec.rel_err if rec.rel_err is not None else float("nan")
         print(
             f"  {rec.shape.split()[0]:>5} {rec.case:>13} {rec.variant:<30} {ms:8.4f} ms  rel_err {err:.1e}"
-            f"  ({rec.extra['build_and_time_s']} s)",
-            flush=True,
+            f"  ({rec.extra['build_and_time_s']} s)"
         )
 
     def done(self, t_start: float) -> int:
@@ -582,12 +581,10 @@ SNLP_INDUCTOR = "combo_kernels=True"
 def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) -> None:
     """The options every regime script takes (shapes, K, modes, chunks, dtype, output, budget)."""
     p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
-    p.add_argument("--ks", default="1,2,4", help=ks_help)
+    p.add_argument("--ks", default="1,2,4", type=int_list, help=ks_help)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seq-modes", default=None, help="modes of the sequential variants (default: --modes)")
-    p.add_argument(
-        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
-    )
+    p.add_argument("--chunks", default="2,4", type=int_list, help="SNLPConfig.chunks values, each at K=1")
     p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
@@ -596,18 +593,9 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--name", default=name, help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help=profile_help)
-    p.add_argument(
-        "--inductor",
-        default=BEST_INDUCTOR,
-        help="Inductor options for every compiled variant, sequential and SNLP alike "
-        f"(default {BEST_INDUCTOR!r}; '' for Inductor's defaults), "
-        "e.g. max_autotune=True,coordinate_descent_tuning=True",
-    )
-    p.add_argument(
-        "--snlp-inductor",
-        default=SNLP_INDUCTOR,
-        help=f"further Inductor options for the SNLP variants only (default {SNLP_INDUCTOR!r})",
-    )
+    every = "Inductor options KEY=VALUE,... of every compiled variant, sequential and SNLP ('': defaults)"
+    p.add_argument("--inductor", default=BEST_INDUCTOR, help=every)
+    p.add_argument("--snlp-inductor", default=SNLP_INDUCTOR, help="further options, SNLP variants only")
 
 
 @dataclass

@@ -90,18 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch", default="1,8")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--warm-ks", default="1,2", help="SNLP iteration counts with init warm")
+    p.add_argument(
+        "--warm-ks", default="1,2", type=common.int_list, help="SNLP iteration counts with init warm"
+    )
     p.add_argument("--warm-modes", default="compiled+graph")
     p.add_argument(
-        "--deferred-ks",
-        default="1,2",
-        help="SNLP iteration counts also timed with deferred K/V (SNLPConfig.deferred_kv)",
+        "--deferred-ks", default="1,2", type=common.int_list, help="Ks also timed with deferred K/V"
     )
     p.add_argument("--deferred-modes", default="compiled,compiled+graph")
     p.add_argument(
-        "--einsum-ks",
-        default="1",
-        help="SNLP iteration counts also timed with the GEMV kernel off (cuBLAS einsum), graph modes only",
+        "--einsum-ks", default="1", type=common.int_list, help="Ks also timed without the GEMV kernel"
     )
     args = p.parse_args(argv)
 
@@ -114,18 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     device, out = run.device, run.out
     bench = common.Bench("decode", out, device, run.meta, name=args.name)
-    ks, warm_ks, chunk_counts = (
-        common.int_list(args.ks),
-        common.int_list(args.warm_ks),
-        common.int_list(args.chunks),
-    )
-    einsum_ks = common.int_list(args.einsum_ks)
-    deferred_ks = common.int_list(args.deferred_ks)
-    deferred_modes = common.mode_list(args.deferred_modes, device)
-    modes = common.mode_list(args.modes, device)
-    seq_modes = modes if args.seq_modes is None else common.mode_list(args.seq_modes, device)
-    warm_modes = common.mode_list(args.warm_modes, device)
-    chunk_modes = common.mode_list(args.chunk_modes, device)
+    seq = args.modes if args.seq_modes is None else args.seq_modes
+    texts = (args.modes, seq, args.warm_modes, args.chunk_modes, args.deferred_modes)
+    modes, seq_modes, warm_modes, chunk_modes, deferred_modes = (common.mode_list(m, device) for m in texts)
     ctx = args.context
 
     with torch.no_grad():
@@ -146,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 transform_s = time.perf_counter() - t0
                 deferred = (
                     snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
-                    if deferred_ks and deferred_modes
+                    if args.deferred_ks and deferred_modes
                     else None
                 )
                 # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
                 chunked = {
                     c: snlp_compile.transform(step, inputs, iterations=1, chunks=c)
-                    for c in (chunk_counts if chunk_modes else [])
+                    for c in (args.chunks if chunk_modes else [])
                     if 1 < c <= cfg.n_layer
                 }
                 kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
@@ -166,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                 plan: list[tuple[str, str, int | None, str, int]] = [
                     ("sequential", "", None, m, 1) for m in seq_modes
                 ]
-                plan += [("snlp", "h0", k, m, 1) for k in ks for m in modes]
-                plan += [("snlp", "warm", k, m, 1) for k in warm_ks for m in warm_modes]
+                plan += [("snlp", "h0", k, m, 1) for k in args.ks for m in modes]
+                plan += [("snlp", "warm", k, m, 1) for k in args.warm_ks for m in warm_modes]
                 plan += [("snlp-chunked", "h0", 1, m, c) for c in chunked for m in chunk_modes]
-                plan += [("snlp-deferred", "h0", k, m, 1) for k in deferred_ks for m in deferred_modes]
+                plan += [("snlp-deferred", "h0", k, m, 1) for k in args.deferred_ks for m in deferred_modes]
                 plan += [
-                    ("snlp-einsum", "h0", k, m, 1) for k in einsum_ks for m in modes if m.endswith("+graph")
+                    ("snlp-einsum", "h0", k, m, 1)
+                    for k in args.einsum_ks
+                    for m in modes
+                    if m.endswith("+graph")
                 ]
                 post = _writer(k_cache, v_cache, pos)
                 for family, init, k, mode, chunks in plan:

@@ -68,10 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_smoke:
         meta["smoke"] = smoke(device)
     bench = common.Bench("forward", out, device, meta, name=args.name)
-    ks, chunk_counts = common.int_list(args.ks), common.int_list(args.chunks)
-    modes = common.mode_list(args.modes, device)
-    seq_modes = modes if args.seq_modes is None else common.mode_list(args.seq_modes, device)
-    chunk_modes = common.mode_list(args.chunk_modes, device)
+    texts = (args.modes, args.modes if args.seq_modes is None else args.seq_modes, args.chunk_modes)
+    modes, seq_modes, chunk_modes = (common.mode_list(m, device) for m in texts)
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
             chunked = {
                 c: snlp_compile.transform(model, (example,), iterations=1, chunks=c)
-                for c in (chunk_counts if chunk_modes else [])
+                for c in (args.chunks if chunk_modes else [])
                 if 1 < c <= cfg.n_layer
             }
             print(f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB")
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, K, mode, chunks)
                 plan: list[tuple[str, int | None, str, int]] = [("sequential", None, m, 1) for m in seq_modes]
-                plan += [("snlp", k, m, 1) for k in ks for m in modes]
+                plan += [("snlp", k, m, 1) for k in args.ks for m in modes]
                 plan += [("snlp-chunked", 1, m, c) for c in chunked for m in chunk_modes]
                 for family, k, mode, chunks in plan:
                     if family == "sequential":

@@ -166,7 +166,7 @@ def sweep(
                 f"{shape:>14} rows {r}: einsum {t_einsum:.1f} us, shipped (autotuned) {t_shipped:.2f} us,",
                 end="",
             )
-            print(f" floor {floor_us:.1f}; best {tops}", flush=True)
+            print(f" floor {floor_us:.1f}; best {tops}")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -191,20 +191,17 @@ def ncu_probe() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--shapes",
-        default="20x5120x1280,20x3840x1280,20x1280x5120,20x2560x1280,32x1920x640,32x640x640,32x2560x640,32x640x2560",
-        help="NxOxI list",
+    shapes = (
+        "20x5120x1280,20x3840x1280,20x1280x5120,20x2560x1280,32x1920x640,32x640x640,32x2560x640,32x640x2560"
     )
+    p.add_argument("--shapes", default=shapes, help="NxOxI list")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="gemv_lowering")
     p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
     p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")
     p.add_argument("--sweep-stages", default="1,2,3", help="num_stages values the sweep tries")
-    p.add_argument(
-        "--sweep-cold", action="store_true", help="time chains of launches over operand copies (cold L2)"
-    )
+    p.add_argument("--sweep-cold", action="store_true", help="chains of launches over operand copies")
     p.add_argument("--ncu-probe", action="store_true", help="one values and one keys product, for ncu")
     args = p.parse_args(argv)
     if args.ncu_probe:
@@ -244,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"{shape:>15} {name:<10} {row['median_us']:8.2f} us  x floor {row['x_floor'] or float('nan'):.2f}"
-                f"  clones/call {clones:.0f}  rel_err {err:.1e}",
-                flush=True,
+                f"  clones/call {clones:.0f}  rel_err {err:.1e}"
             )
     meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
     meta["command"] = common.command("gemv-lowering", argv)

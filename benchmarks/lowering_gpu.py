@@ -54,7 +54,7 @@ def _guard(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
     except Exception as exc:  # one failing check must not lose the others
         results[key] = {"error": f"{type(exc).__name__}: {str(exc)[:800]}"}
     results[key] = {**results[key], "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"parity {key}: {json.dumps(results[key], default=str)}", flush=True)
+    print(f"parity {key}: {json.dumps(results[key], default=str)}")
 
 
 def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def plan_case(
         if key not in onnx_paths:
             t0 = time.perf_counter()
             onnx_paths[key] = export_onnx(model, (idx,), tmp / f"{key}.onnx", dynamic=False, **kw).path
-            print(f"  exported {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"  exported {key} in {time.perf_counter() - t0:.0f} s")
         return onnx_paths[key]
 
     def call(fn: Callable[..., Any]) -> Callable[[], Any]:
@@ -254,7 +254,7 @@ def bench(
             if time.perf_counter() - t_start > args.budget_s:
                 rec.error = "skipped: time budget spent"
                 bench_.records.append(rec)
-                print(f"  {case:>12} {variant:<34} skipped (budget)", flush=True)
+                print(f"  {case:>12} {variant:<34} skipped (budget)")
                 continue
             bench_.measure(rec, make, ref, warmup=args.warmup)
             if variant in OrtVariant.placements:
@@ -262,8 +262,7 @@ def bench(
             ms = rec.median_ms if rec.median_ms is not None else float("nan")
             err = rec.rel_err if rec.rel_err is not None else float("nan")
             print(
-                f"  {case:>12} {variant:<34} {ms:8.3f} ms  rel_err {err:.1e}  ({rec.extra['build_and_time_s']} s)",
-                flush=True,
+                f"  {case:>12} {variant:<34} {ms:8.3f} ms  rel_err {err:.1e}  ({rec.extra['build_and_time_s']} s)"
             )
         bench_.finish_case(shape_label, case, common.floor_ms(wbytes, bw))
         for path in onnx_paths.values():
@@ -330,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime timing variants")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip variants once this much time is spent")
-    p.add_argument(
-        "--only", default="", help="comma list: run only variants whose name contains one of these"
-    )
+    p.add_argument("--only", default="", help="comma list: only variants whose name contains one of these")
     p.add_argument("--name", default=REGIME, help="base name of the result files")
     p.add_argument("--skip-parity", action="store_true")
     args = p.parse_args(argv)
@@ -343,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.cache_size_limit = 64
     out = common.out_dir_from(args.out)
     providers = ort_providers()
-    print(f"onnxruntime.get_available_providers() -> {providers}", flush=True)
+    print(f"onnxruntime.get_available_providers() -> {providers}")
     meta: dict[str, Any] = {
         "env": common.environment(device),
         "dtype": args.dtype,

@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--replays", type=int, default=20, help="graph replays profiled per variant")
-    p.add_argument(
-        "--inductor",
-        default=common.BEST_INDUCTOR,
-        help="torch._inductor.config options of every variant, key=value,... (default: the benchmarks')",
-    )
+    p.add_argument("--inductor", default=common.BEST_INDUCTOR, help="Inductor options KEY=VALUE,...")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--name", default="step_timeline")
     p.add_argument("--code", action="store_true", help="write Inductor's code of the step instead")
@@ -197,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{shape:>5} K={k} {spec:<18} {t.median_ms:.4f} ms  span {line.get('span_us')} us"
                         f"  busy {line.get('busy_us')} us  gaps {line.get('gaps_us')} us"
-                        f"  kernels {line.get('kernels')}  rel_err {err:.1e}",
-                        flush=True,
+                        f"  kernels {line.get('kernels')}  rel_err {err:.1e}"
                     )
             del model, step
             torch.cuda.empty_cache()

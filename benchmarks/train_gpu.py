@@ -77,17 +77,14 @@ def run_variant(spec: str, args: argparse.Namespace, corpus: Any, windows: torch
         seq_len=SHAPE["sequence_len"], lr=float(opts.get("lr", args.lr)), warmup_steps=min(args.warmup, args.steps),
         seed=args.seed, device=args.device, regulariser=reg, eval_windows=16,
     )  # fmt: skip
-    print(
-        f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)",
-        flush=True,
-    )
+    print(f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)")
     result = train(config, corpus, log_every=50)
     t0 = time.perf_counter()
     settings = [SolveSetting(k, p) for p in ("all", "half") for k in args.iterations]
     bpt = corpus.val_bytes_per_token
     kw = {"batch_size": args.eval_batch, "device": args.device, "bytes_per_token": bpt, "label": name}
     rows = evaluate_model(result.model, windows, settings, **kw)
-    print(markdown_table(rows, {name: SHAPE["n_layer"]}), flush=True)
+    print(markdown_table(rows, {name: SHAPE["n_layer"]}))
     return {
         "name": name, "spec": spec, "regulariser": None if reg is None else {**reg.__dict__}, "lr": config.lr,
         "steps": args.steps, "tokens": result.tokens, "train_s": round(result.seconds, 1),
@@ -175,9 +172,7 @@ def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "regularised:weight=1.0"])
-    p.add_argument(
-        "--model", default=MODEL, help="registry name: nanochat-small, or mhc-small / mhc-dyn-small (HCN)"
-    )
+    p.add_argument("--model", default=MODEL, help="nanochat-small, or mhc-small / mhc-dyn-small (HCN)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -187,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=256)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help="text files or folders (*.py searched); default: the stdlib sources",
-    )
+    p.add_argument("--data", nargs="+", default=None, help="text files or folders (default: the stdlib)")
     p.add_argument("--max-bytes", type=int, default=None, help="cap on the train and the held-out text, each")
     p.add_argument("--smoke", action="store_true", help="tiny shape and steps: checks the script runs (CPU)")
     p.add_argument("--merge", nargs="+", default=None, help="combine the JSON of earlier runs")
@@ -223,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "targets": {"seq_within": TARGET_SEQ, "k2_all_within": TARGET_K2},
     }
-    print(f"data: {corpus.describe()}", flush=True)
+    print(f"data: {corpus.describe()}")
     variants: list[dict[str, Any]] = []
     for spec in args.variants:
         variants.append(run_variant(spec, args, corpus, windows))
