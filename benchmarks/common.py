@@ -510,12 +510,13 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
-        for family in ("snlp", "snlp-deferred", "snlp-einsum"):
-            for mode in ALL_MODES:
-                pts = sorted((r.k, r.median_ms) for r in rows if (r.family, r.mode) == (family, mode) and r.k)
-                if pts:
-                    label = f"SNLP{family[4:].replace('-', ' ')} {mode}"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        lines = dict.fromkeys(
+            (r.family, r.mode) for r in rows if r.k and r.family not in ("sequential", "snlp-chunked")
+        )
+        for family, mode in lines:  # one line per SNLP family (plain, deferred, einsum) and mode
+            pts = sorted((r.k, r.median_ms) for r in rows if (r.family, r.mode) == (family, mode))
+            label = f"SNLP{family[4:].replace('-', ' ')} {mode}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         best = min((r for r in rows if r.ratio_vs_best_seq == 1.0), key=lambda r: r.median_ms, default=None)
         if best is not None:  # (the model as written or the compiler's exact sequential mode)
             ax.axhline(best.median_ms, color="k", ls="--", label=f"best sequential ({best.variant})")

@@ -284,37 +284,6 @@ def parity_markdown(meta: dict[str, Any], records: list[common.Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[common.Record], path: Path) -> Path | None:
-    """One panel per case: horizontal bars of the median time of every variant, best sequential
-    and bytes floor as vertical lines."""
-    plt = common.pyplot()
-    if plt is None:
-        return None
-    keys = sorted({(r.shape, r.case) for r in records})
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
-        colors = ["#4c72b0" if r.family == "sequential" else "#dd8452" for r in rows]
-        ax.barh([r.variant for r in rows], [r.median_ms for r in rows], color=colors)
-        seq = [r.median_ms for r in rows if r.family == "sequential"]
-        if seq:
-            ax.axvline(min(seq), color="k", ls="--", label="best sequential")
-        floor = next((r.floor_ms for r in rows if r.floor_ms), None)
-        if floor:
-            ax.axvline(floor, color="gray", ls=":", label="bytes floor")
-        ax.set_xscale("log")
-        ax.set_xlabel("median ms (log)")
-        ax.invert_yaxis()
-        ax.set_title(f"{key[0]}, {key[1]}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="0.5b", choices=sorted(common.SHAPES))
@@ -362,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_.write()
     with (out / f"{args.name}.md").open("a") as f:
         f.write(parity_markdown(meta, bench_.records))
-    plot(bench_.records, out / f"{args.name}.png")
+    common.plot_vs_k("lowering_gpu", bench_.records, out / f"{args.name}.png")
     print((out / f"{args.name}.md").read_text())
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
