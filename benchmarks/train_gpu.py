@@ -129,17 +129,16 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),
         "",
-        "| variant | regulariser | lr | steps | tokens | train s | ms/step | eval s |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for v in variants:
-        reg = v["regulariser"]
-        keys = ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
-        reg_text = "-" if reg is None else ", ".join(f"{k}={reg.get(k, 1)}" for k in keys)
-        lines.append(
-            f"| {v['name']} | {reg_text} | {v['lr']} | {v['steps']} | {v['tokens']:,} | {v['train_s']} | "
-            f"{v['ms_per_step']} | {v['eval_s']} |"
-        )
+    keys = ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
+    regs = [
+        v["regulariser"] and ", ".join(f"{k}={v['regulariser'].get(k, 1)}" for k in keys) for v in variants
+    ]
+    cells = [[v["name"], reg or "-", v["lr"], v["steps"], f"{v['tokens']:,}", v["train_s"], v["ms_per_step"], v["eval_s"]]
+             for v, reg in zip(variants, regs)]  # fmt: skip
+    lines += common.md_table(
+        ["variant", "regulariser", "lr", "steps", "tokens", "train s", "ms/step", "eval s"], cells
+    )
     lines += [
         "",
         f"Held-out evaluation: {meta['eval']}.",
