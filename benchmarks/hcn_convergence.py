@@ -18,10 +18,10 @@ Writes hcn_convergence.json, hcn_convergence.md and hcn_convergence.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,7 @@ from tqdm import tqdm
 import snlp_compile
 from snlp_compile.models import build_model, model_config
 from snlp_compile.models.mhc import HCPackageGPT
-from snlp_compile.solve.scan import (
-    apply_prefix_products,
-    matrix_affine_scan,
-    static_init_products,
-    static_prefix_products,
-)
+from snlp_compile.solve import scan
 from snlp_compile.solve.solver import identity_surrogate
 
 from . import common
@@ -67,10 +62,6 @@ def sequential_trace(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.T
     return torch.stack(outs), logits
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def convergence(
     name: str, build: Callable[[int], torch.nn.Module], seed: int, batch: int, seq: int
 ) -> list[dict[str, Any]]:
@@ -84,10 +75,10 @@ def convergence(
     rows = []
     for surrogate in ("HCN", "identity"):
         for k in range(1, n + 1):
-            identity = (
-                identity_surrogate(fast.snlp_solve) if surrogate == "identity" else contextlib.nullcontext()
-            )
-            with torch.no_grad(), identity:
+            with (
+                torch.no_grad(),
+                identity_surrogate(fast.snlp_solve) if surrogate == "identity" else nullcontext(),
+            ):
                 trace = snlp_compile.solve_trace(fast, idx, iterations=k)
                 fast.snlp_solve.iterations = k
                 logits = fast(idx)
@@ -95,8 +86,8 @@ def convergence(
             rows.append(
                 dict(
                     model=name, seed=seed, surrogate=surrogate, k=k, layers=n,
-                    trace_err=rel(trace, trace_seq), last_err=rel(trace[-1], trace_seq[-1]),
-                    logits_err=rel(logits, logits_seq),
+                    trace_err=common.rel_err(trace, trace_seq), last_err=common.rel_err(trace[-1], trace_seq[-1]),
+                    logits_err=common.rel_err(logits, logits_seq),
                 )
             )  # fmt: skip
     return rows
@@ -108,15 +99,15 @@ def time_correction(n_layers: int, batch: int, seq: int, dim: int, reps: int) ->
     a = 0.8 * torch.eye(4) + 0.1 * torch.randn(n_layers, 4, 4, generator=gen)
     d = torch.randn(n_layers, batch, seq, 4, dim, generator=gen)
     h0 = torch.randn(batch, seq, 4, dim, generator=gen)
-    T, P = static_prefix_products(a, matrix=True), static_init_products(a, matrix=True)
+    T, P = scan.static_prefix_products(a, matrix=True), scan.static_init_products(a, matrix=True)
     variants = {
-        "log-depth scan": lambda: matrix_affine_scan(a, d, h0),
-        "prefix products": lambda: apply_prefix_products(T, d, h0, True, P),
+        "log-depth scan": lambda: scan.matrix_affine_scan(a, d, h0),
+        "prefix products": lambda: scan.apply_prefix_products(T, d, h0, True, P),
     }
     ref = variants["log-depth scan"]()
     out = []
     for label, fn in variants.items():
-        err = rel(fn(), ref)
+        err = common.rel_err(fn(), ref)
         t = common.time_fn(fn, torch.device("cpu"), warmup=3, samples=reps)
         out.append(
             dict(
