@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 from pathlib import Path
 
@@ -117,14 +118,8 @@ def sweep(
     from snlp_compile.kernels import layer_gemv as lg
 
     bw = common.copy_bandwidth(device)
-    grid = [
-        (bo, bi, nw, ns)
-        for bo in (4, 8, 16, 32, 64, 128)
-        for bi in (64, 128, 256, 512)
-        for nw in (2, 4, 8)
-        for ns in stages
-        if 512 <= bo * bi <= 16384
-    ]
+    configs = itertools.product((4, 8, 16, 32, 64, 128), (64, 128, 256, 512), (2, 4, 8), stages)
+    grid = [(bo, bi, nw, ns) for bo, bi, nw, ns in configs if 512 <= bo * bi <= 16384]
     result: list[dict[str, object]] = []
     for shape in shapes.split(","):
         n, o, i = (int(v) for v in shape.rstrip("t").split("x"))
@@ -150,10 +145,7 @@ def sweep(
                 except Exception:  # a config that does not compile (registers, shared memory) is skipped
                     continue
             timed.sort()
-            best = [
-                {"us": t, "BLOCK_O": c[0], "BLOCK_I": c[1], "warps": c[2], "stages": c[3]}
-                for t, c in timed[:5]
-            ]
+            best = [dict(us=t, BLOCK_O=c[0], BLOCK_I=c[1], warps=c[2], stages=c[3]) for t, c in timed[:5]]
             row = dict(
                 shape=shape, rows=r, cold=cold, einsum_us=t_einsum, shipped_us=t_shipped, floor_us=floor_us
             )

@@ -93,24 +93,17 @@ def timeline(replay: Any, replays: int) -> dict[str, Any]:
     groups = [events[i * per : (i + 1) * per] for i in range(replays)]
     spans = [g[-1]["ts"] + g[-1]["dur"] - g[0]["ts"] for g in groups]
     busy = [sum(e["dur"] for e in g) for g in groups]
+
+    def med(values: Any) -> float:
+        return round(statistics.median(values), 2)
+
     slots = []
     for j in range(per):
-        durs = [g[j]["dur"] for g in groups]
         gaps = [g[j]["ts"] - (g[j - 1]["ts"] + g[j - 1]["dur"]) for g in groups] if j else [0.0]
-        slots.append(
-            {
-                "kernel": groups[0][j]["name"][:90],
-                "median_us": round(statistics.median(durs), 2),
-                "gap_before_us": round(statistics.median(gaps), 2),
-            }
-        )
-    return {
-        "kernels": per,
-        "span_us": round(statistics.median(spans), 2),
-        "busy_us": round(statistics.median(busy), 2),
-        "gaps_us": round(statistics.median(s - b for s, b in zip(spans, busy)), 2),
-        "slots": slots,
-    }
+        slot = {"kernel": groups[0][j]["name"][:90], "median_us": med([g[j]["dur"] for g in groups])}
+        slots.append({**slot, "gap_before_us": med(gaps)})
+    gaps_us = med([s - b for s, b in zip(spans, busy)])
+    return {"kernels": per, "span_us": med(spans), "busy_us": med(busy), "gaps_us": gaps_us, "slots": slots}
 
 
 def step_code(step: CachedStep, inputs: tuple[Any, ...], shape: str, k: int, out: Path) -> None:
