@@ -2,16 +2,16 @@
 models' ``cached_attention`` (two products over the cache, one softmax with the new token's score
 beside it) on layer-batched operands, compiled and captured in a CUDA graph.
 
-    PYTHONPATH=. python benchmarks/attention_lowering.py            # on a GPU
-    PYTHONPATH=. python benchmarks/attention_lowering.py --device cpu --shapes tiny   # smoke run
+    python -m benchmarks attention-lowering                                 # on a GPU
+    python -m benchmarks attention-lowering --device cpu --shapes tiny      # smoke run
 
 Lowerings of the two cache products (same inputs, same result up to rounding):
-  matmul   ``torch.matmul`` (ATen ``bmm``, cuBLAS): the lowering before run 9
+  matmul   ``torch.matmul`` (ATen ``bmm``, cuBLAS)
   kernel   ``kernels.layer_matmul``: the layer-batched GEMV kernel reading the caches
-           through their strides (what the compiler emits from run 9 on)
+           through their strides (what the compiler emits)
   mulsum   broadcast product and sum, left to Inductor as a reduction it can fuse with the softmax
-  fused    the whole attention as one kernel (``kernels.decode_attention``, run 13), without and
-           with PDL (``fused-pdl``)
+  fused    the whole attention as one kernel (``kernels.decode_attention``), without and with PDL
+           (``fused-pdl``)
 Each under Inductor's defaults and under ``max-autotune``; the bytes floor is both caches read once.
 ``--per-layer`` times the sequential step's pattern instead: one call per layer, in order.
 """
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,18 +28,7 @@ from snlp_compile.kernels import decode_attention
 from snlp_compile.models.kv import attention_bias, attention_ops
 from snlp_compile.passes.batch_layers import _layer_matmul
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    compile_module,
-    copy_bandwidth,
-    cuda_graph,
-    device_label,
-    environment,
-    floor_ms,
-    out_dir_from,
-    time_fn,
-    write_table,
-)
+from . import common
 
 # name -> (layers, heads, head dim): the decode benchmark's shapes (batch 1, MHA)
 SHAPES = {"0.5b": (32, 10, 64), "d20": (20, 10, 128), "tiny": (4, 2, 16)}
@@ -89,17 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="attention_lowering")
     p.add_argument("--per-layer", action="store_true", help="one call per layer (the sequential step)")
-    p.add_argument(
-        "--programs-per-sm",
-        default="",
-        help="comma list: fused rows once per value of kernels.decode_attention.PROGRAMS_PER_SM",
-    )
+    p.add_argument("--programs-per-sm", default="", help="fused rows at each PROGRAMS_PER_SM")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bw = copy_bandwidth(device)
+    bw = common.copy_bandwidth(device)
     rows: list[dict[str, object]] = []
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
@@ -110,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         v_cache = torch.randn_like(k_cache)
         q, k, v = (torch.randn(layers, heads, 1, dim, device=device, dtype=dtype) for _ in range(3))
         bias = attention_bias(torch.tensor(t_max - 1, device=device), 1, t_max)
-        floor_us = floor_ms(2 * k_cache.numel() * k_cache.element_size(), bw) * 1e3
+        floor_us = common.floor_ms(2 * k_cache.numel() * k_cache.element_size(), bw) * 1e3
         ref = attention_ops(
             q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), bias.double()
         )
@@ -129,49 +112,34 @@ def main(argv: list[str] | None = None) -> int:
                 fn = lowering_fn(lowering)
                 if args.per_layer:
                     fn = per_layer(fn, layers)
-                compiled = compile_module(fn, autotune=mode == "autotuned")
+                compiled = common.compile_module(fn, autotune=mode == "autotuned")
                 call = functools.partial(compiled, q, k, v, k_cache, v_cache, bias)
                 with torch.no_grad():
                     got = call()
                     got = torch.cat(got) if isinstance(got, list) else got
                     err = float((got.double() - ref).norm() / ref.norm())
-                    run = cuda_graph(call, device) if device.type == "cuda" else call
-                    t = time_fn(run, device, warmup=20, samples=200)
-                row = {
-                    "shape": shape + (" per layer" if args.per_layer else ""),
-                    "lowering": lowering + ("" if per_sm is None else f" {per_sm}/SM"),
-                    "mode": mode,
-                    "median_us": t.median_ms * 1e3,
-                    "floor_us": floor_us,
-                    "x_floor": t.median_ms * 1e3 / floor_us,
-                    "rel_err": err,
-                }
+                    run = common.cuda_graph(call, device) if device.type == "cuda" else call
+                    t = common.time_fn(run, device, warmup=20, samples=200)
+                row = {"shape": shape + (" per layer" if args.per_layer else ""), "mode": mode}
+                row["lowering"] = lowering + ("" if per_sm is None else f" {per_sm}/SM")
+                row.update(
+                    median_us=t.median_ms * 1e3, floor_us=floor_us, x_floor=t.median_ms * 1e3 / floor_us
+                )
+                row["rel_err"] = err
                 if lowering.startswith("fused"):
                     row["config"] = str(decode_attention._decode_attention_tuned.best_config)
                 rows.append(row)
                 print(
                     f"{shape:>5} {lowering:<7} {mode:<10} {row['median_us']:8.2f} us  x floor "
-                    f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}",
-                    flush=True,
+                    f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}"
                 )
-    meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
+    meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
+    meta["command"] = common.command("attention-lowering", argv)
     title = (
         "## Decode attention over the caches, all layers at once (compiled + CUDA graph)\n\n"
-        f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+        f"Device: {common.device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s, "
         f"context {args.context}, batch 1"
     )
-    columns = {
-        "shape": "shape:",
-        "lowering": "lowering:",
-        "mode": "mode:",
-        "median us": "median_us:.2f",
-        "floor us": "floor_us:.2f",
-        "x floor": "x_floor:.2f",
-        "rel err": "rel_err:.1e",
-    }
-    print(write_table(out, args.name, meta, rows, title, columns))
+    columns = "shape lowering mode median_us:.2f floor_us:.2f x_floor:.2f rel_err:.1e"
+    print(common.write_table(out, args.name, meta, rows, title, columns))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

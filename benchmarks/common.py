@@ -1,11 +1,11 @@
-"""Shared benchmark machinery: timing with CUDA events, CUDA-graph capture, compile, the bytes floor,
+"""Shared benchmark machinery: timing with CUDA events, CUDA-graph capture, compile, the floors,
 and result output (JSON + markdown table + plot).
 
-Every regime script (forward.py, decode.py) builds callables for each variant, hands them to
-``Bench.measure`` and lets this module time them the same way: warm-up calls first, then many timed
-samples (each sample = ``inner`` back-to-back calls between two CUDA events), median reported.
-The ratio of every variant is taken against the best *sequential* variant of the same run, so a
-slow baseline can never make the compiler look good.
+Every regime (forward, decode) builds callables for each variant, hands them to ``Bench.measure``
+and lets this module time them the same way: warm-up calls first, then many timed samples (each
+sample = ``inner`` back-to-back calls between two CUDA events), median reported. The ratio of
+every variant is taken against the best *sequential* variant of the same run, so a slow baseline
+can never make the compiler look good.
 """
 
 from __future__ import annotations
@@ -22,31 +22,19 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from the repo root
-    sys.path.insert(0, str(REPO_ROOT))
 
-SHAPES = {
-    "d20": "nanochat-d20",
-    "0.5b": "nanochat-0.5b",
-    "small": "nanochat-small",
-    "tiny": "nanochat-tiny",
-    # mHC, 4 hyper-connected streams: static H ("mhc-*") and per-token H ("mhc-dyn-*"), the
-    # nanochat trunks above with the residual stream widened (same layer weights plus the mixing)
-    "mhc-d20": "mhc-d20",
-    "mhc-0.5b": "mhc-0.5b",
-    "mhc-small": "mhc-small",
-    "mhc-tiny": "mhc-tiny",
-    "mhc-dyn-d20": "mhc-dyn-d20",
-    "mhc-dyn-0.5b": "mhc-dyn-0.5b",
-    "mhc-dyn-small": "mhc-dyn-small",
-    "mhc-dyn-tiny": "mhc-dyn-tiny",
+# --shapes keys -> model registry names: the nanochat trunks, and mHC with 4 hyper-connected streams,
+# static H ("mhc-*") and per-token H ("mhc-dyn-*"): the same trunks with the residual stream widened
+SIZES = ("d20", "0.5b", "small", "tiny")
+SHAPES = {s: f"nanochat-{s}" for s in SIZES} | {
+    f"mhc{h}-{s}": f"mhc{h}-{s}" for h in ("", "-dyn") for s in SIZES
 }
 MODES = ("eager", "eager+graph", "compiled", "compiled+graph")
 # also accepted (not in the default list: Inductor's GEMM autotuning takes minutes per model):
@@ -254,7 +242,7 @@ def layer_bytes(model: torch.nn.Module, container: str = "transformer.h") -> int
 def layer_parallel_passes(k: int, n_layers: int) -> float:
     """Passes over N layers' weights (and a decode step's caches) that K SNLP iterations make at
     least: iteration s (from 0) must evaluate the N - s layers whose inputs are not yet exact
-    (after s iterations the first s are, DESIGN.md invariant), so sum_{s<K} (N - s) / N. Weights
+    (after s iterations the first s are, docs/DESIGN.md invariant), so sum_{s<K} (N - s) / N. Weights
     larger than the L2 cache are re-read by every iteration. 1 at K=1; (N + 1) / 2 at K=N."""
     k = min(int(k), int(n_layers))
     return sum(n_layers - s for s in range(k)) / n_layers
@@ -263,9 +251,8 @@ def layer_parallel_passes(k: int, n_layers: int) -> float:
 def computes_sequentially(family: str, k: int | None, chunks: int | None, layers: int | None) -> bool:
     """Whether a row is a sequential baseline: the model as written, or the compiler's exact
     sequential mode (K = 1 with as many chunks as layers: each layer solved from the exact output
-    of the one before, which is the sequential computation with the compiler's lowering). Run 14
-    measured the latter as fast as max-autotune of the model as written, so the ratios are taken
-    against the faster of the two."""
+    of the one before, which is the sequential computation with the compiler's lowering): the
+    ratios are taken against the faster of the two."""
     if family == "sequential":
         return True
     return family == "snlp-chunked" and k == 1 and chunks is not None and chunks == layers
@@ -282,20 +269,12 @@ def device_label(env: dict[str, Any]) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
+    env.update(device=str(device), time=time.strftime("%Y-%m-%d %H:%M:%S"))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(
-            gpu=props.name,
-            sms=props.multi_processor_count,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-        )
+        env.update(gpu=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     else:
         env["cpu"] = platform.processor() or platform.machine()
     return env
@@ -333,24 +312,14 @@ class Bench:
     def __init__(
         self, regime: str, out_dir: Path, device: torch.device, meta: dict[str, Any], name: str = ""
     ):
-        self.regime = regime
-        self.name = name or regime
-        self.out_dir = out_dir
-        self.device = device
+        self.regime, self.name, self.out_dir, self.device = regime, name or regime, out_dir, device
         self.meta = meta
         self.records: list[Record] = []
         self.case_notes: dict[tuple[str, str], str] = {}
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def measure(
-        self,
-        rec: Record,
-        make: Callable[[], Callable[[], Any]],
-        reference: torch.Tensor | None,
-        *,
-        warmup: int,
-        samples: int | None = None,
-        inner: int = 1,
+        self, rec: Record, make: Callable[[], Callable[[], Any]], reference: Any, *, warmup: int
     ) -> Record:
         """Build the variant (compile/capture happen here), check its output, time it.
 
@@ -361,7 +330,7 @@ class Bench:
             out = fn()
             if reference is not None:
                 rec.rel_err = rel_err(first_tensor(out), reference)
-            t = time_fn(fn, self.device, warmup=warmup, samples=samples, inner=inner)
+            t = time_fn(fn, self.device, warmup=warmup, samples=None, inner=1)
             rec.median_ms, rec.p10_ms, rec.p90_ms = t.median_ms, t.p10_ms, t.p90_ms
         except Exception as exc:  # a variant failing must not lose the rest of the run
             rec.error = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -372,13 +341,8 @@ class Bench:
         return rec
 
     def finish_case(
-        self,
-        shape: str,
-        case: str,
-        floor: float | None,
-        layers: int | None = None,
-        pass_floor: float | None = None,
-    ) -> None:
+        self, shape: str, case: str, floor: float | None, layers: int | None = None, pass_floor=None
+    ):
         """Ratios against the best sequential variant of this case; floor multiples.
 
         ``pass_floor`` (default ``floor``): the least time of one pass over all ``layers`` (bytes
@@ -411,19 +375,49 @@ class Bench:
 
     def write(self) -> None:
         notes = {f"{k[0]} | {k[1]}": v for k, v in self.case_notes.items()}
-        payload = {
-            "regime": self.regime,
-            "meta": self.meta,
-            "case_notes": notes,
-            "records": [asdict(r) for r in self.records],
-        }
+        payload = {"regime": self.regime, "meta": self.meta, "case_notes": notes}
+        payload["records"] = [asdict(r) for r in self.records]
         (self.out_dir / f"{self.name}.json").write_text(json.dumps(payload, indent=1, default=str))
         (self.out_dir / f"{self.name}.md").write_text(
             markdown(self.regime, self.meta, self.records, self.case_notes)
         )
 
-    def plot(self) -> Path | None:
-        return plot_vs_k(self.regime, self.records, self.out_dir / f"{self.name}.png")
+    def run(
+        self,
+        run: RegimeRun,
+        rec: Record,
+        base: Callable[..., Any],
+        inputs: tuple[Any, ...],
+        reference: Any,
+        compiled: dict[str, Callable[..., Any]],
+        *,
+        warmup: int,
+        post: Callable[[Any], Any] | None = None,
+        wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
+    ) -> None:
+        """Build (compile, capture: ``make_variant``) and time one variant of a regime, unless the
+        run's time budget is spent; SNLP variants get the --snlp-inductor options on top."""
+        if time.perf_counter() - run.t_start > run.budget_s:
+            rec.error = "skipped: time budget spent"
+            self.records.append(rec)
+            return
+        options = None if rec.family == "sequential" else run.meta.get("snlp_inductor")
+        rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
+        key = rec.variant.replace("+graph", "")
+        build = partial(make_variant, base, rec.mode, inputs, run.device, compiled, key, post, options)
+        self.measure(rec, wrap(build) if wrap else build, reference, warmup=warmup)
+        ms = rec.median_ms if rec.median_ms else float("nan")
+        err = rec.rel_err if rec.rel_err is not None else float("nan")
+        print(
+            f"  {rec.shape.split()[0]:>5} {rec.case:>13} {rec.variant:<30} {ms:8.4f} ms  rel_err {err:.1e}"
+            f"  ({rec.extra['build_and_time_s']} s)"
+        )
+
+    def done(self, t_start: float) -> int:
+        plot_vs_k(self.regime, self.records, self.out_dir / f"{self.name}.png")
+        print((self.out_dir / f"{self.name}.md").read_text())
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -437,8 +431,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _fmt(x: float | None, spec: str = ".3f") -> str:
+def fmt(x: float | None, spec: str = ".3f") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table's lines (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _record_cells(r: Record) -> list[str]:
+    if r.error:
+        return [r.variant, f"failed: {r.error[:80]}", "", "", "", "", "", ""]
+    ratio, ceiling = fmt(r.ratio_vs_best_seq, ".2f"), fmt(r.ceiling_vs_best_seq, ".2f")
+    spread = f"{fmt(r.p10_ms)}-{fmt(r.p90_ms)}"
+    x_floor, k_floor, err = fmt(r.x_floor, ".2f"), fmt(r.k_floor_ms), fmt(r.rel_err, ".1e")
+    return [r.variant, fmt(r.median_ms), spread, f"{ratio}x", x_floor, k_floor, f"{ceiling}x", err]
 
 
 def markdown(
@@ -451,8 +460,8 @@ def markdown(
     env = meta.get("env", {})
     lines.append(
         f"Device: {device_label(env)}, torch {env.get('torch')}, "
-        f"copy bandwidth {_fmt(meta.get('copy_bandwidth_tbs'), '.2f')} TB/s, "
-        f"matmul {_fmt(meta.get('matmul_tflops'), '.0f')} TFLOP/s, dtype {meta.get('dtype')}. "
+        f"copy bandwidth {fmt(meta.get('copy_bandwidth_tbs'), '.2f')} TB/s, "
+        f"matmul {fmt(meta.get('matmul_tflops'), '.0f')} TFLOP/s, dtype {meta.get('dtype')}. "
         f"{meta.get('note', '')}"
     )
     if meta.get("command"):
@@ -466,22 +475,11 @@ def markdown(
     for key in sorted({(r.shape, r.case) for r in records}, key=lambda k: (k[0], k[1])):
         rows = [r for r in records if (r.shape, r.case) == key]
         floor = next((r.floor_ms for r in rows if r.floor_ms is not None), None)
-        lines += ["", f"### {key[0]}, {key[1]} (bytes floor {_fmt(floor)} ms)", ""]
+        lines += ["", f"### {key[0]}, {key[1]} (bytes floor {fmt(floor)} ms)", ""]
         if case_notes and key in case_notes:
             lines += [case_notes[key], ""]
-        lines += [
-            "| variant | median ms | p10-p90 ms | vs best seq | x floor | floor at K ms | ceiling vs best seq | rel err |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            if r.error:
-                lines.append(f"| {r.variant} | failed: {r.error[:80]} | | | | | | |")
-                continue
-            lines.append(
-                f"| {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.p10_ms)}-{_fmt(r.p90_ms)} | "
-                f"{_fmt(r.ratio_vs_best_seq, '.2f')}x | {_fmt(r.x_floor, '.2f')} | {_fmt(r.k_floor_ms)} | "
-                f"{_fmt(r.ceiling_vs_best_seq, '.2f')}x | {_fmt(r.rel_err, '.1e')} |"
-            )
+        header = "variant,median ms,p10-p90 ms,vs best seq,x floor,floor at K ms,ceiling vs best seq,rel err"
+        lines += md_table(header.split(","), [_record_cells(r) for r in rows])
     return "\n".join(lines) + "\n"
 
 
@@ -512,14 +510,16 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
-        for mode in ALL_MODES:
-            pts = sorted((r.k, r.median_ms) for r in rows if r.family == "snlp" and r.mode == mode and r.k)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"SNLP {mode}")
-        seq = [r for r in rows if r.family == "sequential"]
-        if seq:
-            best = min(seq, key=lambda r: r.median_ms)
-            ax.axhline(best.median_ms, color="k", ls="--", label=f"best sequential ({best.mode})")
+        lines = dict.fromkeys(
+            (r.family, r.mode) for r in rows if r.k and r.family not in ("sequential", "snlp-chunked")
+        )
+        for family, mode in lines:  # one line per SNLP family (plain, deferred, einsum) and mode
+            pts = sorted((r.k, r.median_ms) for r in rows if (r.family, r.mode) == (family, mode))
+            label = f"SNLP{family[4:].replace('-', ' ')} {mode}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        best = min((r for r in rows if r.ratio_vs_best_seq == 1.0), key=lambda r: r.median_ms, default=None)
+        if best is not None:  # (the model as written or the compiler's exact sequential mode)
+            ax.axhline(best.median_ms, color="k", ls="--", label=f"best sequential ({best.variant})")
         floor = next((r.floor_ms for r in rows if r.floor_ms), None)
         if floor:
             ax.axhline(floor, color="gray", ls=":", label="bytes floor")
@@ -537,22 +537,14 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
 
 
 def write_table(
-    out: Path,
-    name: str,
-    meta: dict[str, Any],
-    rows: list[dict[str, Any]],
-    title: str,
-    columns: dict[str, str],
+    out: Path, name: str, meta: dict[str, Any], rows: list[dict[str, Any]], title: str, columns: str
 ) -> str:
-    """NAME.json (meta + rows) and NAME.md (title, then ``columns``: header -> format spec of the
-    row key of the same position, e.g. {"median us": "median_us:.2f"}); returns the markdown."""
+    """NAME.json (meta + rows) and NAME.md (title, then one column per ``KEY:FORMAT`` of the
+    space-separated ``columns``, headed by the key with spaces for underscores); returns the markdown."""
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    specs = [spec.split(":", 1) for spec in columns.values()]
-    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [format(row[key] if row[key] is not None else float("nan"), fmt) for key, fmt in specs]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
+    specs = [spec.partition(":")[::2] for spec in columns.split()]
+    cells = [[format(row[k] if row[k] is not None else float("nan"), f) for k, f in specs] for row in rows]
+    text = "\n".join([title, "", *md_table([k.replace("_", " ") for k, _ in specs], cells)]) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
 
@@ -579,12 +571,10 @@ def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module,
     return model, ""
 
 
-# -- the command line and setup shared by forward.py and decode.py --------------------------------
-# Inductor options every compiled variant gets by default, sequential and SNLP alike (run 10,
-# H200, same machine): programmatic dependent launch took the compiled+graph sequential 0.5B
-# decode step from 1.524 to 1.360 ms. Combo kernels (independent small kernels launched as one)
-# are SNLP's alone: 0.1472 -> 0.1455 ms on its K=1 step, but 1.360 -> 1.623 ms on the sequential
-# step together with PDL. "" gives Inductor's defaults.
+# -- the command line and setup shared by forward and decode ---------------------------------------
+# Inductor options every compiled variant gets by default, sequential and SNLP alike: programmatic
+# dependent launch speeds up both (the sequential step more). Combo kernels are SNLP's alone: they
+# slow the sequential step down together with PDL (docs/benchmark-history.md). "": Inductor's defaults.
 BEST_INDUCTOR = "triton.enable_pdl=True"
 SNLP_INDUCTOR = "combo_kernels=True"
 
@@ -592,12 +582,10 @@ SNLP_INDUCTOR = "combo_kernels=True"
 def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) -> None:
     """The options every regime script takes (shapes, K, modes, chunks, dtype, output, budget)."""
     p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
-    p.add_argument("--ks", default="1,2,4", help=ks_help)
+    p.add_argument("--ks", default="1,2,4", type=int_list, help=ks_help)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seq-modes", default=None, help="modes of the sequential variants (default: --modes)")
-    p.add_argument(
-        "--chunks", default="2,4", help="SNLPConfig.chunks values, each at K=1, init h0 (empty: none)"
-    )
+    p.add_argument("--chunks", default="2,4", type=int_list, help="SNLPConfig.chunks values, each at K=1")
     p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
@@ -606,18 +594,9 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--name", default=name, help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help=profile_help)
-    p.add_argument(
-        "--inductor",
-        default=BEST_INDUCTOR,
-        help="Inductor options for every compiled variant, sequential and SNLP alike "
-        f"(default {BEST_INDUCTOR!r}; '' for Inductor's defaults), "
-        "e.g. max_autotune=True,coordinate_descent_tuning=True",
-    )
-    p.add_argument(
-        "--snlp-inductor",
-        default=SNLP_INDUCTOR,
-        help=f"further Inductor options for the SNLP variants only (default {SNLP_INDUCTOR!r})",
-    )
+    every = "Inductor options KEY=VALUE,... of every compiled variant, sequential and SNLP ('': defaults)"
+    p.add_argument("--inductor", default=BEST_INDUCTOR, help=every)
+    p.add_argument("--snlp-inductor", default=SNLP_INDUCTOR, help="further options, SNLP variants only")
 
 
 @dataclass
@@ -631,6 +610,7 @@ class RegimeRun:
     out: Path
     meta: dict[str, Any]
     bandwidth: float  # bytes/s; nan off CUDA
+    budget_s: float
 
 
 def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> RegimeRun:
@@ -644,7 +624,7 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         "env": environment(device),
         "dtype": args.dtype,
         "note": note,
-        "command": f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command(script, argv),
     }
     options = inductor_options(args.inductor)
     if options:
@@ -657,7 +637,12 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         bw = copy_bandwidth(device)
         meta["copy_bandwidth_tbs"] = bw / 1e12
         meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw)
+    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw, args.budget_s)
+
+
+def command(subcommand: str, argv: list[str] | None) -> str:
+    """The command line that reproduces a result, for its metadata."""
+    return f"python -m benchmarks {subcommand} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def parse_inductor_options(text: str, flag: str = "--inductor") -> dict[str, Any]:

@@ -1,75 +1,43 @@
 """KV-cached decode benchmark: one token per step at context 1024, batch 1 and 8, sequential vs
 SNLP K = 1, 2, 4 (init h0, and warm for the first Ks), and chunked SNLP (K = 1, C = 2, 4 chunks).
 
-    PYTHONPATH=. python benchmarks/decode.py                   # on a GPU: the full table
-    PYTHONPATH=. python benchmarks/decode.py --device cpu --shapes tiny --context 32 --modes eager \
-        --chunk-modes eager
+    python -m benchmarks decode                        # on a GPU: the full table
+    python -m benchmarks decode --device cpu --shapes tiny --context 32 --modes eager --chunk-modes eager
 
 Every variant runs the same thing: the model's cached step (models.kv: explicit stacked caches,
-a position input, the new K/V returned) followed by the cache write (index_copy_), with the
+a position input, the new K/V returned) followed by the cache write (index_copy_ at pos), with the
 transformed step in place of the original for SNLP. The cache holds context-1 random keys/values
 and the step decodes position context-1, so attention reads `context` positions. Shapes are
 layer stacks ("trunks", vocab cut to --vocab); bf16; random weights.
 
-Chunked variants ("snlp K=1 C=2 <mode>", family "snlp-chunked"): the step transformed with
-SNLPConfig(iterations=1, chunks=C, init h0): C consecutive chunks of layers, each solved
-layer-parallel from the previous chunk's last output, so C batched evaluations per step instead of
-one; the new K/V are still one evaluation over all layers at the corrected inputs.
-
-Einsum variants ("snlp K=1 einsum <mode>", family "snlp-einsum", graph modes only): the same
-transformed step compiled and captured with the layer-batched GEMV kernel off
-(``snlp_compile.kernels.gemv_kernel(False)``), i.e. cuBLAS' batched GEMM as before run 7.
-
-Deferred variants ("snlp K=1 deferred <mode>", family "snlp-deferred"): the step transformed
-with SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a second row of this
-step's q/k/v GEMVs and are written by the step into the cache at the previous position, so the
-K/V projection weights are read once per step. The timed loop repeats one position, so each call
-rewrites that slot (the same work as in generation). As in generation (``Decoder``), the
-provisional K/V a deferred step returns are not written (from run 14; runs 8-13 wrote them: two
-index copies, ~5 us a step). Every cache write takes pos as its index at one token (run 14: no
-arange and add kernels before the copies, ~2 us a step, the sequential step too).
+Families: "snlp K=k C=c" (SNLPConfig chunks: C consecutive chunks solved one after another, each
+layer-parallel; C = layers at K = 1 is the compiler's exact sequential mode, counted as a
+sequential baseline); "snlp K=k einsum" (graph modes only: the GEMV kernel off, cuBLAS' batched
+GEMM); "snlp K=k deferred" (SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a
+second row of this step's q/k/v GEMVs, written by the step into the cache; the provisional K/V the
+step returns are not written, as in ``Decoder``, so the step is timed alone).
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
-"floor at K": what a step must read at least, the floor times ``common.layer_parallel_passes``
-(K SNLP iterations re-read the weights and caches of every layer whose input is not yet exact);
-"ceiling vs best seq": the best sequential time over it, the highest ratio any step can reach.
-SNLP's side outputs (the new K/V at the corrected inputs) read the K/V projection weights a second
-time; that is part of the measured time, not of the floor.
+"floor at K": the floor times ``common.layer_parallel_passes`` (K iterations re-read the weights
+and caches of every layer whose input is not yet exact); "ceiling vs best seq": the best
+sequential time over it, the highest ratio any step can reach.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    RANDOM_WEIGHTS_NOTE,
-    SHAPES,
-    Bench,
-    Record,
-    add_regime_arguments,
-    floor_ms,
-    inference_model,
-    int_list,
-    layer_bytes,
-    make_variant,
-    mode_list,
-    profile_variant,
-    start_regime,
-    with_iterations,
-)
-
 import snlp_compile
 from snlp_compile.kernels import gemv_kernel
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
+
+from . import common
 
 
 def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> Callable[[Any], torch.Tensor]:
@@ -114,7 +82,7 @@ def gemv_kernel_off(build: Callable[[], Any]) -> Callable[[], Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_regime_arguments(
+    common.add_regime_arguments(
         p,
         name="decode",
         ks_help="SNLP iteration counts (init h0)",
@@ -122,48 +90,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch", default="1,8")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--warm-ks", default="1,2", help="SNLP iteration counts with init warm")
+    p.add_argument(
+        "--warm-ks", default="1,2", type=common.int_list, help="SNLP iteration counts with init warm"
+    )
     p.add_argument("--warm-modes", default="compiled+graph")
     p.add_argument(
-        "--deferred-ks",
-        default="1,2",
-        help="SNLP iteration counts also timed with deferred K/V (SNLPConfig.deferred_kv)",
+        "--deferred-ks", default="1,2", type=common.int_list, help="Ks also timed with deferred K/V"
     )
     p.add_argument("--deferred-modes", default="compiled,compiled+graph")
     p.add_argument(
-        "--einsum-ks",
-        default="1",
-        help="SNLP iteration counts also timed with the GEMV kernel off (cuBLAS einsum), graph modes only",
+        "--einsum-ks", default="1", type=common.int_list, help="Ks also timed without the GEMV kernel"
     )
     args = p.parse_args(argv)
 
-    run = start_regime(
+    run = common.start_regime(
         args,
-        "decode.py",
-        RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed"
+        "decode",
+        common.RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab}); step + cache write timed"
         " (deferred steps: the step alone, which writes the previous token's K/V)",
         argv,
     )
-    t_start, device, dtype, out, bw = run.t_start, run.device, run.dtype, run.out, run.bandwidth
-    bench = Bench("decode", out, device, run.meta, name=args.name)
-    ks, warm_ks, chunk_counts = int_list(args.ks), int_list(args.warm_ks), int_list(args.chunks)
-    einsum_ks = int_list(args.einsum_ks)
-    deferred_ks = int_list(args.deferred_ks)
-    deferred_modes = mode_list(args.deferred_modes, device)
-    modes = mode_list(args.modes, device)
-    seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
-    warm_modes = mode_list(args.warm_modes, device)
-    chunk_modes = mode_list(args.chunk_modes, device)
-    prof_path = out / f"{args.name}_profile.txt"
+    device, out = run.device, run.out
+    bench = common.Bench("decode", out, device, run.meta, name=args.name)
+    seq = args.modes if args.seq_modes is None else args.seq_modes
+    texts = (args.modes, seq, args.warm_modes, args.chunk_modes, args.deferred_modes)
+    modes, seq_modes, warm_modes, chunk_modes, deferred_modes = (common.mode_list(m, device) for m in texts)
     ctx = args.context
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            model, model_note = inference_model(
-                SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype
+            model, model_note = common.inference_model(
+                common.SHAPES[shape], vocab_size=args.vocab, device=device, dtype=run.dtype
             )
             cfg = model.config
-            wbytes = layer_bytes(model)
+            wbytes = common.layer_bytes(model)
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
             step = CachedStep(model)
             for batch in (int(b) for b in args.batch.split(",")):
@@ -175,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 transform_s = time.perf_counter() - t0
                 deferred = (
                     snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
-                    if deferred_ks and deferred_modes
+                    if args.deferred_ks and deferred_modes
                     else None
                 )
                 # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
                 chunked = {
                     c: snlp_compile.transform(step, inputs, iterations=1, chunks=c)
-                    for c in (chunk_counts if chunk_modes else [])
+                    for c in (args.chunks if chunk_modes else [])
                     if 1 < c <= cfg.n_layer
                 }
                 kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
@@ -190,18 +150,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
                     f"transform() took {transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
                 )
-                floor = floor_ms(wbytes + kv_bytes, bw)
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, init, K, mode, chunks)
                 plan: list[tuple[str, str, int | None, str, int]] = [
                     ("sequential", "", None, m, 1) for m in seq_modes
                 ]
-                plan += [("snlp", "h0", k, m, 1) for k in ks for m in modes]
-                plan += [("snlp", "warm", k, m, 1) for k in warm_ks for m in warm_modes]
+                plan += [("snlp", "h0", k, m, 1) for k in args.ks for m in modes]
+                plan += [("snlp", "warm", k, m, 1) for k in args.warm_ks for m in warm_modes]
                 plan += [("snlp-chunked", "h0", 1, m, c) for c in chunked for m in chunk_modes]
-                plan += [("snlp-deferred", "h0", k, m, 1) for k in deferred_ks for m in deferred_modes]
+                plan += [("snlp-deferred", "h0", k, m, 1) for k in args.deferred_ks for m in deferred_modes]
                 plan += [
-                    ("snlp-einsum", "h0", k, m, 1) for k in einsum_ks for m in modes if m.endswith("+graph")
+                    ("snlp-einsum", "h0", k, m, 1)
+                    for k in args.einsum_ks
+                    for m in modes
+                    if m.endswith("+graph")
                 ]
                 post = _writer(k_cache, v_cache, pos)
                 for family, init, k, mode, chunks in plan:
@@ -210,51 +172,43 @@ def main(argv: list[str] | None = None) -> int:
                     elif family == "snlp-chunked":
                         variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
                     elif family == "snlp-deferred":
-                        variant, base = f"snlp K={k} deferred {mode}", with_iterations(deferred, k, "h0")
+                        variant, base = (
+                            f"snlp K={k} deferred {mode}",
+                            common.with_iterations(deferred, k, "h0"),
+                        )
                     elif family == "snlp-einsum":
-                        variant, base = f"snlp K={k} einsum {mode}", with_iterations(snlp, k, "h0")
+                        variant, base = f"snlp K={k} einsum {mode}", common.with_iterations(snlp, k, "h0")
                     else:
                         tag = "" if init == "h0" else " warm"
-                        variant, base = f"snlp K={k}{tag} {mode}", with_iterations(snlp, k, init)
-                    rec = Record("decode", shape_label, case, variant, family, k, mode)
+                        variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
+                    rec = common.Record("decode", shape_label, case, variant, family, k, mode)
                     rec.extra["init"] = init or None
                     if family == "snlp-chunked":
                         rec.extra["chunks"] = chunks
-                    if time.perf_counter() - t_start > args.budget_s:
-                        rec.error = "skipped: time budget spent"
-                        bench.records.append(rec)
-                        continue
-                    key = variant.replace("+graph", "")
-                    options = None if family == "sequential" else run.meta.get("snlp_inductor")
-                    rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
                     write = logits_only if family == "snlp-deferred" else post
-                    build = partial(make_variant, base, mode, inputs, device, compiled, key, write, options)
-                    if family == "snlp-einsum":
-                        build = gemv_kernel_off(build)
-                    bench.measure(rec, build, ref, warmup=10)
-                    ms = rec.median_ms if rec.median_ms else float("nan")
-                    err = rec.rel_err if rec.rel_err is not None else float("nan")
-                    print(
-                        f"  {shape:>5} {case:>13} {variant:<30} {ms:8.4f} ms  rel_err {err:.1e}"
-                        f"  ({rec.extra['build_and_time_s']} s)",
-                        flush=True,
+                    wrap = gemv_kernel_off if family == "snlp-einsum" else None
+                    bench.run(
+                        run,
+                        rec,
+                        base,
+                        inputs,
+                        reference=ref,
+                        compiled=compiled,
+                        post=write,
+                        warmup=10,
+                        wrap=wrap,
                     )
+                floor = common.floor_ms(wbytes + kv_bytes, run.bandwidth)
                 bench.finish_case(shape_label, case, floor, layers=cfg.n_layer)
                 if args.profile and device.type == "cuda" and batch == 1:
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 deferred compiled"):
                         if key in compiled:
                             fn = partial(compiled[key], *inputs)
-                            profile_variant(fn, f"{shape_label} {case} {key}", prof_path, rows=40)
+                            label = f"{shape_label} {case} {key}"
+                            common.profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
                 del snlp, chunked, compiled, deferred
             del model, step
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bench.plot()
-    print((out / f"{args.name}.md").read_text())
-    print(f"total {time.perf_counter() - t_start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return bench.done(run.t_start)

@@ -1,58 +1,33 @@
 """Full-sequence forward benchmark: batch 1, T = 256 and 2048, sequential vs SNLP K = 1, 2, 4, and
 chunked SNLP (K = 1, C = 2, 4 chunks).
 
-    PYTHONPATH=. python benchmarks/forward.py                       # on a GPU: the full table
-    PYTHONPATH=. python benchmarks/forward.py --device cpu --shapes tiny --seq 32 --modes eager \
-        --chunk-modes eager
+    python -m benchmarks forward                       # on a GPU: the full table
+    python -m benchmarks forward --device cpu --shapes tiny --seq 32 --modes eager --chunk-modes eager
 
-Shapes are layer stacks ("trunks"): nanochat-d20 (L=20, d=1280) and the paper's 0.5B shape
-(L=32, d=640), with the vocabulary cut to --vocab tokens so that the embedding and head (the same
-work in every variant) do not blur the layer-stack comparison. bf16, random weights.
-
-Variants: sequential eager / eager + CUDA graph / torch.compile / torch.compile + CUDA graph, and
-the same four for the transformed model at each K. "+ CUDA graph" captures the callable with
-torch.cuda.CUDAGraph after warm-up (what mode="reduce-overhead" does, without its tree
-bookkeeping). Chunked variants ("snlp K=1 C=2 <mode>", family "snlp-chunked", in --chunk-modes):
-the model transformed with SNLPConfig(iterations=1, chunks=C, init h0), C consecutive chunks of
-layers each solved layer-parallel from the previous chunk's last output (C batched evaluations). Each case reports the ratio against the best sequential variant of the same run and
-the bytes floor (layer weights read once over the measured copy bandwidth); "floor at K" is the
-larger of that and the FLOP floor (the layers' FLOPs at the measured matmul rate) times
-``common.layer_parallel_passes``, and "ceiling vs best seq" the best sequential time over it.
+Shapes are layer stacks ("trunks", vocab cut to --vocab so that the embedding and head do not blur
+the comparison); bf16, random weights. Variants: sequential and SNLP at each K, in the modes asked
+for ("+graph": the compiled callable captured in a CUDA graph after warm-up, which is what
+mode="reduce-overhead" does without its tree bookkeeping); chunked variants in --chunk-modes.
+Each case reports the ratio against the best sequential variant of the same run and the bytes
+floor; "floor at K" is the larger of that and the FLOP floor (the layers' FLOPs at the measured
+matmul rate) times ``common.layer_parallel_passes``, "ceiling vs best seq" the best sequential
+time over it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    RANDOM_WEIGHTS_NOTE,
-    SHAPES,
-    Bench,
-    Record,
-    add_regime_arguments,
-    floor_ms,
-    inference_model,
-    int_list,
-    layer_bytes,
-    make_variant,
-    mode_list,
-    profile_variant,
-    rel_err,
-    start_regime,
-    with_iterations,
-)
-
 import snlp_compile
 from snlp_compile.models import build_model
+
+from . import common
 
 
 def smoke(device: torch.device) -> dict[str, Any]:
@@ -61,7 +36,7 @@ def smoke(device: torch.device) -> dict[str, Any]:
     idx = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
     out = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer)
     with torch.no_grad():
-        err = rel_err(out(idx), model(idx))
+        err = common.rel_err(out(idx), model(idx))
     ok = err < 1e-4
     print(f"smoke: nanochat-small fp32 K=L on {device}: rel err {err:.2e} ({'ok' if ok else 'FAILED'})")
     return {
@@ -75,7 +50,7 @@ def smoke(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_regime_arguments(
+    common.add_regime_arguments(
         p,
         name="forward",
         ks_help="SNLP iteration counts",
@@ -86,30 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-smoke", action="store_true")
     args = p.parse_args(argv)
 
-    run = start_regime(args, "forward.py", RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv)
-    t_start, device, dtype, out, bw, meta = (
-        run.t_start,
-        run.device,
-        run.dtype,
-        run.out,
-        run.bandwidth,
-        run.meta,
+    run = common.start_regime(
+        args, "forward", common.RANDOM_WEIGHTS_NOTE + f"; trunk shapes (vocab {args.vocab})", argv
     )
+    device, out, meta = run.device, run.out, run.meta
     if not args.no_smoke:
         meta["smoke"] = smoke(device)
-    bench = Bench("forward", out, device, meta, name=args.name)
-    ks, chunk_counts = int_list(args.ks), int_list(args.chunks)
-    modes = mode_list(args.modes, device)
-    seq_modes = modes if args.seq_modes is None else mode_list(args.seq_modes, device)
-    chunk_modes = mode_list(args.chunk_modes, device)
-    prof_path = out / f"{args.name}_profile.txt"
+    bench = common.Bench("forward", out, device, meta, name=args.name)
+    texts = (args.modes, args.modes if args.seq_modes is None else args.seq_modes, args.chunk_modes)
+    modes, seq_modes, chunk_modes = (common.mode_list(m, device) for m in texts)
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            name = SHAPES[shape]
-            model, model_note = inference_model(name, vocab_size=args.vocab, device=device, dtype=dtype)
+            name = common.SHAPES[shape]
+            model, model_note = common.inference_model(
+                name, vocab_size=args.vocab, device=device, dtype=run.dtype
+            )
             cfg = model.config
-            wbytes = layer_bytes(model)
+            wbytes = common.layer_bytes(model)
             t0 = time.perf_counter()
             example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
             snlp = snlp_compile.transform(model, (example,), iterations=1)
@@ -117,19 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
             chunked = {
                 c: snlp_compile.transform(model, (example,), iterations=1, chunks=c)
-                for c in (chunk_counts if chunk_modes else [])
+                for c in (args.chunks if chunk_modes else [])
                 if 1 < c <= cfg.n_layer
             }
-            print(
-                f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB, transform {transform_s:.1f}s"
-            )
+            print(f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB")
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
             for T in (int(t) for t in args.seq.split(",")):
                 idx = torch.randint(0, args.vocab, (args.batch, T), device=device)
                 ref = model(idx)
                 case = f"b{args.batch} T={T}"
                 flops = 2 * cfg.n_layer * args.batch * T * (12 * cfg.n_embd**2 + T * cfg.n_embd)
-                floor = floor_ms(wbytes, bw)
+                floor = common.floor_ms(wbytes, run.bandwidth)
                 rate = meta.get("matmul_tflops")
                 # one pass over the layers is bound by FLOPs here (at the measured matmul rate)
                 pass_floor = max(floor, flops / (rate * 1e12) * 1e3) if rate else floor
@@ -142,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, K, mode, chunks)
                 plan: list[tuple[str, int | None, str, int]] = [("sequential", None, m, 1) for m in seq_modes]
-                plan += [("snlp", k, m, 1) for k in ks for m in modes]
+                plan += [("snlp", k, m, 1) for k in args.ks for m in modes]
                 plan += [("snlp-chunked", 1, m, c) for c in chunked for m in chunk_modes]
                 for family, k, mode, chunks in plan:
                     if family == "sequential":
@@ -150,41 +117,21 @@ def main(argv: list[str] | None = None) -> int:
                     elif family == "snlp-chunked":
                         variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
                     else:
-                        variant, base = f"snlp K={k} {mode}", with_iterations(snlp, k)
-                    rec = Record("forward", shape_label, case, variant, family, k, mode)
+                        variant, base = f"snlp K={k} {mode}", common.with_iterations(snlp, k)
+                    rec = common.Record("forward", shape_label, case, variant, family, k, mode)
                     if family == "snlp-chunked":
                         rec.extra["chunks"] = chunks
-                    if time.perf_counter() - t_start > args.budget_s:
-                        rec.error = "skipped: time budget spent"
-                        bench.records.append(rec)
-                        continue
-                    key = variant.replace("+graph", "")
-                    options = None if family == "sequential" else meta.get("snlp_inductor")
-                    rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
-                    build = partial(make_variant, base, mode, (idx,), device, compiled, key, None, options)
-                    bench.measure(rec, build, ref, warmup=5)
-                    print(
-                        f"  {case:>12} {variant:<28} {rec.median_ms if rec.median_ms else float('nan'):8.3f} ms"
-                        f"  rel_err {rec.rel_err if rec.rel_err is not None else float('nan'):.1e}"
-                        f"  ({rec.extra['build_and_time_s']} s)",
-                        flush=True,
-                    )
+                    bench.run(run, rec, base, (idx,), ref, compiled, warmup=5)
                 bench.finish_case(shape_label, case, floor, layers=cfg.n_layer, pass_floor=pass_floor)
                 if args.profile and device.type == "cuda":
                     for key in ("seq compiled", "snlp K=1 compiled", "snlp K=1 autotuned"):
                         if key in compiled:
-                            profile_variant(
-                                partial(compiled[key], idx), f"{shape_label} {case} {key}", prof_path
+                            label = f"{shape_label} {case} {key}"
+                            common.profile_variant(
+                                partial(compiled[key], idx), label, out / f"{args.name}_profile.txt"
                             )
             del model, snlp, chunked
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bench.plot()
-    print((out / f"{args.name}.md").read_text())
-    print(f"total {time.perf_counter() - t_start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return bench.done(run.t_start)

@@ -1,24 +1,17 @@
 """How the layer-batched linear of a decode step is lowered: one row per layer times stacked
 weights (N, O, I), preceded by the RMS norm that produces the row, compiled and captured in a CUDA
-graph. This is the op that dominates a batch-1 SNLP decode step; the profile of run 5 showed one
-device-to-device copy per batched matmul, which this script attributes and measures: Inductor
-gives the size-1 row dim of the bmm operand stride 0 and cuBLAS' bmm wrapper (ATen) copies such
-an operand whose dims it cannot use as they are. Two rows per layer take no copy. Three fixes
-were tried in run 6 and reverted, none removed the copy on the H200: the row pinned with
-``as_strided`` and the row padded to two inside the compiled graph (Inductor re-derives the
-layout), and an opaque custom op restoring the row's dense strides right before ``torch.bmm``
-(so the row's stride is not the whole story; ``gemv_lowering_r6*.md`` in benchmarks/results).
+graph: the op that dominates a batch-1 SNLP decode step.
 
-    PYTHONPATH=. python benchmarks/gemv_lowering.py            # on a GPU
-    PYTHONPATH=. python benchmarks/gemv_lowering.py --device cpu --shapes 4x256x64   # smoke run
+    python -m benchmarks gemv-lowering                                   # on a GPU
+    python -m benchmarks gemv-lowering --device cpu --shapes 4x256x64    # smoke run
+    python -m benchmarks gemv-lowering --sweep --sweep-cold ...          # the kernel's launch configs
+    ncu --profile-from-start off ... python -m benchmarks gemv-lowering --ncu-probe
 
 Variants (same inputs, same result up to rounding):
-  einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer: the lowering before
-                run 7 (``gemv_lowering_r6*.md`` also have rows for the lowerings tried and reverted)
+  einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer
   kernel        the compiler's ``_einsum_linear``: the layer-batched GEMV Triton kernel
                 (``snlp_compile.kernels.layer_gemv``), one row per layer
-  einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
-                bandwidth-bound GEMV
+  einsum-rows2  two rows per layer (cuBLAS' bmm wrapper copies a one-row operand, not two rows)
   einsum-rows8, kernel-rows8   eight rows per layer (decoding at batch 8)
 For each: median time (CUDA events), copies (aten::clone) per call from the profiler, and the
 bytes floor (the weights read once at the measured copy bandwidth).
@@ -28,25 +21,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from snlp_compile.passes.batch_layers import _einsum_linear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    copy_bandwidth,
-    cuda_graph,
-    device_label,
-    environment,
-    floor_ms,
-    out_dir_from,
-    time_fn,
-    write_table,
-)
+from . import common
 
 
 def _variants() -> dict[str, tuple[int, object]]:
@@ -107,7 +90,7 @@ def _timed_us(
     """Median us of one fn(x, w) in a CUDA graph: a chain over the copies (cold), or one launch."""
     call = _chain(fn, operands) if cold else functools.partial(fn, *operands[-1])
     return (
-        time_fn(cuda_graph(call, device), device, warmup=5, samples=50).median_ms
+        common.time_fn(common.cuda_graph(call, device), device, warmup=5, samples=50).median_ms
         * 1e3
         / (CHAIN if cold else 1)
     )
@@ -128,27 +111,21 @@ def sweep(
     kernel can reach per shape, and which configs to autotune. A shape ending in ``t`` stores w
     transposed, (N, I, O) read as (N, O, I): the values cache in a decode step's attention.
 
-    ``cold`` (from run 15): each timing is per launch in a chain of ``CHAIN`` launches over
+    ``cold``: each timing is per launch in a chain of ``CHAIN`` launches over
     ``COPIES`` operand copies in one CUDA graph, so operands come from DRAM as in a step (a 42 MB
     values cache mostly fits the H200's L2 when one launch is replayed), and the autotuned op
     (``torch.ops.snlp.layer_gemv``, the configs the compiler ships) is timed the same way."""
     from snlp_compile.kernels import layer_gemv as lg
 
-    bw = copy_bandwidth(device)
-    grid = [
-        (bo, bi, nw, ns)
-        for bo in (4, 8, 16, 32, 64, 128)
-        for bi in (64, 128, 256, 512)
-        for nw in (2, 4, 8)
-        for ns in stages
-        if 512 <= bo * bi <= 16384
-    ]
+    bw = common.copy_bandwidth(device)
+    configs = itertools.product((4, 8, 16, 32, 64, 128), (64, 128, 256, 512), (2, 4, 8), stages)
+    grid = [(bo, bi, nw, ns) for bo, bi, nw, ns in configs if 512 <= bo * bi <= 16384]
     result: list[dict[str, object]] = []
     for shape in shapes.split(","):
         n, o, i = (int(v) for v in shape.rstrip("t").split("x"))
         ws = [_weights(shape, n, o, i, device, dtype) for _ in range(COPIES if cold else 1)]
         w = ws[-1]
-        floor_us = floor_ms(w.numel() * w.element_size(), bw) * 1e3
+        floor_us = common.floor_ms(w.numel() * w.element_size(), bw) * 1e3
         for r in row_counts:
             operands = [(torch.randn(n, r, i, device=device, dtype=dtype), wc) for wc in ws]
             x = operands[-1][0]
@@ -158,12 +135,7 @@ def sweep(
             timed = []
             for bo, bi, nw, ns in grid:
                 tile = functools.partial(
-                    lg.launch,
-                    lg._layer_gemv_tile,
-                    BLOCK_O=bo,
-                    BLOCK_I=bi,
-                    num_warps=nw,
-                    num_stages=ns,
+                    lg.launch, lg._layer_gemv_tile, BLOCK_O=bo, BLOCK_I=bi, num_warps=nw, num_stages=ns
                 )
                 try:
                     y = tile(x, w)
@@ -173,64 +145,76 @@ def sweep(
                 except Exception:  # a config that does not compile (registers, shared memory) is skipped
                     continue
             timed.sort()
-            best = [
-                {"us": t, "BLOCK_O": c[0], "BLOCK_I": c[1], "warps": c[2], "stages": c[3]}
-                for t, c in timed[:5]
-            ]
-            row = {
-                "shape": shape,
-                "rows": r,
-                "cold": cold,
-                "einsum_us": t_einsum,
-                "shipped_us": t_shipped,
-                "floor_us": floor_us,
-                "best": best,
-            }
-            result.append(row)
-            print(
-                f"{shape:>14} rows {r}: einsum {t_einsum:.1f} us, shipped (autotuned) {t_shipped:.2f} us,"
-                f" floor {floor_us:.1f}; best "
-                + "; ".join(
-                    f"{b['us']:.2f} ({b['BLOCK_O']},{b['BLOCK_I']},{b['warps']},{b['stages']})" for b in best
-                ),
-                flush=True,
+            best = [dict(us=t, BLOCK_O=c[0], BLOCK_I=c[1], warps=c[2], stages=c[3]) for t, c in timed[:5]]
+            row = dict(
+                shape=shape, rows=r, cold=cold, einsum_us=t_einsum, shipped_us=t_shipped, floor_us=floor_us
             )
+            row["best"] = best
+            result.append(row)
+            tops = "; ".join(
+                f"{b['us']:.2f} ({b['BLOCK_O']},{b['BLOCK_I']},{b['warps']},{b['stages']})" for b in best
+            )
+            print(
+                f"{shape:>14} rows {r}: einsum {t_einsum:.1f} us, shipped (autotuned) {t_shipped:.2f} us,",
+                end="",
+            )
+            print(f" floor {floor_us:.1f}; best {tops}")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def ncu_probe() -> None:
+    """One launch each of a 0.5B decode step's values and keys products on the GEMV kernel
+    (autotuned first, outside the profiled range), for Nsight Compute (--profile-from-start off)."""
+    from snlp_compile.kernels import layer_gemv  # noqa: F401  (registers the op)
+
+    torch.manual_seed(0)
+    cache = torch.randn(320, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(320, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(320, 1, 64, device="cuda", dtype=torch.bfloat16)
+    for profiled in (False, False, False, True):  # autotune, steady launches, then the profiled one
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        torch.ops.snlp.layer_gemv(probs, cache.transpose(1, 2))  # values: w (320, 64, 1024) transposed
+        torch.ops.snlp.layer_gemv(q, cache)  # keys: w (320, 1024, 64)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--shapes",
-        default="20x5120x1280,20x3840x1280,20x1280x5120,20x2560x1280,32x1920x640,32x640x640,32x2560x640,32x640x2560",
-        help="NxOxI list",
+    shapes = (
+        "20x5120x1280,20x3840x1280,20x1280x5120,20x2560x1280,32x1920x640,32x640x640,32x2560x640,32x640x2560"
     )
+    p.add_argument("--shapes", default=shapes, help="NxOxI list")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="gemv_lowering")
     p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
     p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")
     p.add_argument("--sweep-stages", default="1,2,3", help="num_stages values the sweep tries")
-    p.add_argument(
-        "--sweep-cold", action="store_true", help="time chains of launches over operand copies (cold L2)"
-    )
+    p.add_argument("--sweep-cold", action="store_true", help="chains of launches over operand copies")
+    p.add_argument("--ncu-probe", action="store_true", help="one values and one keys product, for ncu")
     args = p.parse_args(argv)
+    if args.ncu_probe:
+        ncu_probe()
+        return 0
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         rows = tuple(int(r) for r in args.sweep_rows.split(","))
         stages = tuple(int(s) for s in args.sweep_stages.split(","))
         sweep(args.shapes, device, dtype, out, args.name, rows, stages, args.sweep_cold)
         return 0
-    bw = copy_bandwidth(device)
+    bw = common.copy_bandwidth(device)
     rows: list[dict[str, object]] = []
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
         n, o, i = (int(s) for s in shape.split("x"))
         w = torch.randn(n, o, i, device=device, dtype=dtype) / i**0.5
-        floor = floor_ms(w.numel() * w.element_size(), bw)
+        floor = common.floor_ms(w.numel() * w.element_size(), bw)
         for name, (r, fn) in _variants().items():
             x = torch.randn(n, r, i, device=device, dtype=dtype)
             compiled = torch.compile(fn, dynamic=False)
@@ -240,42 +224,23 @@ def main(argv: list[str] | None = None) -> int:
                 err = float((y.float() - expect).norm() / expect.norm())
                 call = functools.partial(compiled, x, w)
                 clones = _clones_per_call(call)
-                run = cuda_graph(call, device) if device.type == "cuda" else call
-                t = time_fn(run, device, warmup=20, samples=200)
-            row = {
-                "shape": shape,
-                "variant": name,
-                "rows": r,
-                "median_us": t.median_ms * 1e3,
-                "floor_us": floor * 1e3,
-                "x_floor": t.median_ms / floor if floor == floor else None,
-                "clones_per_call": clones,
-                "rel_err": err,
-            }
+                run = common.cuda_graph(call, device) if device.type == "cuda" else call
+                t = common.time_fn(run, device, warmup=20, samples=200)
+            row = dict(shape=shape, variant=name, rows=r, median_us=t.median_ms * 1e3, floor_us=floor * 1e3)
+            row.update(
+                x_floor=t.median_ms / floor if floor == floor else None, clones_per_call=clones, rel_err=err
+            )
             rows.append(row)
             print(
                 f"{shape:>15} {name:<10} {row['median_us']:8.2f} us  x floor {row['x_floor'] or float('nan'):.2f}"
-                f"  clones/call {clones:.0f}  rel_err {err:.1e}",
-                flush=True,
+                f"  clones/call {clones:.0f}  rel_err {err:.1e}"
             )
-    meta = {"env": environment(device), "copy_bandwidth_tbs": bw / 1e12, "command": " ".join(sys.argv)}
+    meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
+    meta["command"] = common.command("gemv-lowering", argv)
     title = (
         "## Layer-batched GEMV lowering (compiled + CUDA graph)\n\n"
-        f"Device: {device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s"
+        f"Device: {common.device_label(meta['env'])}, copy bandwidth {bw / 1e12:.2f} TB/s"
     )
-    columns = {
-        "N x O x I": "shape:",
-        "variant": "variant:",
-        "rows": "rows:",
-        "median us": "median_us:.2f",
-        "floor us": "floor_us:.2f",
-        "x floor": "x_floor:.2f",
-        "clones/call": "clones_per_call:.0f",
-        "rel err": "rel_err:.1e",
-    }
-    print(write_table(out, args.name, meta, rows, title, columns))
+    columns = "shape variant rows median_us:.2f floor_us:.2f x_floor:.2f clones_per_call:.0f rel_err:.1e"
+    print(common.write_table(out, args.name, meta, rows, title, columns))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

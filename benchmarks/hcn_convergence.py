@@ -10,7 +10,7 @@ A second, smaller table times the correction step alone for static H on CPU: the
 against the precomputed prefix products (the default for static H). CPU only, no GPU time was
 budgeted for this issue: it shows which variant does less work, not GPU speed.
 
-    python benchmarks/hcn_convergence.py [--seeds 3] [--seq 64] [--out DIR]
+    python -m benchmarks hcn-convergence [--seeds 3] [--seq 64] [--out DIR]
 
 Writes hcn_convergence.json, hcn_convergence.md and hcn_convergence.png.
 """
@@ -20,29 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import snlp_compile
-from benchmarks.common import environment, out_dir_from
 from snlp_compile.models import build_model, model_config
 from snlp_compile.models.mhc import HCPackageGPT
-from snlp_compile.solve.scan import (
-    apply_prefix_products,
-    matrix_affine_scan,
-    static_init_products,
-    static_prefix_products,
-)
+from snlp_compile.solve import scan
 from snlp_compile.solve.solver import identity_surrogate
+
+from . import common
 
 MODELS = {
     "mhc-small (static H)": lambda seed: build_model("mhc-small", seed=seed),
@@ -70,10 +62,6 @@ def sequential_trace(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.T
     return torch.stack(outs), logits
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def convergence(
     name: str, build: Callable[[int], torch.nn.Module], seed: int, batch: int, seq: int
 ) -> list[dict[str, Any]]:
@@ -87,7 +75,10 @@ def convergence(
     rows = []
     for surrogate in ("HCN", "identity"):
         for k in range(1, n + 1):
-            with torch.no_grad(), identity_surrogate(fast.snlp_solve) if surrogate == "identity" else _null():
+            with (
+                torch.no_grad(),
+                identity_surrogate(fast.snlp_solve) if surrogate == "identity" else nullcontext(),
+            ):
                 trace = snlp_compile.solve_trace(fast, idx, iterations=k)
                 fast.snlp_solve.iterations = k
                 logits = fast(idx)
@@ -95,16 +86,11 @@ def convergence(
             rows.append(
                 dict(
                     model=name, seed=seed, surrogate=surrogate, k=k, layers=n,
-                    trace_err=rel(trace, trace_seq), last_err=rel(trace[-1], trace_seq[-1]),
-                    logits_err=rel(logits, logits_seq),
+                    trace_err=common.rel_err(trace, trace_seq), last_err=common.rel_err(trace[-1], trace_seq[-1]),
+                    logits_err=common.rel_err(logits, logits_seq),
                 )
             )  # fmt: skip
     return rows
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def time_correction(n_layers: int, batch: int, seq: int, dim: int, reps: int) -> list[dict[str, Any]]:
@@ -113,26 +99,20 @@ def time_correction(n_layers: int, batch: int, seq: int, dim: int, reps: int) ->
     a = 0.8 * torch.eye(4) + 0.1 * torch.randn(n_layers, 4, 4, generator=gen)
     d = torch.randn(n_layers, batch, seq, 4, dim, generator=gen)
     h0 = torch.randn(batch, seq, 4, dim, generator=gen)
-    T, P = static_prefix_products(a, matrix=True), static_init_products(a, matrix=True)
+    T, P = scan.static_prefix_products(a, matrix=True), scan.static_init_products(a, matrix=True)
     variants = {
-        "log-depth scan": lambda: matrix_affine_scan(a, d, h0),
-        "prefix products": lambda: apply_prefix_products(T, d, h0, True, P),
+        "log-depth scan": lambda: scan.matrix_affine_scan(a, d, h0),
+        "prefix products": lambda: scan.apply_prefix_products(T, d, h0, True, P),
     }
     ref = variants["log-depth scan"]()
     out = []
     for label, fn in variants.items():
-        err = rel(fn(), ref)
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        err = common.rel_err(fn(), ref)
+        t = common.time_fn(fn, torch.device("cpu"), warmup=3, samples=reps)
         out.append(
             dict(
-                variant=label, layers=n_layers, shape=f"B={batch} T={seq} n=4 D={dim}", median_ms=statistics.median(times),
-                p10_ms=sorted(times)[len(times) // 10], bytes_moved_floor_mb=2 * d.numel() * 4 / 2**20, rel_diff=err,
+                variant=label, layers=n_layers, shape=f"B={batch} T={seq} n=4 D={dim}", median_ms=t.median_ms,
+                p10_ms=t.p10_ms, bytes_moved_floor_mb=2 * d.numel() * 4 / 2**20, rel_diff=err,
             )
         )  # fmt: skip
     return out
@@ -162,54 +142,45 @@ def markdown(summary: list[dict[str, Any]], timing: list[dict[str, Any]], meta: 
         "errors against the sequential model. `trace` = all parallel layers' outputs (all streams), "
         "`last` = the last layer's output, `logits` = after the stream sum, final norm and head.",
         "",
-        "| model | K | trace HCN | trace identity | last HCN | last identity | logits HCN | logits identity |",
-        "|---|---|---|---|---|---|---|---|",
     ]
     index = {(r["model"], r["surrogate"], r["k"]): r for r in summary}
+    cells = []
     for model in dict.fromkeys(r["model"] for r in summary):
         for k in sorted({r["k"] for r in summary if r["model"] == model}):
             h, i = index[(model, "HCN", k)], index[(model, "identity", k)]
-            lines.append(
-                f"| {model} | {k} | {h['trace_err']:.2e} | {i['trace_err']:.2e} | {h['last_err']:.2e} | "
-                f"{i['last_err']:.2e} | {h['logits_err']:.2e} | {i['logits_err']:.2e} |"
-            )
+            errs = [f"{x[e]:.2e}" for e in ("trace_err", "last_err", "logits_err") for x in (h, i)]
+            cells.append([model, k, *errs])
+    header = "model,K,trace HCN,trace identity,last HCN,last identity,logits HCN,logits identity"
+    lines += common.md_table(header.split(","), cells)
     lines += [
         "",
-        "Notes. HCN's trace is closer to the sequential one than the identity surrogate's at every K < N, "
-        "and the identity surrogate's trace error even grows for a few iterations (its correction "
-        "moves every stream by the whole sum of the branch updates, ignoring how H mixes them). "
-        "In the mHC models the logits agree to rounding at K = 1: the model reads the streams only "
-        "through their sum, H_res is doubly stochastic (Sinkhorn ends with a column normalisation), "
-        "so 1^T A = 1^T and the stream sum of the two corrections is the same; from K = 2 on the "
-        "layer inputs differ and HCN's logits converge faster. Plain HC's H is not stochastic: its "
-        "logits differ from K = 1 on. In the hyper-connections package's mHC at its own "
-        "initialisation the branch outputs go to all streams nearly equally, the streams stay "
-        "close to each other and a stochastic H maps equal streams to themselves, so the two "
-        "surrogates differ less there. K = N is exact for both (float32 mixing inside the mHC "
-        "package limits that row to ~1e-7).",
+        "How to read it: docs/benchmark-history.md (HC-Newton against the identity surrogate).",
         "",
         "## Correction step alone, static H (CPU, float32)",
         "",
         f"Median of {meta['reps']} runs after warm-up; CPU only (no GPU time was budgeted for this issue). "
         "The floor is the bytes of d read once and the trace written once.",
         "",
-        "| variant | layers | shape | median ms | p10 ms | bytes floor (MiB) | rel. diff to scan |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for t in timing:
-        lines.append(
-            f"| {t['variant']} | {t['layers']} | {t['shape']} | {t['median_ms']:.2f} | {t['p10_ms']:.2f} | "
-            f"{t['bytes_moved_floor_mb']:.0f} | {t['rel_diff']:.1e} |"
-        )
+    header = "variant,layers,shape,median ms,p10 ms,bytes floor (MiB),rel. diff to scan"
+    specs = (
+        "variant:",
+        "layers:",
+        "shape:",
+        "median_ms:.2f",
+        "p10_ms:.2f",
+        "bytes_moved_floor_mb:.0f",
+        "rel_diff:.1e",
+    )
+    cells = [[format(t[k], f) for k, f in (s.split(":") for s in specs)] for t in timing]
+    lines += common.md_table(header.split(","), cells)
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:
+        return
     models = list(dict.fromkeys(r["model"] for r in summary))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -233,16 +204,16 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
@@ -255,7 +226,11 @@ def main() -> None:
         timing.extend(time_correction(n_layers, batch=1, seq=256, dim=256, reps=args.reps))
 
     meta = dict(
-        batch=args.batch, seq=args.seq, seeds=args.seeds, reps=args.reps, env=environment(torch.device("cpu"))
+        batch=args.batch,
+        seq=args.seq,
+        seeds=args.seeds,
+        reps=args.reps,
+        env=common.environment(torch.device("cpu")),
     )
     (out / "hcn_convergence.json").write_text(
         json.dumps(dict(meta=meta, summary=summary, rows=rows, timing=timing), indent=1)
@@ -265,7 +240,4 @@ def main() -> None:
     plot(summary, out / "hcn_convergence.png")
     print(table)
     print(f"wrote {out / 'hcn_convergence.json'}, .md, .png")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,28 +1,22 @@
 """Lowering on a GPU: parity and speed of the deployment paths (torch.compile, ONNX Runtime).
 
-    PYTHONPATH=. python benchmarks/lowering_gpu.py                  # on a GPU: parity + table
-    PYTHONPATH=. python benchmarks/lowering_gpu.py --device cpu --shape tiny --seq 16 --parity-model nanochat-tiny
+    python -m benchmarks lowering-gpu                  # on a GPU: parity + table
+    python -m benchmarks lowering-gpu --device cpu --shape tiny --seq 16 --parity-model nanochat-tiny
 
-1. Providers: ``onnxruntime.get_available_providers()`` as printed by this machine.
-2. Parity (float32, small nanochat-style model): the torch.compile backend "snlp" and
-   ``snlp_compile.compile(mode="reduce-overhead")`` in exact mode (K = L) against the original
-   model; the exported ONNX file under ONNX Runtime (CPU provider, and the CUDA provider when
-   this onnxruntime has it) against the transformed PyTorch module on the GPU, two shapes from
-   one export.
-3. Speed (fp16, nanochat-style trunk, batch 1, T = 256 and 2048): sequential and SNLP K = 1
-   (K = 2 compiled with CUDA graphs beside) as PyTorch eager, torch.compile, torch.compile with
-   CUDA graphs (mode="reduce-overhead": the best sequential baseline), the "snlp" backend, and
-   ONNX Runtime's CUDA provider (IOBinding, buffers on the GPU) when present. Medians of CUDA
-   events after warm-up; ratios against the best sequential variant of the same run; the bytes
-   floor is the layer weights read once at the measured copy bandwidth.
+1. Providers: ``onnxruntime.get_available_providers()`` (and its version) on this machine.
+2. Parity (float32): the "snlp" backend and ``snlp_compile.compile(mode="reduce-overhead")`` in
+   exact mode (K = L) against the original model; the exported ONNX file under ONNX Runtime (CPU
+   provider, and CUDA where present) against the transformed module, two shapes from one export.
+3. Speed (fp16 trunk, batch 1, T = 256 and 2048): sequential and SNLP K = 1 (K = 2 compiled with
+   CUDA graphs beside) eager, compiled, compiled with CUDA graphs (mode="reduce-overhead"), under
+   the "snlp" backend, and under ONNX Runtime's CUDA provider (IOBinding) where present; ratios
+   against the best sequential variant of the same run, the bytes floor beside.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,26 +25,11 @@ from typing import Any, ClassVar
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    DTYPES,
-    RANDOM_WEIGHTS_NOTE,
-    SHAPES,
-    Bench,
-    Record,
-    copy_bandwidth,
-    environment,
-    floor_ms,
-    layer_bytes,
-    matmul_rate,
-    out_dir_from,
-    pyplot,
-    rel_err,
-)
-
 import snlp_compile
 from snlp_compile.export.onnx_export import export_onnx
 from snlp_compile.models import build_model
+
+from . import common
 
 REGIME = "lowering_gpu"
 
@@ -60,17 +39,11 @@ def ort_providers() -> list[str]:
         import onnxruntime as ort
     except ImportError as exc:
         return [f"onnxruntime not importable: {exc}"]
-    return list(ort.get_available_providers())
+    return [*ort.get_available_providers(), f"(onnxruntime {ort.__version__})"]
 
 
 def has_ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort_providers()
-
-
-def _first(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 def _guard(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
@@ -81,7 +54,7 @@ def _guard(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
     except Exception as exc:  # one failing check must not lose the others
         results[key] = {"error": f"{type(exc).__name__}: {str(exc)[:800]}"}
     results[key] = {**results[key], "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"parity {key}: {json.dumps(results[key], default=str)}", flush=True)
+    print(f"parity {key}: {json.dumps(results[key], default=str)}")
 
 
 def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
@@ -100,7 +73,7 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
         with torch.no_grad():
             got = compiled(idx)
         record = snlp_compile.export.backend_records()[-1]
-        return {"K": n_layer, "rel_err_vs_original": rel_err(got, want), "rewritten": record.rewritten}
+        return {"K": n_layer, "rel_err_vs_original": common.rel_err(got, want), "rewritten": record.rewritten}
 
     def one_call() -> dict[str, Any]:
         torch._dynamo.reset()
@@ -108,7 +81,7 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
         with torch.no_grad():
             got = fast(idx).clone()
             got = fast(idx).clone()  # second call: replayed from the CUDA graph
-        return {"K": n_layer, "rel_err_vs_original": rel_err(got, want)}
+        return {"K": n_layer, "rel_err_vs_original": common.rel_err(got, want)}
 
     def onnx_runtime() -> dict[str, Any]:
         from snlp_compile.export.ort import IOBindingRunner, ProviderError, make_session
@@ -144,7 +117,9 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
                     got = torch.from_numpy(got)
                 else:
                     (got,) = IOBindingRunner(session, "cuda", device.index or 0)({"idx": x.contiguous()})
-                errs.append({"B": batch, "T": seq, "rel_err_vs_torch": rel_err(got.to(ref.device), ref)})
+                errs.append(
+                    {"B": batch, "T": seq, "rel_err_vs_torch": common.rel_err(got.to(ref.device), ref)}
+                )
             out[f"ort_{label}"] = errs
         return out
 
@@ -200,7 +175,7 @@ def plan_case(
         if key not in onnx_paths:
             t0 = time.perf_counter()
             onnx_paths[key] = export_onnx(model, (idx,), tmp / f"{key}.onnx", dynamic=False, **kw).path
-            print(f"  exported {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"  exported {key} in {time.perf_counter() - t0:.0f} s")
         return onnx_paths[key]
 
     def call(fn: Callable[..., Any]) -> Callable[[], Any]:
@@ -234,58 +209,34 @@ def plan_case(
             ("seq compiled+graph", "sequential", None, "compiled+graph", lambda: compiled(graph_mode))
         )
     if ort_cuda:
-        plan.append(
-            (
-                "seq ORT-CUDA",
-                "sequential",
-                None,
-                "ort-cuda",
-                lambda: ort_variant("seq ORT-CUDA", "seq", rewrite=False),
-            )
-        )
+        seq_ort = lambda: ort_variant("seq ORT-CUDA", "seq", rewrite=False)  # noqa: E731
+        plan.append(("seq ORT-CUDA", "sequential", None, "ort-cuda", seq_ort))
     for i, k in enumerate(ks):
-        label = f"snlp K={k}"
-        if i == 0:
+        label, first = f"snlp K={k}", i == 0
+        if first:
             plan.append((f"{label} eager", "snlp", k, "eager", lambda k=k: snlp_eager(k)))
             plan.append((f"{label} compiled", "snlp", k, "compiled", lambda k=k: snlp_compiled(k, None)))
         if graph_mode:
-            plan.append(
-                (
-                    f"{label} compiled+graph",
-                    "snlp",
-                    k,
-                    "compiled+graph",
-                    lambda k=k: snlp_compiled(k, graph_mode),
-                )
-            )
-        if i == 0:
+            build = lambda k=k: snlp_compiled(k, graph_mode)  # noqa: E731
+            plan.append((f"{label} compiled+graph", "snlp", k, "compiled+graph", build))
+        if first:
             suffix = "+graph" if graph_mode else ""
-            plan.append(
-                (
-                    f"{label} backend 'snlp'{suffix}",
-                    "snlp",
-                    k,
-                    f"backend{suffix}",
-                    lambda k=k: snlp_backend(k),
-                )
-            )
-        if ort_cuda and i == 0:
-            plan.append(
-                (
-                    f"{label} ORT-CUDA",
-                    "snlp",
-                    k,
-                    "ort-cuda",
-                    lambda k=k, label=label: ort_variant(f"{label} ORT-CUDA", f"snlp{k}", iterations=k),
-                )
-            )
+            build = lambda k=k: snlp_backend(k)  # noqa: E731
+            plan.append((f"{label} backend 'snlp'{suffix}", "snlp", k, f"backend{suffix}", build))
+        if ort_cuda and first:
+            build = lambda k=k, label=label: ort_variant(f"{label} ORT-CUDA", f"snlp{k}", iterations=k)  # noqa: E731
+            plan.append((f"{label} ORT-CUDA", "snlp", k, "ort-cuda", build))
     return plan, onnx_paths
 
 
-def bench(args: argparse.Namespace, device: torch.device, bench_: Bench, tmp: Path, t_start: float) -> None:
-    model = build_model(SHAPES[args.shape], vocab_size=args.vocab, device=device, dtype=DTYPES[args.dtype])
+def bench(
+    args: argparse.Namespace, device: torch.device, bench_: common.Bench, tmp: Path, t_start: float
+) -> None:
+    model = build_model(
+        common.SHAPES[args.shape], vocab_size=args.vocab, device=device, dtype=common.DTYPES[args.dtype]
+    )
     cfg = model.config
-    wbytes = layer_bytes(model)
+    wbytes = common.layer_bytes(model)
     bw = bench_.meta.get("copy_bandwidth_tbs", float("nan")) * 1e12
     shape_label = f"{args.shape} (L={cfg.n_layer}, d={cfg.n_embd})"
     ort_cuda = has_ort_cuda() and device.type == "cuda" and not args.no_ort
@@ -299,11 +250,11 @@ def bench(args: argparse.Namespace, device: torch.device, bench_: Bench, tmp: Pa
         for variant, family, k, mode, make in plan:
             if only and not any(o in variant for o in only):
                 continue
-            rec = Record(args.name, shape_label, case, variant, family, k, mode)
+            rec = common.Record(args.name, shape_label, case, variant, family, k, mode)
             if time.perf_counter() - t_start > args.budget_s:
                 rec.error = "skipped: time budget spent"
                 bench_.records.append(rec)
-                print(f"  {case:>12} {variant:<34} skipped (budget)", flush=True)
+                print(f"  {case:>12} {variant:<34} skipped (budget)")
                 continue
             bench_.measure(rec, make, ref, warmup=args.warmup)
             if variant in OrtVariant.placements:
@@ -311,22 +262,18 @@ def bench(args: argparse.Namespace, device: torch.device, bench_: Bench, tmp: Pa
             ms = rec.median_ms if rec.median_ms is not None else float("nan")
             err = rec.rel_err if rec.rel_err is not None else float("nan")
             print(
-                f"  {case:>12} {variant:<34} {ms:8.3f} ms  rel_err {err:.1e}  ({rec.extra['build_and_time_s']} s)",
-                flush=True,
+                f"  {case:>12} {variant:<34} {ms:8.3f} ms  rel_err {err:.1e}  ({rec.extra['build_and_time_s']} s)"
             )
-        bench_.finish_case(shape_label, case, floor_ms(wbytes, bw))
+        bench_.finish_case(shape_label, case, common.floor_ms(wbytes, bw))
         for path in onnx_paths.values():
             path.unlink(missing_ok=True)
             Path(str(path) + ".data").unlink(missing_ok=True)
 
 
-def parity_markdown(meta: dict[str, Any], records: list[Record]) -> str:
+def parity_markdown(meta: dict[str, Any], records: list[common.Record]) -> str:
     """Providers (verbatim), parity checks and ORT placements, appended to the markdown table."""
     lines = ["", "### onnxruntime on this machine", ""]
-    lines.append(
-        f"`onnxruntime.get_available_providers()` printed `{meta.get('ort_providers')}` "
-        f"(onnxruntime {meta.get('onnxruntime', '?')})."
-    )
+    lines.append(f"`onnxruntime.get_available_providers()` printed `{meta.get('ort_providers')}`.")
     lines += ["", "### parity", ""]
     for key, value in meta.get("parity", {}).items():
         lines.append(f"- {key}: `{json.dumps(value, default=str)}`")
@@ -337,44 +284,13 @@ def parity_markdown(meta: dict[str, Any], records: list[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[Record], path: Path) -> Path | None:
-    """One panel per case: horizontal bars of the median time of every variant, best sequential
-    and bytes floor as vertical lines."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    keys = sorted({(r.shape, r.case) for r in records})
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
-        colors = ["#4c72b0" if r.family == "sequential" else "#dd8452" for r in rows]
-        ax.barh([r.variant for r in rows], [r.median_ms for r in rows], color=colors)
-        seq = [r.median_ms for r in rows if r.family == "sequential"]
-        if seq:
-            ax.axvline(min(seq), color="k", ls="--", label="best sequential")
-        floor = next((r.floor_ms for r in rows if r.floor_ms), None)
-        if floor:
-            ax.axvline(floor, color="gray", ls=":", label="bytes floor")
-        ax.set_xscale("log")
-        ax.set_xlabel("median ms (log)")
-        ax.invert_yaxis()
-        ax.set_title(f"{key[0]}, {key[1]}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="0.5b", choices=sorted(common.SHAPES))
     p.add_argument("--seq", default="256,2048")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--ks", default="1,2", help="SNLP iteration counts (the first gets every variant)")
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp16", choices=sorted(common.DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk model (head cost)")
     p.add_argument("--parity-model", default="nanochat-small")
     p.add_argument("--device", default="cuda")
@@ -382,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime timing variants")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip variants once this much time is spent")
-    p.add_argument(
-        "--only", default="", help="comma list: run only variants whose name contains one of these"
-    )
+    p.add_argument("--only", default="", help="comma list: only variants whose name contains one of these")
     p.add_argument("--name", default=REGIME, help="base name of the result files")
     p.add_argument("--skip-parity", action="store_true")
     args = p.parse_args(argv)
@@ -393,27 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     providers = ort_providers()
-    print(f"onnxruntime.get_available_providers() -> {providers}", flush=True)
+    print(f"onnxruntime.get_available_providers() -> {providers}")
     meta: dict[str, Any] = {
-        "env": environment(device),
+        "env": common.environment(device),
         "dtype": args.dtype,
         "ort_providers": providers,
-        "note": RANDOM_WEIGHTS_NOTE + f"; trunk shape (vocab {args.vocab})",
-        "command": "python benchmarks/lowering_gpu.py "
-        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "note": common.RANDOM_WEIGHTS_NOTE + f"; trunk shape (vocab {args.vocab})",
+        "command": common.command("lowering-gpu", argv),
     }
-    try:
-        import onnxruntime
-
-        meta["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
     if device.type == "cuda":
-        meta["copy_bandwidth_tbs"] = copy_bandwidth(device) / 1e12
-        meta["matmul_tflops"] = matmul_rate(device, DTYPES[args.dtype]) / 1e12
-    bench_ = Bench(args.name, out, device, meta)
+        meta["copy_bandwidth_tbs"] = common.copy_bandwidth(device) / 1e12
+        meta["matmul_tflops"] = common.matmul_rate(device, common.DTYPES[args.dtype]) / 1e12
+    bench_ = common.Bench(args.name, out, device, meta)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_parity:
@@ -424,11 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_.write()
     with (out / f"{args.name}.md").open("a") as f:
         f.write(parity_markdown(meta, bench_.records))
-    plot(bench_.records, out / f"{args.name}.png")
+    common.plot_vs_k("lowering_gpu", bench_.records, out / f"{args.name}.png")
     print((out / f"{args.name}.md").read_text())
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

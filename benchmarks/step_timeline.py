@@ -1,7 +1,8 @@
 """Where a CUDA-graphed decode step's time goes, kernel by kernel, measured inside the graph.
 
-    PYTHONPATH=. python benchmarks/step_timeline.py                       # on a GPU
-    PYTHONPATH=. python benchmarks/step_timeline.py --shapes 0.5b --variants ops,fused,fused-nopdl
+    python -m benchmarks step-timeline                       # on a GPU
+    python -m benchmarks step-timeline --shapes 0.5b --variants ops,fused,fused-nopdl
+    python -m benchmarks step-timeline --code --shapes 0.5b  # Inductor's code of the step instead
 
 The profiles in ``*_profile.txt`` run the compiled step outside its CUDA graph, so their gaps
 between kernels include Python and launch overhead that a graph replay does not have. This script
@@ -18,17 +19,17 @@ Variants of the rewritten step's attention (``models.kv.layer_cached_attention``
                  ``--ks`` does not apply)
   fused          the fused decode-attention kernel (``SNLP_DECODE_ATTENTION=all``), autotuned, PDL
   fused-nopdl    the fused kernel launched without PDL (the GEMVs keep it)
-  fused:T:W:S    the fused kernel with one config: T keys per step, W warps, S stages (PDL);
-                 append ``:nopdl`` to launch it without PDL
-Random weights (speed does not depend on weight values).
+Random weights (speed does not depend on weight values). ``--code`` writes Inductor's generated
+code of the deferred step instead (``step_code_<shape>_k<K>.py``: which kernels it launches and
+what each fuses) and prints its launches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,58 +39,29 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    BEST_INDUCTOR,
-    SHAPES,
-    SNLP_INDUCTOR,
-    device_label,
-    environment,
-    inductor_options,
-    inference_model,
-    make_variant,
-    out_dir_from,
-    parse_inductor_options,
-    rel_err,
-    time_fn,
-    with_iterations,
-)
-from decode import _writer, logits_only, step_inputs
-
 import snlp_compile
 import snlp_compile.kernels as kernels
-from snlp_compile.kernels import decode_attention
 from snlp_compile.models import kv
 from snlp_compile.models.kv import CachedStep
+
+from . import common
+from .decode import _writer, logits_only, step_inputs
 
 
 @contextmanager
 def attention_variant(spec: str) -> Iterator[None]:
     """Set the rewritten step's attention lowering for one variant (see the module docstring);
     restores every patched module attribute afterwards."""
-    parts = spec.split(":")
-    name, pdl = parts[0], "nopdl" not in parts and spec != "fused-nopdl"
-    if name not in ("ops", "plain", "seq", "fused", "fused-nopdl"):
-        raise SystemExit(
-            f"unknown variant {spec!r}: ops, plain, seq, fused, fused-nopdl or fused:T:W:S[:nopdl]"
-        )
-    saved = (kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned)
-    kernels._decode_attention_layers = name.startswith("fused")
-    if not pdl:
+    if spec not in ("ops", "plain", "seq", "fused", "fused-nopdl"):
+        raise SystemExit(f"unknown variant {spec!r}: ops, plain, seq, fused or fused-nopdl")
+    saved = kernels._decode_attention_layers, kv.pdl_enabled
+    kernels._decode_attention_layers = spec.startswith("fused")
+    if spec == "fused-nopdl":
         kv.pdl_enabled = lambda: False
-    numbers = [int(p) for p in parts[1:] if p.isdigit()]
-    if numbers:
-        import triton
-
-        block_t, warps, stages = numbers
-        decode_attention._decode_attention_tuned = triton.autotune(
-            configs=[triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)],
-            key=decode_attention.AUTOTUNE_KEY,
-        )(decode_attention._decode_attention_split)
     try:
         yield
     finally:
-        kernels._decode_attention_layers, kv.pdl_enabled, decode_attention._decode_attention_tuned = saved
+        kernels._decode_attention_layers, kv.pdl_enabled = saved
 
 
 def kernel_events(trace_path: Path) -> list[dict[str, Any]]:
@@ -121,24 +93,36 @@ def timeline(replay: Any, replays: int) -> dict[str, Any]:
     groups = [events[i * per : (i + 1) * per] for i in range(replays)]
     spans = [g[-1]["ts"] + g[-1]["dur"] - g[0]["ts"] for g in groups]
     busy = [sum(e["dur"] for e in g) for g in groups]
+
+    def med(values: Any) -> float:
+        return round(statistics.median(values), 2)
+
     slots = []
     for j in range(per):
-        durs = [g[j]["dur"] for g in groups]
         gaps = [g[j]["ts"] - (g[j - 1]["ts"] + g[j - 1]["dur"]) for g in groups] if j else [0.0]
-        slots.append(
-            {
-                "kernel": groups[0][j]["name"][:90],
-                "median_us": round(statistics.median(durs), 2),
-                "gap_before_us": round(statistics.median(gaps), 2),
-            }
-        )
-    return {
-        "kernels": per,
-        "span_us": round(statistics.median(spans), 2),
-        "busy_us": round(statistics.median(busy), 2),
-        "gaps_us": round(statistics.median(s - b for s, b in zip(spans, busy)), 2),
-        "slots": slots,
+        slot = {"kernel": groups[0][j]["name"][:90], "median_us": med([g[j]["dur"] for g in groups])}
+        slots.append({**slot, "gap_before_us": med(gaps)})
+    gaps_us = med([s - b for s, b in zip(spans, busy)])
+    return {"kernels": per, "span_us": med(spans), "busy_us": med(busy), "gaps_us": gaps_us, "slots": slots}
+
+
+def step_code(step: CachedStep, inputs: tuple[Any, ...], shape: str, k: int, out: Path) -> None:
+    """Inductor's generated code for the compiled SNLP deferred step at K (the benchmarks' options)."""
+    from torch._inductor.utils import run_and_get_code
+
+    snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
+    options = {
+        **common.parse_inductor_options(common.BEST_INDUCTOR),
+        **common.parse_inductor_options(common.SNLP_INDUCTOR),
     }
+    compiled = torch.compile(common.with_iterations(snlp, k, "h0"), dynamic=False, options=options)
+    compiled(*inputs)  # the first call of a sequence (writes nothing); the second is the step
+    _, codes = run_and_get_code(compiled, *inputs)
+    path = out / f"step_code_{shape}_k{k}.py"
+    path.write_text("\n\n# ======== next graph ========\n\n".join(codes))
+    pattern = re.compile(r"\.run\(|extern_kernels|torch\.ops\.")
+    calls = [line.strip() for code in codes for line in code.splitlines() if pattern.search(line)]
+    print(f"{path}: {len(codes)} graph(s), {len(calls)} launches", *calls, sep="\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,32 +133,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--replays", type=int, default=20, help="graph replays profiled per variant")
-    p.add_argument(
-        "--inductor",
-        default=BEST_INDUCTOR,
-        help="torch._inductor.config options of every variant, key=value,... (default: the benchmarks')",
-    )
+    p.add_argument("--inductor", default=common.BEST_INDUCTOR, help="Inductor options KEY=VALUE,...")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--name", default="step_timeline")
+    p.add_argument("--code", action="store_true", help="write Inductor's code of the step instead")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("step_timeline.py needs a CUDA GPU (it profiles CUDA-graph replays)")
+        raise SystemExit("step-timeline needs a CUDA GPU (it profiles CUDA-graph replays)")
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
-    options_all = inductor_options(args.inductor)
-    snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
-    out = out_dir_from(args.out)
+    options_all = common.inductor_options(args.inductor)
+    snlp_options = common.parse_inductor_options(common.SNLP_INDUCTOR, "--snlp-inductor")
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
+    env = common.environment(device)
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     with torch.no_grad():
         for shape in args.shapes.split(","):
-            model, _ = inference_model(SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype)
+            model, _ = common.inference_model(
+                common.SHAPES[shape], vocab_size=args.vocab, device=device, dtype=dtype
+            )
             step = CachedStep(model)
             inputs = step_inputs(model, 1, args.context, args.vocab, device)
             _, pos, k_cache, v_cache = inputs
+            if args.code:
+                for k in (int(x) for x in args.ks.split(",")):
+                    step_code(step, inputs, shape, k, out)
+                continue
             ref = step(*inputs)[0]
             for spec in args.variants.split(","):
                 for k in (int(x) for x in args.ks.split(",")):
@@ -185,69 +172,50 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             deferred = spec != "plain"
                             snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=deferred)
-                            base, options = with_iterations(snlp, k, "h0"), snlp_options
+                            base, options = common.with_iterations(snlp, k, "h0"), snlp_options
                             post = logits_only if deferred else _writer(k_cache, v_cache, pos)
-                        replay = make_variant(
+                        replay = common.make_variant(
                             base, "compiled+graph", inputs, device, {}, "step", post, options
                         )
-                        err = rel_err(replay(), ref)
-                        t = time_fn(replay, device, warmup=20, samples=300)
+                        err = common.rel_err(replay(), ref)
+                        t = common.time_fn(replay, device, warmup=20, samples=300)
                         line = timeline(replay, args.replays)
-                    row = {
-                        "shape": shape,
-                        "k": k,
-                        "variant": spec,
-                        "median_ms": t.median_ms,
-                        "rel_err": err,
-                        **line,
-                    }
+                    row = {"shape": shape, "k": k, "variant": spec, "median_ms": t.median_ms, "rel_err": err}
+                    row.update(line)
                     results.append(row)
                     print(
                         f"{shape:>5} K={k} {spec:<18} {t.median_ms:.4f} ms  span {line.get('span_us')} us"
                         f"  busy {line.get('busy_us')} us  gaps {line.get('gaps_us')} us"
-                        f"  kernels {line.get('kernels')}  rel_err {err:.1e}",
-                        flush=True,
+                        f"  kernels {line.get('kernels')}  rel_err {err:.1e}"
                     )
             del model, step
             torch.cuda.empty_cache()
     payload = {
         "env": env,
-        "command": "python benchmarks/step_timeline.py " + " ".join(argv or sys.argv[1:]),
+        "command": common.command("step-timeline", argv),
         "inductor": options_all,
         "results": results,
     }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    header = ["shape", "K", "attention", "replay ms", "span us", "kernels busy us", "gaps us", "kernels"]
+    keys = ("shape", "k", "variant", "median_ms", "span_us", "busy_us", "gaps_us", "kernels")
+    summary = common.md_table(
+        header, [[format(r.get(k), ".4f" if k == "median_ms" else "") for k in keys] for r in results]
+    )
     lines = [
-        f"# Decode step timeline inside the CUDA graph ({device_label(env)}, torch {env['torch']})",
+        f"# Decode step timeline inside the CUDA graph ({common.device_label(env)}, torch {env['torch']})",
         "",
         "The SNLP deferred step (plain: without deferral; seq: the model as written), batch 1, context",
         f"1024, compiled+graph (Inductor options {options_all}); replay time by CUDA events, the",
         "rest from profiled graph replays (medians). Random weights.",
         "",
-        "| shape | K | attention | replay ms | span us | kernels busy us | gaps us | kernels |",
-        "|---|---|---|---|---|---|---|---|",
+        *summary,
     ]
     for r in results:
-        lines.append(
-            f"| {r['shape']} | {r['k']} | {r['variant']} | {r['median_ms']:.4f} | {r.get('span_us')} |"
-            f" {r.get('busy_us')} | {r.get('gaps_us')} | {r.get('kernels')} |"
-        )
-    for r in results:
-        lines += [
-            "",
-            f"## {r['shape']} K={r['k']} {r['variant']}",
-            "",
-            "| kernel | us | gap before us |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| `{s['kernel']}` | {s['median_us']} | {s['gap_before_us']} |" for s in r.get("slots", [])
-        ]
+        slots = [[f"`{s['kernel']}`", s["median_us"], s["gap_before_us"]] for s in r.get("slots", [])]
+        lines += ["", f"## {r['shape']} K={r['k']} {r['variant']}", ""]
+        lines += common.md_table(["kernel", "us", "gap before us"], slots)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[: 7 + len(results)]))
+    print("\n".join(lines[: 6 + len(summary)]))
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

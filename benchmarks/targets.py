@@ -1,7 +1,7 @@
 """Issue 6's speed targets, read off benchmark result files: measured, required, and reachable.
 
-    python benchmarks/targets.py benchmarks/results/decode_05b_r11.json \
-        benchmarks/results/decode_d20_r11.json benchmarks/results/forward_r11.json --name targets_r11
+    python -m benchmarks targets benchmarks/results/decode_05b.json \
+        benchmarks/results/decode_d20.json benchmarks/results/forward_05b.json --name targets
 
 For each target (a ratio against the best sequential variant of the same run) it prints and saves
 the best SNLP time at that K, the time the target asks for, and the ceiling: the best sequential
@@ -9,7 +9,7 @@ time over the least time any step at that K can take (``common.layer_parallel_pa
 the layers, each at the bytes floor, or for the forward at the larger of the bytes and FLOP
 floors). A target above its ceiling cannot be met against that baseline by any layer-parallel
 step, however it is written ("infeasible"); "required / floor at K" says how close to the floor
-it asks a step to run. Works on older result files too: what they lack is recomputed from their
+it asks a step to run. Result files without a row's floor at K get it recomputed from their
 floors and notes.
 
 The sequential baseline is the fastest row that computes the sequential model: the model as
@@ -19,8 +19,7 @@ layers; ``common.computes_sequentially``).
 By default each target is read off the first file that has it (one run: the issue's "same run").
 ``--strongest-baseline`` pools the files of a regime instead: the fastest sequential and the
 fastest SNLP time of any of them. Inductor's max-autotune picks different GEMM kernels from run
-to run (the same 0.5B sequential step took 0.922 ms in run 11 and 1.073 ms in run 12 while the
-SNLP steps moved by 1%), so a ratio from one run can flatter; the pooled one cannot.
+to run (docs/benchmark-history.md), so a ratio from one run can flatter; the pooled one cannot.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _fmt, computes_sequentially, layer_parallel_passes, out_dir_from, pyplot
+from . import common
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class Target:
     max_x_floor: float | None = None  # K=1 within this multiple of the bytes floor
 
 
-# DESIGN.md section 3 / issue 6, item 2 (ratios) and item 3 (bytes floor)
+# docs/DESIGN.md section 3 / issue 6, item 2 (ratios) and item 3 (bytes floor)
 TARGETS = [
     Target("decode", "d20", "b1 ctx=1024", 1, 4.0),
     Target("decode", "0.5b", "b1 ctx=1024", 1, 8.0),
@@ -79,7 +77,7 @@ def _floor_at_k(target: Target, payload: dict[str, Any], best: dict[str, Any]) -
     floor = best.get("floor_ms")
     note = payload.get("case_notes", {}).get(f"{best['shape']} | {target.case}", "")
     one_pass = max(floor or 0.0, _flop_floor(note) or 0.0) if target.regime == "forward" else floor
-    return one_pass * layer_parallel_passes(target.k, _layers(best["shape"])) if one_pass else None
+    return one_pass * common.layer_parallel_passes(target.k, _layers(best["shape"])) if one_pass else None
 
 
 def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -92,7 +90,7 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
     seq = [
         r
         for r in recs
-        if computes_sequentially(
+        if common.computes_sequentially(
             r["family"], r["k"], (r.get("extra") or {}).get("chunks"), _layers(r["shape"])
         )
     ]
@@ -102,8 +100,8 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
     fastest_seq, best = min(seq, key=lambda r: r["median_ms"]), min(snlp, key=lambda r: r["median_ms"])
     best_seq = fastest_seq["median_ms"]
     floor = best.get("floor_ms")
-    # results since run 12 carry the row's floor at K; older ones get it recomputed from the
-    # layer count in the shape label and, for the forward, the FLOP floor in the case note
+    # results carry the row's floor at K; older ones get it recomputed from the layer count in
+    # the shape label and, for the forward, the FLOP floor in the case note
     k_floor = best.get("k_floor_ms") or _floor_at_k(target, payload, best)
     row: dict[str, Any] = {
         "target": (
@@ -153,26 +151,29 @@ def _unless_plain(variant: str | None) -> str:
 
 def markdown(rows: list[dict[str, Any]], sources: list[str], pooled: bool = False) -> str:
     how = "the fastest of any of" if pooled else "from"
-    lines = [
-        f"## Issue 6 targets, {how} " + ", ".join(f"`{s}`" for s in sources),
-        "",
-        "| target | best seq ms | SNLP ms (variant) | ratio | required ms | floor at K ms | "
-        "ceiling | required / floor at K | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = "target,best seq ms,SNLP ms (variant),ratio,required ms,floor at K ms,ceiling,"
+    header += "required / floor at K,status"
+    cells = [
+        [
+            r["target"],
+            f"{r['best_seq_ms']:.3f}{_unless_plain(r.get('best_seq_variant'))}",
+            f"{r['snlp_ms']:.3f} ({r['snlp_variant']})",
+            f"{r['ratio']:.2f}x",
+            common.fmt(r.get("required_ms"), ".3f"),
+            common.fmt(r["floor_at_k_ms"], ".3f"),
+            f"{common.fmt(r['ceiling'], '.2f')}x",
+            common.fmt(r.get("required_x_floor_at_k"), ".2f"),
+            r["status"],
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['target']} | {r['best_seq_ms']:.3f}{_unless_plain(r.get('best_seq_variant'))} | "
-            f"{r['snlp_ms']:.3f} ({r['snlp_variant']}) | "
-            f"{r['ratio']:.2f}x | {_fmt(r.get('required_ms'), '.3f')} | {_fmt(r['floor_at_k_ms'], '.3f')} | "
-            f"{_fmt(r['ceiling'], '.2f')}x | {_fmt(r.get('required_x_floor_at_k'), '.2f')} | {r['status']} |"
-        )
-    return "\n".join(lines) + "\n"
+    title = f"## Issue 6 targets, {how} " + ", ".join(f"`{s}`" for s in sources)
+    return "\n".join([title, "", *common.md_table(header.split(","), cells)]) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """The ratio targets as bars: measured ratio, the target (a tick) and the ceiling (a diamond)."""
-    plt = pyplot()
+    plt = common.pyplot()
     ratio_rows = [r for r in rows if "required_x_floor_at_k" in r]
     if plt is None or not ratio_rows:
         return None
@@ -202,11 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+", help="result JSON files of decode.py / forward.py")
     p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
     p.add_argument("--name", default="targets")
-    p.add_argument(
-        "--strongest-baseline",
-        action="store_true",
-        help="pool the files of each regime: the fastest sequential and SNLP times of any run",
-    )
+    pool = "pool the files of each regime: the fastest sequential and SNLP times of any run"
+    p.add_argument("--strongest-baseline", action="store_true", help=pool)
     args = p.parse_args(argv)
     payloads = []
     for path in args.results:
@@ -227,25 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             what = f"{target.shape} {target.regime} {target.case} K={target.k}"
             print(f"(no result for {what} in these files)", file=sys.stderr)
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, [Path(s).name for s in args.results], pooled=args.strongest_baseline)
     (out / f"{args.name}.md").write_text(text)
-    (out / f"{args.name}.json").write_text(
-        json.dumps(
-            {
-                "sources": args.results,
-                "strongest_baseline": args.strongest_baseline,
-                "targets": [asdict(t) for t in TARGETS],
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
+    payload = {"sources": args.results, "strongest_baseline": args.strongest_baseline}
+    payload |= {"targets": [asdict(t) for t in TARGETS], "rows": rows}
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, out / f"{args.name}.png")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,14 +6,8 @@ Each variant is trained, evaluated and written out (JSON, markdown table, plot) 
 starts, so a run cut short still returns what it finished. Results of several runs (e.g. one call
 per variant on a lent machine) are combined with --merge.
 
-    python benchmarks/train_gpu.py --variants base reg:weight=1.0 --steps 3000 --out $OUT
-    python benchmarks/train_gpu.py --merge a/train_gpu.json b/train_gpu.json --out benchmarks/results
-    python benchmarks/train_gpu.py --variants base reg:weight=2 --concurrent --out $OUT
-
---concurrent trains every variant in its own process on the same GPU at once, then merges their
-results; the per-step times it reports are then those of runs sharing one GPU. Measured on an
-H200 with L=16, d=512, batch 32 x 512: no net gain (two runs together took as long as one after
-the other), so it only helps models too small to keep the GPU busy.
+    python -m benchmarks train-gpu --variants base reg:weight=1.0 --steps 3000 --out $OUT
+    python -m benchmarks train-gpu --merge a/train_gpu.json b/train_gpu.json --out benchmarks/results
 
 A variant is ``name`` or ``name:key=value,...`` with keys weight (lambda; absent or 0 = baseline),
 sg (stop-gradient on the target, 0/1), suffix (parallel-suffix sizes, e.g. 16/8), every, ramp
@@ -24,18 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, environment, out_dir_from
 
 from snlp_compile.train import (
     RegulariserConfig,
@@ -48,6 +36,8 @@ from snlp_compile.train import (
     train,
 )
 from snlp_compile.train.data import eval_windows
+
+from . import common
 
 NAME = "train_gpu"
 MODEL = "nanochat-small"
@@ -83,48 +73,24 @@ def run_variant(spec: str, args: argparse.Namespace, corpus: Any, windows: torch
     name, opts = parse_variant(spec)
     reg = regulariser_for(opts, args.steps)
     config = TrainConfig(
-        model=args.model,
-        model_overrides=dict(SHAPE),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=SHAPE["sequence_len"],
-        lr=float(opts.get("lr", args.lr)),
-        warmup_steps=min(args.warmup, args.steps),
-        seed=args.seed,
-        device=args.device,
-        regulariser=reg,
-        eval_windows=16,
-    )
-    print(
-        f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)",
-        flush=True,
-    )
+        model=args.model, model_overrides=dict(SHAPE), steps=args.steps, batch_size=args.batch_size,
+        seq_len=SHAPE["sequence_len"], lr=float(opts.get("lr", args.lr)), warmup_steps=min(args.warmup, args.steps),
+        seed=args.seed, device=args.device, regulariser=reg, eval_windows=16,
+    )  # fmt: skip
+    print(f"== {name}: {spec} ({args.steps} steps x {args.batch_size} x {SHAPE['sequence_len']} tokens)")
     result = train(config, corpus, log_every=50)
     t0 = time.perf_counter()
     settings = [SolveSetting(k, p) for p in ("all", "half") for k in args.iterations]
-    rows = evaluate_model(
-        result.model,
-        windows,
-        settings,
-        batch_size=args.eval_batch,
-        device=args.device,
-        bytes_per_token=corpus.val_bytes_per_token,
-        label=name,
-    )
-    print(markdown_table(rows, {name: SHAPE["n_layer"]}), flush=True)
+    bpt = corpus.val_bytes_per_token
+    kw = {"batch_size": args.eval_batch, "device": args.device, "bytes_per_token": bpt, "label": name}
+    rows = evaluate_model(result.model, windows, settings, **kw)
+    print(markdown_table(rows, {name: SHAPE["n_layer"]}))
     return {
-        "name": name,
-        "spec": spec,
-        "regulariser": None if reg is None else {**reg.__dict__},
-        "lr": config.lr,
-        "steps": args.steps,
-        "tokens": result.tokens,
-        "train_s": round(result.seconds, 1),
-        "ms_per_step": round(result.seconds / args.steps * 1e3, 2),
-        "eval_s": round(time.perf_counter() - t0, 1),
-        "history": result.history,
-        "rows": rows,
-    }
+        "name": name, "spec": spec, "regulariser": None if reg is None else {**reg.__dict__}, "lr": config.lr,
+        "steps": args.steps, "tokens": result.tokens, "train_s": round(result.seconds, 1),
+        "ms_per_step": round(result.seconds / args.steps * 1e3, 2), "eval_s": round(time.perf_counter() - t0, 1),
+        "history": result.history, "rows": rows,
+    }  # fmt: skip
 
 
 def targets(variants: list[dict[str, Any]]) -> list[str]:
@@ -158,28 +124,21 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
     lines = [
         f"## SNLP-aware training: {meta['model']} with {', '.join(f'{k}={v}' for k, v in SHAPE.items())}",
         "",
-        f"Device: {device_label(env)}, torch {env['torch']}, Python {env['python']}. Text: "
+        f"Device: {common.device_label(env)}, torch {env['torch']}, Python {env['python']}. Text: "
         f"{', '.join(meta.get('sources', ['its stdlib sources']))}. Data: {meta['data']}.",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]),
         "",
-        "| variant | regulariser | lr | steps | tokens | train s | ms/step | eval s |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for v in variants:
-        reg = v["regulariser"]
-        reg_text = (
-            "-"
-            if reg is None
-            else ", ".join(
-                f"{k}={reg.get(k, 1)}"
-                for k in ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
-            )
-        )
-        lines.append(
-            f"| {v['name']} | {reg_text} | {v['lr']} | {v['steps']} | {v['tokens']:,} | {v['train_s']} | "
-            f"{v['ms_per_step']} | {v['eval_s']} |"
-        )
+    keys = ("weight", "iterations", "suffix_sizes", "every", "stop_gradient", "ramp_steps")
+    regs = [
+        v["regulariser"] and ", ".join(f"{k}={v['regulariser'].get(k, 1)}" for k in keys) for v in variants
+    ]
+    cells = [[v["name"], reg or "-", v["lr"], v["steps"], f"{v['tokens']:,}", v["train_s"], v["ms_per_step"], v["eval_s"]]
+             for v, reg in zip(variants, regs)]  # fmt: skip
+    lines += common.md_table(
+        ["variant", "regulariser", "lr", "steps", "tokens", "train s", "ms/step", "eval s"], cells
+    )
     lines += [
         "",
         f"Held-out evaluation: {meta['eval']}.",
@@ -193,18 +152,15 @@ def write(out: Path, meta: dict[str, Any], variants: list[dict[str, Any]], name:
         lines += [meta["notes"].rstrip(), ""]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     if rows:
-        plot_ppl_vs_k(
-            rows,
-            out / f"{name}.png",
-            title=f"{meta['model']} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K",
-        )
+        title = f"{meta['model']} L={SHAPE['n_layer']} d={SHAPE['n_embd']}: held-out ppl vs K"
+        plot_ppl_vs_k(rows, out / f"{name}.png", title=title)
 
 
 def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(runs[0])
     meta.pop("variants")
-    meta["commands"] = [c for r in runs for c in r["commands"]] + [_command()]
+    meta["commands"] = [*(c for r in runs for c in r["commands"]), common.command("train-gpu", None)]
     meta["environments"] = [r["environment"] for r in runs]
     if notes:
         meta["notes"] = Path(notes).read_text()
@@ -212,49 +168,10 @@ def merge(paths: list[str], out: Path, name: str, notes: str | None) -> None:
     print((out / f"{name}.md").read_text())
 
 
-def run_concurrently(args: argparse.Namespace, argv: list[str], out: Path) -> int:
-    """One process per variant, all at once on the same device; then one merged result plus a log."""
-    parts = Path(args.parts_dir) if args.parts_dir else out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    # argparse keeps the last value of a repeated option: the child's --variants/--out/--name,
-    # appended after the parent's own arguments, win
-    base = [a for a in argv if a != "--concurrent"]
-    procs = []
-    for spec in args.variants:
-        name, _ = parse_variant(spec)
-        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--variants", spec, "--out", str(parts)]
-        cmd += ["--name", f"part_{name}"]
-        log = open(parts / f"part_{name}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append(
-            (name, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()))
-        )
-        print(f"started {name}: {shlex.join(cmd)}", flush=True)
-    codes = []
-    for name, log, proc in procs:
-        codes.append(proc.wait())
-        log.close()
-        print(f"{name} finished with exit code {codes[-1]}", flush=True)
-    with open(out / f"{args.name}_log.txt", "w") as merged_log:
-        for name, _, _ in procs:
-            merged_log.write(f"===== {name} =====\n{(parts / f'part_{name}.log').read_text()}\n")
-    done = [
-        str(parts / f"part_{name}.json") for name, _, _ in procs if (parts / f"part_{name}.json").exists()
-    ]
-    if done:
-        merge(done, out, args.name, args.notes)
-    return max(codes) if codes else 0
-
-
-def _command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "regularised:weight=1.0"])
-    p.add_argument(
-        "--model", default=MODEL, help="registry name: nanochat-small, or mhc-small / mhc-dyn-small (HCN)"
-    )
+    p.add_argument("--model", default=MODEL, help="nanochat-small, or mhc-small / mhc-dyn-small (HCN)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -264,38 +181,27 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=256)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help="text files or folders (*.py searched); default: the stdlib sources",
-    )
+    p.add_argument("--data", nargs="+", default=None, help="text files or folders (default: the stdlib)")
     p.add_argument("--max-bytes", type=int, default=None, help="cap on the train and the held-out text, each")
     p.add_argument("--smoke", action="store_true", help="tiny shape and steps: checks the script runs (CPU)")
     p.add_argument("--merge", nargs="+", default=None, help="combine the JSON of earlier runs")
     p.add_argument("--notes", default=None, help="with --merge: a markdown file appended to the table")
     p.add_argument("--name", default=NAME, help="file stem of the results")
     p.add_argument("--out", default=None, help="default: $OUT, else benchmarks/results")
-    p.add_argument("--concurrent", action="store_true", help="train the variants at once, one process each")
-    p.add_argument(
-        "--parts-dir", default=None, help="with --concurrent: where each process writes (default OUT/parts)"
-    )
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    out = out_dir_from(args.out)
+    out = common.out_dir_from(args.out)
     if args.merge:
         merge(args.merge, out, args.name, args.notes)
         return 0
     if args.smoke:
         SHAPE.update(n_layer=4, n_embd=64, sequence_len=64)
-    if args.concurrent:
-        return run_concurrently(args, argv, out)
     device = torch.device(args.device)
     corpus = load_corpus(args.data, max_bytes=400_000 if args.smoke else args.max_bytes)
     windows = eval_windows(corpus.val, SHAPE["sequence_len"], args.eval_windows)
     meta = {
-        "environment": environment(device),
-        "commands": [_command()],
+        "environment": common.environment(device),
+        "commands": [common.command("train-gpu", argv)],
         "model": args.model,
         "shape": SHAPE,
         "data": corpus.describe(),
@@ -306,7 +212,7 @@ def main() -> int:
         ),
         "targets": {"seq_within": TARGET_SEQ, "k2_all_within": TARGET_K2},
     }
-    print(f"data: {corpus.describe()}", flush=True)
+    print(f"data: {corpus.describe()}")
     variants: list[dict[str, Any]] = []
     for spec in args.variants:
         variants.append(run_variant(spec, args, corpus, windows))
@@ -315,7 +221,3 @@ def main() -> int:
             torch.cuda.empty_cache()
     print("\n".join(targets(variants)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

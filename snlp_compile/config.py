@@ -1,4 +1,4 @@
-"""The knobs of the layer-parallel solve (DESIGN.md section 1), validated once, in one place."""
+"""The knobs of the layer-parallel solve (docs/DESIGN.md section 1), validated once, in one place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LayerChain: the small IR between the captured graph and the emitted solve (DESIGN.md section 2).
+"""LayerChain: the small IR between the captured graph and the emitted solve (docs/DESIGN.md section 2).
 
 It records, over one captured ``torch.fx`` graph, which nodes make up each residual layer, which
 tensor carries the hidden state from layer to layer, what each layer reads from outside (weights,

@@ -1,23 +1,27 @@
-"""The lowering benchmarks run end to end on the CPU (tiny shapes) and write their JSON and table:
-the GPU runs use the same code paths, so a broken script is found here, not on a lent machine."""
+"""The benchmarks run end to end on the CPU (tiny shapes) through their one entry point,
+``python -m benchmarks``, and write their JSON and table: the GPU runs use the same code paths, so
+a broken sub-command is found here, not on a lent machine."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+
+import benchmarks.common as common
+import benchmarks.targets as targets
+from benchmarks.__main__ import PRESETS, SUBCOMMANDS
+from benchmarks.__main__ import main as benchmarks_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, *args: str, out: Path) -> dict:
+def _run(subcommand: str, *args: str, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out), *args],
+        [sys.executable, "-m", "benchmarks", subcommand, "--device", "cpu", "--out", str(out), *args],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -26,7 +30,7 @@ def _run(script: str, *args: str, out: Path) -> dict:
 
 def test_attention_lowering_smoke(tmp_path: Path) -> None:
     result = _run(
-        "attention_lowering.py", "--shapes", "tiny", "--context", "64", "--modes", "compiled", out=tmp_path
+        "attention-lowering", "--shapes", "tiny", "--context", "64", "--modes", "compiled", out=tmp_path
     )
     assert {r["lowering"] for r in result["rows"]} == {"matmul", "kernel", "mulsum"}
     assert all(r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]  # float32 on the CPU
@@ -34,7 +38,7 @@ def test_attention_lowering_smoke(tmp_path: Path) -> None:
 
 
 def test_gemv_lowering_smoke(tmp_path: Path) -> None:
-    result = _run("gemv_lowering.py", "--shapes", "4x64x32", out=tmp_path)
+    result = _run("gemv-lowering", "--shapes", "4x64x32", out=tmp_path)
     assert len(result["rows"]) == 5 and all(r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]
     assert "| 4x64x32 | kernel | 1 |" in (tmp_path / "gemv_lowering.md").read_text()
 
@@ -43,7 +47,7 @@ def test_decode_benchmark_compiles_snlp_with_its_own_inductor_options(tmp_path: 
     """decode.py compiles the sequential step with --inductor only and the SNLP steps with
     --snlp-inductor on top, and says so in its table."""
     result = _run(
-        "decode.py", "--shapes", "tiny", "--context", "32", "--batch", "1", "--modes", "compiled",
+        "decode", "--shapes", "tiny", "--context", "32", "--batch", "1", "--modes", "compiled",
         "--ks", "1", "--warm-ks", "", "--chunks", "", "--deferred-ks", "", "--einsum-ks", "",
         "--dtype", "fp32", "--inductor", "", "--snlp-inductor", "combo_kernels=True", out=tmp_path,
     )  # fmt: skip
@@ -62,7 +66,7 @@ def test_decode_benchmark_compiles_snlp_with_its_own_inductor_options(tmp_path: 
 def test_unknown_inductor_option_is_refused_by_name(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--shapes", "tiny",
+        [sys.executable, "-m", "benchmarks", "decode", "--device", "cpu", "--shapes", "tiny",
          "--out", str(tmp_path), "--snlp-inductor", "no_such_option=1"],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
@@ -70,18 +74,9 @@ def test_unknown_inductor_option_is_refused_by_name(tmp_path: Path) -> None:
     assert "--snlp-inductor: 'no_such_option=1' is not KEY=VALUE" in proc.stderr
 
 
-def _benchmarks_module(name: str) -> ModuleType:
-    """A module of benchmarks/ (not a package: its scripts import each other by file name)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_layer_parallel_passes() -> None:
     """K SNLP iterations re-read every layer whose input is not yet exact: sum_{s<K} (N - s) / N."""
-    passes = _benchmarks_module("common").layer_parallel_passes
+    passes = common.layer_parallel_passes
     assert passes(1, 32) == 1.0
     assert passes(2, 32) == 63 / 32
     assert passes(20, 20) == 21 / 2 == passes(50, 20)  # exact mode: (N + 1) / 2, K past N clamps
@@ -111,7 +106,6 @@ def test_targets_tell_infeasible_from_missed(tmp_path: Path) -> None:
     }
     path = tmp_path / "decode_x.json"
     path.write_text(json.dumps(payload))
-    targets = _benchmarks_module("targets")
     assert targets.main([str(path), "--out", str(tmp_path), "--name", "t"]) == 0
     rows = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
     d20_k1 = rows["d20 decode b1 ctx=1024 K=1 >= 4.0x"]
@@ -145,7 +139,6 @@ def test_targets_tell_infeasible_from_missed(tmp_path: Path) -> None:
 def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
     """--strongest-baseline takes the fastest sequential time of any run: a target "met" against
     one run's slower autotuned baseline is missed against another run's faster one."""
-    targets = _benchmarks_module("targets")
     for name, seq_ms in (("decode_a.json", 1.0), ("decode_b.json", 0.8)):
         records = [
             _record("seq autotuned+graph", "sequential", None, seq_ms, "0.5b (L=32, d=640)", floor=0.1),
@@ -164,7 +157,6 @@ def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
 def test_exact_sequential_mode_counts_as_the_sequential_baseline(tmp_path: Path) -> None:
     """K=1 with as many chunks as layers is the sequential computation (the compiler's lowering):
     when it is faster than the model as written it is the baseline; fewer chunks are not."""
-    targets = _benchmarks_module("targets")
     shape = "0.5b (L=32, d=640)"
     records = [
         _record("seq autotuned+graph", "sequential", None, 0.84, shape, floor=0.1),
@@ -186,23 +178,33 @@ def test_exact_sequential_mode_counts_as_the_sequential_baseline(tmp_path: Path)
     assert (row["best_seq_ms"], row["best_seq_variant"]) == (0.735, "snlp K=1 C=32 compiled+graph")
     assert abs(row["ratio"] - 0.735 / 0.129) < 1e-9
     assert "0.735 (snlp K=1 C=32 compiled+graph)" in (tmp_path / "t.md").read_text()
-    common = _benchmarks_module("common")
     assert common.computes_sequentially("snlp-chunked", 1, 32, 32)
     assert not common.computes_sequentially("snlp-chunked", 1, 4, 32)
     assert not common.computes_sequentially("snlp-chunked", 2, 32, 32)
     assert not common.computes_sequentially("snlp", 1, None, 32)
 
 
-def test_cli_bench_targets(tmp_path: Path) -> None:
-    """`snlp-compile bench targets FILES` runs benchmarks/targets.py (a script with a dataclass,
-    loaded by file path) and writes its table."""
-    from snlp_compile.cli import main
-
+def test_one_entry_point_runs_targets_and_lists_its_sub_commands(tmp_path: Path) -> None:
+    """``python -m benchmarks targets FILES`` writes the targets table; every registered
+    sub-command names an importable module with a main(argv), and every preset a sub-command."""
     records = [
         _record("seq autotuned+graph", "sequential", None, 0.7),
         _record("snlp K=1 compiled+graph", "snlp", 1, 0.25),
     ]
     path = tmp_path / "decode_x.json"
     path.write_text(json.dumps({"regime": "decode", "records": records}))
-    assert main(["bench", "targets", str(path), "--out", str(tmp_path), "--name", "cli"]) == 0
+    assert benchmarks_main(["targets", str(path), "--out", str(tmp_path), "--name", "cli"]) == 0
     assert "| d20 decode b1 ctx=1024 K=1 >= 4.0x | 0.700 | 0.250" in (tmp_path / "cli.md").read_text()
+    assert benchmarks_main(["no-such-benchmark"]) == 2
+    for module in SUBCOMMANDS.values():
+        assert callable(__import__(module, fromlist=["main"]).main), module
+    assert all(args[0] in SUBCOMMANDS for args in PRESETS.values())
+
+
+def test_cli_bench_points_at_the_checkout_entry_point(capsys) -> None:
+    """`snlp-compile bench ...` runs nothing outside the package: one line naming the command."""
+    from snlp_compile.cli import main
+
+    assert main(["bench", "decode", "--batch", "1"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("from its root run: python -m benchmarks decode --batch 1") and "\n" not in out

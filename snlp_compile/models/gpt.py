@@ -2,7 +2,7 @@
 
 This is the simplest residual chain the compiler must handle: every block is
 ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``, so the skip path is the identity
-(IDN in DESIGN.md). Kept in one readable file on purpose: the compiler works on the
+(IDN in docs/DESIGN.md). Kept in one readable file on purpose: the compiler works on the
 model exactly as users write it, so the reference should look like user code.
 """
 

@@ -8,7 +8,7 @@ of them, and the streams are summed before the final norm. Per sublayer (DeepSee
     h <- H_res h + H_post^T f(H_pre h)
 
 H_res (n x n, doubly stochastic by Sinkhorn-Knopp) mixes the streams on the skip path: it is the
-HC-Newton surrogate Jacobian (DESIGN.md section 1). H_pre (1 x n) reads the branch input, H_post
+HC-Newton surrogate Jacobian (docs/DESIGN.md section 1). H_pre (1 x n) reads the branch input, H_post
 (1 x n) spreads the branch output. Two flavours:
 
 - static: H_res = Sinkhorn(learned logits), H_pre and H_post softmaxes of learned logits. The

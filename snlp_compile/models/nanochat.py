@@ -2,7 +2,7 @@
 
 What makes it interesting to the compiler: the residual stream is re-mixed *outside*
 the blocks, ``x = resid_lambdas[i] * x + x0_lambdas[i] * x0`` before every block, so the
-skip path of a layer is a per-layer scalar affine map (scaled IDN in DESIGN.md) with the
+skip path of a layer is a per-layer scalar affine map (scaled IDN in docs/DESIGN.md) with the
 embedding output x0 as a side input. With ``backout`` on, the model also reads the hidden
 state after layer n_layer//2 - 1 and subtracts a scaled copy of it at the end: a consumer
 of an intermediate hidden state that the rewritten graph must still feed.

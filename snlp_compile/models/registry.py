@@ -1,7 +1,7 @@
 """Named reference models: one place that says which shapes the tests, CLI and benchmarks use.
 
 ``build_model(name, **overrides)`` returns a seeded, eval-mode model; overrides replace
-config fields. The big configs (d20, 0.5b) are the shapes of DESIGN.md section 3; build them
+config fields. The big configs (d20, 0.5b) are the shapes of docs/DESIGN.md section 3; build them
 on ``device="meta"`` to inspect structure or count parameters without allocating.
 """
 

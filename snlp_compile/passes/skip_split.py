@@ -4,7 +4,7 @@ For every node the analysis computes the coefficient c with which the layer inpu
 linearly: c(h) = 1; add/sub combine coefficients; a product with (or a division by) a value
 that does not depend on h scales it; any other op that consumes h yields 0 (that is branch
 territory: attention, MLP, norms). The coefficient of the layer output is the skip map S, the
-surrogate Jacobian A = S of DESIGN.md. A zero coefficient means there is no linear path from
+surrogate Jacobian A = S of docs/DESIGN.md. A zero coefficient means there is no linear path from
 input to output (post-norm layers, stacks without skips): refused, naming the op that blocks it.
 
 Coefficients are small expression trees over the template's externals, emitted into the body

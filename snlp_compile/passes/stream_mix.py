@@ -4,7 +4,7 @@ In a hyper-connection layer the residual stream is n streams and the skip path m
 n x n matrix H_res, an einsum/matmul of the stream tensor with something that does not depend on
 it (static H) or that does and is frozen at the current iterate (dynamic, per-token H). This
 module follows the hidden state h through such a layer and finds the matrix A of the skip path
-h -> from_streams(A @ to_streams(h)), which is the HCN surrogate Jacobian of DESIGN.md.
+h -> from_streams(A @ to_streams(h)), which is the HCN surrogate Jacobian of docs/DESIGN.md.
 
 How values are tracked (all at transform time, on the example's concrete shapes):
 

@@ -1,5 +1,5 @@
 """The layer-parallel solve: K batched evaluations of all parallel layers, each followed by the
-structured Newton correction (DESIGN.md section 1).
+structured Newton correction (docs/DESIGN.md section 1).
 
     u^(0)   = h_in for every layer           (init "h0"; "batch_fwd" seeds u_{j+1} = g_j(h_in))
     G, A    = vmap(body)(u^(k))             one evaluation of every layer at its current input

@@ -1,4 +1,4 @@
-"""The SNLP-aware regulariser (DESIGN.md section 1): a loss term that teaches a model to converge
+"""The SNLP-aware regulariser (docs/DESIGN.md section 1): a loss term that teaches a model to converge
 in one parallel iteration.
 
     R = sum over suffix sizes N of  sum_j  mean_tokens ||h_hat_j - h_j|| / ||h_j||   (j counted)
