@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "lowering-gpu": "benchmarks.lowering_gpu",
     "hcn-convergence": "benchmarks.hcn_convergence",
     "train-gpu": "benchmarks.train_gpu",
+    "frontier": "benchmarks.frontier",
 }
 
 _DECODE_TABLE = [

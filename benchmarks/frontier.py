@@ -1,10 +1,11 @@
 """Speed at equal quality: train a model family, measure the perplexity of the KV-cached decode step
 the users deploy, time that step, and put both on one frontier beside shallower sequential models.
 
-    python benchmarks/frontier.py run --work /tmp/frontier --out $OUT     # on a GPU, ~20 min
-    python benchmarks/frontier.py run --smoke --work /tmp/fs --out /tmp/fs # CPU, ~2 min: checks the script
-    python benchmarks/frontier.py reference --work /tmp/ref               # a GPU: one checkpoint, ~4 min
-    python benchmarks/frontier.py report benchmarks/results/frontier.json # table + plot from the JSON
+    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~27 min (see below)
+    python -m benchmarks frontier run --smoke --work /tmp/fs --out /tmp/fs # CPU: checks the script
+    python -m benchmarks frontier reference --work /tmp/ref               # a GPU: one checkpoint, ~3 min
+    python -m benchmarks frontier assemble --work /tmp/frontier --out DIR # the report of a run cut short
+    python -m benchmarks frontier report benchmarks/results/frontier.json # table + plot from the JSON
 
 Stages, one process (so checkpoints stay on the machine's local disk, ``--work``):
 1. data: a byte-level BPE (``--vocab``) trained on a sample of the local Python sources, then the
@@ -40,8 +41,23 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+import snlp_compile
+from snlp_compile import SNLPConfig
+from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep
+from snlp_compile.train import (
+    RegulariserConfig,
+    TrainConfig,
+    load_checkpoint,
+    load_corpus,
+    save_checkpoint,
+    train,
+)
+from snlp_compile.train.data import eval_windows
+from snlp_compile.train.decode_eval import DecodeSetting, decode_perplexity, settings_grid
+from snlp_compile.train.evaluate import perplexity
+
+from .common import (
     BEST_INDUCTOR,
     SNLP_INDUCTOR,
     copy_bandwidth,
@@ -55,22 +71,7 @@ from common import (
     time_fn,
     with_iterations,
 )
-from decode import _writer, logits_only, step_inputs
-
-import snlp_compile
-from snlp_compile import SNLPConfig
-from snlp_compile.models.kv import CachedStep
-from snlp_compile.train import (
-    RegulariserConfig,
-    TrainConfig,
-    load_checkpoint,
-    load_corpus,
-    save_checkpoint,
-    train,
-)
-from snlp_compile.train.data import eval_windows
-from snlp_compile.train.decode_eval import DecodeSetting, decode_perplexity, settings_grid
-from snlp_compile.train.evaluate import perplexity
+from .decode import _writer, logits_only, step_inputs
 
 MODEL = "nanochat-small"
 BASELINE = "base-s0"
@@ -258,10 +259,26 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
 
 
 # -- stage 3: quality -----------------------------------------------------------------------------
-def load_for_inference(work: Path, name: str, scale: Scale) -> torch.nn.Module:
-    model = load_checkpoint(checkpoint_path(work, name), device=scale.device)
+def load_for_inference(work: Path, name: str, scale: Scale, n_layer: int | None = None) -> torch.nn.Module:
+    """The trained checkpoint, else (a speed-only run: timing does not depend on the weights) the
+    same shape with seeded random weights."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[scale.dtype]
+    path = checkpoint_path(work, name)
+    if path.exists():
+        model = load_checkpoint(path, device=scale.device)
+    else:
+        overrides = {**scale.overrides(n_layer), "vocab_size": scale.vocab, "zero_init_out": False}
+        model = build_model(MODEL, seed=0, device=scale.device, **overrides)
+        log(f"speed {name}: no checkpoint, random weights of the same shape")
     return model.to(dtype).eval()
+
+
+def quality_from(path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Quality rows and trained-model facts of an earlier frontier.json, for a speed-only run
+    (checkpoints do not outlive the machine that trained them; the weights do not change timings)."""
+    result = json.loads(path.read_text())
+    keys = ("model", "parallel_layers", "iterations", "init", "ppl", "bpb")
+    return [{k: p[k] for k in keys} for p in result["points"]], result["models"]
 
 
 def measure_quality(
@@ -716,7 +733,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("frontier: this run needs a CUDA GPU (use --smoke for the CPU check)")
     meta: dict[str, Any] = {
         "env": environment(device),
-        "command": "python benchmarks/frontier.py "
+        "command": "python -m benchmarks frontier "
         + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "scale": asdict(scale),
         "scale_note": (
@@ -731,23 +748,26 @@ def run(args: argparse.Namespace) -> int:
         snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
         torch._dynamo.config.cache_size_limit = 256
     chosen = [v for v in variants(scale) if not args.models or v.name in args.models]
-    corpus, windows, meta["data"] = prepare_data(scale, work)
-    (work / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     stages = set(args.stages.split(","))
-    trained: dict[str, dict[str, Any]] = {}
-    if "train" in stages:
-        for v in chosen:
-            trained[v.name] = train_variant(v, scale, corpus, work)
+    if args.quality_from:  # a speed-only run over an earlier run's quality
+        quality, trained = quality_from(Path(args.quality_from))
+        meta["quality_from"] = args.quality_from
+        stages = {"speed"}
     else:
-        trained = {v.name: json.loads((work / f"{v.name}.train.json").read_text()) for v in chosen}
-    if "quality" not in stages:
-        return 0
-    quality: list[dict[str, Any]] = []
-    if device.type == "cuda":
-        meta["graph_check"] = graph_check(work, scale, windows, corpus.val_bytes_per_token)
+        corpus, windows, meta["data"] = prepare_data(scale, work)
         (work / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    for v in chosen:
-        quality += measure_quality(v, scale, windows, corpus.val_bytes_per_token, work)
+        if "train" in stages:
+            trained = {v.name: train_variant(v, scale, corpus, work) for v in chosen}
+        else:
+            trained = {v.name: json.loads((work / f"{v.name}.train.json").read_text()) for v in chosen}
+        if "quality" not in stages:
+            return 0
+        quality = []
+        if device.type == "cuda":
+            meta["graph_check"] = graph_check(work, scale, windows, corpus.val_bytes_per_token)
+            (work / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        for v in chosen:
+            quality += measure_quality(v, scale, windows, corpus.val_bytes_per_token, work)
     if "speed" not in stages:
         return 0
     modes = ["eager+graph", "compiled+graph"] if device.type == "cuda" else ["eager"]
@@ -762,7 +782,8 @@ def run(args: argparse.Namespace) -> int:
         deep.sequential(modes)
         for v in chosen:
             if v.n_layer is not None:
-                t = Timer(load_for_inference(work, v.name, scale), v.name, scale, snlp_options, work)
+                model = load_for_inference(work, v.name, scale, v.n_layer)
+                t = Timer(model, v.name, scale, snlp_options, work)
                 t.sequential(modes)
                 timers.append(t)
         deep.grid(list(scale.parallel), list(scale.iterations), list(scale.inits), grid_mode)
@@ -799,7 +820,7 @@ def assemble(args: argparse.Namespace) -> int:
     meta.setdefault("env", {"gpu": args.device_label, "torch": args.torch_version})
     meta.setdefault("scale", asdict(scale))
     meta.setdefault("scale_note", "(scale as recorded in each model's train.json)")
-    meta["command"] = "python benchmarks/frontier.py " + " ".join(
+    meta["command"] = "python -m benchmarks frontier " + " ".join(
         sys.argv[1:] if args.argv is None else args.argv
     )
     names = [v.name for v in variants(scale)]
@@ -896,6 +917,11 @@ def main(argv: list[str] | None = None) -> int:
         "--stages", default="train,quality,speed", help="comma-separated subset of train,quality,speed"
     )
     r.add_argument("--steps", type=int, default=None, help="override the training steps per model")
+    r.add_argument(
+        "--quality-from",
+        default=None,
+        help="an earlier frontier.json: time only (random weights where no checkpoint), join its quality",
+    )
     r.add_argument("--max-compiled", type=int, default=4, help="frontier points compiled + CUDA graphs")
     r.add_argument("--budget-min", type=float, default=27.0, help="stop compiling points after this")
     ref = sub.add_parser("reference", help="retrain the seeded baseline checkpoint only (GPU, a few minutes)")
@@ -927,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate(args)
     if args.command == "reference":
         args.out, args.models, args.stages, args.steps = args.work, [BASELINE], "train", None
-        args.max_compiled, args.budget_min = 0, 1e9
+        args.max_compiled, args.budget_min, args.quality_from = 0, 1e9, None
     return run(args)
 
 

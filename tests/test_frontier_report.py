@@ -1,0 +1,86 @@
+"""The frontier's bookkeeping (benchmarks/frontier.py): joining decode-path perplexity with decode
+timings, the goals, and domination of the shallow controls. The GPU run uses these functions as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.frontier import Scale, Timed, build_points, load_timings, markdown, pareto, summarise
+
+BASE = 10.0
+
+
+def _quality() -> list[dict]:
+    rows = [
+        {"model": "base-s0", "parallel_layers": 0, "iterations": None, "init": None, "ppl": BASE, "bpb": 1.0},
+        {"model": "base-s1", "parallel_layers": 0, "iterations": None, "init": None, "ppl": 10.1, "bpb": 1.0},
+        {"model": "reg", "parallel_layers": 8, "iterations": 2, "init": "h0", "ppl": 10.05, "bpb": 1.0},
+        {"model": "reg", "parallel_layers": 16, "iterations": 1, "init": "h0", "ppl": 10.4, "bpb": 1.0},
+        {"model": "base-s0", "parallel_layers": 16, "iterations": 1, "init": "h0", "ppl": 90.0, "bpb": 2.0},
+        {"model": "seq-l8", "parallel_layers": 0, "iterations": None, "init": None, "ppl": 11.0, "bpb": 1.1},
+    ]
+    return rows
+
+
+def _timed() -> list[Timed]:
+    return [
+        Timed("base-s0", 0, None, None, "seq compiled+graph", 0.60),
+        Timed("base-s0", 0, None, None, "exact-seq compiled+graph", 0.50),  # the best sequential step
+        Timed("base-s0", 8, 2, "h0", "snlp compiled+graph", 0.24),
+        Timed("base-s0", 16, 1, "h0", "snlp eager+graph", 0.30),
+        Timed("base-s0", 16, 1, "h0", "snlp deferred compiled+graph", 0.125),
+        Timed("seq-l8", 0, None, None, "seq compiled+graph", 0.26),
+    ]
+
+
+def test_points_join_quality_and_the_fastest_timing() -> None:
+    trained = {"seq-l8": {"n_layer": 8}}
+    joined = build_points(_quality(), _timed(), trained, Scale())
+    assert joined["best_seq_ms"] == 0.50 and joined["best_seq_variant"] == "exact-seq compiled+graph"
+    by = {(p["model"], p["parallel_layers"], p["iterations"]): p for p in joined["points"]}
+    fast = by[("reg", 16, 1)]
+    assert fast["decode_ms"] == 0.125 and fast["timed_variant"] == "snlp deferred compiled+graph"
+    assert fast["speedup"] == pytest.approx(4.0) and fast["ppl_vs_baseline"] == pytest.approx(0.04)
+    assert by[("base-s1", 0, None)]["decode_ms"] == 0.50  # a deep model's sequential step: the baseline's
+    control = by[("seq-l8", 0, None)]
+    assert control["kind"] == "shallow-control" and control["speedup"] == pytest.approx(0.5 / 0.26)
+
+    summary = summarise(joined["points"])
+    assert summary["best_speedup_within_1pct"] == pytest.approx(0.5 / 0.24)  # reg 8/16 K=2 at +0.5%
+    assert summary["best_speedup_within_5pct"] == pytest.approx(4.0)
+    assert summary["goals"] == {
+        ">=2.0x at <=+1%": True,
+        ">=3.0x at <=+5%": True,
+        "shallow controls dominated": True,
+    }
+    assert summary["shallow_controls"]["seq-l8"]["dominated_by"]["model"] == "reg"
+    assert summary["seed_spread_ppl_vs_baseline"]["base-s1"] == pytest.approx(0.01)
+    assert [p["ppl"] for p in pareto(joined["points"])] == [10.4, 10.05, BASE]
+    text = markdown({**joined, "summary": summary, "models": {}, "meta": {"env": {"gpu": "X", "torch": "t"},
+                     "scale_note": "", "command": "c"}})  # fmt: skip
+    assert "| >= 2.0x at <= +1% | 2.08x (met) |" in text
+
+
+def test_a_slower_snlp_point_does_not_dominate_a_control() -> None:
+    timed = [t for t in _timed() if "compiled" in t.variant and t.parallel_layers == 0]
+    timed.append(Timed("base-s0", 8, 2, "h0", "snlp eager+graph", 0.9))
+    joined = build_points(_quality(), timed, {"seq-l8": {"n_layer": 8}}, Scale())
+    summary = summarise(joined["points"])
+    assert not summary["goals"]["shallow controls dominated"]
+    assert summary["shallow_controls"]["seq-l8"]["dominated_by"] is None
+
+
+def test_timings_read_back_from_a_log(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    log.write_text(
+        "[17:15:47] speed base-s0 par=0 K=None None seq compiled+graph: 0.7012 ms\n"
+        "[17:18:28] speed base-s0 par=4 K=1 h0 snlp eager+graph: 1.0925 ms\n"
+        "[17:18:29] train noise\n"
+    )
+    rows = load_timings(tmp_path, log)
+    assert [(r.parallel_layers, r.iterations, r.init, r.variant, r.median_ms) for r in rows] == [
+        (0, None, None, "seq compiled+graph", 0.7012),
+        (4, 1, "h0", "snlp eager+graph", 1.0925),
+    ]
