@@ -620,6 +620,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for m in result["models"].values():
+        if "train_seconds" not in m:  # (a model known only by its shape)
+            continue
         lines.append(
             f"| {m['name']} | {m['objective']} | {m['n_layer']} | {m['tokens']:,} | "
             f"{m['tokens_per_layer_param']:.2f} | {m['train_flops']:.2e} | {m['train_seconds']:.0f} | {m['note']} |"

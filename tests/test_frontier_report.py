@@ -84,3 +84,48 @@ def test_timings_read_back_from_a_log(tmp_path: Path) -> None:
         (0, None, None, "seq compiled+graph", 0.7012),
         (4, 1, "h0", "snlp eager+graph", 1.0925),
     ]
+
+
+def test_speed_only_run_over_an_earlier_quality(tmp_path: Path) -> None:
+    """``run --quality-from``: the timing stage end to end (smoke scale, CPU, random weights), the
+    path a speed-only GPU call takes."""
+    import json
+
+    from benchmarks.frontier import main
+
+    points = [
+        {"model": m, "parallel_layers": 0, "iterations": None, "init": None, "ppl": ppl, "bpb": 1.0}
+        for m, ppl in (("base-s0", BASE), ("seq-l2", 11.0), ("seq-l1", 12.0))
+    ]
+    points += [
+        {
+            "model": "base-s0",
+            "parallel_layers": par,
+            "iterations": 1,
+            "init": "h0",
+            "ppl": BASE + par,
+            "bpb": 1.0,
+        }
+        for par in (2, 4)
+    ]
+    models = {"seq-l2": {"n_layer": 2}, "seq-l1": {"n_layer": 1}}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"points": points, "models": models}))
+    out = tmp_path / "out"
+    args = [
+        "run",
+        "--smoke",
+        "--quality-from",
+        str(earlier),
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+    ]
+    args += ["--models", "base-s0", "seq-l2", "seq-l1"]
+    assert main(args) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    timed = {(p["model"], p["parallel_layers"]) for p in result["points"] if p["decode_ms"] is not None}
+    assert timed == {("base-s0", 0), ("base-s0", 2), ("base-s0", 4), ("seq-l2", 0), ("seq-l1", 0)}
+    assert result["best_seq_variant"] in ("seq eager", "exact-seq eager")
+    assert (out / "frontier.md").exists() and (tmp_path / "w" / "timings.json").exists()
