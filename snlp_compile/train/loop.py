@@ -69,6 +69,8 @@ class TrainConfig:
         checkpoint's tokenizer.
     zero_init_out: build nanochat-family models with zero output projections (nanochat's init;
         ``model_overrides={"zero_init_out": False}`` or False here keeps them random).
+    reg_ramp_fraction: the regulariser's lambda ramp, as a share of ``steps``, when its
+        ``ramp_steps`` is None (the paper: 20%).
     """
 
     model: str = "nanochat-tiny"
