@@ -50,7 +50,7 @@ class LineProgress:
         elapsed = time.perf_counter() - self._start
         where = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
         left = ""
-        if self.total and self.n:
+        if self.total and 0 < self.n < self.total:
             left = f", ~{_clock(elapsed / self.n * (self.total - self.n))} left"
         post = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc}: {where} in {_clock(elapsed)}{left}{post}"

@@ -197,9 +197,11 @@ def plot_ppl_vs_k(
     left.set_ylabel("held-out perplexity")
     left.legend(fontsize=6.5)
     seq = [r["ppl"] for r in rows if r["mode"] == "sequential"]
-    if seq:
-        right.set_ylim(0.98 * min(seq), zoom * max(seq))
-    right.set_title(f"zoom: up to {zoom:g}x sequential", fontsize=9)
+    if seq:  # the zoom never spans more than the main panel
+        lo, hi = left.get_ylim()
+        right.set_ylim(max(0.98 * min(seq), lo), min(zoom * max(seq), hi))
+    clipped = bool(seq) and zoom * max(seq) < left.get_ylim()[1]
+    right.set_title(f"zoom: up to {zoom:g}x sequential" if clipped else "linear scale", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
