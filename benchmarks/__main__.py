@@ -76,7 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[0] = f"python -m benchmarks {name}"  # (argparse's usage line)
     if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a lent machine's log as they come
         sys.stdout.reconfigure(line_buffering=True)
-    return int(importlib.import_module(SUBCOMMANDS[name]).main(rest) or 0)
+    try:
+        return int(importlib.import_module(SUBCOMMANDS[name]).main(rest) or 0)
+    except (AssertionError, RuntimeError) as exc:  # a GPU benchmark on a machine without CUDA: one line
+        import torch
+
+        if torch.cuda.is_available() or "CUDA" not in str(exc):
+            raise
+        print(
+            f"python -m benchmarks {name}: needs a CUDA GPU and torch {torch.__version__} sees none ({exc}); "
+            "the CPU smoke runs are in tests/test_benchmark_smoke.py",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

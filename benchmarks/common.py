@@ -525,6 +525,7 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
             ax.axhline(floor, color="gray", ls=":", label="bytes floor")
         ax.set_yscale("log")
         ax.set_xlabel("K (iterations)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # K is a count
         ax.set_ylabel("ms")
         ax.set_title(f"{regime}: {key[0]}, {key[1]}")
         ax.legend(fontsize=7)

@@ -196,6 +196,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
             )
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("iterations K")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # K is a count
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("relative error vs sequential")
     axes[0][0].legend(fontsize=7)

@@ -56,12 +56,14 @@ def draw_chain(report: ExplainReport, path: str | Path, iterations: int | None =
         box(left, 2, y, 6, min(3.0, step - 1.5), name, color)
     arrow(left, y - 0.3, y - step + 3.6)
     box(left, 2, y - step, 6, 3, "suffix (final norm, head)", "#e8e8e8")
+    lowest = y - step
 
     if report.refusal:
         right.set_title("not rewritten", fontsize=10)
         right.text(
             5, 60, "REFUSED\n\n" + "\n".join(_wrap(report.refusal, 60)), ha="center", va="center", fontsize=8
         )
+        lowest = min(lowest, 40.0)
     else:
         k = iterations if iterations is not None else "K"
         right.set_title(f"SNLP solve: {len(parallel)} layers in parallel, {k} iteration(s)", fontsize=10)
@@ -92,10 +94,17 @@ def draw_chain(report: ExplainReport, path: str | Path, iterations: int | None =
         y -= 14
         readers = "\n".join(_wrap("; ".join(r.split(" reads ")[-1] for r in report.readers[:4]), 50))
         box(right, 2, y, 6, 6, f"solved trace h_1..h_N\nread by: {readers}", "#e0f5e0")
-        arrow(right, y - 0.3, y - 6)
-        box(right, 2, y - 13, 6, 3, "suffix (final norm, head)", "#e8e8e8")
+        arrow(right, y - 0.3, y - 5.6)
+        y -= 9
+        box(right, 2, y, 6, 3, "suffix (final norm, head)", "#e8e8e8")
         if report.skip:
-            right.text(5, 2, "\n".join(_wrap("surrogate: " + report.skip, 90)), ha="center", fontsize=7)
+            y -= 7
+            right.text(5, y, "\n".join(_wrap("surrogate: " + report.skip, 90)), ha="center", fontsize=7)
+        lowest = min(lowest, y)
+    bottom = lowest - 3  # no empty band below the lowest box: the figure is as tall as the drawing
+    for ax in (left, right):
+        ax.set_ylim(bottom, 100)
+    fig.set_size_inches(12, max(3.0, 8 * (100 - bottom) / 100 + 0.4))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

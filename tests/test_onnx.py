@@ -284,6 +284,7 @@ def test_placement_log_parsing_and_cpu_fallback_detection(small_onnx: Path) -> N
 def test_cli_export_with_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.onnx"
     argv = ["export", "--model", "gpt-tiny", "-o", str(out), "-K", "4", "--static", "--check", "--seq", "8"]
+    argv += ["--batch", "1"]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert out.exists()

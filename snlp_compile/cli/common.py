@@ -1,58 +1,132 @@
-"""Helpers shared by subcommands: resolving a model argument, timing on the CPU, tables."""
+"""Helpers shared by subcommands: model arguments, resolving a model, timing on the CPU, tables,
+and the checks that run before any long work (optional packages, CUDA).
+
+Nothing here imports torch at module level: building the parser (``--help``) stays fast; the
+functions that need torch import it when called.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
+from ..errors import SNLPError
 
-from ..models import DEFAULT_MODEL, MODEL_NAMES, build_model
+DEFAULT_MODEL = "nanochat-small"  # (snlp_compile.models.DEFAULT_MODEL; a test checks they agree)
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+# optional module -> the extra that installs it
+EXTRA_OF = {
+    "matplotlib": "plot",
+    "onnx": "onnx",
+    "onnxscript": "onnx",
+    "onnxruntime": "onnx",
+    "safetensors": "train",
+    "tokenizers": "train",
+    "transformers": "hf",
 }
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+class CLIError(SNLPError):
+    """A misuse the command line reports in one line (exit status 2)."""
+
+
+class MissingExtra(CLIError):
+    """An optional package a command needs is not installed; the message names the extra."""
+
+
+def install_hint(modules: Sequence[str]) -> str:
+    extras = sorted({EXTRA_OF.get(m, "all") for m in modules})
+    return f"pip install 'snlp-compile[{','.join(extras)}]' (from a source checkout: pip install -e '.[all]')"
+
+
+def require(what: str, *modules: str) -> None:
+    """Fail now, in one line, if a module ``what`` needs is missing (before any long work)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(
+            f"{what} needs {', '.join(missing)}, which is not installed: {install_hint(missing)}"
+        )
+
+
+def require_device(device: str) -> None:
+    """A CUDA device asked for on a machine without one fails here, in one line."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(
+                f"--device {device}: no CUDA GPU is available to torch "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
+            )
+
+
+def announce(what: str, path: object) -> None:
+    """Every file a command writes is named on stdout as it is written."""
+    print(f"wrote {what}: {path}", flush=True)
+
+
+def status(message: str) -> None:
+    """A progress line, flushed at once (terminals and log files alike)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, batch: int = 2) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"built-in name ({', '.join(MODEL_NAMES)}) or 'module.path:factory' returning an nn.Module",
+        help="built-in reference model (nanochat-tiny, nanochat-small, gpt-tiny, gpt-small, mhc-tiny, ...; "
+        "an unknown name lists them all) or 'module.path:factory' returning an nn.Module",
     )
-    parser.add_argument("--batch", type=int, default=1, help="example batch size")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=batch,
+        help="example batch size (>= 2 keeps the batch dimension symbolic)",
+    )
     parser.add_argument("--seq", type=int, default=64, help="example sequence length")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="parameter dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and example tokens")
 
 
-def load_model(spec: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_model(spec: str, dtype: Any, seed: int = 0) -> Any:
     """A built-in model by name, or a user factory given as 'package.module:function'."""
+    import torch
+
+    from ..models import MODEL_NAMES, build_model
+
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
             factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise SystemExit(f"--model {spec!r}: cannot load {attr!r} from {module_name!r}: {exc}") from exc
+            raise CLIError(f"--model {spec!r}: cannot load {attr!r} from {module_name!r}: {exc}") from exc
         model = factory()
         if not isinstance(model, torch.nn.Module):
-            raise SystemExit(
-                f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
-            )
+            raise CLIError(f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
         return model.to(dtype).eval()
     if spec not in MODEL_NAMES:
-        raise SystemExit(f"--model {spec!r}: unknown model; built-in names: {', '.join(MODEL_NAMES)}")
+        raise CLIError(f"--model {spec!r}: unknown model; built-in names: {', '.join(MODEL_NAMES)}")
     return build_model(spec, seed=seed, dtype=dtype)
 
 
-def example_tokens(model: torch.nn.Module, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+def example_tokens(model: Any, batch: int, seq: int, seed: int = 0) -> Any:
+    import torch
+
     vocab = getattr(getattr(model, "config", None), "vocab_size", 256)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
@@ -60,6 +134,8 @@ def example_tokens(model: torch.nn.Module, batch: int, seq: int, seed: int = 0) 
 
 def median_time(fn: Callable[[], Any], *, warmup: int = 2, runs: int = 7) -> float:
     """Median wall time in seconds of fn() on the CPU, after warm-up."""
+    import torch
+
     with torch.no_grad():
         for _ in range(warmup):
             fn()

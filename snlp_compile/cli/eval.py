@@ -1,4 +1,5 @@
-"""Held-out perplexity and bits/byte of trained checkpoints, sequential and through SNLP solves (table, JSON, plot).
+"""Held-out perplexity and bits/byte of trained checkpoints, sequential and through SNLP solves
+(table, JSON, plot; the plot needs matplotlib: the 'plot' extra).
 
 snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
 snlp-compile eval runs/reg -K 1 2 --chunks 1 2 4     # chunkwise decomposition too
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .common import CLIError, announce, require, require_device, status
 from .train import add_data_arguments
 
 
@@ -29,9 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label", nargs="+", default=None, help="one name per checkpoint (default: folder names)"
     )
-    parser.add_argument("-K", "--iterations", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--parallel", type=_parallel, nargs="+", default=["all", "half"])
-    parser.add_argument("--init", nargs="+", choices=("h0", "batch_fwd"), default=["h0"])
+    parser.add_argument(
+        "-K", "--iterations", type=int, nargs="+", default=[1, 2, 4], help="K values evaluated"
+    )
+    parser.add_argument(
+        "--parallel",
+        type=_parallel,
+        nargs="+",
+        default=["all", "half"],
+        help="parallel layers: 'all', 'half' (of the parallelisable ones) or a count",
+    )
+    parser.add_argument(
+        "--init", nargs="+", choices=("h0", "batch_fwd"), default=["h0"], help="the solve's initial iterates"
+    )
     parser.add_argument(
         "--chunks",
         type=int,
@@ -43,14 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(val_fraction=None, suffix=None)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the training sequence length")
     parser.add_argument("--windows", type=int, default=64, help="held-out windows evaluated")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--plot", default=None, help="write perplexity against K here (PNG)")
 
 
 def run(args: argparse.Namespace) -> int:
+    require("eval (checkpoints are safetensors)", "safetensors")
+    if args.plot:
+        require("eval --plot", "matplotlib")
+    require_device(args.device)
     from ..train import (
         SolveSetting,
         evaluate_model,
@@ -62,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.data import eval_windows, load_corpus, tokenizer_from_json
 
     if args.label is not None and len(args.label) != len(args.checkpoints):
-        raise SystemExit(f"--label needs {len(args.checkpoints)} names, got {len(args.label)}")
+        raise CLIError(f"--label needs {len(args.checkpoints)} names, got {len(args.label)}")
     labels = args.label or [Path(c).name for c in args.checkpoints]
     settings = [
         SolveSetting(k, p, i, c)
@@ -73,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     corpora: dict[str, Any] = {}
     for folder, label in zip(args.checkpoints, labels):
         info = read_checkpoint_info(folder)
+        if (info.get("tokenizer") or {}).get("kind") == "bpe":
+            require("eval of a checkpoint with a BPE tokenizer", "tokenizers")
         spec = dict(info["data"])
         for key in ("data", "max_bytes", "val_fraction", "suffix"):
             if getattr(args, key) is not None:
@@ -80,12 +98,16 @@ def run(args: argparse.Namespace) -> int:
         key = json.dumps([spec, info["tokenizer"]], sort_keys=True)
         if key not in corpora:
             corpora[key] = load_corpus(tokenizer=tokenizer_from_json(info["tokenizer"]), **spec)
-            print(f"data: {corpora[key].describe()}")
+            print(f"data: {corpora[key].describe()}", flush=True)
         corpus = corpora[key]
         seq_len = args.seq_len or info["train"]["seq_len"]
         model = load_checkpoint(folder, device=args.device)
         layers[label] = int(info["model_config"].get("n_layer", 0))
         windows = eval_windows(corpus.val, seq_len, args.windows)
+        status(
+            f"eval {label}: sequential and {len(settings)} SNLP setting(s) over {windows.size(0)} windows "
+            f"of {seq_len} tokens ..."
+        )
         rows += evaluate_model(
             model,
             windows,
@@ -94,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             bytes_per_token=corpus.val_bytes_per_token,
             label=label,
+            progress=lambda row: status(_progress_line(row)),
         )
     table = markdown_table(rows, layers)
     print(table)
@@ -101,8 +124,20 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(
             json.dumps({"rows": rows, "checkpoints": args.checkpoints}, indent=2) + "\n"
         )
+        announce("rows (JSON)", args.json)
     if args.markdown:
         Path(args.markdown).write_text(table)
+        announce("table", args.markdown)
     if args.plot:
-        plot_ppl_vs_k(rows, args.plot, title="held-out perplexity against K")
+        announce("plot", plot_ppl_vs_k(rows, args.plot, title="held-out perplexity against K"))
     return 0
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    if row["mode"] == "sequential":
+        return f"  {row['model']}: sequential ppl {row['ppl']:.3f}"
+    chunks = f", {row['chunks']} chunks" if (row.get("chunks") or 1) > 1 else ""
+    return (
+        f"  {row['model']}: K={row['K']}, {row['parallel']} parallel, init {row['init']}{chunks}: "
+        f"ppl {row['ppl']:.3f} ({100 * row['gap']:+.2f}%)"
+    )

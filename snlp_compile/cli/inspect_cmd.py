@@ -1,19 +1,26 @@
-"""Show what the compiler matched: the explain report, the rewritten code, and a picture."""
+"""Show what the compiler matched: the explain report, the rewritten code, and a picture of the
+chain before and after the rewrite (needs matplotlib: the 'plot' extra; --no-picture skips it).
+
+snlp-compile inspect --model nanochat-small --parallel-layers 6 --code --picture chain.png
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..api import explain, transform
-from ..visualize import draw_chain
-from .common import DTYPES, add_model_arguments, example_tokens, load_model
+from .common import add_model_arguments, announce, example_tokens, load_model, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--iterations", "-K", type=int, default=2)
-    parser.add_argument("--parallel-layers", type=int, default=None)
+    parser.add_argument("--iterations", "-K", type=int, default=2, help="K, iterations of the solve")
+    parser.add_argument(
+        "--parallel-layers",
+        type=int,
+        default=None,
+        help="solve only the last N layers in parallel (default: all)",
+    )
     parser.add_argument(
         "--chunks",
         type=int,
@@ -23,20 +30,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
     )
+    parser.add_argument("--no-picture", action="store_true", help="draw no picture (no matplotlib needed)")
     parser.add_argument(
         "--code", action="store_true", help="print the rewritten graph's code and the batched body"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, DTYPES[args.dtype], args.seed)
+    picture = None if args.no_picture else args.picture
+    if picture is not None:
+        require("inspect --picture (the default; --no-picture skips it)", "matplotlib")
+    from ..api import explain, transform
+    from ..visualize import draw_chain
+
+    model = load_model(args.model, args.dtype, args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
     config = {"iterations": args.iterations, "parallel_layers": args.parallel_layers, "chunks": args.chunks}
     report = explain(model, (idx,), **config)
     print(report)
     if not report.rewritten:
-        draw_chain(report, args.picture)
-        print(f"\npicture: {args.picture}")
+        if picture is not None:
+            print()
+            announce("picture", draw_chain(report, picture))
         return 1
     fast = transform(model, (idx,), **config)
     if args.code:
@@ -49,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"# the {solve.chunk_sizes[-1]}-layer chunks: .snlp_solve.layers_short, the same batched for fewer"
             )
-    draw_chain(fast.snlp_report, args.picture, iterations=args.iterations)
-    print(f"\npicture: {args.picture}")
+    if picture is not None:
+        print()
+        announce("picture", draw_chain(fast.snlp_report, picture, iterations=args.iterations))
     return 0

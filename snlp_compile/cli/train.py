@@ -14,7 +14,7 @@ import ast
 import json
 from typing import Any
 
-from ..models import MODEL_NAMES
+from .common import DEFAULT_MODEL, CLIError, announce, require, require_device
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise CLIError(f"--set expects key=value, got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -41,23 +41,34 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="nanochat-tiny", choices=MODEL_NAMES)
+    parser.add_argument(
+        "--model",
+        default="nanochat-tiny",
+        help=f"built-in reference model to train (nanochat-tiny, {DEFAULT_MODEL}, gpt-tiny, mhc-tiny, ...)",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="model config override"
     )
     add_data_arguments(parser)
-    parser.add_argument("--tokenizer", choices=("bytes", "bpe"), default="bytes")
-    parser.add_argument("--bpe-vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
+    parser.add_argument(
+        "--tokenizer",
+        choices=("bytes", "bpe"),
+        default="bytes",
+        help="bytes, or a byte-level BPE trained here",
+    )
+    parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (--tokenizer bpe)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    parser.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr (cosine)"
+    )
     parser.add_argument("--warmup", type=int, default=50, help="warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
     )
@@ -140,7 +151,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="checkpoint to write: a folder, or one file if it ends in .safetensors"
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (a terminal gets a bar, a log file a line every 20 s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
         train,
     )
 
+    require("train (the checkpoint is written with safetensors)", "safetensors")
+    require_device(args.device)
     objective = args.objective or ("regulariser" if (args.reg_weight or 0) > 0 else "ce")
     tokenizer = args.tokenizer
     model_name, overrides = args.model, parse_assignments(args.set)
@@ -161,6 +178,13 @@ def run(args: argparse.Namespace) -> int:
         info = read_checkpoint_info(args.init_from)
         model_name, overrides = info["model"], {}
         tokenizer = checkpoint_tokenizer(args.init_from) or "bytes"
+    else:
+        from ..models import MODEL_NAMES
+
+        if model_name not in MODEL_NAMES:
+            raise CLIError(f"--model {model_name!r}: unknown model; built-in names: {', '.join(MODEL_NAMES)}")
+    if tokenizer != "bytes":
+        require(f"train with the {tokenizer!r} tokenizer", "tokenizers")
     corpus = load_corpus(
         args.data,
         val_fraction=args.val_fraction,
@@ -214,8 +238,9 @@ def run(args: argparse.Namespace) -> int:
     solved = f"; through the solve {val['snlp_ppl']:.3f}" if "snlp_ppl" in val else ""
     print(
         f"trained {result.tokens:,} tokens in {result.seconds:.1f}s; held-out sequential ppl {val['ppl']:.3f}, "
-        f"{val['bpb']:.4f} bits/byte{solved}; checkpoint: {folder}"
+        f"{val['bpb']:.4f} bits/byte{solved}"
     )
+    announce("checkpoint", folder)
     return 0
 
 

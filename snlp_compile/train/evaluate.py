@@ -85,15 +85,19 @@ def evaluate_model(
     device: torch.device | str,
     bytes_per_token: float,
     label: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows: the sequential model, then every setting, each with ce, ppl, bpb and the gap to sequential."""
+    """Rows: the sequential model, then every setting, each with ce, ppl, bpb and the gap to sequential
+    (``progress`` is called with each row as it is done)."""
     model = model.eval().to(device)
     if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
         windows = windows[: windows.size(0) // batch_size * batch_size]
     seq = perplexity(model, windows, batch_size, device, bytes_per_token)
     rows: list[dict[str, Any]] = [
-        {"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq}
+        {"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq, "gap": 0.0}
     ]
+    if progress is not None:
+        progress(rows[0])
     example = (windows[:batch_size, :-1].to(device),)
     _, chain, report = analyse(model, example, SNLPConfig())
     if chain is None:
@@ -111,6 +115,8 @@ def evaluate_model(
             row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
             row["chunks"] = chunks
             rows.append({**row, "gap": res["ppl"] / seq["ppl"] - 1.0})
+            if progress is not None:
+                progress(rows[-1])
         del fast
     rows[0]["gap"] = 0.0
     return rows
@@ -191,9 +197,11 @@ def plot_ppl_vs_k(
     left.set_ylabel("held-out perplexity")
     left.legend(fontsize=6.5)
     seq = [r["ppl"] for r in rows if r["mode"] == "sequential"]
-    if seq:
-        right.set_ylim(0.98 * min(seq), zoom * max(seq))
-    right.set_title(f"zoom: up to {zoom:g}x sequential", fontsize=9)
+    if seq:  # the zoom never spans more than the main panel
+        lo, hi = left.get_ylim()
+        right.set_ylim(max(0.98 * min(seq), lo), min(zoom * max(seq), hi))
+    clipped = bool(seq) and zoom * max(seq) < left.get_ylim()[1]
+    right.set_title(f"zoom: up to {zoom:g}x sequential" if clipped else "linear scale", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -264,7 +263,7 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
     """Train ``config.model`` (or fine-tune ``config.init_from``) on ``corpus``; returns the model
     (eval mode) and what happened. ``history`` holds one row per step (values are read back from
     the device every ``log_every`` steps, so logging costs no per-step synchronisation)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     device = torch.device(config.device)
     use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
@@ -292,12 +291,8 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
     history: list[dict[str, float]] = []
     pending: list[tuple[int, float, float, dict[str, torch.Tensor]]] = []  # rows not yet read back
     start = time.perf_counter()
-    bar = tqdm(
-        range(config.steps),
-        desc=f"train {config.objective}",
-        disable=not config.progress,
-        mininterval=0.5 if sys.stderr.isatty() else 20.0,  # a log file gets a line every 20 s
-    )
+    # a terminal gets a tqdm bar, a log file a whole line every 20 s and at each tenth of the steps
+    bar = progress_bar(range(config.steps), desc=f"train {config.objective}", disable=not config.progress)
     for step in bar:
         lr = config.lr_at(step)
         for group in opt.param_groups:
