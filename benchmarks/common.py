@@ -166,7 +166,7 @@ def with_iterations(
 ) -> torch.fx.GraphModule:
     """A view of a transformed model that runs K iterations, from another init if given (weights
     shared, not copied; its own warm-start state): one transform() serves every K and init."""
-    from snlp_compile.passes.rewrite import SOLVE_NAME
+    from snlp_compile.ir.plan import SOLVE_NAME
 
     new = copy.copy(transformed)
     solve = copy.copy(transformed.get_submodule(SOLVE_NAME))

@@ -13,13 +13,16 @@ import torch.fx as fx
 from .config import SNLPConfig, chunk_sizes, resolve_config
 from .errors import SNLPRefusal, SNLPUsageError
 from .ir import LayerChain
+from .ir.plan import SOLVE_NAME, SolveOptions
+from .options import ENVIRONMENT
 from .passes.capture import capture, example_args
 from .passes.cleanup import common_subexpressions, inline_marker_ops
 from .passes.defer_kv import defer_kv
+from .passes.emit import emit_solve
 from .passes.find_chain import check_chain, find_layers
 from .passes.graph_utils import op_name, retarget_devices
 from .passes.infra import run_passes
-from .passes.rewrite import SOLVE_NAME, rewrite
+from .passes.plan import PlanOptions, plan_solve
 from .passes.skip_split import analyse_skip
 from .report import ExplainReport
 
@@ -123,11 +126,16 @@ def transform(
     if chain is None:
         assert report.error is not None
         raise report.error
-    out = rewrite(gm, chain, cfg)
+    options = SolveOptions(iterations=cfg.iterations, init=cfg.init, damping=cfg.damping)
+    plan = plan_solve(
+        gm, chain, options, chunks=cfg.chunks, planning=PlanOptions(last_row=ENVIRONMENT.last_row)
+    )
+    out = emit_solve(gm, chain, plan)
+    notes = list(plan.notes)
     if cfg.deferred_kv:
-        chain.notes.extend(defer_kv(out, SOLVE_NAME))
+        notes.extend(defer_kv(out, SOLVE_NAME))
     inline_marker_ops(out)
-    report.notes.extend(n for n in chain.notes if n not in report.notes)  # what the rewrite decided
+    report.notes.extend(n for n in notes if n not in report.notes)  # what the rewrite decided
     solve = out.get_submodule(SOLVE_NAME)
     report.externals = [
         (name, mode, _stack_shape(solve, name, mode, ext))

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import SNLPConfigError
 
 InitKind = Literal["h0", "batch_fwd", "warm"]
-
-
-def env_flag(name: str) -> bool:
-    """An on-by-default switch from the environment (the A/B switches SNLP_GEMV_KERNEL, SNLP_PDL,
-    SNLP_LAST_ROW, ...): 0, false, off or no turn it off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch.nn as nn
 from .api import transform
 from .config import SNLPConfig, resolve_config
 from .errors import SNLPConfigError
+from .ir.plan import SOLVE_NAME
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
-from .passes.rewrite import SOLVE_NAME
 
 PrefillKind = Literal["sequential", "solve"]
 Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)

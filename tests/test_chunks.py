@@ -17,9 +17,9 @@ from conftest import MATMUL_OPS, sequential_trace
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
 from snlp_compile.config import chunk_sizes
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
 F64 = torch.float64

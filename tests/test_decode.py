@@ -14,9 +14,9 @@ from decode_helpers import max_err, prefill_then_decode, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, attention_bias, new_cache
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
 

@@ -13,10 +13,10 @@ import torch.nn as nn
 import snlp_compile
 from snlp_compile import SNLPConfig
 from snlp_compile.errors import SNLPConfigError, SNLPRefusal, SNLPUsageError
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models.kv import CachedStep, write_cache
 from snlp_compile.models.registry import build_model
 from snlp_compile.passes.batch_layers import _einsum_linear
-from snlp_compile.passes.rewrite import SOLVE_NAME
 from tests.decode_helpers import max_err, step_inputs
 
 TIGHT = 1e-10

@@ -17,9 +17,9 @@ from decode_helpers import step_inputs
 from torch.overrides import TorchFunctionMode
 
 import snlp_compile
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 F64 = torch.float64
 TIGHT = 1e-10

@@ -170,8 +170,8 @@ def test_linears_of_weights_computed_at_run_time_are_marked_dynamic() -> None:
     its first weight tiles before waiting for the previous kernel; a weight computed in the layer
     gives ``_einsum_linear_dynamic``, which waits first (the kernel before it may write it)."""
     import snlp_compile
+    from snlp_compile.ir.plan import SOLVE_NAME
     from snlp_compile.passes.batch_layers import _einsum_linear_dynamic
-    from snlp_compile.passes.rewrite import SOLVE_NAME
 
     torch.manual_seed(0)
     x, s = torch.randn(2, 4, 8, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)

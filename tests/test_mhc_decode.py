@@ -16,10 +16,10 @@ from decode_helpers import max_err, prefill_then_decode, step_inputs
 import snlp_compile
 from snlp_compile import SNLPConfig
 from snlp_compile.generate import Decoder, generate
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model, model_config
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.models.mhc import HCPackageGPT
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
 FLAVOURS = ["mhc-tiny", "mhc-dyn-tiny"]

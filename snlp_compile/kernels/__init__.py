@@ -1,5 +1,6 @@
 """Hand-written GPU kernels the rewritten graphs call where the standard lowering is slow.
 
+The switches below start from the environment as ``snlp_compile.options`` reads it.
 ``SNLP_GEMV_KERNEL=0`` in the environment (or ``set_gemv_kernel(False)``) turns the layer-batched
 GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the CPU.
 ``SNLP_ATTENTION_KERNEL=0`` keeps it for the linears only: the attention products of a decode step
@@ -15,20 +16,20 @@ without programmatic dependent launch on Hopper and newer GPUs. Turning the GEMV
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from itertools import pairwise
 
 import torch
 
-from ..config import env_flag
+from ..options import ENVIRONMENT
 from . import decode_attention, layer_gemv
 
-_gemv_enabled = env_flag("SNLP_GEMV_KERNEL")
-_attention_enabled = env_flag("SNLP_ATTENTION_KERNEL")
-_pdl_enabled = env_flag("SNLP_PDL")
-_decode_attention_enabled = env_flag("SNLP_DECODE_ATTENTION")
-_decode_attention_layers = os.environ.get("SNLP_DECODE_ATTENTION", "1").strip().lower() == "all"
+# the process's switches, from the environment (``snlp_compile.options``)
+_gemv_enabled = ENVIRONMENT.gemv_kernel
+_attention_enabled = ENVIRONMENT.attention_kernel
+_pdl_enabled = ENVIRONMENT.pdl
+_decode_attention_enabled = ENVIRONMENT.decode_attention
+_decode_attention_layers = ENVIRONMENT.decode_attention_in_layers
 
 
 def gemv_kernel_enabled() -> bool:

@@ -24,7 +24,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import markers
+from ..ir.matexpr import LAYER_INVARIANT
 from ..kernels import gemv_kernel_enabled, layer_gemv, layer_matmul, pdl_enabled, views_as_batch
+from .graph_utils import target_name
 
 aten = torch.ops.aten
 # the attention products' lowering lives with the kernels (models.kv calls it too); the old names stay
@@ -76,13 +78,6 @@ _DIM_ARGS: dict[str, list[tuple[int | str, int | None]]] = {
     "linalg_vector_norm": [(2, None)],
     "unflatten": [(1, None)],
 }
-
-
-def _name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
 
 
 def _rank(node: Any) -> int:
@@ -227,17 +222,17 @@ class _Batcher:
                 lifted = tuple(self.expand(o) if isinstance(o, fx.Node) else o for o in flat)
                 self.graph.output(lifted if isinstance(outs, (tuple, list)) else lifted[0])
                 continue
-            if not self.any_batched(node) or getattr(node.target, "snlp_layer_invariant", False):
+            if not self.any_batched(node) or node.target in LAYER_INVARIANT:
                 self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
                 self.batched[node] = False
                 continue
             self.env[node] = self.rule(node)
-            self.batched[node] = _name(node) not in ("sym_size", "size")
+            self.batched[node] = target_name(node) not in ("sym_size", "size")
         self.graph.lint()
         return fx.GraphModule(torch.nn.Module(), self.graph, class_name="BatchedLayers"), self.fallbacks
 
     def rule(self, node: fx.Node) -> Any:
-        name = _name(node)
+        name = target_name(node)
         if node.target is operator.getitem:
             return self.call(operator.getitem, self.env[node.args[0]], node.args[1])
         if name in _ELEMENTWISE or (name == "dropout" and node.args[2] is False):
@@ -416,7 +411,7 @@ class _Batcher:
         return self.call(_fold_shared_mask, self.env[mask], self.n)
 
     def fallback(self, node: fx.Node) -> Any:
-        self.fallbacks.append(f"{_name(node)} ({node.name})")
+        self.fallbacks.append(f"{target_name(node)} ({node.name})")
 
         def dims(a: Any) -> Any:
             return fx.node.map_aggregate(

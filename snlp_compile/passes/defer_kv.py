@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import SNLPRefusal
+from ..ir.plan import DeferredPlan
 from .batch_layers import _einsum_linear
 from .cleanup import common_subexpressions
 from .graph_utils import descendants, flatten_args
@@ -327,7 +328,16 @@ def defer_kv(gm: fx.GraphModule, solve_name: str) -> list[str]:
         args[k] = cache  # the whole cache (all layers): an in-place write to it, not to a slice view
     call.args = tuple(args)
     call.kwargs = {**call.kwargs, "position": pos}
-    shared = solve.enable_deferred(cache_ext)
+    blocks: dict[str, Block] = {}
+    for name, mode in zip(solve.ext_names, solve.ext_modes):
+        value = getattr(solve, f"stacked_{name}", None) if mode == "stacked" else None
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            view = solve.row_blocks.get(name)
+            blocks[name] = (view.base, view.start, view.rows) if view else (name, 0, int(value.shape[1]))
+    merged, saved, shared = build_deferred_layers(
+        solve.layers, solve.side_layers, solve.ext_names, solve.ext_modes, blocks, cache_ext
+    )
+    solve.enable_deferred(DeferredPlan(merged, tuple(saved), tuple(shared)))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
