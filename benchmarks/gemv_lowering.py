@@ -15,7 +15,7 @@ layout), and an opaque custom op restoring the row's dense strides right before 
 Variants (same inputs, same result up to rounding):
   einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer: the lowering before
                 run 7 (``gemv_lowering_r6*.md`` also have rows for the lowerings tried and reverted)
-  kernel        the compiler's ``_einsum_linear``: the layer-batched GEMV Triton kernel
+  kernel        the compiler's ``batched_linear``: the layer-batched GEMV Triton kernel
                 (``snlp_compile.kernels.layer_gemv``), one row per layer
   einsum-rows2  two rows per layer: no operand copy, and what a second row costs on a
                 bandwidth-bound GEMV
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from snlp_compile.passes.batch_layers import _einsum_linear
+from snlp_compile.kernels.layer_ops import batched_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -59,7 +59,7 @@ def _variants() -> dict[str, tuple[int, object]]:
         return torch.einsum("n...i,noi->n...o", norm(x), w)
 
     def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _einsum_linear(norm(x), w)
+        return batched_linear(norm(x), w)
 
     return {
         "einsum": (1, einsum),

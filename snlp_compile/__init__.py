@@ -11,21 +11,26 @@ from .config import SNLPConfig
 from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal, SNLPUsageError
 from .export.onnx_export import export_onnx
 from .generate import Decoder, generate
+from .options import LoweringOptions
 from .report import ExplainReport
+from .solve.handle import SolveHandle, solve_handle
 
 __all__ = [
     "Decoder",
     "ExplainReport",
+    "LoweringOptions",
     "SNLPCaptureError",
     "SNLPConfig",
     "SNLPConfigError",
     "SNLPError",
     "SNLPRefusal",
     "SNLPUsageError",
+    "SolveHandle",
     "compile",
     "explain",
     "export_onnx",
     "generate",
+    "solve_handle",
     "solve_trace",
     "transform",
 ]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .passes.infra import PassResult
 
 
 @dataclass
@@ -20,7 +24,15 @@ class ExplainReport:
     config: str = ""
     notes: list[str] = field(default_factory=list)
     refusal: str | None = None
-    error: Exception | None = field(default=None, repr=False)
+    error: Exception | None = field(default=None, repr=False)  # the refusal, for transform() to raise
+    passes: list[tuple[str, PassResult]] = field(default_factory=list)  # what each pass did, in order
+    refused_in: str | None = None  # the pass that refused the model
+
+    @staticmethod
+    def of(module: object) -> ExplainReport | None:
+        """The report transform() attached to the module it returned (``.snlp_report``), if any."""
+        report = getattr(module, "snlp_report", None)
+        return report if isinstance(report, ExplainReport) else None
 
     @property
     def rewritten(self) -> bool:
@@ -61,6 +73,12 @@ class ExplainReport:
             lines.append(f"  config:    {self.config}")
         for note in self.notes:
             lines.append(f"  note:      {note}")
+        if self.passes or self.refused_in:
+            lines.append("  passes:")
+            width = max(len(name) for name in [*(n for n, _ in self.passes), self.refused_in or ""])
+            lines.extend(f"    {name:<{width}}  {result.describe()}" for name, result in self.passes)
+            if self.refused_in:
+                lines.append(f"    {self.refused_in:<{width}}  refused")
         if self.refusal:
             lines.append(f"  REFUSED:   {self.refusal}")
         else:

@@ -86,3 +86,19 @@ def test_environment_read_in_one_module() -> None:
             ):
                 readers.append(_module_name(path))
     assert set(readers) <= {"snlp_compile.options"}, sorted(set(readers))
+
+
+def test_models_import_no_compiler() -> None:
+    """The reference models use the op library (``kernels``) and nothing of the compiler."""
+    graph = import_graph()
+    compiler = ("snlp_compile.passes", "snlp_compile.solve", "snlp_compile.ir", "snlp_compile.pipeline")
+    for module in (n for n in graph if n.startswith("snlp_compile.models")):
+        reached = nx.descendants(graph, module)
+        bad = sorted(m for m in reached if m.startswith(compiler) or m == "snlp_compile.api")
+        assert not bad, f"{module} imports {bad}"
+        direct = {
+            m
+            for m in graph.successors(module)
+            if m.startswith("snlp_compile.") and not m.startswith("snlp_compile.models")
+        }
+        assert direct <= {"snlp_compile.kernels.attention", "snlp_compile.errors"}, (module, sorted(direct))

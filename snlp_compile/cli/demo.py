@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..api import transform
+from ..solve.handle import solve_handle
 from .common import DTYPES, add_model_arguments, example_tokens, load_model, markdown_table, median_time
 
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     )
     fast = transform(model, (idx,), iterations=1, parallel_layers=args.parallel_layers)
     print(fast.snlp_report, "\n")
-    solve = fast.snlp_solve
+    solve = solve_handle(fast)
     n = solve.num_layers
     with torch.no_grad():
         reference = model(idx)

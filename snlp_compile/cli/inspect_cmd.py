@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..api import explain, transform
+from ..api import try_transform
 from ..visualize import draw_chain
 from .common import DTYPES, add_model_arguments, example_tokens, load_model
 
@@ -32,13 +32,12 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, DTYPES[args.dtype], args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
     config = {"iterations": args.iterations, "parallel_layers": args.parallel_layers, "chunks": args.chunks}
-    report = explain(model, (idx,), **config)
+    fast, report = try_transform(model, (idx,), **config)
     print(report)
-    if not report.rewritten:
+    if fast is None or not report.rewritten:
         draw_chain(report, args.picture)
         print(f"\npicture: {args.picture}")
         return 1
-    fast = transform(model, (idx,), **config)
     if args.code:
         print("\n# rewritten model (.code)\n" + fast.code)
         print("# one layer, as matched (.snlp_solve.body.code)\n" + fast.snlp_solve.body.code)

@@ -8,6 +8,7 @@ layer body so that each layer's own values are used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -109,7 +110,8 @@ def emit_coefficient(graph: fx.Graph, c: Coef, env: dict[fx.Node, Any]) -> Any:
         return env[c.node]
     lhs = emit_coefficient(graph, c.lhs, env)
     rhs = emit_coefficient(graph, c.rhs, env)
-    fn = {"add": torch.add, "mul": torch.mul, "div": torch.div}[c.op]
+    fns: dict[str, Callable[..., Any]] = {"add": torch.add, "mul": torch.mul, "div": torch.div}
+    fn = fns[c.op]
     if not isinstance(lhs, fx.Node) and not isinstance(rhs, fx.Node):
         return fn(torch.tensor(lhs), torch.tensor(rhs)).item()
     if not isinstance(lhs, fx.Node):

@@ -230,8 +230,8 @@ def emit_matrix(graph: fx.Graph, m: MatExpr, env: dict[fx.Node, Any], hidden: fx
                     runs.append((r, r + 1))
             parts = []
             for start, stop in runs:
-                shape = (*m.a.shape[:-2], stop - start, m.a.shape[-1])
-                parts.append(node(aten.slice.Tensor, (a, -2, start, stop), shape))
+                part_shape = (*m.a.shape[:-2], stop - start, m.a.shape[-1])
+                parts.append(node(aten.slice.Tensor, (a, -2, start, stop), part_shape))
             return parts[0] if len(parts) == 1 else node(aten.cat.default, (parts, -2), m.shape)
         if isinstance(m, MMul):
             return node(torch.matmul, (emit(m.a), emit(m.b)), m.shape)

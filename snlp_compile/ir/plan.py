@@ -79,6 +79,8 @@ class SolvePlan:
     static_skip: every layer's skip coefficient when it depends on stacked weights alone
         (folded at transform time: nanochat's scalars, static H), concatenated over the chunks.
     last_row_only: the graph reads only the last layer's output (a forward).
+    fused: the stacked weights made by fusing linears that share an input (``fuse_linears``).
+    fallbacks: the body ops batched by torch.vmap (no batching rule).
     notes: what building the plan decided (batching fallbacks, fused weights), for the report.
     """
 
@@ -98,6 +100,8 @@ class SolvePlan:
     static_skip: torch.Tensor | None = None
     options: SolveOptions = SolveOptions()
     last_row_only: bool = False
+    fused: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

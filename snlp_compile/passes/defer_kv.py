@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from ..errors import SNLPRefusal
 from ..ir.plan import DeferredPlan
-from .batch_layers import _einsum_linear
+from ..kernels.layer_ops import batched_linear
 from .cleanup import common_subexpressions
 from .graph_utils import descendants, flatten_args
 
@@ -86,7 +86,7 @@ def _rebuild(graph: fx.Graph, order: Iterable[fx.Node]) -> tuple[fx.Graph, dict[
 
 
 def _linears(graph: fx.Graph, within: set[fx.Node]) -> list[fx.Node]:
-    return [n for n in graph.nodes if n in within and n.op == "call_function" and n.target is _einsum_linear]
+    return [n for n in graph.nodes if n in within and n.op == "call_function" and n.target is batched_linear]
 
 
 Block = tuple[str, int, int]  # (fused weight, first row, rows)
@@ -123,7 +123,7 @@ def _share_weight_reads(
         x, hb, m = hosts[k]
         with graph.inserting_before(p):
             rows = graph.call_function(torch.stack, ([x, p.args[0]], -2))
-            both = graph.call_function(_einsum_linear, (rows, m.args[1]))
+            both = graph.call_function(batched_linear, (rows, m.args[1]))
             mine = graph.call_function(aten.select.int, (both, -2, 0))
             theirs = graph.call_function(aten.select.int, (both, -2, 1))
             block = graph.call_function(

@@ -29,7 +29,7 @@ def _as_layer_slice(graph: fx.Graph, column: list[fx.Node], env: dict[fx.Node, f
     if not all(c.op == "call_function" and c.target is aten.select.int and len(c.args) == 3 for c in column):
         return None
     src, dim, start = first.args
-    if dim != 0 or not isinstance(start, int) or isinstance(start, bool):
+    if not isinstance(src, fx.Node) or dim != 0 or not isinstance(start, int) or isinstance(start, bool):
         return None
     if any(c.args[0] is not src or c.args[1] != 0 or c.args[2] != start + j for j, c in enumerate(column)):
         return None

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.plan import ExtMode, RowBlock
-from .batch_layers import _einsum_linear
+from ..kernels.layer_ops import batched_linear
 
 
 def fuse_shared_input_linears(
@@ -34,7 +34,7 @@ def fuse_shared_input_linears(
         name_of = {ph: names[i - 1] for i, ph in enumerate(placeholders) if 0 < i <= len(names)}
         groups: dict[fx.Node, list[fx.Node]] = {}
         for n in gm.graph.nodes:
-            if n.op == "call_function" and n.target is _einsum_linear and len(n.args) == 2 and not n.kwargs:
+            if n.op == "call_function" and n.target is batched_linear and len(n.args) == 2 and not n.kwargs:
                 x, w = n.args
                 weight = stacked.get(name_of.get(w, ""))
                 if isinstance(x, fx.Node) and weight is not None and weight.dim() == 3:
@@ -45,16 +45,15 @@ def fuse_shared_input_linears(
                 continue
             fused = "fused_" + "_".join(re.sub(r"_weight$", "", name_of[m.args[1]]) for m in members)
             if fused not in stacked:
-                stacked[fused] = _adjacent_rows(weights)
-                if stacked[fused] is None:
-                    stacked[fused] = torch.cat(weights, dim=1).contiguous()
+                adjacent = _adjacent_rows(weights)
+                stacked[fused] = torch.cat(weights, dim=1).contiguous() if adjacent is None else adjacent
                 names.append(fused)
                 modes.append("stacked")
                 added.append(fused)
                 _alias_into(stacked, [name_of[m.args[1]] for m in members], fused)
             ph = _placeholder(gm.graph, fused, stacked[fused])
             with gm.graph.inserting_before(members[0]):
-                out = gm.graph.call_function(_einsum_linear, (x, ph))
+                out = gm.graph.call_function(batched_linear, (x, ph))
                 parts = gm.graph.call_function(torch.split, (out, [w.shape[1] for w in weights], -1))
                 for k, m in enumerate(members):
                     m.replace_all_uses_with(gm.graph.call_function(operator.getitem, (parts, k)))
@@ -77,7 +76,7 @@ def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
     fused k/v weight then costs no memory. None when they are not."""
     base = weights[0]._base
     start = None if base is None else row_block_start(weights[0], base)
-    if start is None:
+    if base is None or start is None:
         return None
     at = start
     for w in weights:  # each weight is the next block of rows, in order
@@ -119,7 +118,7 @@ def row_block_start(view: torch.Tensor, base: torch.Tensor) -> int | None:
         return None
     if view.shape[0] != base.shape[0] or view.shape[2:] != base.shape[2:]:
         return None
-    start, rem = divmod(view.storage_offset() - base.storage_offset(), base.stride(1))
+    start, rem = divmod(int(view.storage_offset()) - int(base.storage_offset()), base.stride(1))
     return start if rem == 0 else None
 
 
@@ -131,6 +130,6 @@ def row_blocks(stacked: Mapping[str, torch.Tensor]) -> dict[str, RowBlock]:
     for name, value in stacked.items():
         base_name = roots.get(id(value._base))
         start = None if base_name is None else row_block_start(value, stacked[base_name])
-        if start is not None:
+        if base_name is not None and start is not None:
             views[name] = RowBlock(base_name, start, int(value.shape[1]))
     return views

@@ -260,6 +260,8 @@ def plan_solve(
         stream_layout=layout,
         options=options,
         last_row_only=last_row_only,
+        fused=tuple(fused),
+        fallbacks=tuple(fallbacks),
         notes=tuple(notes),
     )
     if layout is not None or (chain.skip.kind == "elementwise" and constant is None):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -48,6 +49,18 @@ class LayerParallelSolve(nn.Module):
     needs becomes the module's buffers and attributes. ``iterations`` and ``init`` may be changed
     after construction.
     """
+
+    # buffers (registered in __init__; None where the plan has nothing to keep)
+    warm_trace: torch.Tensor | None
+    deferred_h_in: torch.Tensor | None
+    deferred_h: torch.Tensor | None
+    deferred_pos: torch.Tensor | None
+    static_skip: torch.Tensor
+    static_scalar: torch.Tensor | None
+    static_scalar_prod: torch.Tensor
+    static_scalar_inv_prod: torch.Tensor
+    layers_short: fx.GraphModule | None
+    side_layers: fx.GraphModule | None
 
     def __init__(self, plan: SolvePlan):
         super().__init__()
@@ -127,7 +140,7 @@ class LayerParallelSolve(nn.Module):
                 self.register_buffer("static_scalar_prod", p64.to(static.dtype))
                 self.register_buffer("static_scalar_inv_prod", (1.0 / p64).to(static.dtype))
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Any, recurse: bool = True) -> LayerParallelSolve:
         """Module._apply (behind .to(), .cuda(), .half(), ...), then the row-block weights made views
         of their fused weight again, so a moved solve still holds each weight once."""
         out = super()._apply(fn, recurse)
@@ -147,7 +160,9 @@ class LayerParallelSolve(nn.Module):
 
     def _layers_of(self, chunk: int) -> fx.GraphModule:
         """The batched body for a chunk's size."""
-        return self.layers if self.chunk_sizes[chunk] == self.chunk_sizes[0] else self.layers_short
+        if self.chunk_sizes[chunk] == self.chunk_sizes[0] or self.layers_short is None:
+            return self.layers
+        return self.layers_short
 
     def _rows(self, t: torch.Tensor, chunk: int | None) -> torch.Tensor:
         """A chunk's rows of a tensor over all N layers (a view); the tensor itself for one chunk."""
@@ -302,6 +317,7 @@ class LayerParallelSolve(nn.Module):
             g, _ = self._evaluate(u, ext, chunk)
             u = _inputs_from_trace(h_in, g)
         elif self.init == "warm" and self._has_warm_trace(h_in):
+            assert self.warm_trace is not None
             rows = self._rows(self.warm_trace, chunk)
             u = _inputs_from_trace(h_in, rows.to(h_in.dtype))
         return u
@@ -400,9 +416,11 @@ class LayerParallelSolve(nn.Module):
 
         def first_evaluation(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
             nonlocal provisional
+            assert self.side_layers is not None and self.deferred_layers is not None
             if not ready:  # the first call of a sequence: nothing to write
                 provisional = _as_tuple(self.side_layers(u, *ext))
                 return self._evaluate(u, ext)
+            assert self.deferred_h_in is not None and self.deferred_h is not None
             saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
             previous_u = _inputs_from_trace(self.deferred_h_in, self.deferred_h)
             out = self.deferred_layers(u, *ext, previous_u, *saved, self.deferred_pos)
@@ -415,7 +433,9 @@ class LayerParallelSolve(nn.Module):
         self._keep("deferred_h", h)
         self._keep("deferred_pos", position)
         for i in self.deferred_saved:
-            self._keep(f"deferred_ext_{i}", ext[i])
+            value = ext[i]
+            assert isinstance(value, torch.Tensor)
+            self._keep(f"deferred_ext_{i}", value)
         return h, provisional
 
     def forward(
@@ -471,5 +491,5 @@ def _inputs_from_trace(h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
 
 
-def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)  # type: ignore[arg-type]
+def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)

@@ -32,7 +32,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from ..api import analyse
-from ..config import SNLPConfig
+from ..config import InitKind, SNLPConfig
 from ..errors import SNLPConfigError, SNLPRefusal
 from ..ir import LayerChain
 from ..ir.plan import ExtMode, SolveOptions
@@ -173,7 +173,8 @@ class SNLPRegulariser:
                 extras.append(node)
             return position[node]
 
-        options = SolveOptions(iterations=self.config.iterations, init=self.config.init, damping=1.0)
+        init: InitKind = self.config.init  # type: ignore[assignment]  # (validated by RegulariserConfig)
+        options = SolveOptions(iterations=self.config.iterations, init=init, damping=1.0)
         self._suffixes: list[_Suffix] = []
         for n in self.suffix_sizes:
             par = chain.layers[len(chain.layers) - n :]

@@ -24,7 +24,7 @@ from ..ir.chain import Layer, SkipPath
 from ..ir.coef import ONE, ZERO, BinOp, Coef, Const, Ext, add, describe, is_scalar, mul
 from ..ir.matexpr import StreamMix, describe_matrix, mat_nodes
 from .graph_utils import ancestors, descendants, innermost_module, op_name
-from .stream_mix import Mixed, Pre, StreamAnalysis
+from .stream_analysis import Mixed, Pre, StreamAnalysis
 
 aten = torch.ops.aten
 
@@ -78,7 +78,7 @@ def analyse_skip(layer: Layer) -> SkipPath:
     for n in layer.nodes:
         key = n.target
         args = list(n.args)
-        alpha = n.kwargs.get("alpha", 1)
+        alpha: Any = n.kwargs.get("alpha", 1)
         c: Coef = ZERO
         linear_inputs = [a for a in n.all_input_nodes if of(a) != ZERO]
         if any(isinstance(coef.get(a), (Pre, Mixed)) for a in n.all_input_nodes):
