@@ -1,12 +1,24 @@
-"""The explain() report: what was matched, which surrogate, what runs in parallel, and why not."""
+"""The explain() report: what was matched, which surrogate, what runs in parallel, and why not;
+and ``PassResult``, what one pass says it did (``passes.infra``), which the report lists."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .passes.infra import PassResult
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did: ``changed`` (the graph or the compilation's data), ``counts`` (e.g.
+    ``{"fused weights": 1}``) and ``notes`` (decisions the report shows)."""
+
+    changed: bool
+    counts: Mapping[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        return ("changed  " if self.changed else "unchanged") + (f"  {counts}" if counts else "")
 
 
 @dataclass

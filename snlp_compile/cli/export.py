@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace) -> dict[str, object]:
+def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "iterations": args.iterations,
         "parallel_layers": args.parallel_layers,
@@ -84,7 +85,7 @@ def _check(
     model: torch.nn.Module,
     idx: torch.Tensor,
     path: Path,
-    overrides: dict[str, object],
+    overrides: dict[str, Any],
 ) -> int:
     """ONNX Runtime (CPU) against the PyTorch module that was exported, rtol 1e-4."""
     from ..export.ort import make_session

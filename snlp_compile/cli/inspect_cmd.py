@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..api import try_transform
+from ..solve.handle import solve_handle
 from ..visualize import draw_chain
 from .common import DTYPES, add_model_arguments, example_tokens, load_model
 
@@ -40,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.code:
         print("\n# rewritten model (.code)\n" + fast.code)
-        print("# one layer, as matched (.snlp_solve.body.code)\n" + fast.snlp_solve.body.code)
-        solve = fast.snlp_solve
+        solve = solve_handle(fast).solve
+        print("# one layer, as matched (.snlp_solve.body.code)\n" + solve.body.code)
         what = f"one chunk's {solve.chunk_sizes[0]} layers" if solve.num_chunks > 1 else "all parallel layers"
         print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
         if solve.layers_short is not None:
             print(
                 f"# the {solve.chunk_sizes[-1]}-layer chunks: .snlp_solve.layers_short, the same batched for fewer"
             )
-    draw_chain(fast.snlp_report, args.picture, iterations=args.iterations)
+    draw_chain(report, args.picture, iterations=args.iterations)
     print(f"\npicture: {args.picture}")
     return 0

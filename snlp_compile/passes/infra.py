@@ -10,26 +10,12 @@ unexpected error came from. Every result is kept, in order; ``explain()`` lists 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ..errors import SNLPRefusal
-
-
-@dataclass(frozen=True)
-class PassResult:
-    """What one pass did: ``changed`` (the graph or the compilation's data), ``counts`` (e.g.
-    ``{"fused weights": 1}``) and ``notes`` (decisions the report shows)."""
-
-    changed: bool
-    counts: Mapping[str, int] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
-        return ("changed  " if self.changed else "unchanged") + (f"  {counts}" if counts else "")
-
+from ..report import PassResult
 
 State = TypeVar("State")
 Pass = Callable[[State], PassResult]
@@ -84,3 +70,6 @@ class PassManager(Generic[State]):
                 raise
             run.records.append(PassRecord(name, result))
         return run
+
+
+__all__ = ["Pass", "PassManager", "PassRecord", "PassResult", "PassRun", "pass_name"]
