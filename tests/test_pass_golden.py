@@ -8,6 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 import snlp_compile
+from snlp_compile.ir.coef import Ext
 from snlp_compile.ir.plan import SolveOptions
 from snlp_compile.kernels.layer_ops import batched_linear
 from snlp_compile.passes.batch_layers import batch_body
@@ -176,3 +177,28 @@ def test_plan_of_a_scaled_stack() -> None:
     )
     assert plan.side_layers is None and plan.fused == () and plan.fallbacks == ()
     assert plan.last_row_only  # only the last layer's output is read
+
+
+# -- find_chain + skip_analysis --------------------------------------------------------------------
+
+
+def test_analysis_of_a_scaled_stack() -> None:
+    """Before: the same four scaled residual layers. Expected LayerChain: all four layers parallel,
+    the last one the template, a scaled skip whose coefficient is the template's own lam, and the
+    readers of hidden states outside the chain (x0's product reads the chain input, the output the
+    last layer's)."""
+    model = _Stack().eval()
+    _, chain, report = snlp_compile.api.analyse(
+        model, (torch.randn(2, 3, 8),), snlp_compile.SNLPConfig(dynamic_shapes=False)
+    )
+    assert chain is not None, report.refusal
+    assert chain.container == "blocks" and chain.first_parallel == 0
+    assert [layer.module_path for layer in chain.layers] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert chain.template is chain.layers[-1]
+    assert chain.skip.kind == "elementwise"
+    assert isinstance(chain.skip.coefficient, Ext) and chain.skip.coefficient.node.target == "blocks.3.lam"
+    assert chain.skip.description == (
+        "scaled skip h -> blocks.3.lam * h (scaled IDN): correction is an elementwise affine prefix scan"
+    )
+    assert [(r.layer_index, r.node.name) for r in chain.readers if r.node.op != "output"][-1] == (-1, "mul_1")
+    assert any(r.layer_index == 3 and r.node.op == "output" for r in chain.readers)

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from ..ir.plan import DeferredPlan, SolvePlan
+from ..ir.plan import SolvePlan
 from ..ir.stream_layout import StreamLayout
+from .deferred import DeferredSideOutputs, as_tuple, inputs_from_trace
 from .scan import (
     apply_prefix_products,
     elementwise_affine_scan,
@@ -40,7 +40,7 @@ from .scan import (
 )
 
 
-class LayerParallelSolve(nn.Module):
+class LayerParallelSolve(DeferredSideOutputs):
     """Solves N structurally identical residual layers in parallel, as ``plan`` says (``ir.plan``).
 
     Runs the plan and analyses no graph: the body and its batched forms, the stacked weights, the
@@ -52,9 +52,6 @@ class LayerParallelSolve(nn.Module):
 
     # buffers (registered in __init__; None where the plan has nothing to keep)
     warm_trace: torch.Tensor | None
-    deferred_h_in: torch.Tensor | None
-    deferred_h: torch.Tensor | None
-    deferred_pos: torch.Tensor | None
     static_skip: torch.Tensor
     static_scalar: torch.Tensor | None
     static_scalar_prod: torch.Tensor
@@ -94,16 +91,7 @@ class LayerParallelSolve(nn.Module):
         self.identity_correction = False
         # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
         self.register_buffer("warm_trace", None, persistent=False)
-        # deferred K/V (passes.defer_kv, enable_deferred()): the merged first evaluation (which
-        # holds the cache writes), the externals whose previous-call values are kept, and the
-        # previous call's input, solved trace and position. The trace is kept, not the inputs it
-        # implies ([h_in, h_0 .. h_{N-2}], built where it is read): a copy of the trace fuses into
-        # the kernel that writes it, a copy of its shifted rows took a kernel of its own (run 12)
-        self.deferred_layers: fx.GraphModule | None = None
-        self.deferred_saved: list[int] = []
-        self.register_buffer("deferred_h_in", None, persistent=False)
-        self.register_buffer("deferred_h", None, persistent=False)
-        self.register_buffer("deferred_pos", None, persistent=False)
+        self.init_deferred()  # deferred K/V (solve.deferred): off until enable_deferred()
         self.stream_layout = plan.stream_layout
         # HCN with static H: A, and per chunk the transfer matrices T[j, i] = A_j..A_{i+1} and
         # P_j = A_j..A_0 (j, i counted from the chunk's first layer), computed once here; the
@@ -312,11 +300,11 @@ class LayerParallelSolve(nn.Module):
         u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk], *h_in.shape))
         if self.init == "batch_fwd":
             g, _ = self._evaluate(u, ext, chunk)
-            u = _inputs_from_trace(h_in, g)
+            u = inputs_from_trace(h_in, g)
         elif self.init == "warm" and self._has_warm_trace(h_in):
             assert self.warm_trace is not None
             rows = self._rows(self.warm_trace, chunk)
-            u = _inputs_from_trace(h_in, rows.to(h_in.dtype))
+            u = inputs_from_trace(h_in, rows.to(h_in.dtype))
         return u
 
     def returns_last_row_only(self) -> bool:
@@ -366,28 +354,8 @@ class LayerParallelSolve(nn.Module):
                 return self.correct_last(g, a, u, h_in, chunk)
             h = self.correct(g, a, u, h_in, chunk)
             if step + 1 < self.iterations:
-                u = _inputs_from_trace(h_in, h)
+                u = inputs_from_trace(h_in, h)
         return h
-
-    def enable_deferred(self, deferred: DeferredPlan) -> None:
-        """Defer the side outputs (a decode step's K/V) to the next call: ``deferred`` is the
-        merged first evaluation ``passes.defer_kv`` built for this solve."""
-        if self.side_layers is None or self.num_chunks != 1:
-            raise ValueError("deferred side outputs need side outputs and one chunk")
-        self.deferred_layers, self.deferred_saved = deferred.layers, list(deferred.saved)
-        for i in deferred.saved:
-            self.register_buffer(f"deferred_ext_{i}", None, persistent=False)
-
-    @property
-    def deferred_pending(self) -> bool:
-        """Whether the last call's side outputs are still to be written (by the next call)."""
-        return self.deferred_layers is not None and self.deferred_h is not None
-
-    def reset_deferred(self) -> None:
-        """Forget the pending side outputs: the next call starts a sequence (writes nothing)."""
-        self.deferred_h_in = None
-        self.deferred_h = None
-        self.deferred_pos = None
 
     def _keep(self, name: str, value: torch.Tensor) -> None:
         """``self.<name> = value``, copied in place when the buffer fits (a CUDA graph keeps
@@ -402,38 +370,6 @@ class LayerParallelSolve(nn.Module):
             prev.copy_(value)
         else:
             setattr(self, name, value.detach().clone())
-
-    def _solve_deferred(
-        self, h_in: torch.Tensor, ext: list[object], position: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """solve_chunk with the first evaluation merged with the previous call's side outputs
-        (written into their caches by it) and returning this call's provisional ones."""
-        provisional: tuple[torch.Tensor, ...] = ()
-        ready = self.deferred_h is not None and tuple(self.deferred_h.shape) == (self.num_layers, *h_in.shape)
-
-        def first_evaluation(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
-            nonlocal provisional
-            assert self.side_layers is not None and self.deferred_layers is not None
-            if not ready:  # the first call of a sequence: nothing to write
-                provisional = _as_tuple(self.side_layers(u, *ext))
-                return self._evaluate(u, ext)
-            assert self.deferred_h_in is not None and self.deferred_h is not None
-            saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
-            previous_u = _inputs_from_trace(self.deferred_h_in, self.deferred_h)
-            out = self.deferred_layers(u, *ext, previous_u, *saved, self.deferred_pos)
-            n_body = 1 if self.skip_constant is not None else 2
-            provisional = tuple(out[n_body:])
-            return self._split_evaluation(out[0] if n_body == 1 else tuple(out[:2]), u)
-
-        h = self.solve_chunk(h_in, ext, first_evaluation=first_evaluation)
-        self._keep("deferred_h_in", h_in)
-        self._keep("deferred_h", h)
-        self._keep("deferred_pos", position)
-        for i in self.deferred_saved:
-            value = ext[i]
-            assert isinstance(value, torch.Tensor)
-            self._keep(f"deferred_ext_{i}", value)
-        return h, provisional
 
     def forward(
         self, h_in: torch.Tensor, *passed: object, position: torch.Tensor | None = None
@@ -468,7 +404,7 @@ class LayerParallelSolve(nn.Module):
         # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
         # each layer computes from the input the returned trace says it had. One evaluation over
         # all N layers, chunked or not.
-        return (h, *_as_tuple(self.side_layers(_inputs_from_trace(h_in, h), *ext)))
+        return (h, *as_tuple(self.side_layers(inputs_from_trace(h_in, h), *ext)))
 
 
 @contextmanager
@@ -481,12 +417,3 @@ def identity_surrogate(solve: LayerParallelSolve) -> Iterator[None]:
         yield
     finally:
         solve.identity_correction = saved
-
-
-def _inputs_from_trace(h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The layer inputs a trace h (N, ...) implies: u_0 = h_in, u_j = h_{j-1}."""
-    return torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
-
-
-def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
