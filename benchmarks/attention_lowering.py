@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from snlp_compile.kernels import decode_attention
+from snlp_compile.kernels.layer_ops import layer_matmul
 from snlp_compile.models.kv import attention_bias, attention_ops
-from snlp_compile.passes.batch_layers import _layer_matmul
 
 from . import common
 
@@ -40,7 +40,7 @@ def _mulsum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 LOWERINGS = {
     "matmul": torch.matmul,
-    "kernel": _layer_matmul,
+    "kernel": layer_matmul,
     "mulsum": _mulsum,
     "fused": None,
     "fused-pdl": None,

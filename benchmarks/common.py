@@ -154,16 +154,11 @@ def with_iterations(
 ) -> torch.fx.GraphModule:
     """A view of a transformed model that runs K iterations, from another init if given (weights
     shared, not copied; its own warm-start state): one transform() serves every K and init."""
-    from snlp_compile.passes.rewrite import SOLVE_NAME
+    from snlp_compile.ir.plan import SOLVE_NAME
+    from snlp_compile.solve.handle import solve_handle
 
     new = copy.copy(transformed)
-    solve = copy.copy(transformed.get_submodule(SOLVE_NAME))
-    solve._buffers = dict(solve._buffers)
-    solve.iterations = k
-    solve.reset_deferred()  # (its own pending K/V, if deferred)
-    if init is not None:
-        solve.init = init
-        solve.reset_warm()
+    solve = solve_handle(transformed).variant(k, init)  # (its own pending K/V and warm start)
     setattr(new, SOLVE_NAME, solve)
     return new
 

@@ -9,7 +9,7 @@ graph: the op that dominates a batch-1 SNLP decode step.
 
 Variants (same inputs, same result up to rounding):
   einsum        ``torch.einsum`` (cuBLAS batched GEMM), one row per layer
-  kernel        the compiler's ``_einsum_linear``: the layer-batched GEMV Triton kernel
+  kernel        the compiler's ``batched_linear``: the layer-batched GEMV Triton kernel
                 (``snlp_compile.kernels.layer_gemv``), one row per layer
   einsum-rows2  two rows per layer (cuBLAS' bmm wrapper copies a one-row operand, not two rows)
   einsum-rows8, kernel-rows8   eight rows per layer (decoding at batch 8)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from snlp_compile.passes.batch_layers import _einsum_linear
+from snlp_compile.kernels.layer_ops import batched_linear
 
 from . import common
 
@@ -42,7 +42,7 @@ def _variants() -> dict[str, tuple[int, object]]:
         return torch.einsum("n...i,noi->n...o", norm(x), w)
 
     def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _einsum_linear(norm(x), w)
+        return batched_linear(norm(x), w)
 
     return {
         "einsum": (1, einsum),

@@ -34,21 +34,27 @@ _LAZY: dict[str, str] = {
     "Decoder": ".generate",
     "generate": ".generate",
     "ExplainReport": ".report",
+    "LoweringOptions": ".options",
+    "SolveHandle": ".solve.handle",
+    "solve_handle": ".solve.handle",
 }
 
 __all__ = [
     "Decoder",
     "ExplainReport",
+    "LoweringOptions",
     "SNLPCaptureError",
     "SNLPConfig",
     "SNLPConfigError",
     "SNLPError",
     "SNLPRefusal",
     "SNLPUsageError",
+    "SolveHandle",
     "compile",
     "explain",
     "export_onnx",
     "generate",
+    "solve_handle",
     "solve_trace",
     "transform",
 ]
@@ -76,4 +82,6 @@ if TYPE_CHECKING or "torch" in sys.modules:  # a library user: keep the eager be
     from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal, SNLPUsageError
     from .export.onnx_export import export_onnx
     from .generate import Decoder, generate
+    from .options import LoweringOptions
     from .report import ExplainReport
+    from .solve.handle import SolveHandle, solve_handle

@@ -34,6 +34,7 @@ def compile(
         compiled as written, with an SNLPBackendWarning naming the reason.
     The result calls like the model; ``.snlp_report`` holds the explain() report.
     """
+    target: torch.nn.Module
     try:
         target = transform(model, example_inputs, config, example_kwargs=example_kwargs, **overrides)
         report = target.snlp_report
@@ -48,5 +49,5 @@ def compile(
         )
         target, report, fullgraph = model, None, False
     compiled = torch.compile(target, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
-    compiled.snlp_report = report
-    return compiled
+    setattr(compiled, "snlp_report", report)  # noqa: B010 (torch.compile's result is typed as a function)
+    return compiled  # type: ignore[return-value]  # (an OptimizedModule for a module)

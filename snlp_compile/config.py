@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import SNLPConfigError
+from .options import ENVIRONMENT, LoweringOptions
 
 InitKind = Literal["h0", "batch_fwd", "warm"]
-
-
-def env_flag(name: str) -> bool:
-    """An on-by-default switch from the environment (the A/B switches SNLP_GEMV_KERNEL, SNLP_PDL,
-    SNLP_LAST_ROW, ...): 0, false, off or no turn it off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,10 @@ class SNLPConfig:
         the next step writes that slot before reading it (``Decoder`` skips them). Exact mode
         stays exact. Not for ONNX export; needs chunks=1. ``Decoder`` completes the last token's
         K/V (``Decoder.flush``); a hand-driven step completes them with one more call.
+    lowering: how the rewritten graph is lowered (``options.LoweringOptions``); None takes the
+        process's defaults, read from the ``SNLP_*`` environment variables once at import
+        (``options.ENVIRONMENT``). Of its fields, ``last_row`` applies to this transform; the
+        kernel switches are process-wide and read when the graph runs (``kernels``).
     """
 
     iterations: int = 1
@@ -57,6 +55,7 @@ class SNLPConfig:
     dynamic_shapes: bool = True
     chunks: int = 1
     deferred_kv: bool = False
+    lowering: LoweringOptions | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
@@ -75,6 +74,10 @@ class SNLPConfig:
             raise SNLPConfigError(f"SNLPConfig.chunks must be an int >= 1, got {self.chunks!r}")
         if not isinstance(self.deferred_kv, bool):
             raise SNLPConfigError(f"SNLPConfig.deferred_kv must be a bool, got {self.deferred_kv!r}")
+        if self.lowering is not None and not isinstance(self.lowering, LoweringOptions):
+            raise SNLPConfigError(
+                f"SNLPConfig.lowering must be None or a LoweringOptions, got {type(self.lowering).__name__}"
+            )
         if self.deferred_kv and self.chunks != 1:
             raise SNLPConfigError(
                 f"SNLPConfig.deferred_kv needs chunks=1 (one merged evaluation of all layers), got chunks={self.chunks}"
@@ -98,6 +101,11 @@ def chunk_sizes(num_layers: int, chunks: int) -> list[int]:
         )
     base, extra = divmod(num_layers, chunks)
     return [base + 1] * extra + [base] * (chunks - extra)
+
+
+def lowering_options(config: SNLPConfig) -> LoweringOptions:
+    """The lowering options ``config`` asks for: its own, or the environment's."""
+    return config.lowering or ENVIRONMENT
 
 
 def resolve_config(config: SNLPConfig | None, overrides: dict[str, Any]) -> SNLPConfig:

@@ -24,7 +24,7 @@ from .api import transform
 from .config import SNLPConfig, resolve_config
 from .errors import SNLPConfigError
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
-from .passes.rewrite import SOLVE_NAME
+from .solve.handle import SolveHandle
 
 PrefillKind = Literal["sequential", "solve"]
 Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)
@@ -94,22 +94,22 @@ class Decoder:
         self.k_cache.zero_()
         self.v_cache.zero_()
         for step in (self.decode_step, self.prefill_step):
-            solve = _solve_of(step)
-            if solve is not None:
-                solve.reset_warm()
-                solve.reset_deferred()
+            handle = SolveHandle.of(step)
+            if handle is not None:
+                handle.reset()
 
     def flush(self) -> None:
         """Complete the caches after the last decode step. With ``deferred_kv`` each step writes
         the previous token's corrected K/V, so the last token's are still provisional: one more
         call of the step at that token's position writes them (its own outputs are dropped).
         A no-op otherwise."""
-        solve = _solve_of(self.decode_step)
-        if solve is None or not solve.deferred_pending:
+        handle = SolveHandle.of(self.decode_step)
+        position = None if handle is None else handle.pending_position
+        if handle is None or position is None:
             return
         token = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-        self.decode_step(token, solve.deferred_pos.clone(), self.k_cache, self.v_cache)
-        solve.reset_deferred()
+        self.decode_step(token, position, self.k_cache, self.v_cache)
+        handle.forget_pending()
 
     def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Run the prompt at ``pos``, write its K/V, return the logits of its last position."""
@@ -140,18 +140,9 @@ class Decoder:
         """Write a one-token step's K/V, unless they are deferred: a deferred step returns
         provisional K/V, and the next step (or ``flush``) writes the corrected ones into that slot
         before anything reads it, so writing these would be two copies per step for nothing."""
-        solve = _solve_of(self.decode_step)
-        if solve is None or solve.deferred_layers is None:
+        handle = SolveHandle.of(self.decode_step)  # (also through torch.compile's wrapper)
+        if handle is None or not handle.deferred:
             write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
-
-
-def _solve_of(step: Step | None) -> Any:
-    """The solve of a transformed step, also through ``torch.compile``'s wrapper (``_orig_mod``):
-    a compiled deferred step needs its pending K/V flushed like any other."""
-    step = getattr(step, "_orig_mod", step)
-    if isinstance(step, torch.fx.GraphModule) and hasattr(step, SOLVE_NAME):
-        return step.get_submodule(SOLVE_NAME)
-    return None
 
 
 def _pick(

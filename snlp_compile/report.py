@@ -1,8 +1,24 @@
-"""The explain() report: what was matched, which surrogate, what runs in parallel, and why not."""
+"""The explain() report: what was matched, which surrogate, what runs in parallel, and why not;
+and ``PassResult``, what one pass says it did (``passes.infra``), which the report lists."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did: ``changed`` (the graph or the compilation's data), ``counts`` (e.g.
+    ``{"fused weights": 1}``) and ``notes`` (decisions the report shows)."""
+
+    changed: bool
+    counts: Mapping[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        return ("changed  " if self.changed else "unchanged") + (f"  {counts}" if counts else "")
 
 
 @dataclass
@@ -20,7 +36,15 @@ class ExplainReport:
     config: str = ""
     notes: list[str] = field(default_factory=list)
     refusal: str | None = None
-    error: Exception | None = field(default=None, repr=False)
+    error: Exception | None = field(default=None, repr=False)  # the refusal, for transform() to raise
+    passes: list[tuple[str, PassResult]] = field(default_factory=list)  # what each pass did, in order
+    refused_in: str | None = None  # the pass that refused the model
+
+    @staticmethod
+    def of(module: object) -> ExplainReport | None:
+        """The report transform() attached to the module it returned (``.snlp_report``), if any."""
+        report = getattr(module, "snlp_report", None)
+        return report if isinstance(report, ExplainReport) else None
 
     @property
     def rewritten(self) -> bool:
@@ -61,6 +85,12 @@ class ExplainReport:
             lines.append(f"  config:    {self.config}")
         for note in self.notes:
             lines.append(f"  note:      {note}")
+        if self.passes or self.refused_in:
+            lines.append("  passes:")
+            width = max(len(name) for name in [*(n for n, _ in self.passes), self.refused_in or ""])
+            lines.extend(f"    {name:<{width}}  {result.describe()}" for name, result in self.passes)
+            if self.refused_in:
+                lines.append(f"    {self.refused_in:<{width}}  refused")
         if self.refusal:
             lines.append(f"  REFUSED:   {self.refusal}")
         else:

@@ -23,9 +23,8 @@ MATMUL_OPS = (
     "addmm",
     "baddbmm",
     "einsum",
-    "_einsum_linear",
-    "_einsum_linear_dynamic",
-    "_layer_matmul",
+    "batched_linear",
+    "batched_linear_dynamic",
     "layer_matmul",
 )
 

@@ -7,52 +7,37 @@ static-shape captures where the shapes do not matter, which keeps the transforms
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from conftest import MATMUL_OPS, sequential_trace
+from helpers import max_err, reference_model, rel_err, tokens
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
 from snlp_compile.config import chunk_sizes
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
 F64 = torch.float64
 
 
-def _model(name: str, **overrides) -> nn.Module:
-    if name.startswith("mhc"):
-        overrides.setdefault("sinkhorn_iters", 4)  # keeps the capture fast; exactness is unaffected
-    model = build_model(name, dtype=F64, **overrides)
-    if name.startswith("nanochat"):  # scaled IDN with scales other than 1: products that matter
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            model.resid_lambdas.copy_(
-                0.6 + 0.8 * torch.rand(model.resid_lambdas.shape, generator=g, dtype=F64)
-            )
-    return model
-
-
-def _tokens(model: nn.Module, batch: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (batch, t), generator=g)
+# mHC with fewer Sinkhorn iterations (a faster capture), nanochat with scales other than 1
+_model = partial(reference_model, sinkhorn_iters=4, scaled=True)
+_tokens = tokens
 
 
 def _transform(model: nn.Module, inputs: tuple, **config) -> fx.GraphModule:
     return snlp_compile.transform(model, inputs, dynamic_shapes=False, **config)
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+_max_err = max_err
+_rel = rel_err
 
 
 # -- the rule and the knob ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_inspect_writes_picture(tmp_path: Path, capsys) -> None:
         == 0
     )
     out = capsys.readouterr().out
-    assert "self.snlp_solve(" in out and "_einsum_linear" in out
+    assert "self.snlp_solve(" in out and "batched_linear" in out
     assert picture.stat().st_size > 10_000
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

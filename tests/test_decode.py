@@ -10,19 +10,19 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import sequential_trace
-from decode_helpers import max_err, prefill_then_decode, step_inputs
+from helpers import max_err, prefill_then_decode, reference_model, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
+from snlp_compile.ir.plan import SOLVE_NAME
+from snlp_compile.kernels.layer_ops import batched_linear
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, attention_bias, new_cache
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
 
 
-def _model(name: str) -> nn.Module:
-    return build_model(name, dtype=torch.float64)
+_model = reference_model
 
 
 @pytest.mark.parametrize("name", ["nanochat-tiny", "gpt-tiny"])
@@ -202,8 +202,8 @@ def test_shared_input_linears_read_one_concatenated_weight() -> None:
     parts = [getattr(solve, f"stacked_attn_c_{w}_weight") for w in "qkv"]
     assert torch.equal(fused, torch.cat(parts, dim=1))
     assert any("fused_attn_c_q_attn_c_k_attn_c_v" in note for note in fast.snlp_report.notes)
-    einsums = [n for n in solve.layers.graph.nodes if "einsum" in str(n.target)]
-    assert len(einsums) == 4  # qkv, c_proj, c_fc, mlp c_proj
+    linears = [n for n in solve.layers.graph.nodes if n.target is batched_linear]
+    assert len(linears) == 4  # qkv, c_proj, c_fc, mlp c_proj
     with torch.no_grad():
         for got, want in zip(fast(*inputs), model.forward_cached(*inputs)):
             assert max_err(got, want) < TIGHT

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
-from decode_helpers import max_err, step_inputs
+from helpers import max_err, step_inputs
 from triton_helpers import run_under_interpreter
 
 import snlp_compile
@@ -53,10 +53,10 @@ def test_capture_keeps_cached_attention_whole_and_transform_batches_it_once() ->
     fast = snlp_compile.transform(step, inputs, iterations=layers)
     counts = _targets(fast)
     assert counts[MARKER] == 0, "a marker op was left in the rewritten graph"
-    from snlp_compile.passes.batch_layers import _layer_marked
+    from snlp_compile.kernels.layer_ops import layer_marked
 
-    assert counts[_layer_marked] == 1  # all layers' attention in one call
-    assert "_layer_marked" in fast.get_submodule("snlp_solve.layers").code
+    assert counts[layer_marked] == 1  # all layers' attention in one call
+    assert "layer_marked" in fast.get_submodule("snlp_solve.layers").code
     with torch.no_grad():
         want, got = step(*inputs), fast(*inputs)
     for a, b in zip(want, got):

@@ -9,26 +9,26 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import max_err, reference_model, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig
 from snlp_compile.errors import SNLPConfigError, SNLPRefusal, SNLPUsageError
+from snlp_compile.ir.plan import SOLVE_NAME
+from snlp_compile.kernels.layer_ops import batched_linear
 from snlp_compile.models.kv import CachedStep, write_cache
 from snlp_compile.models.registry import build_model
-from snlp_compile.passes.batch_layers import _einsum_linear
-from snlp_compile.passes.rewrite import SOLVE_NAME
-from tests.decode_helpers import max_err, step_inputs
 
 TIGHT = 1e-10
 
 
 def _model(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(name, dtype=torch.float64).eval()
+    return reference_model(name).eval()
 
 
 def _linears(gm: torch.fx.GraphModule) -> int:
-    return sum(n.op == "call_function" and n.target is _einsum_linear for n in gm.graph.nodes)
+    return sum(n.op == "call_function" and n.target is batched_linear for n in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("name", ["nanochat-tiny", "gpt-tiny"])

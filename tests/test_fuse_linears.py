@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 import snlp_compile
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model, model_config
 from snlp_compile.models.kv import CachedStep, new_cache
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 N_LAYERS = model_config("nanochat-tiny").n_layer
 

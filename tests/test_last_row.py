@@ -8,18 +8,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn as nn
-from decode_helpers import step_inputs
+from helpers import reference_model, step_inputs
 from torch.overrides import TorchFunctionMode
 
 import snlp_compile
-from snlp_compile.models import build_model
+from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models.kv import CachedStep
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 F64 = torch.float64
 TIGHT = 1e-10
@@ -37,12 +36,8 @@ class _Calls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _model(name: str) -> nn.Module:
-    model = build_model(name, dtype=F64, **({"sinkhorn_iters": 4} if name.startswith("mhc") else {}))
-    if name.startswith("nanochat"):  # scales other than 1: the folded products matter
-        with torch.no_grad():
-            model.resid_lambdas.uniform_(0.6, 1.4, generator=torch.Generator().manual_seed(3))
-    return model
+# mHC with fewer Sinkhorn iterations, nanochat with scales other than 1 (the folded products matter)
+_model = partial(reference_model, sinkhorn_iters=4, scaled=True)
 
 
 def _solve_output_rows(fast: fx.GraphModule, idx: torch.Tensor) -> int:

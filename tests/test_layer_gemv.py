@@ -2,7 +2,7 @@
 
 On the CPU the kernel's tile runs under Triton's interpreter (in a subprocess: the interpreter is
 chosen when the kernel is defined) where Triton is installed; on a GPU the registered op, the
-dispatch in ``_einsum_linear`` and a compiled rewritten decode step are checked against the
+dispatch in ``batched_linear`` and a compiled rewritten decode step are checked against the
 einsum lowering.
 """
 
@@ -19,7 +19,7 @@ from triton_helpers import run_under_interpreter
 
 from snlp_compile import kernels
 from snlp_compile.kernels import layer_gemv
-from snlp_compile.passes.batch_layers import _einsum_linear, _layer_matmul, _views_as_batch
+from snlp_compile.kernels.layer_ops import batched_linear, layer_matmul, views_as_batch
 
 needs_triton = pytest.mark.skipif(not layer_gemv.available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(
@@ -137,7 +137,7 @@ def test_pdl_kernel_reads_only_constant_weights_before_the_wait() -> None:
 def test_kernel_does_not_apply_on_cpu_or_to_many_rows() -> None:
     w = torch.randn(3, 8, 16)
     assert not layer_gemv.applies(torch.randn(3, 1, 16), w)
-    assert _einsum_linear(torch.randn(3, 2, 1, 16), w).shape == (3, 2, 1, 8)
+    assert batched_linear(torch.randn(3, 2, 1, 16), w).shape == (3, 2, 1, 8)
     # on a GPU: 1-2 (a deferred step's q/k/v) and 5-16 rows per layer take the kernel, 3-4 cuBLAS
     assert 3 in layer_gemv.CUBLAS_ROWS and not {1, 2, 8} & set(layer_gemv.CUBLAS_ROWS)
 
@@ -166,18 +166,18 @@ class _ScaledStack(torch.nn.Module):
 
 
 def test_linears_of_weights_computed_at_run_time_are_marked_dynamic() -> None:
-    """Stacked weights (fixed at transform time) give ``_einsum_linear``, whose PDL launch reads
+    """Stacked weights (fixed at transform time) give ``batched_linear``, whose PDL launch reads
     its first weight tiles before waiting for the previous kernel; a weight computed in the layer
-    gives ``_einsum_linear_dynamic``, which waits first (the kernel before it may write it)."""
+    gives ``batched_linear_dynamic``, which waits first (the kernel before it may write it)."""
     import snlp_compile
-    from snlp_compile.passes.batch_layers import _einsum_linear_dynamic
-    from snlp_compile.passes.rewrite import SOLVE_NAME
+    from snlp_compile.ir.plan import SOLVE_NAME
+    from snlp_compile.kernels.layer_ops import batched_linear_dynamic
 
     torch.manual_seed(0)
     x, s = torch.randn(2, 4, 8, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
     for scaled, linear, other in [
-        (True, _einsum_linear_dynamic, _einsum_linear),
-        (False, _einsum_linear, _einsum_linear_dynamic),
+        (True, batched_linear_dynamic, batched_linear),
+        (False, batched_linear, batched_linear_dynamic),
     ]:
         model = _ScaledStack(scaled)
         fast = snlp_compile.transform(model, (x, s), iterations=3)
@@ -192,13 +192,13 @@ def test_layer_matmul_on_cpu_is_matmul_and_checks_views() -> None:
     torch.manual_seed(0)
     q = torch.randn(4, 2, 3, 1, 16, dtype=torch.float64)
     cache = torch.randn(4, 2, 3, 40, 16, dtype=torch.float64)
-    torch.testing.assert_close(_layer_matmul(q, cache.transpose(-1, -2)), q @ cache.transpose(-1, -2))
+    torch.testing.assert_close(layer_matmul(q, cache.transpose(-1, -2)), q @ cache.transpose(-1, -2))
     p = torch.randn(4, 2, 3, 1, 40, dtype=torch.float64)
-    torch.testing.assert_close(_layer_matmul(p, cache), p @ cache)
-    assert _views_as_batch(cache, 3) and _views_as_batch(cache.transpose(-1, -2), 3)
-    assert _views_as_batch(cache[:1], 3)  # unit dims do not matter
-    assert not _views_as_batch(cache.transpose(0, 1), 3)
-    assert not _views_as_batch(cache[:, :, :2], 3)
+    torch.testing.assert_close(layer_matmul(p, cache), p @ cache)
+    assert views_as_batch(cache, 3) and views_as_batch(cache.transpose(-1, -2), 3)
+    assert views_as_batch(cache[:1], 3)  # unit dims do not matter
+    assert not views_as_batch(cache.transpose(0, 1), 3)
+    assert not views_as_batch(cache[:, :, :2], 3)
 
 
 def test_switch_turns_the_kernel_off_and_back() -> None:
@@ -261,14 +261,14 @@ def test_gpu_pdl_chain_in_a_cuda_graph_reads_each_producer_after_it_finished() -
     values (stale) and fail this."""
     import torch._inductor.config as inductor_config
 
-    from snlp_compile.passes.batch_layers import _einsum_linear
+    from snlp_compile.kernels.layer_ops import batched_linear
 
     torch.manual_seed(0)
     ws = [torch.randn(32, 640, 640, device="cuda", dtype=torch.bfloat16) / 640**0.5 for _ in range(6)]
 
     def chain(x: torch.Tensor) -> torch.Tensor:
         for w in ws:
-            x = torch.relu(_einsum_linear(x, w)) * 1.5 + x  # a kernel between every two GEMVs
+            x = torch.relu(batched_linear(x, w)) * 1.5 + x  # a kernel between every two GEMVs
         return x
 
     def reference(x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +304,7 @@ def test_gpu_dispatch_compiled_and_graph_captured() -> None:
     torch.manual_seed(0)
     x = torch.randn(20, 1, 1, 1280, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(20, 2560, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5
-    compiled = torch.compile(_einsum_linear, fullgraph=True)
+    compiled = torch.compile(batched_linear, fullgraph=True)
     y = compiled(x, w)
     assert _gemv_kernel_ran(lambda: compiled(x, w))
     ref = torch.einsum("n...i,noi->n...o", x.float(), w.float())
@@ -334,8 +334,8 @@ def test_gpu_attention_products_take_the_kernel(heads: int, dim: int) -> None:
     q = torch.randn(8, 1, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
 
     def attend(q: torch.Tensor) -> torch.Tensor:
-        s = _layer_matmul(q, k_cache.transpose(-1, -2)) * dim**-0.5
-        return _layer_matmul(torch.softmax(s.float(), -1).to(q.dtype), v_cache)
+        s = layer_matmul(q, k_cache.transpose(-1, -2)) * dim**-0.5
+        return layer_matmul(torch.softmax(s.float(), -1).to(q.dtype), v_cache)
 
     def reference(q: torch.Tensor) -> torch.Tensor:
         s = (q.double() @ k_cache.double().transpose(-1, -2)) * dim**-0.5
@@ -354,11 +354,11 @@ def test_gpu_attention_products_take_the_kernel(heads: int, dim: int) -> None:
     assert static_out.shape == ref.shape
     assert ((static_out.double() - ref).norm() / ref.norm()).item() < 2e-2
     probs = torch.rand(8, 1, heads, 1, 1024, device="cuda", dtype=torch.bfloat16)
-    assert _gemv_kernel_ran(lambda: _layer_matmul(probs, v_cache))
-    assert _gemv_kernel_ran(lambda: _layer_matmul(q, k_cache.transpose(-1, -2)))
+    assert _gemv_kernel_ran(lambda: layer_matmul(probs, v_cache))
+    assert _gemv_kernel_ran(lambda: layer_matmul(q, k_cache.transpose(-1, -2)))
     swapped = k_cache.transpose(0, 2)  # (heads, 1, 8, T, D): batch dims no longer nest
     q2 = q.transpose(0, 2)
-    assert not _gemv_kernel_ran(lambda: _layer_matmul(q2, swapped.transpose(-1, -2)))
+    assert not _gemv_kernel_ran(lambda: layer_matmul(q2, swapped.transpose(-1, -2)))
 
 
 @needs_cuda
@@ -366,7 +366,7 @@ def test_gpu_attention_products_take_the_kernel(heads: int, dim: int) -> None:
 def test_gpu_exact_decode_step_with_the_kernel_equals_sequential(batch: int) -> None:
     """A transformed decode step in exact mode, float32 on the GPU (TF32 off), run eagerly and
     compiled with the kernel on, against the sequential step and the kernel-off (einsum) step."""
-    from decode_helpers import step_inputs
+    from helpers import step_inputs
 
     import snlp_compile
     from snlp_compile.models import build_model

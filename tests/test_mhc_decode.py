@@ -7,19 +7,21 @@ workers never repeat one."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
 from conftest import sequential_trace
-from decode_helpers import max_err, prefill_then_decode, step_inputs
+from helpers import max_err, prefill_then_decode, reference_model, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig
 from snlp_compile.generate import Decoder, generate
-from snlp_compile.models import build_model, model_config
+from snlp_compile.ir.plan import SOLVE_NAME
+from snlp_compile.models import model_config
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.models.mhc import HCPackageGPT
-from snlp_compile.passes.rewrite import SOLVE_NAME
 
 TIGHT = 1e-10
 FLAVOURS = ["mhc-tiny", "mhc-dyn-tiny"]
@@ -27,8 +29,7 @@ FAST = {"sinkhorn_iters": 2}
 STATIC = {"dynamic_shapes": False}  # half the capture time; one test keeps symbolic sizes
 
 
-def _model(name: str, **overrides: object) -> nn.Module:
-    return build_model(name, dtype=torch.float64, **FAST, **overrides)
+_model = partial(reference_model, **FAST)
 
 
 def _assert_step_equal(got: tuple, want: tuple, tol: float = TIGHT) -> None:

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import transform
+    from ..solve.handle import solve_handle
 
     model = load_model(args.model, args.dtype, args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     )
     fast = transform(model, (idx,), iterations=1, parallel_layers=args.parallel_layers)
     print(fast.snlp_report, "\n", flush=True)
-    solve = fast.snlp_solve
+    solve = solve_handle(fast)
     n = solve.num_layers
     with torch.no_grad():
         reference = model(idx)

@@ -40,24 +40,24 @@ def run(args: argparse.Namespace) -> int:
     picture = None if args.no_picture else args.picture
     if picture is not None:
         require("inspect --picture (the default; --no-picture skips it)", "matplotlib")
-    from ..api import explain, transform
+    from ..api import try_transform
+    from ..solve.handle import solve_handle
     from ..visualize import draw_chain
 
     model = load_model(args.model, args.dtype, args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
     config = {"iterations": args.iterations, "parallel_layers": args.parallel_layers, "chunks": args.chunks}
-    report = explain(model, (idx,), **config)
+    fast, report = try_transform(model, (idx,), **config)  # (one capture for the report and the rewrite)
     print(report)
-    if not report.rewritten:
+    if fast is None or not report.rewritten:
         if picture is not None:
             print()
             announce("picture", draw_chain(report, picture))
         return 1
-    fast = transform(model, (idx,), **config)
     if args.code:
         print("\n# rewritten model (.code)\n" + fast.code)
-        print("# one layer, as matched (.snlp_solve.body.code)\n" + fast.snlp_solve.body.code)
-        solve = fast.snlp_solve
+        solve = solve_handle(fast).solve
+        print("# one layer, as matched (.snlp_solve.body.code)\n" + solve.body.code)
         what = f"one chunk's {solve.chunk_sizes[0]} layers" if solve.num_chunks > 1 else "all parallel layers"
         print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
         if solve.layers_short is not None:
@@ -66,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
             )
     if picture is not None:
         print()
-        announce("picture", draw_chain(fast.snlp_report, picture, iterations=args.iterations))
+        announce("picture", draw_chain(report, picture, iterations=args.iterations))
     return 0

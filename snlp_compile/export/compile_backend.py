@@ -224,7 +224,9 @@ def inductor(
 
     config = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
     config.update(patches)
-    return compile_fx(gm, list(example_inputs), config_patches=config)
+    compiled = compile_fx(gm, list(example_inputs), config_patches=config)
+    assert callable(compiled)
+    return compiled
 
 
 def plain_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -311,7 +313,7 @@ def snlp_backend(
         compiled = inductor(gm, example_inputs, mode, patches)
         _RECORDS.append(record)  # only once compiled: Inductor may restart Dynamo's analysis
         return compiled
-    record.report = transformed.snlp_report
+    record.report = ExplainReport.of(transformed)
     compiled = inductor(plain_graph(transformed), user_inputs, mode, patches)
     _RECORDS.append(record)
     log.info("snlp backend rewrote a graph:\n%s", record.report)

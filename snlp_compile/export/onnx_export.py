@@ -245,11 +245,11 @@ def export_onnx(
             raise SNLPConfigError(
                 "model is already transformed: pass config/overrides to transform(), not here"
             )
-        target, snlp_report = model, model.snlp_report
+        target, snlp_report = model, ExplainReport.of(model)
     elif rewrite:
         cfg = resolve_config(config, overrides)
         target = transform(model, args, cfg.replace(dynamic_shapes=dynamic), example_kwargs=kwargs)
-        snlp_report = target.snlp_report
+        snlp_report = ExplainReport.of(target)
     else:
         if config is not None or overrides:
             raise SNLPConfigError("rewrite=False exports the model unchanged: config/overrides do not apply")
@@ -269,6 +269,8 @@ def export_onnx(
         output_names=output_names,
         verbose=False,
     )
+    if onnx_program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
     onnx_program.save(path)  # large weights go to external data here
     proto = onnx.load(str(path), load_external_data=False)
     notes = []

@@ -1,9 +1,10 @@
 """Hand-written GPU kernels the rewritten graphs call where the standard lowering is slow.
 
+The switches below start from the environment as ``snlp_compile.options`` reads it.
 ``SNLP_GEMV_KERNEL=0`` in the environment (or ``set_gemv_kernel(False)``) turns the layer-batched
 GEMV kernel off, so every batched linear is ``torch.einsum`` (cuBLAS) as on the CPU.
 ``SNLP_ATTENTION_KERNEL=0`` keeps it for the linears only: the attention products of a decode step
-(:func:`layer_matmul`) go back to ``torch.matmul``, for A/B timing on a GPU.
+(``layer_ops.layer_matmul``) go back to ``torch.matmul``, for A/B timing on a GPU.
 ``SNLP_DECODE_ATTENTION=0`` keeps a decode step's attention as its ops instead of the fused
 decode-attention kernel (``decode_attention``), for A/B timing; the default (``1``) fuses it where one
 layer's attention is one call (the model as written, sequential), ``all`` also in the rewritten
@@ -15,20 +16,17 @@ without programmatic dependent launch on Hopper and newer GPUs. Turning the GEMV
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from itertools import pairwise
 
-import torch
-
-from ..config import env_flag
+from ..options import ENVIRONMENT
 from . import decode_attention, layer_gemv
 
-_gemv_enabled = env_flag("SNLP_GEMV_KERNEL")
-_attention_enabled = env_flag("SNLP_ATTENTION_KERNEL")
-_pdl_enabled = env_flag("SNLP_PDL")
-_decode_attention_enabled = env_flag("SNLP_DECODE_ATTENTION")
-_decode_attention_layers = os.environ.get("SNLP_DECODE_ATTENTION", "1").strip().lower() == "all"
+# the process's switches, from the environment (``snlp_compile.options``)
+_gemv_enabled = ENVIRONMENT.gemv_kernel
+_attention_enabled = ENVIRONMENT.attention_kernel
+_pdl_enabled = ENVIRONMENT.pdl
+_decode_attention_enabled = ENVIRONMENT.decode_attention
+_decode_attention_layers = ENVIRONMENT.decode_attention_in_layers
 
 
 def gemv_kernel_enabled() -> bool:
@@ -79,38 +77,6 @@ def gemv_kernel(enabled: bool) -> Iterator[None]:
         set_gemv_kernel(previous)
 
 
-def views_as_batch(t: torch.Tensor, lead: int) -> bool:
-    """Whether t's first ``lead`` dims flatten into one without a copy (strides nest)."""
-    dims = [(n, st) for n, st in zip(t.shape[:lead], t.stride()[:lead]) if n != 1]
-    return all(st == nxt_n * nxt_st for (_, st), (nxt_n, nxt_st) in pairwise(dims))
-
-
-def layer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of two layer-batched activations, e.g. a decode step's attention products
-    (queries times the cached keys, probabilities times the cached values).
-
-    With the same leading dims, few rows per product and b's batch dims flattening without a copy,
-    on a GPU it is the layer-batched GEMV kernel over ``b`` transposed, read through its strides.
-    ATen's ``bmm`` adds a memset and a copy of the one-row operand per product; its kernels are
-    as fast or faster (~1-3 us on the values product), but in a CUDA-graphed 0.5B step the two
-    launches fewer win: 0.174 -> 0.163 ms (run 9, BENCHMARKS.md). Everything else, exports, CPUs
-    and ``SNLP_ATTENTION_KERNEL=0`` take ``torch.matmul``."""
-    lead = a.dim() - 2
-    if (
-        attention_kernel_enabled()
-        and a.is_cuda  # (before any flattening: CPUs take torch.matmul as they are)
-        and lead >= 1
-        and b.dim() == a.dim()
-        and a.shape[:-2] == b.shape[:-2]
-        and views_as_batch(b, lead)
-    ):
-        w = b.transpose(-1, -2).flatten(0, lead - 1)
-        x = a.flatten(0, lead - 1)
-        if layer_gemv.applies(x, w):
-            return layer_gemv.gemv(x, w, pdl_enabled(), weights_constant=False).unflatten(0, a.shape[:-2])
-    return torch.matmul(a, b)
-
-
 __all__ = [
     "attention_kernel_enabled",
     "decode_attention",
@@ -119,8 +85,6 @@ __all__ = [
     "gemv_kernel",
     "gemv_kernel_enabled",
     "layer_gemv",
-    "layer_matmul",
     "pdl_enabled",
     "set_gemv_kernel",
-    "views_as_batch",
 ]

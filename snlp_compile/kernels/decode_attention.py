@@ -20,6 +20,7 @@ Scores, the softmax and the accumulation are float32, whatever the inputs' dtype
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -193,7 +194,7 @@ if triton is not None:
             for st in (2, 3, 4)
         ]
 
-    def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
         tile = kwargs["BLOCK_R"] * kwargs["BLOCK_D"]
         kept = [c for c in configs if c.kwargs["BLOCK_T"] * tile <= 64 * 32 * c.num_warps]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]

@@ -11,7 +11,7 @@ It is registered as ``torch.ops.snlp.layer_gemv`` with ``torch.library.triton_op
 traces into it and CUDA graphs capture it; on Hopper and newer GPUs the batcher calls
 ``torch.ops.snlp.layer_gemv_pdl`` instead, the same kernel launched with programmatic dependent
 launch (it starts while the kernel before it finishes; stacked weights stream meanwhile). Triton is optional: without it (or on the CPU, or
-while exporting) ``snlp_compile.passes.batch_layers._einsum_linear`` uses ``torch.einsum``.
+while exporting) ``snlp_compile.kernels.layer_ops.batched_linear`` uses ``torch.einsum``.
 """
 
 from __future__ import annotations

@@ -8,31 +8,31 @@ the captured graph. That keeps the step functional (no input mutation under torc
 torch.compile or a CUDA graph) and makes each layer's new K/V a value the layer hands to the rest
 of the model, which the compiler returns from the layer-parallel solve.
 
-Attention reads the cache once, without copying it: scores against the whole cache (slots at and
-after ``pos`` masked out by an additive bias) are concatenated with causal scores among the new
-tokens, one softmax, two products. Grouped-query heads are handled by folding the query groups
-into the query rows, so the cache is never repeated either. On a GPU, one new token's attention in
-the model as written is one fused kernel (``kernels.decode_attention``) instead of those ops. While
-``transform()`` captures, :func:`cached_attention` is recorded as one op, ``snlp::cached_attention``,
-which the batching pass turns into one call over all layers (:func:`layer_cached_attention`).
+The models call the attention over the cache as an op of the kernel library,
+``kernels.attention.cached_attention`` (re-exported here): the ops, or on a GPU for one new token
+a fused kernel, and while ``transform()`` captures one op the batching pass turns into one call
+over all layers. This module holds the cache protocol: its shapes, ``new_cache``, ``write_cache``
+and ``CachedStep``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 
-from .. import markers
-from ..kernels import (
-    decode_attention,
-    decode_attention_enabled,
-    decode_attention_in_layers,
-    layer_matmul,
-    pdl_enabled,
-)
-from ..kernels.layer_gemv import pdl_supported
+from ..kernels.attention import attention_ops, cached_attention, layer_cached_attention
+
+__all__ = [
+    "CachedStep",
+    "attention_bias",
+    "attention_ops",
+    "cache_shape",
+    "cached_attention",
+    "layer_cached_attention",
+    "max_positions",
+    "new_cache",
+    "write_cache",
+]
 
 
 def attention_bias(
@@ -45,120 +45,6 @@ def attention_bias(
     new_ok = torch.ones(t_new, t_new, dtype=torch.bool, device=device).tril()
     ok = torch.cat([cache_ok, new_ok], dim=1)
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, float("-inf"))
-
-
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    bias: torch.Tensor,
-    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
-) -> torch.Tensor:
-    """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
-    (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D).
-
-    One new token on a GPU runs the fused decode-attention kernel (unless
-    ``SNLP_DECODE_ATTENTION=0``); everything else, exports included, the ops of
-    :func:`attention_ops`. While ``transform()`` captures, this is one op (``markers``). ``matmul``
-    other than ``torch.matmul`` always takes the ops with it
-    (``benchmarks/attention_lowering.py`` swaps their lowering)."""
-    if matmul is torch.matmul and markers.keeping_whole():
-        return torch.ops.snlp.cached_attention(q, k, v, k_cache, v_cache, bias)
-    fused = matmul is torch.matmul and decode_attention_enabled()
-    if fused and decode_attention.applies(q, k, k_cache, v_cache, bias):
-        pdl = pdl_enabled() and pdl_supported(q)
-        return decode_attention.attention(q, k, v, k_cache, v_cache, bias, pdl)
-    return attention_ops(q, k, v, k_cache, v_cache, bias, matmul)
-
-
-def attention_ops(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    bias: torch.Tensor,
-    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
-) -> torch.Tensor:
-    """:func:`cached_attention` as tensor ops; ``matmul`` computes the two products over the cache.
-
-    The softmax over [cache | new] is written as two exponentials against a shared row maximum
-    and one denominator, so neither the scores nor the probabilities are concatenated or sliced
-    (no copies around the two cache products); at T = 1 the new token's score and value are a dot
-    product and a scaled add instead of two tiny matrix products."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    rep = h // hkv
-    t_max = k_cache.shape[2]
-    scale = d**-0.5
-    qg = q.reshape(b, hkv, rep * t, d)  # query heads of one kv head become rows
-    s_cache = matmul(qg, k_cache.transpose(-1, -2)) * scale
-    s_new = (qg * k).sum(-1, keepdim=True) * scale if t == 1 else (qg @ k.transpose(-1, -2)) * scale
-    # scores in at least float32 (bias is float32): bf16 exponentials lose the small probabilities
-    s_cache = s_cache.view(b, hkv, rep, t, t_max) + bias[:, :t_max]
-    s_new = s_new.view(b, hkv, rep, t, t) + bias[:, t_max:]
-    s_cache = s_cache.to(torch.promote_types(s_cache.dtype, torch.float32))
-    s_new = s_new.to(s_cache.dtype)
-    row_max = torch.maximum(s_cache.amax(-1, keepdim=True), s_new.amax(-1, keepdim=True))
-    e_cache = torch.exp(s_cache - row_max)
-    e_new = torch.exp(s_new - row_max)
-    denom = (e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)).view(b, hkv, rep * t, 1)
-    out = matmul(e_cache.to(q.dtype).view(b, hkv, rep * t, t_max), v_cache)
-    if t == 1:
-        out = out + e_new.to(q.dtype).view(b, hkv, rep, 1) * v
-    else:
-        out = out + e_new.to(q.dtype).view(b, hkv, rep * t, t) @ v
-    return (out / denom).to(q.dtype).view(b, h, t, d)
-
-
-@torch.library.custom_op("snlp::cached_attention", mutates_args=())
-def _cached_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`cached_attention` as one node of a captured graph (``markers``); run, it is that."""
-    with markers.keep_whole(False):
-        return cached_attention(q, k, v, k_cache, v_cache, bias)
-
-
-@_cached_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, bias):
-    return q.new_empty(q.shape)
-
-
-def layer_cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`cached_attention` in the rewritten step, every layer folded into the batch: the ops,
-    the two cache products on the layer-batched GEMV kernel. Inside the step's CUDA graph they take
-    as long as the fused kernel (0.5B: 28.3 vs 27.6 us), because Inductor fuses the softmax with
-    the bias and the products launch with PDL; the opaque fused kernel instead needs its bias and
-    operands materialised (two to three small kernels) and breaks the PDL overlap, so the step is
-    slower with it (0.136 vs 0.127 ms; BENCHMARKS.md, run 14). ``SNLP_DECODE_ATTENTION=all``
-    takes the fused kernel here too."""
-    if decode_attention_in_layers():
-        return cached_attention(q, k, v, k_cache, v_cache, bias)
-    return attention_ops(q, k, v, k_cache, v_cache, bias, layer_matmul)
-
-
-# q, k, v and both caches carry the batch; the bias row is shared
-markers.register(
-    torch.ops.snlp.cached_attention.default,
-    cached_attention,
-    folded=(0, 1, 2, 3, 4),
-    layer_function=layer_cached_attention,
-)
 
 
 class CachedStep(nn.Module):

@@ -24,13 +24,19 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import markers
-from ..kernels import gemv_kernel_enabled, layer_gemv, layer_matmul, pdl_enabled, views_as_batch
+from ..ir.matexpr import LAYER_INVARIANT
+from ..kernels.layer_ops import (
+    batched_linear,
+    batched_linear_dynamic,
+    fold_batched_mask,
+    fold_shared_mask,
+    layer_attention,
+    layer_marked,
+    layer_matmul,
+)
+from .graph_utils import target_name
 
 aten = torch.ops.aten
-# the attention products' lowering lives with the kernels (models.kv calls it too); the old names stay
-_layer_matmul = layer_matmul
-_views_as_batch = views_as_batch
-Rule = Callable[["_Batcher", fx.Node, list[Any], dict[str, Any]], Any]
 
 _ELEMENTWISE = {
     "add", "sub", "mul", "div", "neg", "relu", "square", "gelu", "silu", "tanh", "sigmoid", "exp", "log",
@@ -78,13 +84,6 @@ _DIM_ARGS: dict[str, list[tuple[int | str, int | None]]] = {
 }
 
 
-def _name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
-
-
 def _rank(node: Any) -> int:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val.dim() if isinstance(val, torch.Tensor) else 0
@@ -103,61 +102,6 @@ def _vmap_op(
 ) -> Any:
     """Fallback for ops without a rule: torch.vmap over this one op."""
     return torch.vmap(lambda a, k: op(*a, **k), in_dims=in_dims)(args, kwargs)
-
-
-def _einsum_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (N, ..., I) times stacked weights w (N, O, I): one batched matmul for all layers.
-
-    With few rows per layer on a GPU (decoding) it is the layer-batched GEMV kernel
-    (``snlp_compile.kernels``), which reads the weights closer to the bytes floor than cuBLAS'
-    batched GEMM and copies no operand; the choice is made when the graph runs or is traced
-    (exports and CPUs take the einsum), so the rewritten graph itself does not change. w is a
-    transform-time constant (the solve's stacked weights): launched with PDL, the kernel streams
-    its first weight tiles before waiting for the kernel before it."""
-    return _batched_linear(x, w, weights_constant=True)
-
-
-def _einsum_linear_dynamic(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """:func:`_einsum_linear` with weights computed when the graph runs (read only after the
-    kernel before it has finished)."""
-    return _batched_linear(x, w, weights_constant=False)
-
-
-def _batched_linear(x: torch.Tensor, w: torch.Tensor, weights_constant: bool) -> torch.Tensor:
-    if gemv_kernel_enabled() and layer_gemv.applies(x, w):
-        rows = x.shape[1:-1]
-        y = layer_gemv.gemv(x.reshape(x.shape[0], -1, x.shape[-1]), w, pdl_enabled(), weights_constant)
-        return y.reshape(x.shape[0], *rows, w.shape[1])
-    return torch.einsum("n...i,noi->n...o", x, w)
-
-
-def _layer_attention(
-    op: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
-) -> torch.Tensor:
-    """Attention over (N, B, ...) inputs with the layer axis folded into the batch axis: the fused
-    kernels (flash, memory-efficient) and ONNX export take 4-D q/k/v only."""
-    out = op(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args, **kwargs)
-    return out.unflatten(0, (q.shape[0], q.shape[1]))
-
-
-def _layer_marked(op: Any, *args: Any) -> Any:
-    """The function a marker op stands for (``markers``, by its op: the graph's code names an op,
-    not a Python function) over all layers at once: the layer axis of its batched arguments is
-    folded into their batch axis, one call, and unfolded from the result."""
-    marked = markers.MARKED[op]
-    lead = args[marked.folded[0]].shape[:2]
-    flat = [a.flatten(0, 1) if i in marked.folded else a for i, a in enumerate(args)]
-    return (marked.layer_function or marked.function)(*flat).unflatten(0, lead)
-
-
-def _fold_batched_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """A per-layer mask (N, B or 1, ...) as (N*B or N, ...), matching the folded q."""
-    return mask.expand(n, *mask.shape[1:]).flatten(0, 1)
-
-
-def _fold_shared_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """A mask shared by all layers whose batch dim is B: repeated per layer as (N*B, ...)."""
-    return mask.unsqueeze(0).expand(n, *mask.shape).flatten(0, 1)
 
 
 class _Batcher:
@@ -227,17 +171,17 @@ class _Batcher:
                 lifted = tuple(self.expand(o) if isinstance(o, fx.Node) else o for o in flat)
                 self.graph.output(lifted if isinstance(outs, (tuple, list)) else lifted[0])
                 continue
-            if not self.any_batched(node) or getattr(node.target, "snlp_layer_invariant", False):
+            if not self.any_batched(node) or node.target in LAYER_INVARIANT:
                 self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
                 self.batched[node] = False
                 continue
             self.env[node] = self.rule(node)
-            self.batched[node] = _name(node) not in ("sym_size", "size")
+            self.batched[node] = target_name(node) not in ("sym_size", "size")
         self.graph.lint()
         return fx.GraphModule(torch.nn.Module(), self.graph, class_name="BatchedLayers"), self.fallbacks
 
     def rule(self, node: fx.Node) -> Any:
-        name = _name(node)
+        name = target_name(node)
         if node.target is operator.getitem:
             return self.call(operator.getitem, self.env[node.args[0]], node.args[1])
         if name in _ELEMENTWISE or (name == "dropout" and node.args[2] is False):
@@ -317,7 +261,7 @@ class _Batcher:
         if name == "linear":
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if self.is_batched(b):
-                linear = _einsum_linear if b in self.constant else _einsum_linear_dynamic
+                linear = batched_linear if b in self.constant else batched_linear_dynamic
                 out = self.call(linear, self.expand(a), self.env[b])
             else:
                 out = self.call(F.linear, self.env[a], self.env[b])
@@ -390,7 +334,7 @@ class _Batcher:
             rest[0] = self.fold_mask(node.args[3], _rank(node.args[0]))
         if isinstance(node.kwargs.get("attn_mask"), fx.Node):
             kwargs["attn_mask"] = self.fold_mask(node.kwargs["attn_mask"], _rank(node.args[0]))
-        return self.call(_layer_attention, node.target, q, k, v, *rest, **kwargs)
+        return self.call(layer_attention, node.target, q, k, v, *rest, **kwargs)
 
     def marked_rule(self, node: fx.Node, marked: markers.Marked) -> Any:
         """A marker op (``markers``, e.g. a decode step's attention): the function it stands for,
@@ -398,12 +342,12 @@ class _Batcher:
         if node.kwargs or any(self.is_batched(a) for i, a in enumerate(node.args) if i not in marked.folded):
             return self.fallback(node)
         args = [self.expand(a) if i in marked.folded else self.lift(a) for i, a in enumerate(node.args)]
-        return self.call(_layer_marked, node.target, *args)
+        return self.call(layer_marked, node.target, *args)
 
     def fold_mask(self, mask: fx.Node, rank: int) -> Any:
         """The mask for attention with the layer axis folded into the batch axis (N*B, ...)."""
         if self.is_batched(mask):
-            return self.call(_fold_batched_mask, self.align(mask, rank + 1), self.n)
+            return self.call(fold_batched_mask, self.align(mask, rank + 1), self.n)
         val = mask.meta.get("val")
         batch_is_one = (
             isinstance(val, torch.Tensor)
@@ -413,10 +357,10 @@ class _Batcher:
         )
         if _rank(mask) < rank or batch_is_one:
             return self.env[mask]  # broadcasts against N*B as it did against B
-        return self.call(_fold_shared_mask, self.env[mask], self.n)
+        return self.call(fold_shared_mask, self.env[mask], self.n)
 
     def fallback(self, node: fx.Node) -> Any:
-        self.fallbacks.append(f"{_name(node)} ({node.name})")
+        self.fallbacks.append(f"{target_name(node)} ({node.name})")
 
         def dims(a: Any) -> Any:
             return fx.node.map_aggregate(
@@ -439,7 +383,7 @@ def batch_body(
 
     ``batched_inputs`` says, per placeholder (h first), whether it carries the layer axis;
     ``constant_inputs``, whether its value is fixed at transform time (stacked weights: their
-    linears are ``_einsum_linear``, the others' ``_einsum_linear_dynamic``; default none).
+    linears are ``batched_linear``, the others' ``batched_linear_dynamic``; default none).
     Returns the batched GraphModule and the ops that needed the vmap fallback.
     """
     return _Batcher(body, batched_inputs, num_layers, constant_inputs).run()

@@ -1,4 +1,5 @@
-"""Graph clean-ups run before analysis, so that equal computations look equal to the matcher."""
+"""Graph clean-ups: common subexpressions merged before analysis (so that equal computations look
+equal to the matcher), marker ops inlined after the rewrite."""
 
 from __future__ import annotations
 
@@ -7,28 +8,29 @@ from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 from .. import markers
 from .graph_utils import graph_modules
-from .infra import PassResult
 
 
-def common_subexpressions(gm: fx.GraphModule) -> PassResult:
-    """Merge identical pure computations: e.g. per-layer slices of one rotary table become one
-    shared input instead of N equal ones that would have to be stacked at run time."""
+def common_subexpressions(gm: fx.GraphModule) -> int:
+    """Merge identical pure computations in ``gm``, in place: e.g. per-layer slices of one rotary
+    table become one shared input instead of N equal ones that would have to be stacked at run
+    time. Returns the number of nodes merged away."""
     before = len(gm.graph.nodes)
     result = CSEPass()(gm)
-    new = result.graph_module
-    if not isinstance(new, fx.GraphModule) or not result.modified:
-        return PassResult(gm, False)
+    new = None if result is None else result.graph_module
+    if result is None or not isinstance(new, fx.GraphModule) or not result.modified:
+        return 0
     # CSEPass builds a fresh GraphModule; keep the captured module (pytree specs, guards) and
     # move the new graph into it.
     new.graph._codegen = gm.graph._codegen
     gm.graph = new.graph
     gm.recompile()
-    return PassResult(gm, True, f"{before - len(gm.graph.nodes)} nodes merged")
+    return before - len(gm.graph.nodes)
 
 
-def inline_marker_ops(gm: fx.GraphModule) -> PassResult:
+def inline_marker_ops(gm: fx.GraphModule) -> int:
     """Replace every marker op (``markers``) left in ``gm`` and its submodules by the function it
-    stands for, which exports and compiles as its own ops (or its kernel, where one applies)."""
+    stands for, which exports and compiles as its own ops (or its kernel, where one applies).
+    Returns the number of ops replaced."""
     count = 0
     for module in graph_modules(gm):
         changed = False
@@ -39,4 +41,4 @@ def inline_marker_ops(gm: fx.GraphModule) -> PassResult:
                 count += 1
         if changed:
             module.recompile()
-    return PassResult(gm, count > 0, f"{count} marker ops inlined")
+    return count

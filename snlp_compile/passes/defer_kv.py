@@ -28,13 +28,15 @@ extra row.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 
 from ..errors import SNLPRefusal
-from .batch_layers import _einsum_linear
+from ..ir.plan import DeferredPlan
+from ..kernels.layer_ops import batched_linear
+from ..solve.solver import LayerParallelSolve
 from .cleanup import common_subexpressions
 from .graph_utils import descendants, flatten_args
 
@@ -85,7 +87,7 @@ def _rebuild(graph: fx.Graph, order: Iterable[fx.Node]) -> tuple[fx.Graph, dict[
 
 
 def _linears(graph: fx.Graph, within: set[fx.Node]) -> list[fx.Node]:
-    return [n for n in graph.nodes if n in within and n.op == "call_function" and n.target is _einsum_linear]
+    return [n for n in graph.nodes if n in within and n.op == "call_function" and n.target is batched_linear]
 
 
 Block = tuple[str, int, int]  # (fused weight, first row, rows)
@@ -112,17 +114,17 @@ def _share_weight_reads(
     hosts: list[tuple[fx.Node, Block, fx.Node]] = []  # (input, weight block, output) of body GEMVs
     for m in _linears(graph, main):
         blk = block_of(m.args[1])
-        if blk is not None:
+        if blk is not None and isinstance(m.args[0], fx.Node):
             hosts.append((m.args[0], blk, m))
     for p in _linears(graph, prev):
         blk = block_of(p.args[1])
         k = next((k for k, (_, hb, _) in enumerate(hosts) if _inside(blk, hb)), None)
-        if k is None:
+        if k is None or blk is None:
             continue
         x, hb, m = hosts[k]
         with graph.inserting_before(p):
             rows = graph.call_function(torch.stack, ([x, p.args[0]], -2))
-            both = graph.call_function(_einsum_linear, (rows, m.args[1]))
+            both = graph.call_function(batched_linear, (rows, m.args[1]))
             mine = graph.call_function(aten.select.int, (both, -2, 0))
             theirs = graph.call_function(aten.select.int, (both, -2, 1))
             block = graph.call_function(
@@ -144,7 +146,7 @@ def _share_weight_reads(
             ),
             None,
         )
-        if k is None:
+        if k is None or blk is None:
             continue
         _, hb, out = hosts[k]
         with graph.inserting_before(p):
@@ -158,7 +160,7 @@ def build_deferred_layers(
     layers: fx.GraphModule,
     side_layers: fx.GraphModule,
     ext_names: list[str],
-    ext_modes: list[str],
+    ext_modes: Sequence[str],
     blocks: dict[str, Block],
     cache_ext: list[int],
 ) -> tuple[fx.GraphModule, list[int], list[str]]:
@@ -179,7 +181,7 @@ def build_deferred_layers(
                 node=ext_names[ci],
             )
     graph = fx.Graph()
-    main_in = [graph.placeholder(p.target) for p in lph]
+    main_in = [graph.placeholder(str(p.target)) for p in lph]
     for new, old in zip(main_in, lph):
         new.meta = dict(old.meta)
     u_prev = graph.placeholder("u_prev")
@@ -302,6 +304,8 @@ def defer_kv(gm: fx.GraphModule, solve_name: str) -> list[str]:
     """Rewrite a transformed decode step (models.kv.CachedStep protocol) in place so that its
     solve defers the K/V side outputs (module docstring); returns notes for the report."""
     solve = gm.get_submodule(solve_name)
+    if not isinstance(solve, LayerParallelSolve):
+        raise TypeError(f"{solve_name} is not a LayerParallelSolve")
     call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == solve_name), None)
     if call is None or solve.side_layers is None:
         raise SNLPRefusal("deferred_kv: the layers hand out no K/V (no side outputs) to defer")
@@ -327,7 +331,16 @@ def defer_kv(gm: fx.GraphModule, solve_name: str) -> list[str]:
         args[k] = cache  # the whole cache (all layers): an in-place write to it, not to a slice view
     call.args = tuple(args)
     call.kwargs = {**call.kwargs, "position": pos}
-    shared = solve.enable_deferred(cache_ext)
+    blocks: dict[str, Block] = {}
+    for name, mode in zip(solve.ext_names, solve.ext_modes):
+        value = getattr(solve, f"stacked_{name}", None) if mode == "stacked" else None
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            view = solve.row_blocks.get(name)
+            blocks[name] = (view.base, view.start, view.rows) if view else (name, 0, int(value.shape[1]))
+    merged, saved, shared = build_deferred_layers(
+        solve.layers, solve.side_layers, solve.ext_names, solve.ext_modes, blocks, cache_ext
+    )
+    solve.enable_deferred(DeferredPlan(merged, tuple(saved), tuple(shared)))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -126,8 +126,9 @@ def match_layer(template: Layer, output: fx.Node) -> tuple[fx.Node, list[fx.Node
             hidden = c
         else:
             k = ext_index[t]
-            if externals[k] is not None and externals[k] is not c:
-                raise _Mismatch(f"input {t.name} maps to both {externals[k].name} and {c.name}")
+            known = externals[k]
+            if known is not None and known is not c:
+                raise _Mismatch(f"input {t.name} maps to both {known.name} and {c.name}")
             externals[k] = c
 
     for t in reversed(template.nodes):

@@ -72,6 +72,14 @@ def arg_structure(node: fx.Node) -> tuple[list[Any], str]:
     return leaves, shape((node.args, node.kwargs))
 
 
+def target_name(node: fx.Node) -> str:
+    """The short name of a node's target, as rules match it: 'linear', 'view', 'add', 'getitem'."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
+
+
 def op_name(node: fx.Node) -> str:
     """A readable name for what a node does: 'aten.linear', 'operator.add', a method name..."""
     t = node.target

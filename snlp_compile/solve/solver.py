@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from ..config import env_flag
+from ..ir.plan import SolvePlan
+from ..ir.stream_layout import StreamLayout
+from .deferred import DeferredSideOutputs, as_tuple, inputs_from_trace
 from .scan import (
     apply_prefix_products,
     elementwise_affine_scan,
@@ -37,138 +38,106 @@ from .scan import (
     static_init_products,
     static_prefix_products,
 )
-from .stream_layout import StreamLayout
-
-ExtMode = Literal["stacked", "runtime", "shared"]
-
-# SNLP_LAST_ROW=0 (read once, at import): no last-row solves, the full trace, for A/B timing
-# (run 11 measured no wall-time difference in a T=2048 forward; BENCHMARKS.md).
-LAST_ROW_SOLVE = env_flag("SNLP_LAST_ROW")
 
 
-class LayerParallelSolve(nn.Module):
-    """Solves N structurally identical residual layers in parallel.
+class LayerParallelSolve(DeferredSideOutputs):
+    """Solves N structurally identical residual layers in parallel, as ``plan`` says (``ir.plan``).
 
-    Args:
-        body: GraphModule (h, *externals) -> out or (out, skip coefficient), one layer; kept for
-            reading and for the per-layer reference.
-        layers: the body batched over a leading layer axis (passes.batch_layers): what runs.
-        ext_modes: per body external: "stacked" (a buffer of this module, stacked over layers at
-            transform time), "runtime" (passed in already stacked), "shared" (passed in, same for
-            every layer).
-        stacked: the stacked buffers, keyed by body external name.
-        skip_kind: "identity", "elementwise" or "matrix" (HCN: the body's second output is the
-            n x n stream-mixing matrix per layer, (N, *batch, n, n), and the body's coefficient
-            node carries the StreamLayout that views h as (*batch, n, m) streams).
-        skip_constant: the skip coefficient when it is a number (1.0 for IDN); None when the body
-            returns it as its second output.
-        chunk_sizes: sizes of consecutive chunks of layers solved one after another (None: one
-            chunk of all ``num_layers``). ``layers`` is then batched over the first (largest)
-            chunk's size, and ``layers_short`` over the smaller size when the chunks are uneven.
+    Runs the plan and analyses no graph: the body and its batched forms, the stacked weights, the
+    skip's stream layout and static coefficients all come with the plan. The plan itself is not
+    kept (it holds the transform-time tensors, which ``.to()`` would leave behind); what running
+    needs becomes the module's buffers and attributes. ``iterations`` and ``init`` may be changed
+    after construction.
     """
 
-    def __init__(
-        self,
-        body: fx.GraphModule,
-        layers: fx.GraphModule,
-        ext_names: list[str],
-        ext_modes: list[ExtMode],
-        stacked: dict[str, torch.Tensor],
-        *,
-        num_layers: int,
-        skip_kind: str,
-        skip_constant: float | None,
-        iterations: int,
-        init: str,
-        damping: float,
-        side_body: fx.GraphModule | None = None,
-        side_layers: fx.GraphModule | None = None,
-        chunk_sizes: list[int] | None = None,
-        layers_short: fx.GraphModule | None = None,
-    ):
+    # buffers (registered in __init__; None where the plan has nothing to keep)
+    warm_trace: torch.Tensor | None
+    static_skip: torch.Tensor
+    static_scalar: torch.Tensor | None
+    static_scalar_prod: torch.Tensor
+    static_scalar_inv_prod: torch.Tensor
+    layers_short: fx.GraphModule | None
+    side_layers: fx.GraphModule | None
+
+    def __init__(self, plan: SolvePlan):
         super().__init__()
-        self.body = body
-        self.layers = layers
-        sizes = [num_layers] if chunk_sizes is None else [int(m) for m in chunk_sizes]
-        if sum(sizes) != num_layers or min(sizes) < 1 or sizes != sorted(sizes, reverse=True):
-            raise ValueError(f"chunk_sizes {sizes}: positive, largest first, adding up to {num_layers}")
-        if (len(set(sizes)) > 1) != (layers_short is not None) or len(set(sizes)) > 2:
-            raise ValueError(f"chunk_sizes {sizes}: pass layers_short (over {sizes[-1]}) iff sizes differ")
+        self.body = plan.body
+        self.layers = plan.layers
+        sizes = list(plan.chunk_sizes)
         self.chunk_sizes = sizes
         self.chunk_starts = [sum(sizes[:c]) for c in range(len(sizes))]
         # the body batched over the smaller chunk size, when the chunks are uneven
-        self.layers_short = layers_short
-        self.ext_names = list(ext_names)
-        self.ext_modes = list(ext_modes)
-        for name, value in stacked.items():
+        self.layers_short = plan.layers_short
+        self.ext_names = plan.ext_names
+        self.ext_modes = plan.ext_modes
+        for name, value in plan.stacked.items():
             self.register_buffer(f"stacked_{name}", value)
         # stacked weights that are row blocks of a fused one (q/k/v of fused q/k/v): rebuilt as views
         # after .to()/.half()/.cuda(), which move every buffer on its own and would duplicate them
-        self._stacked_views = _row_block_views(stacked)
-        self.num_layers = num_layers
-        self.skip_kind = skip_kind
-        self.skip_constant = skip_constant
-        self.iterations = iterations
-        self.init = init
-        self.damping = float(damping)
+        self.row_blocks = dict(plan.row_blocks)
+        self.num_layers = plan.num_layers
+        self.skip_kind = plan.skip_kind
+        self.skip_constant = plan.skip_constant
+        self.iterations = plan.options.iterations
+        self.init = plan.options.init
+        self.damping = float(plan.options.damping)
         # side outputs (a decode step's new K/V): the batched part of the body computing them,
         # evaluated once more at the corrected inputs after the last iteration
-        self.side_body = side_body
-        self.side_layers = side_layers
-        # set by the rewrite when the graph reads only the trace's last row (returns_last_row_only)
-        self.last_row_only = False
+        self.side_body = plan.side_body
+        self.side_layers = plan.side_layers
+        # the graph reads only the trace's last row (returns_last_row_only)
+        self.last_row_only = plan.last_row_only
+        # IDN's correction (A = I) whatever the skips: the baseline of identity_surrogate()
+        self.identity_correction = False
         # init "warm": the previous call's solved trace (N, *h_in.shape); None until the first call
         self.register_buffer("warm_trace", None, persistent=False)
-        # deferred K/V (passes.defer_kv, enable_deferred()): the merged first evaluation (which
-        # holds the cache writes), the externals whose previous-call values are kept, and the
-        # previous call's input, solved trace and position. The trace is kept, not the inputs it
-        # implies ([h_in, h_0 .. h_{N-2}], built where it is read): a copy of the trace fuses into
-        # the kernel that writes it, a copy of its shifted rows took a kernel of its own (run 12)
-        self.deferred_layers: fx.GraphModule | None = None
-        self.deferred_saved: list[int] = []
-        self.register_buffer("deferred_h_in", None, persistent=False)
-        self.register_buffer("deferred_h", None, persistent=False)
-        self.register_buffer("deferred_pos", None, persistent=False)
-        self.stream_layout = _stream_layout(body) if skip_kind == "matrix" else None
+        self.init_deferred()  # deferred K/V (solve.deferred): off until enable_deferred()
+        self.stream_layout = plan.stream_layout
         # HCN with static H: A, and per chunk the transfer matrices T[j, i] = A_j..A_{i+1} and
         # P_j = A_j..A_0 (j, i counted from the chunk's first layer), computed once here; the
         # correction is then one block matmul instead of a scan.
         self.use_prefix_products = False
-        if self.stream_layout is not None:
-            static = self._static_skip(stacked)
-            if static is not None:  # products in float64 (bf16 products of 32 layers would drift)
-                a = static.double() * self.damping
-                flat = a.reshape(a.shape[0], *a.shape[-2:])
-                self.register_buffer("static_skip", a.to(static.dtype))
-                for c, (start, size) in enumerate(zip(self.chunk_starts, self.chunk_sizes)):
-                    part = flat[start : start + size]
-                    transfer = static_prefix_products(part, matrix=True).to(static.dtype)
-                    self.register_buffer(self._chunk_name("static_transfer", c), transfer)
-                    init_products = static_init_products(part, matrix=True).to(static.dtype)
-                    self.register_buffer(self._chunk_name("static_init", c), init_products)
-                self.use_prefix_products = True
+        static = plan.static_skip
+        if self.stream_layout is not None and static is not None:
+            # products in float64 (bf16 products of 32 layers would drift)
+            a = static.double() * self.damping
+            flat = a.reshape(a.shape[0], *a.shape[-2:])
+            self.register_buffer("static_skip", a.to(static.dtype))
+            for c, (start, size) in enumerate(zip(self.chunk_starts, self.chunk_sizes)):
+                part = flat[start : start + size]
+                transfer = static_prefix_products(part, matrix=True).to(static.dtype)
+                self.register_buffer(self._chunk_name("static_transfer", c), transfer)
+                init_products = static_init_products(part, matrix=True).to(static.dtype)
+                self.register_buffer(self._chunk_name("static_init", c), init_products)
+            self.use_prefix_products = True
         # Scaled IDN with per-layer scalars folded at transform time (nanochat's resid_lambdas):
         # with P_j = a_j..a_0, h_j = P_j (h_in + sum_{i<=j} d_i / P_i): one cumsum over the layer
         # axis (one pass over the trace, like IDN) instead of log2(N) scan levels that each re-read
         # it. Kept to well-conditioned products, where dividing by P_i loses nothing measurable.
         # With chunks, the products restart at each chunk's first layer.
         self.register_buffer("static_scalar", None)
-        if skip_kind == "elementwise" and skip_constant is None and self.stream_layout is None:
-            static = self._static_skip(stacked)
-            if static is not None and static.numel() == num_layers:
-                a64 = static.reshape(num_layers).double() * self.damping
-                p64 = torch.cat([torch.cumprod(part, dim=0) for part in a64.split(self.chunk_sizes)])
-                if bool((p64.abs() > 0).all()) and float(p64.abs().max() / p64.abs().min()) <= 1e4:
-                    self.register_buffer("static_scalar", a64.to(static.dtype))
-                    self.register_buffer("static_scalar_prod", p64.to(static.dtype))
-                    self.register_buffer("static_scalar_inv_prod", (1.0 / p64).to(static.dtype))
+        if (
+            plan.skip_kind == "elementwise"
+            and plan.skip_constant is None
+            and self.stream_layout is None
+            and static is not None
+            and static.numel() == self.num_layers
+        ):
+            a64 = static.reshape(self.num_layers).double() * self.damping
+            p64 = torch.cat([torch.cumprod(part, dim=0) for part in a64.split(self.chunk_sizes)])
+            if bool((p64.abs() > 0).all()) and float(p64.abs().max() / p64.abs().min()) <= 1e4:
+                self.register_buffer("static_scalar", a64.to(static.dtype))
+                self.register_buffer("static_scalar_prod", p64.to(static.dtype))
+                self.register_buffer("static_scalar_inv_prod", (1.0 / p64).to(static.dtype))
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Any, recurse: bool = True) -> LayerParallelSolve:
         """Module._apply (behind .to(), .cuda(), .half(), ...), then the row-block weights made views
         of their fused weight again, so a moved solve still holds each weight once."""
         out = super()._apply(fn, recurse)
-        for name, (base, start, rows) in self._stacked_views.items():
-            self._buffers[f"stacked_{name}"] = self._buffers[f"stacked_{base}"][:, start : start + rows]
+        for name, block in self.row_blocks.items():
+            base = self._buffers[f"stacked_{block.base}"]
+            assert base is not None
+            self._buffers[f"stacked_{name}"] = base[:, block.start : block.start + block.rows]
         return out
 
     @property
@@ -181,7 +150,9 @@ class LayerParallelSolve(nn.Module):
 
     def _layers_of(self, chunk: int) -> fx.GraphModule:
         """The batched body for a chunk's size."""
-        return self.layers if self.chunk_sizes[chunk] == self.chunk_sizes[0] else self.layers_short
+        if self.chunk_sizes[chunk] == self.chunk_sizes[0] or self.layers_short is None:
+            return self.layers
+        return self.layers_short
 
     def _rows(self, t: torch.Tensor, chunk: int | None) -> torch.Tensor:
         """A chunk's rows of a tensor over all N layers (a view); the tensor itself for one chunk."""
@@ -189,18 +160,6 @@ class LayerParallelSolve(nn.Module):
             return t
         start = self.chunk_starts[chunk]
         return t[start : start + self.chunk_sizes[chunk]]
-
-    def _static_skip(self, stacked: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The skip coefficient of every layer when it depends on stacked buffers alone, chunk by
-        chunk (each batched body fixes its layer count), concatenated over the layer axis."""
-        parts = []
-        for c in range(self.num_chunks):
-            rows = {k: self._rows(v, c) for k, v in stacked.items()}
-            part = _static_matrix(self._layers_of(c), self.ext_names, self.ext_modes, rows)
-            if part is None:
-                return None
-            parts.append(part)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def extra_repr(self) -> str:
         chunks = f"chunks={self.num_chunks}" + (f" {self.chunk_sizes}" if self.num_chunks > 1 else "")
@@ -254,6 +213,8 @@ class LayerParallelSolve(nn.Module):
     ) -> torch.Tensor:
         """The structured Newton correction: h_j = a_j h_{j-1} + (g_j - a_j u_j), over the layers of
         one chunk (``chunk`` selects its precomputed products; None: the only chunk)."""
+        if self.identity_correction:  # (identity_surrogate)
+            return identity_scan(g - u, h_in)
         if self.stream_layout is not None:
             assert isinstance(a, torch.Tensor)
             return self.correct_streams(g, a, u, h_in, self.stream_layout, chunk)
@@ -282,17 +243,10 @@ class LayerParallelSolve(nn.Module):
         other recurrences take their full trace's last row."""
         summed = self._summed_increments(g, a, u, chunk)
         if summed is None:
-            return self._correct_chunk(g, a, u, h_in, chunk)[-1:]
+            return self.correct(g, a, u, h_in, chunk)[-1:]
         d, products = summed
         h = (h_in + d.sum(0)).unsqueeze(0)
         return h if products is None else products[-1:] * h
-
-    def _correct_chunk(
-        self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, h_in: torch.Tensor, chunk: int | None
-    ) -> torch.Tensor:
-        """:meth:`correct` over one chunk; with one chunk called as before chunks existed (the
-        four-argument call, which tests may patch)."""
-        return self.correct(g, a, u, h_in) if self.num_chunks == 1 else self.correct(g, a, u, h_in, chunk)
 
     def _summed_increments(
         self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, chunk: int | None
@@ -346,10 +300,11 @@ class LayerParallelSolve(nn.Module):
         u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk], *h_in.shape))
         if self.init == "batch_fwd":
             g, _ = self._evaluate(u, ext, chunk)
-            u = _inputs_from_trace(h_in, g)
+            u = inputs_from_trace(h_in, g)
         elif self.init == "warm" and self._has_warm_trace(h_in):
+            assert self.warm_trace is not None
             rows = self._rows(self.warm_trace, chunk)
-            u = _inputs_from_trace(h_in, rows.to(h_in.dtype))
+            u = inputs_from_trace(h_in, rows.to(h_in.dtype))
         return u
 
     def returns_last_row_only(self) -> bool:
@@ -397,42 +352,10 @@ class LayerParallelSolve(nn.Module):
                 g, a = self._evaluate(u, ext, chunk)
             if last_row_only and step + 1 == self.iterations:
                 return self.correct_last(g, a, u, h_in, chunk)
-            h = self._correct_chunk(g, a, u, h_in, chunk)
+            h = self.correct(g, a, u, h_in, chunk)
             if step + 1 < self.iterations:
-                u = _inputs_from_trace(h_in, h)
+                u = inputs_from_trace(h_in, h)
         return h
-
-    def enable_deferred(self, cache_ext: list[int]) -> list[str]:
-        """Defer the side outputs (a decode step's K/V) to the next call (passes.defer_kv):
-        ``cache_ext[s]`` is the index, among the externals, of the cache side output s is written
-        to. Returns the weight reads the merged evaluation shares."""
-        from ..passes.defer_kv import build_deferred_layers  # (passes import the solve)
-
-        if self.side_layers is None or self.num_chunks != 1:
-            raise ValueError("deferred side outputs need side outputs and one chunk")
-        blocks: dict[str, tuple[str, int, int]] = {}
-        for name, mode in zip(self.ext_names, self.ext_modes):
-            value = getattr(self, f"stacked_{name}", None) if mode == "stacked" else None
-            if isinstance(value, torch.Tensor) and value.dim() == 3:
-                blocks[name] = self._stacked_views.get(name, (name, 0, int(value.shape[1])))
-        merged, saved, shared = build_deferred_layers(
-            self.layers, self.side_layers, self.ext_names, self.ext_modes, blocks, cache_ext
-        )
-        self.deferred_layers, self.deferred_saved = merged, saved
-        for i in saved:
-            self.register_buffer(f"deferred_ext_{i}", None, persistent=False)
-        return shared
-
-    @property
-    def deferred_pending(self) -> bool:
-        """Whether the last call's side outputs are still to be written (by the next call)."""
-        return self.deferred_layers is not None and self.deferred_h is not None
-
-    def reset_deferred(self) -> None:
-        """Forget the pending side outputs: the next call starts a sequence (writes nothing)."""
-        self.deferred_h_in = None
-        self.deferred_h = None
-        self.deferred_pos = None
 
     def _keep(self, name: str, value: torch.Tensor) -> None:
         """``self.<name> = value``, copied in place when the buffer fits (a CUDA graph keeps
@@ -447,34 +370,6 @@ class LayerParallelSolve(nn.Module):
             prev.copy_(value)
         else:
             setattr(self, name, value.detach().clone())
-
-    def _solve_deferred(
-        self, h_in: torch.Tensor, ext: list[object], position: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """solve_chunk with the first evaluation merged with the previous call's side outputs
-        (written into their caches by it) and returning this call's provisional ones."""
-        provisional: tuple[torch.Tensor, ...] = ()
-        ready = self.deferred_h is not None and tuple(self.deferred_h.shape) == (self.num_layers, *h_in.shape)
-
-        def first_evaluation(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
-            nonlocal provisional
-            if not ready:  # the first call of a sequence: nothing to write
-                provisional = _as_tuple(self.side_layers(u, *ext))
-                return self._evaluate(u, ext)
-            saved = [getattr(self, f"deferred_ext_{i}") for i in self.deferred_saved]
-            previous_u = _inputs_from_trace(self.deferred_h_in, self.deferred_h)
-            out = self.deferred_layers(u, *ext, previous_u, *saved, self.deferred_pos)
-            n_body = 1 if self.skip_constant is not None else 2
-            provisional = tuple(out[n_body:])
-            return self._split_evaluation(out[0] if n_body == 1 else tuple(out[:2]), u)
-
-        h = self.solve_chunk(h_in, ext, first_evaluation=first_evaluation)
-        self._keep("deferred_h_in", h_in)
-        self._keep("deferred_h", h)
-        self._keep("deferred_pos", position)
-        for i in self.deferred_saved:
-            self._keep(f"deferred_ext_{i}", ext[i])
-        return h, provisional
 
     def forward(
         self, h_in: torch.Tensor, *passed: object, position: torch.Tensor | None = None
@@ -509,7 +404,7 @@ class LayerParallelSolve(nn.Module):
         # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
         # each layer computes from the input the returned trace says it had. One evaluation over
         # all N layers, chunked or not.
-        return (h, *_as_tuple(self.side_layers(_inputs_from_trace(h_in, h), *ext)))
+        return (h, *as_tuple(self.side_layers(inputs_from_trace(h_in, h), *ext)))
 
 
 @contextmanager
@@ -517,90 +412,8 @@ def identity_surrogate(solve: LayerParallelSolve) -> Iterator[None]:
     """Inside the block, ``solve`` corrects as if every skip were the identity (IDN's correction,
     A = I) whatever its skips are: the baseline a structured (HCN) correction is measured against
     (``tests/test_hcn.py``, ``benchmarks/hcn_convergence.py``)."""
-    solve.correct = lambda g, a, u, h_in, chunk=None: identity_scan(g - u, h_in)  # type: ignore[method-assign]
+    saved, solve.identity_correction = solve.identity_correction, True
     try:
         yield
     finally:
-        del solve.correct
-
-
-def _inputs_from_trace(h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The layer inputs a trace h (N, ...) implies: u_0 = h_in, u_j = h_{j-1}."""
-    return torch.cat([h_in.unsqueeze(0), h[:-1]], dim=0)
-
-
-def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)  # type: ignore[arg-type]
-
-
-def row_block_start(view: torch.Tensor, base: torch.Tensor) -> int | None:
-    """The first row (dim 1) of ``base`` at which ``view`` is a block of whole rows (same layers,
-    same row length, same strides), or None when it is not one."""
-    if view._base is not base or view.dim() < 2 or view.stride() != base.stride():
-        return None
-    if view.shape[0] != base.shape[0] or view.shape[2:] != base.shape[2:]:
-        return None
-    start, rem = divmod(view.storage_offset() - base.storage_offset(), base.stride(1))
-    return start if rem == 0 else None
-
-
-def _row_block_views(stacked: dict[str, torch.Tensor]) -> dict[str, tuple[str, int, int]]:
-    """name -> (fused name, first row, rows) for every stacked weight that is a block of rows
-    (dim 1) of another stacked weight, as passes.rewrite.fuse_shared_input_linears leaves them."""
-    roots = {id(v): k for k, v in stacked.items() if v._base is None}
-    views: dict[str, tuple[str, int, int]] = {}
-    for name, value in stacked.items():
-        base_name = roots.get(id(value._base))
-        start = None if base_name is None else row_block_start(value, stacked[base_name])
-        if start is not None:
-            views[name] = (base_name, start, value.shape[1])
-    return views
-
-
-def _stream_layout(body: fx.GraphModule) -> StreamLayout:
-    """The StreamLayout that passes.skip_split attached to the body's skip-matrix output."""
-    out = next(n for n in body.graph.nodes if n.op == "output")
-    results = out.args[0]
-    coefficient = results[1] if isinstance(results, (tuple, list)) and len(results) == 2 else None
-    layout = coefficient.meta.get("snlp_stream_layout") if isinstance(coefficient, fx.Node) else None
-    if not isinstance(layout, StreamLayout):
-        raise ValueError(
-            "skip_kind='matrix' needs a body returning (out, A) with A's StreamLayout in its meta"
-        )
-    return layout
-
-
-def _static_matrix(
-    layers: fx.GraphModule, ext_names: list[str], ext_modes: list[ExtMode], stacked: dict[str, torch.Tensor]
-) -> torch.Tensor | None:
-    """The batched layers' skip matrix (N, *1, n, n) when it depends on stacked buffers alone
-    (static H, folded at transform time), evaluated once; None when it depends on h or inputs."""
-    out = next(n for n in layers.graph.nodes if n.op == "output")
-    a_node = out.args[0][1]
-    placeholders = [n for n in layers.graph.nodes if n.op == "placeholder"]
-    need: set[fx.Node] = set()
-    todo = [a_node]
-    while todo:
-        n = todo.pop()
-        if n not in need:
-            need.add(n)
-            todo.extend(n.all_input_nodes)
-    h = placeholders[0]
-    if h in need and any(u in need and not getattr(u.target, "snlp_layer_invariant", False) for u in h.users):
-        return None  # A reads the hidden state: dynamic H
-    values: list[torch.Tensor] = []
-    for ph, name, mode in zip(placeholders[1:], ext_names, ext_modes):
-        if ph in need:
-            if mode != "stacked" or name not in stacked:
-                return None
-            values.append(stacked[name])
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in layers.graph.nodes:
-        if n in need:
-            env[n] = graph.node_copy(n, lambda x: env[x])
-    graph.output(env[a_node])
-    dtype = next(iter(stacked.values())).dtype if stacked else torch.float32
-    args = [torch.empty(0, dtype=dtype) if ph is h else values.pop(0) for ph in placeholders if ph in need]
-    with torch.no_grad():
-        return fx.GraphModule(layers, graph)(*args)
+        solve.identity_correction = saved

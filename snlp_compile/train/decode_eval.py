@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SNLPConfig
-from ..generate import Decoder, _solve_of
+from ..generate import Decoder
 from ..models.kv import write_cache
+from ..solve.handle import SolveHandle
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def decode_perplexity(
             par, init = key
             cfg = SNLPConfig(iterations=1, parallel_layers=par, init=init)  # type: ignore[arg-type]
             decoder = Decoder(model, cfg, batch=b, max_len=t_len)
-        solve = _solve_of(decoder.decode_step)
+        solve = SolveHandle.of(decoder.decode_step)
         for s in sorted(members, key=lambda m: m.iterations or 0):
             if solve is not None:
                 solve.iterations = s.iterations

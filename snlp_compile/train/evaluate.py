@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import SOLVE_NAME, analyse
+from ..api import analyse
 from ..api import transform as snlp_transform
 from ..config import SNLPConfig
+from ..solve.handle import solve_handle
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -108,7 +109,7 @@ def evaluate_model(
         groups.setdefault((parallel_count(s.parallel, available), s.init, s.chunks), []).append(s.iterations)
     for (n_par, init, chunks), ks in groups.items():
         fast = snlp_transform(model, example, parallel_layers=n_par, init=init, chunks=chunks)
-        solve = fast.get_submodule(SOLVE_NAME)
+        solve = solve_handle(fast)
         for k in sorted(set(ks)):
             solve.iterations = k
             res = perplexity(fast, windows, batch_size, device, bytes_per_token)

@@ -15,7 +15,8 @@ the term works for any model ``transform()`` accepts:
   user's parameters through both;
 - per suffix size, the per-layer inputs are stacked on a layer axis (``torch.stack``, every step,
   so gradients flow) and fed to the same batched layer body and correction the compiler emits
-  (``LayerParallelSolve`` with K=1): one extra batched evaluation of the parallel layers.
+  (``passes.plan.build_solve`` with ``TRAINING`` planning: a ``LayerParallelSolve`` with K=1):
+  one extra batched evaluation of the parallel layers.
 
 Whatever the skip surrogate (identity, scaled, matrix for HCN), the correction is the solver's
 own, so the K=1 trace here is the one ``solve_trace(transform(...), iterations=1)`` returns.
@@ -33,12 +34,12 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from ..api import analyse
-from ..config import SNLPConfig
+from ..config import InitKind, SNLPConfig
 from ..errors import SNLPConfigError, SNLPRefusal
 from ..ir import LayerChain
-from ..passes.batch_layers import batch_body
-from ..passes.rewrite import build_body, external_names
-from ..solve.solver import ExtMode, LayerParallelSolve
+from ..ir.plan import ExtMode, SolveOptions
+from ..passes.plan import TRAINING, build_solve
+from ..solve.solver import LayerParallelSolve
 from .live import LiveGraph
 
 
@@ -210,9 +211,6 @@ class SNLPRegulariser:
                 f"'{chain.container}' that can be solved in parallel"
             )
         self.suffix_sizes = tuple(sizes)
-        names = external_names(chain)
-        body, constant = build_body(chain, names)
-
         extras: list[fx.Node] = []
         position: dict[fx.Node, int] = {}
 
@@ -222,39 +220,24 @@ class SNLPRegulariser:
                 extras.append(node)
             return position[node]
 
+        init: InitKind = self.config.init  # type: ignore[assignment]  # (validated by RegulariserConfig)
+        options = SolveOptions(iterations=self.config.iterations, init=init, damping=1.0)
         self._suffixes: list[_Suffix] = []
         for n in self.suffix_sizes:
             par = chain.layers[len(chain.layers) - n :]
-            modes: list[ExtMode] = []
+            plan, solve = build_solve(gm, chain, options, parallel_layers=n, planning=TRAINING)
             passed: list[tuple[ExtMode, list[int]]] = []
-            for k, name in enumerate(names):
-                column = [layer.externals[k] for layer in par]
-                if all(c is column[0] for c in column):
-                    modes.append("shared")
-                    passed.append(("shared", [slot(column[0])]))
+            for ext in plan.passed:
+                if ext.mode == "shared":
+                    passed.append(("shared", [slot(ext.column[0])]))
                     continue
-                if any(not isinstance(c.meta.get("val"), torch.Tensor) for c in column):
+                if any(not isinstance(c.meta.get("val"), torch.Tensor) for c in ext.column):
                     raise SNLPRefusal(
-                        f"the layers read different non-tensor values for '{name}' "
-                        f"({', '.join(c.name for c in column)})",
-                        node=column[0].name,
+                        f"the layers read different non-tensor values for '{ext.name}' "
+                        f"({', '.join(c.name for c in ext.column)})",
+                        node=ext.column[0].name,
                     )
-                modes.append("runtime")
-                passed.append(("runtime", [slot(c) for c in column]))
-            batched, _ = batch_body(body, [True, *(m != "shared" for m in modes)], n)
-            solve = LayerParallelSolve(
-                body,
-                batched,
-                names,
-                modes,
-                {},
-                num_layers=n,
-                skip_kind=chain.skip.kind,
-                skip_constant=constant,
-                iterations=self.config.iterations,
-                init=self.config.init,
-                damping=1.0,
-            )
+                passed.append(("runtime", [slot(c) for c in ext.column]))
             counted = [j for j in range(n) if (n - 1 - j) % self.config.every == 0]
             self._suffixes.append(
                 _Suffix(

@@ -25,13 +25,13 @@ import torch
 import torch.fx as fx
 
 from ..api import analyse
-from ..config import SNLPConfig, chunk_sizes, resolve_config
+from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPConfigError, SNLPRefusal
 from ..ir import LayerChain
-from ..passes.batch_layers import batch_body
+from ..ir.plan import SolveOptions
 from ..passes.graph_utils import descendants
-from ..passes.rewrite import build_body, external_names
-from ..solve.solver import ExtMode, LayerParallelSolve
+from ..passes.plan import TRAINING, build_solve
+from ..solve.solver import LayerParallelSolve
 from .live import LiveGraph
 
 SOLVE = "snlp_live_solve"
@@ -92,47 +92,21 @@ class SNLPForward:
 def _live_solve_graph(
     gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig
 ) -> tuple[fx.GraphModule, LayerParallelSolve]:
-    """``passes.rewrite.rewrite`` with every per-layer external passed at run time (stacked in the
+    """``passes.emit.emit_solve`` with every per-layer external passed at run time (stacked in the
     graph from the live tensors) instead of stacked into buffers at transform time."""
     par = chain.parallel_layers
-    names = external_names(chain)
-    modes: list[ExtMode] = []
-    columns: list[list[fx.Node]] = []
-    for k, name in enumerate(names):
-        column = [layer.externals[k] for layer in par]
-        if all(c is column[0] for c in column):
-            modes.append("shared")
-        elif any(
+    options = SolveOptions(iterations=config.iterations, init=config.init, damping=config.damping)
+    plan, solve = build_solve(gm, chain, options, chunks=config.chunks, planning=TRAINING)
+    for ext in plan.passed:
+        column = ext.column
+        if ext.mode != "shared" and any(
             c.meta.get("val") is not None and not isinstance(c.meta["val"], torch.Tensor) for c in column
         ):
             raise SNLPRefusal(
-                f"the layers read different non-tensor values for '{name}' ({', '.join(c.name for c in column)})",
+                f"the layers read different non-tensor values for '{ext.name}' "
+                f"({', '.join(c.name for c in column)})",
                 node=column[0].name,
             )
-        else:
-            modes.append("runtime")
-        columns.append(column)
-
-    body, constant = build_body(chain, names)
-    batched = [True, *(m != "shared" for m in modes)]
-    sizes = chunk_sizes(chain.num_parallel, config.chunks)
-    layers, _ = batch_body(body, batched, sizes[0])
-    layers_short = batch_body(body, batched, sizes[-1])[0] if sizes[-1] != sizes[0] else None
-    solve = LayerParallelSolve(
-        body,
-        layers,
-        names,
-        modes,
-        {},
-        num_layers=chain.num_parallel,
-        skip_kind=chain.skip.kind,
-        skip_constant=constant,
-        iterations=config.iterations,
-        init=config.init,
-        damping=config.damping,
-        chunk_sizes=sizes,
-        layers_short=layers_short,
-    )
 
     region = {n for layer in par for n in layer.nodes}
     after = descendants(region) - region
@@ -146,11 +120,11 @@ def _live_solve_graph(
         if n not in region and n not in after:
             env[n] = graph.node_copy(n, lambda a: env[a])
     args: list[fx.Node] = [env[par[0].hidden_in]]
-    for mode, column in zip(modes, columns):
-        if mode == "shared":
-            args.append(env[column[0]])
+    for ext in plan.passed:
+        if ext.mode == "shared":
+            args.append(env[ext.column[0]])
         else:
-            args.append(graph.call_function(torch.stack, ([env[c] for c in column],)))
+            args.append(graph.call_function(torch.stack, ([env[c] for c in ext.column],)))
     trace = graph.call_module(SOLVE, tuple(args))
     read = {j for out_node, j in outputs.items() if any(u not in region for u in out_node.users)}
     solve.last_row_only = read == {len(par) - 1}  # a forward: the last row is all it needs

@@ -30,7 +30,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from ..solve.stream_layout import (
+from ..ir.coef import ONE, BinOp, Const, add, is_scalar, mul
+from ..ir.matexpr import MAdd, MatExpr, MEye, MNode, product, scale, take_rows
+from ..ir.stream_layout import (
     LayoutOp,
     Permute,
     Reshape,
@@ -41,165 +43,12 @@ from ..solve.stream_layout import (
     concrete_size,
     reshape_groups,
 )
+from .graph_utils import target_name
 
 aten = torch.ops.aten
 
 # A contracted axis wider than this is a feature projection, not a set of residual streams.
 MAX_STREAMS = 64
-STREAM_LAYOUT_META = "snlp_stream_layout"
-
-
-# -- matrix expressions: the skip matrix A, emitted into the layer body ----------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class MEye:
-    n: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.n, self.n)
-
-
-@dataclass(frozen=True, eq=False)
-class MNode:
-    """A graph value rearranged to the canonical (*batch, rows, cols) form by ``ops``:
-    ("select", dim) picks index 0 of a unit axis, ("permute", dims), ("flatten", start, end),
-    ("unsqueeze", dim)."""
-
-    node: fx.Node
-    ops: tuple[tuple[Any, ...], ...]
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, eq=False)
-class MRows:
-    a: MatExpr
-    rows: tuple[int, ...]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.a.shape[:-2], len(self.rows), self.a.shape[-1])
-
-
-@dataclass(frozen=True, eq=False)
-class MMul:
-    a: MatExpr
-    b: MatExpr
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        batch = torch.broadcast_shapes(self.a.shape[:-2], self.b.shape[:-2])
-        return (*batch, self.a.shape[-2], self.b.shape[-1])
-
-
-@dataclass(frozen=True, eq=False)
-class MAdd:
-    a: MatExpr
-    b: MatExpr
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(torch.broadcast_shapes(self.a.shape, self.b.shape))
-
-
-@dataclass(frozen=True, eq=False)
-class MScale:
-    scale: Any  # a scalar coefficient of passes.skip_split (Const, Ext, BinOp)
-    a: MatExpr
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.a.shape
-
-
-MatExpr = MEye | MNode | MRows | MMul | MAdd | MScale
-
-
-def mat_nodes(m: MatExpr) -> list[fx.Node]:
-    """The graph values the matrix is computed from."""
-    if isinstance(m, MNode):
-        return [m.node]
-    if isinstance(m, (MRows, MScale)):
-        return mat_nodes(m.a)
-    if isinstance(m, (MMul, MAdd)):
-        return mat_nodes(m.a) + mat_nodes(m.b)
-    return []
-
-
-def describe_matrix(m: MatExpr, name: Any = None) -> str:
-    """A readable formula for A; ``name`` maps graph values to names (default: node names)."""
-    if isinstance(m, MEye):
-        return "I"
-    if isinstance(m, MNode):
-        return name(m.node) if name is not None else m.node.name
-    if isinstance(m, MRows):
-        rows = m.rows
-        span = (
-            f"{rows[0]}..{rows[-1]}"
-            if rows == tuple(range(rows[0], rows[-1] + 1))
-            else ",".join(map(str, rows))
-        )
-        inner = describe_matrix(m.a, name)
-        return f"({inner})[rows {span}]" if isinstance(m.a, (MMul, MAdd)) else f"{inner}[rows {span}]"
-    if isinstance(m, MMul):
-        return f"{describe_matrix(m.a, name)} @ {describe_matrix(m.b, name)}"
-    if isinstance(m, MAdd):
-        return f"({describe_matrix(m.a, name)} + {describe_matrix(m.b, name)})"
-    return f"c * {describe_matrix(m.a, name)}"
-
-
-def _rows(a: MatExpr, rows: tuple[int, ...]) -> MatExpr:
-    """Rows of A, pushed into the left factor of products and sums (fewer rows to multiply)."""
-    if rows == tuple(range(a.shape[-2])):
-        return a
-    if isinstance(a, MMul):
-        return MMul(_rows(a.a, rows), a.b)
-    if isinstance(a, MAdd):
-        return MAdd(_rows(a.a, rows), _rows(a.b, rows))
-    if isinstance(a, MScale):
-        return MScale(a.scale, _rows(a.a, rows))
-    if isinstance(a, MRows):
-        return _rows(a.a, tuple(a.rows[r] for r in rows))
-    return MRows(a, rows)
-
-
-def _scale(c: Any, a: MatExpr) -> MatExpr:
-    """c * A, with constant factors multiplied out."""
-    from .skip_split import ONE, Const
-
-    if isinstance(a, MScale) and isinstance(c, Const) and isinstance(a.scale, Const):
-        c, a = Const(c.value * a.scale.value), a.a
-    return a if c == ONE else MScale(c, a)
-
-
-def _mul(a: MatExpr, b: MatExpr) -> MatExpr:
-    if isinstance(b, MEye):
-        return a
-    if isinstance(a, MEye):
-        return b
-    if isinstance(b, MScale) and isinstance(b.a, MEye):
-        return _scale(b.scale, a)
-    if isinstance(a, MScale) and isinstance(a.a, MEye):
-        return _scale(a.scale, b)
-    return MMul(a, b)
-
-
-# -- the skip map found ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class StreamMix:
-    """The coefficient of a "matrix" SkipPath: h -> from_streams(matrix @ to_streams(h))."""
-
-    matrix: MatExpr
-    layout: StreamLayout
-    hidden_in: fx.Node
-    dynamic: bool
-
-    @property
-    def n(self) -> int:
-        return self.layout.n
 
 
 # -- linear values -------------------------------------------------------------------------------
@@ -258,13 +107,6 @@ def _live(node: fx.Node) -> tuple[bool, ...]:
     return tuple(not isinstance(s, int) or s != 1 for s in _val(node).shape)
 
 
-def _name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
-
-
 _PASS = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy", "type_as"}
 _LAYOUT = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t", "numpy_T",
            "unsqueeze", "squeeze", "movedim", "expand", "slice", "select", "narrow"}  # fmt: skip
@@ -299,24 +141,20 @@ class StreamAnalysis:
         if self.streams is None:
             return None
         coords = tuple(c.flatten()[value.index] for c in self.streams.coords_h)
-        return Mixed(coords, _scale(value.scale, MEye(self.streams.layout.n)))
+        return Mixed(coords, scale(value.scale, MEye(self.streams.layout.n)))
 
     # rules ------------------------------------------------------------------------------------
-    def visit(
-        self, node: fx.Node, of: Any, is_linear: Any, factor: Any, scale_ops: Any
-    ) -> Pre | Mixed | None:
+    def visit(self, node: fx.Node, of: Any, is_linear: Any, factor: Any) -> Pre | Mixed | None:
         """The linear value of ``node``, or None (the node is branch territory).
 
         of(a): the linear value of argument a (Pre, Mixed, or a scalar-domain coefficient);
         is_linear(a): whether a is linear in h; factor(a): a as a scalar coefficient if it does
-        not depend on h and has one element, else None; scale_ops: (mul, add, is_scalar) of the
-        scalar-coefficient algebra of passes.skip_split.
+        not depend on h and has one element, else None.
         """
         if node.op != "call_function":
             return None
-        name = _name(node)
+        name = target_name(node)
         args = list(node.args)
-        mul, add, is_scalar = scale_ops
         try:
             if name in _PASS or (name == "dropout" and len(args) >= 3 and args[2] is False):
                 return self.as_pre(of(args[0]), is_scalar) if is_linear(args[0]) else None
@@ -340,8 +178,6 @@ class StreamAnalysis:
                         terms.append((v, s))
                 return self.combine(node, terms, mul, add) if terms else None
             if name == "neg":
-                from .skip_split import Const
-
                 v = self.as_pre(of(args[0]), is_scalar)
                 return None if v is None else self.scaled(node, v, Const(-1.0), mul)
             if name in ("mul", "div") and len(args) >= 2 and not node.kwargs.get("rounding_mode"):
@@ -360,21 +196,17 @@ class StreamAnalysis:
     def scaled(self, node: fx.Node, v: Pre | Mixed, f: Any, mul: Any) -> Pre | Mixed | None:
         out = _shape(node)
         if isinstance(f, tuple):  # ("div", f): multiply by 1 / f
-            from .skip_split import ONE, BinOp
-
             f = BinOp("div", ONE, f[1])
         if isinstance(v, Pre):
             if tuple(v.index.shape) != out:
                 return None
             return Pre(v.index, v.ops, mul(v.scale, f))
         coords = _broadcast(v.coords, out)
-        return Mixed(coords, _scale(f, v.matrix))
+        return Mixed(coords, scale(f, v.matrix))
 
     def combine(
         self, node: fx.Node, terms: list[tuple[Pre | Mixed, float]], mul: Any, add: Any
     ) -> Pre | Mixed | None:
-        from .skip_split import Const
-
         out = _shape(node)
         if len(terms) == 1:
             v, s = terms[0]
@@ -398,9 +230,9 @@ class StreamAnalysis:
         uniq, inverse = torch.unique(pair, return_inverse=True)
         rows1 = tuple(int(x) for x in uniq // r2)
         rows2 = tuple(int(x) for x in uniq % r2)
-        a1 = _rows(m1.matrix, rows1)
-        a2 = _rows(m2.matrix, rows2)
-        a1, a2 = _scale(Const(s1), a1), _scale(Const(s2), a2)
+        a1 = take_rows(m1.matrix, rows1)
+        a2 = take_rows(m2.matrix, rows2)
+        a1, a2 = scale(Const(s1), a1), scale(Const(s2), a2)
         coords = (*c1[:-2], inverse.reshape(out), c1[-1])
         return Mixed(coords, MAdd(a1, a2))
 
@@ -504,7 +336,7 @@ class StreamAnalysis:
                 )
             batch_axis[lab] = a
         m_expr = _canonical(m_node, lm, sm, batch_axis, rows, contracted, st.nb)
-        matrix = _mul(m_expr, _rows(v.matrix, tuple(int(x) for x in rho)))
+        matrix = product(m_expr, take_rows(v.matrix, tuple(int(x) for x in rho)))
         # output coordinates: V's coordinates at the kept axes, re-ordered as the output's
         keep = [i for i, lab in enumerate(lv) if lab in lo]
         out = []
@@ -580,7 +412,7 @@ class StreamAnalysis:
             if at.numel() != 1:
                 return f"stream {s} of the output is laid out inconsistently"
             rows.append(int(at))
-        return _rows(m.matrix, tuple(rows)), st.layout
+        return take_rows(m.matrix, tuple(rows)), st.layout
 
 
 class _NotLinear(Exception):
@@ -753,84 +585,4 @@ def _mixing_labels(node: fx.Node, name: str) -> tuple[tuple[list[str], list[str]
     return (lhs, rhs), [*batch, "i", "m"]
 
 
-# -- emission into the layer body ----------------------------------------------------------------
-
-
-def _eye_like(ref: Tensor, n: int) -> Tensor:
-    """The n x n identity in ref's dtype and device (the same for every layer)."""
-    return torch.eye(n, dtype=ref.dtype, device=ref.device)
-
-
-_eye_like.snlp_layer_invariant = True  # type: ignore[attr-defined]
-
-
-def emit_matrix(
-    graph: fx.Graph, m: MatExpr, env: dict[fx.Node, Any], hidden: fx.Node, emit_scalar: Any
-) -> fx.Node:
-    """Emit A into ``graph`` (env maps template nodes to the body's); every node gets a meta
-    value of A's canonical shape, which the batching pass reads for ranks."""
-    dtype = getattr(_val(hidden), "dtype", torch.float32)
-
-    def node(fn: Any, args: tuple[Any, ...], shape: tuple[int, ...]) -> fx.Node:
-        out = graph.call_function(fn, args)
-        out.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
-        return out
-
-    def emit(m: MatExpr) -> fx.Node:
-        if isinstance(m, MEye):
-            return node(_eye_like, (env[hidden], m.n), m.shape)
-        if isinstance(m, MNode):
-            x = env[m.node]
-            shape = list(_shape(m.node) or ())
-            for op in m.ops:
-                if op[0] == "select":
-                    del shape[op[1]]
-                    x = node(aten.select.int, (x, op[1], 0), tuple(shape))
-                elif op[0] == "permute":
-                    shape = [shape[d] for d in op[1]]
-                    x = node(aten.permute.default, (x, list(op[1])), tuple(shape))
-                elif op[0] == "flatten":
-                    start, end = op[1], op[2]
-                    merged = 1
-                    for size in shape[start : end + 1]:
-                        merged *= size
-                    shape[start : end + 1] = [merged]
-                    x = node(aten.flatten.using_ints, (x, start, end), tuple(shape))
-                else:
-                    shape.insert(op[1], 1)
-                    x = node(aten.unsqueeze.default, (x, op[1]), tuple(shape))
-            return x
-        if isinstance(m, MRows):
-            a = emit(m.a)
-            runs: list[tuple[int, int]] = []
-            for r in m.rows:
-                if runs and runs[-1][1] == r:
-                    runs[-1] = (runs[-1][0], r + 1)
-                else:
-                    runs.append((r, r + 1))
-            parts = []
-            for start, stop in runs:
-                shape = (*m.a.shape[:-2], stop - start, m.a.shape[-1])
-                parts.append(node(aten.slice.Tensor, (a, -2, start, stop), shape))
-            return parts[0] if len(parts) == 1 else node(aten.cat.default, (parts, -2), m.shape)
-        if isinstance(m, MMul):
-            return node(torch.matmul, (emit(m.a), emit(m.b)), m.shape)
-        if isinstance(m, MAdd):
-            return node(torch.add, (emit(m.a), emit(m.b)), m.shape)
-        scale = emit_scalar(m.scale)
-        return node(torch.mul, (emit(m.a), scale), m.shape)
-
-    return emit(m)
-
-
-__all__ = [
-    "MAX_STREAMS",
-    "STREAM_LAYOUT_META",
-    "Mixed",
-    "Pre",
-    "StreamAnalysis",
-    "StreamMix",
-    "describe_matrix",
-    "emit_matrix",
-    "mat_nodes",
-]
+__all__ = ["MAX_STREAMS", "Mixed", "Pre", "StreamAnalysis"]

@@ -7,62 +7,27 @@ territory: attention, MLP, norms). The coefficient of the layer output is the sk
 surrogate Jacobian A = S of docs/DESIGN.md. A zero coefficient means there is no linear path from
 input to output (post-norm layers, stacks without skips): refused, naming the op that blocks it.
 
-Coefficients are small expression trees over the template's externals, emitted into the body
+Coefficients are small expression trees over the template's externals (``ir.coef``), emitted into the body
 graph so that each layer's own values (e.g. resid_lambdas[i]) are used.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from ..errors import SNLPRefusal
-from ..ir import Layer, SkipPath
+from ..ir.chain import Layer, SkipPath
+from ..ir.coef import ONE, ZERO, BinOp, Coef, Const, Ext, add, describe, is_scalar, mul
+from ..ir.matexpr import StreamMix, describe_matrix, mat_nodes
 from .graph_utils import ancestors, descendants, innermost_module, op_name
-from .stream_mix import (
-    STREAM_LAYOUT_META,
-    Mixed,
-    Pre,
-    StreamAnalysis,
-    StreamMix,
-    describe_matrix,
-    emit_matrix,
-    mat_nodes,
-)
+from .stream_analysis import Mixed, Pre, StreamAnalysis
 
 aten = torch.ops.aten
 
-
-@dataclass(frozen=True)
-class Const:
-    value: float
-
-
-@dataclass(frozen=True)
-class Ext:
-    """A template value that does not depend on h, e.g. the layer's resid_lambdas[i]."""
-
-    node: fx.Node
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-
-@dataclass(frozen=True)
-class BinOp:
-    op: str  # "add" | "mul" | "div"
-    lhs: Coef
-    rhs: Coef
-
-
-Coef = Const | Ext | BinOp
-ZERO = Const(0.0)
-ONE = Const(1.0)
 
 _ADD = {aten.add.Tensor, aten.add.Scalar, operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {aten.sub.Tensor, aten.sub.Scalar, operator.sub, operator.isub, torch.sub, "sub", "sub_"}
@@ -77,61 +42,6 @@ _IDENTITY = {
 # Casts count as the identity: they are linear up to rounding, and a surrogate only has to be
 # close to the Jacobian (exactness never depends on it). Note that a cast to the tensor's own
 # dtype returns the same tensor, so export may route the residual itself through it.
-
-
-def _add(a: Coef, b: Coef) -> Coef:
-    if a == ZERO:
-        return b
-    if b == ZERO:
-        return a
-    if isinstance(a, Const) and isinstance(b, Const):
-        return Const(a.value + b.value)
-    return BinOp("add", a, b)
-
-
-def _mul(a: Coef, b: Coef) -> Coef:
-    if ZERO in (a, b):
-        return ZERO
-    if a == ONE:
-        return b
-    if b == ONE:
-        return a
-    if isinstance(a, Const) and isinstance(b, Const):
-        return Const(a.value * b.value)
-    return BinOp("mul", a, b)
-
-
-def _target_key(node: fx.Node) -> Any:
-    return node.target
-
-
-def _is_scalar(c: Coef) -> bool:
-    """Whether c is one number per layer (what may scale a stream-mixing matrix)."""
-    if isinstance(c, Const):
-        return True
-    if isinstance(c, Ext):
-        val = c.node.meta.get("val")
-        return not isinstance(val, torch.Tensor) or all(isinstance(s, int) and s == 1 for s in val.shape)
-    if isinstance(c, BinOp):
-        return _is_scalar(c.lhs) and _is_scalar(c.rhs)
-    return False
-
-
-def describe(c: Coef) -> str:
-    if isinstance(c, Const):
-        return f"{c.value:g}"
-    if isinstance(c, Ext):
-        n = c.node
-        if (
-            n.op == "call_function"
-            and n.args
-            and isinstance(n.args[0], fx.Node)
-            and n.args[0].op == "get_attr"
-        ):
-            return f"{n.args[0].target}[layer]"
-        return str(n.target) if n.op == "get_attr" else c.name
-    sym = {"add": "+", "mul": "*", "div": "/"}[c.op]
-    return f"({describe(c.lhs)} {sym} {describe(c.rhs)})"
 
 
 def analyse_skip(layer: Layer) -> SkipPath:
@@ -159,16 +69,16 @@ def analyse_skip(layer: Layer) -> SkipPath:
 
     def scalar_factor(a: Any) -> Coef | None:
         f = factor(a)
-        return f if f is not None and _is_scalar(f) else None
+        return f if f is not None and is_scalar(f) else None
 
     def visit_stream(n: fx.Node) -> Any:
-        found = stream.visit(n, of, is_linear, scalar_factor, (_mul, _add, _is_scalar))
+        found = stream.visit(n, of, is_linear, scalar_factor)
         return ZERO if found is None else found
 
     for n in layer.nodes:
-        key = _target_key(n)
+        key = n.target
         args = list(n.args)
-        alpha = n.kwargs.get("alpha", 1)
+        alpha: Any = n.kwargs.get("alpha", 1)
         c: Coef = ZERO
         linear_inputs = [a for a in n.all_input_nodes if of(a) != ZERO]
         if any(isinstance(coef.get(a), (Pre, Mixed)) for a in n.all_input_nodes):
@@ -179,22 +89,22 @@ def analyse_skip(layer: Layer) -> SkipPath:
             continue
         try:
             if key in _ADD and len(args) >= 2:
-                c = _add(of(args[0]), _mul(Const(float(alpha)), of(args[1])))
+                c = add(of(args[0]), mul(Const(float(alpha)), of(args[1])))
             elif key in _SUB and len(args) >= 2:
-                c = _add(of(args[0]), _mul(Const(-float(alpha)), of(args[1])))
+                c = add(of(args[0]), mul(Const(-float(alpha)), of(args[1])))
             elif key in _MUL and len(args) >= 2:
                 fa, fb = factor(args[0]), factor(args[1])
                 if fb is not None:
-                    c = _mul(of(args[0]), fb)
+                    c = mul(of(args[0]), fb)
                 elif fa is not None:
-                    c = _mul(fa, of(args[1]))
+                    c = mul(fa, of(args[1]))
                 # both depend on h: quadratic, branch
             elif key in _DIV and len(args) >= 2 and not n.kwargs.get("rounding_mode"):
                 fb = factor(args[1])
                 if fb is not None and of(args[0]) != ZERO:
                     c = BinOp("div", of(args[0]), fb)
             elif key in _NEG:
-                c = _mul(Const(-1.0), of(args[0]))
+                c = mul(Const(-1.0), of(args[0]))
             elif key in _IDENTITY or (key is aten.dropout.default and len(args) >= 3 and args[2] is False):
                 c = of(args[0])
         except (TypeError, ValueError):
@@ -206,7 +116,7 @@ def analyse_skip(layer: Layer) -> SkipPath:
         coef[n] = c
 
     out = coef.get(layer.output, ZERO)
-    if isinstance(out, Pre) and out.is_identity and _is_scalar(out.scale):
+    if isinstance(out, Pre) and out.is_identity and is_scalar(out.scale):
         out = out.scale  # h reached the output through identity-like ops or layout round trips
     if isinstance(out, (Pre, Mixed)):
         return _stream_skip(layer, stream, out, h_dependent)
@@ -282,25 +192,3 @@ def _stream_skip(
         f"{how}, {layout.describe()}: HCN correction, the {layout.n} x {layout.n} matrix affine recurrence "
         f"over the layers by {solver}",
     )
-
-
-def emit_coefficient(graph: fx.Graph, c: Coef, env: dict[fx.Node, Any]) -> Any:
-    """Emit ``c`` into ``graph``; env maps template nodes to the body graph's nodes."""
-    if isinstance(c, StreamMix):
-        node = emit_matrix(graph, c.matrix, env, c.hidden_in, lambda s: emit_coefficient(graph, s, env))
-        node.meta[STREAM_LAYOUT_META] = c.layout  # read by solve.solver for the correction
-        return node
-    if isinstance(c, Const):
-        return c.value
-    if isinstance(c, Ext):
-        return env[c.node]
-    lhs = emit_coefficient(graph, c.lhs, env)
-    rhs = emit_coefficient(graph, c.rhs, env)
-    fn = {"add": torch.add, "mul": torch.mul, "div": torch.div}[c.op]
-    if not isinstance(lhs, fx.Node) and not isinstance(rhs, fx.Node):
-        return fn(torch.tensor(lhs), torch.tensor(rhs)).item()
-    if not isinstance(lhs, fx.Node):
-        lhs, rhs = rhs, lhs
-        if c.op == "div":
-            return graph.call_function(torch.mul, (graph.call_function(torch.reciprocal, (lhs,)), rhs))
-    return graph.call_function(fn, (lhs, rhs))

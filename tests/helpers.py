@@ -1,4 +1,5 @@
-"""Helpers shared by the KV-cached decode tests (tests/test_decode.py, tests/test_mhc_decode.py)."""
+"""Helpers and tiny models shared by the tests: reference models in float64, tokens, error
+measures, decode-step inputs and the sequential decode reference."""
 
 from __future__ import annotations
 
@@ -7,9 +8,43 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from snlp_compile.models import build_model
 from snlp_compile.models.kv import new_cache, write_cache
 
+F64 = torch.float64
+
 StepOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a cached step's (logits, new_k, new_v)
+
+
+def reference_model(
+    name: str, *, sinkhorn_iters: int | None = None, scaled: bool = False, **overrides: object
+) -> nn.Module:
+    """A registered reference model (``models.build_model``) in float64.
+
+    sinkhorn_iters: fewer Sinkhorn iterations for the mHC models (a faster capture; exactness is
+        unaffected). scaled: nanochat's resid_lambdas drawn from U(0.6, 1.4) (generator seed 3),
+        so that scaled skips other than 1 are exercised."""
+    if sinkhorn_iters is not None and name.startswith("mhc"):
+        overrides.setdefault("sinkhorn_iters", sinkhorn_iters)
+    model = build_model(name, dtype=F64, **overrides)
+    if scaled and name.startswith("nanochat"):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            model.resid_lambdas.copy_(
+                0.6 + 0.8 * torch.rand(model.resid_lambdas.shape, generator=g, dtype=F64)
+            )
+    return model
+
+
+def tokens(model: nn.Module, batch: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
+    """Token ids (batch, t) for ``model``, from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, t), generator=g)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over all elements."""
+    return float((a - b).norm() / b.norm())
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

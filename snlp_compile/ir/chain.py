@@ -1,4 +1,4 @@
-"""LayerChain: the small IR between the captured graph and the emitted solve (docs/DESIGN.md section 2).
+"""LayerChain: the IR of the analysis, over the captured graph (docs/DESIGN.md section 2).
 
 It records, over one captured ``torch.fx`` graph, which nodes make up each residual layer, which
 tensor carries the hidden state from layer to layer, what each layer reads from outside (weights,
@@ -12,7 +12,13 @@ from typing import Literal
 
 import torch.fx as fx
 
+from .coef import Coef
+from .matexpr import StreamMix
+
 SkipKind = Literal["identity", "elementwise", "matrix"]
+# the skip coefficient: a scalar expression ("identity": Const(1); "elementwise") or a
+# stream-mixing matrix ("matrix", HCN)
+SkipCoefficient = Coef | StreamMix
 
 
 @dataclass
@@ -33,12 +39,13 @@ class Layer:
 class SkipPath:
     """The linear part S of the layer map g(h) = S h + b(h): the surrogate Jacobian A = S.
 
-    coefficient is an expression tree over the template's externals (see passes.skip_split);
-    kind says how the correction recurrence is solved.
+    coefficient is an expression tree over the template's externals (``ir.coef``) or, for HCN, a
+    stream-mixing matrix expression (``ir.matexpr.StreamMix``); kind says how the correction
+    recurrence is solved.
     """
 
     kind: SkipKind
-    coefficient: object
+    coefficient: SkipCoefficient
     description: str
 
 

@@ -1,0 +1,99 @@
+"""The pipeline as data, the pass manager, the lowering options and the solve's public handle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import reference_model, tokens
+
+import snlp_compile
+from snlp_compile import LoweringOptions, SNLPConfig, SNLPConfigError, SolveHandle, solve_handle
+from snlp_compile.passes.infra import PassManager, PassResult
+from snlp_compile.pipeline import pipeline
+
+
+def test_explain_lists_what_each_pass_did() -> None:
+    model = reference_model("gpt-tiny")
+    report = snlp_compile.explain(model, (tokens(model),), iterations=2, dynamic_shapes=False)
+    assert report.rewritten
+    names = [name for name, _ in report.passes]
+    assert names == ["capture", "cse", "find_chain", "analyse_skip", "plan", "emit", "inline_markers"]
+    plan = dict(report.passes)["plan"]
+    assert plan.changed and plan.counts["stacked inputs"] > 0 and plan.counts["vmap fallbacks"] == 0
+    text = str(report)
+    assert "  passes:" in text and "find_chain" in text
+
+
+def test_the_pipeline_follows_the_config() -> None:
+    plain = [p.__name__ for p in pipeline(SNLPConfig())]
+    deferred = [p.__name__ for p in pipeline(SNLPConfig(deferred_kv=True))]
+    assert "defer_kv_pass" not in plain and "defer_kv_pass" in deferred
+    assert deferred.index("defer_kv_pass") == deferred.index("emit_pass") + 1
+
+
+def test_a_refusal_names_the_pass_and_is_reported_once() -> None:
+    model = reference_model("gpt-tiny")
+    report = snlp_compile.explain(model, (tokens(model),), chunks=9, dynamic_shapes=False)
+    assert not report.rewritten and report.refused_in == "find_chain"
+    assert [name for name, _ in report.passes] == ["capture", "cse"]
+    assert "SNLPConfig.chunks=9" in (report.refusal or "")
+
+
+def test_the_manager_names_the_pass_an_error_came_from() -> None:
+    def fine_pass(state: list[str]) -> PassResult:
+        state.append("fine")
+        return PassResult(True, {"things": 1})
+
+    def broken_pass(state: list[str]) -> PassResult:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom") as info:
+        PassManager([fine_pass, broken_pass]).run([])
+    assert any("'broken' pass, after ['fine']" in note for note in getattr(info.value, "__notes__", []))
+    run = PassManager([fine_pass]).run([])
+    assert [(r.name, r.result.counts) for r in run.records] == [("fine", {"things": 1})]
+
+
+def test_lowering_options_are_validated_and_read_from_an_environment() -> None:
+    with pytest.raises(SNLPConfigError, match=r"LoweringOptions\.pdl"):
+        LoweringOptions(pdl="no")  # type: ignore[arg-type]
+    with pytest.raises(SNLPConfigError, match=r"SNLPConfig\.lowering"):
+        SNLPConfig(lowering="fast")  # type: ignore[arg-type]
+    env = LoweringOptions.from_environment({"SNLP_PDL": "0", "SNLP_DECODE_ATTENTION": "all"})
+    assert not env.pdl and env.decode_attention and env.decode_attention_in_layers and env.gemv_kernel
+
+
+def test_last_row_is_an_option_of_the_config() -> None:
+    model = reference_model("gpt-tiny")
+    idx = tokens(model)
+    whole = snlp_compile.transform(
+        model, (idx,), lowering=LoweringOptions(last_row=False), dynamic_shapes=False
+    )
+    last = snlp_compile.transform(
+        model, (idx,), lowering=LoweringOptions(last_row=True), dynamic_shapes=False
+    )
+    assert "snlp_solve[-1]" not in whole.code and "snlp_solve[-1]" in last.code
+    with torch.no_grad():
+        torch.testing.assert_close(whole(idx), last(idx))
+
+
+def test_the_solve_handle() -> None:
+    model = reference_model("gpt-tiny")
+    idx = tokens(model)
+    fast = snlp_compile.transform(model, (idx,), iterations=1, dynamic_shapes=False)
+    handle = solve_handle(fast)
+    assert handle.num_layers == model.config.n_layer and handle.iterations == 1
+    assert not handle.deferred and not handle.pending and handle.pending_position is None
+    handle.iterations = handle.num_layers  # exact
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), model(idx))
+    with pytest.raises(ValueError):
+        handle.iterations = 0
+    with handle.whole_trace(iterations=1):
+        assert handle.iterations == 1
+    assert handle.iterations == handle.num_layers
+    variant = handle.variant(2)
+    assert variant.iterations == 2 and handle.iterations == handle.num_layers
+    assert SolveHandle.of(model) is None
+    with pytest.raises(ValueError, match="holds no SNLP solve"):
+        solve_handle(model)
