@@ -33,6 +33,7 @@ from .passes.infra import PassManager, PassResult, PassRun
 from .passes.plan import PlanOptions, plan_solve
 from .passes.skip_analysis import analyse_skip
 from .report import ExplainReport
+from .verify import verify_pass
 
 
 @dataclass
@@ -185,7 +186,13 @@ ANALYSIS: tuple[Pass, ...] = (capture_pass, cse_pass, find_chain_pass, analyse_s
 
 def lowering(config: SNLPConfig) -> tuple[Pass, ...]:
     """The passes after analysis that ``config`` asks for."""
-    return (plan_pass, emit_pass, *((defer_kv_pass,) if config.deferred_kv else ()), inline_markers_pass)
+    return (
+        plan_pass,
+        emit_pass,
+        *((defer_kv_pass,) if config.deferred_kv else ()),
+        inline_markers_pass,
+        *((verify_pass,) if config.verify else ()),  # issue 22: the safety net (snlp_compile.verify)
+    )
 
 
 def pipeline(config: SNLPConfig) -> tuple[Pass, ...]:

@@ -17,7 +17,8 @@ import torch.fx as fx
 from torch.export import Dim
 
 from .. import markers
-from ..errors import SNLPCaptureError
+from ..errors import SNLPCaptureError, SNLPRefusal
+from .state_writes import state_write
 
 
 @dataclass
@@ -89,6 +90,9 @@ def capture(
                 kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
             with torch.no_grad(), markers.keep_whole():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
+            written = state_write(ep)  # issue 22: state written in forward is refused
+            if written is not None:
+                raise written
             gm = ep.module()
             if use_dynamic:
                 static = _static_dims(gm)
@@ -103,6 +107,8 @@ def capture(
             else:
                 note = "captured with static shapes (inputs must keep the example's shapes)"
             return Captured(gm, use_dynamic, note)
+        except SNLPRefusal:
+            raise
         except Exception as exc:  # torch.export raises many types; report them all
             errors.append(f"{'dynamic' if use_dynamic else 'static'}: {type(exc).__name__}: {exc}")
     raise SNLPCaptureError(
