@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .config import SNLPConfig, chunk_sizes, lowering_options
+from .diagnose import check_example_kwargs
 from .errors import SNLPRefusal
 from .ir.chain import Layer, LayerChain
 from .ir.plan import SOLVE_NAME, SolveOptions, SolvePlan
@@ -203,6 +204,7 @@ def pipeline(config: SNLPConfig) -> tuple[Pass, ...]:
 def compilation(
     model: torch.nn.Module, example_inputs: Any, config: SNLPConfig, example_kwargs: dict[str, Any] | None
 ) -> Compilation:
+    check_example_kwargs(example_kwargs)  # issue 22: a one-line error, not a TypeError from inside
     report = ExplainReport(model=type(model).__name__, config=_config_text(config))
     return Compilation(model, example_args(example_inputs), example_kwargs, config, report)
 

@@ -7,7 +7,6 @@ model is deep-copied first, so nothing the compiler does can reach the user's pa
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from .. import markers
+from ..diagnose import capture_hint, private_copy
 from ..errors import SNLPCaptureError, SNLPRefusal
 from .state_writes import state_write
 
@@ -78,7 +78,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform() expects an nn.Module, got {type(model).__name__}")
     example_kwargs = dict(example_kwargs or {})
-    private = copy.deepcopy(model).eval()
+    private = private_copy(model).eval()  # (issue 22: an uncopyable attribute is named)
     errors = []
     static: list[str] = []
     note_static = ""
@@ -111,6 +111,6 @@ def capture(
             raise
         except Exception as exc:  # torch.export raises many types; report them all
             errors.append(f"{'dynamic' if use_dynamic else 'static'}: {type(exc).__name__}: {exc}")
-    raise SNLPCaptureError(
-        f"torch.export could not capture {type(model).__name__}:\n  " + "\n  ".join(e[:2000] for e in errors)
-    )
+    text = "\n  ".join(e[:2000] for e in errors)
+    hint = capture_hint(model, example_kwargs, text)  # issue 22: say what to do
+    raise SNLPCaptureError(f"torch.export could not capture {type(model).__name__}:{hint}\n  " + text)
