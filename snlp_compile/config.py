@@ -48,9 +48,10 @@ class SNLPConfig:
     verify: after rewriting, check the rewritten model (in exact mode) against the original on
         the example inputs, two calls and, with a symbolic batch, a second batch size, and refuse
         (SNLPRefusal naming the layer with the largest error) when they disagree beyond the
-        dtype's tolerance (``verify.TOLERANCE``). On by default: it costs the original's forward
-        2-3 times and the rewritten one as often at K = the number of parallel layers (about N
-        forwards each) at the example's size, and leaves no run-time state behind.
+        dtype's tolerance (``verify.TOLERANCE``). On by default: per call it costs one forward of
+        the original and one evaluation of the rewritten model (K = 1, warm-started from the
+        original's trace; the whole exact solve only when that disagrees), and it leaves no
+        run-time state behind.
         ``transform(..., verify=False)`` switches it off (``snlp_compile.verify``).
     """
 
