@@ -280,14 +280,21 @@ def _worst_layer(
     None when the trace cannot be compared, e.g. the layer modules do not return the hidden state)."""
     if not paths or all(r is None for r in ref_layers):
         return None
-    try:
-        from .api import solve_trace
+    traces: list[torch.Tensor] = []
 
-        flat = [v for v in pytree.tree_leaves((_clone(args), _clone(kwargs))) if isinstance(v, torch.Tensor)]
+    def keep(_m: Any, _inp: Any, out: Any) -> None:
+        traces.append(out[0] if isinstance(out, tuple) else out)
+
+    hook = handle.solve.register_forward_hook(keep)
+    try:
         handle.reset()
-        trace = solve_trace(rewritten, *flat)
+        with handle.whole_trace():  # the whole trace, though the model reads only its last row
+            rewritten(*_clone(args), **_clone(kwargs))
+        trace = traces[0]
     except Exception:
         return None
+    finally:
+        hook.remove()
     worst: tuple[str, float] | None = None
     for j, (ref, path) in enumerate(zip(ref_layers, paths)):
         if ref is None or j >= trace.shape[0] or tuple(trace[j].shape) != tuple(ref.shape):
