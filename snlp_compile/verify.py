@@ -29,8 +29,9 @@ Switch it off with ``transform(..., verify=False)`` (``SNLPConfig.verify``).
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stderr, suppress
 from typing import Any
 
 import torch
@@ -107,7 +108,7 @@ def verify_rewrite(
                 continue
             # else the whole exact solve (K = the largest chunk) decides
             try:
-                got = rewritten(*_clone(a), **_clone(k))
+                got = _quiet(rewritten, a, k)
             except Exception as exc:  # the original ran: the rewrite must too
                 raise SNLPRefusal(
                     f"verify: the rewritten model fails on {what} where the original runs "
@@ -123,7 +124,7 @@ def verify_rewrite(
                 raise SNLPRefusal(
                     f"verify: the rewritten model (exact mode) disagrees with the original on {what}{state}: "
                     f"relative error {err:.3g} > {tol:g} at {where}"
-                    + (f"; largest at layer '{layer[0]}' ({layer[1]:.3g})" if layer else "")
+                    + (f"; {layer[1]}" if layer else "")
                     + "; nothing was rewritten (set verify=False to skip the check at your own risk)",
                     module_path=layer[0] if layer else (container or None),
                 )
@@ -155,13 +156,20 @@ def _agrees_from_trace(
     try:
         solve.iterations, solve.init = 1, "warm"
         solve.warm_trace = torch.stack(rows)
-        got = rewritten(*_clone(args), **_clone(kwargs))
+        got = _quiet(rewritten, args, kwargs)
         return _worst_output(expected, got) is None
     except Exception:
         return False
     finally:
         solve.iterations, solve.init = saved
         handle.reset()
+
+
+def _quiet(rewritten: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``rewritten`` on copies of the inputs, without the traceback fx prints when a graph fails
+    (the failure becomes the refusal's reason)."""
+    with redirect_stderr(io.StringIO()):
+        return rewritten(*_clone(args), **_clone(kwargs))
 
 
 def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -275,9 +283,10 @@ def _worst_layer(
     kwargs: dict[str, Any],
     ref_layers: list[torch.Tensor | None],
     paths: list[str],
-) -> tuple[str, float] | None:
-    """The parallel layer whose solved output differs most from the original's (best effort:
-    None when the trace cannot be compared, e.g. the layer modules do not return the hidden state)."""
+) -> tuple[str, str] | None:
+    """(path, description) of the parallel layer whose solved output (exact mode) differs most
+    from the original's, and the first one beyond tolerance (errors carry downstream); best
+    effort: None when the trace cannot be compared (the layer modules return something else)."""
     if not paths or all(r is None for r in ref_layers):
         return None
     traces: list[torch.Tensor] = []
@@ -289,20 +298,25 @@ def _worst_layer(
     try:
         handle.reset()
         with handle.whole_trace():  # the whole trace, though the model reads only its last row
-            rewritten(*_clone(args), **_clone(kwargs))
+            _quiet(rewritten, args, kwargs)
         trace = traces[0]
     except Exception:
         return None
     finally:
         hook.remove()
-    worst: tuple[str, float] | None = None
-    for j, (ref, path) in enumerate(zip(ref_layers, paths)):
-        if ref is None or j >= trace.shape[0] or tuple(trace[j].shape) != tuple(ref.shape):
-            continue
-        err = _rel_err(ref, trace[j])
-        if worst is None or err > worst[1]:
-            worst = (path, err)
-    return worst
+    errors = [
+        (path, _rel_err(ref, trace[j]), tolerance(ref.dtype))
+        for j, (ref, path) in enumerate(zip(ref_layers, paths))
+        if ref is not None and j < trace.shape[0] and tuple(trace[j].shape) == tuple(ref.shape)
+    ]
+    if not errors:
+        return None
+    path, err, _ = max(errors, key=lambda e: e[1])
+    first = next((e for e in errors if e[1] > e[2]), None)
+    where = f"largest at layer '{path}' ({err:.3g})"
+    if first is not None and first[0] != path:  # errors carry downstream: the first is the culprit
+        where += f", first beyond tolerance at '{first[0]}' ({first[1]:.3g})"
+    return path, where
 
 
 def _other_batch(
