@@ -85,6 +85,27 @@ class ExpandGate(nn.Module):
         return x + y * gate.expand(x.shape[0], -1, -1)
 
 
+class InPlaceResidual(nn.Module):
+    """``x += f(norm(x))``: the first layer writes the model's input in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        x += self.f(self.n(x))
+        return x
+
+
+def test_in_place_write_into_the_input_is_refused_at_capture() -> None:
+    model = Stack(InPlaceResidual).eval()
+    x = torch.randn(B, T, C)
+    before = x.clone()
+    with pytest.raises(SNLPRefusal, match=r"'blocks\.0' writes the input 'x' in forward.*module 'blocks\.0'"):
+        snlp_compile.transform(model, (x,), iterations=L)
+    assert torch.equal(x, before)  # (the example inputs are not written either)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())  # (under no_grad in callers)
 

@@ -42,6 +42,14 @@ def test_verify_runs_and_leaves_no_state(gpt: nn.Module) -> None:
     assert "verify" not in [n for n, _ in snlp_compile.ExplainReport.of(off).passes]  # type: ignore[union-attr]
 
 
+def test_transform_and_verify_keep_the_model_and_its_mode() -> None:
+    model = build_model("gpt-tiny").train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    snlp_compile.transform(model, (torch.randint(0, 256, (2, 8)),), iterations=4)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_verify_deferred_decode_step_leaves_nothing_pending(gpt: nn.Module) -> None:
     dec = Decoder(gpt, SNLPConfig(iterations=4, deferred_kv=True), batch=1, max_len=16)
     handle = SolveHandle.of(dec.decode_step)
