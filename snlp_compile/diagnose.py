@@ -6,6 +6,8 @@ error naming what to change instead of a TypeError from deep inside torch.
   copied (a ``threading.Lock``, an open file) is an SNLPRefusal naming the attribute's path.
 - ``capture_hint``: what to do about a capture failure (``transformers`` models and their
   DynamicCache: ``example_kwargs={"use_cache": False}``).
+- ``capture_warnings``: a model in training mode (captured in eval mode) and forward hooks (run
+  on fake tensors during capture, absent from the rewritten model) are warned about.
 - ``failed``: an exception as the refusal of an explain() report.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -61,6 +64,27 @@ def _uncopyable(model: torch.nn.Module) -> tuple[str, Any] | None:
             except Exception:
                 return (f"{prefix}.{name}" if prefix else name), value
     return None
+
+
+def capture_warnings(model: torch.nn.Module) -> None:
+    """Warn about what the capture silently changes: training mode and forward hooks."""
+    if model.training:
+        warnings.warn(
+            f"{type(model).__name__} is in training mode; transform() captures it in eval mode (dropout "
+            "off, running statistics used): call model.eval() first to silence this",
+            UserWarning,
+            stacklevel=4,
+        )
+    hooked = [
+        name or "<root>" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks
+    ]
+    if hooked:
+        warnings.warn(
+            f"forward hooks on {hooked[:5]}{' ...' if len(hooked) > 5 else ''} run on fake tensors during "
+            "capture and are not part of the rewritten model",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def capture_hint(model: Any, example_kwargs: dict[str, Any] | None, errors: str) -> str:

@@ -82,7 +82,8 @@ class Decoder:
             self.decode_step = decode_step
         elif config is not None or overrides:
             self.config = resolve_config(config, overrides)
-            self.decode_step = transform(CachedStep(model), self._example(1), self.config)
+            with evaluating(model):  # (generation runs in eval mode: no training-mode warning)
+                self.decode_step = transform(CachedStep(model).eval(), self._example(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
@@ -123,7 +124,8 @@ class Decoder:
             if self.prefill_step is None:  # "solve": one transform for prompts of any length >= 2
                 # (deferral is for one-token steps: the prompt's K/V are written by this call)
                 cfg = None if self.config is None else self.config.replace(deferred_kv=False)
-                self.prefill_step = transform(CachedStep(self.model), self._example(t), cfg)
+                with evaluating(self.model):
+                    self.prefill_step = transform(CachedStep(self.model).eval(), self._example(t), cfg)
             step = self.prefill_step
         with evaluating(self.model) if self.model.training else nullcontext():
             logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)

@@ -45,7 +45,10 @@ def test_verify_runs_and_leaves_no_state(gpt: nn.Module) -> None:
 def test_transform_and_verify_keep_the_model_and_its_mode() -> None:
     model = build_model("gpt-tiny").train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    snlp_compile.transform(model, (torch.randint(0, 256, (2, 8)),), iterations=4)
+    model.transformer.h[0].register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match="training mode") as seen:
+        snlp_compile.transform(model, (torch.randint(0, 256, (2, 8)),), iterations=4)
+    assert any("forward hooks on ['transformer.h.0']" in str(w.message) for w in seen)
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 

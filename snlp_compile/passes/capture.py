@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from .. import markers
-from ..diagnose import capture_hint, private_copy
+from ..diagnose import capture_hint, capture_warnings, private_copy
 from ..errors import SNLPCaptureError, SNLPRefusal
 from .state_writes import state_write
 
@@ -78,6 +78,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform() expects an nn.Module, got {type(model).__name__}")
     example_kwargs = dict(example_kwargs or {})
+    capture_warnings(model)  # issue 22: training mode and hooks are not captured
     private = private_copy(model).eval()  # (issue 22: an uncopyable attribute is named)
     errors = []
     static: list[str] = []
