@@ -22,7 +22,10 @@ deferral and run-time state (warm trace, pending deferred K/V) are reset through
 
 Cost, when the rewrite is right: per call one forward of the original and one of the rewritten
 model at K = 1 (2-3 calls), plus a copy of the model's buffers (parameters are shared); on
-nanochat-small (8 layers, d=128, CPU, example (2, 64)) about +0.4-3 s on a 2-3 s transform.
+nanochat-small (8 layers, d=128, 2 shared CPU cores) +0.74 s on a 3.44 s transform at an example
+of 2 x 64 tokens (three calls), +0.42 s on 2.28 s at 1 x 256 (static batch: two calls)
+(``benchmarks/verify_cost.py``). The whole exact solve (K = N) runs only when the cheap check
+disagrees: before a refusal, or when the layer modules' outputs are not the hidden states.
 Switch it off with ``transform(..., verify=False)`` (``SNLPConfig.verify``).
 """
 
