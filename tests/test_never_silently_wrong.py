@@ -106,6 +106,66 @@ def test_in_place_write_into_the_input_is_refused_at_capture() -> None:
     assert torch.equal(x, before)  # (the example inputs are not written either)
 
 
+class EmptySum(nn.Module):
+    """``torch.sum(y, dim=())``: the batched body failed at call time."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        return x + y * torch.sum(y, dim=()).tanh()
+
+
+class RandomLayer(nn.Module):
+    """``randn_like`` inside a layer: vmap's randomness error at call time."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        return x + y + 0.1 * torch.randn_like(y)
+
+
+class Widths(nn.Module):
+    """Layers of different MLP widths: the stacking failed inside transform() and explain()."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.up, self.down = nn.LayerNorm(C), nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.n(x))))
+
+
+@pytest.mark.parametrize(
+    "block, match",
+    [
+        (EmptySum, r"verify: the rewritten model fails on call 1 where the original runs \(IndexError"),
+        (RandomLayer, r"verify: the rewritten model fails on call 1 .*random"),
+    ],
+    ids=["empty_sum", "randn_like"],
+)
+def test_failure_after_acceptance_is_refused(block: type[nn.Module], match: str) -> None:
+    model = Stack(block).eval()
+    with pytest.raises(SNLPRefusal, match=match):
+        snlp_compile.transform(model, (torch.randn(B, T, C),), iterations=L)
+
+
+def test_layers_of_different_widths_are_refused_naming_the_layer() -> None:
+    model = Stack(Widths).eval()
+    model.blocks[0].up, model.blocks[0].down = nn.Linear(C, 3 * C), nn.Linear(3 * C, C)
+    x = torch.randn(B, T, C)
+    match = r"not identical: 'blocks\.0' reads 'up_weight' of shape \[48, 16\].*module 'blocks\.0'"
+    with pytest.raises(SNLPRefusal, match=match):
+        snlp_compile.transform(model, (x,), iterations=L)
+    report = snlp_compile.explain(model, (x,), iterations=L)  # (it used to raise a RuntimeError)
+    assert report.refused_in == "plan" and not report.rewritten
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())  # (under no_grad in callers)
 
