@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from .config import SNLPConfig, resolve_config
+from .diagnose import failed
 from .inference_graph import as_inference_graph
 from .ir.chain import LayerChain
 from .ir.plan import SOLVE_NAME
@@ -89,9 +90,18 @@ def explain(
     example_kwargs: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> ExplainReport:
-    """What transform() would do with ``model``, refusals included (this never raises SNLPRefusal)."""
-    cfg = resolve_config(config, overrides)
-    return _compile(model, example_inputs, cfg, example_kwargs).report
+    """What transform() would do with ``model``, refusals included. This never raises: any failure
+    (bad input, a capture error, an error in a pass) becomes the report's refusal (issue 22)."""
+    try:
+        cfg = resolve_config(config, overrides)
+        c = compilation(model, example_inputs, cfg, example_kwargs)
+    except Exception as exc:
+        return failed(ExplainReport(model=type(model).__name__), exc)
+    try:
+        run(c, pipeline(cfg))
+    except Exception as exc:
+        failed(c.report, exc)
+    return c.report
 
 
 def solve_trace(

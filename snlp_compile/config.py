@@ -45,6 +45,14 @@ class SNLPConfig:
         process's defaults, read from the ``SNLP_*`` environment variables once at import
         (``options.ENVIRONMENT``). Of its fields, ``last_row`` applies to this transform; the
         kernel switches are process-wide and read when the graph runs (``kernels``).
+    verify: after rewriting, check the rewritten model (in exact mode) against the original on
+        the example inputs, two calls and, with a symbolic batch, a second batch size, and refuse
+        (SNLPRefusal naming the layer with the largest error) when they disagree beyond the
+        dtype's tolerance (``verify.TOLERANCE``). On by default: per call it costs one forward of
+        the original and one evaluation of the rewritten model (K = 1, warm-started from the
+        original's trace; the whole exact solve only when that disagrees), and it leaves no
+        run-time state behind.
+        ``transform(..., verify=False)`` switches it off (``snlp_compile.verify``).
     """
 
     iterations: int = 1
@@ -56,6 +64,7 @@ class SNLPConfig:
     chunks: int = 1
     deferred_kv: bool = False
     lowering: LoweringOptions | None = None
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
@@ -74,6 +83,8 @@ class SNLPConfig:
             raise SNLPConfigError(f"SNLPConfig.chunks must be an int >= 1, got {self.chunks!r}")
         if not isinstance(self.deferred_kv, bool):
             raise SNLPConfigError(f"SNLPConfig.deferred_kv must be a bool, got {self.deferred_kv!r}")
+        if not isinstance(self.verify, bool):
+            raise SNLPConfigError(f"SNLPConfig.verify must be a bool, got {self.verify!r}")
         if self.lowering is not None and not isinstance(self.lowering, LoweringOptions):
             raise SNLPConfigError(
                 f"SNLPConfig.lowering must be None or a LoweringOptions, got {type(self.lowering).__name__}"

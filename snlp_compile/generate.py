@@ -15,6 +15,8 @@ In exact mode (K >= layers) the tokens and caches equal the sequential model's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -63,7 +65,7 @@ class Decoder:
             raise SNLPConfigError(
                 f"max_len must be an int in [2, {max_positions(model)}] (the model's positions), got {max_len!r}"
             )
-        self.model = model.eval()
+        self.model = model  # left in its mode: the steps run in eval mode (evaluating()), issue 22
         self.batch, self.max_len = batch, max_len
         self.prefill_kind: PrefillKind = prefill
         param = next(model.parameters())
@@ -80,7 +82,8 @@ class Decoder:
             self.decode_step = decode_step
         elif config is not None or overrides:
             self.config = resolve_config(config, overrides)
-            self.decode_step = transform(CachedStep(model), self._example(1), self.config)
+            with evaluating(model):  # (generation runs in eval mode: no training-mode warning)
+                self.decode_step = transform(CachedStep(model).eval(), self._example(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
@@ -121,9 +124,11 @@ class Decoder:
             if self.prefill_step is None:  # "solve": one transform for prompts of any length >= 2
                 # (deferral is for one-token steps: the prompt's K/V are written by this call)
                 cfg = None if self.config is None else self.config.replace(deferred_kv=False)
-                self.prefill_step = transform(CachedStep(self.model), self._example(t), cfg)
+                with evaluating(self.model):
+                    self.prefill_step = transform(CachedStep(self.model).eval(), self._example(t), cfg)
             step = self.prefill_step
-        logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)
+        with evaluating(self.model) if self.model.training else nullcontext():
+            logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)
         if step is self.decode_step:
             self._write_decoded(new_k, new_v, pos)
         else:
@@ -132,7 +137,8 @@ class Decoder:
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step for tokens (B,) at ``pos``: writes their K/V, returns logits (B, vocab)."""
-        logits, new_k, new_v = self.decode_step(token[:, None], pos, self.k_cache, self.v_cache)
+        with evaluating(self.model) if self.model.training else nullcontext():
+            logits, new_k, new_v = self.decode_step(token[:, None], pos, self.k_cache, self.v_cache)
         self._write_decoded(new_k, new_v, pos)
         return logits[:, -1]
 
@@ -143,6 +149,19 @@ class Decoder:
         handle = SolveHandle.of(self.decode_step)  # (also through torch.compile's wrapper)
         if handle is None or not handle.deferred:
             write_cache(self.k_cache, self.v_cache, new_k, new_v, pos)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, every module's own mode restored afterwards: generation
+    does not change the caller's model (a model passed in ``.train()`` comes back in it)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _pick(
@@ -211,6 +230,20 @@ def generate(
     decoder.reset()
     if max_new_tokens == 0:
         return prompt_ids.clone()
+    with evaluating(decoder.model):
+        return _generate(decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen)
+
+
+def _generate(
+    decoder: Decoder,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    p = prompt_ids.shape[1]
     pos = torch.zeros((), dtype=torch.long, device=decoder.device)
     token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen)
     pos += p

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .config import SNLPConfig, chunk_sizes, lowering_options
+from .diagnose import check_example_kwargs
 from .errors import SNLPRefusal
 from .ir.chain import Layer, LayerChain
 from .ir.plan import SOLVE_NAME, SolveOptions, SolvePlan
@@ -33,6 +34,7 @@ from .passes.infra import PassManager, PassResult, PassRun
 from .passes.plan import PlanOptions, plan_solve
 from .passes.skip_analysis import analyse_skip
 from .report import ExplainReport
+from .verify import verify_pass
 
 
 @dataclass
@@ -185,7 +187,13 @@ ANALYSIS: tuple[Pass, ...] = (capture_pass, cse_pass, find_chain_pass, analyse_s
 
 def lowering(config: SNLPConfig) -> tuple[Pass, ...]:
     """The passes after analysis that ``config`` asks for."""
-    return (plan_pass, emit_pass, *((defer_kv_pass,) if config.deferred_kv else ()), inline_markers_pass)
+    return (
+        plan_pass,
+        emit_pass,
+        *((defer_kv_pass,) if config.deferred_kv else ()),
+        inline_markers_pass,
+        *((verify_pass,) if config.verify else ()),  # issue 22: the safety net (snlp_compile.verify)
+    )
 
 
 def pipeline(config: SNLPConfig) -> tuple[Pass, ...]:
@@ -196,6 +204,7 @@ def pipeline(config: SNLPConfig) -> tuple[Pass, ...]:
 def compilation(
     model: torch.nn.Module, example_inputs: Any, config: SNLPConfig, example_kwargs: dict[str, Any] | None
 ) -> Compilation:
+    check_example_kwargs(example_kwargs)  # issue 22: a one-line error, not a TypeError from inside
     report = ExplainReport(model=type(model).__name__, config=_config_text(config))
     return Compilation(model, example_args(example_inputs), example_kwargs, config, report)
 

@@ -17,7 +17,16 @@ def test_explain_lists_what_each_pass_did() -> None:
     report = snlp_compile.explain(model, (tokens(model),), iterations=2, dynamic_shapes=False)
     assert report.rewritten
     names = [name for name, _ in report.passes]
-    assert names == ["capture", "cse", "find_chain", "analyse_skip", "plan", "emit", "inline_markers"]
+    assert names == [
+        "capture",
+        "cse",
+        "find_chain",
+        "analyse_skip",
+        "plan",
+        "emit",
+        "inline_markers",
+        "verify",
+    ]
     plan = dict(report.passes)["plan"]
     assert plan.changed and plan.counts["stacked inputs"] > 0 and plan.counts["vmap fallbacks"] == 0
     text = str(report)
@@ -29,6 +38,8 @@ def test_the_pipeline_follows_the_config() -> None:
     deferred = [p.__name__ for p in pipeline(SNLPConfig(deferred_kv=True))]
     assert "defer_kv_pass" not in plain and "defer_kv_pass" in deferred
     assert deferred.index("defer_kv_pass") == deferred.index("emit_pass") + 1
+    assert plain[-1] == "verify_pass"  # issue 22: the check runs last, unless switched off
+    assert "verify_pass" not in [p.__name__ for p in pipeline(SNLPConfig(verify=False))]
 
 
 def test_a_refusal_names_the_pass_and_is_reported_once() -> None:

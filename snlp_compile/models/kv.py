@@ -56,6 +56,7 @@ class CachedStep(nn.Module):
         if not hasattr(model, "forward_cached"):
             raise TypeError(f"{type(model).__name__} has no forward_cached(idx, pos, k_cache, v_cache)")
         self.model = model
+        self.training = model.training  # the wrapper in the model's mode (its own flag only)
 
     def forward(
         self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor

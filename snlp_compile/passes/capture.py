@@ -7,7 +7,6 @@ model is deep-copied first, so nothing the compiler does can reach the user's pa
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,9 @@ import torch.fx as fx
 from torch.export import Dim
 
 from .. import markers
-from ..errors import SNLPCaptureError
+from ..diagnose import capture_hint, capture_warnings, private_copy
+from ..errors import SNLPCaptureError, SNLPRefusal
+from .state_writes import state_write
 
 
 @dataclass
@@ -77,7 +78,8 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform() expects an nn.Module, got {type(model).__name__}")
     example_kwargs = dict(example_kwargs or {})
-    private = copy.deepcopy(model).eval()
+    capture_warnings(model)  # issue 22: training mode and hooks are not captured
+    private = private_copy(model).eval()  # (issue 22: an uncopyable attribute is named)
     errors = []
     static: list[str] = []
     note_static = ""
@@ -89,6 +91,9 @@ def capture(
                 kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
             with torch.no_grad(), markers.keep_whole():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
+            written = state_write(ep)  # issue 22: state written in forward is refused
+            if written is not None:
+                raise written
             gm = ep.module()
             if use_dynamic:
                 static = _static_dims(gm)
@@ -103,8 +108,10 @@ def capture(
             else:
                 note = "captured with static shapes (inputs must keep the example's shapes)"
             return Captured(gm, use_dynamic, note)
+        except SNLPRefusal:
+            raise
         except Exception as exc:  # torch.export raises many types; report them all
             errors.append(f"{'dynamic' if use_dynamic else 'static'}: {type(exc).__name__}: {exc}")
-    raise SNLPCaptureError(
-        f"torch.export could not capture {type(model).__name__}:\n  " + "\n  ".join(e[:2000] for e in errors)
-    )
+    text = "\n  ".join(e[:2000] for e in errors)
+    hint = capture_hint(model, example_kwargs, text)  # issue 22: say what to do
+    raise SNLPCaptureError(f"torch.export could not capture {type(model).__name__}:{hint}\n  " + text)

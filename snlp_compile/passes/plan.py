@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from ..config import chunk_sizes
 from ..errors import SNLPRefusal
-from ..ir.chain import LayerChain
+from ..ir.chain import Layer, LayerChain
 from ..ir.coef import Const, emit_coefficient
 from ..ir.matexpr import LAYER_INVARIANT, StreamMix, emit_matrix
 from ..ir.plan import External, ExtMode, SolveOptions, SolvePlan
@@ -186,6 +186,7 @@ def classify_externals(
                 f"the layers read different non-tensor values for '{name}' ({', '.join(c.name for c in column)})",
                 node=column[0].name,
             )
+        _refuse_shape_mismatch(name, column, par)  # issue 22: a refusal, not a stacking error
         if fold_static and all(_is_static(c) for c in column):
             values = evaluate_static(gm, list(column))
             stacked[name] = torch.stack([v.detach().clone() for v in values])
@@ -193,6 +194,23 @@ def classify_externals(
         else:
             externals.append(External(name, "runtime", column))
     return externals, stacked
+
+
+def _refuse_shape_mismatch(name: str, column: tuple[fx.Node, ...], layers: list[Layer]) -> None:
+    """SNLPRefusal when the parallel layers read values of different shapes for one external
+    (e.g. MLP widths that differ): they cannot be stacked on one layer axis."""
+    shapes = [tuple(v.shape) if isinstance(v := c.meta.get("val"), torch.Tensor) else None for c in column]
+    first = shapes[-1]  # the template is the last layer
+    for layer, node, shape in zip(layers, column, shapes):
+        if shape is not None and first is not None and str(shape) != str(first):
+            raise SNLPRefusal(
+                f"the parallel layers are not identical: '{layer.module_path}' reads '{name}' of shape "
+                f"{list(shape)}, '{layers[-1].module_path}' of shape {list(first)} (different widths?); "
+                "they cannot be stacked on one layer axis: solve only the identical last layers in "
+                "parallel (SNLPConfig.parallel_layers)",
+                node=node.name,
+                module_path=layer.module_path,
+            )
 
 
 def last_row_read(chain: LayerChain) -> bool:

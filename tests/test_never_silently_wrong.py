@@ -1,0 +1,220 @@
+"""Issue 22, "never silently wrong": the silently wrong cases, each refused at transform time.
+
+Each model is a tiny residual stack of 4 identical layers that the rewrite used to accept and get
+wrong in exact mode (``verify=False`` shows it: the old behaviour); with the defaults it is refused,
+by the capture (buffers written in forward) or by the verification (``snlp_compile.verify``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import snlp_compile
+from snlp_compile import SNLPRefusal
+from snlp_compile.passes import capture as capture_pass
+
+C, L, B, T = 16, 4, 2, 5
+
+
+class Stack(nn.Module):
+    def __init__(self, block: type[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(block() for _ in range(L))
+        self.head = nn.Linear(C, C)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class InPlaceBuffer(nn.Module):
+    """(1) an in-place write into a buffer allocated in the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        buf = torch.zeros(b, t, c, dtype=x.dtype, device=x.device)
+        buf[:, :, :] = self.f(self.n(x))
+        return x + buf
+
+
+class CallCounter(nn.Module):
+    """(2) a buffer updated in forward; the output scaled by it."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x + self.f(self.n(x)) * self.calls
+
+
+class RunningStat(nn.Module):
+    """(3) a running statistic updated from the hidden state, then used."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+        self.register_buffer("running", torch.zeros(C))
+
+    def forward(self, x):
+        self.running.mul_(0.5).add_(0.5 * x.detach().mean((0, 1)))
+        return x + self.f(self.n(x) - self.running)
+
+
+class ExpandGate(nn.Module):
+    """(4) ``gate.expand(x.shape[0], -1, -1)``: batch == parallel layers is a coincidence."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        gate = torch.sigmoid(y.mean(0))
+        return x + y * gate.expand(x.shape[0], -1, -1)
+
+
+class InPlaceResidual(nn.Module):
+    """``x += f(norm(x))``: the first layer writes the model's input in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        x += self.f(self.n(x))
+        return x
+
+
+def test_in_place_write_into_the_input_is_refused_at_capture() -> None:
+    model = Stack(InPlaceResidual).eval()
+    x = torch.randn(B, T, C)
+    before = x.clone()
+    with pytest.raises(SNLPRefusal, match=r"'blocks\.0' writes the input 'x' in forward.*module 'blocks\.0'"):
+        snlp_compile.transform(model, (x,), iterations=L)
+    assert torch.equal(x, before)  # (the example inputs are not written either)
+
+
+class EmptySum(nn.Module):
+    """``torch.sum(y, dim=())``: the batched body failed at call time."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        return x + y * torch.sum(y, dim=()).tanh()
+
+
+class RandomLayer(nn.Module):
+    """``randn_like`` inside a layer: vmap's randomness error at call time."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.f = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        return x + y + 0.1 * torch.randn_like(y)
+
+
+class Widths(nn.Module):
+    """Layers of different MLP widths: the stacking failed inside transform() and explain()."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.up, self.down = nn.LayerNorm(C), nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.n(x))))
+
+
+@pytest.mark.parametrize(
+    "block, match",
+    [
+        (EmptySum, r"verify: the rewritten model fails on call 1 where the original runs \(IndexError"),
+        (RandomLayer, r"verify: the rewritten model fails on call 1 .*random"),
+    ],
+    ids=["empty_sum", "randn_like"],
+)
+def test_failure_after_acceptance_is_refused(block: type[nn.Module], match: str) -> None:
+    model = Stack(block).eval()
+    with pytest.raises(SNLPRefusal, match=match):
+        snlp_compile.transform(model, (torch.randn(B, T, C),), iterations=L)
+
+
+def test_layers_of_different_widths_are_refused_naming_the_layer() -> None:
+    model = Stack(Widths).eval()
+    model.blocks[0].up, model.blocks[0].down = nn.Linear(C, 3 * C), nn.Linear(3 * C, C)
+    x = torch.randn(B, T, C)
+    match = r"not identical: 'blocks\.0' reads 'up_weight' of shape \[48, 16\].*module 'blocks\.0'"
+    with pytest.raises(SNLPRefusal, match=match):
+        snlp_compile.transform(model, (x,), iterations=L)
+    report = snlp_compile.explain(model, (x,), iterations=L)  # (it used to raise a RuntimeError)
+    assert report.refused_in == "plan" and not report.rewritten
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())  # (under no_grad in callers)
+
+
+def _silently_wrong(model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The old behaviour (no verification, no refusal of state writes): accepted, and wrong on
+    the first or second call or at another batch size (or failing there)."""
+    with monkeypatch.context() as m:
+        m.setattr(capture_pass, "state_write", lambda ep: None)
+        try:
+            fast = snlp_compile.transform(model, (x,), iterations=L, verify=False)
+        except SNLPRefusal:
+            return False
+    torch.set_grad_enabled(False)
+    ref = [model(x.clone()) for _ in range(2)]
+    try:
+        got = [fast(x.clone()) for _ in range(2)]
+        x2 = torch.randn(B + 1, T, C) if x.shape[0] == B else torch.randn(B, T, C)
+        wrong_other = _rel(fast(x2), model(x2)) > 1e-3
+    except RuntimeError:
+        return True
+    finally:
+        torch.set_grad_enabled(True)
+    return wrong_other or any(_rel(g, r) > 1e-3 for g, r in zip(got, ref))
+
+
+CASES = {
+    "inplace_buffer": (InPlaceBuffer, B, r"verify: .*disagrees.*largest at layer 'blocks\.\d'"),
+    "call_counter": (CallCounter, B, r"writes the buffer 'blocks\.0\.calls' in forward.*module 'blocks\.0'"),
+    "running_stat": (RunningStat, B, r"writes the buffer 'blocks\.0\.running' in forward"),
+    "expand_gate_batch_eq_layers": (ExpandGate, L, r"verify: "),
+    "expand_gate_other_batch": (ExpandGate, B, r"verify: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_silently_wrong_case_is_refused(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    block, batch, match = CASES[case]
+    torch.manual_seed(0)
+    model = Stack(block).eval()
+    x = torch.randn(batch, T, C)
+    # the state of stateful layers is the user's: run them on copies for the "before" check
+    assert _silently_wrong(copy.deepcopy(model), x, monkeypatch), (
+        "the case no longer reproduces (nothing to refuse)"
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SNLPRefusal, match=match):
+        snlp_compile.transform(model, (x,), iterations=L)
+    report = snlp_compile.explain(model, (x,), iterations=L)
+    assert report.refusal is not None and not report.rewritten
+    # the user's model is untouched by capture and verification
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
