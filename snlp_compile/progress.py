@@ -8,6 +8,7 @@ and its bar shows a stale count between refreshes).
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -88,18 +89,10 @@ def progress_bar(
     """tqdm on a terminal, LineProgress elsewhere, a plain pass-through when disabled."""
     if disable:
         return LineProgress(
-            iterable, desc, total, every=float("inf"), file=_Null()
-        )  # set_postfix still works
+            iterable, desc, total, every=float("inf"), file=io.StringIO()
+        )  # set_postfix works
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=desc, total=total, mininterval=0.5)
     return LineProgress(iterable, desc, total, every=every)
-
-
-class _Null:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass

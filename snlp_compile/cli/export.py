@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace) -> dict[str, object]:
+def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "iterations": args.iterations,
         "parallel_layers": args.parallel_layers,
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     return _check(args, model, idx, result.path, overrides)
 
 
-def _check(args: argparse.Namespace, model: Any, idx: Any, path: Path, overrides: dict[str, object]) -> int:
+def _check(args: argparse.Namespace, model: Any, idx: Any, path: Path, overrides: dict[str, Any]) -> int:
     """ONNX Runtime (CPU) against the PyTorch module that was exported, rtol 1e-4."""
     import torch
 

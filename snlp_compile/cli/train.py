@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     require("train (the checkpoint is written with safetensors)", "safetensors")
     require_device(args.device)
-    objective = args.objective or ("regulariser" if (args.reg_weight or 0) > 0 else "ce")
+    objective: Any = args.objective or ("regulariser" if (args.reg_weight or 0) > 0 else "ce")
     tokenizer = args.tokenizer
     model_name, overrides = args.model, parse_assignments(args.set)
     if args.init_from is not None:

@@ -159,7 +159,7 @@ def decode_perplexity(
             decoder = Decoder(model, cfg, batch=b, max_len=t_len)
         solve = SolveHandle.of(decoder.decode_step)
         for s in sorted(members, key=lambda m: m.iterations or 0):
-            if solve is not None:
+            if solve is not None and s.iterations is not None:
                 solve.iterations = s.iterations
             ce_sum, count, used_graph = _teacher_forced_ce(decoder, windows, graphs)
             ce = ce_sum / count
