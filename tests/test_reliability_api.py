@@ -133,3 +133,18 @@ def test_uncopyable_attribute_is_a_refusal_naming_it() -> None:
         snlp_compile.transform(model, (x,))
     report = snlp_compile.explain(model, (x,))
     assert report.refusal is not None and "blocks.2.lock" in report.refusal
+
+
+def test_a_model_captured_from_a_slice_takes_contiguous_inputs() -> None:
+    """torch.export guards the example's strides: captured from ``tokens[:, :-1]`` (a view), the
+    rewritten model used to reject every contiguous batch with "'NoneType' object has no attribute
+    'size'". The capture now exports contiguous copies of the examples."""
+    from snlp_compile import transform
+    from snlp_compile.models import build_model
+
+    model = build_model("nanochat-tiny", seed=3)
+    tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+    fast = transform(model, (tokens[:, :-1],), iterations=4)  # exact: 4 layers
+    for x in (tokens[:, :-1].contiguous(), tokens[:, 1:], tokens[:, :-1].clone()):
+        with torch.no_grad():
+            assert torch.allclose(fast(x), model(x), atol=1e-5)

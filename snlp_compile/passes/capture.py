@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from .. import markers
 from ..diagnose import capture_hint, capture_warnings, private_copy
@@ -77,7 +78,12 @@ def capture(
     """Export a private copy of ``model``; symbolic sizes first, static sizes as the fallback."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform() expects an nn.Module, got {type(model).__name__}")
-    example_kwargs = dict(example_kwargs or {})
+    # contiguous examples: export guards the example's strides, so a model captured from a slice
+    # (e.g. ``tokens[:, :-1]``) would reject every contiguous input later with an opaque error
+    example_args, example_kwargs = pytree.tree_map(
+        lambda v: v.contiguous() if isinstance(v, torch.Tensor) else v,
+        (tuple(example_args), dict(example_kwargs or {})),
+    )
     capture_warnings(model)  # issue 22: training mode and hooks are not captured
     private = private_copy(model).eval()  # (issue 22: an uncopyable attribute is named)
     errors = []
