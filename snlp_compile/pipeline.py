@@ -29,7 +29,7 @@ from .passes.cleanup import common_subexpressions, inline_marker_ops
 from .passes.defer_kv import defer_kv
 from .passes.emit import emit_solve
 from .passes.find_chain import check_chain, find_layers
-from .passes.graph_utils import op_name
+from .passes.graph_utils import op_name, source_line
 from .passes.infra import PassManager, PassResult, PassRun
 from .passes.plan import PlanOptions, plan_solve
 from .passes.skip_analysis import analyse_skip
@@ -134,7 +134,7 @@ def analyse_skip_pass(c: Compilation) -> PassResult:
     report.skip = skip.description
     report.body_ops = dict(Counter(op_name(n) for n in template.nodes))
     report.readers = [
-        f"{r.node.name} ({r.module_path or '<root>'}) reads "
+        f"{r.node.name} ({', '.join(x for x in (r.module_path or '<root>', source_line(r.node)) if x)}) reads "
         + ("the chain input" if r.layer_index < parallel[0].index else f"the output of layer {r.layer_index}")
         for r in readers
     ]
@@ -167,6 +167,11 @@ def emit_pass(c: Compilation) -> PassResult:
         (e.name, e.mode, _stack_shape(solve, e.name, e.mode, ext))
         for e, ext in zip(plan.externals, chain.template.externals)
     ]
+    c.report.origins = {  # (weights are named by their parameter path already)
+        e.name: source_line(ext)
+        for e, ext in zip(plan.externals, chain.template.externals)
+        if ext.op != "get_attr"
+    }
     return PassResult(True, {"nodes removed": before - len(gm.graph.nodes)})
 
 

@@ -33,6 +33,8 @@ class ExplainReport:
     body_ops: dict[str, int] = field(default_factory=dict)
     externals: list[tuple[str, str, str]] = field(default_factory=list)  # (name, mode, shape)
     readers: list[str] = field(default_factory=list)
+    # external name -> where its value comes from (a source line of the model, or a size)
+    origins: dict[str, str] = field(default_factory=dict)
     config: str = ""
     notes: list[str] = field(default_factory=list)
     refusal: str | None = None
@@ -76,8 +78,10 @@ class ExplainReport:
         if self.externals:
             lines.append("  layer inputs besides h:")
             width = max(28, *(len(name) for name, _, _ in self.externals))
+            shapes = max(len(shape) for _, _, shape in self.externals)
             for name, mode, shape in self.externals:
-                lines.append(f"    {name:<{width}} {mode:<8} {shape}")
+                origin = self.origins.get(name, "")
+                lines.append(f"    {name:<{width}} {mode:<8} {shape:<{shapes}}  {origin}".rstrip())
         if self.readers:
             lines.append("  hidden-state readers outside the chain (fed from the solved trace):")
             lines.extend(f"    {r}" for r in self.readers)

@@ -88,6 +88,12 @@ def test_explain_report_contents() -> None:
     assert any("output of layer 3" in r for r in report.readers), report.readers  # the backout reader
     assert any(name == "mlp_c_fc_weight" and mode == "stacked" for name, mode, _ in report.externals)
     assert "K=2" in text and "rewritten" in text
+    # values are named by where they come from, not only by graph node names (issue 25)
+    reader = next(r for r in report.readers if "output of layer 3" in r)
+    assert "nanochat.py:" in reader and "backout_lambda" in reader, reader
+    sizes = [report.origins[name] for name, _, shape in report.externals if shape == "SymInt"]
+    assert sizes and all(o.startswith("size ") and o.endswith(" of idx") for o in sizes), sizes
+    assert "x = norm(self.transformer.wte(idx))" in text
 
 
 class TinyBlock(nn.Module):

@@ -127,3 +127,25 @@ def retarget_devices(gm: fx.GraphModule, old: torch.device, new: torch.device) -
         if edited:
             module.recompile()
     return changed
+
+
+def source_line(node: fx.Node) -> str:
+    """Where a node comes from, in the user's words: ``size 0 of idx`` for a symbolic size, else
+    the model's source line that computed it (``nanochat.py:195 `x = norm(...)```), else ''."""
+    if node.target is torch.ops.aten.sym_size.int and len(node.args) == 2:
+        source, dim = node.args
+        return f"size {dim} of {getattr(source, 'name', source)}"
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):  # the innermost frame outside torch itself
+        if (
+            lines[i].startswith("File ")
+            and "/torch/" not in lines[i]
+            and not lines[i].startswith('File "torch/')
+        ):
+            parts = lines[i].split('"')
+            where = parts[1].rsplit("/", 1)[-1] if len(parts) > 1 else "?"
+            number = lines[i].split(", line ")[-1].split(",")[0] if ", line " in lines[i] else "?"
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            return f"{where}:{number} `{code}`" if code else f"{where}:{number}"
+    return ""
