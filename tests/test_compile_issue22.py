@@ -45,3 +45,47 @@ def test_llama_compiles_with_snlp_backend_exact() -> None:
     _close(got, want)
     records = backend_records()[before:]
     assert records and all(r.rewritten for r in records), [r.reason for r in records]
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.n = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.n(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, depth: int = 4, d: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_weights_edited_after_compiling_are_used() -> None:
+    """Issue 22 case 5: ``.data.mul_`` bumps no version counter; the compiled model used to keep
+    the stale stacked LayerNorm weight (rel. error 0.31). Now every edit is picked up."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x = torch.randn(2, 6, 16)
+    before = len(backend_records())
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    with torch.no_grad():
+        _close(compiled(x), model(x))
+        model.blocks[2].n.weight.data.mul_(2)  # what checkpoint loaders do
+        _close(compiled(x), model(x))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["blocks.1.n.weight"].mul_(-3.0)
+        state["blocks.3.fc1.bias"].add_(1.0)
+        model.load_state_dict(state)
+        _close(compiled(x), model(x))
+        _close(compiled(x), model(x))  # unchanged since: no further recompilation
+    records = backend_records()[before:]
+    assert len(records) == 3 and all(r.rewritten for r in records), [r.reason for r in records]
