@@ -89,3 +89,9 @@ def test_weights_edited_after_compiling_are_used() -> None:
         _close(compiled(x), model(x))  # unchanged since: no further recompilation
     records = backend_records()[before:]
     assert len(records) == 3 and all(r.rewritten for r in records), [r.reason for r in records]
+
+
+def test_check_weights_option_is_validated() -> None:
+    compiled = torch.compile(Stack(depth=2), backend="snlp", options={"check_weights": "never"})
+    with pytest.raises(Exception, match=r"check_weights must be one of"):
+        compiled(torch.randn(1, 3, 16))

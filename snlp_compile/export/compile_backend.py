@@ -302,7 +302,10 @@ class _LiveWeights:
         if self.check != "content":
             return False
         with torch.no_grad():
-            differs = [torch.ne(_as_bytes(t.detach()), s).any() for t, s in zip(given, self.snapshot)]
+            now = [_as_bytes(t.detach()) for t in given]
+            if any(b.shape != s.shape or b.device != s.device for b, s in zip(now, self.snapshot)):
+                return True  # another size, dtype or device (``p.data = ...``)
+            differs = [torch.ne(b, s).any() for b, s in zip(now, self.snapshot)]
             return bool(torch.stack(differs).any().item())
 
 
