@@ -64,7 +64,7 @@ def test_backend_is_registered() -> None:
 def test_backend_rewrites_and_matches_eager_and_original() -> None:
     """torch.compile(model, backend="snlp") in exact mode (K = L): the compiled output equals the
     eager transformed module and the original model; the backend records what it matched; a
-    weight edited after compiling is caught instead of silently using the stale stacked copy."""
+    weight edited after compiling is used, not the stale stacked copy."""
     model = build_model("nanochat-tiny", n_layer=3)
     idx = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
@@ -83,12 +83,9 @@ def test_backend_rewrites_and_matches_eager_and_original() -> None:
     assert report.parallel_layers == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
     assert "scaled IDN" in report.skip
     assert "K=3" in report.config
-    with torch.no_grad():
+    with torch.no_grad():  # an edit after compiling is used (the graph is recompiled), not stale
         model.transformer.h[1].mlp.c_fc.weight.mul_(0.5)
-        with pytest.raises(
-            RuntimeError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight.*changed after compilation"
-        ):
-            compiled(idx)
+        _close(compiled(idx), model(idx))
 
 
 def test_backend_compiles_refused_model_sequentially_with_warning() -> None:

@@ -13,7 +13,9 @@ to Inductor unchanged, with a warning that names the reason.
 
 The weights are folded into stacked copies at compile time (as Inductor's ``freezing`` does), so
 the compiled function checks, on every call, that the weights it was given are the ones it
-folded: editing a weight in place after compiling raises instead of silently using stale copies.
+folded (same objects, same version counters, same bytes: ``p.data.mul_(2)`` bumps no version
+counter) and recompiles the graph with the live weights when they are not: an edit after
+compiling (in place, through ``.data``, ``load_state_dict``) is used, never a stale copy.
 """
 
 from __future__ import annotations
@@ -242,44 +244,78 @@ def plain_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="SNLPGraph")
 
 
-class _WeightCheck:
-    """Calls the compiled graph after checking that the folded weights were not changed since
-    (edited in place: a new version counter; replaced: another tensor object). The check costs a
-    few tens of microseconds per call for a few hundred weights, hence the bulk getters."""
+class _LiveWeights:
+    """Calls the compiled graph with the weights it was compiled with, recompiling when they
+    changed since: replaced (another tensor object) or edited in place, including through
+    ``.data`` (``p.data.mul_(2)``, what checkpoint loaders do), which bumps no version counter.
+    So every call compares the weights' bytes with a snapshot taken at compile time (one pass
+    over the weights on the device, one host sync; the snapshot costs their memory once more).
+    ``options={"check_weights": "version"}`` keeps only the cheap check (object identity and
+    version counters: in-place ops and ``load_state_dict``, not ``.data`` edits);
+    ``"off"`` none."""
 
     def __init__(
-        self, compiled: Callable[..., Any], user: list[int], weights: list[tuple[int, str, torch.Tensor]]
+        self,
+        build: Callable[[list[Any]], tuple[Callable[..., Any], LiftedGraph | None]],
+        example_inputs: list[Any],
+        check: str,
     ):
+        self.build = build
+        self.check = check
+        self._install(example_inputs)
+
+    def _install(self, inputs: list[Any]) -> None:
+        compiled, lifted = self.build(inputs)
         self.compiled = compiled
+        self.rewritten = lifted is not None
+        if lifted is None:  # compiled unchanged by Inductor: it reads the live weights itself
+            return
+        weights = [(i, path, inputs[i]) for i, path in lifted.weights]
+        self.positions = [i for i, _, _ in weights]
         self.paths = [path for _, path, _ in weights]
         self.tensors = tuple(t for _, _, t in weights)
         self.versions = tuple(t._version for t in self.tensors)
-        self._weights = operator.itemgetter(
-            *[i for i, _, _ in weights], *([0, 0] if len(weights) < 2 else [])
+        self.snapshot = (
+            [_as_bytes(t.detach()).clone() for t in self.tensors] if self.check == "content" else []
         )
-        self._count = len(weights)
-        self._user = operator.itemgetter(*user, *([0, 0] if len(user) < 2 else []))
-        self._n_user = len(user)
+        self._user = operator.itemgetter(
+            *lifted.user_positions, *([0, 0] if len(lifted.user_positions) < 2 else [])
+        )
+        self._n_user = len(lifted.user_positions)
 
     def __call__(self, *args: Any) -> Any:
-        if self._count:
-            given = self._weights(args)[: self._count]
-            if tuple(map(_VERSION, given)) != self.versions or not all(
-                map(operator.is_, given, self.tensors)
-            ):
-                self._raise(given)
+        if not self.rewritten:
+            return self.compiled(*args)
+        if self.check != "off" and self.positions and self._changed(args):
+            log.info("snlp backend: weights changed since compilation; recompiling the graph")
+            self._install(list(args))
+            if not self.rewritten:
+                return self.compiled(*args)
         return self.compiled(*self._user(args)[: self._n_user])
 
-    def _raise(self, given: Sequence[torch.Tensor]) -> None:
-        for path, t, ref, version in zip(self.paths, given, self.tensors, self.versions):
-            if t is not ref or t._version != version:
-                raise RuntimeError(
-                    f"snlp backend: weight '{path}' changed after compilation; its stacked copy is "
-                    "stale. Call torch._dynamo.reset() (or recompile) after editing weights."
-                )
+    def _changed(self, args: Sequence[Any]) -> bool:
+        given = [args[i] for i in self.positions]
+        if not all(map(operator.is_, given, self.tensors)):
+            return True
+        if tuple(map(_VERSION, given)) != self.versions:
+            return True
+        if self.check != "content":
+            return False
+        with torch.no_grad():
+            now = [_as_bytes(t.detach()) for t in given]
+            if any(b.shape != s.shape or b.device != s.device for b, s in zip(now, self.snapshot)):
+                return True  # another size, dtype or device (``p.data = ...``)
+            differs = [torch.ne(b, s).any() for b, s in zip(now, self.snapshot)]
+            return bool(torch.stack(differs).any().item())
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, flat (compares NaNs and signed zeros bit for bit)."""
+    return t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1)
 
 
 _VERSION = operator.attrgetter("_version")
+_CHECKS = ("content", "version", "off")
 
 
 def snlp_backend(
@@ -292,11 +328,33 @@ def snlp_backend(
     """``torch.compile(model, backend="snlp", options={"iterations": 2, ...})``.
 
     Rewrites the layer chain found in Dynamo's graph into the layer-parallel solve and compiles
-    the result with Inductor. Options: ``config`` (SNLPConfig) and/or SNLPConfig fields; other
-    keys are Inductor config patches. A graph that cannot be rewritten is compiled unchanged with
-    an SNLPBackendWarning naming the reason; what happened to each graph is in backend_records().
+    the result with Inductor. Options: ``config`` (SNLPConfig) and/or SNLPConfig fields;
+    ``check_weights`` ("content" by default, "version" or "off": see _LiveWeights); other keys
+    are Inductor config patches. A graph that cannot be rewritten is compiled unchanged with an
+    SNLPBackendWarning naming the reason; what happened to each graph is in backend_records().
+    Weights edited after compiling are picked up (the graph is recompiled with them).
     """
+    options = dict(options or {})
+    check = options.pop("check_weights", "content")
+    if check not in _CHECKS:
+        raise SNLPConfigError(f"snlp backend options: check_weights must be one of {_CHECKS}, not {check!r}")
     config, patches = split_options(options)
+
+    def build(inputs: list[Any]) -> tuple[Callable[..., Any], LiftedGraph | None]:
+        return _compile_graph(gm, inputs, mode, config, patches)
+
+    return _LiveWeights(build, list(example_inputs), check)
+
+
+def _compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    mode: str | None,
+    config: SNLPConfig,
+    patches: dict[str, Any],
+) -> tuple[Callable[..., Any], LiftedGraph | None]:
+    """The compiled graph over the user inputs and the lifted graph (weights folded in), or
+    Inductor's compilation of the unchanged graph (over all its inputs) and None."""
     record = BackendRecord(graph_inputs=len(example_inputs))
     try:
         lifted = lift_dynamo_graph(gm, example_inputs)
@@ -308,17 +366,16 @@ def snlp_backend(
         warnings.warn(
             f"snlp backend: graph compiled sequentially, not rewritten: {why}",
             SNLPBackendWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         compiled = inductor(gm, example_inputs, mode, patches)
         _RECORDS.append(record)  # only once compiled: Inductor may restart Dynamo's analysis
-        return compiled
+        return compiled, None
     record.report = ExplainReport.of(transformed)
     compiled = inductor(plain_graph(transformed), user_inputs, mode, patches)
     _RECORDS.append(record)
     log.info("snlp backend rewrote a graph:\n%s", record.report)
-    weights = [(i, path, example_inputs[i]) for i, path in lifted.weights]
-    return _WeightCheck(compiled, lifted.user_positions, weights)
+    return compiled, lifted
 
 
 def register() -> None:

@@ -11,6 +11,7 @@ its solves through the same entry point (``build_solve``).
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import operator
 import re
 from collections.abc import Mapping
@@ -74,6 +75,8 @@ def _external_name(node: fx.Node, layer_path: str, taken: set[str]) -> str:
     elif node.op == "call_function":
         base = _derived_name(node, layer_path) or base
     name = re.sub(r"\W", "_", base).strip("_") or "ext"
+    if not name.isidentifier() or keyword.iskeyword(name):  # e.g. Dynamo's "0_model_rotary_emb_..."
+        name = f"ext_{name}"
     candidate, k = name, 1
     while candidate in taken:
         k += 1
