@@ -10,6 +10,9 @@ own parameters, and a change to the weights is seen at the next call.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -57,3 +60,13 @@ class LiveGraph:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         live = live_tensors(self.model)
         return torch.func.functional_call(self.module, {n: live[n] for n in self.names}, args, kwargs)
+
+
+@contextmanager
+def training_capture() -> Iterator[None]:
+    """Capture a model that is being trained: the capture's warning that a model in training mode
+    is captured in eval mode is for ``transform()`` users, not for the training objectives, whose
+    captured graph runs with the live parameters (the project's models have no dropout)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is in training mode; transform\(\) captures it")
+        yield

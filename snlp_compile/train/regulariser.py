@@ -40,7 +40,7 @@ from ..ir import LayerChain
 from ..ir.plan import ExtMode, SolveOptions
 from ..passes.plan import TRAINING, build_solve
 from ..solve.solver import LayerParallelSolve
-from .live import LiveGraph
+from .live import LiveGraph, training_capture
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,8 @@ class SNLPRegulariser:
     ) -> None:
         self.model = model
         self.config = config or RegulariserConfig()
-        gm, chain, report = analyse(model, example_inputs, SNLPConfig(layers=layers), example_kwargs)
+        with training_capture():  # (a model being trained is in training mode: expected here)
+            gm, chain, report = analyse(model, example_inputs, SNLPConfig(layers=layers), example_kwargs)
         if chain is None:
             raise SNLPRefusal(report.refusal or "refused")
         self.chain: LayerChain = chain

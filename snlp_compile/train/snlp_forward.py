@@ -32,7 +32,7 @@ from ..ir.plan import SolveOptions
 from ..passes.graph_utils import descendants
 from ..passes.plan import TRAINING, build_solve
 from ..solve.solver import LayerParallelSolve
-from .live import LiveGraph
+from .live import LiveGraph, training_capture
 
 SOLVE = "snlp_live_solve"
 
@@ -66,7 +66,8 @@ class SNLPForward:
             raise SNLPConfigError("SNLPForward: deferred_kv is a decode-step option, not for training")
         self.model = model
         self.config = cfg
-        gm, chain, report = analyse(model, example_inputs, cfg, example_kwargs)
+        with training_capture():  # (a model being trained is in training mode: expected here)
+            gm, chain, report = analyse(model, example_inputs, cfg, example_kwargs)
         if chain is None:
             assert report.error is not None
             raise report.error
