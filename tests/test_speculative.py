@@ -216,3 +216,14 @@ def test_speculative_arguments_are_checked() -> None:
         generate(dec, _prompt(), 2, speculative=cfg)
     tokens, stats = generate(dec, _prompt(), 2, return_stats=True)
     assert stats is None and tokens.shape == (1, 10)
+
+
+def test_batch_of_two_and_a_one_token_prompt() -> None:
+    """A batch keeps the shortest accepted prefix of its rows per round; a one-token prompt is
+    prefilled by the sequential step."""
+    model = reference_model("nanochat-tiny", scaled=True)
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    draft = SNLPConfig(iterations=1, init="warm")
+    for p in (prompt, prompt[:, :1]):
+        ref = generate(model, p, 40)
+        assert torch.equal(generate(model, p, 40, speculative=draft, block_size=4), ref)
