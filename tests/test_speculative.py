@@ -220,10 +220,13 @@ def test_speculative_arguments_are_checked() -> None:
 
 def test_batch_of_two_and_a_one_token_prompt() -> None:
     """A batch keeps the shortest accepted prefix of its rows per round; a one-token prompt is
-    prefilled by the sequential step."""
+    prefilled by the sequential step; top_k = 1 sampling through the rule is greedy."""
     model = reference_model("nanochat-tiny", scaled=True)
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
     draft = SNLPConfig(iterations=1, init="warm")
     for p in (prompt, prompt[:, :1]):
         ref = generate(model, p, 40)
         assert torch.equal(generate(model, p, 40, speculative=draft, block_size=4), ref)
+    # the sampling path with top_k = 1 (p and q point masses) is greedy decoding
+    sampled = generate(model, prompt, 40, greedy=False, top_k=1, seed=0, speculative=draft, block_size=4)
+    assert torch.equal(sampled, generate(model, prompt, 40))
