@@ -76,6 +76,11 @@ class Decoder:
             raise SNLPConfigError(
                 f"max_len must be an int in [2, {max_positions(model)}] (the model's positions), got {max_len!r}"
             )
+        if speculative is not None and (config is not None or overrides or decode_step is not None):
+            raise SNLPConfigError(
+                "speculative decoding drafts with the transformed step and verifies with the "
+                "sequential one: pass speculative= alone, not with a config, overrides or decode_step"
+            )
         self.model = model  # left in its mode: the steps run in eval mode (evaluating()), issue 22
         self.batch, self.max_len = batch, max_len
         self.prefill_kind: PrefillKind = prefill
@@ -100,11 +105,6 @@ class Decoder:
         self.block_size: int | None = None
         self.last_stats: SpeculativeStats | None = None
         if speculative is not None:
-            if config is not None or overrides or decode_step is not None:
-                raise SNLPConfigError(
-                    "speculative decoding drafts with the transformed step and verifies with the "
-                    "sequential one: pass speculative= alone, not with a config, overrides or decode_step"
-                )
             if prefill != "sequential":
                 raise SNLPConfigError(
                     "speculative decoding needs prefill='sequential': the verifier reads the "
