@@ -5,6 +5,8 @@ through the layer-parallel solve.
     tokens = snlp_compile.generate(model, prompt, 64, SNLPConfig(iterations=2))  # SNLP decode
     dec = snlp_compile.Decoder(model, SNLPConfig(iterations=2, init="warm"), batch=1, max_len=512)
     tokens = snlp_compile.generate(dec, prompt, 64)                            # transform once, reuse
+    tokens = snlp_compile.generate(model, prompt, 64, speculative=SNLPConfig(iterations=1, init="warm"),
+                                   block_size=4)                               # lossless: see speculative
 
 The model must offer ``forward_cached(idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)`` (the
 reference models do; see models.kv). With a config, transform() rewrites that step: the per-layer
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn as nn
@@ -27,6 +29,7 @@ from .config import SNLPConfig, resolve_config
 from .errors import SNLPConfigError
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
 from .solve.handle import SolveHandle
+from .speculative import SpeculativeStats, probabilities, speculative_generate
 
 PrefillKind = Literal["sequential", "solve"]
 Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)
@@ -42,6 +45,12 @@ class Decoder:
     ``torch.compile(transform(CachedStep(model), ...))``, with the step's call signature
     (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v). ``k_cache``/``v_cache`` hold the
     caches of the last generate().
+
+    ``speculative``: lossless self-speculative decoding (``snlp_compile.speculative``): an
+    SNLPConfig the decode step is transformed with to draft ``block_size`` tokens (default 4) per
+    round, or a draft step the caller built (same call signature); the decode and prefill steps
+    are then the sequential ones, which verify. ``last_stats`` holds the last speculative
+    generate()'s ``SpeculativeStats``.
     """
 
     def __init__(
@@ -53,6 +62,8 @@ class Decoder:
         max_len: int,
         prefill: PrefillKind = "sequential",
         decode_step: Step | None = None,
+        speculative: SNLPConfig | Step | None = None,
+        block_size: int | None = None,
         **overrides: Any,
     ):
         if not hasattr(model, "forward_cached"):
@@ -64,6 +75,11 @@ class Decoder:
         if not isinstance(max_len, int) or not 2 <= max_len <= max_positions(model):
             raise SNLPConfigError(
                 f"max_len must be an int in [2, {max_positions(model)}] (the model's positions), got {max_len!r}"
+            )
+        if speculative is not None and (config is not None or overrides or decode_step is not None):
+            raise SNLPConfigError(
+                "speculative decoding drafts with the transformed step and verifies with the "
+                "sequential one: pass speculative= alone, not with a config, overrides or decode_step"
             )
         self.model = model  # left in its mode: the steps run in eval mode (evaluating()), issue 22
         self.batch, self.max_len = batch, max_len
@@ -85,6 +101,30 @@ class Decoder:
             with evaluating(model):  # (generation runs in eval mode: no training-mode warning)
                 self.decode_step = transform(CachedStep(model).eval(), self._example(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
+        self.draft_step: Step | None = None
+        self.block_size: int | None = None
+        self.last_stats: SpeculativeStats | None = None
+        if speculative is not None:
+            if prefill != "sequential":
+                raise SNLPConfigError(
+                    "speculative decoding needs prefill='sequential': the verifier reads the "
+                    "prompt's K/V, which must be the sequential model's"
+                )
+            block_size = 4 if block_size is None else block_size
+            if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+                raise SNLPConfigError(f"block_size must be an int >= 1, got {block_size!r}")
+            if isinstance(speculative, SNLPConfig):
+                with evaluating(model):
+                    self.draft_step = transform(CachedStep(model).eval(), self._example(1), speculative)
+            elif callable(speculative):
+                self.draft_step = speculative
+            else:
+                raise SNLPConfigError(
+                    f"speculative must be an SNLPConfig or a draft step, got {type(speculative).__name__}"
+                )
+            self.block_size = block_size
+        elif block_size is not None:
+            raise SNLPConfigError("block_size is the speculative draft length: pass speculative= with it")
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
     def _example(self, t: int) -> tuple[torch.Tensor, ...]:
@@ -96,7 +136,7 @@ class Decoder:
         """Clear the caches and the warm-start trace: a new sequence begins."""
         self.k_cache.zero_()
         self.v_cache.zero_()
-        for step in (self.decode_step, self.prefill_step):
+        for step in (self.decode_step, self.prefill_step, self.draft_step):
             handle = SolveHandle.of(step)
             if handle is not None:
                 handle.reset()
@@ -169,11 +209,47 @@ def _pick(
 ) -> torch.Tensor:
     if greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen).squeeze(-1)
+    return torch.multinomial(probabilities(logits, temperature, top_k), 1, generator=gen).squeeze(-1)
+
+
+@overload
+def generate(
+    model: nn.Module | Decoder,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    config: SNLPConfig | None = None,
+    *,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    prefill: PrefillKind = "sequential",
+    max_len: int | None = None,
+    speculative: SNLPConfig | Step | None = None,
+    block_size: int | None = None,
+    return_stats: Literal[False] = False,
+    **overrides: Any,
+) -> torch.Tensor: ...
+
+
+@overload
+def generate(
+    model: nn.Module | Decoder,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    config: SNLPConfig | None = None,
+    *,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    prefill: PrefillKind = "sequential",
+    max_len: int | None = None,
+    speculative: SNLPConfig | Step | None = None,
+    block_size: int | None = None,
+    return_stats: Literal[True],
+    **overrides: Any,
+) -> tuple[torch.Tensor, SpeculativeStats | None]: ...
 
 
 @torch.no_grad()
@@ -189,14 +265,24 @@ def generate(
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
+    speculative: SNLPConfig | Step | None = None,
+    block_size: int | None = None,
+    return_stats: bool = False,
     **overrides: Any,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, SpeculativeStats | None]:
     """Prompt (B, P) -> tokens (B, P + max_new_tokens): prefill, then one decode step per token.
 
     ``model``: a model with forward_cached (sequential when config is None, else its decode step
-    is transformed with ``config``), or a Decoder built beforehand (config, prefill and max_len are
-    then the Decoder's). greedy=False samples from softmax(logits / temperature), restricted to the
-    top_k tokens when given, with a private generator seeded by ``seed``.
+    is transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
+    speculative and block_size are then the Decoder's). greedy=False samples from
+    softmax(logits / temperature), restricted to the top_k tokens when given, with a private
+    generator seeded by ``seed``.
+
+    ``speculative``: lossless self-speculative decoding (``snlp_compile.speculative``): the step
+    transformed with this SNLPConfig drafts ``block_size`` tokens (default 4), the sequential step
+    verifies them in one forward; greedy tokens equal the sequential model's, sampled ones follow
+    its distribution. ``return_stats=True`` returns (tokens, stats): the ``SpeculativeStats``
+    (acceptance rate, tokens per verification, draft and verify time), None without speculative.
     """
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long or prompt_ids.shape[1] < 1:
         raise SNLPConfigError(
@@ -211,11 +297,20 @@ def generate(
     b, p = prompt_ids.shape
     total = p + max_new_tokens
     if isinstance(model, Decoder):
-        if config is not None or overrides:
+        if config is not None or overrides or speculative is not None or block_size is not None:
             raise SNLPConfigError("a Decoder carries its own config: pass config when building it")
         decoder = model
     else:
-        decoder = Decoder(model, config, batch=b, max_len=max_len or total, prefill=prefill, **overrides)
+        decoder = Decoder(
+            model,
+            config,
+            batch=b,
+            max_len=max_len or total,
+            prefill=prefill,
+            speculative=speculative,
+            block_size=block_size,
+            **overrides,
+        )
     if decoder.batch != b:
         raise SNLPConfigError(f"the Decoder was built for batch {decoder.batch}, the prompt has batch {b}")
     if total > decoder.max_len:
@@ -228,10 +323,18 @@ def generate(
         gen = torch.Generator(device=decoder.device)
         gen.manual_seed(seed)
     decoder.reset()
+    decoder.last_stats = None if decoder.draft_step is None else SpeculativeStats(decoder.block_size or 1)
     if max_new_tokens == 0:
-        return prompt_ids.clone()
-    with evaluating(decoder.model):
-        return _generate(decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen)
+        tokens = prompt_ids.clone()
+    else:
+        with evaluating(decoder.model):
+            if decoder.draft_step is not None:
+                tokens = speculative_generate(
+                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen
+                )
+            else:
+                tokens = _generate(decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen)
+    return (tokens, decoder.last_stats) if return_stats else tokens
 
 
 def _generate(

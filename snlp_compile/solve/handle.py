@@ -90,6 +90,21 @@ class SolveHandle:
         """Drop the pending K/V: the next call starts a sequence and writes nothing."""
         self.solve.reset_deferred()
 
+    @property
+    def trace(self) -> torch.Tensor | None:
+        """A copy of the warm-start trace the next call starts from (the last call's solved
+        trace, init "warm"), or None (the next call starts from h0)."""
+        trace = self.solve.warm_trace
+        return None if trace is None else trace.clone()
+
+    def restore_trace(self, trace: torch.Tensor | None) -> None:
+        """Make ``trace`` (from :attr:`trace`) the warm start of the next call; None: start from
+        h0. Speculative decoding rewinds the draft's warm start to the last accepted position."""
+        if trace is None:
+            self.solve.reset_warm()
+        else:
+            self.solve.remember(trace)
+
     def reset(self) -> None:
         """A new sequence: no warm-start trace, no pending K/V."""
         self.solve.reset_warm()
