@@ -46,15 +46,27 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .models.kv import write_cache
 from .solve.handle import SolveHandle
 
-if TYPE_CHECKING:
-    from .generate import Decoder
+
+class SpeculativeDecoder(Protocol):
+    """What the speculative loop needs of a ``generate.Decoder`` (a protocol, so that this module
+    does not import the one that calls it)."""
+
+    block_size: int | None  # (set whenever speculative decoding is on)
+    draft_step: Any
+    sequential: Any
+    device: torch.device
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    last_stats: Any
+
+    def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -67,7 +79,7 @@ class SpeculativeStats:
     token is not counted); draft_time_s / verify_time_s: wall time of the draft steps and of the
     verifications (with the acceptance rule), synchronised on a GPU."""
 
-    block_size: int
+    block_size: int | None  # (set whenever speculative decoding is on)
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -158,7 +170,7 @@ def _clock(device: torch.device) -> float:
 
 
 def speculative_generate(
-    decoder: Decoder,
+    decoder: SpeculativeDecoder,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     greedy: bool,
