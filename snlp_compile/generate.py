@@ -99,7 +99,7 @@ class Decoder:
         elif config is not None or overrides:
             self.config = resolve_config(config, overrides)
             with evaluating(model):  # (generation runs in eval mode: no training-mode warning)
-                self.decode_step = transform(CachedStep(model).eval(), self._example(1), self.config)
+                self.decode_step = transform(CachedStep(model).eval(), self.example_inputs(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
         self.draft_step: Step | None = None
         self.block_size: int | None = None
@@ -115,7 +115,7 @@ class Decoder:
                 raise SNLPConfigError(f"block_size must be an int >= 1, got {block_size!r}")
             if isinstance(speculative, SNLPConfig):
                 with evaluating(model):
-                    self.draft_step = transform(CachedStep(model).eval(), self._example(1), speculative)
+                    self.draft_step = transform(CachedStep(model).eval(), self.example_inputs(1), speculative)
             elif callable(speculative):
                 self.draft_step = speculative
             else:
@@ -127,7 +127,10 @@ class Decoder:
             raise SNLPConfigError("block_size is the speculative draft length: pass speculative= with it")
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
-    def _example(self, t: int) -> tuple[torch.Tensor, ...]:
+    def example_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
+        """Inputs of this decoder's cached step for ``t`` new tokens, (idx, pos, k_cache, v_cache)
+        with fresh caches: what its steps are transformed with, and what a caller transforms (or
+        compiles) a step of its own with for ``decode_step=``."""
         idx = torch.zeros(self.batch, t, dtype=torch.long, device=self.device)
         pos = torch.zeros((), dtype=torch.long, device=self.device)
         return (idx, pos, *new_cache(self.model, self.batch, self.max_len))
@@ -165,7 +168,7 @@ class Decoder:
                 # (deferral is for one-token steps: the prompt's K/V are written by this call)
                 cfg = None if self.config is None else self.config.replace(deferred_kv=False)
                 with evaluating(self.model):
-                    self.prefill_step = transform(CachedStep(self.model).eval(), self._example(t), cfg)
+                    self.prefill_step = transform(CachedStep(self.model).eval(), self.example_inputs(t), cfg)
             step = self.prefill_step
         with evaluating(self.model) if self.model.training else nullcontext():
             logits, new_k, new_v = step(prompt, pos, self.k_cache, self.v_cache)

@@ -65,7 +65,7 @@ def test_exact_mode_with_warm_init_and_solved_prefill(
 def test_decoder_takes_a_step_transformed_by_the_caller(
     model: torch.nn.Module, prompt: torch.Tensor, sequential: tuple[torch.Tensor, Decoder]
 ) -> None:
-    example = Decoder(model, batch=1, max_len=8 + N_NEW)._example(1)
+    example = Decoder(model, batch=1, max_len=8 + N_NEW).example_inputs(1)
     step = snlp_compile.transform(CachedStep(model), example, iterations=model.config.n_layer)
     dec = Decoder(model, batch=1, max_len=8 + N_NEW, decode_step=step)
     assert dec.decode_step is step
@@ -79,7 +79,7 @@ def test_decoder_flushes_a_compiled_deferred_step(
 ) -> None:
     """A deferred step the caller compiled: the Decoder finds its solve through torch.compile's
     wrapper, so it skips the provisional writes and flushes the last token's K/V."""
-    example = Decoder(model, batch=1, max_len=8 + N_NEW)._example(1)
+    example = Decoder(model, batch=1, max_len=8 + N_NEW).example_inputs(1)
     step = snlp_compile.transform(
         CachedStep(model), example, iterations=model.config.n_layer, deferred_kv=True
     )
