@@ -129,3 +129,24 @@ def test_speed_only_run_over_an_earlier_quality(tmp_path: Path) -> None:
     assert timed == {("base-s0", 0), ("base-s0", 2), ("base-s0", 4), ("seq-l2", 0), ("seq-l1", 0)}
     assert result["best_seq_variant"] in ("seq eager", "exact-seq eager")
     assert (out / "frontier.md").exists() and (tmp_path / "w" / "timings.json").exists()
+
+
+def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
+    """``frontier run --smoke``: data and BPE, every training objective, the decode-path quality
+    grid, timing and the report, end to end on the CPU (about a minute): the stages a GPU call runs."""
+    import json
+
+    from benchmarks.frontier import main
+
+    out = tmp_path / "out"
+    assert main(["run", "--smoke", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    models = {p["model"] for p in result["points"]}
+    assert models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "seq-l2", "seq-l1"}
+    assert all(p["ppl"] > 1 for p in result["points"])
+    exact = [p for p in result["points"] if p["model"] == "reg" and p["iterations"] == p["parallel_layers"]]
+    seq = next(p for p in result["points"] if p["model"] == "reg" and p["parallel_layers"] == 0)
+    assert exact and all(abs(p["ppl"] / seq["ppl"] - 1) < 1e-5 for p in exact)  # exact mode = sequential
+    assert all(p["decode_ms"] for p in result["points"])  # every point timed (eager on the CPU)
+    assert result["models"]["reg"]["objective"] == "regulariser"
+    assert (tmp_path / "w" / "sft-k2.safetensors").exists()
