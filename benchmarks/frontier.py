@@ -786,6 +786,7 @@ def run(args: argparse.Namespace) -> int:
         timers.append(deep)
         meta["floor_ms"] = deep.floor_ms(bandwidth)
         meta["copy_bandwidth_tbs"] = bandwidth / 1e12
+        (work / "meta.json").write_text(json.dumps(meta, indent=1, default=str))  # (assemble reads it)
         deep.sequential(modes)
         for v in chosen:
             if v.n_layer is not None:

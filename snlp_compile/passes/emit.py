@@ -59,14 +59,23 @@ def _forward_side_stacks(graph: fx.Graph, sides: list[fx.Node], num_layers: int)
 def emit_solve(gm: fx.GraphModule, chain: LayerChain, plan: SolvePlan) -> fx.GraphModule:
     """Replace ``chain``'s parallel layers in ``gm`` (a private capture) by one call to the solve
     ``plan`` describes, in place, and return ``gm``."""
+    gm.add_submodule(SOLVE_NAME, LayerParallelSolve(plan))
+    gm.graph = solve_call_graph(gm, chain, plan, SOLVE_NAME)
+    gm.delete_all_unused_submodules()
+    _drop_unused_attributes(gm)
+    gm.recompile()
+    return gm
+
+
+def solve_call_graph(gm: fx.GraphModule, chain: LayerChain, plan: SolvePlan, solve_name: str) -> fx.Graph:
+    """A copy of ``gm``'s graph with the parallel layers replaced by one call of the submodule
+    ``solve_name`` (which runs ``plan``): the graph surgery of ``emit_solve``, also used by
+    ``train.snlp_forward`` (there with the per-layer weights stacked from the live tensors)."""
     par = chain.parallel_layers
     start = par[0].hidden_in
-    solve = LayerParallelSolve(plan)
     region = {n for layer in par for n in layer.nodes}
     after = descendants(region) - region
     outputs = {layer.output: j for j, layer in enumerate(par)}
-
-    gm.add_submodule(SOLVE_NAME, solve)
     old = gm.graph
     graph = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
     graph._codegen = old._codegen
@@ -84,7 +93,7 @@ def emit_solve(gm: fx.GraphModule, chain: LayerChain, plan: SolvePlan) -> fx.Gra
             args.append(
                 view if view is not None else graph.call_function(torch.stack, ([env[c] for c in column],))
             )
-    trace = graph.call_module(SOLVE_NAME, tuple(args))
+    trace = graph.call_module(solve_name, tuple(args))
     sides: list[fx.Node] = []
     if plan.side_layers is not None:  # the solve returns (trace, *side outputs stacked over layers)
         solved = trace
@@ -114,11 +123,7 @@ def emit_solve(gm: fx.GraphModule, chain: LayerChain, plan: SolvePlan) -> fx.Gra
         if not n.users and (n.op == "get_attr" or (n.op == "call_function" and not n.is_impure())):
             graph.erase_node(n)
     graph.lint()
-    gm.graph = graph
-    gm.delete_all_unused_submodules()
-    _drop_unused_attributes(gm)
-    gm.recompile()
-    return gm
+    return graph
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:

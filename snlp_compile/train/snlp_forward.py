@@ -18,7 +18,7 @@ refused: train with "h0".
 
 from __future__ import annotations
 
-import operator
+import dataclasses
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPConfigError, SNLPRefusal
 from ..ir import LayerChain
 from ..ir.plan import SolveOptions
-from ..passes.graph_utils import descendants
+from ..passes.emit import solve_call_graph
 from ..passes.plan import TRAINING, build_solve
 from ..solve.solver import LayerParallelSolve
 from .live import LiveGraph, training_capture
@@ -93,11 +93,12 @@ class SNLPForward:
 def _live_solve_graph(
     gm: fx.GraphModule, chain: LayerChain, config: SNLPConfig
 ) -> tuple[fx.GraphModule, LayerParallelSolve]:
-    """``passes.emit.emit_solve`` with every per-layer external passed at run time (stacked in the
-    graph from the live tensors) instead of stacked into buffers at transform time."""
-    par = chain.parallel_layers
+    """``passes.emit``'s graph surgery with every per-layer external passed at run time (stacked in
+    the graph from the live tensors) instead of stacked into buffers at transform time."""
     options = SolveOptions(iterations=config.iterations, init=config.init, damping=config.damping)
-    plan, solve = build_solve(gm, chain, options, chunks=config.chunks, planning=TRAINING)
+    # a forward reads only the trace's last row where nothing else reads a hidden state
+    planning = dataclasses.replace(TRAINING, last_row=True)
+    plan, solve = build_solve(gm, chain, options, chunks=config.chunks, planning=planning)
     for ext in plan.passed:
         column = ext.column
         if ext.mode != "shared" and any(
@@ -109,40 +110,6 @@ def _live_solve_graph(
                 node=column[0].name,
             )
 
-    region = {n for layer in par for n in layer.nodes}
-    after = descendants(region) - region
-    outputs = {layer.output: j for j, layer in enumerate(par)}
     gm.add_submodule(SOLVE, solve)
-    old = gm.graph
-    graph = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
-    graph._codegen = old._codegen
-    env: dict[fx.Node, fx.Node] = {}
-    for n in old.nodes:
-        if n not in region and n not in after:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-    args: list[fx.Node] = [env[par[0].hidden_in]]
-    for ext in plan.passed:
-        if ext.mode == "shared":
-            args.append(env[ext.column[0]])
-        else:
-            args.append(graph.call_function(torch.stack, ([env[c] for c in ext.column],)))
-    trace = graph.call_module(SOLVE, tuple(args))
-    read = {j for out_node, j in outputs.items() if any(u not in region for u in out_node.users)}
-    solve.last_row_only = read == {len(par) - 1}  # a forward: the last row is all it needs
-    for out_node, j in outputs.items():
-        if j in read:
-            env[out_node] = graph.call_function(operator.getitem, (trace, -1 if solve.last_row_only else j))
-    for n in old.nodes:
-        if n in after:
-            if (
-                len(n.users) == 0
-                and n.op == "call_function"
-                and any(a in region and a not in outputs for a in n.all_input_nodes)
-            ):
-                continue  # a shape assert on a layer intermediate: the layer no longer exists
-            env[n] = graph.node_copy(n, lambda a: env[a])
-    for n in reversed(list(graph.nodes)):
-        if not n.users and (n.op == "get_attr" or (n.op == "call_function" and not n.is_impure())):
-            graph.erase_node(n)
-    graph.lint()
+    graph = solve_call_graph(gm, chain, plan, SOLVE)
     return fx.GraphModule(gm, graph, class_name="SNLPForwardGraph"), solve
