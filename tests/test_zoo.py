@@ -44,6 +44,18 @@ _BASE: dict[str, Any] = dict(
 _GQA = dict(_BASE, num_key_value_heads=2)
 
 # family -> (model class, config class, config kwargs)
+
+# OPT's tiny config; the pre- and post-norm variants differ in do_layer_norm_before alone
+_OPT = dict(
+    hidden_size=32,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    ffn_dim=64,
+    word_embed_proj_dim=32,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
+
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", _GQA),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _GQA),
@@ -138,34 +150,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "CodeGenConfig",
         dict(n_embd=32, n_layer=LAYERS, n_head=4, rotary_dim=4, vocab_size=VOCAB, n_positions=64, n_ctx=64),
     ),
-    "opt_post_norm": (
-        "OPTForCausalLM",
-        "OPTConfig",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=4,
-            ffn_dim=64,
-            word_embed_proj_dim=32,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            do_layer_norm_before=False,
-        ),
-    ),
-    "opt_pre_norm": (
-        "OPTForCausalLM",
-        "OPTConfig",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=4,
-            ffn_dim=64,
-            word_embed_proj_dim=32,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            do_layer_norm_before=True,
-        ),
-    ),
+    "opt_post_norm": ("OPTForCausalLM", "OPTConfig", dict(_OPT, do_layer_norm_before=False)),
+    "opt_pre_norm": ("OPTForCausalLM", "OPTConfig", dict(_OPT, do_layer_norm_before=True)),
     "bert": ("BertModel", "BertConfig", _BASE),
     "roberta": ("RobertaModel", "RobertaConfig", dict(_BASE, max_position_embeddings=72)),
     "bart": (
