@@ -404,10 +404,15 @@ class Timer:
                 del t
 
     def point(self, par: int, k: int, init: str, mode: str) -> None:
+        if par < self.n_layer:
+            # the same function as parallel_layers=par, its sequential layers lowered as one-layer
+            # chunks (the exact-seq lowering) rather than as written; deferred K/V needs all layers
+            staged = (1,) * (self.n_layer - par) + (par,)
+            t = snlp_compile.transform(self.step, self.inputs, iterations=k, chunks=staged, init=init)
+            self.time(Timed(self.name, par, k, init, f"snlp staged {mode}"), t, mode)
+            return
         t = snlp_compile.transform(self.step, self.inputs, iterations=k, parallel_layers=par, init=init)
         self.time(Timed(self.name, par, k, init, f"snlp {mode}"), t, mode)
-        if par < self.n_layer:  # (deferred K/V needs every layer in the parallel chain)
-            return
         d = snlp_compile.transform(
             self.step, self.inputs, iterations=k, parallel_layers=par, init=init, deferred_kv=True
         )
@@ -724,6 +729,19 @@ def pick_compiled(points: list[dict[str, Any]], limit: int) -> list[tuple[int, i
     return configs[:limit]
 
 
+def parse_point(text: str) -> tuple[int, int, str]:
+    """'8:2:h0' -> (8, 2, 'h0'): parallel layers, iterations, init."""
+    try:
+        par, k, init = text.split(":")
+        if init not in ("h0", "warm"):
+            raise ValueError
+        return int(par), int(k), init
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a point is PAR:K:INIT with INIT h0 or warm, e.g. 8:2:h0; got {text!r}"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     scale = SMOKE if args.smoke else Scale()
     if args.steps:
@@ -778,6 +796,8 @@ def run(args: argparse.Namespace) -> int:
     if "speed" not in stages:
         return 0
     modes = ["eager+graph", "compiled+graph"] if device.type == "cuda" else ["eager"]
+    if args.points and device.type == "cuda":
+        modes = ["compiled+graph"]  # only the chosen points, in the faster lowering
     grid_mode, point_mode = modes[0], modes[-1]
     timers: list[Timer] = []
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else float("nan")
@@ -794,11 +814,13 @@ def run(args: argparse.Namespace) -> int:
                 t = Timer(model, v.name, scale, snlp_options, work)
                 t.sequential(modes)
                 timers.append(t)
-        deep.grid(list(scale.parallel), list(scale.iterations), list(scale.inits), grid_mode)
+        if not args.points:
+            deep.grid(list(scale.parallel), list(scale.iterations), list(scale.inits), grid_mode)
         timed = [r for t in timers for r in t.rows]
         joined = build_points(quality, timed, trained, scale)
-        if point_mode != grid_mode:
-            for par, k, init in pick_compiled(joined["points"], args.max_compiled):
+        if point_mode != grid_mode or args.points:
+            chosen_points = args.points or pick_compiled(joined["points"], args.max_compiled)
+            for par, k, init in chosen_points:
                 if left() < 90:
                     log("speed: budget spent, no more compiled points")
                     break
@@ -932,6 +954,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--max-compiled", type=int, default=4, help="frontier points compiled + CUDA graphs")
     r.add_argument("--budget-min", type=float, default=27.0, help="stop compiling points after this")
+    r.add_argument(
+        "--points",
+        nargs="+",
+        type=parse_point,
+        default=None,
+        metavar="PAR:K:INIT",
+        help="time only these configurations of the baseline, compiled + CUDA graphs (no eager grid), "
+        "e.g. 8:2:h0 12:4:warm",
+    )
     ref = sub.add_parser("reference", help="retrain the seeded baseline checkpoint only (GPU, a few minutes)")
     ref.add_argument("--work", required=True)
     ref.add_argument("--smoke", action="store_true")
@@ -961,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate(args)
     if args.command == "reference":
         args.out, args.models, args.stages, args.steps = args.work, [BASELINE], "train", None
-        args.max_compiled, args.budget_min, args.quality_from = 0, 1e9, None
+        args.max_compiled, args.budget_min, args.quality_from, args.points = 0, 1e9, None, None
     return run(args)
 
 

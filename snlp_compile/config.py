@@ -33,7 +33,12 @@ class SNLPConfig:
         torch.tensor_split does), solved one after another, each layer-parallel with K iterations
         from the previous chunk's last output (the first from the chain's input); the correction
         restarts at each chunk boundary. K >= the largest chunk is exact; C = N, K = 1 is the
-        sequential model; C = 1 is the plain solve. At most the number of parallel layers.
+        sequential model; C = 1 is the plain solve. At most the number of parallel layers. A tuple
+        gives the sizes in order (adding up to the parallel layers, at most two distinct sizes),
+        e.g. (1,) * 8 + (8,): the first 8 layers one after another, through the same batched
+        kernels as the solve, then the last 8 layer-parallel; the function of
+        ``parallel_layers=8`` with a faster sequential part. A chunk runs min(K, its size)
+        iterations: more change nothing (the chunk is exact after that many).
     deferred_kv: decode steps only (models.kv.CachedStep, one new token): token t's corrected K/V
         are computed in token t+1's first evaluation, as a second row of its q/k/v GEMVs (one
         weight read instead of two), and written by that step into the caches at t's position;
@@ -61,7 +66,7 @@ class SNLPConfig:
     damping: float = 1.0
     layers: str | None = None
     dynamic_shapes: bool = True
-    chunks: int = 1
+    chunks: int | tuple[int, ...] = 1
     deferred_kv: bool = False
     lowering: LoweringOptions | None = None
     verify: bool = True
@@ -79,8 +84,13 @@ class SNLPConfig:
             raise SNLPConfigError(f"SNLPConfig.init must be 'h0', 'batch_fwd' or 'warm', got {self.init!r}")
         if not (isinstance(self.damping, (int, float)) and 0.0 < float(self.damping) <= 1.0):
             raise SNLPConfigError(f"SNLPConfig.damping must be in (0, 1], got {self.damping!r}")
-        if not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or self.chunks < 1:
-            raise SNLPConfigError(f"SNLPConfig.chunks must be an int >= 1, got {self.chunks!r}")
+        if isinstance(self.chunks, list):
+            object.__setattr__(self, "chunks", tuple(self.chunks))
+        sizes = self.chunks if isinstance(self.chunks, tuple) else (self.chunks,)
+        if not sizes or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in sizes):
+            raise SNLPConfigError(
+                f"SNLPConfig.chunks must be an int >= 1 or a tuple of chunk sizes >= 1, got {self.chunks!r}"
+            )
         if not isinstance(self.deferred_kv, bool):
             raise SNLPConfigError(f"SNLPConfig.deferred_kv must be a bool, got {self.deferred_kv!r}")
         if not isinstance(self.verify, bool):
@@ -89,7 +99,8 @@ class SNLPConfig:
             raise SNLPConfigError(
                 f"SNLPConfig.lowering must be None or a LoweringOptions, got {type(self.lowering).__name__}"
             )
-        if self.deferred_kv and self.chunks != 1:
+        num_chunks = len(self.chunks) if isinstance(self.chunks, tuple) else self.chunks
+        if self.deferred_kv and num_chunks != 1:
             raise SNLPConfigError(
                 f"SNLPConfig.deferred_kv needs chunks=1 (one merged evaluation of all layers), got chunks={self.chunks}"
             )
@@ -103,9 +114,17 @@ class SNLPConfig:
         return dataclasses.replace(self, **overrides)
 
 
-def chunk_sizes(num_layers: int, chunks: int) -> list[int]:
+def chunk_sizes(num_layers: int, chunks: int | tuple[int, ...]) -> list[int]:
     """Sizes of ``chunks`` consecutive chunks of ``num_layers`` layers: as even as possible, the
-    larger ones first (torch.tensor_split's rule), e.g. 8 layers in 3 chunks -> [3, 3, 2]."""
+    larger ones first (torch.tensor_split's rule), e.g. 8 layers in 3 chunks -> [3, 3, 2]; a
+    tuple is the sizes themselves, checked."""
+    if isinstance(chunks, tuple):
+        if sum(chunks) != num_layers or len(set(chunks)) > 2:
+            raise SNLPConfigError(
+                f"SNLPConfig.chunks={chunks} must add up to the {num_layers} parallel layers "
+                "and hold at most two distinct sizes (one batched evaluation each)"
+            )
+        return list(chunks)
     if not 1 <= chunks <= num_layers:
         raise SNLPConfigError(
             f"SNLPConfig.chunks={chunks} must be between 1 and the {num_layers} parallel layers"

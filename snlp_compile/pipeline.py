@@ -109,7 +109,7 @@ def find_chain_pass(c: Compilation) -> PassResult:
             f"fewer than two layers of '{container}' can be solved in parallel: nothing to rewrite{why}",
             module_path=container,
         )
-    if config.chunks > n_par:
+    if isinstance(config.chunks, int) and config.chunks > n_par:
         raise SNLPRefusal(
             f"SNLPConfig.chunks={config.chunks} but only {n_par} layers of '{container}' are solved in "
             f"parallel: at most {n_par} chunks (one layer each)",

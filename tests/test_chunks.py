@@ -290,3 +290,63 @@ def test_onnx_export_of_a_chunked_idn_model(tmp_path) -> None:
         with torch.no_grad():
             for want in (fast(x), model(x)):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+# -- chunk sizes given in order: a fast sequential prefix -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nanochat-tiny", "mhc-tiny"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_sequential_chunks_then_a_parallel_one_is_parallel_layers(name: str, k: int) -> None:
+    """chunks=(1, 1, 2): the first two layers one after another (one exact iteration each, through
+    the batched body), then the last two layer-parallel with K iterations from the second's output:
+    the function of parallel_layers=2 at the same K, for the forward and the decode step."""
+    model = _model(name)
+    idx = _tokens(model)
+    staged = _transform(model, (idx,), iterations=k, chunks=(1, 1, 2))
+    plain = _transform(model, (idx,), iterations=k, parallel_layers=2)
+    inputs = _step_inputs(model)
+    staged_step = _transform(CachedStep(model), inputs, iterations=k, chunks=(1, 1, 2))
+    plain_step = _transform(CachedStep(model), inputs, iterations=k, parallel_layers=2)
+    assert staged.snlp_solve.chunk_sizes == [1, 1, 2]
+    with torch.no_grad():
+        assert _max_err(staged(idx), plain(idx)) < TIGHT
+        for got, want in zip(staged_step(*inputs), plain_step(*inputs)):
+            assert got.shape == want.shape and _max_err(got, want) < TIGHT
+
+
+def test_a_chunk_runs_at_most_its_size_in_iterations() -> None:
+    """K = 3 on chunks (1, 1, 2): 1 + 1 + 2 batched evaluations, not 3 per chunk (the chunk is exact
+    after as many iterations as it has layers); the result is the sequential model's."""
+    model = build_model("gpt-tiny", dtype=F64)
+    idx = torch.randint(0, 200, (1, 8))
+    fast = _transform(model, (idx,), iterations=3, chunks=(1, 1, 2))
+    calls = Counter()
+    for name in ("layers", "layers_short"):
+        sub = getattr(fast.snlp_solve, name)
+        sub.register_forward_hook(lambda *_, n=name: calls.update([n]))
+    with torch.no_grad():
+        assert _rel(fast(idx), model(idx)) < TIGHT
+    assert calls == Counter({"layers": 2, "layers_short": 2})
+
+
+@pytest.mark.parametrize(
+    "chunks,match",
+    [
+        ((1, 1, 1), r"SNLPConfig\.chunks=\(1, 1, 1\) must add up to the 4 parallel layers"),
+        ((1, 2, 1, 0), r"SNLPConfig\.chunks must be an int >= 1 or a tuple of chunk sizes >= 1"),
+        ((1, 2, 3), r"SNLPConfig\.chunks=\(1, 2, 3\) must add up"),
+    ],
+)
+def test_bad_chunk_sizes_are_refused_in_one_line(chunks: tuple, match: str) -> None:
+    model = build_model("gpt-tiny", dtype=F64)
+    idx = torch.randint(0, 200, (1, 8))
+    with pytest.raises((SNLPConfigError, SNLPRefusal), match=match):
+        _transform(model, (idx,), chunks=chunks)
+
+
+def test_three_distinct_chunk_sizes_are_refused() -> None:
+    model = build_model("gpt-tiny", n_layer=6, dtype=F64)
+    idx = torch.randint(0, 200, (1, 8))
+    with pytest.raises(SNLPConfigError, match="at most two distinct sizes"):
+        _transform(model, (idx,), chunks=(1, 2, 3))

@@ -68,7 +68,8 @@ class SolvePlan:
     body: the template layer, (h, *externals) -> out, or (out, skip coefficient) when the
         coefficient is not a constant.
     layers: the body batched over a leading layer axis of ``chunk_sizes[0]`` layers;
-        layers_short: over ``chunk_sizes[-1]`` when the chunks are uneven, else None.
+        layers_short: over the other chunk size when the chunks differ (at most two sizes; the
+        smaller one for SNLPConfig.chunks as a count), else None.
     side_body / side_layers: the part of the body computing the layers' side outputs (a decode
         step's new K/V) and its batched form over all ``num_layers``; None without side outputs.
     externals: the body's inputs after h, in order; stacked: the "stacked" ones' values (N, ...),
@@ -106,10 +107,10 @@ class SolvePlan:
 
     def __post_init__(self) -> None:
         sizes = self.chunk_sizes or (self.num_layers,)
-        if sum(sizes) != self.num_layers or min(sizes) < 1 or list(sizes) != sorted(sizes, reverse=True):
-            raise ValueError(f"chunk_sizes {sizes}: positive, largest first, adding up to {self.num_layers}")
+        if sum(sizes) != self.num_layers or min(sizes) < 1:
+            raise ValueError(f"chunk_sizes {sizes}: positive, adding up to {self.num_layers}")
         if (len(set(sizes)) > 1) != (self.layers_short is not None) or len(set(sizes)) > 2:
-            raise ValueError(f"chunk_sizes {sizes}: layers_short (over {sizes[-1]}) iff sizes differ")
+            raise ValueError(f"chunk_sizes {sizes}: at most two sizes, layers_short iff they differ")
         if (self.skip_kind == "matrix") != (self.stream_layout is not None):
             raise ValueError("a 'matrix' skip needs its stream_layout, and only it has one")
         object.__setattr__(self, "chunk_sizes", tuple(int(m) for m in sizes))

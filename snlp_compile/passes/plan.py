@@ -230,7 +230,7 @@ def plan_solve(
     chain: LayerChain,
     options: SolveOptions,
     *,
-    chunks: int = 1,
+    chunks: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
 ) -> SolvePlan:
     """The SolvePlan of ``chain``'s parallel layers in the captured ``gm`` (read, not changed)."""
@@ -241,12 +241,13 @@ def plan_solve(
     batched = [True, *(m != "shared" for m in modes)]
     fixed = [False, *(m == "stacked" for m in modes)]  # values known at transform time
     # one batched body per distinct chunk size (the body fixes its layer count): the first chunk's
-    # (all N layers without chunks), and the smaller size when the chunks are uneven
+    # (all N layers without chunks), and the other size when the chunks differ
     sizes = chunk_sizes(chain.num_parallel, chunks)
     layers, fallbacks = batch_body(body, batched, sizes[0], fixed)
     layers_short = None
-    if sizes[-1] != sizes[0]:
-        layers_short, short_fallbacks = batch_body(body, batched, sizes[-1], fixed)
+    other = [m for m in sizes if m != sizes[0]]
+    if other:
+        layers_short, short_fallbacks = batch_body(body, batched, other[0], fixed)
         fallbacks += [f for f in short_fallbacks if f not in fallbacks]
     side_body = build_side_body(chain, names) if planning.side_outputs else None
     side_layers = None
@@ -354,7 +355,7 @@ def build_solve(
     options: SolveOptions,
     *,
     parallel_layers: int | None = None,
-    chunks: int = 1,
+    chunks: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
 ) -> tuple[SolvePlan, LayerParallelSolve]:
     """A runnable solve from an ``api.analyse()`` result, in one call: the plan of the last

@@ -345,15 +345,17 @@ class LayerParallelSolve(DeferredSideOutputs):
         the last iteration corrects only the chunk's last row (:meth:`correct_last`)."""
         u = self.initial_inputs(h_in, ext, chunk)
         h = u
-        for step in range(self.iterations):
+        # after k iterations the chunk's first k layers are exact: more than its size change nothing
+        iterations = min(self.iterations, self.chunk_sizes[chunk])
+        for step in range(iterations):
             if step == 0 and first_evaluation is not None:
                 g, a = first_evaluation(u)
             else:
                 g, a = self._evaluate(u, ext, chunk)
-            if last_row_only and step + 1 == self.iterations:
+            if last_row_only and step + 1 == iterations:
                 return self.correct_last(g, a, u, h_in, chunk)
             h = self.correct(g, a, u, h_in, chunk)
-            if step + 1 < self.iterations:
+            if step + 1 < iterations:
                 u = inputs_from_trace(h_in, h)
         return h
 
