@@ -9,6 +9,9 @@ DynamicCache) against the sequential model, the folder's own tokenizer, and the 
 from __future__ import annotations
 
 import random
+import re
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,10 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from snlp_compile.cli import main
+from snlp_compile.config import SNLPConfig
 from snlp_compile.errors import SNLPConfigError, SNLPUsageError
+from snlp_compile.models import build_model
 from snlp_compile.train import (
     SolveSetting,
     evaluate_model,
+    load_checkpoint,
     load_corpus,
     save_checkpoint,
     train,
@@ -65,7 +71,7 @@ def _llama_config(vocab: int = 256, **kw: object) -> object:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         initializer_range=0.2,
     )
     return transformers.LlamaConfig(**{**base, **kw})
@@ -79,8 +85,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = root / "text"
     text.mkdir()
     rng = random.Random(0)
-    for i in range(8):
-        (text / f"f{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(600)))
+    for i in range(24):  # 3 files held out at the default val_fraction (0.05), 8 at 0.25
+        (text / f"f{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(200)))
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(_llama_config())
     corpus = load_corpus([text], **TXT)
@@ -206,8 +212,8 @@ def test_refusals_are_one_line(workdir: Path, tmp_path: Path, capsys: pytest.Cap
     assert "not a transformers folder" in capsys.readouterr().err
 
     # a context shorter than the training windows
-    with pytest.raises(ValueError, match="seq_len=128 exceeds the model's context 64"):
-        train(str(workdir / "base"), text, data_options=TXT, steps=1, seq_len=128, progress=False)
+    with pytest.raises(ValueError, match="seq_len=256 exceeds the model's context 128"):
+        train(str(workdir / "base"), text, data_options=TXT, steps=1, seq_len=256, progress=False)
 
     # config and TrainConfig fields at once; a module nothing can rebuild
     from snlp_compile.train import TrainConfig
@@ -216,3 +222,63 @@ def test_refusals_are_one_line(workdir: Path, tmp_path: Path, capsys: pytest.Cap
         train(str(workdir / "base"), text, TrainConfig(steps=1, warmup_steps=0), steps=2)
     with pytest.raises(SNLPUsageError, match="cannot rebuild"):
         save_checkpoint(tmp_path / "m", torch.nn.Linear(2, 2), "linear")
+
+
+def test_snlp_forward_fine_tune_of_a_transformers_folder(workdir: Path, tmp_path: Path) -> None:
+    """The SNLP-forward objective on a transformers model: its K=1 cross-entropy falls over a few
+    seeded steps, and the result is a save_pretrained folder again."""
+    result = train(
+        str(workdir / "base"),
+        workdir / "text",
+        data_options=TXT,
+        objective="snlp-forward",
+        snlp=SNLPConfig(iterations=1),
+        steps=8,
+        batch_size=4,
+        seq_len=SEQ,
+        lr=1e-3,
+        warmup_steps=1,
+        progress=False,
+        eval_windows=4,
+    )
+    first, last = result.history[0]["snlp_ce"], result.history[-1]["snlp_ce"]
+    assert last < first, (first, last)
+    assert "snlp_ppl" in result.val
+    result.save(tmp_path / "sft")
+    transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sft")
+
+
+def test_a_factory_model_round_trips(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'module:factory': trained as given, saved with the factory's name, rebuilt by calling it."""
+    (tmp_path / "byom_factory.py").write_text(
+        "from snlp_compile.models import build_model\n\n\ndef tiny():\n    return build_model('gpt-tiny', seed=3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = train("byom_factory:tiny", workdir / "text", data_options=TXT, steps=2, batch_size=2, seq_len=16)
+    path = result.save(tmp_path / "tiny.safetensors")
+    loaded = load_checkpoint(path)
+    for (name, want), got in zip(result.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(want, got), name
+    fresh = build_model("gpt-tiny", seed=3)  # what the factory alone gives: training moved the weights
+    assert not torch.equal(fresh.lm_head.weight, loaded.lm_head.weight)
+
+
+def test_the_readme_section_runs(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands and code of the README's "Fine-tune and evaluate your own model", as written
+    (2 steps instead of 200), on a tiny Llama folder and a text folder named as there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Fine-tune and evaluate your own model\n")[1].split("\n## ")[0]
+    (bash,) = re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+    (python,) = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+    shutil.copytree(workdir / "base", tmp_path / "my-llama")
+    shutil.copytree(workdir / "text", tmp_path / "notes")
+    monkeypatch.chdir(tmp_path)
+    for line in bash.splitlines():
+        argv = shlex.split(line.replace("--steps 200", "--steps 2"))
+        assert argv[0] == "snlp-compile", line
+        assert main(argv[1:]) == 0, line
+    assert (tmp_path / "my-llama-reg" / "model.safetensors").is_file()
+    shutil.rmtree(tmp_path / "my-llama-reg")
+    namespace: dict[str, object] = {}
+    exec(python.replace("steps=200", "steps=2"), namespace)
+    assert isinstance(namespace["tuned"], transformers.LlamaForCausalLM)

@@ -63,10 +63,10 @@ def save_checkpoint(
         tok = tokenizer_from_json(tokenizer) if isinstance(tokenizer, dict) else tokenizer
         return save_transformers(path, model, tokenizer=tok, source=model_name, **meta)
     config = getattr(model, "config", None)
-    if config is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
-        built: dict[str, Any] = {"model": model_name, "model_config": dataclasses.asdict(config)}
-    elif ":" in model_name:
-        built = {"model": model_name, "factory": model_name, "model_config": {}}
+    if ":" in model_name:  # rebuilt by calling the factory (whatever config it has)
+        built: dict[str, Any] = {"model": model_name, "factory": model_name, "model_config": {}}
+    elif config is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
+        built = {"model": model_name, "model_config": dataclasses.asdict(config)}
     else:
         raise SNLPUsageError(
             f"save_checkpoint cannot rebuild a {type(model).__name__} later: it is neither a reference model, "
