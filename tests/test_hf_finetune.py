@@ -32,6 +32,7 @@ from snlp_compile.train import (
 )
 from snlp_compile.train.data import eval_windows
 from snlp_compile.train.hf_folder import folder_tokenizer, read_record
+from snlp_compile.train.model_source import resolve_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -128,7 +129,7 @@ def test_regulariser_fine_tune_of_a_transformers_folder_lowers_the_k1_gap(
     assert rows[2]["K"] == 4 and rows[2]["ce"] == pytest.approx(ce, rel=1e-4)
     assert before > 0.5  # K=1 is visibly off on this model: there is a gap to lower
 
-    args = ["train", "--model", str(base), "--objective", "regulariser", "--reg-weight", "1.0"]
+    args = ["train", "--model", str(base), "--objective", "regulariser", "--reg-weight", "2.0"]
     args += ["--data", str(text), "--suffix", ".txt", "--val-fraction", "0.25", "--steps", "15"]
     args += ["--batch-size", "4", "--seq-len", str(SEQ), "--lr", "1e-3", "--warmup", "2"]
     args += ["--eval-windows", "4", "--no-progress", "--out", str(out)]
@@ -139,7 +140,7 @@ def test_regulariser_fine_tune_of_a_transformers_folder_lowers_the_k1_gap(
     tuned = transformers.LlamaForCausalLM.from_pretrained(out)  # the model's own class loads it
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
     after, _ = _k1_gap(out, text)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # measured: 2.06 -> 1.54 nats
 
     assert (
         main(["eval", str(out), "-K", "1", "2", "--parallel", "all", "--windows", "8", "--batch-size", "4"])
@@ -282,3 +283,21 @@ def test_the_readme_section_runs(workdir: Path, tmp_path: Path, monkeypatch: pyt
     namespace: dict[str, object] = {}
     exec(python.replace("steps=200", "steps=2"), namespace)
     assert isinstance(namespace["tuned"], transformers.LlamaForCausalLM)
+
+
+def test_a_config_alone_and_init_from_a_folder(workdir: Path, tmp_path: Path) -> None:
+    """config.json alone: the architecture with seeded random weights (not the folder's); the
+    folder given as --init-from: the same as --model FOLDER."""
+    base = workdir / "base"
+    weights = transformers.LlamaForCausalLM.from_pretrained(base).model.layers[0].mlp.up_proj.weight
+    fresh = resolve_model(base / "config.json", seed=5).model
+    again = resolve_model(base / "config.json", seed=5).model
+    assert isinstance(fresh, transformers.LlamaForCausalLM)
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, again.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, weights)
+
+    args = ["train", "--init-from", str(base), "--data", str(workdir / "text"), "--suffix", ".txt"]
+    args += ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    record = read_record(tmp_path / "out")
+    assert record is not None and record["source"] == str(base) and record["tokenizer"] == {"kind": "bytes"}
