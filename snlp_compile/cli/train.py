@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         source = resolve_model(model_name, seed=args.seed)
         if source.tokenizer is not None:
             tokenizer = source.tokenizer
-            print(f"tokenizer: {model_name}'s own (--tokenizer ignored)")
+            ignored = " (--tokenizer ignored)" if args.tokenizer != "bytes" else ""
+            print(f"tokenizer: the model folder's own{ignored}")
     if tokenizer == "bpe":
         require("train with the 'bpe' tokenizer", "tokenizers")
     corpus = load_corpus(

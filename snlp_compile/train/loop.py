@@ -300,11 +300,11 @@ def train(
 
     - ``train(TrainConfig(model="nanochat-tiny", ...), corpus)``: a registry model from scratch
       (or ``init_from`` a checkpoint);
-    - ``train(model, data, config=None, **TrainConfig fields)``: fine-tune ``model`` as given (an
-      ``nn.Module``, a local `transformers` folder or config.json, ``'module:factory'``; a registry
-      name trains that model from scratch; a ``ModelSource`` is one already resolved). ``data``: a ``Corpus`` or files/folders of text
-      (``load_corpus(data, **data_options)``, e.g. ``{"suffix": ".txt"}``, read with the
-      folder's own tokenizer when it has one, else as bytes).
+    - ``train(model, data, config=None, **TrainConfig fields)``: fine-tune ``model`` as given, in
+      place (an ``nn.Module``, a local `transformers` folder or config.json, ``'module:factory'``,
+      a resolved ``ModelSource``; a registry name trains that model from scratch). ``data``: a
+      ``Corpus``, or files/folders of text (``load_corpus(data, **data_options)``, e.g.
+      ``{"suffix": ".txt"}``) read with the folder's own tokenizer when it has one, else as bytes.
 
     ``history`` holds one row per step (values are read back from the device every ``log_every``
     steps, so logging costs no per-step synchronisation)."""
