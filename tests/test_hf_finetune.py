@@ -211,6 +211,8 @@ def test_refusals_are_one_line(workdir: Path, tmp_path: Path, capsys: pytest.Cap
     stray.mkdir()
     assert main(["train", "--model", str(stray), "--data", str(text), "--out", str(tmp_path / "x")]) == 1
     assert "not a transformers folder" in capsys.readouterr().err
+    with pytest.raises(SNLPConfigError, match="no such file or folder"):
+        resolve_model(tmp_path / "missing")
 
     # a context shorter than the training windows
     with pytest.raises(ValueError, match="seq_len=256 exceeds the model's context 128"):

@@ -63,6 +63,8 @@ def resolve_model(spec: str | Path | nn.Module, *, seed: int = 0) -> ModelSource
         )
     if ":" in text:
         return ModelSource(load_factory(text), text, "factory")
+    if "/" in text or text.startswith("."):
+        raise SNLPConfigError(f"model {text!r}: no such file or folder")
     from ..models import MODEL_NAMES, build_model
 
     if text not in MODEL_NAMES:
