@@ -303,3 +303,9 @@ def test_a_config_alone_and_init_from_a_folder(workdir: Path, tmp_path: Path) ->
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     record = read_record(tmp_path / "out")
     assert record is not None and record["source"] == str(base) and record["tokenizer"] == {"kind": "bytes"}
+
+
+def test_inspect_takes_a_transformers_folder(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The other commands' --model takes the folder too (as token ids -> logits, its cache off)."""
+    assert main(["inspect", "--model", str(workdir / "base"), "--no-picture", "--seq", "16"]) == 0
+    assert "parallel:  4 layers (model.model.layers.0 .. model.model.layers.3)" in capsys.readouterr().out

@@ -108,6 +108,7 @@ class TokenLogits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.config = model.config  # (vocab_size, layer count: read by callers that size inputs)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -116,7 +117,7 @@ class TokenLogits(nn.Module):
 def token_model(model: nn.Module) -> nn.Module:
     """``model`` as a token -> logits module: a `transformers` model wrapped in ``TokenLogits``,
     anything else as it is."""
-    return TokenLogits(model) if is_transformers_model(model) else model
+    return TokenLogits(model).train(model.training) if is_transformers_model(model) else model
 
 
 def model_vocab_size(model: nn.Module) -> int | None:
