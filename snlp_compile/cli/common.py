@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import SNLPError
@@ -82,7 +83,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, batch: int = 2) -> N
         "--model",
         default=DEFAULT_MODEL,
         help="built-in reference model (nanochat-tiny, nanochat-small, gpt-tiny, gpt-small, mhc-tiny, ...; "
-        "an unknown name lists them all) or 'module.path:factory' returning an nn.Module",
+        "an unknown name lists them all), 'module.path:factory' returning an nn.Module, a checkpoint of "
+        "`snlp-compile train` or a local transformers folder",
     )
     parser.add_argument(
         "--batch",
@@ -102,13 +104,21 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_model(spec: str, dtype: Any, seed: int = 0) -> Any:
-    """A built-in model by name, or a user factory given as 'package.module:function'."""
+    """A built-in model by name, a user factory given as 'package.module:function', a checkpoint of
+    ``snlp-compile train`` or a local `transformers` folder (as token ids -> logits, its cache off)."""
     import torch
 
     from ..models import MODEL_NAMES, build_model
+    from ..train.checkpoint import is_checkpoint, load_checkpoint
+    from ..train.hf_folder import is_transformers_path, load_transformers, token_model
 
     if isinstance(dtype, str):
         dtype = torch_dtype(dtype)
+    if is_transformers_path(spec):
+        require(f"--model {spec} (a transformers folder)", "transformers")
+        return token_model(load_transformers(spec, seed=seed, dtype=dtype))
+    if is_checkpoint(spec) and Path(spec).exists():
+        return load_checkpoint(spec, dtype=dtype)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:

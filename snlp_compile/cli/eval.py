@@ -3,6 +3,12 @@
 
 snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
 snlp-compile eval runs/reg -K 1 2 --chunks 1 2 4     # chunkwise decomposition too
+snlp-compile eval ./my-llama --data notes/ --suffix .txt -K 1 2   # a local transformers folder
+
+A model is a checkpoint of `snlp-compile train`, a local transformers folder (its safetensors
+weights and its own tokenizer.json; text as bytes when it has none), 'module.path:factory' or a
+built-in name (random weights). The held-out text is the one the model was trained on when its
+checkpoint records it, else --data (default: this Python's stdlib).
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ def _parallel(value: str) -> int | str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint folders written by `snlp-compile train`")
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="checkpoints written by `snlp-compile train`, local transformers folders, 'module.path:factory' "
+        "or built-in names",
+    )
     parser.add_argument(
         "--label", nargs="+", default=None, help="one name per checkpoint (default: folder names)"
     )
@@ -53,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_data_arguments(parser)
     parser.set_defaults(val_fraction=None, suffix=None)
-    parser.add_argument("--seq-len", type=int, default=None, help="default: the training sequence length")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="default: the training sequence length (else 128)"
+    )
     parser.add_argument("--windows", type=int, default=64, help="held-out windows evaluated")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
@@ -67,15 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         require("eval --plot", "matplotlib")
     require_device(args.device)
-    from ..train import (
-        SolveSetting,
-        evaluate_model,
-        load_checkpoint,
-        markdown_table,
-        plot_ppl_vs_k,
-        read_checkpoint_info,
-    )
-    from ..train.data import eval_windows, load_corpus, tokenizer_from_json
+    from ..train import SolveSetting, evaluate_model, markdown_table, plot_ppl_vs_k
+    from ..train.data import eval_windows, load_corpus
+    from ..train.eval_source import load_for_eval
+    from ..train.hf_folder import model_layers
 
     if args.label is not None and len(args.label) != len(args.checkpoints):
         raise CLIError(f"--label needs {len(args.checkpoints)} names, got {len(args.label)}")
@@ -88,21 +96,20 @@ def run(args: argparse.Namespace) -> int:
     layers: dict[str, int] = {}
     corpora: dict[str, Any] = {}
     for folder, label in zip(args.checkpoints, labels):
-        info = read_checkpoint_info(folder)
-        if (info.get("tokenizer") or {}).get("kind") == "bpe":
-            require("eval of a checkpoint with a BPE tokenizer", "tokenizers")
-        spec = dict(info["data"])
+        model_eval = load_for_eval(folder, args.device)
+        spec = dict(model_eval.data)
         for key in ("data", "max_bytes", "val_fraction", "suffix"):
             if getattr(args, key) is not None:
                 spec["sources" if key == "data" else key] = getattr(args, key)
-        key = json.dumps([spec, info["tokenizer"]], sort_keys=True)
+        tokenizer = model_eval.tokenizer
+        key = json.dumps([spec, tokenizer.to_json()], sort_keys=True)
         if key not in corpora:
-            corpora[key] = load_corpus(tokenizer=tokenizer_from_json(info["tokenizer"]), **spec)
+            corpora[key] = load_corpus(tokenizer=tokenizer, **spec)
             print(f"data: {corpora[key].describe()}", flush=True)
         corpus = corpora[key]
-        seq_len = args.seq_len or info["train"]["seq_len"]
-        model = load_checkpoint(folder, device=args.device)
-        layers[label] = int(info["model_config"].get("n_layer", 0))
+        seq_len = args.seq_len or model_eval.seq_len
+        model = model_eval.model
+        layers[label] = model_layers(model)
         windows = eval_windows(corpus.val, seq_len, args.windows)
         status(
             f"eval {label}: sequential and {len(settings)} SNLP setting(s) over {windows.size(0)} windows "

@@ -5,6 +5,9 @@ snlp-compile train --model nanochat-tiny --steps 300 --out runs/base
 snlp-compile train --model nanochat-tiny --steps 300 --objective regulariser --out runs/reg
 snlp-compile train --objective snlp-forward --init-from runs/base --parallel-layers 4 --iterations 2 \
     --steps 100 --out runs/sft
+snlp-compile train --model ./my-llama --objective regulariser --data notes/ --suffix .txt --out runs/llama-reg
+    (a local transformers folder: its safetensors weights, its own tokenizer.json if it has one,
+     saved back with save_pretrained so its own class loads the result)
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="nanochat-tiny",
-        help=f"built-in reference model to train (nanochat-tiny, {DEFAULT_MODEL}, gpt-tiny, mhc-tiny, ...)",
+        help=f"built-in reference model to train from scratch (nanochat-tiny, {DEFAULT_MODEL}, gpt-tiny, mhc-tiny, "
+        "...), 'module.path:factory' returning an nn.Module, or a local transformers folder (config.json + "
+        "safetensors weights, fine-tuned; a config alone: random weights) or config.json; nothing is downloaded",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="model config override"
@@ -54,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer",
         choices=("bytes", "bpe"),
         default="bytes",
-        help="bytes, or a byte-level BPE trained here",
+        help="bytes, or a byte-level BPE trained here (a transformers folder with a tokenizer uses its own)",
     )
     parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (--tokenizer bpe)")
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
@@ -85,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="CKPT",
         help="checkpoint (folder or .safetensors) to fine-tune; the model keeps its config and tokenizer "
-        "(--model, --set, --tokenizer are then ignored)",
+        "(--model, --set, --tokenizer are then ignored); a transformers folder here is the same as --model FOLDER",
     )
     reg = parser.add_argument_group(
         "SNLP-aware regulariser (objective regulariser or both; defaults: the paper's)"
@@ -160,6 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import SNLPConfig
+    from ..models import MODEL_NAMES
     from ..train import (
         RegulariserConfig,
         TrainConfig,
@@ -168,23 +174,34 @@ def run(args: argparse.Namespace) -> int:
         read_checkpoint_info,
         train,
     )
+    from ..train.hf_folder import is_transformers_path
+    from ..train.model_source import ModelSource, resolve_model
 
     require("train (the checkpoint is written with safetensors)", "safetensors")
     require_device(args.device)
     objective: Any = args.objective or ("regulariser" if (args.reg_weight or 0) > 0 else "ce")
-    tokenizer = args.tokenizer
+    tokenizer: Any = args.tokenizer
     model_name, overrides = args.model, parse_assignments(args.set)
-    if args.init_from is not None:
-        info = read_checkpoint_info(args.init_from)
+    source: ModelSource | None = None
+    init_from = args.init_from
+    if init_from is not None and is_transformers_path(init_from):
+        model_name, init_from = init_from, None
+    if init_from is not None:
+        info = read_checkpoint_info(init_from)
         model_name, overrides = info["model"], {}
-        tokenizer = checkpoint_tokenizer(args.init_from) or "bytes"
-    else:
-        from ..models import MODEL_NAMES
-
-        if model_name not in MODEL_NAMES:
-            raise CLIError(f"--model {model_name!r}: unknown model; built-in names: {', '.join(MODEL_NAMES)}")
-    if tokenizer != "bytes":
-        require(f"train with the {tokenizer!r} tokenizer", "tokenizers")
+        tokenizer = checkpoint_tokenizer(init_from) or "bytes"
+    elif model_name not in MODEL_NAMES:
+        if overrides:
+            raise CLIError(f"--set changes a built-in model's config; {model_name!r} brings its own")
+        if is_transformers_path(model_name):
+            require(f"--model {model_name} (a transformers folder)", "transformers")
+        source = resolve_model(model_name, seed=args.seed)
+        if source.tokenizer is not None:
+            tokenizer = source.tokenizer
+            ignored = " (--tokenizer ignored)" if args.tokenizer != "bytes" else ""
+            print(f"tokenizer: the model folder's own{ignored}")
+    if tokenizer == "bpe":
+        require("train with the 'bpe' tokenizer", "tokenizers")
     corpus = load_corpus(
         args.data,
         val_fraction=args.val_fraction,
@@ -230,9 +247,9 @@ def run(args: argparse.Namespace) -> int:
         snlp=snlp,
         seq_ce_weight=args.seq_ce_weight,
         distill_weight=args.distill_weight,
-        init_from=args.init_from,
+        init_from=init_from,
     )
-    result = train(config, corpus)
+    result = train(config, corpus) if source is None else train(source, corpus, config)
     folder = result.save(args.out, tokenizer=corpus.tokenizer, data=corpus.spec)
     val = result.val
     solved = f"; through the solve {val['snlp_ppl']:.3f}" if "snlp_ppl" in val else ""

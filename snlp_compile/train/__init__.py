@@ -11,6 +11,9 @@ snlp = SNLPForward(model, (idx,), SNLPConfig(parallel_layers=8, iterations=2))
 loss = cross_entropy(snlp(idx), y)               # through the solve, grads on model's parameters
 
 res = train(TrainConfig(objective="snlp-forward", snlp=SNLPConfig(...), init_from="base.safetensors"), corpus)
+
+res = train("./my-llama", "notes/", objective="regulariser", steps=200)   # a local transformers folder
+res.save("./my-llama-reg")                      # save_pretrained: LlamaForCausalLM.from_pretrained loads it
 """
 
 from .checkpoint import (

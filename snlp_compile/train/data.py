@@ -79,6 +79,10 @@ class BPETokenizer:
     def to_json(self) -> dict[str, object]:
         return {"kind": "bpe", "tokenizer": json.loads(self._tok.to_str())}  # type: ignore[attr-defined]
 
+    def save(self, path: str | Path) -> None:
+        """Write the ``tokenizers`` JSON (tokenizer.json), as ``Tokenizer.from_file`` reads it."""
+        self._tok.save(str(path))  # type: ignore[attr-defined]
+
 
 def tokenizer_from_json(spec: dict[str, object]) -> Tokenizer:
     kind = spec.get("kind")

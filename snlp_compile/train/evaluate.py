@@ -2,7 +2,8 @@
 
 Each solve setting (K, how many layers parallel, init, chunks) is the model transformed by
 ``snlp_compile.transform``; settings that differ only in K share one transform (K is the solve's
-iteration count, as ``solve_trace`` sets it). Results are rows of plain dicts, rendered as a
+iteration count, as ``solve_trace`` sets it). A `transformers` model is evaluated as
+``hf_folder.TokenLogits`` (its cache off: a ``DynamicCache`` cannot be captured). Results are rows of plain dicts, rendered as a
 markdown table and a plot of perplexity against K.
 """
 
@@ -22,6 +23,7 @@ from ..api import analyse
 from ..api import transform as snlp_transform
 from ..config import SNLPConfig
 from ..solve.handle import solve_handle
+from .hf_folder import token_model
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -44,6 +46,8 @@ def perplexity(
     bytes_per_token: float,
 ) -> dict[str, float]:
     """Mean next-token cross entropy over ``windows`` (n, T + 1) -> ce (nats), ppl, bits per byte."""
+    if isinstance(model, nn.Module):
+        model = token_model(model)
     total, count = 0.0, 0
     for i in range(0, windows.size(0), batch_size):
         win = windows[i : i + batch_size].to(device)
@@ -90,7 +94,7 @@ def evaluate_model(
 ) -> list[dict[str, Any]]:
     """Rows: the sequential model, then every setting, each with ce, ppl, bpb and the gap to sequential
     (``progress`` is called with each row as it is done)."""
-    model = model.eval().to(device)
+    model = token_model(model).eval().to(device)
     if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
         windows = windows[: windows.size(0) // batch_size * batch_size]
     seq = perplexity(model, windows, batch_size, device, bytes_per_token)

@@ -17,6 +17,10 @@ Objectives (``TrainConfig.objective``), the loss of one step:
 - "both": the two above added: snlp_ce + seq_ce_weight * ce + lambda(step) * R + distill_weight * KL.
 
 ``init_from`` starts from a checkpoint (fine-tuning; the model keeps that checkpoint's config).
+``train(model, data, ...)`` fine-tunes a model given directly (an ``nn.Module``, a local
+`transformers` folder, ``'module:factory'``) on text read with the model's own tokenizer when
+its folder has one (``model_source``); a `transformers` model is trained through ``TokenLogits``
+(its cache off) and saved with ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,13 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SNLPConfig
-from ..models import build_model, model_config
-from .data import Corpus, eval_windows, random_batches
+from ..errors import SNLPConfigError, SNLPUsageError
+from ..models import MODEL_NAMES, build_model, model_config
+from .data import Corpus, eval_windows, load_corpus, random_batches
 from .evaluate import logits_of, perplexity
+from .hf_folder import check_vocab, is_transformers_model, save_transformers, token_model
+from .model_source import ModelSource, resolve_model
 from .regulariser import RegulariserConfig, SNLPRegulariser
 from .snlp_forward import SNLPForward
 
-_CONTEXT_FIELDS = ("sequence_len", "block_size")
+_CONTEXT_FIELDS = ("sequence_len", "block_size", "max_position_embeddings", "n_positions")
 Objective = Literal["ce", "regulariser", "snlp-forward", "both"]
 OBJECTIVES: tuple[str, ...] = ("ce", "regulariser", "snlp-forward", "both")
 
@@ -169,6 +177,8 @@ class TrainResult:
     tokens: int
     val: dict[str, float]  # final held-out losses: sequential ce / ppl / bpb (and snlp_* for snlp objectives)
     model_name: str = ""  # the registry name (the checkpoint's with init_from), for save_checkpoint
+    source: ModelSource | None = None  # the model given to train(model, ...), None for a registry model
+    tokenizer: Any = None  # the corpus's: what save() records when given none
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -179,10 +189,25 @@ class TrainResult:
         }
 
     def save(self, path: str | Path, *, tokenizer: Any = None, **meta: Any) -> Path:
-        """``save_checkpoint(path, model, model_name, tokenizer=..., train=<config>, result=<summary>, **meta)``."""
+        """``save_checkpoint(path, model, model_name, tokenizer=..., train=<config>, result=<summary>, **meta)``;
+        a `transformers` model: ``save_pretrained`` into the folder ``path`` with its tokenizer files
+        and the same record (``hf_folder.save_transformers``). ``tokenizer`` defaults to the
+        training corpus's."""
         from .checkpoint import save_checkpoint
 
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         record = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
+        if is_transformers_model(self.model):
+            return save_transformers(
+                path,
+                self.model,
+                tokenizer=tokenizer,
+                tokenizer_source=self.source.folder if self.source is not None else None,
+                source=self.model_name,
+                train=record,
+                result=self.summary(),
+                **meta,
+            )
         return save_checkpoint(
             path,
             self.model,
@@ -209,12 +234,12 @@ def build_for_corpus(config: TrainConfig, corpus: Corpus) -> nn.Module:
     return build_model(config.model, seed=config.seed, device=config.device, **overrides)
 
 
-def _check_context(cfg: Any, seq_len: int) -> None:
-    context = next((getattr(cfg, f) for f in _CONTEXT_FIELDS if hasattr(cfg, f)), None)
-    if context is not None and context < seq_len:
+def _check_context(cfg: Any, seq_len: int, where: str = "in model_overrides") -> None:
+    field = next((f for f in _CONTEXT_FIELDS if isinstance(getattr(cfg, f, None), int)), None)
+    if field is not None and getattr(cfg, field) < seq_len:
         raise ValueError(
-            f"seq_len={seq_len} exceeds the model's context {context}; set "
-            f"{next(f for f in _CONTEXT_FIELDS if hasattr(cfg, f))} >= {seq_len} in model_overrides"
+            f"seq_len={seq_len} exceeds the model's context {getattr(cfg, field)}; set {field} >= {seq_len} "
+            f"{where}, or a shorter seq_len"
         )
 
 
@@ -259,28 +284,95 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainResult:
-    """Train ``config.model`` (or fine-tune ``config.init_from``) on ``corpus``; returns the model
-    (eval mode) and what happened. ``history`` holds one row per step (values are read back from
-    the device every ``log_every`` steps, so logging costs no per-step synchronisation)."""
+DataSpec = Corpus | str | Path | Sequence[str | Path] | None
+
+
+def train(
+    model: TrainConfig | ModelSource | nn.Module | str | Path,
+    data: DataSpec = None,
+    config: TrainConfig | None = None,
+    *,
+    log_every: int = 10,
+    data_options: dict[str, Any] | None = None,
+    **fields: Any,
+) -> TrainResult:
+    """Train, and return the model (eval mode) and what happened. Two ways to call it:
+
+    - ``train(TrainConfig(model="nanochat-tiny", ...), corpus)``: a registry model from scratch
+      (or ``init_from`` a checkpoint);
+    - ``train(model, data, config=None, **TrainConfig fields)``: fine-tune ``model`` as given, in
+      place (an ``nn.Module``, a local `transformers` folder or config.json, ``'module:factory'``,
+      a resolved ``ModelSource``; a registry name trains that model from scratch). ``data``: a
+      ``Corpus``, or files/folders of text (``load_corpus(data, **data_options)``, e.g.
+      ``{"suffix": ".txt"}``) read with the folder's own tokenizer when it has one, else as bytes.
+
+    ``history`` holds one row per step (values are read back from the device every ``log_every``
+    steps, so logging costs no per-step synchronisation)."""
+    source: ModelSource | None = None
+    if isinstance(model, TrainConfig):
+        if config is not None or fields:
+            raise SNLPUsageError("train(TrainConfig, corpus) takes no second config or TrainConfig fields")
+        config = model
+    else:
+        if config is not None and fields:
+            raise SNLPUsageError(
+                f"train(model, data, config) takes config or TrainConfig fields, not both ({sorted(fields)})"
+            )
+        if config is None:  # a short fine-tune warms up over at most its steps, as the CLI does
+            fields.setdefault(
+                "warmup_steps", min(TrainConfig.warmup_steps, fields.get("steps", TrainConfig.steps))
+            )
+            config = TrainConfig(**fields)
+        if isinstance(model, (str, Path)) and str(model) in MODEL_NAMES:
+            config = dataclasses.replace(config, model=str(model))
+        else:
+            if config.init_from is not None:
+                raise SNLPUsageError(
+                    "train(model, ...) fine-tunes the model given: leave TrainConfig.init_from unset"
+                )
+            source = model if isinstance(model, ModelSource) else resolve_model(model, seed=config.seed)
+            config = dataclasses.replace(config, model=source.name)
+    if not isinstance(data, Corpus):
+        own = source.tokenizer if source is not None else None
+        sources = None if data is None else [data] if isinstance(data, (str, Path)) else data
+        data = load_corpus(sources, **{"tokenizer": own or "bytes", **(data_options or {})})
+    return _train(config, data, source, log_every)
+
+
+def _model_for(config: TrainConfig, corpus: Corpus, source: ModelSource | None) -> tuple[nn.Module, str]:
+    """The model to train and its name, checked against the corpus (vocabulary, context)."""
+    if source is None:
+        if config.init_from is not None:
+            return load_for_corpus(config, corpus)
+        return build_for_corpus(config, corpus), config.model
+    own = source.tokenizer
+    if own is not None and own.to_json() != corpus.tokenizer.to_json():
+        raise SNLPConfigError(
+            f"{source.name}: the corpus is not tokenised with the model's own tokenizer: pass the text "
+            "(files or folders) as data, or load_corpus(..., tokenizer=folder_tokenizer(folder))"
+        )
+    check_vocab(source.model, corpus.tokenizer, source.name)
+    _check_context(getattr(source.model, "config", None), config.seq_len, where="in the model's config")
+    return source.model.to(config.device), source.name
+
+
+def _train(config: TrainConfig, corpus: Corpus, source: ModelSource | None, log_every: int) -> TrainResult:
     from ..progress import progress_bar
 
     device = torch.device(config.device)
     use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
-    if config.init_from is not None:
-        model, model_name = load_for_corpus(config, corpus)
-    else:
-        model, model_name = build_for_corpus(config, corpus), config.model
+    model, model_name = _model_for(config, corpus, source)
     model = model.train()
+    net = token_model(model)  # what is captured and called: token ids -> logits
     batches = random_batches(corpus.train, config.batch_size, config.seq_len, seed=config.seed)
     example, _ = next(random_batches(corpus.train, config.batch_size, config.seq_len, seed=config.seed + 1))
     example = example.to(device)
     reg_config = config.regulariser_config()
-    reg = SNLPRegulariser(model, (example,), reg_config) if reg_config is not None else None
-    snlp = SNLPForward(model, (example,), config.snlp) if config.snlp is not None else None
+    reg = SNLPRegulariser(net, (example,), reg_config) if reg_config is not None else None
+    snlp = SNLPForward(net, (example,), config.snlp) if config.snlp is not None else None
     teacher = None
     if config.distill_weight > 0:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)
     seq_weight = config.seq_weight
     need_seq = reg is None and (seq_weight > 0 or snlp is None)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -308,7 +400,7 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
                 logits, lam = logits_of(out.output), reg.config.weight_at(step)
                 terms["reg"] = out.loss
             elif need_seq:
-                logits = logits_of(model(x))
+                logits = logits_of(net(x))
             if logits is not None:
                 terms["ce"] = _cross_entropy(logits, y)
             if snlp is not None:
@@ -359,13 +451,12 @@ def train(config: TrainConfig, corpus: Corpus, *, log_every: int = 10) -> TrainR
     seconds = time.perf_counter() - start
     model.eval()
     windows = eval_windows(corpus.val, config.seq_len, config.eval_windows)
-    val = perplexity(model, windows, config.batch_size, device, corpus.val_bytes_per_token)
+    val = perplexity(net, windows, config.batch_size, device, corpus.val_bytes_per_token)
     if snlp is not None:
         solved = perplexity(snlp, windows, config.batch_size, device, corpus.val_bytes_per_token)
         val.update({f"snlp_{k}": v for k, v in solved.items()})
-    return TrainResult(
-        model, config, history, seconds, config.steps * config.batch_size * config.seq_len, val, model_name
-    )
+    tokens = config.steps * config.batch_size * config.seq_len
+    return TrainResult(model, config, history, seconds, tokens, val, model_name, source, corpus.tokenizer)
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
