@@ -101,6 +101,10 @@ def export_onnx_decode(
     per-layer caches at the graph boundary (module docstring). rewrite: the step transformed with
     ``config``/``overrides`` (the layer-parallel step); False: the sequential step. dynamic: batch
     and max_sequence_length symbolic (trace with batch >= 2 to keep batch so)."""
+    if not hasattr(model, "forward_cached") or not hasattr(model, "config"):
+        raise SNLPUsageError(
+            f"{type(model).__name__} has no KV-cached step (forward_cached and config, as the reference models)"
+        )
     step = CachedStep(model)
     example = decode_example(model, batch, max_len)
     n_layer = cache_shape(model, batch, max_len)[0]
