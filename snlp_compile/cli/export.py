@@ -150,7 +150,7 @@ def _decode_step(
     k_cache, v_cache = new_cache(model, args.batch, args.max_len)
     idx = example_tokens(model, args.batch, 1, args.seed)
     inputs = (idx, torch.tensor(0), k_cache, v_cache)
-    step = CachedStep(model)
+    step: Any = CachedStep(model)
     if not args.no_rewrite:
         step = transform(step, inputs, dynamic_shapes=not args.static, **overrides)
     return step, inputs

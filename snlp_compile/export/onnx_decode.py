@@ -105,7 +105,7 @@ def export_onnx_decode(
         raise SNLPUsageError(
             f"{type(model).__name__} has no KV-cached step (forward_cached and config, as the reference models)"
         )
-    step = CachedStep(model)
+    step: nn.Module = CachedStep(model)
     example = decode_example(model, batch, max_len)
     n_layer = cache_shape(model, batch, max_len)[0]
     report: ExplainReport | None = None
