@@ -116,7 +116,7 @@ def export_onnx_decode(
         report = ExplainReport.of(step)
     elif config is not None or overrides:
         raise SNLPConfigError("rewrite=False exports the sequential step: config/overrides do not apply")
-    dims = {
+    dims: dict[str, tuple[str, ...]] = {
         name: ("batch", "num_kv_heads", "max_sequence_length", "head_dim") for name in past_names(n_layer)
     }
     dims[INPUT_IDS] = ("batch", "sequence")
