@@ -13,7 +13,15 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfigError
-from snlp_compile.export.aoti import AOTIExport, AOTILoadError, export_aoti, load_aoti, run_in_fresh_process
+from snlp_compile.export.aoti import (
+    AOTIExport,
+    AOTILoadError,
+    compiled_in,
+    export_aoti,
+    load_aoti,
+    run_in_fresh_process,
+)
+from snlp_compile.kernels import layer_gemv
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache
 
@@ -58,8 +66,14 @@ def test_package_of_the_decode_step_runs_in_a_fresh_process(
     torch.testing.assert_close(in_process[0], want[0], rtol=1e-5, atol=1e-5)
 
 
+def test_which_project_ops_a_package_carries() -> None:
+    """The GEMV triton_op is compiled into a package (where Triton exists); opaque ops are not."""
+    assert compiled_in("snlp::layer_gemv") == layer_gemv.available()
+    assert not compiled_in("snlp::cached_attention") and not compiled_in("snlp::layer_gemv_pdl")
+
+
 def test_package_errors(package: tuple[torch.nn.Module, AOTIExport], tmp_path: Path) -> None:
-    step, result = package
+    step, _ = package
     with pytest.raises(SNLPConfigError, match=r"\.pt2 file"):
         export_aoti(step, (), tmp_path / "step.so")
     with pytest.raises(SNLPConfigError, match="already transformed"):

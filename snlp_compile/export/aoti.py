@@ -44,7 +44,7 @@ class AOTIExport:
 
     path: Path
     device: str
-    custom_ops: list[str]  # snlp:: ops left in the exported graph (empty: self-contained)
+    custom_ops: list[str]  # opaque snlp:: ops left in the exported graph (empty: self-contained)
     op_counts: Counter[str]  # exported-graph ops before Inductor
     snlp_report: ExplainReport | None
     compile_seconds: float
@@ -72,6 +72,14 @@ def graph_ops(program: torch.export.ExportedProgram) -> Counter[str]:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             counts[node.target._schema.name] += 1
     return counts
+
+
+def compiled_in(op: str) -> bool:
+    """Whether AOTInductor compiles ``op`` into the package: a ``torch.library.triton_op``, whose
+    Triton kernels Inductor traces into (``snlp::layer_gemv``), unlike an opaque custom op."""
+    from torch._library import triton as library_triton
+
+    return bool(library_triton.get_triton_kernels_for_op(op))
 
 
 def _device_of(args: tuple[Any, ...]) -> str:
@@ -131,7 +139,7 @@ def export_aoti(
             f"torch.export could not capture {type(target).__name__} for AOTInductor: {exc}"
         ) from exc
     ops = graph_ops(program)
-    custom = sorted(op for op in ops if op.startswith("snlp::"))
+    custom = sorted(op for op in ops if op.startswith("snlp::") and not compiled_in(op))
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     from torch._inductor import aoti_compile_and_package
