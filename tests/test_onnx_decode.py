@@ -13,6 +13,7 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfigError, SNLPUsageError
+from snlp_compile.cli import main as cli_main
 from snlp_compile.export.onnx_decode import (
     export_onnx_decode,
     ort_decode,
@@ -106,3 +107,19 @@ def test_decode_export_and_driver_errors(exported: tuple[str, ONNXExport], tmp_p
 def test_a_step_with_deferred_kv_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SNLPUsageError, match="defers its K/V"):
         export_onnx_decode(_model(), tmp_path / "d.onnx", max_len=MAX_LEN, iterations=1, deferred_kv=True)
+
+
+def test_cli_exports_and_checks_the_decode_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "step.onnx"
+    argv = ["export", "--model", "nanochat-tiny", "--decode", "-K", "1", "--max-len", "12", "-o", str(out)]
+    assert cli_main([*argv, "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "present.3.value[batch, 2, max_sequence_length, 16]" in printed
+    checks = [line for line in printed.splitlines() if line.startswith("check 8 decode steps B=2")]
+    assert len(checks) == 3 and all(line.endswith("(ok)") for line in checks)
+
+
+def test_cli_export_format_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["export", "--format", "aoti", "-o", str(tmp_path / "m.onnx")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--format aoti writes a .pt2 package" in line and not (tmp_path / "m.onnx").exists()
