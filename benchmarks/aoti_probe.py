@@ -11,7 +11,8 @@ schema for snlp::layer_gemv_pdl``. This builds packages for
   the project's kernel switches as they are (the package that failed before),
 
 each built in its own process, then tries every loading route in its own fresh process, with a
-timeout: ``aoti_load_package``, the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
+timeout: ``aoti_load_package`` (after the inputs are on the device, and "cold", before any CUDA
+work in the process), the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
 and without ``import snlp_compile`` first, and loading in the process that compiled the package.
 Every route's return code, error line, time and max |package - eager| go to aoti_probe.json and
 aoti_probe.md.
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 CASES = ("mlp", "step", "step-raw")
-ROUTES = ("aoti_load_package", "cpp_loader")
+ROUTES = ("aoti_load_package", "aoti_load_package-cold", "cpp_loader")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,23 +116,31 @@ def _diff(got: Any, expected: list[torch.Tensor]) -> float:
 
 
 def load(args: argparse.Namespace) -> dict[str, Any]:
-    """(runs in a fresh process) load ``args.dir``'s package by ``args.route`` and run it."""
+    """(runs in a fresh process) load ``args.dir``'s package by ``args.route`` and run it. The
+    ``-cold`` route loads before this process has touched the device (no CUDA context yet); the
+    others move the inputs to the device first."""
     if args.import_project:
         import snlp_compile.kernels  # noqa: F401  (registers the snlp:: op schemas)
     case_dir = Path(args.dir)
-    inputs = [t.to(args.device) for t in torch.load(case_dir / "inputs.pt")]
+    package = str(case_dir / "model.pt2")
+    host_inputs = torch.load(case_dir / "inputs.pt")
     expected = torch.load(case_dir / "expected.pt")
     started = time.perf_counter()
     with torch.no_grad():
-        if args.route == "aoti_load_package":
+        if args.route == "aoti_load_package-cold":
             from torch._inductor import aoti_load_package
 
-            got = aoti_load_package(str(case_dir / "model.pt2"))(*inputs)
+            runner = aoti_load_package(package)
+            got = runner(*[t.to(args.device) for t in host_inputs])
+        elif args.route == "aoti_load_package":
+            from torch._inductor import aoti_load_package
+
+            inputs = [t.to(args.device) for t in host_inputs]
+            got = aoti_load_package(package)(*inputs)
         else:
+            inputs = [t.to(args.device) for t in host_inputs]
             device_index = -1 if args.device == "cpu" else (torch.device(args.device).index or 0)
-            loader = torch._C._aoti.AOTIModelPackageLoader(
-                str(case_dir / "model.pt2"), "model", False, 1, device_index
-            )
+            loader = torch._C._aoti.AOTIModelPackageLoader(package, "model", False, 1, device_index)
             got = loader.run(inputs)
     return {"load_run_s": round(time.perf_counter() - started, 2), "max_abs_diff": _diff(got, expected)}
 

@@ -84,3 +84,28 @@ def test_package_errors(package: tuple[torch.nn.Module, AOTIExport], tmp_path: P
     broken.write_bytes(b"not a package")
     with pytest.raises(AOTILoadError, match=r"failed in a fresh process \(rc 1\)"):
         run_in_fresh_process(broken, (torch.zeros(1),))
+
+
+def test_probe_records_a_failing_route_and_goes_on(tmp_path: Path) -> None:
+    """benchmarks/aoti_probe.py runs each route in its own process: a route that fails is a row
+    with its return code and last error line, not the probe's end."""
+    from benchmarks import aoti_probe
+
+    argv = [
+        "--role",
+        "load",
+        "--case",
+        "mlp",
+        "--dir",
+        str(tmp_path),
+        "--route",
+        "cpp_loader",
+        "--device",
+        "cpu",
+    ]
+    row = aoti_probe._child(argv, timeout=120)
+    assert row["rc"] == 1 and "inputs.pt" in row["error"] and "max_abs_diff" not in row
+    payload = {"env": {"torch": "x", "device_name": "cpu"}, "config": {}, "rows": []}
+    payload["rows"].append({"case": "mlp", "route": "cpp_loader", "import_project": False, **row})
+    table = aoti_probe.markdown(payload)
+    assert "| mlp | cpp_loader | False | 1 |" in table and "inputs.pt" in table

@@ -173,7 +173,7 @@ def load_aoti(path: str | Path, device_index: int = -1) -> Any:
         runner = aoti_load_package(str(path), device_index=device_index)
     except Exception as exc:  # the loader raises RuntimeError with the C++ message
         raise AOTILoadError(f"could not load the package {path}: {exc}") from exc
-    listed = runner.loader.get_metadata().get(CUSTOM_OPS_KEY, "")
+    listed = runner.get_metadata().get(CUSTOM_OPS_KEY, "")
     for op in filter(None, listed.split(",")):
         namespace, _, name = op.partition("::")
         if not hasattr(getattr(torch.ops, namespace), name):
