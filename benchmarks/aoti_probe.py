@@ -7,6 +7,7 @@ schema for snlp::layer_gemv_pdl``. This builds packages for
 - ``mlp``: a plain two-layer MLP, the control (snlp_compile never imported);
 - ``step``: the transformed decode step (K=1) through ``snlp_compile.export.export_aoti``, which
   keeps only kernels a package carries (the GEMV ``triton_op``, no PDL or fused-attention op);
+- ``step-aten``: the same with ``triton_kernels=False``: ATen ops only (cuBLAS), no Triton kernel;
 - ``step-raw``: the same step through plain ``torch.export`` + ``aoti_compile_and_package``, with
   the project's kernel switches as they are (the package that failed before),
 
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-CASES = ("mlp", "step", "step-raw")
+CASES = ("mlp", "step", "step-aten", "step-raw")
 ROUTES = ("aoti_load_package", "aoti_load_package-cold", "cpp_loader")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,10 +83,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         out = module(*inputs)
     expected = list(out) if isinstance(out, (tuple, list)) else [out]
     info: dict[str, Any] = {}
-    if args.case == "step":
+    if args.case in ("step", "step-aten"):
         from snlp_compile.export.aoti import export_aoti
 
-        result = export_aoti(module, inputs, package, dynamic=False)
+        result = export_aoti(module, inputs, package, dynamic=False, triton_kernels=args.case == "step")
         info["custom_ops"] = result.custom_ops
     else:
         from torch._inductor import aoti_compile_and_package

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import snlp_compile
-from snlp_compile import SNLPConfigError
+from snlp_compile import SNLPConfigError, kernels
+from snlp_compile.export import aoti
 from snlp_compile.export.aoti import (
     AOTIExport,
     AOTILoadError,
@@ -70,6 +71,13 @@ def test_which_project_ops_a_package_carries() -> None:
     """The GEMV triton_op is compiled into a package (where Triton exists); opaque ops are not."""
     assert compiled_in("snlp::layer_gemv") == layer_gemv.available()
     assert not compiled_in("snlp::cached_attention") and not compiled_in("snlp::layer_gemv_pdl")
+    pdl, gemv = kernels.pdl_enabled(), kernels.gemv_kernel_enabled()
+    with kernels.packaged_kernels():  # what export_aoti exports under: no opaque op is chosen
+        assert not kernels.pdl_enabled() and not kernels.decode_attention_enabled()
+        assert kernels.gemv_kernel_enabled() == gemv
+    with aoti._kernels(False):  # triton_kernels=False: ATen ops only
+        assert not kernels.gemv_kernel_enabled() and not kernels.decode_attention_enabled()
+    assert (kernels.pdl_enabled(), kernels.gemv_kernel_enabled()) == (pdl, gemv)
 
 
 def test_package_errors(package: tuple[torch.nn.Module, AOTIExport], tmp_path: Path) -> None:

@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode", action="store_true", help="export the KV-cached decode step (one new token) instead"
     )
     parser.add_argument(
+        "--no-triton-kernels",
+        action="store_true",
+        help="--format aoti: ATen ops only in the package (no Triton GEMV kernel; cuBLAS on a GPU)",
+    )
+    parser.add_argument(
         "--max-len", type=int, default=64, help="--decode: positions the caches hold (max_sequence_length)"
     )
     parser.add_argument("--iterations", "-K", type=int, default=1, help="K, iterations of the solve")
@@ -212,7 +217,14 @@ def _aoti(args: argparse.Namespace, model: Any, overrides: dict[str, Any], what:
 
             target = transform(model, inputs, dynamic_shapes=not args.static, **overrides)
     status(f"export: capturing {what} and compiling it with AOTInductor (a C++ build: tens of seconds) ...")
-    result = export_aoti(target, inputs, args.output, dynamic=not args.static, rewrite=False)
+    result = export_aoti(
+        target,
+        inputs,
+        args.output,
+        dynamic=not args.static,
+        rewrite=False,
+        triton_kernels=not args.no_triton_kernels,
+    )
     if result.snlp_report is not None:
         print(result.snlp_report)
         print()

@@ -12,6 +12,7 @@ imports the project's kernels (registering their schemas) before it loads, and c
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -98,13 +99,15 @@ def export_aoti(
     dynamic: bool = True,
     rewrite: bool = True,
     example_kwargs: dict[str, Any] | None = None,
+    triton_kernels: bool = True,
     **overrides: Any,
 ) -> AOTIExport:
     """Rewrite ``model`` (unless it is already a transform() result, or ``rewrite=False``), export
     it and compile it into an AOTInductor package at ``path`` (``.pt2``) for the example inputs'
     device. ``dynamic`` keeps every free input dimension symbolic (sizes 0 and 1 are fixed by
     torch.export). A decode step: ``transform(CachedStep(model), step_inputs)`` or pass the
-    ``CachedStep`` itself with the config."""
+    ``CachedStep`` itself with the config. ``triton_kernels=False`` also leaves the GEMV kernel
+    out (ATen ops only, cuBLAS on a GPU): for a runtime where Triton kernels cannot load."""
     path = Path(path)
     if path.suffix != ".pt2":
         raise SNLPConfigError(f"an AOTInductor package is a .pt2 file, got {path.name!r}")
@@ -126,7 +129,7 @@ def export_aoti(
         target = model
     refuse_deferred(target, "AOTInductor")
     try:
-        with torch.no_grad(), kernels.packaged_kernels():
+        with torch.no_grad(), _kernels(triton_kernels):
             program = torch.export.export(
                 target,
                 args,
@@ -144,7 +147,7 @@ def export_aoti(
     started = time.perf_counter()
     from torch._inductor import aoti_compile_and_package
 
-    with kernels.packaged_kernels():
+    with _kernels(triton_kernels):
         written = aoti_compile_and_package(
             program,
             package_path=str(path),
@@ -158,6 +161,11 @@ def export_aoti(
         snlp_report=report,
         compile_seconds=time.perf_counter() - started,
     )
+
+
+def _kernels(triton: bool) -> contextlib.AbstractContextManager[None]:
+    """The kernels a package may carry: the GEMV triton_op, or (``triton=False``) none."""
+    return kernels.packaged_kernels() if triton else kernels.gemv_kernel(False)
 
 
 def load_aoti(path: str | Path, device_index: int = -1) -> Any:
