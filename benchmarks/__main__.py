@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "hcn-convergence": "benchmarks.hcn_convergence",
     "train-gpu": "benchmarks.train_gpu",
     "frontier": "benchmarks.frontier",
+    "aoti-probe": "benchmarks.aoti_probe",
 }
 
 _DECODE_TABLE = [

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect_cmd", "the explain report, the rewritten code and a picture of the chain"),
     "train": ("train", "train a reference model (baseline, SNLP regulariser or SNLP-forward fine-tune)"),
     "eval": ("eval", "held-out perplexity of checkpoints, sequential and through SNLP solves, with a plot"),
-    "export": ("export", "ONNX export of the rewritten model (optionally checked under ONNX Runtime)"),
+    "export": ("export", "ONNX or AOTInductor export of the rewritten model or decode step, with --check"),
     "bench": ("bench", "print the command that runs the GPU benchmarks from a source checkout"),
 }
 

@@ -1,7 +1,12 @@
-"""Export a model, rewritten into the layer-parallel solve, to ONNX (and check it under ONNX
-Runtime with --check). Needs onnx and onnxscript (and onnxruntime for --check): the 'onnx' extra.
+"""Export a model, rewritten into the layer-parallel solve, to ONNX or to an AOTInductor package
+(and check it with --check: under ONNX Runtime, or loaded in a fresh process). ``--decode``
+exports the KV-cached decode step instead of the full forward (ONNX: per-layer
+``past_key_values.N.key/value`` in, ``present.N.key/value`` out). ONNX needs onnx and onnxscript
+(and onnxruntime for --check): the 'onnx' extra; AOTInductor a C++ compiler.
 
 snlp-compile export --model nanochat-small -K 2 -o nanochat.onnx --check
+snlp-compile export --model nanochat-tiny --decode -K 1 -o step.onnx --check
+snlp-compile export --model nanochat-tiny --format aoti --decode -o step.pt2 --check
 """
 
 from __future__ import annotations
@@ -10,13 +15,29 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_arguments, announce, example_tokens, load_model, require, status
+from .common import CLIError, add_model_arguments, announce, example_tokens, load_model, require, status
+
+DECODE_CHECK_STEPS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument(
-        "--output", "-o", type=Path, default=Path("model.snlp.onnx"), help="the .onnx file to write"
+        "--format", choices=["onnx", "aoti"], default="onnx", help="ONNX, or an AOTInductor package (.pt2)"
+    )
+    parser.add_argument(
+        "--output", "-o", type=Path, default=None, help="the file to write (default model.snlp.onnx / .pt2)"
+    )
+    parser.add_argument(
+        "--decode", action="store_true", help="export the KV-cached decode step (one new token) instead"
+    )
+    parser.add_argument(
+        "--no-triton-kernels",
+        action="store_true",
+        help="--format aoti: ATen ops only in the package (no Triton GEMV kernel; cuBLAS on a GPU)",
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=64, help="--decode: positions the caches hold (max_sequence_length)"
     )
     parser.add_argument("--iterations", "-K", type=int, default=1, help="K, iterations of the solve")
     parser.add_argument(
@@ -44,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="run the file under ONNX Runtime (CPU) against PyTorch, at the example shape and a second one",
+        help="ONNX: run it under ONNX Runtime (CPU) against PyTorch, at the example shape and a second one "
+        f"(--decode: {DECODE_CHECK_STEPS} decode steps); aoti: load it in a fresh process, against PyTorch",
     )
 
 
@@ -59,28 +81,52 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    require("export", "onnx", "onnxscript", *(["onnxruntime"] if args.check else []))
-    from ..export.onnx_export import export_onnx
-
+    if args.format == "onnx":
+        require("export", "onnx", "onnxscript", *(["onnxruntime"] if args.check else []))
+    if args.output is None:
+        args.output = Path("model.snlp.onnx" if args.format == "onnx" else "model.snlp.pt2")
+    if args.format == "aoti" and args.output.suffix != ".pt2":
+        raise CLIError(f"--format aoti writes a .pt2 package, got --output {args.output}")
     model = load_model(args.model, args.dtype, args.seed)
     if not args.static and args.batch < 2:
         # torch.export fixes example sizes of 1: trace with two rows so that batch stays dynamic
         status(f"tracing with --batch 2 (not {args.batch}) so that the batch dimension stays dynamic")
         args.batch = 2
-    idx = example_tokens(model, args.batch, args.seq, args.seed)
     overrides = {} if args.no_rewrite else _config(args)
     what = "the model as written" if args.no_rewrite else "the rewritten model"
+    what = what.replace("model", "decode step") if args.decode else what
+    if args.decode and not hasattr(model, "forward_cached"):
+        raise CLIError(f"--decode: {type(model).__name__} has no KV-cached step (forward_cached)")
+    if args.format == "aoti":
+        return _aoti(args, model, overrides, what)
     status(f"export: capturing {what} and exporting it to ONNX (opset {args.opset}) ...")
-    result = export_onnx(
-        model,
-        (idx,),
-        args.output,
-        dynamic=not args.static,
-        opset=args.opset,
-        report=args.report,
-        rewrite=not args.no_rewrite,
-        **overrides,
-    )
+    if args.decode:
+        from ..export.onnx_decode import export_onnx_decode
+
+        result = export_onnx_decode(
+            model,
+            args.output,
+            batch=args.batch,
+            max_len=args.max_len,
+            rewrite=not args.no_rewrite,
+            dynamic=not args.static,
+            opset=args.opset,
+            **overrides,
+        )
+    else:
+        from ..export.onnx_export import export_onnx
+
+        idx = example_tokens(model, args.batch, args.seq, args.seed)
+        result = export_onnx(
+            model,
+            (idx,),
+            args.output,
+            dynamic=not args.static,
+            opset=args.opset,
+            report=args.report,
+            rewrite=not args.no_rewrite,
+            **overrides,
+        )
     if result.snlp_report is not None:
         print(result.snlp_report)
         print()
@@ -92,7 +138,115 @@ def run(args: argparse.Namespace) -> int:
     if not args.check:
         return 0
     status("export: checking the file under ONNX Runtime (CPU) against PyTorch ...")
+    if args.decode:
+        return _check_decode(args, model, result.path, overrides)
     return _check(args, model, idx, result.path, overrides)
+
+
+def _decode_step(
+    args: argparse.Namespace, model: Any, overrides: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...]]:
+    """The decode step that is exported (sequential or transformed) and its example inputs."""
+    import torch
+
+    from ..api import transform
+    from ..models.kv import CachedStep, new_cache
+
+    k_cache, v_cache = new_cache(model, args.batch, args.max_len)
+    idx = example_tokens(model, args.batch, 1, args.seed)
+    inputs = (idx, torch.tensor(0), k_cache, v_cache)
+    step: Any = CachedStep(model)
+    if not args.no_rewrite:
+        step = transform(step, inputs, dynamic_shapes=not args.static, **overrides)
+    return step, inputs
+
+
+def _check_decode(args: argparse.Namespace, model: Any, path: Path, overrides: dict[str, Any]) -> int:
+    """ONNX Runtime (CPU) over DECODE_CHECK_STEPS decode steps, presents fed back as pasts, against
+    the same step in PyTorch (``write_cache`` after each step)."""
+    import torch
+
+    from ..export.onnx_decode import ort_decode, torch_decode
+    from ..export.ort import make_session
+
+    step, _ = _decode_step(args, model, overrides)
+    steps = min(DECODE_CHECK_STEPS, args.max_len)
+    tokens = example_tokens(model, args.batch, steps, args.seed + 1)
+    got = ort_decode(make_session(path, "cpu"), tokens, args.max_len)
+    want = torch_decode(step, model, tokens, args.max_len)
+    ok = True
+    for name, g, w in zip(("logits", "present keys", "present values"), got, want):
+        err = (g.to(w.dtype) - w).abs().max().item()
+        close = torch.allclose(g.to(w.dtype), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+        ok &= close
+        print(f"check {steps} decode steps B={args.batch}, {name}: max |ORT - PyTorch| = {err:.3g} "
+              f"({'ok' if close else 'MISMATCH'})")  # fmt: skip
+    return 0 if ok else 1
+
+
+def _check_inputs(args: argparse.Namespace, model: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Inputs other than the traced example: new tokens; for a decode step also random caches
+    filled before a position half way through them (a step that ignored them would fail)."""
+    import torch
+
+    tokens = example_tokens(model, args.batch, inputs[0].shape[1], args.seed + 1)
+    if not args.decode:
+        return (tokens,)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    pos = args.max_len // 2
+    caches = [torch.zeros_like(c) for c in inputs[2:]]
+    for c in caches:
+        c[:, :, :, :pos] = torch.randn(c[:, :, :, :pos].shape, generator=g, dtype=c.dtype)
+    return (tokens, torch.tensor(pos), *caches)
+
+
+def _aoti(args: argparse.Namespace, model: Any, overrides: dict[str, Any], what: str) -> int:
+    """Export ``what`` as an AOTInductor package; --check loads it in a fresh process (without
+    importing this project) and compares its outputs with the module in this process."""
+    import torch
+
+    from ..export.aoti import export_aoti, run_in_fresh_process
+
+    if args.decode:
+        target, inputs = _decode_step(args, model, overrides)
+    else:
+        inputs = (example_tokens(model, args.batch, args.seq, args.seed),)
+        target = model
+        if not args.no_rewrite:
+            from ..api import transform
+
+            target = transform(model, inputs, dynamic_shapes=not args.static, **overrides)
+    status(f"export: capturing {what} and compiling it with AOTInductor (a C++ build: tens of seconds) ...")
+    result = export_aoti(
+        target,
+        inputs,
+        args.output,
+        dynamic=not args.static,
+        rewrite=False,
+        triton_kernels=not args.no_triton_kernels,
+    )
+    if result.snlp_report is not None:
+        print(result.snlp_report)
+        print()
+    print(result)
+    announce("AOTInductor package", result.path)
+    if not args.check:
+        return 0
+    status("export: loading the package in a fresh process (without snlp_compile) ...")
+    inputs = _check_inputs(args, model, inputs)
+    with torch.no_grad():
+        want = target(*inputs)
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    got = run_in_fresh_process(result.path, inputs)
+    ok = len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        err = (g - w).abs().max().item()
+        close = torch.allclose(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+        ok &= close
+        print(
+            f"check output {i} {tuple(w.shape)}: max |package - PyTorch| = {err:.3g} ({'ok' if close else 'MISMATCH'})"
+        )
+    return 0 if ok else 1
 
 
 def _check(args: argparse.Namespace, model: Any, idx: Any, path: Path, overrides: dict[str, Any]) -> int:

@@ -80,12 +80,7 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails.
     The layer-batched GEMV kernel is off: ONNX has no op for a Triton kernel."""
-    for name, sub in model.named_modules():
-        if getattr(sub, "deferred_layers", None) is not None:
-            raise SNLPUsageError(
-                f"'{name}' defers its K/V (SNLPConfig.deferred_kv): the step writes the caches itself, "
-                "which an exported ONNX step cannot; export a step transformed with deferred_kv=False"
-            )
+    refuse_deferred(model, "ONNX")
     try:
         with torch.no_grad(), gemv_kernel(False):
             program = torch.export.export(
@@ -100,6 +95,17 @@ def export_program(
             f"torch.export could not capture {type(model).__name__} for ONNX export: {exc}"
         ) from exc
     return decompose_device_rms_norm(program)
+
+
+def refuse_deferred(model: torch.nn.Module, what: str) -> None:
+    """A step transformed with deferred_kv writes the caches itself (in place, outside its
+    outputs): an exported step could not, so it is refused by name."""
+    for name, sub in model.named_modules():
+        if getattr(sub, "deferred_layers", None) is not None:
+            raise SNLPUsageError(
+                f"'{name}' defers its K/V (SNLPConfig.deferred_kv): the step writes the caches itself, "
+                f"which an exported {what} step cannot; export a step transformed with deferred_kv=False"
+            )
 
 
 def decompose_device_rms_norm(
@@ -135,28 +141,30 @@ def _rms_norm(
     return y.to(x.dtype)
 
 
-def _readable_dims(model_proto: Any) -> dict[str, str]:
-    """Rename the exporter's symbols (s35, s77...) after the input dimensions they stand for."""
+def _readable_dims(model_proto: Any, dim_names: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
+    """Rename the exporter's symbols (s35, s77...) after the input dimensions they stand for:
+    ``dim_names[input]`` where given, else "batch", "sequence", then ``<input>_dim<d>``."""
     names: dict[str, str] = {}
     taken: set[str] = set()
     for inp in model_proto.graph.input:
         for d, dim in enumerate(inp.type.tensor_type.shape.dim):
             sym = dim.dim_param
-            if not sym or sym in names or not re.fullmatch(r"\w+", sym):
+            if not sym or sym in names or not re.fullmatch(r"\w+", sym) or sym.isdigit():
                 continue
-            want = _DIM_NAMES[d] if d < len(_DIM_NAMES) else f"{inp.name}_dim{d}"
+            given = (dim_names or {}).get(inp.name, _DIM_NAMES)
+            want = given[d] if d < len(given) else f"{inp.name}_dim{d}"
             if want in taken:
                 want = f"{inp.name}_dim{d}"
             names[sym] = want
             taken.add(want)
-    if not names:
-        return names
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
 
     def rename(values: Any) -> None:
         for v in values:
             for dim in v.type.tensor_type.shape.dim:
-                if dim.dim_param:
+                if dim.dim_param.isdigit():  # a size the exporter wrote as a symbol ("16"): a size
+                    dim.dim_value = int(dim.dim_param)
+                elif dim.dim_param and pattern is not None:
                     dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
     rename(model_proto.graph.input)
@@ -221,6 +229,8 @@ def export_onnx(
     example_kwargs: dict[str, Any] | None = None,
     rewrite: bool = True,
     output_names: list[str] | None = None,
+    input_names: list[str] | None = None,
+    dim_names: dict[str, tuple[str, ...]] | None = None,
     **overrides: Any,
 ) -> ONNXExport:
     """Rewrite ``model`` (unless it is already a transform() result, or ``rewrite=False``) and
@@ -231,6 +241,8 @@ def export_onnx(
     report: save the exporter's markdown report beside the model (``<stem>.export_report.md``).
     rewrite=False exports the model as written: the sequential baseline.
     output_names: names of the flattened outputs; default "output" (one) or "output_0", ...
+    input_names: names of the flattened inputs; default the forward's parameter names.
+    dim_names: input name -> names of its symbolic dimensions; default "batch", "sequence".
     The file is checked with ``onnx.checker`` before returning.
     """
     import onnx
@@ -267,6 +279,7 @@ def export_onnx(
         report=report,
         artifacts_dir=path.parent,
         output_names=output_names,
+        input_names=input_names,
         verbose=False,
     )
     if onnx_program is None:
@@ -274,9 +287,10 @@ def export_onnx(
     onnx_program.save(path)  # large weights go to external data here
     proto = onnx.load(str(path), load_external_data=False)
     notes = []
-    renamed = _readable_dims(proto) if dynamic else {}
+    renamed = _readable_dims(proto, dim_names) if dynamic else {}
     if renamed:
         notes.append("symbolic dims: " + ", ".join(f"{k} -> {v}" for k, v in renamed.items()))
+    if dynamic:
         onnx.save_model(proto, str(path))  # external data references are kept as they are
     onnx.checker.check_model(str(path))
     if dynamic:

@@ -77,6 +77,21 @@ def gemv_kernel(enabled: bool) -> Iterator[None]:
         set_gemv_kernel(previous)
 
 
+@contextlib.contextmanager
+def packaged_kernels() -> Iterator[None]:
+    """Only the kernels a compiled package can carry, inside a block (``export_aoti``): the GEMV
+    ``triton_op``, whose Triton kernel AOTInductor compiles into the package. The PDL launch and the
+    fused decode attention are opaque custom ops; a package calling them would need this project
+    imported wherever it is loaded (``Could not find schema for snlp::layer_gemv_pdl``)."""
+    global _pdl_enabled, _decode_attention_enabled
+    saved = (_pdl_enabled, _decode_attention_enabled)
+    _pdl_enabled = _decode_attention_enabled = False
+    try:
+        yield
+    finally:
+        _pdl_enabled, _decode_attention_enabled = saved
+
+
 __all__ = [
     "attention_kernel_enabled",
     "decode_attention",
@@ -85,6 +100,7 @@ __all__ = [
     "gemv_kernel",
     "gemv_kernel_enabled",
     "layer_gemv",
+    "packaged_kernels",
     "pdl_enabled",
     "set_gemv_kernel",
 ]

@@ -1,0 +1,282 @@
+"""Which route loads an AOTInductor package in a fresh process on this machine?
+
+A probe on the lent H200 (torch 2.11) saw ``torch._inductor.aoti_load_package`` segfault (rc -11)
+in a fresh process even for a plain MLP, and a decode-step package fail with ``Could not find
+schema for snlp::layer_gemv_pdl``. This builds packages for
+
+- ``mlp``: a plain two-layer MLP, the control (snlp_compile never imported);
+- ``step``: the transformed decode step (K=1) through ``snlp_compile.export.export_aoti``, which
+  keeps only kernels a package carries (the GEMV ``triton_op``, no PDL or fused-attention op);
+- ``step-aten``: the same with ``triton_kernels=False``: ATen ops only (cuBLAS), no Triton kernel;
+- ``step-raw``: the same step through plain ``torch.export`` + ``aoti_compile_and_package``, with
+  the project's kernel switches as they are (the package that failed before),
+
+each built in its own process, then tries every loading route in its own fresh process, with a
+timeout: ``aoti_load_package`` (after the inputs are on the device, and "cold", before any CUDA
+work in the process), the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
+and without ``import snlp_compile`` first, and loading in the process that compiled the package.
+Every route's return code, error line, time and max |package - eager| go to aoti_probe.json and
+aoti_probe.md.
+
+    python -m benchmarks aoti-probe --out DIR                  # cuda, bf16, nanochat-small
+    python -m benchmarks aoti-probe --device cpu --dtype fp32 --model nanochat-tiny --max-len 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CASES = ("mlp", "step", "step-aten", "step-raw")
+ROUTES = ("aoti_load_package", "aoti_load_package-cold", "cpp_loader")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mlp_inputs(device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    return mlp.to(device, dtype).eval(), (torch.randn(4, 256, device=device, dtype=dtype),)
+
+
+def _step(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The transformed (K=1) decode step of a reference model, random weights, caches filled
+    before the position half way through them."""
+    import snlp_compile
+    from snlp_compile.models import build_model
+    from snlp_compile.models.kv import CachedStep, new_cache
+
+    device, dtype = args.device, DTYPES[args.dtype]
+    model = build_model(args.model, seed=0, dtype=dtype).to(device).eval()
+    k_cache, v_cache = new_cache(model, args.batch, args.max_len)
+    pos = args.max_len // 2
+    g = torch.Generator(device=device).manual_seed(1)
+    for c in (k_cache, v_cache):
+        c[:, :, :, :pos] = torch.randn(c[:, :, :, :pos].shape, generator=g, device=device, dtype=dtype)
+    idx = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device, generator=g)
+    inputs = (idx, torch.tensor(pos, device=device), k_cache, v_cache)
+    step = snlp_compile.transform(CachedStep(model), inputs, iterations=args.k, dynamic_shapes=False)
+    return step, inputs
+
+
+def build(args: argparse.Namespace) -> dict[str, Any]:
+    """(runs in its own process) package ``args.case`` into ``args.dir``, with its inputs and the
+    eager outputs; with ``--load-here`` also load and run it in this process."""
+    case_dir = Path(args.dir)
+    case_dir.mkdir(parents=True, exist_ok=True)
+    package = case_dir / "model.pt2"
+    started = time.perf_counter()
+    if args.case == "mlp":
+        module, inputs = _mlp_inputs(args.device, DTYPES[args.dtype])
+    else:
+        module, inputs = _step(args)
+    with torch.no_grad():
+        out = module(*inputs)
+    expected = list(out) if isinstance(out, (tuple, list)) else [out]
+    info: dict[str, Any] = {}
+    if args.case in ("step", "step-aten"):
+        from snlp_compile.export.aoti import export_aoti
+
+        result = export_aoti(module, inputs, package, dynamic=False, triton_kernels=args.case == "step")
+        info["custom_ops"] = result.custom_ops
+    else:
+        from torch._inductor import aoti_compile_and_package
+
+        with torch.no_grad():
+            program = torch.export.export(module, inputs, strict=False)
+        ops = sorted({str(n.target) for n in program.graph.nodes if "snlp" in str(n.target)})
+        info["custom_ops"] = ops
+        aoti_compile_and_package(program, package_path=str(package))
+    info["build_s"] = round(time.perf_counter() - started, 1)
+    torch.save(tuple(t.cpu() for t in inputs), case_dir / "inputs.pt")
+    torch.save([t.cpu() for t in expected], case_dir / "expected.pt")
+    if args.load_here:
+        from torch._inductor import aoti_load_package
+
+        runner = aoti_load_package(str(package))
+        with torch.no_grad():
+            got = runner(*inputs)
+        info["max_abs_diff"] = _diff(got, expected)
+    return info
+
+
+def _diff(got: Any, expected: list[torch.Tensor]) -> float:
+    got = list(got) if isinstance(got, (tuple, list)) else [got]
+    if len(got) != len(expected):
+        return float("inf")
+    return max(float((g.float().cpu() - e.float()).abs().max()) for g, e in zip(got, expected))
+
+
+def load(args: argparse.Namespace) -> dict[str, Any]:
+    """(runs in a fresh process) load ``args.dir``'s package by ``args.route`` and run it. The
+    ``-cold`` route loads before this process has touched the device (no CUDA context yet); the
+    others move the inputs to the device first."""
+    if args.import_project:
+        import snlp_compile.kernels  # noqa: F401  (registers the snlp:: op schemas)
+    case_dir = Path(args.dir)
+    package = str(case_dir / "model.pt2")
+    host_inputs = torch.load(case_dir / "inputs.pt")
+    expected = torch.load(case_dir / "expected.pt")
+    started = time.perf_counter()
+    with torch.no_grad():
+        if args.route == "aoti_load_package-cold":
+            from torch._inductor import aoti_load_package
+
+            runner = aoti_load_package(package)
+            got = runner(*[t.to(args.device) for t in host_inputs])
+        elif args.route == "aoti_load_package":
+            from torch._inductor import aoti_load_package
+
+            inputs = [t.to(args.device) for t in host_inputs]
+            got = aoti_load_package(package)(*inputs)
+        else:
+            inputs = [t.to(args.device) for t in host_inputs]
+            device_index = -1 if args.device == "cpu" else (torch.device(args.device).index or 0)
+            loader = torch._C._aoti.AOTIModelPackageLoader(package, "model", False, 1, device_index)
+            got = loader.run(inputs)
+    return {"load_run_s": round(time.perf_counter() - started, 2), "max_abs_diff": _diff(got, expected)}
+
+
+def _child(argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run this module as a child process; its last stdout line is a JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.aoti_probe", *argv]
+    started = time.perf_counter()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"rc": "timeout", "seconds": round(timeout, 1), "error": f"no answer within {timeout:.0f} s"}
+    row: dict[str, Any] = {"rc": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines and lines[-1].startswith("{"):
+        row.update(json.loads(lines[-1]))
+    else:
+        errors = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(" ")]
+        row["error"] = (errors[-1] if errors else "(no stderr)")[:400]
+        row["stderr_tail"] = done.stderr[-3000:]
+    return row
+
+
+def _common(args: argparse.Namespace) -> list[str]:
+    return ["--device", args.device, "--dtype", args.dtype, "--model", args.model, "--batch", str(args.batch),
+            "--max-len", str(args.max_len), "-K", str(args.k)]  # fmt: skip
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    env = payload["env"]
+    lines = [
+        "# AOTInductor loading routes",
+        "",
+        f"torch {env['torch']}, {env['device_name']}, {payload['config']}",
+        "",
+        "| case | route | import snlp_compile | rc | s | max abs diff | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        diff = r.get("max_abs_diff")
+        error = str(r.get("error", "")).replace("|", "/")
+        lines.append(
+            f"| {r['case']} | {r['route']} | {r['import_project']} | {r['rc']} | {r.get('seconds', '')} "
+            f"| {'' if diff is None else f'{diff:.3g}'} | {error} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def probe(args: argparse.Namespace) -> int:
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    work = out / "aoti_probe_packages"
+    device_name = (
+        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    )
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device_name": device_name}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    rows: list[dict[str, Any]] = []
+    for case in args.cases.split(","):
+        case_dir = work / case
+        built = _child(
+            ["--role", "build", "--case", case, "--dir", str(case_dir), "--load-here", *_common(args)],
+            args.timeout,
+        )
+        rows.append(
+            {
+                "case": case,
+                "route": "build + load in the compiling process",
+                "import_project": case != "mlp",
+                **built,
+            }
+        )
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
+        if built["rc"] != 0 and not (case_dir / "model.pt2").exists():
+            continue
+        for route in ROUTES:
+            for import_project in (False, True):
+                argv = [
+                    "--role",
+                    "load",
+                    "--case",
+                    case,
+                    "--dir",
+                    str(case_dir),
+                    "--route",
+                    route,
+                    *_common(args),
+                ]
+                row = _child(argv + (["--import-project"] if import_project else []), args.timeout)
+                rows.append({"case": case, "route": route, "import_project": import_project, **row})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
+    payload = {
+        "env": env,
+        "config": {k: v for k, v in vars(args).items() if k not in ("role", "out")},
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aoti_probe.json").write_text(json.dumps(payload, indent=1))
+    (out / "aoti_probe.md").write_text(markdown(payload))
+    print(f"wrote {out / 'aoti_probe.json'} and {out / 'aoti_probe.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--model", default="nanochat-small", help="reference model of the decode step")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=1024, help="positions the caches hold")
+    p.add_argument("-K", dest="k", type=int, default=1, help="iterations of the transformed step")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--timeout", type=float, default=420, help="seconds per child process")
+    p.add_argument("--role", choices=["probe", "build", "load"], default="probe", help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--route", choices=ROUTES, help=argparse.SUPPRESS)
+    p.add_argument("--import-project", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--load-here", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.role == "probe":
+        return probe(args)
+    result = build(args) if args.role == "build" else load(args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

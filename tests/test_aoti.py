@@ -1,0 +1,119 @@
+"""AOTInductor package of the transformed decode step: compiled on the CPU (a C++ build, about
+25 s for this tiny model, so one package for the whole file), loaded in a fresh Python process
+that never imports snlp_compile, and run on inputs other than the traced ones: it must equal the
+step in this process (and contain no snlp:: op, so nothing but torch is needed to load it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import snlp_compile
+from snlp_compile import SNLPConfigError, kernels
+from snlp_compile.export import aoti
+from snlp_compile.export.aoti import (
+    AOTIExport,
+    AOTILoadError,
+    compiled_in,
+    export_aoti,
+    load_aoti,
+    run_in_fresh_process,
+)
+from snlp_compile.kernels import layer_gemv
+from snlp_compile.models import build_model
+from snlp_compile.models.kv import CachedStep, new_cache
+
+if shutil.which("g++") is None and shutil.which("c++") is None:  # pragma: no cover - environment
+    pytest.skip("AOTInductor on the CPU needs a C++ compiler", allow_module_level=True)
+
+MAX_LEN = 16
+
+
+def _step_inputs(model: torch.nn.Module, batch: int, pos: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    k_cache, v_cache = new_cache(model, batch, MAX_LEN)
+    for c in (k_cache, v_cache):
+        c[:, :, :, :pos] = torch.randn(c[:, :, :, :pos].shape, generator=g)
+    idx = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g)
+    return idx, torch.tensor(pos), k_cache, v_cache
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, AOTIExport]:
+    model = build_model("nanochat-tiny", n_layer=2)
+    step = snlp_compile.transform(CachedStep(model), _step_inputs(model, 2, 3, 0), iterations=1)
+    return step, export_aoti(step, _step_inputs(model, 2, 3, 0), tmp_path_factory.mktemp("aoti") / "step.pt2")
+
+
+def test_package_of_the_decode_step_runs_in_a_fresh_process(
+    package: tuple[torch.nn.Module, AOTIExport],
+) -> None:
+    step, result = package
+    assert result.path.is_file() and result.device == "cpu" and result.snlp_report is not None
+    assert result.custom_ops == [] and not any(op.startswith("snlp::") for op in result.op_counts)
+    assert "self-contained" in str(result)
+    inputs = _step_inputs(build_model("nanochat-tiny", n_layer=2), 3, 9, 1)
+    with torch.no_grad():
+        want = step(*inputs)
+    got = run_in_fresh_process(result.path, inputs)  # batch 3, position 9: not the traced example
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    in_process = load_aoti(result.path)(*inputs)
+    torch.testing.assert_close(in_process[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_which_project_ops_a_package_carries() -> None:
+    """The GEMV triton_op is compiled into a package (where Triton exists); opaque ops are not."""
+    assert compiled_in("snlp::layer_gemv") == layer_gemv.available()
+    assert not compiled_in("snlp::cached_attention") and not compiled_in("snlp::layer_gemv_pdl")
+    pdl, gemv = kernels.pdl_enabled(), kernels.gemv_kernel_enabled()
+    with kernels.packaged_kernels():  # what export_aoti exports under: no opaque op is chosen
+        assert not kernels.pdl_enabled() and not kernels.decode_attention_enabled()
+        assert kernels.gemv_kernel_enabled() == gemv
+    with aoti._kernels(False):  # triton_kernels=False: ATen ops only
+        assert not kernels.gemv_kernel_enabled() and not kernels.decode_attention_enabled()
+    assert (kernels.pdl_enabled(), kernels.gemv_kernel_enabled()) == (pdl, gemv)
+
+
+def test_package_errors(package: tuple[torch.nn.Module, AOTIExport], tmp_path: Path) -> None:
+    step, _ = package
+    with pytest.raises(SNLPConfigError, match=r"\.pt2 file"):
+        export_aoti(step, (), tmp_path / "step.so")
+    with pytest.raises(SNLPConfigError, match="already transformed"):
+        export_aoti(step, (), tmp_path / "step.pt2", iterations=2)
+    with pytest.raises(AOTILoadError, match="no AOTInductor package"):
+        load_aoti(tmp_path / "missing.pt2")
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(b"not a package")
+    with pytest.raises(AOTILoadError, match=r"failed in a fresh process \(rc 1\)"):
+        run_in_fresh_process(broken, (torch.zeros(1),))
+
+
+def test_probe_records_a_failing_route_and_goes_on(tmp_path: Path) -> None:
+    """benchmarks/aoti_probe.py runs each route in its own process: a route that fails is a row
+    with its return code and last error line, not the probe's end."""
+    from benchmarks import aoti_probe
+
+    argv = [
+        "--role",
+        "load",
+        "--case",
+        "mlp",
+        "--dir",
+        str(tmp_path),
+        "--route",
+        "cpp_loader",
+        "--device",
+        "cpu",
+    ]
+    row = aoti_probe._child(argv, timeout=120)
+    assert row["rc"] == 1 and "inputs.pt" in row["error"] and "max_abs_diff" not in row
+    payload = {"env": {"torch": "x", "device_name": "cpu"}, "config": {}, "rows": []}
+    payload["rows"].append({"case": "mlp", "route": "cpp_loader", "import_project": False, **row})
+    table = aoti_probe.markdown(payload)
+    assert "| mlp | cpp_loader | False | 1 |" in table and "inputs.pt" in table
