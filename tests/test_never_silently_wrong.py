@@ -218,3 +218,24 @@ def test_silently_wrong_case_is_refused(case: str, monkeypatch: pytest.MonkeyPat
     assert report.refusal is not None and not report.rewritten
     # the user's model is untouched by capture and verification
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_example_inputs_sharing_memory_are_captured_as_distinct_inputs() -> None:
+    """One tensor passed as both the K and the V cache of the example: torch.export would capture
+    them as one input, and the step would read the K cache for V on every later call. Capture gives
+    each example its own memory, so the step is exact on distinct caches."""
+    from snlp_compile.models import build_model
+    from snlp_compile.models.kv import CachedStep
+
+    model = build_model("nanochat-tiny", dtype=torch.float64)
+    same = torch.zeros(4, 2, 2, 16, 16, dtype=torch.float64)
+    step = snlp_compile.transform(
+        CachedStep(model), (torch.zeros(2, 1, dtype=torch.long), torch.tensor(0), same, same), iterations=4
+    )
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(4, 2, 2, 16, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    idx, pos = torch.randint(0, 256, (2, 1), generator=g), torch.tensor(5)
+    with torch.no_grad():
+        got, want = step(idx, pos, k, v), model.forward_cached(idx, pos, k, v)
+    for a, b in zip(got, want):
+        assert float((a - b).abs().max()) < 1e-10

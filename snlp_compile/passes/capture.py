@@ -68,6 +68,24 @@ def _static_dims(gm: fx.GraphModule) -> list[str]:
     return static
 
 
+def unaliased(examples: Any) -> Any:
+    """The example tensors, each with memory of its own: torch.export captures inputs that share
+    memory as one input, so a step traced with the same tensor as its K and V caches would read the
+    K cache for both on every later call (issue 22)."""
+    seen: set[int] = set()
+
+    def own(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.device.type == "meta":
+            return v
+        key = v.untyped_storage().data_ptr()
+        if key in seen:
+            return v.clone()
+        seen.add(key)
+        return v
+
+    return pytree.tree_map(own, examples)
+
+
 def capture(
     model: torch.nn.Module,
     example_args: tuple[Any, ...],
@@ -84,6 +102,7 @@ def capture(
         lambda v: v.contiguous() if isinstance(v, torch.Tensor) else v,
         (tuple(example_args), dict(example_kwargs or {})),
     )
+    example_args, example_kwargs = unaliased((example_args, example_kwargs))
     capture_warnings(model)  # issue 22: training mode and hooks are not captured
     private = private_copy(model).eval()  # (issue 22: an uncopyable attribute is named)
     errors = []
