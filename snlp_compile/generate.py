@@ -9,7 +9,10 @@ through the layer-parallel solve.
                                    block_size=4)                               # lossless: see speculative
 
 The model must offer ``forward_cached(idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)`` (the
-reference models do; see models.kv). With a config, transform() rewrites that step: the per-layer
+reference models do; see models.kv), or be a `transformers` causal LM of a family that
+models.hf_decode reproduces (Llama, Mistral, Qwen2, Gemma, Phi3, GPT-2, GPT-NeoX), which the
+Decoder wraps in that adapter (its own modules, no weight copies; anything it cannot reproduce
+exactly is refused when the Decoder is built). With a config, transform() rewrites that step: the per-layer
 cache picks become one slice of the stacked cache, the new K/V of every layer come out of the solve
 evaluated at the corrected layer inputs, and the caller (this module) writes them into the cache.
 In exact mode (K >= layers) the tokens and caches equal the sequential model's.
@@ -27,6 +30,7 @@ import torch.nn as nn
 from .api import transform
 from .config import SNLPConfig, resolve_config
 from .errors import SNLPConfigError
+from .models.hf_decode import as_cached_lm
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
 from .solve.handle import SolveHandle
 from .speculative import SpeculativeStats, probabilities, speculative_generate
@@ -66,8 +70,8 @@ class Decoder:
         block_size: int | None = None,
         **overrides: Any,
     ):
-        if not hasattr(model, "forward_cached"):
-            raise TypeError(f"{type(model).__name__} has no forward_cached(idx, pos, k_cache, v_cache)")
+        # a `transformers` causal LM gets the cached step of models.hf_decode (or a refusal)
+        model = as_cached_lm(model, max_len if isinstance(max_len, int) else None)
         if prefill not in ("sequential", "solve"):
             raise SNLPConfigError(f"prefill must be 'sequential' or 'solve', got {prefill!r}")
         if not isinstance(batch, int) or batch < 1:
