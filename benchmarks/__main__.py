@@ -17,6 +17,7 @@ import sys
 # sub-command -> module with main(argv: list[str] | None) -> int (imported only when run)
 SUBCOMMANDS = {
     "decode": "benchmarks.decode",
+    "decode-hf": "benchmarks.decode_hf",
     "forward": "benchmarks.forward",
     "targets": "benchmarks.targets",
     "step-timeline": "benchmarks.step_timeline",
