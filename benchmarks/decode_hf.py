@@ -11,7 +11,9 @@ Llama-3.2-1B; random weights, seeded; bf16; nothing downloaded), batch 1, one ne
 ``step_inputs``: context-1 random cached keys/values; the step plus the cache write timed), with the
 adapter's cached step (``CachedStep(HFCachedLM(model))``) as the sequential step and its
 ``transform()`` for SNLP, timed and reported by ``common`` (best sequential over eager, compiled
-and CUDA-graph variants; ratios against it).
+and CUDA-graph variants; ratios against it). The model's own forward over a `transformers`
+StaticCache holding the same keys/values ("hf StaticCache", the route its docs give for compiled
+decoding) is a sequential baseline too; its rel_err against the adapter's step checks the adapter.
 
 Vocabulary cut as in ``decode.py``: the model is built with ``--vocab`` tokens (default 256, not
 the real 151936 / 128256), so the head and embedding are negligible in every variant, and the
@@ -78,7 +80,7 @@ HF_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }  # fmt: skip
 SMOKE = [
     "--shapes", "tiny-qwen2,tiny-llama", "--context", "32", "--dtype", "fp32", "--modes", "eager,compiled",
-    "--ks", "1,2", "--warm-ks", "", "--vocab", "64", "--budget-s", "300",
+    "--ks", "1,2", "--warm-ks", "", "--vocab", "64", "--hf-modes", "eager", "--budget-s", "300",
 ]  # fmt: skip
 
 
@@ -98,6 +100,44 @@ def build_hf(shape: str, vocab: int, device: torch.device, dtype: torch.dtype) -
     return model.to(dtype=dtype).eval(), real_vocab
 
 
+def hf_static_step(
+    hf: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """The model's own forward over a `transformers` StaticCache that holds the same cached
+    keys/values as ``inputs``' caches: what a `transformers` user compiles for decoding (the
+    StaticCache route of its docs). Same call signature as the cached step, returns the logits;
+    the cache write is HF's own, inside the step. A sequential baseline like the adapter's."""
+    import transformers
+
+    _, pos, k_cache, v_cache = inputs
+    n = int(pos)
+    cache = transformers.StaticCache(config=hf.config, max_cache_len=k_cache.shape[3])
+    position = pos.reshape(1)
+    lengths: list[torch.Tensor] = []  # (transformers >= 5.2x: layers count their own length)
+
+    def step(
+        idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        for length in lengths:  # every call decodes position n again: rewind the counted length
+            length.fill_(n)
+        out = hf(
+            input_ids=idx,
+            past_key_values=cache,
+            cache_position=position,
+            position_ids=position.expand(idx.shape[0], 1),
+            use_cache=True,
+        )
+        return out.logits
+
+    step(*inputs)  # (allocates the cache's layers)
+    for i, layer in enumerate(cache.layers):
+        layer.keys[:, :, :n].copy_(k_cache[i, :, :, :n])
+        layer.values[:, :, :n].copy_(v_cache[i, :, :, :n])
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            lengths.append(layer.cumulative_length)
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_regime_arguments(
@@ -106,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(shapes="qwen2.5-0.5b,llama-3.2-1b", ks=[1, 2], modes="eager,compiled,compiled+graph")
     p.add_argument(
         "--seq-extra-modes", default="eager+graph", help="modes only the sequential step also runs"
+    )
+    p.add_argument(
+        "--hf-modes",
+        default="eager,compiled,compiled+graph",
+        help="modes of the model's own forward over a transformers StaticCache (a sequential baseline too)",
     )
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
@@ -135,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     seq_modes = common.mode_list(args.modes if args.seq_modes is None else args.seq_modes, device)
     seq_modes += [m for m in common.mode_list(args.seq_extra_modes, device) if m not in seq_modes]
     modes, warm_modes = common.mode_list(args.modes, device), common.mode_list(args.warm_modes, device)
+    hf_modes = common.mode_list(args.hf_modes, device)
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
@@ -165,11 +211,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"transform() took {transform_s:.1f} s"
             )
             plan: list[tuple[str, str, int | None, str]] = [("sequential", "", None, m) for m in seq_modes]
+            plan += [("sequential", "hf", None, m) for m in hf_modes]
             plan += [("snlp", "h0", k, m) for k in args.ks for m in modes]
             plan += [("snlp", "warm", k, m) for k in args.warm_ks for m in warm_modes]
             compiled: dict[str, Callable[..., Any]] = {}
             post = _writer(k_cache, v_cache, pos)
+            hf_step = hf_static_step(hf, inputs) if hf_modes else None
             for family, init, k, mode in plan:
+                if init == "hf":  # the model's own forward: it writes its StaticCache itself
+                    rec = common.Record("decode-hf", label, case, f"hf StaticCache {mode}", family, k, mode)
+                    rec.extra["init"] = None
+                    bench.run(run, rec, hf_step, inputs, reference=ref, compiled=compiled, warmup=10)
+                    continue
                 if family == "sequential":
                     variant, base = f"seq {mode}", step
                 else:
@@ -185,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key in compiled:
                         fn = partial(compiled[key], *inputs)
                         common.profile_variant(fn, f"{label} {case} {key}", out / f"{args.name}_profile.txt")
-            del snlp, compiled, step, model, hf
+            del snlp, compiled, step, model, hf, hf_step
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
