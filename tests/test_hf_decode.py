@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import snlp_compile
-from snlp_compile import SNLPConfig, SNLPRefusal
+from snlp_compile import SNLPConfig, SNLPRefusal, SNLPUsageError
 from snlp_compile.models.hf_decode import HFCachedLM
 
 transformers = pytest.importorskip("transformers")
@@ -37,6 +37,11 @@ _BASE: dict[str, Any] = dict(
 _NEOX = {k: v for k, v in _BASE.items() if k != "num_key_value_heads"}
 _GPT2 = dict(n_embd=32, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=128, initializer_range=0.3)
 
+_LLAMA3_ROPE = dict(
+    rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)  # fmt: skip
+
 # family -> (model class, config class, config kwargs): the required five, then the cheap extras
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", _BASE),
@@ -49,8 +54,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "GPTNeoXConfig",
         dict(_NEOX, rotary_pct=0.25, use_parallel_residual=False),
     ),
+    # Llama-3.2's RoPE (frequencies rescaled once by the rotary module), scaling active at these lengths
+    "llama_rope_llama3": ("LlamaForCausalLM", "LlamaConfig", dict(_BASE, rope_parameters=_LLAMA3_ROPE)),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_BASE, head_dim=16)),
-    "phi3": ("Phi3ForCausalLM", "Phi3Config", _BASE),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_BASE, partial_rotary_factor=0.5)),
 }
 
 
@@ -117,6 +124,19 @@ def test_adapter_caches_equal_the_dynamic_cache(family: str) -> None:
     torch.testing.assert_close(dec.v_cache[:, :, :, :n], hf_v, rtol=1e-10, atol=1e-10)
     assert dec.k_cache[:, :, :, n:].abs().sum() == 0
     torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_training_mode_step_is_refused() -> None:
+    """The step applies no dropout, so it runs in eval mode only (Decoder and generate() run a
+    model given in training mode in eval mode, and leave its modes as they were)."""
+    model = build("gpt2", resid_pdrop=0.5).train()
+    step = HFCachedLM(model)
+    idx = prompt()
+    caches = torch.zeros(2, LAYERS, 1, 4, 16, 8, dtype=torch.float64)
+    with pytest.raises(SNLPUsageError, match=r"eval mode only"):
+        step.forward_cached(idx, torch.tensor(0), caches[0], caches[1])
+    ref = hf_greedy(model.eval(), idx, 8)
+    assert torch.equal(snlp_compile.generate(model.train(), idx, 8), ref) and model.training
 
 
 def test_adapter_shares_the_models_parameters() -> None:

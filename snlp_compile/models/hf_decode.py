@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import SNLPRefusal
+from ..errors import SNLPRefusal, SNLPUsageError
 from .kv import attention_bias, cached_attention
 
 KVInput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (k_cache, v_cache, bias) of one layer
@@ -218,7 +218,7 @@ class HFCachedLM(nn.Module):
     ``max_len``: the cache length it will be used with, checked against a sliding window (None:
     ``config.block_size`` is the longest sequence it reproduces). Refuses, naming the config
     field, anything it does not reproduce exactly (see the module docstring). Dropout is not
-    applied: decoding runs in eval mode. ``hf_model`` is the wrapped model (not a submodule: the
+    applied: the step runs in eval mode only (``Decoder`` runs it so; training mode is refused). ``hf_model`` is the wrapped model (not a submodule: the
     step's parts are, so ``parameters()`` are the HF model's, each once).
     """
 
@@ -286,6 +286,8 @@ class HFCachedLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One KV-cached step (models.kv): idx (B, T) at positions pos .. pos+T-1 over caches
         (L, B, H_kv, T_max, D) holding positions < pos -> logits (B, T, vocab), new K/V (L, B, H_kv, T, D)."""
+        if self.training:  # (the step applies no dropout: refuse rather than differ in training mode)
+            raise SNLPUsageError("HFCachedLM.forward_cached runs in eval mode only: call .eval() first")
         _, t = idx.shape
         positions = pos + torch.arange(t, device=idx.device)
         bias = attention_bias(pos, t, k_cache.size(3))
