@@ -10,7 +10,7 @@ Llama-3.2-1B; random weights, seeded; bf16; nothing downloaded), batch 1, one ne
 ``--context`` positions. Every variant runs what ``decode.py`` runs for the reference models (its
 ``step_inputs``: context-1 random cached keys/values; the step plus the cache write timed), with the
 adapter's cached step (``CachedStep(HFCachedLM(model))``) as the sequential step and its
-``transform()`` for SNLP, timed and reported by ``common`` (best sequential over eager, compiled
+``transform()`` for SNLP (also with ``deferred_kv``, as in ``decode.py``), timed and reported by ``common`` (best sequential over eager, compiled
 and CUDA-graph variants; ratios against it). The model's own forward over a `transformers`
 StaticCache holding the same keys/values ("hf StaticCache", the route its docs give for compiled
 decoding) is a sequential baseline too; its rel_err against the adapter's step checks the adapter.
@@ -38,7 +38,7 @@ from snlp_compile.models.hf_decode import HFCachedLM
 from snlp_compile.models.kv import CachedStep
 
 from . import common
-from .decode import _writer, step_inputs
+from .decode import _writer, logits_only, step_inputs
 
 # --shapes key -> (model class, config class, config fields): the published configs' shapes
 HF_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -80,7 +80,8 @@ HF_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }  # fmt: skip
 SMOKE = [
     "--shapes", "tiny-qwen2,tiny-llama", "--context", "32", "--dtype", "fp32", "--modes", "eager,compiled",
-    "--ks", "1,2", "--warm-ks", "", "--vocab", "64", "--hf-modes", "eager", "--budget-s", "300",
+    "--ks", "1,2", "--warm-ks", "", "--deferred-ks", "", "--vocab", "64", "--hf-modes", "eager",
+    "--budget-s", "300",
 ]  # fmt: skip
 
 
@@ -156,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warm-ks", default="1,2", type=common.int_list, help="SNLP Ks also run with init warm")
     p.add_argument("--warm-modes", default="compiled+graph")
+    p.add_argument(
+        "--deferred-ks",
+        default="1,2",
+        type=common.int_list,
+        help="Ks also timed with deferred K/V (decode.py)",
+    )
+    p.add_argument("--deferred-modes", default="compiled+graph")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU: " + " ".join(SMOKE))
     raw = list(argv) if argv is not None else None
     args = p.parse_args(argv)
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     seq_modes += [m for m in common.mode_list(args.seq_extra_modes, device) if m not in seq_modes]
     modes, warm_modes = common.mode_list(args.modes, device), common.mode_list(args.warm_modes, device)
     hf_modes = common.mode_list(args.hf_modes, device)
+    deferred_modes = common.mode_list(args.deferred_modes, device)
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
@@ -199,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             snlp = snlp_compile.transform(step, inputs, iterations=1)
             transform_s = time.perf_counter() - t0
+            deferred = (
+                snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
+                if args.deferred_ks and deferred_modes
+                else None
+            )
             case = f"b{batch} ctx={ctx}"
             cut = (
                 f"real vocabulary {real_vocab}, head {head_bytes / 1e6:.0f} MB in the floor"
@@ -214,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [("sequential", "hf", None, m) for m in hf_modes]
             plan += [("snlp", "h0", k, m) for k in args.ks for m in modes]
             plan += [("snlp", "warm", k, m) for k in args.warm_ks for m in warm_modes]
+            plan += [("snlp-deferred", "h0", k, m) for k in args.deferred_ks for m in deferred_modes]
             compiled: dict[str, Callable[..., Any]] = {}
             post = _writer(k_cache, v_cache, pos)
             hf_step = hf_static_step(hf, inputs) if hf_modes else None
@@ -223,14 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                     rec.extra["init"] = None
                     bench.run(run, rec, hf_step, inputs, reference=ref, compiled=compiled, warmup=10)
                     continue
+                write = post
                 if family == "sequential":
                     variant, base = f"seq {mode}", step
+                elif family == "snlp-deferred":  # (the step writes the previous token's K/V itself)
+                    variant, base = f"snlp K={k} deferred {mode}", common.with_iterations(deferred, k, "h0")
+                    write = logits_only
                 else:
                     tag = "" if init == "h0" else " warm"
                     variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
                 rec = common.Record("decode-hf", label, case, variant, family, k, mode)
                 rec.extra["init"] = init or None
-                bench.run(run, rec, base, inputs, reference=ref, compiled=compiled, post=post, warmup=10)
+                bench.run(run, rec, base, inputs, reference=ref, compiled=compiled, post=write, warmup=10)
             floor = common.floor_ms(wbytes + kv_bytes + head_bytes, run.bandwidth)
             bench.finish_case(label, case, floor, layers=cfg.n_layer)
             if args.profile and device.type == "cuda":
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key in compiled:
                         fn = partial(compiled[key], *inputs)
                         common.profile_variant(fn, f"{label} {case} {key}", out / f"{args.name}_profile.txt")
-            del snlp, compiled, step, model, hf, hf_step
+            del snlp, deferred, compiled, step, model, hf, hf_step
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

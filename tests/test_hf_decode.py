@@ -98,6 +98,17 @@ def test_batched_exact_mode_equals_hf_greedy() -> None:
     assert torch.equal(snlp_compile.generate(model, ids, 16, SNLPConfig(iterations=LAYERS)), ref)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
+def test_deferred_kv_exact_mode_equals_hf_greedy(family: str) -> None:
+    """SNLPConfig(deferred_kv=True) (the K/V of token t written by step t+1) applies to the
+    adapter's step: each layer hands out K (after RoPE) then V, as the deferral pass needs."""
+    model = build(family)
+    ids = prompt()
+    ref = hf_greedy(model, ids, 16)
+    cfg = SNLPConfig(iterations=LAYERS, deferred_kv=True)
+    assert torch.equal(snlp_compile.generate(model, ids, 16, cfg), ref)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_adapter_caches_equal_the_dynamic_cache(family: str) -> None:
     """After a prefill and 6 decode steps the Decoder's stacked caches hold what the model's own

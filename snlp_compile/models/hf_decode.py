@@ -18,6 +18,7 @@ scale other than 1/sqrt(head_dim), RoPE types whose frequencies change with the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,29 +169,39 @@ class Block(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, heads, self.head_dim).transpose(1, 2)
 
-    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+        """q, k (before RoPE) and a thunk for v: v's last op comes after k's (see _attention)."""
         layer, hq, hkv, d = self.layer, self.n_head, self.n_kv_head, self.head_dim
         if self.kind == "llama":
             a = layer.self_attn
-            return self._heads(a.q_proj(h), hq), self._heads(a.k_proj(h), hkv), self._heads(a.v_proj(h), hkv)
+            return (
+                self._heads(a.q_proj(h), hq),
+                self._heads(a.k_proj(h), hkv),
+                lambda: self._heads(a.v_proj(h), hkv),
+            )
         if self.kind == "phi3":
-            qkv = layer.self_attn.qkv_proj(h)
-            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-            return self._heads(q, hq), self._heads(k, hkv), self._heads(v, hkv)
+            q, k, v = layer.self_attn.qkv_proj(h).split([hq * d, hkv * d, hkv * d], dim=-1)
+            return self._heads(q, hq), self._heads(k, hkv), lambda: self._heads(v, hkv)
         if self.kind == "gpt2":
             q, k, v = layer.attn.c_attn(h).split(hq * d, dim=-1)
-            return self._heads(q, hq), self._heads(k, hq), self._heads(v, hq)
+            return self._heads(q, hq), self._heads(k, hq), lambda: self._heads(v, hq)
         # GPT-NeoX: per head [q | k | v] interleaved in the fused projection's output
         b, n, _ = h.shape
-        qkv = layer.attention.query_key_value(h).view(b, n, hq, 3 * d).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
-        return q, k, v
+        qkv = layer.attention.query_key_value(h).view(b, n, hq, 3 * d)
+        return (
+            qkv[..., :d].transpose(1, 2),
+            qkv[..., d : 2 * d].transpose(1, 2),
+            lambda: qkv[..., 2 * d :].transpose(1, 2),
+        )
 
     def _attention(self, h: torch.Tensor, rope: Rope, kv: KVInput) -> tuple[torch.Tensor, ...]:
-        q, k, v = self._qkv(h)
+        # k is complete (RoPE applied) before v's last op: the layer hands out its K/V in that
+        # order, which is what the deferred K/V pass (SNLPConfig.deferred_kv) expects
+        q, k, make_v = self._qkv(h)
         if rope is not None:
             cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        v = make_v()
         y = cached_attention(q, k, v, *kv)
         b, _, n, _ = y.shape
         y = y.transpose(1, 2).reshape(b, n, self.n_head * self.head_dim)
