@@ -42,6 +42,10 @@ Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)
 class Decoder:
     """The prefill and decode steps of one model for a fixed batch size and cache length.
 
+    ``model``: with ``forward_cached`` (models.kv), or a `transformers` causal LM, which is wrapped
+    in ``models.hf_decode.HFCachedLM`` (refused there, by config field, when the adapter cannot
+    reproduce it at ``max_len``); ``self.model`` is then the adapter.
+
     config None (and no overrides): both steps are the model's own sequential cached step.
     Otherwise the decode step (T = 1) is transformed once here; prefill is the sequential step
     ("sequential") or a second transform of the step for prompts longer than one token ("solve",
@@ -279,8 +283,9 @@ def generate(
 ) -> torch.Tensor | tuple[torch.Tensor, SpeculativeStats | None]:
     """Prompt (B, P) -> tokens (B, P + max_new_tokens): prefill, then one decode step per token.
 
-    ``model``: a model with forward_cached (sequential when config is None, else its decode step
-    is transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
+    ``model``: a model with forward_cached or a supported `transformers` causal LM (wrapped in
+    models.hf_decode's adapter; sequential when config is None, else its decode step is
+    transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
     speculative and block_size are then the Decoder's). greedy=False samples from
     softmax(logits / temperature), restricted to the top_k tokens when given, with a private
     generator seeded by ``seed``.
