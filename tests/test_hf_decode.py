@@ -212,6 +212,15 @@ def test_active_sliding_window_is_refused_naming_the_field() -> None:
     )
 
 
+def test_mistral_window_counts_whatever_the_layer_types() -> None:
+    """Mistral's attention slides in every layer when sliding_window is set (it does not read
+    layer_types): a window shorter than max_len is refused even with layer_types saying "full"."""
+    model = build("mistral", sliding_window=8, layer_types=["full_attention"] * LAYERS)
+    with pytest.raises(SNLPRefusal, match=r"config\.sliding_window=8 is shorter than max_len=9"):
+        snlp_compile.Decoder(model, batch=1, max_len=9)
+    assert HFCachedLM(model).config.block_size == 8  # (without max_len: the window bounds the positions)
+
+
 def test_dynamic_rope_is_refused_naming_the_field() -> None:
     model = build("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(SNLPRefusal, match=r"config\.rope_parameters\['rope_type'\]='dynamic'") as err:

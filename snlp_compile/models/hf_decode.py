@@ -106,13 +106,18 @@ def _rope_type(cfg: Any) -> str:
 
 
 def _sliding_window(cfg: Any) -> int | None:
-    """The window of the config's sliding-window layers, None when no layer slides."""
+    """The window of the config's sliding-window layers, None when no layer slides. Only Qwen2's
+    attention reads ``layer_types`` (and ``use_sliding_window``); Mistral's and Phi3's slide in
+    every layer whenever ``sliding_window`` is set, so any window counts for them (and for the rest)."""
     window = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None)
-    if window is None or (types is not None and "sliding_attention" not in types):
+    if window is None:
         return None
-    if getattr(cfg, "use_sliding_window", True) is False:
-        return None
+    if cfg.model_type == "qwen2":
+        types = getattr(cfg, "layer_types", None)
+        if not getattr(cfg, "use_sliding_window", False) or (
+            types is not None and "sliding_attention" not in types
+        ):
+            return None
     return int(window)
 
 
