@@ -17,6 +17,7 @@ import sys
 # sub-command -> module with main(argv: list[str] | None) -> int (imported only when run)
 SUBCOMMANDS = {
     "decode": "benchmarks.decode",
+    "decode-hf": "benchmarks.decode_hf",
     "forward": "benchmarks.forward",
     "targets": "benchmarks.targets",
     "step-timeline": "benchmarks.step_timeline",
@@ -38,6 +39,16 @@ _DECODE_TABLE = [
 PRESETS = {
     "decode-05b": [*_DECODE_TABLE, "--shapes", "0.5b", "--chunks", "32", "--name", "decode_05b"],
     "decode-d20": [*_DECODE_TABLE, "--shapes", "d20", "--chunks", "20", "--name", "decode_d20"],
+    # issue 24 item 3: transformers models through the decode adapter, one shape a call (a budget
+    # that leaves a 10-minute call room for the last variant's compile and the write-out)
+    **{
+        f"decode-hf-{key}": [
+            "decode-hf", "--shapes", shape, "--modes", "compiled+graph", "--seq-modes", "compiled+graph,autotuned+graph",
+            "--seq-extra-modes", "eager+graph", "--hf-modes", "compiled+graph", "--warm-ks", "1",
+            "--budget-s", "420", "--name", f"decode_hf_{key}",
+        ]
+        for key, shape in (("qwen", "qwen2.5-0.5b"), ("llama", "llama-3.2-1b"))
+    },
     "forward-05b": [
         "forward", "--shapes", "0.5b", "--seq", "2048", "--seq-modes", "compiled+graph,autotuned+graph",
         "--modes", "compiled+graph,autotuned+graph", "--ks", "1", "--chunks", "", "--no-smoke",

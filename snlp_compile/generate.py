@@ -9,7 +9,10 @@ through the layer-parallel solve.
                                    block_size=4)                               # lossless: see speculative
 
 The model must offer ``forward_cached(idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)`` (the
-reference models do; see models.kv). With a config, transform() rewrites that step: the per-layer
+reference models do; see models.kv), or be a `transformers` causal LM of a family that
+models.hf_decode reproduces (Llama, Mistral, Qwen2, Gemma, Phi3, GPT-2, GPT-NeoX), which the
+Decoder wraps in that adapter (its own modules, no weight copies; anything it cannot reproduce
+exactly is refused when the Decoder is built). With a config, transform() rewrites that step: the per-layer
 cache picks become one slice of the stacked cache, the new K/V of every layer come out of the solve
 evaluated at the corrected layer inputs, and the caller (this module) writes them into the cache.
 In exact mode (K >= layers) the tokens and caches equal the sequential model's.
@@ -27,6 +30,7 @@ import torch.nn as nn
 from .api import transform
 from .config import SNLPConfig, resolve_config
 from .errors import SNLPConfigError
+from .models.hf_decode import as_cached_lm
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
 from .solve.handle import SolveHandle
 from .speculative import SpeculativeStats, probabilities, speculative_generate
@@ -37,6 +41,10 @@ Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)
 
 class Decoder:
     """The prefill and decode steps of one model for a fixed batch size and cache length.
+
+    ``model``: with ``forward_cached`` (models.kv), or a `transformers` causal LM, which is wrapped
+    in ``models.hf_decode.HFCachedLM`` (refused there, by config field, when the adapter cannot
+    reproduce it at ``max_len``); ``self.model`` is then the adapter.
 
     config None (and no overrides): both steps are the model's own sequential cached step.
     Otherwise the decode step (T = 1) is transformed once here; prefill is the sequential step
@@ -66,8 +74,8 @@ class Decoder:
         block_size: int | None = None,
         **overrides: Any,
     ):
-        if not hasattr(model, "forward_cached"):
-            raise TypeError(f"{type(model).__name__} has no forward_cached(idx, pos, k_cache, v_cache)")
+        # a `transformers` causal LM gets the cached step of models.hf_decode (or a refusal)
+        model = as_cached_lm(model, max_len if isinstance(max_len, int) else None)
         if prefill not in ("sequential", "solve"):
             raise SNLPConfigError(f"prefill must be 'sequential' or 'solve', got {prefill!r}")
         if not isinstance(batch, int) or batch < 1:
@@ -275,8 +283,9 @@ def generate(
 ) -> torch.Tensor | tuple[torch.Tensor, SpeculativeStats | None]:
     """Prompt (B, P) -> tokens (B, P + max_new_tokens): prefill, then one decode step per token.
 
-    ``model``: a model with forward_cached (sequential when config is None, else its decode step
-    is transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
+    ``model``: a model with forward_cached or a supported `transformers` causal LM (wrapped in
+    models.hf_decode's adapter; sequential when config is None, else its decode step is
+    transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
     speculative and block_size are then the Decoder's). greedy=False samples from
     softmax(logits / temperature), restricted to the top_k tokens when given, with a private
     generator seeded by ``seed``.

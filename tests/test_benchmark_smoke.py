@@ -63,6 +63,25 @@ def test_decode_benchmark_compiles_snlp_with_its_own_inductor_options(tmp_path: 
     )
 
 
+def test_decode_hf_benchmark_smoke(tmp_path: Path) -> None:
+    """decode-hf (issue 24: a transformers model through the decode adapter) at --smoke scale: the
+    adapter's sequential step is the reference, the model's own StaticCache forward and exact mode
+    (K = 2 layers) match it, the floor note says how the vocabulary was cut."""
+    result = _run(
+        "decode-hf", "--smoke", "--shapes", "tiny-llama", "--modes", "eager", "--seq-extra-modes", "",
+        out=tmp_path,
+    )  # fmt: skip
+    variants = {r["variant"]: r for r in result["records"]}
+    expected = {"seq eager", "hf StaticCache eager", "snlp K=1 eager", "snlp K=2 eager"}
+    assert set(variants) == expected, list(variants)
+    assert all(r["median_ms"] > 0 and r["error"] is None for r in variants.values()), variants
+    # the model's own forward over a StaticCache holding the same keys/values agrees with the
+    # adapter's step, and so does K=2 (float32; 2 layers: exact)
+    assert variants["hf StaticCache eager"]["rel_err"] < 1e-5
+    assert variants["snlp K=2 eager"]["rel_err"] < 1e-5
+    assert "vocabulary cut to 64 as in decode.py" in (tmp_path / "decode_hf.md").read_text()
+
+
 def test_unknown_inductor_option_is_refused_by_name(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(

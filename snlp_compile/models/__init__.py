@@ -1,6 +1,7 @@
 """Reference models the compiler is developed and tested against."""
 
 from .gpt import GPT, GPTConfig
+from .hf_decode import HFCachedLM
 from .nanochat import NanochatConfig, NanochatGPT
 from .registry import DEFAULT_MODEL, MODEL_NAMES, build_model, model_config
 
@@ -9,6 +10,7 @@ __all__ = [
     "GPT",
     "MODEL_NAMES",
     "GPTConfig",
+    "HFCachedLM",
     "NanochatConfig",
     "NanochatGPT",
     "build_model",

@@ -65,10 +65,12 @@ class CachedStep(nn.Module):
 
 
 def cache_shape(model: nn.Module, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
-    """(L, B, H_kv, T_max, D) of one of the two caches of a reference model."""
+    """(L, B, H_kv, T_max, D) of one of the two caches of a reference model (or of the
+    `transformers` adapter, models.hf_decode, whose config gives head_dim)."""
     cfg = model.config
     n_kv = getattr(cfg, "n_kv_head", cfg.n_head)
-    return (cfg.n_layer, batch, n_kv, max_len, cfg.n_embd // cfg.n_head)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
+    return (cfg.n_layer, batch, n_kv, max_len, head_dim)
 
 
 def max_positions(model: nn.Module) -> int:
