@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "hcn-convergence": "benchmarks.hcn_convergence",
     "train-gpu": "benchmarks.train_gpu",
     "frontier": "benchmarks.frontier",
+    "speculative": "benchmarks.speculative",
 }
 
 _DECODE_TABLE = [

@@ -50,7 +50,8 @@ class Decoder:
     SNLPConfig the decode step is transformed with to draft ``block_size`` tokens (default 4) per
     round, or a draft step the caller built (same call signature); the decode and prefill steps
     are then the sequential ones, which verify. ``last_stats`` holds the last speculative
-    generate()'s ``SpeculativeStats``.
+    generate()'s ``SpeculativeStats``. ``cuda_graphs=True`` (CUDA, speculative only) replays the
+    draft and verify steps from CUDA graphs (``snlp_compile.speculative_graphs``).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Decoder:
         decode_step: Step | None = None,
         speculative: SNLPConfig | Step | None = None,
         block_size: int | None = None,
+        cuda_graphs: bool = False,
         **overrides: Any,
     ):
         if not hasattr(model, "forward_cached"):
@@ -125,6 +127,10 @@ class Decoder:
             self.block_size = block_size
         elif block_size is not None:
             raise SNLPConfigError("block_size is the speculative draft length: pass speculative= with it")
+        if cuda_graphs and (speculative is None or self.device.type != "cuda"):
+            raise SNLPConfigError("cuda_graphs=True is for speculative decoding on a CUDA device")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graphed: Any = None  # speculative_graphs.GraphedSteps, captured at the first generate()
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
     def example_inputs(self, t: int) -> tuple[torch.Tensor, ...]:

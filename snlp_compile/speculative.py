@@ -65,6 +65,8 @@ class SpeculativeDecoder(Protocol):
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     last_stats: Any
+    cuda_graphs: bool
+    graphed: Any  # a speculative_graphs.GraphedSteps once captured, else None
 
     def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
 
@@ -77,7 +79,10 @@ class SpeculativeStats:
     proposed; accepted: of those, accepted (with a batch, the shortest accepted prefix over the
     rows per round); emitted: tokens produced by the rounds (accepted + one each; the prefill's
     token is not counted); draft_time_s / verify_time_s: wall time of the draft steps and of the
-    verifications (with the acceptance rule), synchronised on a GPU."""
+    verifications (with the acceptance rule), CUDA events on a GPU (read once at the end, so the
+    rounds run without further synchronisation); decode_time_s: the rounds from the end of the
+    prefill to the last token. With CUDA graphs, the tokens left once a full block no longer fits
+    are decoded one by one by the verifier, each counted as a round without drafts."""
 
     block_size: int | None  # (set whenever speculative decoding is on)
     rounds: int = 0
@@ -86,6 +91,7 @@ class SpeculativeStats:
     emitted: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    decode_time_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -97,11 +103,25 @@ class SpeculativeStats:
         """Mean tokens produced per verification (nan before any)."""
         return self.emitted / self.rounds if self.rounds else math.nan
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens produced by the rounds per second of decode time (nan before any)."""
+        return self.emitted / self.decode_time_s if self.decode_time_s > 0 else math.nan
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["acceptance_rate"] = self.acceptance_rate
         out["tokens_per_verify"] = self.tokens_per_verify
+        out["tokens_per_s"] = self.tokens_per_s
         return out
+
+    def summary(self) -> str:
+        """One line: acceptance, tokens per verification, times."""
+        return (
+            f"block {self.block_size}: {self.rounds} rounds, acceptance {self.acceptance_rate:.3f}, "
+            f"{self.tokens_per_verify:.2f} tokens/verification, draft {1e3 * self.draft_time_s:.1f} ms, "
+            f"verify {1e3 * self.verify_time_s:.1f} ms, {self.tokens_per_s:.1f} tokens/s"
+        )
 
 
 def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -163,10 +183,24 @@ def greedy_rule(verifier_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[to
     return accept.long().cumprod(dim=1).sum(dim=1), tokens
 
 
-def _clock(device: torch.device) -> float:
+Mark = float | torch.cuda.Event
+
+
+def _mark(device: torch.device) -> Mark:
+    """A point in time: a recorded CUDA event on a GPU (no synchronisation), else perf_counter."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
     return time.perf_counter()
+
+
+def _seconds(start: Mark, end: Mark) -> float:
+    """Seconds between two marks (CUDA events: after a synchronisation)."""
+    if isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event):
+        return start.elapsed_time(end) / 1e3
+    assert isinstance(start, float) and isinstance(end, float)
+    return end - start
 
 
 def speculative_generate(
@@ -180,7 +214,15 @@ def speculative_generate(
 ) -> torch.Tensor:
     """The rounds (module docstring) after a sequential prefill; sets ``decoder.last_stats``."""
     assert decoder.draft_step is not None and decoder.block_size is not None
-    draft, verify = decoder.draft_step, decoder.sequential
+    draft, verify, single = decoder.draft_step, decoder.sequential, None
+    if decoder.cuda_graphs:
+        if decoder.graphed is None:  # (captured on the caches, which it clears: before the prefill)
+            from .speculative_graphs import GraphedSteps
+
+            decoder.graphed = GraphedSteps(
+                draft, verify, decoder.block_size, decoder.k_cache, decoder.v_cache
+            )
+        draft, verify, single = decoder.graphed.draft, decoder.graphed.verify, decoder.graphed.single
     handle = SolveHandle.of(draft)
     deferred = handle is not None and handle.deferred
     warm = handle is not None and handle.init == "warm"
@@ -194,14 +236,29 @@ def speculative_generate(
         probs = probabilities(logits, temperature, top_k)
         return _sample(probs, gen), probs
 
+    def write(step: Any, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor) -> None:
+        if not getattr(step, "writes_cache", False):  # (a graph replay wrote them)
+            write_cache(k_cache, v_cache, new_k, new_v, pos)
+
     b, p = prompt_ids.shape
     token = pick(decoder.prefill(prompt_ids, torch.zeros((), dtype=torch.long, device=device)))[0]
     out = [prompt_ids, token[:, None]]
     produced = 1
+    marks: list[tuple[Mark, Mark, Mark]] = []
+    begin = _mark(device)
     while produced < max_new_tokens:
         g = min(decoder.block_size, max_new_tokens - produced - 1)  # (never writes past the end)
         start = p + produced - 1  # the position of ``token``, not yet in the caches
-        t0 = _clock(device)
+        t0 = _mark(device)
+        if single is not None and g < decoder.block_size:  # (graphs: no block of another length)
+            pos = torch.full((), start, dtype=torch.long, device=device)
+            token = pick(single(token[:, None], pos, k_cache, v_cache)[0][:, -1])[0]
+            out.append(token[:, None])
+            produced += 1
+            stats.rounds += 1
+            stats.emitted += 1
+            marks.append((t0, t0, _mark(device)))
+            continue
         drafts: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
         traces: list[torch.Tensor | None] = []
@@ -210,7 +267,7 @@ def speculative_generate(
             pos = torch.full((), start + i, dtype=torch.long, device=device)
             logits, new_k, new_v = draft(current[:, None], pos, k_cache, v_cache)
             if not deferred:  # (deferred: the next draft step writes the corrected ones)
-                write_cache(k_cache, v_cache, new_k, new_v, pos)
+                write(draft, new_k, new_v, pos)
             if warm:
                 assert handle is not None
                 traces.append(handle.trace)
@@ -218,11 +275,11 @@ def speculative_generate(
             drafts.append(current)
             if q is not None:
                 qs.append(q)
-        t1 = _clock(device)
+        t1 = _mark(device)
         pos = torch.full((), start, dtype=torch.long, device=device)
         block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
         logits, new_k, new_v = verify(block, pos, k_cache, v_cache)
-        write_cache(k_cache, v_cache, new_k, new_v, pos)  # exact K/V at start .. start + g
+        write(verify, new_k, new_v, pos)  # exact K/V at start .. start + g
         if deferred:
             assert handle is not None
             handle.forget_pending()  # the last draft's K/V must not overwrite the exact entry
@@ -243,8 +300,13 @@ def speculative_generate(
         stats.drafted += g
         stats.accepted += n
         stats.emitted += n + 1
-        stats.draft_time_s += t1 - t0
-        stats.verify_time_s += _clock(device) - t1
+        marks.append((t0, t1, _mark(device)))
+    end = _mark(device)
     if handle is not None:
         handle.forget_pending()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.draft_time_s = sum(_seconds(t0, t1) for t0, t1, _ in marks)
+    stats.verify_time_s = sum(_seconds(t1, t2) for _, t1, t2 in marks)
+    stats.decode_time_s = _seconds(begin, end)
     return torch.cat(out, dim=1)
