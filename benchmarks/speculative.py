@@ -40,6 +40,7 @@ import torch
 
 import snlp_compile
 from snlp_compile.generate import Decoder, generate
+from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
 from snlp_compile.train import load_checkpoint
@@ -236,10 +237,13 @@ def agreement(tokens: torch.Tensor, ref: torch.Tensor, p: int) -> dict[str, Any]
 class Run:
     """The rows of one run; every row is written as it is measured."""
 
-    def __init__(self, args: argparse.Namespace, prompt: torch.Tensor, meta: dict[str, Any], out: Path):
+    def __init__(
+        self, args: argparse.Namespace, prompt: torch.Tensor, meta: dict[str, Any], out: Path, t_start: float
+    ):
         self.args, self.prompt, self.meta, self.out = args, prompt, meta, out
         self.rows: list[dict[str, Any]] = []
-        self.t_start = time.perf_counter()
+        self.t_start = t_start
+        self.decoders: dict[tuple[int, int, bool], Decoder] = {}
         self.device = prompt.device
 
     def left(self) -> float:
@@ -280,12 +284,11 @@ class Run:
 
         self.add({"weights": weights, "kind": kind, "variant": variant, "k": k, "gamma": None}, measure)
 
-    def speculative(self, weights: str, k: int, gamma: int) -> None:
-        graphs = self.device.type == "cuda" and not self.args.no_graphs
+    def speculative(self, weights: str, k: int, gamma: int, graphs: bool) -> None:
         name = f"speculative K={k} γ={gamma}" + (" graphs" if graphs else "")
 
         def measure(row: dict[str, Any]) -> None:
-            key = (k, gamma)
+            key = (k, gamma, graphs)
             if key not in self.decoders:  # (built once: the random weights reuse its graphs)
                 dec = Decoder(
                     self.steps.model, batch=1, max_len=self.prompt.shape[1] + self.args.new,
@@ -310,9 +313,12 @@ class Run:
             row["verify_ms_per_round"] = 1e3 * stats.verify_time_s / max(stats.rounds, 1)
             row.update(self.components(dec, gamma))
 
-        self.add(
-            {"weights": weights, "kind": "speculative", "variant": name, "k": k, "gamma": gamma}, measure
-        )
+        row = {"weights": weights, "kind": "speculative", "variant": name, "k": k, "gamma": gamma}
+        row["graphs"] = graphs
+        self.add(row, measure)
+        if graphs and row.get("error") and not row["error"].startswith("skipped"):
+            log(f"{weights} {name} failed with CUDA graphs: the same row without them follows")
+            self.speculative(weights, k, gamma, graphs=False)
 
     def components(self, dec: Decoder, gamma: int) -> dict[str, float]:
         """Median time of one draft step and one verification of γ + 1 tokens, each alone."""
@@ -328,26 +334,23 @@ class Run:
         return {"draft_step_ms": d.median_ms, "verify_ms": v.median_ms}
 
     def measure_all(self, weights: str, steps: Steps) -> None:
+        """The rows of one set of weights, the baseline and the speculative rows first (each row
+        compiles what it first calls; rows past --budget-s are skipped, not lost)."""
         self.steps = steps
-        if weights == "trained":
-            self.decoders: dict[tuple[int, int], Decoder] = {}
-        modes = [("eager", False)]
-        if self.device.type == "cuda":
-            modes = [("eager+graph", False)] + ([("compiled+graph", True)] if steps.compiled else [])
-        for mode, compiled in modes:
-            graph = mode.endswith("+graph")
-            self.loop(
-                weights, "sequential", f"seq {mode}", steps.seq if compiled else steps.eager_step, graph
-            )
-            if steps.exact is not None:
-                exact = steps.exact_c if compiled else steps.exact
-                self.loop(weights, "sequential", f"exact-seq {mode}", exact, graph)
-        mode = modes[-1][0]  # (the drafts as built: compiled where the run compiles)
-        for k in self.args.ks:
-            self.loop(weights, "snlp", f"snlp K={k} warm {mode}", steps.drafts[k], mode.endswith("+graph"), k)
+        graph = self.device.type == "cuda"
+        fast = "compiled+graph" if steps.compiled else ("eager+graph" if graph else "eager")
+        self.loop(weights, "sequential", f"seq {fast}", steps.seq, graph)
+        if steps.exact is not None:
+            self.loop(weights, "sequential", f"exact-seq {fast}", steps.exact_c, graph)
         for gamma in self.args.gammas:
             for k in self.args.ks:
-                self.speculative(weights, k, gamma)
+                self.speculative(weights, k, gamma, graphs=graph and not self.args.no_graphs)
+        for k in self.args.ks:
+            self.loop(weights, "snlp", f"snlp K={k} warm {fast}", steps.drafts[k], graph, k)
+        if steps.compiled:  # (the uncompiled steps, captured)
+            self.loop(weights, "sequential", "seq eager+graph", steps.eager_step, graph)
+            if steps.exact is not None:
+                self.loop(weights, "sequential", "exact-seq eager+graph", steps.exact, graph)
 
     def result(self) -> dict[str, Any]:
         return {"meta": self.meta, "rows": finish(self.rows, self.prompt.shape[1])}
@@ -492,9 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-random", action="store_true", help="skip the random-weights run")
     p.add_argument("--no-graphs", action="store_true", help="speculative steps without CUDA graphs")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere")
-    p.add_argument("--budget-s", type=float, default=540.0, help="skip rows once this much time is spent")
+    spent = "skip rows once this many seconds have passed since the start (training included)"
+    p.add_argument("--budget-s", type=float, default=500.0, help=spent)
     p.add_argument("--name", default="speculative", help="stem of the output files")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     scale = SMOKE if args.smoke else Scale()
     if args.device:
         scale = replace(scale, device=args.device, dtype="bf16" if args.device.startswith("cuda") else "fp32")
@@ -535,15 +540,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'compiled' if compiled else 'eager'} steps; median of {args.repeats} generations after "
         f"{args.warmup}; decode time excludes the prefill."
     )
-    run = Run(args, prompt, meta, out)
+    run = Run(args, prompt, meta, out, t_start)
     max_len = args.prompt + args.new
     with torch.no_grad():
         log(f"steps: transform{' and compile' if compiled else ''} (K = {args.ks}, context {max_len})")
         steps = Steps(model, args.ks, max_len, compiled, snlp_options)
         run.measure_all("trained", steps)
         if not args.no_random:
-            random = frontier.load_for_inference(work / "random-weights", BASELINE, scale)
-            steps.load_weights(random)
+            overrides = {**scale.overrides(), "vocab_size": model.config.vocab_size, "zero_init_out": False}
+            random = build_model(frontier.MODEL, seed=0, device=scale.device, **overrides)
+            steps.load_weights(random.to(next(model.parameters()).dtype).eval())
             del random
             run.measure_all("random", steps)
     result = run.result()

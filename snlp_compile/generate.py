@@ -214,11 +214,16 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def _pick(
-    logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen: torch.Generator | None
+    logits: torch.Tensor,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    gen: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     if greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, temperature, top_k), 1, generator=gen).squeeze(-1)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=gen).squeeze(-1)
 
 
 @overload
@@ -231,6 +236,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
@@ -251,6 +257,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
@@ -271,6 +278,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
@@ -284,7 +292,8 @@ def generate(
     ``model``: a model with forward_cached (sequential when config is None, else its decode step
     is transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
     speculative and block_size are then the Decoder's). greedy=False samples from
-    softmax(logits / temperature), restricted to the top_k tokens when given, with a private
+    softmax(logits / temperature), restricted to the top_k tokens when given, then to the
+    smallest most likely set of probability >= top_p (nucleus) when given, with a private
     generator seeded by ``seed``.
 
     ``speculative``: lossless self-speculative decoding (``snlp_compile.speculative``): the step
@@ -303,6 +312,10 @@ def generate(
         raise SNLPConfigError(f"temperature must be > 0 when sampling, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise SNLPConfigError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, float | int) or not 0 < top_p <= 1
+    ):
+        raise SNLPConfigError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     b, p = prompt_ids.shape
     total = p + max_new_tokens
     if isinstance(model, Decoder):
@@ -339,10 +352,12 @@ def generate(
         with evaluating(decoder.model):
             if decoder.draft_step is not None:
                 tokens = speculative_generate(
-                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen
+                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen, top_p
                 )
             else:
-                tokens = _generate(decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen)
+                tokens = _generate(
+                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen, top_p
+                )
     return (tokens, decoder.last_stats) if return_stats else tokens
 
 
@@ -354,14 +369,15 @@ def _generate(
     temperature: float,
     top_k: int | None,
     gen: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     p = prompt_ids.shape[1]
     pos = torch.zeros((), dtype=torch.long, device=decoder.device)
-    token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen)
+    token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen, top_p)
     pos += p
     out = [token]
     for _ in range(max_new_tokens - 1):
-        token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen)
+        token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen, top_p)
         pos += 1
         out.append(token)
     decoder.flush()  # (deferred K/V: the last token's, so the caches are complete)

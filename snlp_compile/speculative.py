@@ -35,7 +35,7 @@ is still drawn by the rule (its accepted draft or its correction), so every row'
 sequential model's distribution.
 
 The sampling rule (Leviathan et al. 2023; Chen et al. 2023): q the draft's distribution, p the
-verifier's, both after the same temperature and top-k. Draft d ~ q is accepted with probability
+verifier's, both after the same temperature, top-k and top-p. Draft d ~ q is accepted with probability
 min(1, p(d)/q(d)); at the first rejection the token is drawn from max(0, p - q) normalised; after
 all γ are accepted the bonus token is drawn from p_γ. Each emitted token is distributed as p given
 the tokens before it.
@@ -124,14 +124,24 @@ class SpeculativeStats:
         )
 
 
-def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """softmax(logits / temperature) over the top_k tokens (float32): the distribution sampling
-    draws from, the same on the draft's and the verifier's side."""
+def probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+) -> torch.Tensor:
+    """softmax(logits / temperature) over the top_k tokens, then over the smallest set of most
+    likely tokens whose probability reaches top_p (nucleus), renormalised (float32): the
+    distribution sampling draws from, the same on the draft's and the verifier's side."""
     scores = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
@@ -211,6 +221,7 @@ def speculative_generate(
     temperature: float,
     top_k: int | None,
     gen: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """The rounds (module docstring) after a sequential prefill; sets ``decoder.last_stats``."""
     assert decoder.draft_step is not None and decoder.block_size is not None
@@ -233,7 +244,7 @@ def speculative_generate(
     def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if greedy:
             return logits.argmax(dim=-1), None
-        probs = probabilities(logits, temperature, top_k)
+        probs = probabilities(logits, temperature, top_k, top_p)
         return _sample(probs, gen), probs
 
     def write(step: Any, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor) -> None:
@@ -288,7 +299,9 @@ def speculative_generate(
             accepted, tokens = greedy_rule(logits, drafted)
         else:
             q_block = torch.stack(qs, dim=1) if qs else logits.new_zeros(b, 0, logits.shape[-1]).float()
-            accepted, tokens = sampling_rule(probabilities(logits, temperature, top_k), q_block, drafted, gen)
+            accepted, tokens = sampling_rule(
+                probabilities(logits, temperature, top_k, top_p), q_block, drafted, gen
+            )
         n = int(accepted.min())  # the round's one host synchronisation
         if warm and n < g:
             assert handle is not None
