@@ -131,8 +131,11 @@ class Steps:
                     handle.reset()
             with torch.no_grad():
                 a, b = mine(*self.inputs)[0], fresh(*self.inputs)[0]
-            if not torch.equal(a, b):
-                raise RuntimeError(f"copied weights give other logits than a fresh transform: {kwargs}")
+            err = float((a.double() - b.double()).norm() / b.double().norm())
+            if not err < 1e-3:  # (equal weights: rounding at most; weights not copied: O(1))
+                raise RuntimeError(
+                    f"copied weights give other logits than a fresh transform ({kwargs}): {err:.2e}"
+                )
 
 
 def _as_is(fn: Step, options: dict[str, Any] | None = None) -> Step:
@@ -496,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-graphs", action="store_true", help="speculative steps without CUDA graphs")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere")
     spent = "skip rows once this many seconds have passed since the start (training included)"
-    p.add_argument("--budget-s", type=float, default=500.0, help=spent)
+    p.add_argument("--budget-s", type=float, default=480.0, help=spent)
     p.add_argument("--name", default="speculative", help="stem of the output files")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -549,9 +552,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_random:
             overrides = {**scale.overrides(), "vocab_size": model.config.vocab_size, "zero_init_out": False}
             random = build_model(frontier.MODEL, seed=0, device=scale.device, **overrides)
-            steps.load_weights(random.to(next(model.parameters()).dtype).eval())
+            try:
+                steps.load_weights(random.to(next(model.parameters()).dtype).eval())
+            except RuntimeError as exc:  # (the trained rows are kept; the report says why)
+                meta["random_weights_error"] = str(exc)
+                log(f"random weights: {exc}")
+            else:
+                run.measure_all("random", steps)
             del random
-            run.measure_all("random", steps)
     result = run.result()
     write_report(result, out, args.name)
     print(markdown(result), flush=True)

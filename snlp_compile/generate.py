@@ -51,7 +51,9 @@ class Decoder:
     round, or a draft step the caller built (same call signature); the decode and prefill steps
     are then the sequential ones, which verify. ``last_stats`` holds the last speculative
     generate()'s ``SpeculativeStats``. ``cuda_graphs=True`` (CUDA, speculative only) replays the
-    draft and verify steps from CUDA graphs (``snlp_compile.speculative_graphs``).
+    draft and verify steps from CUDA graphs (``snlp_compile.speculative_graphs``);
+    ``adaptive_block_size=True`` changes the block size between rounds, up to ``block_size``
+    (``speculative.adapt_block_size``).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Decoder:
         speculative: SNLPConfig | Step | None = None,
         block_size: int | None = None,
         cuda_graphs: bool = False,
+        adaptive_block_size: bool = False,
         **overrides: Any,
     ):
         if not hasattr(model, "forward_cached"):
@@ -129,6 +132,9 @@ class Decoder:
             raise SNLPConfigError("block_size is the speculative draft length: pass speculative= with it")
         if cuda_graphs and (speculative is None or self.device.type != "cuda"):
             raise SNLPConfigError("cuda_graphs=True is for speculative decoding on a CUDA device")
+        if adaptive_block_size and speculative is None:
+            raise SNLPConfigError("adaptive_block_size=True is for speculative decoding")
+        self.adaptive_block_size = bool(adaptive_block_size)
         self.cuda_graphs = bool(cuda_graphs)
         self.graphed: Any = None  # speculative_graphs.GraphedSteps, captured at the first generate()
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)

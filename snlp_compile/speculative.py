@@ -67,6 +67,7 @@ class SpeculativeDecoder(Protocol):
     last_stats: Any
     cuda_graphs: bool
     graphed: Any  # a speculative_graphs.GraphedSteps once captured, else None
+    adaptive_block_size: bool
 
     def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
 
@@ -193,6 +194,14 @@ def greedy_rule(verifier_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[to
     return accept.long().cumprod(dim=1).sum(dim=1), tokens
 
 
+def adapt_block_size(gamma: int, drafted: int, accepted: int, most: int) -> int:
+    """The next round's block size (``Decoder(adaptive_block_size=True)``): two more after a
+    round whose drafts were all accepted, one fewer after a rejection, within 1 .. ``most`` (the
+    rule of transformers' assisted generation: a block longer than the drafts' run of
+    acceptances costs draft steps whose tokens are thrown away)."""
+    return min(gamma + 2, most) if accepted == drafted else max(gamma - 1, 1)
+
+
 Mark = float | torch.cuda.Event
 
 
@@ -230,10 +239,10 @@ def speculative_generate(
         if decoder.graphed is None:  # (captured on the caches, which it clears: before the prefill)
             from .speculative_graphs import GraphedSteps
 
-            decoder.graphed = GraphedSteps(
-                draft, verify, decoder.block_size, decoder.k_cache, decoder.v_cache
-            )
-        draft, verify, single = decoder.graphed.draft, decoder.graphed.verify, decoder.graphed.single
+            most = decoder.block_size
+            blocks = list(range(1, most + 1)) if decoder.adaptive_block_size else [most]
+            decoder.graphed = GraphedSteps(draft, verify, blocks, decoder.k_cache, decoder.v_cache)
+        draft, single = decoder.graphed.draft, decoder.graphed.single
     handle = SolveHandle.of(draft)
     deferred = handle is not None and handle.deferred
     warm = handle is not None and handle.init == "warm"
@@ -256,12 +265,13 @@ def speculative_generate(
     out = [prompt_ids, token[:, None]]
     produced = 1
     marks: list[tuple[Mark, Mark, Mark]] = []
+    gamma = decoder.block_size  # (adaptive: changes after every round)
     begin = _mark(device)
     while produced < max_new_tokens:
-        g = min(decoder.block_size, max_new_tokens - produced - 1)  # (never writes past the end)
+        g = min(gamma, max_new_tokens - produced - 1)  # (never writes past the end)
         start = p + produced - 1  # the position of ``token``, not yet in the caches
         t0 = _mark(device)
-        if single is not None and g < decoder.block_size:  # (graphs: no block of another length)
+        if single is not None and g not in decoder.graphed.verify:  # (graphs: no such block)
             pos = torch.full((), start, dtype=torch.long, device=device)
             token = pick(single(token[:, None], pos, k_cache, v_cache)[0][:, -1])[0]
             out.append(token[:, None])
@@ -289,8 +299,9 @@ def speculative_generate(
         t1 = _mark(device)
         pos = torch.full((), start, dtype=torch.long, device=device)
         block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
-        logits, new_k, new_v = verify(block, pos, k_cache, v_cache)
-        write(verify, new_k, new_v, pos)  # exact K/V at start .. start + g
+        step = verify if single is None else decoder.graphed.verify[g]
+        logits, new_k, new_v = step(block, pos, k_cache, v_cache)
+        write(step, new_k, new_v, pos)  # exact K/V at start .. start + g
         if deferred:
             assert handle is not None
             handle.forget_pending()  # the last draft's K/V must not overwrite the exact entry
@@ -314,6 +325,8 @@ def speculative_generate(
         stats.accepted += n
         stats.emitted += n + 1
         marks.append((t0, t1, _mark(device)))
+        if decoder.adaptive_block_size:
+            gamma = adapt_block_size(gamma, g, n, decoder.block_size)
     end = _mark(device)
     if handle is not None:
         handle.forget_pending()

@@ -3,7 +3,7 @@
 Three graphs per decoder, captured at its first speculative generate(): the draft step (one
 token), the verifier on a whole block (γ + 1 tokens) and the verifier on one token (the rounds
 near the end, where fewer than γ + 1 tokens are left, finish with it one token at a time, which is
-the sequential decode: no step is captured once per block length). Each graph includes its cache
+the sequential decode). With an adaptive block size, one verifier graph per size 1 .. γ. Each graph includes its cache
 write, so a round launches γ + 1 replays, the acceptance rule and one host synchronisation (how
 many tokens were accepted).
 
@@ -115,15 +115,21 @@ class GraphedStep:
 
 
 class GraphedSteps:
-    """A speculative decoder's three graphs (module docstring), captured on its caches, which are
-    cleared afterwards."""
+    """A speculative decoder's graphs (module docstring), captured on its caches, which are
+    cleared afterwards: ``verify[g]`` verifies g drafts (g + 1 tokens), for each g in ``blocks``
+    (the block size; with an adaptive block size every size up to it)."""
 
     def __init__(
-        self, draft_step: Any, sequential: Any, block_size: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        draft_step: Any,
+        sequential: Any,
+        blocks: list[int],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
     ):
         batch = k_cache.shape[1]
         self.draft = GraphedStep(draft_step, (batch, 1), k_cache, v_cache)
-        self.verify = GraphedStep(sequential, (batch, block_size + 1), k_cache, v_cache)
+        self.verify = {g: GraphedStep(sequential, (batch, g + 1), k_cache, v_cache) for g in blocks}
         self.single = GraphedStep(sequential, (batch, 1), k_cache, v_cache)
         k_cache.zero_()
         v_cache.zero_()

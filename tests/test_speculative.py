@@ -5,6 +5,7 @@ false-alarm rate of 1e-3 were the seeds redrawn). float64 reference models on th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from snlp_compile.generate import Decoder, generate
 from snlp_compile.models.kv import CachedStep
 from snlp_compile.speculative import (
     acceptance_probability,
+    adapt_block_size,
     greedy_rule,
     probabilities,
     residual_distribution,
@@ -292,3 +294,45 @@ def test_cuda_graphs_keep_the_sequential_tokens(draft: SNLPConfig) -> None:
     eager = Decoder(model, batch=1, max_len=8 + 41, speculative=draft, block_size=4)
     stats = generate(eager, prompt, 41, return_stats=True)[1]
     assert stats is not None and abs(stats.accepted - first[1].accepted) <= 4  # (only the tail differs)
+
+
+def test_adaptive_block_size() -> None:
+    """Two more drafts after a fully accepted round, one fewer after a rejection (within 1 ..
+    block_size); the tokens stay the sequential model's."""
+    assert [adapt_block_size(g, d, a, 8) for g, d, a in ((4, 4, 4), (7, 7, 7), (4, 4, 2), (1, 1, 0))] == [
+        6,
+        8,
+        3,
+        1,
+    ]
+    model = reference_model("nanochat-tiny", scaled=True)
+    ref_tokens, _ = _sequential(model, 60)
+    wrong = Decoder(
+        model, batch=1, max_len=68, speculative=_WrongDraft(model), block_size=8, adaptive_block_size=True
+    )
+    tokens, stats = generate(wrong, _prompt(), 60, return_stats=True)
+    assert torch.equal(tokens, ref_tokens) and stats is not None
+    assert stats.drafted <= stats.rounds + 28  # (8, 7, ..., 2, then 1 per round: 28 more than one each)
+    exact = SNLPConfig(iterations=model.config.n_layer)
+    dec = Decoder(model, batch=1, max_len=68, speculative=exact, block_size=8, adaptive_block_size=True)
+    tokens, stats = generate(dec, _prompt(), 60, return_stats=True)
+    assert torch.equal(tokens, ref_tokens) and stats is not None and stats.acceptance_rate == 1.0
+    assert stats.rounds <= 8  # (blocks of 8 from the first round)
+    with pytest.raises(SNLPConfigError, match="adaptive_block_size"):
+        Decoder(model, batch=1, max_len=16, adaptive_block_size=True)
+
+
+def test_cli_generate_speculative_prints_the_statistics(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from snlp_compile.cli import main
+
+    out = tmp_path / "gen.json"
+    argv = ["generate", "--model", "nanochat-tiny", "--dtype", "float64", "--max-new-tokens", "20"]
+    assert main([*argv, "--speculative", "--block-size", "4", "--check", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "speculative: block 4:" in err and "acceptance" in err and "the same tokens as sequential" in err
+    result = json.loads(out.read_text())
+    assert result["same_as_sequential"] and len(result["tokens"]) == 20
+    assert result["stats"]["emitted"] == 19 and 0 <= result["stats"]["acceptance_rate"] <= 1
+    assert main([*argv, "--speculative", "-K", "2"]) == 2  # (one line: -K is the approximate decode)
