@@ -110,7 +110,7 @@ class Steps:
         self.seq = c(self.eager_step)
         self.exact_c = None if self.exact is None else c(self.exact)
         self.drafts = {k: c(d, options=snlp_options or None) for k, d in drafts.items()}
-        self.verifier = c(CachedStep(model))
+        self.verifier = self.seq  # (one compiled step: its one-token code serves the tail as well)
         self.inputs = inputs
 
     def load_weights(self, other: torch.nn.Module) -> None:
@@ -246,7 +246,7 @@ class Run:
         self.args, self.prompt, self.meta, self.out = args, prompt, meta, out
         self.rows: list[dict[str, Any]] = []
         self.t_start = t_start
-        self.decoders: dict[tuple[int, int, bool], Decoder] = {}
+        self.decoders: dict[tuple[int, int, bool, bool], Decoder] = {}
         self.device = prompt.device
 
     def left(self) -> float:
@@ -287,15 +287,17 @@ class Run:
 
         self.add({"weights": weights, "kind": kind, "variant": variant, "k": k, "gamma": None}, measure)
 
-    def speculative(self, weights: str, k: int, gamma: int, graphs: bool) -> None:
-        name = f"speculative K={k} γ={gamma}" + (" graphs" if graphs else "")
+    def speculative(self, weights: str, k: int, gamma: int, graphs: bool, adaptive: bool = False) -> None:
+        name = f"speculative K={k} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
+        name += " adaptive" if adaptive else ""
 
         def measure(row: dict[str, Any]) -> None:
-            key = (k, gamma, graphs)
+            key = (k, gamma, graphs, adaptive)
             if key not in self.decoders:  # (built once: the random weights reuse its graphs)
                 dec = Decoder(
                     self.steps.model, batch=1, max_len=self.prompt.shape[1] + self.args.new,
                     speculative=self.steps.drafts[k], block_size=gamma, cuda_graphs=graphs,
+                    adaptive_block_size=adaptive,
                 )  # fmt: skip
                 dec.sequential = self.steps.verifier  # (the compiled verifier; the prefill stays eager)
                 self.decoders[key] = dec
@@ -317,11 +319,11 @@ class Run:
             row.update(self.components(dec, gamma))
 
         row = {"weights": weights, "kind": "speculative", "variant": name, "k": k, "gamma": gamma}
-        row["graphs"] = graphs
+        row["graphs"], row["adaptive"] = graphs, adaptive
         self.add(row, measure)
         if graphs and row.get("error") and not row["error"].startswith("skipped"):
             log(f"{weights} {name} failed with CUDA graphs: the same row without them follows")
-            self.speculative(weights, k, gamma, graphs=False)
+            self.speculative(weights, k, gamma, False, adaptive)
 
     def components(self, dec: Decoder, gamma: int) -> dict[str, float]:
         """Median time of one draft step and one verification of γ + 1 tokens, each alone."""
@@ -348,6 +350,9 @@ class Run:
         for gamma in self.args.gammas:
             for k in self.args.ks:
                 self.speculative(weights, k, gamma, graphs=graph and not self.args.no_graphs)
+        if self.args.adaptive:  # (with graphs: a verifier graph, and a compile, per block size)
+            for k in self.args.ks:
+                self.speculative(weights, k, max(self.args.gammas), graph and not self.args.no_graphs, True)
         for k in self.args.ks:
             self.loop(weights, "snlp", f"snlp K={k} warm {fast}", steps.drafts[k], graph, k)
         if steps.compiled:  # (the uncompiled steps, captured)
@@ -372,7 +377,7 @@ def finish(rows: list[dict[str, Any]], p: int) -> list[dict[str, Any]]:
                 out["best_seq_variant"] = best["variant"]
                 out["speedup_vs_best_seq"] = r["tokens_per_s"] / best["tokens_per_s"]
                 out.update(agreement(r["tokens"], best["tokens"], p))
-                if r["kind"] == "speculative":
+                if r["kind"] == "speculative" and not r.get("adaptive"):
                     out.update(arithmetic(r, best))
             done.append(out)
     return done
@@ -410,7 +415,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
+        *summary(rows),
     ]
+    if meta.get("random_weights_error"):
+        lines += [f"Random weights not measured: {meta['random_weights_error']}", ""]
     header = ["weights", "variant", "tokens/s", "speed-up", "acceptance", "tokens/verify", "draft ms",
               "verify ms", "verify / seq token", "accept. for 2x", "first mismatch", "error"]  # fmt: skip
     cells = []
@@ -433,6 +441,30 @@ def markdown(result: dict[str, Any]) -> str:
         "differently from the one-token step; empty: none).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """The goal's verdict: the fastest lossless row on the trained weights against 2x, with the
+    arithmetic that explains it."""
+    spec = [
+        r
+        for r in rows
+        if r["weights"] == "trained" and r["kind"] == "speculative" and r.get("speedup_vs_best_seq")
+    ]
+    if not spec:
+        return ["No speculative row on the trained weights was measured.", ""]
+    b = max(spec, key=lambda r: r["speedup_vs_best_seq"])
+    need = b.get("acceptance_needed_2x")
+    verdict = "met" if b["speedup_vs_best_seq"] >= 2.0 else "missed"
+    return [
+        f"**Goal >= 2.0x lossless: {verdict}.** Best: {b['variant']}, {b['speedup_vs_best_seq']:.2f}x over "
+        f"{b['best_seq_variant']} ({b['tokens_per_s']:.0f} tokens/s); acceptance {b['acceptance_rate']:.3f}, "
+        f"{b['tokens_per_verify']:.2f} tokens per verification; a round costs {fmt(b.get('round_ms'), '.3f')} ms "
+        f"= {fmt(b.get('round_ms', math.nan) / b['seq_ms_per_token'], '.2f')} sequential tokens (draft step "
+        f"{b['draft_cost_vs_seq_token']:.2f}, verification {b['verify_cost_vs_seq_token']:.2f} of one); 2x "
+        f"needs acceptance {'above 1 (unreachable at this γ)' if need is None else format(need, '.3f')}.",
+        "",
+    ]
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -491,12 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; smoke 8)")
     p.add_argument("--new", type=int, default=None, help="new tokens (default 256; smoke 24)")
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed generations per row (default 15; smoke 2)"
+        "--repeats", type=int, default=None, help="timed generations per row (default 10; smoke 2)"
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed generations per row first")
     p.add_argument("--samples", type=int, default=None, help="CUDA-event samples per component timing")
     p.add_argument("--no-random", action="store_true", help="skip the random-weights run")
     p.add_argument("--no-graphs", action="store_true", help="speculative steps without CUDA graphs")
+    p.add_argument("--adaptive", action="store_true", help="also adaptive block sizes up to the largest γ")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere")
     spent = "skip rows once this many seconds have passed since the start (training included)"
     p.add_argument("--budget-s", type=float, default=480.0, help=spent)
@@ -511,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("speculative: this run needs a CUDA GPU (use --smoke for the CPU check)")
     args.prompt = args.prompt or (8 if args.smoke else 128)
     args.new = args.new or (24 if args.smoke else 256)
-    args.repeats = args.repeats or (2 if args.smoke else 15)
+    args.repeats = args.repeats or (2 if args.smoke else 10)
     args.samples = args.samples or (5 if device.type == "cpu" else 200)
     if args.prompt + args.new > max(scale.seq_len, scale.context):
         raise SystemExit(
@@ -535,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)
     model = reference_model(args, scale, corpus, work)
     mid = corpus.val.numel() // 2
-    prompt = corpus.val[mid : mid + args.prompt].reshape(1, -1).to(device)
+    prompt = corpus.val[mid : mid + args.prompt].reshape(1, -1).long().to(device)
     meta["note"] = (
         f"nanochat L={model.config.n_layer}, d={model.config.n_embd}, vocab {model.config.vocab_size}; "
         f"{'trained: ' + (args.checkpoint or 'the frontier reference ' + BASELINE + ', seeded, this run')}; "
