@@ -266,7 +266,7 @@ class Run:
         tps = f"{row['tokens_per_s']:.1f} tokens/s" if row.get("tokens_per_s") else row.get("error")
         extra = "" if row.get("acceptance_rate") is None else f", acceptance {row['acceptance_rate']:.3f}"
         log(f"{row['weights']} {row['variant']}: {tps}{extra} ({row['build_and_time_s']} s)")
-        write_report(self.result(), self.out, self.args.name)
+        write_report(self.result(), self.out, self.args.name, with_plot=False)
         return row
 
     def repeat(self, once: Callable[[], tuple[torch.Tensor, float, Any]]) -> tuple[torch.Tensor, float, Any]:
@@ -445,26 +445,35 @@ def markdown(result: dict[str, Any]) -> str:
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """The goal's verdict: the fastest lossless row on the trained weights against 2x, with the
-    arithmetic that explains it."""
+    arithmetic that explains it (fixed block sizes; an adaptive row, where faster, is named)."""
     spec = [
         r
         for r in rows
         if r["weights"] == "trained" and r["kind"] == "speculative" and r.get("speedup_vs_best_seq")
     ]
-    if not spec:
+    fixed = [r for r in spec if "seq_ms_per_token" in r]
+    if not fixed:
         return ["No speculative row on the trained weights was measured.", ""]
-    b = max(spec, key=lambda r: r["speedup_vs_best_seq"])
+    b = max(fixed, key=lambda r: r["speedup_vs_best_seq"])
+    best = max(spec, key=lambda r: r["speedup_vs_best_seq"])
     need = b.get("acceptance_needed_2x")
-    verdict = "met" if b["speedup_vs_best_seq"] >= 2.0 else "missed"
-    return [
-        f"**Goal >= 2.0x lossless: {verdict}.** Best: {b['variant']}, {b['speedup_vs_best_seq']:.2f}x over "
-        f"{b['best_seq_variant']} ({b['tokens_per_s']:.0f} tokens/s); acceptance {b['acceptance_rate']:.3f}, "
-        f"{b['tokens_per_verify']:.2f} tokens per verification; a round costs {fmt(b.get('round_ms'), '.3f')} ms "
-        f"= {fmt(b.get('round_ms', math.nan) / b['seq_ms_per_token'], '.2f')} sequential tokens (draft step "
-        f"{b['draft_cost_vs_seq_token']:.2f}, verification {b['verify_cost_vs_seq_token']:.2f} of one); 2x "
-        f"needs acceptance {'above 1 (unreachable at this γ)' if need is None else format(need, '.3f')}.",
-        "",
+    verdict = "met" if best["speedup_vs_best_seq"] >= 2.0 else "missed"
+    round_ms = b.get("round_ms")
+    rounds = (
+        ""
+        if round_ms is None or math.isnan(round_ms)
+        else f" = {round_ms / b['seq_ms_per_token']:.2f} sequential tokens"
+    )
+    lines = [
+        f"**Goal >= 2.0x lossless: {verdict}.** Best fixed block: {b['variant']}, {b['speedup_vs_best_seq']:.2f}x "
+        f"over {b['best_seq_variant']} ({b['tokens_per_s']:.0f} tokens/s); acceptance {b['acceptance_rate']:.3f}, "
+        f"{b['tokens_per_verify']:.2f} tokens per verification; a round costs {fmt(round_ms, '.3f')} ms{rounds} "
+        f"(draft step {b['draft_cost_vs_seq_token']:.2f}, verification {b['verify_cost_vs_seq_token']:.2f} of one "
+        f"sequential token); 2x needs acceptance {'above 1 (unreachable at this γ)' if need is None else format(need, '.3f')}."
     ]
+    if best is not b:
+        lines.append(f"Faster: {best['variant']}, {best['speedup_vs_best_seq']:.2f}x.")
+    return [" ".join(lines), ""]
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -475,18 +484,22 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     spec = [r for r in result["rows"] if r["kind"] == "speculative" and r.get("speedup_vs_best_seq")]
     for weights, style in (("trained", "-o"), ("random", "--x")):
         for k in sorted({r["k"] for r in spec}):
-            pts = sorted(
-                (r["gamma"], r["speedup_vs_best_seq"])
-                for r in spec
-                if r["weights"] == weights and r["k"] == k
-            )
+            mine = [r for r in spec if r["weights"] == weights and r["k"] == k]
+            pts = sorted((r["gamma"], r["speedup_vs_best_seq"]) for r in mine if not r.get("adaptive"))
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{weights} weights, draft K={k}")
+                line = ax.plot(*zip(*pts), style, label=f"{weights} weights, draft K={k}")[0]
+                for r in (r for r in mine if r.get("adaptive")):
+                    ax.plot([r["gamma"]], [r["speedup_vs_best_seq"]], "*", ms=11, color=line.get_color())
+    if any(r.get("adaptive") for r in spec):
+        ax.plot([], [], "*", color="gray", label="adaptive, up to γ")
+    gammas = sorted({r["gamma"] for r in spec})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(gammas, [str(g) for g in gammas], minor=False)
+    ax.minorticks_off()
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(2.0, color="green", lw=0.8, ls=":", label="goal 2x")
     ax.set_xlabel("block size γ (drafted tokens per verification)")
     ax.set_ylabel("tokens/s over the best sequential decode")
-    ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
     ax.set_title(f"Speculative decoding, {result['meta']['env'].get('gpu') or 'CPU'}", fontsize=10)
     fig.tight_layout()
@@ -495,11 +508,12 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_report(result: dict[str, Any], out: Path, name: str) -> None:
+def write_report(result: dict[str, Any], out: Path, name: str, with_plot: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
     (out / f"{name}.md").write_text(markdown(result))
-    plot(result, out / f"{name}.png")
+    if with_plot:
+        plot(result, out / f"{name}.png")
 
 
 # -- main -----------------------------------------------------------------------------------------
