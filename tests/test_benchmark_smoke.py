@@ -234,3 +234,14 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
     assert max(r["speedup_vs_best_seq"] for r in rows if r["kind"] == "sequential") == 1.0
     assert "| trained | speculative K=1 γ=2 |" in (tmp_path / "speculative.md").read_text()
     assert (tmp_path / "speculative.png").exists()
+
+
+def test_speculative_arithmetic() -> None:
+    """Expected tokens per round under i.i.d. acceptance, and the acceptance a target needs."""
+    from benchmarks.speculative import acceptance_needed, tokens_per_round
+
+    assert tokens_per_round(0.0, 4) == 1.0 and tokens_per_round(1.0, 4) == 5.0
+    assert abs(tokens_per_round(0.5, 2) - 1.75) < 1e-12
+    alpha = acceptance_needed(2.0, 4, round_ms=2.0, seq_ms=1.0)  # 4 tokens per round needed
+    assert alpha is not None and abs(tokens_per_round(alpha, 4) - 4.0) < 1e-9
+    assert acceptance_needed(2.0, 2, round_ms=2.0, seq_ms=1.0) is None  # (4 > γ + 1 = 3)
