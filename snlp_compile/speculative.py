@@ -280,25 +280,29 @@ def speculative_generate(
             stats.emitted += 1
             marks.append((t0, t0, _mark(device)))
             continue
-        drafts: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
-        traces: list[torch.Tensor | None] = []
-        current = token
-        for i in range(g):
-            pos = torch.full((), start + i, dtype=torch.long, device=device)
-            logits, new_k, new_v = draft(current[:, None], pos, k_cache, v_cache)
-            if not deferred:  # (deferred: the next draft step writes the corrected ones)
-                write(draft, new_k, new_v, pos)
-            if warm:
-                assert handle is not None
-                traces.append(handle.trace)
-            current, q = pick(logits[:, -1])
-            drafts.append(current)
-            if q is not None:
-                qs.append(q)
-        t1 = _mark(device)
+        traces: Any = []  # traces[i]: the draft's warm-start trace after its step i
         pos = torch.full((), start, dtype=torch.long, device=device)
-        block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
+        if single is not None and greedy:  # (graphs: the whole block in one replay)
+            drafted, traces = decoder.graphed.blocks[g](token, pos)
+            block = torch.cat([token[:, None], drafted], dim=1)  # (B, g + 1)
+        else:
+            drafts: list[torch.Tensor] = []
+            current = token
+            for i in range(g):
+                at = pos + i
+                logits, new_k, new_v = draft(current[:, None], at, k_cache, v_cache)
+                if not deferred:  # (deferred: the next draft step writes the corrected ones)
+                    write(draft, new_k, new_v, at)
+                if warm:
+                    assert handle is not None
+                    traces.append(handle.trace)
+                current, q = pick(logits[:, -1])
+                drafts.append(current)
+                if q is not None:
+                    qs.append(q)
+            block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
+        t1 = _mark(device)
         step = verify if single is None else decoder.graphed.verify[g]
         logits, new_k, new_v = step(block, pos, k_cache, v_cache)
         write(step, new_k, new_v, pos)  # exact K/V at start .. start + g

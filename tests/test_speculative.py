@@ -336,3 +336,33 @@ def test_cli_generate_speculative_prints_the_statistics(
     assert result["same_as_sequential"] and len(result["tokens"]) == 20
     assert result["stats"]["emitted"] == 19 and 0 <= result["stats"]["acceptance_rate"] <= 1
     assert main([*argv, "--speculative", "-K", "2"]) == 2  # (one line: -K is the approximate decode)
+
+
+@pytest.mark.parametrize(
+    ("draft", "adaptive", "greedy"),
+    [(SNLPConfig(iterations=1, init="warm"), False, True), (SNLPConfig(iterations=2), True, True),
+     (SNLPConfig(iterations=1, init="warm"), True, True), (SNLPConfig(iterations=1, init="warm"), False, False)],
+)  # fmt: skip
+def test_graphed_rounds_run_eagerly(draft: SNLPConfig, adaptive: bool, greedy: bool) -> None:
+    """The code the CUDA graphs capture (``GraphedSteps(capture=False)``: the greedy draft block,
+    the shared warm-start trace with its h0 variant, the per-size verifiers and the one-token tail)
+    gives the sequential tokens and caches, twice in a row, on the CPU."""
+    from snlp_compile.speculative_graphs import GraphedSteps
+
+    model = reference_model("nanochat-tiny", scaled=True)
+    ref_tokens, ref = _sequential(model, 41)
+    dec = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, adaptive_block_size=adaptive)
+    blocks = [1, 2, 3, 4] if adaptive else [4]
+    dec.graphed = GraphedSteps(
+        dec.draft_step, dec.sequential, blocks, dec.k_cache, dec.v_cache, capture=False
+    )
+    dec.cuda_graphs = True
+    plain = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, adaptive_block_size=adaptive)
+    sampling: dict[str, Any] = {} if greedy else {"greedy": False, "top_k": 1, "seed": 0}
+    for _ in range(2):
+        tokens, stats = generate(dec, _prompt(), 41, return_stats=True, **sampling)
+        assert torch.equal(tokens, ref_tokens)
+        assert float((dec.k_cache - ref.k_cache).abs().max()) < 1e-12
+        assert stats is not None and stats.emitted == 40
+    eager = generate(plain, _prompt(), 41, return_stats=True, **sampling)[1]
+    assert eager is not None and abs(eager.accepted - stats.accepted) <= 4  # (only the tail differs)
