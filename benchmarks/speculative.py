@@ -43,6 +43,7 @@ from snlp_compile.generate import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
+from snlp_compile.speculative_graphs import GraphedSteps
 from snlp_compile.train import load_checkpoint
 
 from . import frontier
@@ -294,12 +295,19 @@ class Run:
         def measure(row: dict[str, Any]) -> None:
             key = (k, gamma, graphs, adaptive)
             if key not in self.decoders:  # (built once: the random weights reuse its graphs)
+                capture = graphs and self.device.type == "cuda"
                 dec = Decoder(
                     self.steps.model, batch=1, max_len=self.prompt.shape[1] + self.args.new,
-                    speculative=self.steps.drafts[k], block_size=gamma, cuda_graphs=graphs,
+                    speculative=self.steps.drafts[k], block_size=gamma, cuda_graphs=capture,
                     adaptive_block_size=adaptive,
                 )  # fmt: skip
                 dec.sequential = self.steps.verifier  # (the compiled verifier; the prefill stays eager)
+                if graphs and not capture:  # (--uncaptured-graphs: the graphed code, run eagerly)
+                    blocks = list(range(1, gamma + 1)) if adaptive else [gamma]
+                    dec.graphed = GraphedSteps(
+                        dec.draft_step, dec.sequential, blocks, dec.k_cache, dec.v_cache, capture=False
+                    )
+                    dec.cuda_graphs = True
                 self.decoders[key] = dec
             dec = self.decoders[key]
 
@@ -326,33 +334,45 @@ class Run:
             self.speculative(weights, k, gamma, False, adaptive)
 
     def components(self, dec: Decoder, gamma: int) -> dict[str, float]:
-        """Median time of one draft step and one verification of γ + 1 tokens, each alone."""
+        """Median time of the γ draft steps of a round (with graphs: the block's one replay) and
+        of one verification of γ + 1 tokens, each alone; draft_step_ms is the block's time / γ."""
         g = dec.graphed
-        draft, verify = (g.draft, g.verify) if g is not None else (dec.draft_step, dec.sequential)
         pos = torch.tensor(self.prompt.shape[1], device=self.device)
         one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         block = torch.zeros(1, gamma + 1, dtype=torch.long, device=self.device)
         kc, vc = dec.k_cache, dec.v_cache
+        if g is not None:
+            draft_block: Callable[[], Any] = lambda: g.blocks[gamma](one[:, 0], pos)  # noqa: E731
+            verify: Callable[[], Any] = lambda: g.verify[gamma](block, pos, kc, vc)  # noqa: E731
+        else:
+
+            def draft_block() -> None:
+                for i in range(gamma):
+                    dec.draft_step(one, pos + i, kc, vc)
+
+            verify = lambda: dec.sequential(block, pos, kc, vc)  # noqa: E731
+        n = self.args.samples
         with torch.no_grad():
-            d = time_fn(lambda: draft(one, pos, kc, vc), self.device, warmup=3, samples=self.args.samples)
-            v = time_fn(lambda: verify(block, pos, kc, vc), self.device, warmup=3, samples=self.args.samples)
-        return {"draft_step_ms": d.median_ms, "verify_ms": v.median_ms}
+            d = time_fn(draft_block, self.device, warmup=3, samples=n)
+            v = time_fn(verify, self.device, warmup=3, samples=n)
+        return {"draft_block_ms": d.median_ms, "draft_step_ms": d.median_ms / gamma, "verify_ms": v.median_ms}
 
     def measure_all(self, weights: str, steps: Steps) -> None:
         """The rows of one set of weights, the baseline and the speculative rows first (each row
         compiles what it first calls; rows past --budget-s are skipped, not lost)."""
         self.steps = steps
         graph = self.device.type == "cuda"
+        graphs = (graph or self.args.uncaptured_graphs) and not self.args.no_graphs
         fast = "compiled+graph" if steps.compiled else ("eager+graph" if graph else "eager")
         self.loop(weights, "sequential", f"seq {fast}", steps.seq, graph)
         if steps.exact is not None:
             self.loop(weights, "sequential", f"exact-seq {fast}", steps.exact_c, graph)
         for gamma in self.args.gammas:
             for k in self.args.ks:
-                self.speculative(weights, k, gamma, graphs=graph and not self.args.no_graphs)
+                self.speculative(weights, k, gamma, graphs=graphs)
         if self.args.adaptive:  # (with graphs: a verifier graph, and a compile, per block size)
             for k in self.args.ks:
-                self.speculative(weights, k, max(self.args.gammas), graph and not self.args.no_graphs, True)
+                self.speculative(weights, k, max(self.args.gammas), graphs, True)
         for k in self.args.ks:
             self.loop(weights, "snlp", f"snlp K={k} warm {fast}", steps.drafts[k], graph, k)
         if steps.compiled:  # (the uncompiled steps, captured)
@@ -543,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="CUDA-event samples per component timing")
     p.add_argument("--no-random", action="store_true", help="skip the random-weights run")
     p.add_argument("--no-graphs", action="store_true", help="speculative steps without CUDA graphs")
+    uncaptured = "CPU check: speculative rows through the graphed code path, run eagerly (no capture)"
+    p.add_argument("--uncaptured-graphs", action="store_true", help=uncaptured)
     p.add_argument("--adaptive", action="store_true", help="also adaptive block sizes up to the largest γ")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere")
     spent = "skip rows once this many seconds have passed since the start (training included)"
