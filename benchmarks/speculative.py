@@ -5,6 +5,7 @@ on random weights of the same shape (the cost model: acceptance near 0).
     python -m benchmarks speculative --out $OUT                    # a GPU: trains (~3 min), ~8 min in all
     python -m benchmarks speculative --checkpoint base-s0.safetensors --out DIR   # no training
     python -m benchmarks speculative --smoke --out /tmp/spec       # CPU: checks the script (seconds)
+    python -m benchmarks speculative --report OUT/speculative.json  # table and plot from a JSON
 
 One process: (1) the frontier's data and its reference checkpoint ``base-s0`` (``frontier.prepare_data``,
 ``frontier.train_variant``, the paper's recipe, seeded; ``--checkpoint`` loads one instead); (2) at
@@ -570,7 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     spent = "skip rows once this many seconds have passed since the start (training included)"
     p.add_argument("--budget-s", type=float, default=480.0, help=spent)
     p.add_argument("--name", default="speculative", help="stem of the output files")
+    p.add_argument(
+        "--report", default=None, help="re-render NAME.md and NAME.png from this JSON; run nothing"
+    )
     args = p.parse_args(argv)
+    if args.report:  # (a run cut short wrote its JSON and table row by row, the plot at the end)
+        path = Path(args.report)
+        write_report(json.loads(path.read_text()), path.parent, path.stem)
+        return 0
     t_start = time.perf_counter()
     scale = SMOKE if args.smoke else Scale()
     if args.device:
