@@ -46,7 +46,7 @@ PRESETS = {
 }  # fmt: skip
 
 GPU_TESTS = ["tests/test_layer_gemv.py", "tests/test_decode_attention.py", "tests/test_defer_kv.py"]
-GPU_TESTS += ["tests/test_decode.py"]
+GPU_TESTS += ["tests/test_decode.py", "tests/test_speculative.py"]
 
 
 def gpu_tests(argv: list[str]) -> int:

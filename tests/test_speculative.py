@@ -274,7 +274,7 @@ def test_cuda_graphs_are_refused_off_cuda_and_without_speculative() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("draft", [SNLPConfig(iterations=1, init="warm"), SNLPConfig(iterations=2)])
-def test_cuda_graphs_keep_the_sequential_tokens(draft: SNLPConfig) -> None:
+def test_gpu_cuda_graphs_keep_the_sequential_tokens(draft: SNLPConfig) -> None:
     """GPU: the captured draft and verify steps give the sequential model's tokens and caches
     (float64), the tail of one-token steps included, and a second generate() the same rounds (the
     warm start begins from h0 again, through the h0 graph)."""
