@@ -15,7 +15,11 @@ batch 1, a held-out prompt of ``--prompt`` tokens, ``--new`` new tokens (greedy,
   the argmax in one graph, no host synchronisation), the best of them the baseline;
 - plain SNLP decode at K = 1, 2 (init warm, the draft step; approximate: its tokens differ);
 - speculative decode, γ x K: ``Decoder(model, speculative=draft, block_size=γ, cuda_graphs=True)``
-  with the compiled draft and verifier steps (``--no-graphs``: without CUDA graphs);
+  with the compiled draft and verifier steps (``--no-graphs``: without CUDA graphs; a row whose
+  graphs fail is measured again without them, labelled); ``--exact-verifier``: also verifying
+  through the compiler's exact sequential lowering of the γ + 1-token step (a transform and a
+  compile per γ); ``--adaptive``: also adaptive block sizes up to the largest γ (a verifier compile
+  per size);
 (3) the same on random weights, copied into the same tensors (no recompilation, checked against a
 fresh transform of the random model). Decode time excludes the prefill. The cost model per row:
 draft step and verify (γ + 1 tokens) timed alone (median of CUDA-event samples), the acceptance
@@ -44,7 +48,7 @@ from snlp_compile.generate import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
-from snlp_compile.speculative_graphs import GraphedSteps
+from snlp_compile.speculative_graphs import GraphedStep, GraphedSteps
 from snlp_compile.train import load_checkpoint
 
 from . import frontier
@@ -114,25 +118,46 @@ class Steps:
         self.drafts = {k: c(d, options=snlp_options or None) for k, d in drafts.items()}
         self.verifier = self.seq  # (one compiled step: its one-token code serves the tail as well)
         self.inputs = inputs
+        self.c = c
+        self.exact_verifiers: dict[int, tuple[torch.nn.Module, Step]] = {}  # γ -> (eager, compiled)
+
+    def exact_verifier(self, gamma: int) -> Step:
+        """The compiler's exact sequential lowering (K = 1, one chunk per layer) of the step on
+        γ + 1 tokens (compiled where the run compiles), built at the first call."""
+        if gamma not in self.exact_verifiers:
+            module = snlp_compile.transform(
+                CachedStep(self.model),
+                self._block_inputs(gamma),
+                iterations=1,
+                chunks=self.model.config.n_layer,
+            )
+            self.exact_verifiers[gamma] = (module, self.c(module))
+        return self.exact_verifiers[gamma][1]
+
+    def _block_inputs(self, gamma: int) -> tuple[torch.Tensor, ...]:
+        idx = torch.zeros(1, gamma + 1, dtype=torch.long, device=self.inputs[0].device)
+        return (idx, *self.inputs[1:])
 
     def load_weights(self, other: torch.nn.Module) -> None:
         """Copy ``other``'s weights (same shape) into every step's tensors, in place, and check
         each transformed step against a fresh transform of ``other``."""
         copy_tensors(self.model, other)
-        for mine, kwargs in (
-            (self.exact, {"chunks": other.config.n_layer}),
-            (self.draft_base, {"init": "warm"}),
+        n = other.config.n_layer
+        for mine, kwargs, inputs in (
+            (self.exact, {"chunks": n}, self.inputs),
+            (self.draft_base, {"init": "warm"}, self.inputs),
+            *((m, {"chunks": n}, self._block_inputs(g)) for g, (m, _) in self.exact_verifiers.items()),
         ):
             if mine is None:
                 continue
-            fresh = snlp_compile.transform(CachedStep(other), self.inputs, iterations=1, **kwargs)
+            fresh = snlp_compile.transform(CachedStep(other), inputs, iterations=1, **kwargs)
             copy_tensors(mine, fresh)
             for m in (mine, fresh):
                 handle = SolveHandle.of(m)
                 if handle is not None:
                     handle.reset()
             with torch.no_grad():
-                a, b = mine(*self.inputs)[0], fresh(*self.inputs)[0]
+                a, b = mine(*inputs)[0], fresh(*inputs)[0]
             err = float((a.double() - b.double()).norm() / b.double().norm())
             if not err < 1e-3:  # (equal weights: rounding at most; weights not copied: O(1))
                 raise RuntimeError(
@@ -248,7 +273,7 @@ class Run:
         self.args, self.prompt, self.meta, self.out = args, prompt, meta, out
         self.rows: list[dict[str, Any]] = []
         self.t_start = t_start
-        self.decoders: dict[tuple[int, int, bool, bool], Decoder] = {}
+        self.decoders: dict[tuple[int, int, bool, bool, bool], Decoder] = {}
         self.device = prompt.device
 
     def left(self) -> float:
@@ -289,12 +314,17 @@ class Run:
 
         self.add({"weights": weights, "kind": kind, "variant": variant, "k": k, "gamma": None}, measure)
 
-    def speculative(self, weights: str, k: int, gamma: int, graphs: bool, adaptive: bool = False) -> None:
+    def speculative(
+        self, weights: str, k: int, gamma: int, graphs: bool, adaptive: bool = False, exact: bool = False
+    ) -> None:
         name = f"speculative K={k} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
         name += " adaptive" if adaptive else ""
+        name += " exact-verifier" if exact else ""
 
         def measure(row: dict[str, Any]) -> None:
-            key = (k, gamma, graphs, adaptive)
+            if exact and not graphs:
+                raise RuntimeError("the exact verifier is built for γ + 1 tokens: graphed rounds only")
+            key = (k, gamma, graphs, adaptive, exact)
             if key not in self.decoders:  # (built once: the random weights reuse its graphs)
                 capture = graphs and self.device.type == "cuda"
                 dec = Decoder(
@@ -303,11 +333,17 @@ class Run:
                     adaptive_block_size=adaptive,
                 )  # fmt: skip
                 dec.sequential = self.steps.verifier  # (the compiled verifier; the prefill stays eager)
-                if graphs and not capture:  # (--uncaptured-graphs: the graphed code, run eagerly)
+                if graphs and (exact or not capture):  # (built here: --uncaptured-graphs, exact)
                     blocks = list(range(1, gamma + 1)) if adaptive else [gamma]
+                    kc, vc = dec.k_cache, dec.v_cache
                     dec.graphed = GraphedSteps(
-                        dec.draft_step, dec.sequential, blocks, dec.k_cache, dec.v_cache, capture=False
+                        dec.draft_step, dec.sequential, blocks, kc, vc, capture=capture
                     )
+                    if exact:  # (the verification through the exact lowering; the tail as before)
+                        step = self.steps.exact_verifier(gamma)
+                        dec.graphed.verify[gamma] = GraphedStep(step, (1, gamma + 1), kc, vc, None, capture)
+                        kc.zero_()
+                        vc.zero_()
                     dec.cuda_graphs = True
                 self.decoders[key] = dec
             dec = self.decoders[key]
@@ -328,9 +364,9 @@ class Run:
             row.update(self.components(dec, gamma))
 
         row = {"weights": weights, "kind": "speculative", "variant": name, "k": k, "gamma": gamma}
-        row["graphs"], row["adaptive"] = graphs, adaptive
+        row["graphs"], row["adaptive"], row["exact_verifier"] = graphs, adaptive, exact
         self.add(row, measure)
-        if graphs and row.get("error") and not row["error"].startswith("skipped"):
+        if graphs and not exact and row.get("error") and not row["error"].startswith("skipped"):
             log(f"{weights} {name} failed with CUDA graphs: the same row without them follows")
             self.speculative(weights, k, gamma, False, adaptive)
 
@@ -371,6 +407,10 @@ class Run:
         for gamma in self.args.gammas:
             for k in self.args.ks:
                 self.speculative(weights, k, gamma, graphs=graphs)
+        if self.args.exact_verifier:  # (a transform and a compile per γ)
+            for gamma in self.args.gammas:
+                for k in self.args.ks:
+                    self.speculative(weights, k, gamma, graphs, exact=True)
         if self.args.adaptive:  # (with graphs: a verifier graph, and a compile, per block size)
             for k in self.args.ks:
                 self.speculative(weights, k, max(self.args.gammas), graphs, True)
@@ -567,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     uncaptured = "CPU check: speculative rows through the graphed code path, run eagerly (no capture)"
     p.add_argument("--uncaptured-graphs", action="store_true", help=uncaptured)
     p.add_argument("--adaptive", action="store_true", help="also adaptive block sizes up to the largest γ")
+    exact = "also verify through the compiler's exact sequential lowering of the γ + 1-token step"
+    p.add_argument("--exact-verifier", action="store_true", help=exact)
     p.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere")
     spent = "skip rows once this many seconds have passed since the start (training included)"
     p.add_argument("--budget-s", type=float, default=480.0, help=spent)
