@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "train-gpu": "benchmarks.train_gpu",
     "frontier": "benchmarks.frontier",
     "aoti-probe": "benchmarks.aoti_probe",
+    "speculative": "benchmarks.speculative",
 }
 
 _DECODE_TABLE = [
@@ -57,7 +58,7 @@ PRESETS = {
 }  # fmt: skip
 
 GPU_TESTS = ["tests/test_layer_gemv.py", "tests/test_decode_attention.py", "tests/test_defer_kv.py"]
-GPU_TESTS += ["tests/test_decode.py"]
+GPU_TESTS += ["tests/test_decode.py", "tests/test_speculative.py"]
 
 
 def gpu_tests(argv: list[str]) -> int:

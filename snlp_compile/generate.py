@@ -58,7 +58,10 @@ class Decoder:
     SNLPConfig the decode step is transformed with to draft ``block_size`` tokens (default 4) per
     round, or a draft step the caller built (same call signature); the decode and prefill steps
     are then the sequential ones, which verify. ``last_stats`` holds the last speculative
-    generate()'s ``SpeculativeStats``.
+    generate()'s ``SpeculativeStats``. ``cuda_graphs=True`` (CUDA, speculative only) replays the
+    draft and verify steps from CUDA graphs (``snlp_compile.speculative_graphs``);
+    ``adaptive_block_size=True`` changes the block size between rounds, up to ``block_size``
+    (``speculative.adapt_block_size``).
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class Decoder:
         decode_step: Step | None = None,
         speculative: SNLPConfig | Step | None = None,
         block_size: int | None = None,
+        cuda_graphs: bool = False,
+        adaptive_block_size: bool = False,
         **overrides: Any,
     ):
         # a `transformers` causal LM gets the cached step of models.hf_decode (or a refusal)
@@ -133,6 +138,13 @@ class Decoder:
             self.block_size = block_size
         elif block_size is not None:
             raise SNLPConfigError("block_size is the speculative draft length: pass speculative= with it")
+        if cuda_graphs and (speculative is None or self.device.type != "cuda"):
+            raise SNLPConfigError("cuda_graphs=True is for speculative decoding on a CUDA device")
+        if adaptive_block_size and speculative is None:
+            raise SNLPConfigError("adaptive_block_size=True is for speculative decoding")
+        self.adaptive_block_size = bool(adaptive_block_size)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graphed: Any = None  # speculative_graphs.GraphedSteps, captured at the first generate()
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
     def example_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
@@ -216,11 +228,16 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def _pick(
-    logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen: torch.Generator | None
+    logits: torch.Tensor,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    gen: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     if greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, temperature, top_k), 1, generator=gen).squeeze(-1)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=gen).squeeze(-1)
 
 
 @overload
@@ -233,6 +250,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
@@ -253,6 +271,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
@@ -273,6 +292,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     prefill: PrefillKind = "sequential",
     max_len: int | None = None,
@@ -287,7 +307,8 @@ def generate(
     models.hf_decode's adapter; sequential when config is None, else its decode step is
     transformed with ``config``), or a Decoder built beforehand (config, prefill, max_len,
     speculative and block_size are then the Decoder's). greedy=False samples from
-    softmax(logits / temperature), restricted to the top_k tokens when given, with a private
+    softmax(logits / temperature), restricted to the top_k tokens when given, then to the
+    smallest most likely set of probability >= top_p (nucleus) when given, with a private
     generator seeded by ``seed``.
 
     ``speculative``: lossless self-speculative decoding (``snlp_compile.speculative``): the step
@@ -306,6 +327,10 @@ def generate(
         raise SNLPConfigError(f"temperature must be > 0 when sampling, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise SNLPConfigError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, float | int) or not 0 < top_p <= 1
+    ):
+        raise SNLPConfigError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     b, p = prompt_ids.shape
     total = p + max_new_tokens
     if isinstance(model, Decoder):
@@ -342,10 +367,12 @@ def generate(
         with evaluating(decoder.model):
             if decoder.draft_step is not None:
                 tokens = speculative_generate(
-                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen
+                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen, top_p
                 )
             else:
-                tokens = _generate(decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen)
+                tokens = _generate(
+                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen, top_p
+                )
     return (tokens, decoder.last_stats) if return_stats else tokens
 
 
@@ -357,14 +384,15 @@ def _generate(
     temperature: float,
     top_k: int | None,
     gen: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     p = prompt_ids.shape[1]
     pos = torch.zeros((), dtype=torch.long, device=decoder.device)
-    token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen)
+    token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen, top_p)
     pos += p
     out = [token]
     for _ in range(max_new_tokens - 1):
-        token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen)
+        token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen, top_p)
         pos += 1
         out.append(token)
     decoder.flush()  # (deferred K/V: the last token's, so the caches are complete)

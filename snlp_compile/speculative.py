@@ -35,7 +35,7 @@ is still drawn by the rule (its accepted draft or its correction), so every row'
 sequential model's distribution.
 
 The sampling rule (Leviathan et al. 2023; Chen et al. 2023): q the draft's distribution, p the
-verifier's, both after the same temperature and top-k. Draft d ~ q is accepted with probability
+verifier's, both after the same temperature, top-k and top-p. Draft d ~ q is accepted with probability
 min(1, p(d)/q(d)); at the first rejection the token is drawn from max(0, p - q) normalised; after
 all γ are accepted the bonus token is drawn from p_γ. Each emitted token is distributed as p given
 the tokens before it.
@@ -65,6 +65,9 @@ class SpeculativeDecoder(Protocol):
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     last_stats: Any
+    cuda_graphs: bool
+    graphed: Any  # a speculative_graphs.GraphedSteps once captured, else None
+    adaptive_block_size: bool
 
     def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
 
@@ -77,7 +80,10 @@ class SpeculativeStats:
     proposed; accepted: of those, accepted (with a batch, the shortest accepted prefix over the
     rows per round); emitted: tokens produced by the rounds (accepted + one each; the prefill's
     token is not counted); draft_time_s / verify_time_s: wall time of the draft steps and of the
-    verifications (with the acceptance rule), synchronised on a GPU."""
+    verifications (with the acceptance rule), CUDA events on a GPU (read once at the end, so the
+    rounds run without further synchronisation); decode_time_s: the rounds from the end of the
+    prefill to the last token. With CUDA graphs, the tokens left once a full block no longer fits
+    are decoded one by one by the verifier, each counted as a round without drafts."""
 
     block_size: int | None  # (set whenever speculative decoding is on)
     rounds: int = 0
@@ -86,6 +92,7 @@ class SpeculativeStats:
     emitted: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    decode_time_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -97,21 +104,45 @@ class SpeculativeStats:
         """Mean tokens produced per verification (nan before any)."""
         return self.emitted / self.rounds if self.rounds else math.nan
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens produced by the rounds per second of decode time (nan before any)."""
+        return self.emitted / self.decode_time_s if self.decode_time_s > 0 else math.nan
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["acceptance_rate"] = self.acceptance_rate
         out["tokens_per_verify"] = self.tokens_per_verify
+        out["tokens_per_s"] = self.tokens_per_s
         return out
 
+    def summary(self) -> str:
+        """One line: acceptance, tokens per verification, times."""
+        return (
+            f"block {self.block_size}: {self.rounds} rounds, acceptance {self.acceptance_rate:.3f}, "
+            f"{self.tokens_per_verify:.2f} tokens/verification, draft {1e3 * self.draft_time_s:.1f} ms, "
+            f"verify {1e3 * self.verify_time_s:.1f} ms, {self.tokens_per_s:.1f} tokens/s"
+        )
 
-def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """softmax(logits / temperature) over the top_k tokens (float32): the distribution sampling
-    draws from, the same on the draft's and the verifier's side."""
+
+def probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+) -> torch.Tensor:
+    """softmax(logits / temperature) over the top_k tokens, then over the smallest set of most
+    likely tokens whose probability reaches top_p (nucleus), renormalised (float32): the
+    distribution sampling draws from, the same on the draft's and the verifier's side."""
     scores = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
@@ -163,10 +194,32 @@ def greedy_rule(verifier_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[to
     return accept.long().cumprod(dim=1).sum(dim=1), tokens
 
 
-def _clock(device: torch.device) -> float:
+def adapt_block_size(gamma: int, drafted: int, accepted: int, most: int) -> int:
+    """The next round's block size (``Decoder(adaptive_block_size=True)``): two more after a
+    round whose drafts were all accepted, one fewer after a rejection, within 1 .. ``most`` (the
+    rule of transformers' assisted generation: a block longer than the drafts' run of
+    acceptances costs draft steps whose tokens are thrown away)."""
+    return min(gamma + 2, most) if accepted == drafted else max(gamma - 1, 1)
+
+
+Mark = float | torch.cuda.Event
+
+
+def _mark(device: torch.device) -> Mark:
+    """A point in time: a recorded CUDA event on a GPU (no synchronisation), else perf_counter."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
     return time.perf_counter()
+
+
+def _seconds(start: Mark, end: Mark) -> float:
+    """Seconds between two marks (CUDA events: after a synchronisation)."""
+    if isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event):
+        return start.elapsed_time(end) / 1e3
+    assert isinstance(start, float) and isinstance(end, float)
+    return end - start
 
 
 def speculative_generate(
@@ -177,10 +230,19 @@ def speculative_generate(
     temperature: float,
     top_k: int | None,
     gen: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """The rounds (module docstring) after a sequential prefill; sets ``decoder.last_stats``."""
     assert decoder.draft_step is not None and decoder.block_size is not None
-    draft, verify = decoder.draft_step, decoder.sequential
+    draft, verify, single = decoder.draft_step, decoder.sequential, None
+    if decoder.cuda_graphs:
+        if decoder.graphed is None:  # (captured on the caches, which it clears: before the prefill)
+            from .speculative_graphs import GraphedSteps
+
+            most = decoder.block_size
+            blocks = list(range(1, most + 1)) if decoder.adaptive_block_size else [most]
+            decoder.graphed = GraphedSteps(draft, verify, blocks, decoder.k_cache, decoder.v_cache)
+        draft, single = decoder.graphed.draft, decoder.graphed.single
     handle = SolveHandle.of(draft)
     deferred = handle is not None and handle.deferred
     warm = handle is not None and handle.init == "warm"
@@ -191,38 +253,59 @@ def speculative_generate(
     def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if greedy:
             return logits.argmax(dim=-1), None
-        probs = probabilities(logits, temperature, top_k)
+        probs = probabilities(logits, temperature, top_k, top_p)
         return _sample(probs, gen), probs
+
+    def write(step: Any, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor) -> None:
+        if not getattr(step, "writes_cache", False):  # (a graph replay wrote them)
+            write_cache(k_cache, v_cache, new_k, new_v, pos)
 
     b, p = prompt_ids.shape
     token = pick(decoder.prefill(prompt_ids, torch.zeros((), dtype=torch.long, device=device)))[0]
     out = [prompt_ids, token[:, None]]
     produced = 1
+    marks: list[tuple[Mark, Mark, Mark]] = []
+    gamma = decoder.block_size  # (adaptive: changes after every round)
+    begin = _mark(device)
     while produced < max_new_tokens:
-        g = min(decoder.block_size, max_new_tokens - produced - 1)  # (never writes past the end)
+        g = min(gamma, max_new_tokens - produced - 1)  # (never writes past the end)
         start = p + produced - 1  # the position of ``token``, not yet in the caches
-        t0 = _clock(device)
-        drafts: list[torch.Tensor] = []
+        t0 = _mark(device)
+        if single is not None and g not in decoder.graphed.verify:  # (graphs: no such block)
+            pos = torch.full((), start, dtype=torch.long, device=device)
+            token = pick(single(token[:, None], pos, k_cache, v_cache)[0][:, -1])[0]
+            out.append(token[:, None])
+            produced += 1
+            stats.rounds += 1
+            stats.emitted += 1
+            marks.append((t0, t0, _mark(device)))
+            continue
         qs: list[torch.Tensor] = []
-        traces: list[torch.Tensor | None] = []
-        current = token
-        for i in range(g):
-            pos = torch.full((), start + i, dtype=torch.long, device=device)
-            logits, new_k, new_v = draft(current[:, None], pos, k_cache, v_cache)
-            if not deferred:  # (deferred: the next draft step writes the corrected ones)
-                write_cache(k_cache, v_cache, new_k, new_v, pos)
-            if warm:
-                assert handle is not None
-                traces.append(handle.trace)
-            current, q = pick(logits[:, -1])
-            drafts.append(current)
-            if q is not None:
-                qs.append(q)
-        t1 = _clock(device)
+        traces: Any = []  # traces[i]: the draft's warm-start trace after its step i
         pos = torch.full((), start, dtype=torch.long, device=device)
-        block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
-        logits, new_k, new_v = verify(block, pos, k_cache, v_cache)
-        write_cache(k_cache, v_cache, new_k, new_v, pos)  # exact K/V at start .. start + g
+        if single is not None and greedy:  # (graphs: the whole block in one replay)
+            drafted, traces = decoder.graphed.blocks[g](token, pos)
+            block = torch.cat([token[:, None], drafted], dim=1)  # (B, g + 1)
+        else:
+            drafts: list[torch.Tensor] = []
+            current = token
+            for i in range(g):
+                at = pos + i
+                logits, new_k, new_v = draft(current[:, None], at, k_cache, v_cache)
+                if not deferred:  # (deferred: the next draft step writes the corrected ones)
+                    write(draft, new_k, new_v, at)
+                if warm:
+                    assert handle is not None
+                    traces.append(handle.trace)
+                current, q = pick(logits[:, -1])
+                drafts.append(current)
+                if q is not None:
+                    qs.append(q)
+            block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
+        t1 = _mark(device)
+        step = verify if single is None else decoder.graphed.verify[g]
+        logits, new_k, new_v = step(block, pos, k_cache, v_cache)
+        write(step, new_k, new_v, pos)  # exact K/V at start .. start + g
         if deferred:
             assert handle is not None
             handle.forget_pending()  # the last draft's K/V must not overwrite the exact entry
@@ -231,7 +314,9 @@ def speculative_generate(
             accepted, tokens = greedy_rule(logits, drafted)
         else:
             q_block = torch.stack(qs, dim=1) if qs else logits.new_zeros(b, 0, logits.shape[-1]).float()
-            accepted, tokens = sampling_rule(probabilities(logits, temperature, top_k), q_block, drafted, gen)
+            accepted, tokens = sampling_rule(
+                probabilities(logits, temperature, top_k, top_p), q_block, drafted, gen
+            )
         n = int(accepted.min())  # the round's one host synchronisation
         if warm and n < g:
             assert handle is not None
@@ -243,8 +328,15 @@ def speculative_generate(
         stats.drafted += g
         stats.accepted += n
         stats.emitted += n + 1
-        stats.draft_time_s += t1 - t0
-        stats.verify_time_s += _clock(device) - t1
+        marks.append((t0, t1, _mark(device)))
+        if decoder.adaptive_block_size:
+            gamma = adapt_block_size(gamma, g, n, decoder.block_size)
+    end = _mark(device)
     if handle is not None:
         handle.forget_pending()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.draft_time_s = sum(_seconds(t0, t1) for t0, t1, _ in marks)
+    stats.verify_time_s = sum(_seconds(t1, t2) for _, t1, t2 in marks)
+    stats.decode_time_s = _seconds(begin, end)
     return torch.cat(out, dim=1)

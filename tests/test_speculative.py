@@ -5,6 +5,7 @@ false-alarm rate of 1e-3 were the seeds redrawn). float64 reference models on th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from snlp_compile.generate import Decoder, generate
 from snlp_compile.models.kv import CachedStep
 from snlp_compile.speculative import (
     acceptance_probability,
+    adapt_block_size,
     greedy_rule,
     probabilities,
     residual_distribution,
@@ -119,13 +121,43 @@ def test_acceptance_rule_gives_p_exactly(seed: int) -> None:
         disjoint[0] = 1
         cases += [(point, q), (point, disjoint), (disjoint, point)]
     for pp, qq in cases:
-        support = torch.nonzero(qq > 0).flatten()
-        a = acceptance_probability(pp.expand(len(support), v), qq.expand(len(support), v), support)
-        r = residual_distribution(pp, qq)
-        out = (qq[support] * a) @ torch.eye(v, dtype=torch.float64)[support] + (
-            qq[support] * (1 - a)
-        ).sum() * r
+        out = _rule_distribution(pp, qq)
         assert torch.allclose(out, pp, rtol=0, atol=1e-12), (pp, qq, out)
+
+
+def _rule_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The exact distribution of the rule's token for one draft x ~ q (V,)."""
+    v = p.shape[0]
+    support = torch.nonzero(q > 0).flatten()
+    a = acceptance_probability(p.expand(len(support), v), q.expand(len(support), v), support)
+    r = residual_distribution(p, q)
+    return (q[support] * a) @ torch.eye(v, dtype=p.dtype)[support] + (q[support] * (1 - a)).sum() * r
+
+
+def test_top_p_is_the_nucleus_and_the_rule_keeps_it() -> None:
+    """top_p keeps the smallest most likely set of probability >= top_p; with top-p (and top-k,
+    temperature) applied to both sides, the rule's token is distributed as the verifier's
+    filtered p exactly, though the draft's nucleus differs; a tiny top_p samples greedily."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    for top_p, kept in ((0.7, 2), (0.8, 2), (0.81, 3), (1.0, 4)):
+        got = probabilities(probs.log(), 1.0, None, top_p).double()
+        want = torch.where(torch.arange(4) < kept, probs, 0) / probs[:kept].sum()
+        assert torch.allclose(got, want, atol=1e-6), (top_p, got)
+    g = torch.Generator().manual_seed(5)
+    for v in (3, 5, 8):
+        lp, lq = torch.randn(v, generator=g) * 2, torch.randn(v, generator=g) * 2
+        for top_k, top_p in ((None, 0.6), (4, 0.9), (None, 0.3)):
+            p, q = (probabilities(x, 0.8, top_k, top_p).double() for x in (lp, lq))
+            p, q = p / p.sum(), q / q.sum()  # (float32 sums, renormalised in float64)
+            assert torch.allclose(_rule_distribution(p, q), p, rtol=0, atol=1e-12)
+    model = reference_model("nanochat-tiny", scaled=True)
+    draft = SNLPConfig(iterations=1, init="warm")
+    sampled = generate(
+        model, _prompt(), 30, greedy=False, top_p=1e-6, seed=0, speculative=draft, block_size=4
+    )
+    assert torch.equal(sampled, generate(model, _prompt(), 30))
+    with pytest.raises(SNLPConfigError, match="top_p"):
+        generate(model, _prompt(), 3, greedy=False, top_p=0.0)
 
 
 def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -230,3 +262,107 @@ def test_batch_of_two_and_a_one_token_prompt() -> None:
     # the sampling path with top_k = 1 (p and q point masses) is greedy decoding
     sampled = generate(model, prompt, 40, greedy=False, top_k=1, seed=0, speculative=draft, block_size=4)
     assert torch.equal(sampled, generate(model, prompt, 40))
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_without_speculative() -> None:
+    model = reference_model("gpt-tiny")
+    with pytest.raises(SNLPConfigError, match="cuda_graphs=True"):
+        Decoder(model, batch=1, max_len=16, speculative=SNLPConfig(iterations=1), cuda_graphs=True)
+    with pytest.raises(SNLPConfigError, match="cuda_graphs=True"):
+        Decoder(model, batch=1, max_len=16, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("draft", [SNLPConfig(iterations=1, init="warm"), SNLPConfig(iterations=2)])
+def test_gpu_cuda_graphs_keep_the_sequential_tokens(draft: SNLPConfig) -> None:
+    """GPU: the captured draft and verify steps give the sequential model's tokens and caches
+    (float64), the tail of one-token steps included, and a second generate() the same rounds (the
+    warm start begins from h0 again, through the h0 graph)."""
+    model = reference_model("nanochat-tiny", scaled=True).cuda()
+    prompt = _prompt().cuda()
+    ref = Decoder(model, batch=1, max_len=8 + 41)
+    ref_tokens = generate(ref, prompt, 41)
+    dec = Decoder(model, batch=1, max_len=8 + 41, speculative=draft, block_size=4, cuda_graphs=True)
+    first = generate(dec, prompt, 41, return_stats=True)
+    assert torch.equal(first[0], ref_tokens) and dec.graphed is not None
+    assert float((dec.k_cache - ref.k_cache).abs().max()) < 1e-12
+    again = generate(dec, prompt, 41, return_stats=True)
+    assert torch.equal(again[0], ref_tokens)
+    assert first[1] is not None and again[1] is not None
+    assert (first[1].rounds, first[1].accepted) == (again[1].rounds, again[1].accepted)
+    assert first[1].emitted == 40 and first[1].decode_time_s > 0
+    eager = Decoder(model, batch=1, max_len=8 + 41, speculative=draft, block_size=4)
+    stats = generate(eager, prompt, 41, return_stats=True)[1]
+    assert stats is not None and abs(stats.accepted - first[1].accepted) <= 4  # (only the tail differs)
+
+
+def test_adaptive_block_size() -> None:
+    """Two more drafts after a fully accepted round, one fewer after a rejection (within 1 ..
+    block_size); the tokens stay the sequential model's."""
+    assert [adapt_block_size(g, d, a, 8) for g, d, a in ((4, 4, 4), (7, 7, 7), (4, 4, 2), (1, 1, 0))] == [
+        6,
+        8,
+        3,
+        1,
+    ]
+    model = reference_model("nanochat-tiny", scaled=True)
+    ref_tokens, _ = _sequential(model, 60)
+    wrong = Decoder(
+        model, batch=1, max_len=68, speculative=_WrongDraft(model), block_size=8, adaptive_block_size=True
+    )
+    tokens, stats = generate(wrong, _prompt(), 60, return_stats=True)
+    assert torch.equal(tokens, ref_tokens) and stats is not None
+    assert stats.drafted <= stats.rounds + 28  # (8, 7, ..., 2, then 1 per round: 28 more than one each)
+    exact = SNLPConfig(iterations=model.config.n_layer)
+    dec = Decoder(model, batch=1, max_len=68, speculative=exact, block_size=8, adaptive_block_size=True)
+    tokens, stats = generate(dec, _prompt(), 60, return_stats=True)
+    assert torch.equal(tokens, ref_tokens) and stats is not None and stats.acceptance_rate == 1.0
+    assert stats.rounds <= 8  # (blocks of 8 from the first round)
+    with pytest.raises(SNLPConfigError, match="adaptive_block_size"):
+        Decoder(model, batch=1, max_len=16, adaptive_block_size=True)
+
+
+def test_cli_generate_speculative_prints_the_statistics(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from snlp_compile.cli import main
+
+    out = tmp_path / "gen.json"
+    argv = ["generate", "--model", "nanochat-tiny", "--dtype", "float64", "--max-new-tokens", "20"]
+    assert main([*argv, "--speculative", "--block-size", "4", "--check", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "speculative: block 4:" in err and "acceptance" in err and "the same tokens as sequential" in err
+    result = json.loads(out.read_text())
+    assert result["same_as_sequential"] and len(result["tokens"]) == 20
+    assert result["stats"]["emitted"] == 19 and 0 <= result["stats"]["acceptance_rate"] <= 1
+    assert main([*argv, "--speculative", "-K", "2"]) == 2  # (one line: -K is the approximate decode)
+
+
+@pytest.mark.parametrize(
+    ("draft", "adaptive", "greedy"),
+    [(SNLPConfig(iterations=1, init="warm"), False, True), (SNLPConfig(iterations=2), True, True),
+     (SNLPConfig(iterations=1, init="warm"), True, True), (SNLPConfig(iterations=1, init="warm"), False, False)],
+)  # fmt: skip
+def test_graphed_rounds_run_eagerly(draft: SNLPConfig, adaptive: bool, greedy: bool) -> None:
+    """The code the CUDA graphs capture (``GraphedSteps(capture=False)``: the greedy draft block,
+    the shared warm-start trace with its h0 variant, the per-size verifiers and the one-token tail)
+    gives the sequential tokens and caches, twice in a row, on the CPU."""
+    from snlp_compile.speculative_graphs import GraphedSteps
+
+    model = reference_model("nanochat-tiny", scaled=True)
+    ref_tokens, ref = _sequential(model, 41)
+    dec = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, adaptive_block_size=adaptive)
+    blocks = [1, 2, 3, 4] if adaptive else [4]
+    dec.graphed = GraphedSteps(
+        dec.draft_step, dec.sequential, blocks, dec.k_cache, dec.v_cache, capture=False
+    )
+    dec.cuda_graphs = True
+    plain = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, adaptive_block_size=adaptive)
+    sampling: dict[str, Any] = {} if greedy else {"greedy": False, "top_k": 1, "seed": 0}
+    for _ in range(2):
+        tokens, stats = generate(dec, _prompt(), 41, return_stats=True, **sampling)
+        assert torch.equal(tokens, ref_tokens)
+        assert float((dec.k_cache - ref.k_cache).abs().max()) < 1e-12
+        assert stats is not None and stats.emitted == 40
+    eager = generate(plain, _prompt(), 41, return_stats=True, **sampling)[1]
+    assert eager is not None and abs(eager.accepted - stats.accepted) <= 4  # (only the tail differs)

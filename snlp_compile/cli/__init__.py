@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a reference model (baseline, SNLP regulariser or SNLP-forward fine-tune)"),
     "eval": ("eval", "held-out perplexity of checkpoints, sequential and through SNLP solves, with a plot"),
     "export": ("export", "ONNX or AOTInductor export of the rewritten model or decode step, with --check"),
+    "generate": (
+        "generate_cmd",
+        "generate tokens: sequential, SNLP decode, or lossless speculative decoding",
+    ),
     "bench": ("bench", "print the command that runs the GPU benchmarks from a source checkout"),
 }
 

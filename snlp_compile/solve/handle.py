@@ -105,6 +105,16 @@ class SolveHandle:
         else:
             self.solve.remember(trace)
 
+    @property
+    def has_trace(self) -> bool:
+        """Whether the next call starts from a warm-start trace (no copy, unlike :attr:`trace`)."""
+        return self.solve.warm_trace is not None
+
+    def attach_trace(self, buffer: torch.Tensor) -> None:
+        """Make ``buffer`` itself (not a copy) the warm-start trace: a CUDA graph captured with it
+        reads and writes that memory, and later :meth:`restore_trace` calls copy into it."""
+        self.solve.warm_trace = buffer
+
     def reset(self) -> None:
         """A new sequence: no warm-start trace, no pending K/V."""
         self.solve.reset_warm()

@@ -45,6 +45,10 @@ class ByteTokenizer:
     def encode(self, data: bytes) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids back to text (bytes that are not UTF-8 replaced)."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
     def to_json(self) -> dict[str, object]:
         return {"kind": "bytes"}
 
@@ -75,6 +79,10 @@ class BPETokenizer:
     def encode(self, data: bytes) -> np.ndarray:
         ids = self._tok.encode(data.decode("utf-8", errors="replace")).ids  # type: ignore[attr-defined]
         return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids back to text."""
+        return str(self._tok.decode(list(ids)))  # type: ignore[attr-defined]
 
     def to_json(self) -> dict[str, object]:
         return {"kind": "bpe", "tokenizer": json.loads(self._tok.to_str())}  # type: ignore[attr-defined]

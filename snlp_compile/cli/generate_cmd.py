@@ -1,0 +1,141 @@
+"""Generate tokens with the KV-cached decode path: sequential, through an SNLP decode step (-K), or
+lossless speculative decoding (--speculative: the SNLP step drafts --block-size tokens, the
+sequential step verifies them; the tokens are the sequential model's) with its statistics.
+
+snlp-compile generate runs/base --prompt "def main(" --speculative --block-size 4
+snlp-compile generate --model nanochat-tiny --speculative --block-size 8 --adaptive --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    DEFAULT_MODEL,
+    DTYPE_NAMES,
+    CLIError,
+    announce,
+    load_model,
+    require,
+    require_device,
+    status,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", nargs="?", default=None, help="a folder written by `snlp-compile train` (else --model)"
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="built-in model with random weights (no checkpoint)"
+    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="parameter dtype")
+    parser.add_argument("--prompt", default=None, help="prompt text (a checkpoint's tokenizer encodes it)")
+    parser.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens when no --prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument(
+        "-K", "--iterations", type=int, default=None, help="decode through the SNLP step at K"
+    )
+    parser.add_argument(
+        "--init", choices=("h0", "batch_fwd", "warm"), default="warm", help="the SNLP step's init"
+    )
+    parser.add_argument("--speculative", action="store_true", help="lossless speculative decoding")
+    parser.add_argument("--block-size", type=int, default=4, help="γ: tokens drafted per verification")
+    parser.add_argument("--draft-iterations", type=int, default=1, help="K of the drafting SNLP step")
+    parser.add_argument("--adaptive", action="store_true", help="adapt the block size between rounds (<= γ)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay draft and verify from CUDA graphs")
+    parser.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the nucleus of mass p")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompt and sampling")
+    parser.add_argument("--check", action="store_true", help="also decode sequentially and compare (greedy)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    parser.add_argument("--json", default=None, help="write tokens and statistics here")
+
+
+def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
+    if args.checkpoint is None:
+        return load_model(args.model, args.dtype, args.seed).to(args.device).eval(), None
+    require("generate from a checkpoint (safetensors)", "safetensors")
+    from ..train import load_checkpoint, read_checkpoint_info
+    from ..train.data import tokenizer_from_json
+
+    info = read_checkpoint_info(args.checkpoint)
+    spec = info.get("tokenizer")
+    if spec and spec.get("kind") == "bpe":
+        require("a checkpoint with a BPE tokenizer", "tokenizers")
+    model = load_checkpoint(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
+    return model.eval(), tokenizer_from_json(spec) if spec else None
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_device(args.device)
+    import torch
+
+    from .. import SNLPConfig
+    from ..generate import Decoder, generate
+
+    if args.speculative and args.iterations is not None:
+        raise CLIError("--speculative drafts with --draft-iterations; -K is the approximate SNLP decode")
+    if args.check and args.sample:
+        raise CLIError("--check compares greedy tokens: leave out --sample")
+    model, tok = _model_and_tokenizer(args)
+    if args.prompt is not None:
+        if tok is None:
+            raise CLIError("--prompt needs a checkpoint's tokenizer; without one, --prompt-len random tokens")
+        prompt = torch.as_tensor(tok.encode(args.prompt.encode()), dtype=torch.long)[None]
+    else:
+        vocab = model.config.vocab_size
+        prompt = torch.randint(
+            0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed)
+        )
+    prompt = prompt.to(args.device)
+    max_len = prompt.shape[1] + args.max_new_tokens
+    kw: dict[str, Any] = {"batch": 1, "max_len": max_len}
+    if args.speculative:
+        draft = SNLPConfig(iterations=args.draft_iterations, init=args.init)
+        kw.update(speculative=draft, block_size=args.block_size, adaptive_block_size=args.adaptive)
+        kw.update(cuda_graphs=args.cuda_graphs)
+        what = f"speculative, draft K={args.draft_iterations} {args.init}, block size {args.block_size}"
+        what += " (adaptive)" if args.adaptive else ""
+    elif args.iterations is not None:
+        kw["config"] = SNLPConfig(iterations=args.iterations, init=args.init)
+        what = f"SNLP decode K={args.iterations} {args.init} (approximate)"
+    else:
+        what = "sequential"
+    sampling = {"greedy": not args.sample, "temperature": args.temperature, "top_k": args.top_k}
+    sampling.update(top_p=args.top_p, seed=args.seed)
+    status(f"generate: {args.max_new_tokens} tokens after a {prompt.shape[1]}-token prompt, {what}")
+    decoder = Decoder(model, **kw)
+    t0 = time.perf_counter()
+    tokens, stats = generate(decoder, prompt, args.max_new_tokens, return_stats=True, **sampling)
+    seconds = time.perf_counter() - t0
+    new = tokens[0, prompt.shape[1] :].tolist()
+    print(tok.decode(new) if tok is not None and hasattr(tok, "decode") else " ".join(map(str, new)))
+    result: dict[str, Any] = {"tokens": new, "seconds": seconds, "mode": what}
+    status(f"{len(new)} tokens in {seconds:.2f} s (prefill and any capture included)")
+    if stats is not None:
+        status(f"speculative: {stats.summary()}")
+        result["stats"] = stats.as_dict()
+    if args.check:
+        ref = generate(model, prompt, args.max_new_tokens)
+        same = bool(torch.equal(ref, tokens))
+        status(
+            f"check: {'the same tokens as' if same else 'DIFFERENT tokens from'} sequential greedy decoding"
+        )
+        result["same_as_sequential"] = same
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        announce("tokens and statistics (JSON)", args.json)
+    return 0
