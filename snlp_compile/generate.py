@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .api import transform
 from .config import SNLPConfig, resolve_config
+from .distributed import layer_parallel_steps
 from .errors import SNLPConfigError
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
 from .solve.handle import SolveHandle
@@ -51,6 +52,10 @@ class Decoder:
     round, or a draft step the caller built (same call signature); the decode and prefill steps
     are then the sequential ones, which verify. ``last_stats`` holds the last speculative
     generate()'s ``SpeculativeStats``.
+
+    ``process_group``: decode across the processes of a ``torch.distributed`` group, one contiguous
+    block of the layers (weights and K/V caches) per rank (``snlp_compile.distributed``); every
+    rank runs the same calls and gets the same logits. ``k_cache``/``v_cache`` are then the block's.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class Decoder:
         decode_step: Step | None = None,
         speculative: SNLPConfig | Step | None = None,
         block_size: int | None = None,
+        process_group: Any = None,
         **overrides: Any,
     ):
         if not hasattr(model, "forward_cached"):
@@ -90,6 +96,17 @@ class Decoder:
         self.config: SNLPConfig | None = None
         self.decode_step: Step = self.sequential
         self.prefill_step: Step | None = self.sequential
+        if process_group is not None:  # one block of layers per rank (snlp_compile.distributed)
+            if decode_step is not None or speculative is not None or block_size is not None:
+                raise SNLPConfigError("process_group does not combine with decode_step, speculative or block_size")
+            cfg = resolve_config(config, overrides) if config is not None or overrides else None
+            steps = layer_parallel_steps(
+                model, cfg, batch=batch, max_len=max_len, prefill=prefill, group=process_group
+            )
+            self.config, self.decode_step, self.prefill_step = cfg, steps.decode_step, steps.prefill_step
+            self.k_cache, self.v_cache = steps.k_cache, steps.v_cache
+            self.draft_step, self.block_size, self.last_stats = None, None, None
+            return
         if decode_step is not None:  # a step transformed (and compiled, captured...) by the caller
             if config is not None or overrides:
                 raise SNLPConfigError(
