@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,24 @@ class LayerParallelSteps:
     """What a Decoder across processes runs on one rank: its steps and its block's caches."""
 
     decode_step: fx.GraphModule
-    prefill_step: fx.GraphModule
+    prefill_step: LazyStep
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     layers: range  # this rank's layers
+
+
+class LazyStep:
+    """A step transformed at its first call: the prefill (any prompt length >= 2), which a Decoder
+    that only ever sees one-token prompts never needs."""
+
+    def __init__(self, build: Callable[[], fx.GraphModule]):
+        self.build = build
+        self.step: fx.GraphModule | None = None
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        if self.step is None:
+            self.step = self.build()
+        return self.step(*args)
 
 
 def rank_layers(num_layers: int, group: dist.ProcessGroup) -> range:
@@ -97,7 +112,9 @@ def layer_parallel_steps(
     decode_cfg = config or SNLPConfig(iterations=1)
     decode = _step(model, decode_cfg, 1, batch, max_len, group, "solve" if config else "pipeline")
     mode: Mode = "solve" if config is not None and prefill == "solve" else "pipeline"
-    pre = _step(model, decode_cfg, 2, batch, max_len, group, mode)
+    # (a prompt's solve starts from h0: a warm trace is one token's)
+    prefill_cfg = decode_cfg.replace(init="h0") if decode_cfg.init == "warm" else decode_cfg
+    pre = LazyStep(lambda: _step(model, prefill_cfg, 2, batch, max_len, group, mode))
     layers = rank_layers(num_layers, group)
     param = next(model.parameters())
     shape = (len(layers), *cache_shape(model, batch, max_len)[1:])
