@@ -91,15 +91,19 @@ def _step_call(step: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Ca
     return call
 
 
-def _inputs(model: nn.Module, ctx: int, device: torch.device, heads_div: int = 1) -> tuple[torch.Tensor, ...]:
-    """(idx, pos, k_cache, v_cache) of a step at position ctx - 1 over a random cache (KV heads
-    divided by ``heads_div`` for a tensor-parallel rank)."""
+def _inputs(
+    model: nn.Module, ctx: int, device: torch.device, shard: tuple[int, int] = (0, 1)
+) -> tuple[torch.Tensor, ...]:
+    """(idx, pos, k_cache, v_cache) of a step at position ctx - 1 over a random cache; ``shard`` =
+    (rank, G): the rank's KV heads only (a tensor-parallel rank)."""
     k, v = new_cache(model, 1, ctx, device=device)
-    if heads_div > 1:
-        k, v = k[:, :, : k.shape[2] // heads_div].contiguous(), v[:, :, : v.shape[2] // heads_div].contiguous()
     gen = torch.Generator(device="cpu").manual_seed(1)
     k.copy_(torch.randn(k.shape, generator=gen))
     v.copy_(torch.randn(v.shape, generator=gen))
+    rank, world = shard
+    if world > 1:
+        heads = k.shape[2] // world
+        k, v = (c[:, :, rank * heads : (rank + 1) * heads].contiguous() for c in (k, v))
     idx = torch.ones(1, 1, dtype=torch.long, device=device)
     return idx, torch.tensor(ctx - 1, device=device), k, v
 
@@ -188,7 +192,7 @@ def _distributed(run: Runner, label: str, model: nn.Module, ctx: int, refs: dict
             fn = _callable(lambda: dec.step(token, pos), mode, device)
             run.time(label, f"layer-parallel K={kk}", mode, fn, ref, world)
     tp = _tensor_parallel(model, world, device)
-    tp_inputs = _inputs(model, ctx, device, heads_div=world)
+    tp_inputs = _inputs(model, ctx, device, shard=(run.rank, world))
     for mode in _modes(device, single=False):
         fn = _callable(_step_call(CachedStep(tp), tp_inputs), mode, device)
         run.time(label, "tensor-parallel sequential", mode, fn, refs.get("ref"), world)
