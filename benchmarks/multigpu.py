@@ -198,6 +198,10 @@ def _distributed(run: Runner, label: str, model: nn.Module, ctx: int, refs: dict
         run.time(label, "tensor-parallel sequential", mode, fn, refs.get("ref"), world)
 
 
+def _ratio(ms: float | None, base: float | None) -> str:
+    return f"{ms / base:.2f}x" if ms and base else "-"
+
+
 def _table(rows: list[dict[str, Any]], world: int, meta: dict[str, Any]) -> str:
     lines = [
         f"# Layer-parallel decoding, G = {world} ({meta['device']}, {meta['dtype']}, batch 1, context {meta['context']})",
@@ -211,10 +215,9 @@ def _table(rows: list[dict[str, Any]], world: int, meta: dict[str, Any]) -> str:
         seq = min((r["median_ms"] for r in mine if r["variant"].startswith("sequential")), default=None)
         for r in (r for r in rows if r["shape"] == shape):
             ms = r["median_ms"]
-            ratio = lambda base: f"{ms / base:.2f}x" if ms and base else "-"  # noqa: E731
             cell = f"{ms:.3f}" if ms else "-"
             lines.append(
-                f"| {shape} | {r['variant']} | {r['mode']} | {r['G']} | {cell} | {ratio(k1)} | {ratio(seq)} "
+                f"| {shape} | {r['variant']} | {r['mode']} | {r['G']} | {cell} | {_ratio(ms, k1)} | {_ratio(ms, seq)} "
                 f"| {r.get('error') or ''} |"
             )
     return "\n".join(lines) + "\n"
@@ -256,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 "env": common.environment(device),
             }
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"multigpu_G{world}.json").write_text(json.dumps({"meta": meta, "rows": run.rows}, indent=1))
+            (args.out / f"multigpu_G{world}.json").write_text(
+                json.dumps({"meta": meta, "rows": run.rows}, indent=1)
+            )
             (args.out / f"multigpu_G{world}.md").write_text(_table(run.rows, world, meta))
             print(f"wrote {args.out}/multigpu_G{world}.json and .md")
     finally:

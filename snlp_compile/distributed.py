@@ -108,7 +108,9 @@ def layer_parallel_steps(
     num_layers = cache_shape(model, 1, 1)[0]
     world = dist.get_world_size(group)
     if world > num_layers:
-        raise SNLPConfigError(f"{world} processes but the model has {num_layers} layers: at most one rank per layer")
+        raise SNLPConfigError(
+            f"{world} processes but the model has {num_layers} layers: at most one rank per layer"
+        )
     decode_cfg = config or SNLPConfig(iterations=1)
     decode = _step(model, decode_cfg, 1, batch, max_len, group, "solve" if config else "pipeline")
     mode: Mode = "solve" if config is not None and prefill == "solve" else "pipeline"
@@ -155,7 +157,7 @@ def _step(
         )
     _check_graph(gm, plan.num_layers)
     _drop_guards(gm)
-    setattr(gm, SOLVE_NAME, _block_solve(plan, group, mode, side))  # noqa: B010 (typed as submodules)
+    setattr(gm, SOLVE_NAME, _block_solve(plan, group, mode, side))
     inline_marker_ops(gm)
     return as_inference_graph(gm, c.report, cfg)
 

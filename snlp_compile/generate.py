@@ -96,16 +96,20 @@ class Decoder:
         self.config: SNLPConfig | None = None
         self.decode_step: Step = self.sequential
         self.prefill_step: Step | None = self.sequential
+        self.draft_step: Step | None = None
+        self.block_size: int | None = None
+        self.last_stats: SpeculativeStats | None = None
         if process_group is not None:  # one block of layers per rank (snlp_compile.distributed)
             if decode_step is not None or speculative is not None or block_size is not None:
-                raise SNLPConfigError("process_group does not combine with decode_step, speculative or block_size")
+                raise SNLPConfigError(
+                    "process_group does not combine with decode_step, speculative or block_size"
+                )
             cfg = resolve_config(config, overrides) if config is not None or overrides else None
             steps = layer_parallel_steps(
                 model, cfg, batch=batch, max_len=max_len, prefill=prefill, group=process_group
             )
             self.config, self.decode_step, self.prefill_step = cfg, steps.decode_step, steps.prefill_step
             self.k_cache, self.v_cache = steps.k_cache, steps.v_cache
-            self.draft_step, self.block_size, self.last_stats = None, None, None
             return
         if decode_step is not None:  # a step transformed (and compiled, captured...) by the caller
             if config is not None or overrides:
@@ -118,9 +122,6 @@ class Decoder:
             with evaluating(model):  # (generation runs in eval mode: no training-mode warning)
                 self.decode_step = transform(CachedStep(model).eval(), self.example_inputs(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
-        self.draft_step: Step | None = None
-        self.block_size: int | None = None
-        self.last_stats: SpeculativeStats | None = None
         if speculative is not None:
             if prefill != "sequential":
                 raise SNLPConfigError(

@@ -8,6 +8,7 @@ All in float64, so "equal" means equal to rounding.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from pathlib import Path
@@ -150,7 +151,7 @@ def ranks(
 def test_blocks_cover_the_layers(ranks: list[dict[str, Any]], name: str) -> None:
     blocks = [r[name]["block"] for r in ranks]
     assert blocks[0][0] == 0 and all(b[1] >= 1 for b in blocks)
-    assert all(a[0] + a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(blocks))
     assert blocks[-1][0] + blocks[-1][1] == _model(name).config.n_layer
 
 

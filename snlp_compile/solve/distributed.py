@@ -80,7 +80,7 @@ class DistributedSolve(LayerParallelSolve):
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, h_in: torch.Tensor, *passed: object, position: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
         """(the last layer's output expanded over all layers' rows, *side outputs of this block):
@@ -145,7 +145,7 @@ class DistributedSolve(LayerParallelSolve):
             return None
         if self.stream_layout is not None:
             if self.use_prefix_products and hasattr(self, "static_init"):
-                return self.static_init[-1]
+                return self.get_buffer("static_init")[-1]
             assert isinstance(a, torch.Tensor)
             mats = (a * self.damping if self.damping != 1.0 else a).to(u.dtype)
             prod = mats[0]
