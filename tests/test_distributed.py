@@ -106,6 +106,24 @@ def _worker(rank: int, world: int, port: int, refs: dict[str, Any], out_dir: str
             results[name]["k1_k"] = (dec.k_cache - ref["k1_k"][rows]).abs().max().item()
             results[name]["k1_differs"] = (k1 - ref["logits"]).abs().max().item()
         model = _model("gpt-tiny")
+        if world == 2:  # the prompt through the distributed solve (prefill="solve"), exact K
+            ref = refs["gpt-tiny"]
+            dec = Decoder(
+                model,
+                SNLPConfig(iterations=4),
+                batch=1,
+                max_len=MAX_LEN,
+                prefill="solve",
+                process_group=group,
+            )
+            p = _prompt("gpt-tiny").shape[1]
+            with torch.no_grad():
+                logits = dec.prefill(ref["tokens"][:, :p], torch.zeros((), dtype=torch.long))
+            rows = slice(4 // world * rank, 4 // world * (rank + 1))
+            results["solve_prefill"] = {
+                "logits": (logits - ref["logits"][:, 0]).abs().max().item(),
+                "k": (dec.k_cache[:, :, :, :p] - ref["k"][rows, :, :, :p]).abs().max().item(),
+            }
         errors = {}
         for label, kwargs in {
             "chunks": {"config": SNLPConfig(chunks=2)},
@@ -172,6 +190,13 @@ def test_k1_equals_the_single_process_solve(ranks: list[dict[str, Any]], name: s
     for r in ranks:
         assert r[name]["k1_logits"] < 1e-9 and r[name]["k1_k"] < 1e-12
         assert r[name]["k1_differs"] > 1e-3  # (K = 1 is not the sequential model: a real check)
+
+
+def test_solve_prefill_is_exact_at_k_equal_layers(ranks: list[dict[str, Any]]) -> None:
+    if len(ranks) != 2:
+        pytest.skip("checked in the 2-process run")
+    for r in ranks:
+        assert r["solve_prefill"]["logits"] < 1e-9 and r["solve_prefill"]["k"] < 1e-12
 
 
 def test_refusals_are_one_line_errors(ranks: list[dict[str, Any]]) -> None:
