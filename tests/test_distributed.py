@@ -66,13 +66,17 @@ def references() -> dict[str, dict[str, torch.Tensor]]:
         tokens = generate(seq, prompt, NEW_TOKENS)
         logits = _forced(seq, tokens, prompt.shape[1])
         k1 = Decoder(model, SNLPConfig(iterations=1), batch=1, max_len=MAX_LEN)
+        k1_logits = _forced(k1, tokens, prompt.shape[1])
+        k1_k = k1.k_cache.clone()
+        solve_handle(k1.decode_step).init = "warm"
         out[name] = {
             "tokens": tokens,
             "logits": logits,
             "k": seq.k_cache.clone(),
             "v": seq.v_cache.clone(),
-            "k1_logits": _forced(k1, tokens, prompt.shape[1]),
-            "k1_k": k1.k_cache.clone(),
+            "k1_logits": k1_logits,
+            "k1_k": k1_k,
+            "warm_logits": _forced(k1, tokens, prompt.shape[1]),
         }
     return out
 
@@ -105,6 +109,10 @@ def _worker(rank: int, world: int, port: int, refs: dict[str, Any], out_dir: str
             results[name]["k1_logits"] = (k1 - ref["k1_logits"]).abs().max().item()
             results[name]["k1_k"] = (dec.k_cache - ref["k1_k"][rows]).abs().max().item()
             results[name]["k1_differs"] = (k1 - ref["logits"]).abs().max().item()
+            solve_handle(dec.decode_step).init = "warm"  # K = 1 from the previous token's trace
+            warm = _forced(dec, tokens, prompt.shape[1])
+            results[name]["warm_logits"] = (warm - ref["warm_logits"]).abs().max().item()
+            results[name]["warm_differs"] = (warm - k1).abs().max().item()
         model = _model("gpt-tiny")
         if world == 2:  # the prompt through the distributed solve (prefill="solve"), exact K
             ref = refs["gpt-tiny"]
@@ -190,6 +198,13 @@ def test_k1_equals_the_single_process_solve(ranks: list[dict[str, Any]], name: s
     for r in ranks:
         assert r[name]["k1_logits"] < 1e-9 and r[name]["k1_k"] < 1e-12
         assert r[name]["k1_differs"] > 1e-3  # (K = 1 is not the sequential model: a real check)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_k1_warm_equals_the_single_process_solve(ranks: list[dict[str, Any]], name: str) -> None:
+    for r in ranks:
+        assert r[name]["warm_logits"] < 1e-9
+        assert r[name]["warm_differs"] > 1e-6  # (the warm start changed the result: a real check)
 
 
 def test_solve_prefill_is_exact_at_k_equal_layers(ranks: list[dict[str, Any]]) -> None:
