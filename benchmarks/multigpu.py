@@ -16,8 +16,9 @@ cache write is timed (rank 0's clock, after a barrier).
 Shapes: "d20" (the nanochat d20 trunk, L=20, d=1280) and "8b", an 8B-class trunk: L=32, d=4096,
 32 heads, 8 KV heads. The reference models have no MLP-width option: their MLP is 4d = 16384
 wide with two matrices (relu^2), 134M parameters per layer against Llama-3-8B's 176M (three
-matrices of 14336); attention is the same. Modes: "eager" and "eager+graph" (CUDA graph,
-collectives inside it) for every variant; the single-device ones also "compiled+graph".
+matrices of 14336); attention is the same. Modes (every variant): "eager", "eager+graph" (a CUDA
+graph, the collectives inside it) and "compiled+graph" (torch.compile, breaking the graph at the
+collectives of the layer-parallel step).
 Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``.
 """
 
@@ -59,6 +60,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk (head cost)")
     p.add_argument("--ks", default="1,2", type=common.int_list, help="layer-parallel iteration counts")
     p.add_argument("--samples", type=int, default=100)
+    p.add_argument(
+        "--modes", default=None, help="eager, compiled, +graph (default: all three on CUDA, eager on CPU)"
+    )
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "multigpu")
     p.add_argument("--smoke", action="store_true", help="tiny shape, context 32, fp32, few samples")
     args = p.parse_args(argv)
@@ -67,10 +71,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _modes(device: torch.device, single: bool) -> list[str]:
-    if device.type != "cuda":
-        return ["eager"]
-    return ["eager", "eager+graph", *(["compiled+graph"] if single else [])]
+def _modes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    if args.modes:
+        return args.modes.split(",")
+    return ["eager", "eager+graph", "compiled+graph"] if device.type == "cuda" else ["eager"]
 
 
 def _callable(step: Callable[..., Any], mode: str, device: torch.device) -> Callable[[], Any]:
@@ -169,7 +173,7 @@ def _single_device(run: Runner, label: str, model: nn.Module, ctx: int) -> dict[
     lowering = transform(step, inputs, iterations=1, chunks=layers)
     k1 = transform(step, inputs, iterations=1)
     for name, base in (("sequential", step), ("sequential lowering", lowering), ("K=1 single device", k1)):
-        for mode in _modes(device, single=True):
+        for mode in _modes(run.args, device):
             fn = _callable(_step_call(base, _inputs(model, ctx, device)), mode, device)
             run.time(label, name, mode, fn, ref, 1)
     return {"ref": ref, "k1": k1(*_inputs(model, ctx, device))[0]}
@@ -188,12 +192,12 @@ def _distributed(run: Runner, label: str, model: nn.Module, ctx: int, refs: dict
     for kk in run.args.ks:
         handle.iterations = kk
         ref = refs.get("k1") if kk == 1 else None
-        for mode in _modes(device, single=False):
+        for mode in _modes(run.args, device):
             fn = _callable(lambda: dec.step(token, pos), mode, device)
             run.time(label, f"layer-parallel K={kk}", mode, fn, ref, world)
     tp = _tensor_parallel(model, world, device)
     tp_inputs = _inputs(model, ctx, device, shard=(run.rank, world))
-    for mode in _modes(device, single=False):
+    for mode in _modes(run.args, device):
         fn = _callable(_step_call(CachedStep(tp), tp_inputs), mode, device)
         run.time(label, "tensor-parallel sequential", mode, fn, refs.get("ref"), world)
 

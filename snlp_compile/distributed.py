@@ -73,7 +73,7 @@ def rank_layers(num_layers: int, group: dist.ProcessGroup) -> range:
     return range(start, start + sizes[rank])
 
 
-def check_config(config: SNLPConfig | None, prefill: str) -> None:
+def check_config(config: SNLPConfig | None) -> None:
     """Refuse, in one line, what the solve across processes does not do."""
     if config is None:
         return
@@ -104,7 +104,7 @@ def layer_parallel_steps(
     """This rank's decode and prefill steps (the cached step's call signature) and block caches."""
     if not dist.is_initialized():
         raise SNLPConfigError("process_group given but torch.distributed is not initialised")
-    check_config(config, prefill)
+    check_config(config)
     num_layers = cache_shape(model, 1, 1)[0]
     world = dist.get_world_size(group)
     if world > num_layers:
