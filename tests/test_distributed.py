@@ -136,6 +136,8 @@ def _worker(rank: int, world: int, port: int, refs: dict[str, Any], out_dir: str
         for label, kwargs in {
             "chunks": {"config": SNLPConfig(chunks=2)},
             "batch_fwd": {"config": SNLPConfig(init="batch_fwd")},
+            "deferred_kv": {"config": SNLPConfig(deferred_kv=True)},
+            "parallel_layers": {"config": SNLPConfig(parallel_layers=2)},
             "speculative": {"speculative": SNLPConfig()},
         }.items():
             try:
@@ -143,6 +145,12 @@ def _worker(rank: int, world: int, port: int, refs: dict[str, Any], out_dir: str
                 errors[label] = ""
             except SNLPError as e:
                 errors[label] = f"{type(e).__name__}: {e}"
+        if world == 4:  # more ranks than layers
+            try:
+                Decoder(build_model("gpt-tiny", n_layer=2), batch=1, max_len=8, process_group=group)
+                errors["ranks"] = ""
+            except SNLPError as e:
+                errors["ranks"] = f"{type(e).__name__}: {e}"
         if world == 2:  # nanochat's backout reads a middle layer's output: refused, not wrong
             backout = build_model("nanochat-tiny", backout=True)
             try:
@@ -220,6 +228,10 @@ def test_refusals_are_one_line_errors(ranks: list[dict[str, Any]]) -> None:
         assert errors["chunks"].startswith("SNLPConfigError") and "chunks" in errors["chunks"]
         assert errors["batch_fwd"].startswith("SNLPConfigError") and "batch_fwd" in errors["batch_fwd"]
         assert "speculative" in errors["speculative"]
+        assert errors["deferred_kv"].startswith("SNLPConfigError") and "deferred_kv" in errors["deferred_kv"]
+        assert "parallel_layers" in errors["parallel_layers"]
+        if len(ranks) == 4:
+            assert errors["ranks"].startswith("SNLPConfigError") and "4 processes" in errors["ranks"]
         if len(ranks) == 2:
             assert errors["backout"].startswith("SNLPRefusal") and "last layer" in errors["backout"]
         assert all("\n" not in e for e in errors.values())

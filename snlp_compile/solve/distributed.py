@@ -15,9 +15,12 @@ only. Per iteration (docs/DESIGN.md section 1, the recurrence h_j = A_j h_{j-1} 
 IDN exchanges only c_r (P = I, c_r the block's summed delta); scaled IDN a scalar or elementwise
 P_r; HCN the n x n product of the block's stream-mixing matrices. After the last iteration every
 rank folds all G totals into the last layer's output, so every rank computes the logits and no
-further collective is needed. The math is the single-process solve's with the chunk boundaries at
-the ranks: the same Jacobi iteration, so K >= the number of layers is exact and K = 1 equals the
-single-process K = 1 solve to rounding.
+further collective is needed. The block's correction runs twice per iteration, from a zero input
+for its total and from x_r for its trace (IDN: a sum and a cumsum): elementwise passes over the
+block's rows, small beside its evaluation, and what lets the one collective carry only totals.
+The math is the single-process solve's with the chunk boundaries at the ranks: the same Jacobi
+iteration, so K >= the number of layers is exact and K = 1 equals the single-process K = 1 solve
+to rounding.
 
 ``mode="pipeline"`` runs the block sequentially instead (the exact sequential model, e.g. the
 prefill): rank r receives its input from rank r-1, runs its layers one after another and sends
