@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .api import transform
 from .config import SNLPConfig, resolve_config
+from .distributed import layer_parallel_steps
 from .errors import SNLPConfigError
 from .models.hf_decode import as_cached_lm
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
@@ -62,6 +63,10 @@ class Decoder:
     draft and verify steps from CUDA graphs (``snlp_compile.speculative_graphs``);
     ``adaptive_block_size=True`` changes the block size between rounds, up to ``block_size``
     (``speculative.adapt_block_size``).
+
+    ``process_group``: decode across the processes of a ``torch.distributed`` group, one contiguous
+    block of the layers (weights and K/V caches) per rank (``snlp_compile.distributed``); every
+    rank runs the same calls and gets the same logits. ``k_cache``/``v_cache`` are then the block's.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class Decoder:
         block_size: int | None = None,
         cuda_graphs: bool = False,
         adaptive_block_size: bool = False,
+        process_group: Any = None,
         **overrides: Any,
     ):
         # a `transformers` causal LM gets the cached step of models.hf_decode (or a refusal)
@@ -103,6 +109,25 @@ class Decoder:
         self.config: SNLPConfig | None = None
         self.decode_step: Step = self.sequential
         self.prefill_step: Step | None = self.sequential
+        self.draft_step: Step | None = None
+        self.block_size: int | None = None
+        self.last_stats: SpeculativeStats | None = None
+        self.adaptive_block_size, self.cuda_graphs = bool(adaptive_block_size), bool(cuda_graphs)
+        self.graphed: Any = None  # speculative_graphs.GraphedSteps, captured at the first generate()
+        if process_group is not None:  # one block of layers per rank (snlp_compile.distributed)
+            if decode_step is not None or speculative is not None or block_size is not None:
+                raise SNLPConfigError(
+                    "process_group does not combine with decode_step, speculative or block_size"
+                )
+            if cuda_graphs or adaptive_block_size:
+                raise SNLPConfigError("cuda_graphs and adaptive_block_size are for speculative decoding")
+            cfg = resolve_config(config, overrides) if config is not None or overrides else None
+            steps = layer_parallel_steps(
+                model, cfg, batch=batch, max_len=max_len, prefill=prefill, group=process_group
+            )
+            self.config, self.decode_step, self.prefill_step = cfg, steps.decode_step, steps.prefill_step
+            self.k_cache, self.v_cache = steps.k_cache, steps.v_cache
+            return
         if decode_step is not None:  # a step transformed (and compiled, captured...) by the caller
             if config is not None or overrides:
                 raise SNLPConfigError(
@@ -114,9 +139,6 @@ class Decoder:
             with evaluating(model):  # (generation runs in eval mode: no training-mode warning)
                 self.decode_step = transform(CachedStep(model).eval(), self.example_inputs(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
-        self.draft_step: Step | None = None
-        self.block_size: int | None = None
-        self.last_stats: SpeculativeStats | None = None
         if speculative is not None:
             if prefill != "sequential":
                 raise SNLPConfigError(
@@ -142,9 +164,6 @@ class Decoder:
             raise SNLPConfigError("cuda_graphs=True is for speculative decoding on a CUDA device")
         if adaptive_block_size and speculative is None:
             raise SNLPConfigError("adaptive_block_size=True is for speculative decoding")
-        self.adaptive_block_size = bool(adaptive_block_size)
-        self.cuda_graphs = bool(cuda_graphs)
-        self.graphed: Any = None  # speculative_graphs.GraphedSteps, captured at the first generate()
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
 
     def example_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
