@@ -25,12 +25,11 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..api import transform
-from ..config import SNLPConfig, resolve_config
+from ..config import SNLPConfig
 from ..errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPUsageError
 from ..passes.capture import auto_dims, example_args
 from ..report import ExplainReport
-from .onnx_export import is_transformed, refuse_deferred
+from .onnx_export import export_target, refuse_deferred
 
 CUSTOM_OPS_KEY = "snlp_custom_ops"  # package metadata: comma-separated snlp:: ops the graph calls
 
@@ -112,21 +111,7 @@ def export_aoti(
     if path.suffix != ".pt2":
         raise SNLPConfigError(f"an AOTInductor package is a .pt2 file, got {path.name!r}")
     args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
-    report: ExplainReport | None = None
-    if is_transformed(model):
-        if config is not None or overrides:
-            raise SNLPConfigError(
-                "model is already transformed: pass config/overrides to transform(), not here"
-            )
-        target, report = model, ExplainReport.of(model)
-    elif rewrite:
-        cfg = resolve_config(config, overrides)
-        target = transform(model, args, cfg.replace(dynamic_shapes=dynamic), example_kwargs=kwargs)
-        report = ExplainReport.of(target)
-    else:
-        if config is not None or overrides:
-            raise SNLPConfigError("rewrite=False exports the model unchanged: config/overrides do not apply")
-        target = model
+    target, report = export_target(model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic)
     refuse_deferred(target, "AOTInductor")
     try:
         with torch.no_grad(), _kernels(triton_kernels):

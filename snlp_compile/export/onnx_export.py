@@ -217,6 +217,34 @@ def all_op_types(model_proto: Any) -> Counter[str]:
     return counts
 
 
+def export_target(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    config: SNLPConfig | None,
+    overrides: dict[str, Any],
+    *,
+    rewrite: bool,
+    dynamic: bool,
+) -> tuple[torch.nn.Module, ExplainReport | None]:
+    """What an export exports, and its explain report: ``model`` itself when it is already a
+    transform() result, else its rewrite (``rewrite``), else ``model`` unchanged; config and
+    overrides only where a rewrite happens here (an error otherwise, not silently ignored)."""
+    if is_transformed(model):
+        if config is not None or overrides:
+            raise SNLPConfigError(
+                "model is already transformed: pass config/overrides to transform(), not here"
+            )
+        return model, ExplainReport.of(model)
+    if rewrite:
+        cfg = resolve_config(config, overrides)
+        target = transform(model, args, cfg.replace(dynamic_shapes=dynamic), example_kwargs=kwargs)
+        return target, ExplainReport.of(target)
+    if config is not None or overrides:
+        raise SNLPConfigError("rewrite=False exports the model unchanged: config/overrides do not apply")
+    return model, None
+
+
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -251,21 +279,9 @@ def export_onnx(
         raise SNLPConfigError(f"opset must be an int from 18 to 23, got {opset!r}")
     path = Path(path)
     args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
-    snlp_report: ExplainReport | None = None
-    if is_transformed(model):
-        if config is not None or overrides:
-            raise SNLPConfigError(
-                "model is already transformed: pass config/overrides to transform(), not here"
-            )
-        target, snlp_report = model, ExplainReport.of(model)
-    elif rewrite:
-        cfg = resolve_config(config, overrides)
-        target = transform(model, args, cfg.replace(dynamic_shapes=dynamic), example_kwargs=kwargs)
-        snlp_report = ExplainReport.of(target)
-    else:
-        if config is not None or overrides:
-            raise SNLPConfigError("rewrite=False exports the model unchanged: config/overrides do not apply")
-        target = model
+    target, snlp_report = export_target(
+        model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic
+    )
     program = export_program(target, args, kwargs, dynamic=dynamic)
     if output_names is None:
         n_out = len(program.graph_signature.user_outputs)
