@@ -32,6 +32,7 @@ from ..solve.solver import LayerParallelSolve
 from .batch_layers import batch_body
 from .fuse_linears import fuse_shared_input_linears, row_blocks
 from .graph_utils import ancestors
+from .wide_layers import check_fusable, wide_layers
 
 
 @dataclass(frozen=True)
@@ -216,13 +217,17 @@ def _refuse_shape_mismatch(name: str, column: tuple[fx.Node, ...], layers: list[
             )
 
 
+def _layers_read(chain: LayerChain) -> set[int]:
+    """The parallel layers whose outputs the rest of the graph reads."""
+    par = chain.parallel_layers
+    region = {n for layer in par for n in layer.nodes}
+    return {j for j, layer in enumerate(par) if any(u not in region for u in layer.output.users)}
+
+
 def last_row_read(chain: LayerChain) -> bool:
     """Whether the rest of the graph reads the output of the chain's last layer and of no other
     parallel layer (a forward, as opposed to a decode step or a backout reader)."""
-    par = chain.parallel_layers
-    region = {n for layer in par for n in layer.nodes}
-    read = {j for j, layer in enumerate(par) if any(u not in region for u in layer.output.users)}
-    return read == {len(par) - 1}
+    return _layers_read(chain) == {len(chain.parallel_layers) - 1}
 
 
 def plan_solve(
@@ -232,8 +237,12 @@ def plan_solve(
     *,
     chunks: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
+    fused_layers: int = 1,
 ) -> SolvePlan:
-    """The SolvePlan of ``chain``'s parallel layers in the captured ``gm`` (read, not changed)."""
+    """The SolvePlan of ``chain``'s parallel layers in the captured ``gm`` (read, not changed);
+    ``fused_layers`` > 1: as wide layers of that many (``passes.wide_layers``)."""
+    if fused_layers > 1:
+        check_fusable(chain, fused_layers, _layers_read(chain))
     names = external_names(chain)
     externals, stacked = classify_externals(gm, chain, names, planning.fold_static)
     modes = [e.mode for e in externals]
@@ -256,10 +265,22 @@ def plan_solve(
         side_layers.graph.eliminate_dead_code()  # batching leaves the rest of the layer dead here
         side_layers.recompile()
         fallbacks += [f for f in side_fallbacks if f not in fallbacks]
+    wide = None
+    if fused_layers > 1:
+        wide, wide_fallbacks = wide_layers(
+            body, chain.template.module_path, fused_layers, batched, chain.num_parallel, fixed
+        )
+        fallbacks += [f for f in wide_fallbacks if f not in fallbacks]
     notes = [f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks]
+    if wide is not None:
+        notes.append(
+            f"wide layers of {fused_layers} (split after {wide.split}): {chain.num_parallel // fused_layers} "
+            "wide layers solved in parallel, the function of the fused model (not verified against the unfused one)"
+        )
     fused: list[str] = []
     if planning.fuse_linears:
-        batched_graphs = [g for g in (layers, layers_short, side_layers) if g is not None]
+        wide_graphs = (wide.first, wide.second) if wide is not None else ()
+        batched_graphs = [g for g in (layers, layers_short, side_layers, *wide_graphs) if g is not None]
         fused = fuse_shared_input_linears(batched_graphs, names, modes, stacked)
         externals += [External(name, "stacked") for name in fused]
     notes += [f"linears sharing one input read one concatenated weight: {f}" for f in fused]
@@ -282,6 +303,7 @@ def plan_solve(
         stream_layout=layout,
         options=options,
         last_row_only=last_row_only,
+        wide=wide,
         fused=tuple(fused),
         fallbacks=tuple(fallbacks),
         notes=tuple(notes),

@@ -1,0 +1,62 @@
+"""Plain reference implementations of the fused (wide-layer) functions of the reference models
+(``SNLPConfig.fused_layers``, ``passes.wide_layers``), written from the models' modules by hand:
+groups of ``m`` consecutive layers, each group reading one input x; the attention branches of its
+layers are summed into y = x + sum(...), the MLPs read y and are summed into the output. Layers
+before ``first`` run sequentially, as written."""
+
+from __future__ import annotations
+
+import torch
+
+from snlp_compile.models.gpt import GPT
+from snlp_compile.models.nanochat import NanochatGPT, norm
+
+
+def _groups(n: int, m: int, first: int) -> list[list[int]]:
+    return [list(range(s, s + m)) for s in range(first, n, m)]
+
+
+@torch.no_grad()
+def nanochat_fused(model: NanochatGPT, idx: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
+    """NanochatGPT.forward with layers ``first ..`` fused in groups of ``m``. A layer's first half
+    includes the residual re-mix p = lambda x + mu x0 before its attention: its increment is
+    p + attn(norm(p)) - x."""
+    t = idx.shape[1]
+    cos, sin = model.cos[:, :t], model.sin[:, :t]
+    blocks = model.transformer.h
+    x = norm(model.transformer.wte(idx))
+    x0 = x
+    for i in range(first):
+        x = blocks[i](model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0, cos, sin)
+    for group in _groups(len(blocks), m, first):
+        y = x
+        for i in group:
+            p = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+            y = y + (p + blocks[i].attn(norm(p), cos, sin) - x)
+        x = y + sum(blocks[i].mlp(norm(y)) for i in group)
+    x = norm(x)
+    softcap = model.config.softcap
+    return softcap * torch.tanh(model.lm_head(x) / softcap)
+
+
+@torch.no_grad()
+def gpt_fused(model: GPT, idx: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
+    """GPT.forward with layers ``first ..`` fused in groups of ``m``: y = x + sum attn_i(ln_1i(x)),
+    out = y + sum mlp_i(ln_2i(y))."""
+    t = idx.shape[1]
+    blocks = model.transformer.h
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(t))
+    for i in range(first):
+        x = blocks[i](x)
+    for group in _groups(len(blocks), m, first):
+        y = x + sum(blocks[i].attn(blocks[i].ln_1(x)) for i in group)
+        x = y + sum(blocks[i].mlp(blocks[i].ln_2(y)) for i in group)
+    return model.lm_head(model.transformer.ln_f(x))
+
+
+def fused_reference(model: torch.nn.Module, idx: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
+    if isinstance(model, NanochatGPT):
+        return nanochat_fused(model, idx, m, first)
+    if isinstance(model, GPT):
+        return gpt_fused(model, idx, m, first)
+    raise TypeError(type(model).__name__)
