@@ -39,18 +39,22 @@ def nanochat_fused(model: NanochatGPT, idx: torch.Tensor, m: int, first: int = 0
     return softcap * torch.tanh(model.lm_head(x) / softcap)
 
 
+def gpt_wide_layer(blocks: torch.nn.ModuleList, x: torch.Tensor, group: list[int]) -> torch.Tensor:
+    """One wide layer of GPT blocks: y = x + sum attn_i(ln_1i(x)), out = y + sum mlp_i(ln_2i(y))."""
+    y = x + sum(blocks[i].attn(blocks[i].ln_1(x)) for i in group)
+    return y + sum(blocks[i].mlp(blocks[i].ln_2(y)) for i in group)
+
+
 @torch.no_grad()
 def gpt_fused(model: GPT, idx: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
-    """GPT.forward with layers ``first ..`` fused in groups of ``m``: y = x + sum attn_i(ln_1i(x)),
-    out = y + sum mlp_i(ln_2i(y))."""
+    """GPT.forward with layers ``first ..`` fused in groups of ``m`` (``gpt_wide_layer``)."""
     t = idx.shape[1]
     blocks = model.transformer.h
     x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(t))
     for i in range(first):
         x = blocks[i](x)
     for group in _groups(len(blocks), m, first):
-        y = x + sum(blocks[i].attn(blocks[i].ln_1(x)) for i in group)
-        x = y + sum(blocks[i].mlp(blocks[i].ln_2(y)) for i in group)
+        x = gpt_wide_layer(blocks, x, group)
     return model.lm_head(model.transformer.ln_f(x))
 
 
