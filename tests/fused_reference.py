@@ -64,3 +64,27 @@ def fused_reference(model: torch.nn.Module, idx: torch.Tensor, m: int, first: in
     if isinstance(model, GPT):
         return gpt_fused(model, idx, m, first)
     raise TypeError(type(model).__name__)
+
+
+@torch.no_grad()
+def llama_fused(model: torch.nn.Module, idx: torch.Tensor, m: int) -> torch.Tensor:
+    """A Hugging Face LlamaForCausalLM's logits with its layers fused in groups of ``m``; the
+    rotary tables and mask are the ones the model hands its first layer (a pre-hook records them)."""
+    inner = model.model
+    seen: dict[str, object] = {}
+
+    def record(_module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+        seen.update(kwargs)
+
+    handle = inner.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model(idx, use_cache=False)
+    finally:
+        handle.remove()
+    extra = {"position_embeddings": seen["position_embeddings"], "attention_mask": seen["attention_mask"]}
+    x = inner.embed_tokens(idx)
+    layers = inner.layers
+    for group in _groups(len(layers), m, 0):
+        y = x + sum(layers[i].self_attn(layers[i].input_layernorm(x), **extra)[0] for i in group)
+        x = y + sum(layers[i].mlp(layers[i].post_attention_layernorm(y)) for i in group)
+    return model.lm_head(inner.norm(x))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from fused_reference import fused_reference, gpt_wide_layer
+from fused_reference import fused_reference, gpt_wide_layer, llama_fused
 from helpers import max_err, reference_model, tokens
 
 import snlp_compile
@@ -81,6 +81,26 @@ def test_fused_after_sequential_prefix() -> None:
     idx = tokens(model)
     got = _transform(model, (idx,), parallel_layers=2, fused_layers=2, iterations=1)(idx)
     assert max_err(got, fused_reference(model, idx, 2, first=2)) < TIGHT
+
+
+def test_fused_transformers_llama() -> None:
+    """A Llama-like model as Hugging Face writes it (rotary tables and mask passed to every
+    layer): wide layers of 2, exact K, against the fused function built from its modules."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=128, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    kwargs = {"use_cache": False}
+    fast = snlp_compile.transform(model, (idx,), example_kwargs=kwargs, fused_layers=2, iterations=2)
+    with torch.no_grad():
+        got = fast(idx, **kwargs).logits
+    want = llama_fused(model, idx, 2)
+    assert max_err(got, want) < TIGHT
+    assert max_err(model(idx, **kwargs).logits.detach(), want) > 1e-3
 
 
 def test_one_layer_per_wide_layer_is_the_unfused_transform() -> None:

@@ -142,7 +142,9 @@ class SolvePlan:
         return self.num_layers // (self.wide.group if self.wide is not None else 1)
 
     def trace_row(self, layer: int) -> int:
-        """The trace row holding parallel layer ``layer``'s output (the last of its wide layer)."""
+        """The trace row holding parallel layer ``layer``'s output: with wide layers, the row of the
+        wide layer holding it (its output when it is the wide layer's last; for another layer only
+        a metadata check reads it, ``passes.wide_layers.check_fusable``: the same shape and dtype)."""
         return layer if self.wide is None else layer // self.wide.group
 
     @property

@@ -217,17 +217,13 @@ def _refuse_shape_mismatch(name: str, column: tuple[fx.Node, ...], layers: list[
             )
 
 
-def _layers_read(chain: LayerChain) -> set[int]:
-    """The parallel layers whose outputs the rest of the graph reads."""
-    par = chain.parallel_layers
-    region = {n for layer in par for n in layer.nodes}
-    return {j for j, layer in enumerate(par) if any(u not in region for u in layer.output.users)}
-
-
 def last_row_read(chain: LayerChain) -> bool:
     """Whether the rest of the graph reads the output of the chain's last layer and of no other
     parallel layer (a forward, as opposed to a decode step or a backout reader)."""
-    return _layers_read(chain) == {len(chain.parallel_layers) - 1}
+    par = chain.parallel_layers
+    region = {n for layer in par for n in layer.nodes}
+    read = {j for j, layer in enumerate(par) if any(u not in region for u in layer.output.users)}
+    return read == {len(par) - 1}
 
 
 def plan_solve(
@@ -242,7 +238,7 @@ def plan_solve(
     """The SolvePlan of ``chain``'s parallel layers in the captured ``gm`` (read, not changed);
     ``fused_layers`` > 1: as wide layers of that many (``passes.wide_layers``)."""
     if fused_layers > 1:
-        check_fusable(chain, fused_layers, _layers_read(chain))
+        check_fusable(chain, fused_layers)
     names = external_names(chain)
     externals, stacked = classify_externals(gm, chain, names, planning.fold_static)
     modes = [e.mode for e in externals]

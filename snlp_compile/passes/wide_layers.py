@@ -36,6 +36,14 @@ aten = torch.ops.aten
 _ADDS = (aten.add.Tensor, operator.add, torch.add)
 # ops that read only a tensor's shape: the second half may read the layer input's (the same as s's)
 _SHAPE_OPS = (aten.sym_size.int, aten.size.default, aten.sym_numel.default)
+# checks of a value's metadata (torch.export's dtype/shape asserts): reading a layer output inside a
+# wide layer for them is no read of its value (the wide layer's output has the same metadata)
+_METADATA_CHECKS = (aten._assert_tensor_metadata.default,)
+
+
+def value_reads(layer_output: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
+    """The nodes outside ``region`` that read ``layer_output``'s value (metadata checks aside)."""
+    return [u for u in layer_output.users if u not in region and u.target not in _METADATA_CHECKS]
 
 
 def _is_add(n: object) -> bool:
@@ -134,11 +142,12 @@ def split_body(body: fx.GraphModule, split: fx.Node) -> tuple[fx.GraphModule, fx
     )
 
 
-def check_fusable(chain: LayerChain, group: int, reads: set[int]) -> None:
+def check_fusable(chain: LayerChain, group: int) -> None:
     """Refusals before any work: N must be a multiple of ``group``, HCN streams are not fused, and
-    the rest of the model may read only outputs of whole wide layers (``reads``: the parallel
-    layers whose outputs it reads)."""
+    the rest of the model may read only outputs of whole wide layers."""
     par = chain.parallel_layers
+    region = {n for layer in par for n in layer.nodes}
+    reads = {j for j, layer in enumerate(par) if value_reads(layer.output, region)}
     path = chain.template.module_path
     if len(par) % group:
         raise SNLPRefusal(
