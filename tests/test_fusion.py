@@ -133,6 +133,22 @@ def test_fused_decode_step_matches_the_fused_full_forward(name: str) -> None:
             write_cache(k_cache, v_cache, new_k, new_v, pos)
 
 
+def test_fused_generation_prefills_through_the_solve() -> None:
+    """generate() with wide layers: the prompt prefilled by the fused solve (prefill="solve"),
+    greedy tokens those of the fused function; a sequential prefill (unfused K/V) is refused."""
+    model = reference_model("gpt-tiny")
+    prompt = tokens(model, batch=1, t=4)
+    got = snlp_compile.generate(model, prompt, 3, fused_layers=2, iterations=2, prefill="solve")
+    want = prompt
+    for _ in range(3):
+        want = torch.cat([want, fused_reference(model, want, 2)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(got, want)
+    with pytest.raises(
+        SNLPConfigError, match=r"fused_layers=2 changes the model's function: a sequential prefill"
+    ):
+        snlp_compile.generate(model, prompt, 2, fused_layers=2, iterations=2)
+
+
 def test_fused_model_under_torch_compile() -> None:
     model = reference_model("gpt-tiny")
     idx = tokens(model)
