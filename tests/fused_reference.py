@@ -2,7 +2,7 @@
 (``SNLPConfig.fused_layers``, ``passes.wide_layers``), written from the models' modules by hand:
 groups of ``m`` consecutive layers, each group reading one input x; the attention branches of its
 layers are summed into y = x + sum(...), the MLPs read y and are summed into the output. Layers
-before ``first`` run sequentially, as written."""
+before ``first`` run sequentially, as written. Differentiable (the fine-tuning test's gradients)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ def _groups(n: int, m: int, first: int) -> list[list[int]]:
     return [list(range(s, s + m)) for s in range(first, n, m)]
 
 
-@torch.no_grad()
 def nanochat_fused(model: NanochatGPT, idx: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
     """NanochatGPT.forward with layers ``first ..`` fused in groups of ``m``. A layer's first half
     includes the residual re-mix p = lambda x + mu x0 before its attention: its increment is
@@ -45,7 +44,6 @@ def gpt_wide_layer(blocks: torch.nn.ModuleList, x: torch.Tensor, group: list[int
     return y + sum(blocks[i].mlp(blocks[i].ln_2(y)) for i in group)
 
 
-@torch.no_grad()
 def gpt_fused(model: GPT, idx: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
     """GPT.forward with layers ``first ..`` fused in groups of ``m`` (``gpt_wide_layer``)."""
     t = idx.shape[1]

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 from fused_reference import fused_reference, gpt_wide_layer, llama_fused
-from helpers import max_err, reference_model, tokens
+from helpers import max_err as _max_err
+from helpers import reference_model, tokens
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
@@ -22,6 +23,10 @@ from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 TIGHT = 1e-10
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return _max_err(a.detach(), b.detach())
 
 
 def _transform(model: nn.Module, inputs: tuple, **config: object) -> nn.Module:
@@ -41,7 +46,7 @@ def test_fused_forward_equals_the_reference_at_k_wide_layers(name: str, m: int) 
             got = _transform(model, (idx,), fused_layers=m, iterations=k)(idx)
         assert max_err(got, want) < TIGHT, (name, m, k)
     # fusion changes the function: the reference is not the unfused model
-    assert max_err(model(idx).detach(), want) > 1e-2
+    assert max_err(model(idx), want) > 1e-2
 
 
 def test_fused_k1_is_the_identity_corrected_iteration_over_wide_layers() -> None:
@@ -149,6 +154,28 @@ def test_fused_generation_prefills_through_the_solve() -> None:
         snlp_compile.generate(model, prompt, 2, fused_layers=2, iterations=2)
 
 
+def test_snlp_forward_trains_the_fused_function() -> None:
+    """SNLPForward (training through the solve) with wide layers: the fused function at K = N/M,
+    and the gradients on the model's own parameters are the reference fused function's."""
+    from snlp_compile.train.snlp_forward import SNLPForward
+
+    model = reference_model("nanochat-tiny", scaled=True)
+    idx = tokens(model)
+    snlp = SNLPForward(model, (idx,), fused_layers=2, iterations=2)
+    weights = [
+        model.transformer.h[0].attn.c_q.weight,
+        model.transformer.h[3].mlp.c_fc.weight,
+        model.resid_lambdas,
+    ]
+    got = snlp(idx)
+    grads = torch.autograd.grad(got.square().mean(), weights)
+    want = fused_reference(model, idx, 2)
+    want_grads = torch.autograd.grad(want.square().mean(), weights)
+    assert max_err(got, want) < TIGHT
+    for g, w in zip(grads, want_grads):
+        assert float(w.abs().max()) > 0 and max_err(g, w) < TIGHT
+
+
 def test_fused_model_under_torch_compile() -> None:
     model = reference_model("gpt-tiny")
     idx = tokens(model)
@@ -172,7 +199,7 @@ def test_fused_model_onnx_parity(tmp_path: Path) -> None:
     session = make_session(result.path)
     probe = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(1))
     (out,) = session.run(None, {"idx": probe.numpy()})
-    want = fused_reference(model, probe, 2)
+    want = fused_reference(model, probe, 2).detach()
     torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 

@@ -375,6 +375,7 @@ def build_solve(
     parallel_layers: int | None = None,
     chunks: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
+    fused_layers: int = 1,
 ) -> tuple[SolvePlan, LayerParallelSolve]:
     """A runnable solve from an ``api.analyse()`` result, in one call: the plan of the last
     ``parallel_layers`` layers of ``chain`` (default: the chain's own parallel layers) and the
@@ -389,5 +390,5 @@ def build_solve(
         if not 1 <= parallel_layers <= len(chain.layers):
             raise ValueError(f"parallel_layers={parallel_layers}: between 1 and {len(chain.layers)}")
         chain = dataclasses.replace(chain, first_parallel=len(chain.layers) - parallel_layers)
-    plan = plan_solve(gm, chain, options, chunks=chunks, planning=planning)
+    plan = plan_solve(gm, chain, options, chunks=chunks, planning=planning, fused_layers=fused_layers)
     return plan, LayerParallelSolve(plan)
