@@ -288,3 +288,13 @@ def test_layers_without_two_residual_halves_are_refused(block: type[nn.Module]) 
         _transform(model, (x,), fused_layers=2)
     assert err.value.module_path == "layers.3" and err.value.node
     assert max_err(_transform(model, (x,), iterations=4)(x), model(x)) < TIGHT  # unfused: fine
+
+
+def test_cli_inspect_with_fused_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    from snlp_compile.cli import main
+
+    code = main(["inspect", "--model", "gpt-tiny", "--seq", "8", "--fused-layers", "2", "--no-picture"])
+    out = capsys.readouterr().out
+    assert code == 0 and "fused_layers=2" in out and "wide layers of 2" in out
+    assert main(["inspect", "--model", "gpt-tiny", "--seq", "8", "--fused-layers", "3", "--no-picture"]) == 1
+    assert "fused_layers=3 must divide the 4 parallel layers" in capsys.readouterr().out
