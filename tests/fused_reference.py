@@ -25,14 +25,19 @@ def nanochat_fused(model: NanochatGPT, idx: torch.Tensor, m: int, first: int = 0
     blocks = model.transformer.h
     x = norm(model.transformer.wte(idx))
     x0 = x
+    outputs = {}  # layer index -> hidden state after it (where it exists: a group's last layer)
     for i in range(first):
         x = blocks[i](model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0, cos, sin)
+        outputs[i] = x
     for group in _groups(len(blocks), m, first):
         y = x
         for i in group:
             p = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
             y = y + (p + blocks[i].attn(norm(p), cos, sin) - x)
         x = y + sum(blocks[i].mlp(norm(y)) for i in group)
+        outputs[group[-1]] = x
+    if model.config.backout:  # (the layer it reads must end a group)
+        x = x - model.backout_lambda * outputs[model.config.n_layer // 2 - 1]
     x = norm(x)
     softcap = model.config.softcap
     return softcap * torch.tanh(model.lm_head(x) / softcap)

@@ -229,9 +229,12 @@ def test_layers_not_divisible_into_wide_layers_are_refused() -> None:
 
 
 def test_a_read_inside_a_wide_layer_is_refused() -> None:
-    """nanochat's backout reads layer 1's output; with wide layers of 4 it does not exist."""
+    """nanochat's backout reads layer 1's output: with wide layers of 2 it is the first wide
+    layer's (read from the trace), with wide layers of 4 it does not exist."""
     model = reference_model("nanochat-tiny", backout=True)
     idx = tokens(model)
+    got = _transform(model, (idx,), fused_layers=2, iterations=2)(idx)
+    assert max_err(got, fused_reference(model, idx, 2)) < TIGHT
     with pytest.raises(
         SNLPRefusal, match=r"reads the output of 'transformer\.h\.1', which lies inside a wide layer"
     ):
