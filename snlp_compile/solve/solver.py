@@ -16,6 +16,11 @@ another, each exactly as above with the previous chunk's last output as its h_in
 the runtime externals of chunk c are views of rows start_c .. start_c + M_c - 1 of the stacked
 ones, and the precomputed products of the static corrections restart at every chunk. One batched
 body per distinct chunk size (at most two): C evaluations per iteration, whatever N.
+
+Wide layers (SNLPConfig.fused_layers = M, plan.wide): the chain is N/M wide layers, each the sum
+of its M layers' first halves at its input, then of their second halves at that sum; each half is
+one batched evaluation over all N layers at their wide layer's input repeated M times
+(``_evaluate_wide``). The trace has N/M rows; the correction between wide layers is the identity's.
 """
 
 from __future__ import annotations
