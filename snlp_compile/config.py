@@ -39,6 +39,16 @@ class SNLPConfig:
         kernels as the solve, then the last 8 layer-parallel; the function of
         ``parallel_layers=8`` with a faster sequential part. A chunk runs min(K, its size)
         iterations: more change nothing (the chunk is exact after that many).
+    fused_layers: M, wide-layer fusion (the paper's ChunkB_CxFM; Fused_1xFM when M is all the
+        parallel layers): the N parallel layers form N/M consecutive groups, and each group is one
+        wide layer reading the group's input x: every layer's first residual half (attention)
+        reads x, y = x + the sum of their increments; every layer's second half (MLP) reads y, the
+        wide layer's output = y + the sum of theirs (``passes.wide_layers``). This changes the
+        function (it is the function of a model trained fused); the N/M wide layers are then solved
+        in parallel with K iterations and the IDN correction between them, exact (to the fused
+        function) at K >= N/M. 1: no fusion. Unlike ``chunks`` (stages solved one after another,
+        the same function), it needs chunks=1 and no deferred_kv; verify does not apply (it
+        compares with the unfused model).
     deferred_kv: decode steps only (models.kv.CachedStep, one new token): token t's corrected K/V
         are computed in token t+1's first evaluation, as a second row of its q/k/v GEMVs (one
         weight read instead of two), and written by that step into the caches at t's position;
@@ -67,6 +77,7 @@ class SNLPConfig:
     layers: str | None = None
     dynamic_shapes: bool = True
     chunks: int | tuple[int, ...] = 1
+    fused_layers: int = 1
     deferred_kv: bool = False
     lowering: LoweringOptions | None = None
     verify: bool = True
@@ -90,6 +101,17 @@ class SNLPConfig:
         if not sizes or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in sizes):
             raise SNLPConfigError(
                 f"SNLPConfig.chunks must be an int >= 1 or a tuple of chunk sizes >= 1, got {self.chunks!r}"
+            )
+        if (
+            not isinstance(self.fused_layers, int)
+            or isinstance(self.fused_layers, bool)
+            or self.fused_layers < 1
+        ):
+            raise SNLPConfigError(f"SNLPConfig.fused_layers must be an int >= 1, got {self.fused_layers!r}")
+        if self.fused_layers > 1 and (self.chunks != 1 or self.deferred_kv):
+            raise SNLPConfigError(
+                f"SNLPConfig.fused_layers={self.fused_layers} needs chunks=1 and deferred_kv=False "
+                f"(got chunks={self.chunks}, deferred_kv={self.deferred_kv})"
             )
         if not isinstance(self.deferred_kv, bool):
             raise SNLPConfigError(f"SNLPConfig.deferred_kv must be a bool, got {self.deferred_kv!r}")

@@ -202,6 +202,12 @@ class Decoder:
         if t == 1:
             step = self.decode_step
         else:
+            if self.prefill_kind == "sequential" and self.config is not None and self.config.fused_layers > 1:
+                raise SNLPConfigError(
+                    f"fused_layers={self.config.fused_layers} changes the model's function: a sequential "
+                    "prefill would fill the cache with the unfused layers' K/V; build the Decoder with "
+                    "prefill='solve' (or feed the prompt token by token)"
+                )
             self.flush()  # (a pending deferred token's K/V first: the prompt's attention reads them)
             if self.prefill_step is None:  # "solve": one transform for prompts of any length >= 2
                 # (deferral is for one-token steps: the prompt's K/V are written by this call)

@@ -54,7 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunks",
         type=int,
         default=1,
-        help="consecutive chunks of the parallel layers, solved one after another",
+        help="consecutive chunks of the parallel layers, solved one after another (the model's own "
+        "function; the paper's chunkwise decomposition is --fused-layers)",
+    )
+    parser.add_argument(
+        "--fused-layers",
+        type=int,
+        default=1,
+        help="M: groups of M layers as one wide layer, N/M wide layers solved in parallel (the paper's "
+        "ChunkB_CxFM; changes the function: for models trained fused)",
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 23")
     parser.add_argument("--static", action="store_true", help="fix batch and sequence to the example's sizes")
@@ -77,6 +85,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "init": args.init,
         "damping": args.damping,
         "chunks": args.chunks,
+        "fused_layers": args.fused_layers,
     }
 
 

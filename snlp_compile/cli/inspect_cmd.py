@@ -25,7 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunks",
         type=int,
         default=1,
-        help="consecutive chunks of the parallel layers, solved one after another",
+        help="consecutive chunks of the parallel layers, solved one after another (the model's own "
+        "function; the paper's chunkwise decomposition is --fused-layers)",
+    )
+    parser.add_argument(
+        "--fused-layers",
+        type=int,
+        default=1,
+        help="M: groups of M layers as one wide layer, N/M wide layers solved in parallel (the paper's "
+        "ChunkB_CxFM; changes the function: for models trained fused)",
     )
     parser.add_argument(
         "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
@@ -46,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.dtype, args.seed)
     idx = example_tokens(model, args.batch, args.seq, args.seed)
-    config = {"iterations": args.iterations, "parallel_layers": args.parallel_layers, "chunks": args.chunks}
+    config = {
+        "iterations": args.iterations,
+        "parallel_layers": args.parallel_layers,
+        "chunks": args.chunks,
+        "fused_layers": args.fused_layers,
+    }
     fast, report = try_transform(model, (idx,), **config)  # (one capture for the report and the rewrite)
     print(report)
     if fast is None or not report.rewritten:

@@ -53,6 +53,22 @@ class RowBlock:
 
 
 @dataclass(frozen=True)
+class WideLayers:
+    """Wide-layer fusion (``SNLPConfig.fused_layers``, ``passes.wide_layers``): groups of ``group``
+    consecutive layers, each group one wide layer reading one input x.
+
+    first: the layers' first residual half (h -> h + attention branch), batched over all N layers;
+    second: their second half (s -> s + MLP branch), likewise. The wide layer of group c computes
+    y = x + sum_j (first_j(x) - x), out = y + sum_j (second_j(y) - y) over its layers j.
+    split: the body node between the halves (for the report)."""
+
+    group: int
+    first: fx.GraphModule
+    second: fx.GraphModule
+    split: str = ""
+
+
+@dataclass(frozen=True)
 class SolveOptions:
     """The solve's run-time knobs (SNLPConfig's; may change after transform, e.g. K)."""
 
@@ -80,6 +96,8 @@ class SolvePlan:
     static_skip: every layer's skip coefficient when it depends on stacked weights alone
         (folded at transform time: nanochat's scalars, static H), concatenated over the chunks.
     last_row_only: the graph reads only the last layer's output (a forward).
+    wide: wide-layer fusion (``WideLayers``): the solve's chain is then N / wide.group wide
+        layers (its trace has that many rows), their correction the identity's; None: none.
     fused: the stacked weights made by fusing linears that share an input (``fuse_linears``).
     fallbacks: the body ops batched by torch.vmap (no batching rule).
     notes: what building the plan decided (batching fallbacks, fused weights), for the report.
@@ -101,6 +119,7 @@ class SolvePlan:
     static_skip: torch.Tensor | None = None
     options: SolveOptions = SolveOptions()
     last_row_only: bool = False
+    wide: WideLayers | None = None
     fused: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -114,6 +133,19 @@ class SolvePlan:
         if (self.skip_kind == "matrix") != (self.stream_layout is not None):
             raise ValueError("a 'matrix' skip needs its stream_layout, and only it has one")
         object.__setattr__(self, "chunk_sizes", tuple(int(m) for m in sizes))
+        if self.wide is not None and (self.num_layers % self.wide.group or len(sizes) > 1):
+            raise ValueError(f"wide layers of {self.wide.group}: one chunk of a multiple of them")
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the solved trace: the layers, or the wide layers with fusion."""
+        return self.num_layers // (self.wide.group if self.wide is not None else 1)
+
+    def trace_row(self, layer: int) -> int:
+        """The trace row holding parallel layer ``layer``'s output: with wide layers, the row of the
+        wide layer holding it (its output when it is the wide layer's last; for another layer only
+        a metadata check reads it, ``passes.wide_layers.check_fusable``: the same shape and dtype)."""
+        return layer if self.wide is None else layer // self.wide.group
 
     @property
     def ext_names(self) -> list[str]:

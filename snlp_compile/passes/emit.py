@@ -106,7 +106,7 @@ def solve_call_graph(gm: fx.GraphModule, chain: LayerChain, plan: SolvePlan, sol
     read = {j for out_node, j in outputs.items() if any(u not in region for u in out_node.users)}
     for out_node, j in outputs.items():
         if j in read:
-            index = -1 if plan.last_row_only else j
+            index = -1 if plan.last_row_only else plan.trace_row(j)
             env[out_node] = graph.call_function(operator.getitem, (trace, index))
             env[out_node].name = f"h_{par[j].index}"
     for n in old.nodes:

@@ -32,6 +32,7 @@ from ..solve.solver import LayerParallelSolve
 from .batch_layers import batch_body
 from .fuse_linears import fuse_shared_input_linears, row_blocks
 from .graph_utils import ancestors
+from .wide_layers import check_fusable, wide_layers
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,12 @@ def plan_solve(
     *,
     chunks: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
+    fused_layers: int = 1,
 ) -> SolvePlan:
-    """The SolvePlan of ``chain``'s parallel layers in the captured ``gm`` (read, not changed)."""
+    """The SolvePlan of ``chain``'s parallel layers in the captured ``gm`` (read, not changed);
+    ``fused_layers`` > 1: as wide layers of that many (``passes.wide_layers``)."""
+    if fused_layers > 1:
+        check_fusable(chain, fused_layers)
     names = external_names(chain)
     externals, stacked = classify_externals(gm, chain, names, planning.fold_static)
     modes = [e.mode for e in externals]
@@ -256,10 +261,22 @@ def plan_solve(
         side_layers.graph.eliminate_dead_code()  # batching leaves the rest of the layer dead here
         side_layers.recompile()
         fallbacks += [f for f in side_fallbacks if f not in fallbacks]
+    wide = None
+    if fused_layers > 1:
+        wide, wide_fallbacks = wide_layers(
+            body, chain.template.module_path, fused_layers, batched, chain.num_parallel, fixed
+        )
+        fallbacks += [f for f in wide_fallbacks if f not in fallbacks]
     notes = [f"no batching rule for {f}: evaluated with torch.vmap" for f in fallbacks]
+    if wide is not None:
+        notes.append(
+            f"wide layers of {fused_layers} (split after {wide.split}): {chain.num_parallel // fused_layers} "
+            "wide layers solved in parallel, the function of the fused model (not verified against the unfused one)"
+        )
     fused: list[str] = []
     if planning.fuse_linears:
-        batched_graphs = [g for g in (layers, layers_short, side_layers) if g is not None]
+        wide_graphs = (wide.first, wide.second) if wide is not None else ()
+        batched_graphs = [g for g in (layers, layers_short, side_layers, *wide_graphs) if g is not None]
         fused = fuse_shared_input_linears(batched_graphs, names, modes, stacked)
         externals += [External(name, "stacked") for name in fused]
     notes += [f"linears sharing one input read one concatenated weight: {f}" for f in fused]
@@ -282,6 +299,7 @@ def plan_solve(
         stream_layout=layout,
         options=options,
         last_row_only=last_row_only,
+        wide=wide,
         fused=tuple(fused),
         fallbacks=tuple(fallbacks),
         notes=tuple(notes),
@@ -357,6 +375,7 @@ def build_solve(
     parallel_layers: int | None = None,
     chunks: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
+    fused_layers: int = 1,
 ) -> tuple[SolvePlan, LayerParallelSolve]:
     """A runnable solve from an ``api.analyse()`` result, in one call: the plan of the last
     ``parallel_layers`` layers of ``chain`` (default: the chain's own parallel layers) and the
@@ -371,5 +390,5 @@ def build_solve(
         if not 1 <= parallel_layers <= len(chain.layers):
             raise ValueError(f"parallel_layers={parallel_layers}: between 1 and {len(chain.layers)}")
         chain = dataclasses.replace(chain, first_parallel=len(chain.layers) - parallel_layers)
-    plan = plan_solve(gm, chain, options, chunks=chunks, planning=planning)
+    plan = plan_solve(gm, chain, options, chunks=chunks, planning=planning, fused_layers=fused_layers)
     return plan, LayerParallelSolve(plan)

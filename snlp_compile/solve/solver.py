@@ -16,6 +16,11 @@ another, each exactly as above with the previous chunk's last output as its h_in
 the runtime externals of chunk c are views of rows start_c .. start_c + M_c - 1 of the stacked
 ones, and the precomputed products of the static corrections restart at every chunk. One batched
 body per distinct chunk size (at most two): C evaluations per iteration, whatever N.
+
+Wide layers (SNLPConfig.fused_layers = M, plan.wide): the chain is N/M wide layers, each the sum
+of its M layers' first halves at its input, then of their second halves at that sum; each half is
+one batched evaluation over all N layers at their wide layer's input repeated M times
+(``_evaluate_wide``). The trace has N/M rows; the correction between wide layers is the identity's.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class LayerParallelSolve(DeferredSideOutputs):
     static_scalar_inv_prod: torch.Tensor
     layers_short: fx.GraphModule | None
     side_layers: fx.GraphModule | None
+    wide_first: fx.GraphModule | None
+    wide_second: fx.GraphModule | None
 
     def __init__(self, plan: SolvePlan):
         super().__init__()
@@ -76,6 +83,12 @@ class LayerParallelSolve(DeferredSideOutputs):
         # after .to()/.half()/.cuda(), which move every buffer on its own and would duplicate them
         self.row_blocks = dict(plan.row_blocks)
         self.num_layers = plan.num_layers
+        # wide-layer fusion (SNLPConfig.fused_layers): groups of wide_group layers, each one wide
+        # layer; the trace then has num_rows = N / wide_group rows (_evaluate_wide)
+        self.wide_group = plan.wide.group if plan.wide is not None else 1
+        self.wide_first = plan.wide.first if plan.wide is not None else None
+        self.wide_second = plan.wide.second if plan.wide is not None else None
+        self.num_rows = plan.num_rows
         self.skip_kind = plan.skip_kind
         self.skip_constant = plan.skip_constant
         self.iterations = plan.options.iterations
@@ -122,6 +135,7 @@ class LayerParallelSolve(DeferredSideOutputs):
             and self.stream_layout is None
             and static is not None
             and static.numel() == self.num_layers
+            and self.wide_first is None  # (wide layers correct with the identity)
         ):
             a64 = static.reshape(self.num_layers).double() * self.damping
             p64 = torch.cat([torch.cumprod(part, dim=0) for part in a64.split(self.chunk_sizes)])
@@ -166,6 +180,7 @@ class LayerParallelSolve(DeferredSideOutputs):
         return (
             f"num_layers={self.num_layers}, iterations={self.iterations}, init={self.init!r}, "
             f"damping={self.damping}, skip={self.skip_kind}, {chunks}"
+            + (f", wide layers of {self.wide_group}" if self.wide_first is not None else "")
         )
 
     def _externals(self, passed: tuple[object, ...]) -> list[object]:
@@ -188,7 +203,28 @@ class LayerParallelSolve(DeferredSideOutputs):
         self, u: torch.Tensor, ext: list[object], chunk: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """All layers (of a chunk) at once: g_j(u_j) and their skip coefficients A_j."""
+        if self.wide_first is not None:
+            return self._evaluate_wide(u, ext), 1.0
         return self._split_evaluation(self._layers_of(chunk)(u, *ext), u)
+
+    def _spread(self, x: torch.Tensor) -> torch.Tensor:
+        """Wide layers' inputs (C, ...) as the inputs of their N = C * M layers (each repeated)."""
+        m = self.wide_group
+        return x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:]).reshape(x.shape[0] * m, *x.shape[1:])
+
+    def _group_sum(self, d: torch.Tensor) -> torch.Tensor:
+        """Per-layer increments (N, ...) summed over each wide layer's M layers: (C, ...)."""
+        return d.reshape(d.shape[0] // self.wide_group, self.wide_group, *d.shape[1:]).sum(1)
+
+    def _evaluate_wide(self, u: torch.Tensor, ext: list[object]) -> torch.Tensor:
+        """The wide layers at their inputs u (C, ...): every layer's first half (attention) at its
+        wide layer's input, y = u + their increments summed; every second half (MLP) at y, out =
+        y + theirs (``passes.wide_layers``). The correction between wide layers is the identity's."""
+        assert self.wide_first is not None and self.wide_second is not None
+        x = self._spread(u)
+        y = u + self._group_sum(self.wide_first(x, *ext) - x)
+        z = self._spread(y)
+        return y + self._group_sum(self.wide_second(z, *ext) - z)
 
     def _split_evaluation(
         self, out: torch.Tensor | tuple[torch.Tensor, ...], u: torch.Tensor
@@ -297,7 +333,7 @@ class LayerParallelSolve(DeferredSideOutputs):
         """u^(0) of a chunk (of all layers for one chunk). "warm" starts layer j+1 from the previous
         call's solved h_j (in decoding: the previous token's trace; with chunks, that chunk's rows of
         it); its first call, or one whose shapes differ, starts from h0."""
-        u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk], *h_in.shape))
+        u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk] // self.wide_group, *h_in.shape))
         if self.init == "batch_fwd":
             g, _ = self._evaluate(u, ext, chunk)
             u = inputs_from_trace(h_in, g)
@@ -320,7 +356,7 @@ class LayerParallelSolve(DeferredSideOutputs):
 
     def _has_warm_trace(self, h_in: torch.Tensor) -> bool:
         prev = self.warm_trace
-        return prev is not None and tuple(prev.shape) == (self.num_layers, *h_in.shape)
+        return prev is not None and tuple(prev.shape) == (self.num_rows, *h_in.shape)
 
     def remember(self, h: torch.Tensor) -> None:
         """Keep the solved trace for the next call's warm start, in place when the shapes allow
@@ -346,7 +382,7 @@ class LayerParallelSolve(DeferredSideOutputs):
         u = self.initial_inputs(h_in, ext, chunk)
         h = u
         # after k iterations the chunk's first k layers are exact: more than its size change nothing
-        iterations = min(self.iterations, self.chunk_sizes[chunk])
+        iterations = min(self.iterations, self.chunk_sizes[chunk] // self.wide_group)
         for step in range(iterations):
             if step == 0 and first_evaluation is not None:
                 g, a = first_evaluation(u)
@@ -406,7 +442,11 @@ class LayerParallelSolve(DeferredSideOutputs):
         # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
         # each layer computes from the input the returned trace says it had. One evaluation over
         # all N layers, chunked or not.
-        return (h, *as_tuple(self.side_layers(inputs_from_trace(h_in, h), *ext)))
+        # (wide layers: every layer's side outputs at its wide layer's input)
+        inputs = inputs_from_trace(h_in, h)
+        if self.wide_first is not None:
+            inputs = self._spread(inputs)
+        return (h, *as_tuple(self.side_layers(inputs, *ext)))
 
 
 @contextmanager

@@ -13,7 +13,8 @@ inside the graph, run with ``torch.func.functional_call``, see ``live.py``), so 
 the model's own parameters and an optimiser step is seen by the next call. Works for any model
 ``transform()`` accepts (same capture, same analysis, same refusals). Inits: "h0" and "batch_fwd";
 "warm" (the previous call's trace, a decoding init) has no meaning across training batches and is
-refused: train with "h0".
+refused: train with "h0". With ``fused_layers`` (wide layers) it trains the fused function, at
+K >= the number of wide layers exactly (the paper's fused models, trained through the solve).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def _live_solve_graph(
     options = SolveOptions(iterations=config.iterations, init=config.init, damping=config.damping)
     # a forward reads only the trace's last row where nothing else reads a hidden state
     planning = dataclasses.replace(TRAINING, last_row=True)
-    plan, solve = build_solve(gm, chain, options, chunks=config.chunks, planning=planning)
+    plan, solve = build_solve(
+        gm, chain, options, chunks=config.chunks, planning=planning, fused_layers=config.fused_layers
+    )
     for ext in plan.passed:
         column = ext.column
         if ext.mode != "shared" and any(
