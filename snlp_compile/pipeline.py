@@ -97,7 +97,7 @@ def find_chain_pass(c: Compilation) -> PassResult:
     report.container = container
     report.notes.extend(notes)
     total = _container_size(gm, container)
-    report.layers = [f"{container}.{i}" for i in range(total)]
+    report.layers = [f"{container}.{i}" if container else str(i) for i in range(total)]
     n_par = len(layers) if config.parallel_layers is None else config.parallel_layers
     if n_par > len(layers):
         raise SNLPRefusal(

@@ -204,10 +204,14 @@ class _Batcher:
                 for k, v in node.kwargs.items()
             }
             return self.graph.call_function(node.target, tuple(args), kwargs)
-        if name in ("view", "reshape", "_unsafe_view", "expand"):
+        if name in ("view", "reshape", "_unsafe_view"):
             x, shape = node.args[0], node.args[1]
-            fn = torch.Tensor.expand if name == "expand" else torch.reshape
-            return self.call(fn, self.env[x], [self.n, *self.lift(list(shape))])
+            return self.call(torch.reshape, self.env[x], [self.n, *self.lift(list(shape))])
+        if name == "expand":  # sizes may add leading dims: they go after the layer axis
+            x, shape = node.args[0], node.args[1]
+            return self.call(
+                torch.Tensor.expand, self.align(x, len(shape)), [self.n, *self.lift(list(shape))]
+            )
         if name == "permute":
             dims = [0] + [d + 1 if d >= 0 else d for d in node.args[1]]
             return self.call(torch.permute, self.env[node.args[0]], dims)
