@@ -294,3 +294,66 @@ def test_verify_refuses_a_wrong_rewrite_naming_the_layer(monkeypatch: pytest.Mon
     fast = snlp_compile.transform(model, (x,), iterations=L, verify=False)  # (what it would have been)
     with torch.no_grad():
         assert _rel(fast(x), model(x)) > 1e-3
+
+
+class CopyInto(InPlaceBuffer):
+    """``buf.copy_(y)`` into a buffer the layer allocates: the vmap fallback failed at call time."""
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        buf = torch.empty_like(y)
+        buf.copy_(y)
+        return x + buf
+
+
+class IndexAdd(InPlaceBuffer):
+    """``index_add_`` into a layer-local accumulator."""
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        acc = torch.zeros_like(y)
+        acc.index_add_(1, torch.arange(x.shape[1]), y)
+        return x + acc
+
+
+class TransposedMean(InPlaceBuffer):
+    """``y.mean((0, 1)).t()``: t() of a 1-D value is the value; the rule transposed the layer axis."""
+
+    def forward(self, x):
+        y = self.f(self.n(x))
+        return x + y * y.mean((0, 1)).t()
+
+
+@pytest.mark.parametrize("block", [CopyInto, IndexAdd, TransposedMean], ids=["copy_", "index_add_", "mean_t"])
+def test_ops_that_failed_after_acceptance_are_exact(block: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = Stack(block).double().eval()
+    fast = snlp_compile.transform(
+        model, (torch.randn(B, T, C, dtype=torch.float64),), iterations=L, verify=False
+    )
+    with torch.no_grad():
+        for batch in (B, 3, L):
+            y = torch.randn(batch, T, C, dtype=torch.float64)
+            torch.testing.assert_close(fast(y), model(y), rtol=1e-10, atol=1e-10)
+
+
+def _relu_at_batch_2_only(t: torch.Tensor) -> torch.Tensor:
+    return torch.relu(t) if t.shape[1] == B else torch.tanh(t)  # (t: layers, batch, ...)
+
+
+def test_verify_checks_a_second_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite right at the example's batch and wrong at others (relu batched right only at
+    batch 2, on purpose) is refused at the second batch size verify tries."""
+    from snlp_compile.passes import batch_layers
+
+    rule = batch_layers._Batcher.rule
+
+    def broken(self: batch_layers._Batcher, node: torch.fx.Node) -> object:
+        if batch_layers.target_name(node) == "relu":
+            return self.call(_relu_at_batch_2_only, self.env[node.args[0]])
+        return rule(self, node)
+
+    monkeypatch.setattr(batch_layers._Batcher, "rule", broken)
+    model = Stack(Widths).eval()
+    with pytest.raises(SNLPRefusal, match=r"verify: .*disagrees with the original on a second batch size"):
+        snlp_compile.transform(model, (torch.randn(B, T, C),), iterations=L)

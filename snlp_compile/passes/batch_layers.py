@@ -215,7 +215,12 @@ class _Batcher:
         if name == "permute":
             dims = [0] + [d + 1 if d >= 0 else d for d in node.args[1]]
             return self.call(torch.permute, self.env[node.args[0]], dims)
-        if name in ("t", "numpy_T"):
+        if name in ("t", "numpy_T"):  # t() of a 0-D or 1-D value is the value itself
+            rank = _rank(node.args[0])
+            if rank < 2:
+                return self.env[node.args[0]]
+            if name == "numpy_T":  # x.T reverses every dim
+                return self.call(torch.permute, self.env[node.args[0]], [0, *range(rank, 0, -1)])
             return self.call(torch.transpose, self.env[node.args[0]], -1, -2)
         if name == "addmm":
             bias, a, b = node.args[:3]
