@@ -341,6 +341,27 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
     return container, layers, notes
 
 
+def _refuse_random_ops(template: Layer) -> None:
+    """A layer that draws random numbers (``randn_like``, dropout in train mode) is not one
+    function of its input: the solve evaluates each layer several times, each with a new draw."""
+    for n in template.nodes:
+        target = n.target
+        if (
+            not isinstance(target, torch._ops.OpOverload)
+            or torch.Tag.nondeterministic_seeded not in target.tags
+        ):
+            continue
+        off = len(n.args) >= 3 and (n.args[2] is False or n.args[1] == 0)  # dropout(x, p, train)
+        if not (target.name().endswith("dropout") and off):
+            raise SNLPRefusal(
+                f"layer '{template.module_path}' draws random numbers ({target}): the parallel solve "
+                "evaluates each layer several times, each with a new draw, where the model draws once; "
+                "compute the noise outside the layers and pass it in",
+                node=n.name,
+                module_path=innermost_module(n) or template.module_path,
+            )
+
+
 def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
     """Prove the hidden state is the only path between consecutive parallel layers.
 
@@ -348,6 +369,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
     hidden state of the chain), and nothing outside the layers may read a layer's intermediate
     values. Returns the readers of hidden states outside the chain (final norm, backout...).
     """
+    _refuse_random_ops(layers[-1])
     start = layers[0].hidden_in
     region_of: dict[fx.Node, Layer] = {}
     for layer in layers:
