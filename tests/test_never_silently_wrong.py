@@ -130,6 +130,13 @@ class RandomLayer(nn.Module):
         return x + y + 0.1 * torch.randn_like(y)
 
 
+class ForcedDropout(RandomLayer):
+    """``F.dropout(..., training=True)`` written into the layer: random in eval mode too."""
+
+    def forward(self, x):
+        return x + torch.nn.functional.dropout(self.f(self.n(x)), 0.1, training=True)
+
+
 class Widths(nn.Module):
     """Layers of different MLP widths: the stacking failed inside transform() and explain()."""
 
@@ -149,8 +156,9 @@ class Widths(nn.Module):
             RandomLayer,
             r"layer 'blocks\.3' draws random numbers \(aten\.randn_like\.default\).*module 'blocks\.3'",
         ),
+        (ForcedDropout, r"layer 'blocks\.3' draws random numbers \(aten\.dropout\.default\)"),
     ],
-    ids=["empty_sum", "randn_like"],
+    ids=["empty_sum", "randn_like", "forced_dropout"],
 )
 def test_failure_after_acceptance_is_refused(block: type[nn.Module], match: str) -> None:
     model = Stack(block).eval()

@@ -341,20 +341,34 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
     return container, layers, notes
 
 
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
+           "normal", "randperm", "poisson", "uniform", "exponential", "geometric", "log_normal", "cauchy",
+           "random"}  # fmt: skip
+_DROPOUTS = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def _draws(n: fx.Node) -> bool:
+    """Whether ``n`` draws random numbers: a random op, dropout in train mode, or attention with
+    dropout."""
+    target = n.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = target._opname.rstrip("_")
+    if name in _DROPOUTS:
+        return len(n.args) >= 3 and n.args[2] is not False and n.args[1] != 0
+    if name == "scaled_dot_product_attention":
+        p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
+        return p != 0
+    return name in _RANDOM
+
+
 def _refuse_random_ops(template: Layer) -> None:
     """A layer that draws random numbers (``randn_like``, dropout in train mode) is not one
     function of its input: the solve evaluates each layer several times, each with a new draw."""
     for n in template.nodes:
-        target = n.target
-        if (
-            not isinstance(target, torch._ops.OpOverload)
-            or torch.Tag.nondeterministic_seeded not in target.tags
-        ):
-            continue
-        off = len(n.args) >= 3 and (n.args[2] is False or n.args[1] == 0)  # dropout(x, p, train)
-        if not (target.name().endswith("dropout") and off):
+        if _draws(n):
             raise SNLPRefusal(
-                f"layer '{template.module_path}' draws random numbers ({target}): the parallel solve "
+                f"layer '{template.module_path}' draws random numbers ({n.target}): the parallel solve "
                 "evaluates each layer several times, each with a new draw, where the model draws once; "
                 "compute the noise outside the layers and pass it in",
                 node=n.name,
