@@ -355,11 +355,15 @@ def _draws(n: fx.Node) -> bool:
         return False
     name = target._opname.rstrip("_")
     if name in _DROPOUTS:
-        return len(n.args) >= 3 and n.args[2] is not False and n.args[1] != 0
+        return len(n.args) >= 3 and n.args[2] is not False and not _is_zero(n.args[1])
     if name == "scaled_dot_product_attention":
         p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
-        return p != 0
+        return not _is_zero(p)
     return name in _RANDOM
+
+
+def _is_zero(p: object) -> bool:
+    return isinstance(p, (int, float)) and p == 0
 
 
 def _refuse_random_ops(template: Layer) -> None:
