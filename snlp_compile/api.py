@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import call_convention
 from .config import SNLPConfig, resolve_config
 from .diagnose import failed
 from .inference_graph import as_inference_graph
@@ -79,6 +80,8 @@ def try_transform(
     if c.report.error is not None:
         return None, c.report
     out = as_inference_graph(c.graph_module(), c.report, cfg)
+    dynamic = (c.report.capture or "").startswith("captured with symbolic")
+    call_convention.record(out, model, c.example_args, c.example_kwargs or {}, dynamic)
     return out, c.report
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import call_convention
 from .config import SNLPConfig
 from .errors import SNLPUsageError
 from .passes.graph_utils import retarget_devices
@@ -94,6 +95,7 @@ def _inference_mode_switches(gm: torch.nn.Module) -> None:
     setattr(gm, "train", types.MethodType(_train_inference_graph, gm))  # noqa: B010
     setattr(gm, "eval", types.MethodType(_eval_inference_graph, gm))  # noqa: B010
     setattr(gm, "_apply", types.MethodType(_apply_keeping_dtypes, gm))  # noqa: B010
+    call_convention.install(gm)  # issue 22: optional keywords, clear errors for other calls
 
 
 def _survive_copies(gm: torch.nn.Module) -> None:

@@ -25,7 +25,7 @@ from .errors import SNLPRefusal
 from .ir.chain import Layer, LayerChain
 from .ir.plan import SOLVE_NAME, SolveOptions, SolvePlan
 from .passes.capture import capture, example_args
-from .passes.cleanup import common_subexpressions, inline_marker_ops
+from .passes.cleanup import common_subexpressions, drop_unused_outputs, inline_marker_ops
 from .passes.defer_kv import defer_kv
 from .passes.emit import emit_solve
 from .passes.find_chain import check_chain, find_layers
@@ -81,9 +81,11 @@ def capture_pass(c: Compilation) -> PassResult:
 
 
 def cse_pass(c: Compilation) -> PassResult:
-    """Merge identical pure computations, so that equal values look equal to the matcher."""
+    """Merge identical pure computations, so that equal values look equal to the matcher, and
+    erase unread picks of multi-output ops (which would read a layer's intermediate value)."""
+    dropped = drop_unused_outputs(c.graph_module())
     merged = common_subexpressions(c.graph_module())
-    return PassResult(merged > 0, {"nodes merged": merged})
+    return PassResult(merged + dropped > 0, {"nodes merged": merged, "unused outputs dropped": dropped})
 
 
 def find_chain_pass(c: Compilation) -> PassResult:
@@ -95,7 +97,7 @@ def find_chain_pass(c: Compilation) -> PassResult:
     report.container = container
     report.notes.extend(notes)
     total = _container_size(gm, container)
-    report.layers = [f"{container}.{i}" for i in range(total)]
+    report.layers = [f"{container}.{i}" if container else str(i) for i in range(total)]
     n_par = len(layers) if config.parallel_layers is None else config.parallel_layers
     if n_par > len(layers):
         raise SNLPRefusal(

@@ -152,10 +152,17 @@ def test_cross_layer_reader_refused() -> None:
     assert err.node is not None and err.module_path is not None
 
 
-def test_irregular_layer_refused_with_reason() -> None:
-    err = _refusal(DenseStack(PreNormBlock).eval())
-    assert "fewer than two layers" in str(err)
-    assert "differs from the template 'layers.3'" in str(err)
+def test_irregular_last_layer_stays_sequential_after_the_chain() -> None:
+    """Layer 3 reads the state after layer 1 as well: it stays sequential, after a chain of
+    layers 0..2 (it used to refuse the whole stack, as the template was always the last layer)."""
+    model = DenseStack(PreNormBlock).double().eval()
+    x = X.double()
+    fast = snlp_compile.transform(model, (x,), iterations=3)
+    report = fast.snlp_report
+    assert report.parallel_layers == ["layers.0", "layers.1", "layers.2"]
+    assert any("layers 3..3 stay sequential after the chain" in n for n in report.notes), report.notes
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
 
 
 class MixStack(Stack):

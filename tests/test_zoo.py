@@ -208,6 +208,42 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
     "biogpt": ("BioGptForCausalLM", "BioGptConfig", _BASE),
+    # MoE with attention sinks; its attention reads only the values of ``max(dim)`` (issue 22: refused
+    # because the unused indices "read an intermediate value"); sliding and full layers alternate
+    "gpt_oss": (
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(
+            _GQA,
+            head_dim=8,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
+    # MLA attention writing k into a ``new_empty`` buffer in place (issue 22: refused for the wrong
+    # reason); layer 0 is dense, layers 1-2 MoE: the first stays sequential
+    "deepseek_v3": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            _BASE,
+            num_key_value_heads=4,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+    ),
 }
 
 # what each family gets today: "rewritten", or ("refused", a regex the reason must match)
@@ -222,10 +258,6 @@ EXPECTED.update(
             "refused",
             r"layer 'model\.decoder\.layers\.\d' has no residual skip path.*post-norm",
         ),
-        # pre-norm OPT is refused at transform time (the contract holds), but for the wrong reason (issue 22,
-        # "Refused for the wrong reason"): its skip passes a view/reshape, which the skip-path search does not
-        # follow, so the message blames aten.view and post-norm. Should become "rewritten" once that is fixed.
-        "opt_pre_norm": ("refused", r"has no residual skip path: .*through aten\.view"),
     }
 )
 

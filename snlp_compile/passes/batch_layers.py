@@ -44,7 +44,7 @@ _ELEMENTWISE = {
     "_to_copy", "to", "type_as", "abs", "sin", "cos", "erf", "softplus", "eq", "ne", "gt", "lt", "ge", "le",
     "masked_fill", "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "logical_not", "sign",
     "leaky_relu", "hardtanh", "elu", "mish", "rsub", "remainder", "floor_divide", "bitwise_and",
-    "log1p", "expm1", "tan", "atan", "sinh", "cosh", "copy",
+    "log1p", "expm1", "tan", "atan", "sinh", "cosh",
 }  # fmt: skip
 
 # op name -> (positions of dim arguments, default for each when omitted)
@@ -82,6 +82,9 @@ _DIM_ARGS: dict[str, list[tuple[int | str, int | None]]] = {
     "linalg_vector_norm": [(2, None)],
     "unflatten": [(1, None)],
 }
+
+# scatters of a source into a copy of a tensor: op name -> (position of dim, its default)
+_SCATTERS = {"slice_scatter": (2, 0), "select_scatter": (2, None)}
 
 
 def _rank(node: Any) -> int:
@@ -184,6 +187,13 @@ class _Batcher:
         name = target_name(node)
         if node.target is operator.getitem:
             return self.call(operator.getitem, self.env[node.args[0]], node.args[1])
+        if name == "copy":  # the functional copy(dst, src) has dst's shape: dst needs the layer axis
+            dst, src, *rest = node.args
+            return self.graph.call_function(
+                node.target,
+                (self.expand(dst), self.align(src, _rank(node)), *rest),
+                self.lift(dict(node.kwargs)),
+            )
         if name in _ELEMENTWISE or (name == "dropout" and node.args[2] is False):
             if name == "dropout":
                 return self.env[node.args[0]]
@@ -194,14 +204,23 @@ class _Batcher:
                 for k, v in node.kwargs.items()
             }
             return self.graph.call_function(node.target, tuple(args), kwargs)
-        if name in ("view", "reshape", "_unsafe_view", "expand"):
+        if name in ("view", "reshape", "_unsafe_view"):
             x, shape = node.args[0], node.args[1]
-            fn = torch.Tensor.expand if name == "expand" else torch.reshape
-            return self.call(fn, self.env[x], [self.n, *self.lift(list(shape))])
+            return self.call(torch.reshape, self.env[x], [self.n, *self.lift(list(shape))])
+        if name == "expand":  # sizes may add leading dims: they go after the layer axis
+            x, shape = node.args[0], node.args[1]
+            return self.call(
+                torch.Tensor.expand, self.align(x, len(shape)), [self.n, *self.lift(list(shape))]
+            )
         if name == "permute":
             dims = [0] + [d + 1 if d >= 0 else d for d in node.args[1]]
             return self.call(torch.permute, self.env[node.args[0]], dims)
-        if name in ("t", "numpy_T"):
+        if name in ("t", "numpy_T"):  # t() of a 0-D or 1-D value is the value itself
+            rank = _rank(node.args[0])
+            if rank < 2:
+                return self.env[node.args[0]]
+            if name == "numpy_T":  # x.T reverses every dim
+                return self.call(torch.permute, self.env[node.args[0]], [0, *range(rank, 0, -1)])
             return self.call(torch.transpose, self.env[node.args[0]], -1, -2)
         if name == "addmm":
             bias, a, b = node.args[:3]
@@ -224,6 +243,8 @@ class _Batcher:
             return self.call(
                 torch.Tensor.expand_as, self.align(node.args[0], _rank(node)), self.expand(node.args[1])
             )
+        if name in _SCATTERS:
+            return self.scatter_rule(node, name)
         if name in _DIM_ARGS and self.is_batched(
             node.args[0] if name not in ("cat", "concat") else node.args[0][0]
         ):
@@ -244,6 +265,24 @@ class _Batcher:
         rest = [self.lift(a) for a in args[1:]]
         kwargs = {} if name == "sym_size" else self.lift(dict(node.kwargs))
         return self.graph.call_function(node.target, (first, *rest), kwargs)
+
+    def scatter_rule(self, node: fx.Node, name: str) -> Any:
+        """``slice_scatter``/``select_scatter`` (functionalised ``buf[..., a:b].copy_(src)``): both
+        operands given the layer axis, the dim shifted past it."""
+        pos, default = _SCATTERS[name]
+        args = list(node.args)
+        dim = args[pos] if pos < len(args) else node.kwargs.get("dim", default)
+        if not isinstance(dim, int):
+            return self.fallback(node)
+        kwargs = {k: self.lift(v) for k, v in node.kwargs.items() if k != "dim"}
+        rest = [self.lift(a) for a in args[2:]]
+        if pos < len(args):
+            rest[pos - 2] = _shift(dim)
+        else:
+            kwargs["dim"] = _shift(dim)
+        return self.graph.call_function(
+            node.target, (self.expand(args[0]), self.expand(args[1]), *rest), kwargs
+        )
 
     def einsum_rule(self, node: fx.Node) -> Any:
         """One more subscript, in front, on the batched operands and the output (HC stream mixing)."""

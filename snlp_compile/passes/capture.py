@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from .. import markers
 from ..diagnose import capture_hint, capture_warnings, private_copy
 from ..errors import SNLPCaptureError, SNLPRefusal
-from .state_writes import state_write
+from .state_writes import local_writes, state_write
 
 
 @dataclass
@@ -119,6 +119,8 @@ def capture(
             written = state_write(ep)  # issue 22: state written in forward is refused
             if written is not None:
                 raise written
+            if local_writes(ep):
+                ep = ep.run_decompositions({})
             gm = ep.module()
             if use_dynamic:
                 static = _static_dims(gm)

@@ -3,6 +3,8 @@ equal to the matcher), marker ops inlined after the rewrite."""
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
@@ -25,6 +27,20 @@ def common_subexpressions(gm: fx.GraphModule) -> int:
     gm.graph = new.graph
     gm.recompile()
     return before - len(gm.graph.nodes)
+
+
+def drop_unused_outputs(gm: fx.GraphModule) -> int:
+    """Erase unread ``getitem`` picks of multi-output ops (e.g. the indices of ``max(dim)`` when
+    only its values are used, as in GPT-OSS's attention), in place: they read a layer's
+    intermediate value without using it. Returns the number of nodes erased."""
+    dead = [
+        n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem and not n.users
+    ]
+    for n in dead:
+        gm.graph.erase_node(n)
+    if dead:
+        gm.recompile()
+    return len(dead)
 
 
 def inline_marker_ops(gm: fx.GraphModule) -> int:

@@ -25,7 +25,18 @@ from ..ir import HiddenReader, Layer
 from .graph_utils import ancestors, arg_structure, descendants, innermost_module, module_paths
 
 aten = torch.ops.aten
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+_INDEXED = re.compile(r"^(?:(.*)\.)?(\d+)$")  # 'model.layers.3', or '3' (a root nn.Sequential)
+
+
+def _member_paths(node: fx.Node) -> set[str]:
+    """Every module a node was traced under, with the modules holding them: a node of
+    ``layers.0.1`` (a sublayer of a ModuleList entry the model unpacks, ``for norm, f in
+    self.layers``, so that ``layers.0`` itself is never called) belongs to ``layers.0`` too."""
+    found: set[str] = set()
+    for path in module_paths(node):
+        parts = path.split(".") if path else []
+        found.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return found
 
 
 def _is_assert(node: fx.Node) -> bool:
@@ -37,10 +48,10 @@ def find_container(gm: fx.GraphModule, requested: str | None) -> tuple[str, list
     """The module container whose indexed children cover the most graph nodes."""
     coverage: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for node in gm.graph.nodes:
-        for path in set(module_paths(node)):
+        for path in _member_paths(node):
             m = _INDEXED.match(path)
             if m:
-                coverage[m.group(1)][int(m.group(2))] += 1
+                coverage[m.group(1) or ""][int(m.group(2))] += 1
     if requested is not None:
         if requested not in coverage:
             found = ", ".join(sorted(coverage)) or "none"
@@ -69,7 +80,7 @@ def values_read_outside(gm: fx.GraphModule, layer_paths: list[str]) -> list[list
     """Per layer module, its nodes that are read outside that module, in graph order."""
     members: dict[str, list[fx.Node]] = {p: [] for p in layer_paths}
     for node in gm.graph.nodes:
-        paths = set(module_paths(node))
+        paths = _member_paths(node)
         for p in layer_paths:
             if p in paths:
                 members[p].append(node)
@@ -100,6 +111,12 @@ def _region(hidden_in: fx.Node, output: fx.Node) -> set[fx.Node]:
 
 class _Mismatch(Exception):
     pass
+
+
+def _sizes(node: fx.Node) -> list[str] | None:
+    """A tensor value's sizes (symbolic ones by name): layers of different widths do not match."""
+    val = node.meta.get("val")
+    return [str(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
 
 
 def match_layer(template: Layer, output: fx.Node) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
@@ -137,6 +154,8 @@ def match_layer(template: Layer, output: fx.Node) -> tuple[fx.Node, list[fx.Node
             raise _Mismatch(f"nothing corresponds to template node {t.name}")
         if (t.op, t.target) != (c.op, c.target):
             raise _Mismatch(f"{c.name} is {c.op} {c.target}, the template's {t.name} is {t.op} {t.target}")
+        if _sizes(t) != _sizes(c):
+            raise _Mismatch(f"{c.name} has shape {_sizes(c)} where the template's {t.name} has {_sizes(t)}")
         t_leaves, t_shape = arg_structure(t)
         c_leaves, c_shape = arg_structure(c)
         if t_shape != c_shape:
@@ -191,8 +210,89 @@ def build_template(hidden_in: fx.Node, output: fx.Node, module_path: str, index:
     return Layer(index, module_path, hidden_in, output, order, externals)
 
 
+def _entry_inputs(nodes_of: set[fx.Node]) -> set[fx.Node]:
+    return {a for n in nodes_of for a in n.all_input_nodes if a not in nodes_of}
+
+
+def residual_outputs(gm: fx.GraphModule, paths: list[str], outputs: list[fx.Node]) -> list[fx.Node]:
+    """The hidden state after each entry where the residual add sits outside the entries, in the
+    loop of the module holding them (``for norm, f in self.layers: x = x + f(norm(x))``): there an
+    entry's last value is its branch, and the hidden state is ``x + branch``. Where every entry but
+    the last hands on such an add of its own input and its branch (which is all the next entry
+    reads of it), those adds are the outputs, and the last entry's add the one that follows its
+    branch the same way; else ``outputs`` unchanged."""
+    members: dict[str, set[fx.Node]] = {p: set() for p in paths}
+    for node in gm.graph.nodes:
+        for p in paths:
+            if p in _member_paths(node):
+                members[p].add(node)
+    lifted = []
+    for i in range(len(paths) - 1):
+        reads = _entry_inputs(members[paths[i + 1]]) & descendants([outputs[i]])
+        if len(reads) != 1:
+            return outputs
+        (after,) = reads
+        ins = _entry_inputs(members[paths[i]])
+        if after is outputs[i] or outputs[i] not in after.all_input_nodes:
+            return outputs
+        if not any(a in ins for a in after.all_input_nodes if a is not outputs[i]):
+            return outputs
+        lifted.append(after)
+    # the last entry's add: its branch's user with the same op, reading the last entry's input
+    prev = lifted[-1]
+    ins = _entry_inputs(members[paths[-1]])
+    same = [
+        u
+        for u in outputs[-1].users
+        if (u.op, u.target) == (prev.op, prev.target) and any(a in ins for a in u.all_input_nodes)
+    ]
+    return [*lifted, same[0]] if len(same) == 1 else outputs
+
+
+MAX_PERIOD = 4  # entries per layer tried for repeating patterns (attention/FFN entries, "SSSL")
+
+
+def _group_matches(outputs: list[fx.Node], paths: list[str], last: int, period: int) -> int:
+    """How many layers of ``period`` consecutive entries, ending at entry ``last`` and going
+    back, match the one ending there (each reading the previous one's output)."""
+    if last - period < 0:
+        return 0
+    template = build_template(outputs[last - period], outputs[last], paths[last], last)
+    count = 1
+    for i in range(last - period, -1, -period):
+        try:
+            hidden, _, _ = match_layer(template, outputs[i])
+        except _Mismatch:
+            break
+        if i - period >= 0 and hidden is not outputs[i - period]:
+            break
+        count += 1
+    return count
+
+
+def choose_template(outputs: list[fx.Node], paths: list[str]) -> tuple[int, int]:
+    """(last entry, period) of the template layer: a layer is ``period`` consecutive entries of
+    the container (1 unless the entries alternate kinds, e.g. attention and feed-forward entries,
+    or three sliding-window layers and a full one), and the template is the last layer its
+    predecessor matches: entries after it that differ (a head at the end of a root
+    ``nn.Sequential``) stay outside the chain, downstream of it. Of the candidates, the one
+    covering the most entries in parallel; (last entry, 1) when no two layers match."""
+    best = (0, len(outputs) - 1, -1)  # (entries covered, last entry, -period)
+    for period in range(1, min(MAX_PERIOD, len(outputs) // 2) + 1):
+        for last in range(len(outputs) - 1, 2 * period - 2, -1):
+            count = _group_matches(outputs, paths, last, period)
+            if count >= 2:
+                best = max(best, (count * period, last, -period))
+                break
+    _, last, period = best
+    return last, -period
+
+
 def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[str, list[Layer], list[str]]:
-    """All layers of the chain that match the last one, plus notes on those that do not."""
+    """All layers of the chain that match the template, plus notes on those that do not.
+
+    A layer is usually one entry of the container; where entries alternate kinds it is a group of
+    ``period`` consecutive entries, named by its last entry (whose output is the layer's)."""
     container, paths = find_container(gm, requested_container)
     read_outside = values_read_outside(gm, paths)
     outputs = [outs[-1] for outs in read_outside]
@@ -200,14 +300,26 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
         raise SNLPRefusal(
             f"'{container}' holds a single layer: nothing to solve in parallel", module_path=container
         )
-    last = len(outputs) - 1
-    template = build_template(outputs[last - 1], outputs[last], paths[last], last)
+    outputs = residual_outputs(gm, paths, outputs)
+    last, p = choose_template(outputs, paths)
+    notes: list[str] = []
+    if p > 1:
+        notes.append(
+            f"entries alternate kinds: each layer solved in parallel is {p} consecutive entries of "
+            f"'{container}' (named by its last entry)"
+        )
+    if last < len(outputs) - 1:
+        notes.append(
+            f"layers {last + 1}..{len(outputs) - 1} stay sequential after the chain: layer "
+            f"'{paths[last + 1]}' differs from '{paths[last]}'"
+        )
+    template = build_template(outputs[last - p], outputs[last], paths[last], last)
     in_template = set(template.nodes)
-    template.side_outputs = [n for n in read_outside[last][:-1] if n in in_template]
+    group_side = [n for j in range(last - p + 1, last + 1) for n in read_outside[j][:-1]]
+    template.side_outputs = [n for n in group_side if n in in_template]
     position = {n: k for k, n in enumerate(template.nodes)}
     layers = [template]
-    notes: list[str] = []
-    for i in range(last - 1, -1, -1):
+    for i in range(last - p, -1, -p):
         try:
             hidden, nodes, externals = match_layer(template, outputs[i])
         except _Mismatch as why:
@@ -216,10 +328,10 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
                 f"'{paths[last]}' ({why})"
             )
             break
-        if i > 0 and hidden is not outputs[i - 1]:
+        if i - p >= 0 and hidden is not outputs[i - p]:
             notes.append(
                 f"layers 0..{i} stay sequential: layer '{paths[i]}' reads {hidden.name}, not the "
-                f"previous layer's output {outputs[i - 1].name}"
+                f"previous layer's output {outputs[i - p].name}"
             )
             break
         layer = Layer(i, paths[i], hidden, outputs[i], nodes, externals)
@@ -229,6 +341,45 @@ def find_layers(gm: fx.GraphModule, requested_container: str | None) -> tuple[st
     return container, layers, notes
 
 
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
+           "normal", "randperm", "poisson", "uniform", "exponential", "geometric", "log_normal", "cauchy",
+           "random"}  # fmt: skip
+_DROPOUTS = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def _draws(n: fx.Node) -> bool:
+    """Whether ``n`` draws random numbers: a random op, dropout in train mode, or attention with
+    dropout."""
+    target = n.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = target._opname.rstrip("_")
+    if name in _DROPOUTS:
+        return len(n.args) >= 3 and n.args[2] is not False and not _is_zero(n.args[1])
+    if name == "scaled_dot_product_attention":
+        p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
+        return not _is_zero(p)
+    return name in _RANDOM
+
+
+def _is_zero(p: object) -> bool:
+    return isinstance(p, (int, float)) and p == 0
+
+
+def _refuse_random_ops(template: Layer) -> None:
+    """A layer that draws random numbers (``randn_like``, dropout in train mode) is not one
+    function of its input: the solve evaluates each layer several times, each with a new draw."""
+    for n in template.nodes:
+        if _draws(n):
+            raise SNLPRefusal(
+                f"layer '{template.module_path}' draws random numbers ({n.target}): the parallel solve "
+                "evaluates each layer several times, each with a new draw, where the model draws once; "
+                "compute the noise outside the layers and pass it in",
+                node=n.name,
+                module_path=innermost_module(n) or template.module_path,
+            )
+
+
 def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
     """Prove the hidden state is the only path between consecutive parallel layers.
 
@@ -236,6 +387,7 @@ def check_chain(gm: fx.GraphModule, layers: list[Layer]) -> list[HiddenReader]:
     hidden state of the chain), and nothing outside the layers may read a layer's intermediate
     values. Returns the readers of hidden states outside the chain (final norm, backout...).
     """
+    _refuse_random_ops(layers[-1])
     start = layers[0].hidden_in
     region_of: dict[fx.Node, Layer] = {}
     for layer in layers:

@@ -77,3 +77,11 @@ def state_write(ep: ExportedProgram) -> SNLPRefusal | None:
                 module_path=path,
             )
     return None
+
+
+def local_writes(ep: ExportedProgram) -> list[fx.Node]:
+    """In-place writes into tensors the forward allocates itself (``buf = new_empty(...);
+    buf[..., :k].copy_(a)``, as in DeepSeek-V3's attention). The graph orders them only by node
+    order, not by data flow, which the layer analysis follows: the capture functionalises such
+    graphs (the writes become out-of-place ``slice_scatter``/``copy`` ops) before analysis."""
+    return [n for n in ep.graph.nodes if _written_args(n)]

@@ -61,6 +61,10 @@ class Pre:
     index: Tensor
     ops: tuple[LayoutOp, ...]
     scale: Any
+    # False after a reshape whose run-time sizes cannot be derived from h's (e.g. OPT's
+    # ``(B*T, C) -> (B, T, C)``): the index is still right (a reshape keeps the flat order), but
+    # ``ops`` no longer replay the value, so it cannot define a stream layout
+    replayable: bool = True
 
     @property
     def is_identity(self) -> bool:
@@ -111,6 +115,14 @@ _PASS = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to
 _LAYOUT = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t", "numpy_T",
            "unsqueeze", "squeeze", "movedim", "expand", "slice", "select", "narrow"}  # fmt: skip
 _MIXING = {"einsum", "matmul", "mm", "bmm"}
+_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 @dataclass
@@ -200,7 +212,7 @@ class StreamAnalysis:
         if isinstance(v, Pre):
             if tuple(v.index.shape) != out:
                 return None
-            return Pre(v.index, v.ops, mul(v.scale, f))
+            return Pre(v.index, v.ops, mul(v.scale, f), v.replayable)
         coords = _broadcast(v.coords, out)
         return Mixed(coords, scale(f, v.matrix))
 
@@ -218,7 +230,8 @@ class StreamAnalysis:
             and tuple(v1.index.shape) == out == tuple(v2.index.shape)
         )
         if same and torch.equal(v1.index, v2.index):
-            return Pre(v1.index, v1.ops, add(mul(Const(s1), v1.scale), mul(Const(s2), v2.scale)))
+            scale_sum = add(mul(Const(s1), v1.scale), mul(Const(s2), v2.scale))
+            return Pre(v1.index, v1.ops, scale_sum, v1.replayable and v2.replayable)
         m1, m2 = self.as_mixed(v1), self.as_mixed(v2)
         if m1 is None or m2 is None:
             return None
@@ -242,6 +255,11 @@ class StreamAnalysis:
             coords = tuple(node.target(c, *args[1:], **_concrete_kwargs(node)) for c in v.coords)
             return Mixed(coords, v.matrix)
         ops = _layout_ops(node, name)
+        out_shape = _shape(node)
+        if ops is None and name in _RESHAPES and out_shape is not None:
+            if v.index.numel() != _numel(out_shape):
+                return None
+            return Pre(v.index.reshape(out_shape), v.ops, v.scale, replayable=False)
         if ops is None:
             return None
         index = v.index
@@ -249,7 +267,7 @@ class StreamAnalysis:
             index = apply_op(op, index, index.dim())
         if tuple(index.shape) != _shape(node):
             return None
-        return Pre(index, v.ops + tuple(ops), v.scale)
+        return Pre(index, v.ops + tuple(ops), v.scale, v.replayable)
 
     def mixing(self, node: fx.Node, name: str, of: Any, is_linear: Any, is_scalar: Any) -> Mixed | None:
         labels = _mixing_labels(node, name)
@@ -357,6 +375,8 @@ class StreamAnalysis:
     def define_streams(self, v: Pre, qks: list[int], dynamic: tuple[bool, ...]) -> bool:
         """The first mixing: its contracted axes are the streams. Z = V with the other axes in
         order, the contracted ones merged into one stream axis before the last axis."""
+        if not v.replayable:
+            return False
         index = v.index
         rank = index.dim()
         rest = [d for d in range(rank) if d not in qks]
@@ -524,7 +544,7 @@ def _layout_ops(node: fx.Node, name: str) -> list[LayoutOp] | None:
     if in_shape is None or out_shape is None:
         return None
     rank = len(in_shape)
-    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+    if name in _RESHAPES:
         op = reshape_groups(in_shape, out_shape, _dynamic(x), _dynamic(node))
         return None if op is None else [op]
     if name == "permute":
