@@ -336,6 +336,11 @@ def test_cli_generate_speculative_prints_the_statistics(
     assert result["same_as_sequential"] and len(result["tokens"]) == 20
     assert result["stats"]["emitted"] == 19 and 0 <= result["stats"]["acceptance_rate"] <= 1
     assert main([*argv, "--speculative", "-K", "2"]) == 2  # (one line: -K is the approximate decode)
+    staged = ["--speculative", "--draft-parallel", "2", "--draft-iterations", "2", "--verifier", "exact-seq"]
+    assert main([*argv, *staged, "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "P=2, exact-seq verifier" in err and "the same tokens as sequential" in err
+    assert main([*argv, "--verifier", "exact-seq"]) == 2
 
 
 @pytest.mark.parametrize(
