@@ -2,7 +2,7 @@
 sequential decode of the same run, on the frontier's seeded reference checkpoint (trained here) and
 on random weights of the same shape (the cost model: acceptance near 0).
 
-    python -m benchmarks speculative --out $OUT                    # a GPU: trains (~3 min), ~8 min in all
+    python -m benchmarks speculative --out $OUT --no-random        # a GPU: trains (~3 min), ~8 min in all
     python -m benchmarks speculative --checkpoint base-s0.safetensors --out DIR   # no training
     python -m benchmarks speculative --smoke --out /tmp/spec       # CPU: checks the script (seconds)
     python -m benchmarks speculative --report OUT/speculative.json  # table and plot from a JSON
@@ -13,13 +13,16 @@ batch 1, a held-out prompt of ``--prompt`` tokens, ``--new`` new tokens (greedy,
 - sequential decode: the model's cached step and the compiler's exact sequential lowering (K = 1,
   one chunk per layer), eager + CUDA graph and compiled + CUDA graph (the step, its cache write and
   the argmax in one graph, no host synchronisation), the best of them the baseline;
-- plain SNLP decode at K = 1, 2 (init warm, the draft step; approximate: its tokens differ);
-- speculative decode, γ x K: ``Decoder(model, speculative=draft, block_size=γ, cuda_graphs=True)``
-  with the compiled draft and verifier steps (``--no-graphs``: without CUDA graphs; a row whose
-  graphs fail is measured again without them, labelled); ``--exact-verifier``: also verifying
-  through the compiler's exact sequential lowering of the γ + 1-token step (a transform and a
-  compile per γ); ``--adaptive``: also adaptive block sizes up to the largest γ (a verifier compile
-  per size);
+- the drafts, one per P in ``--parallel`` and K in ``--ks``: the step transformed with init warm and
+  staged chunks (1,) * (L - P) + (P,) (the first L - P layers one after another through the
+  batched lowering, the last P layer-parallel at K; P = L: the plain solve); plain SNLP decode
+  with each (approximate: its tokens differ);
+- speculative decode, P x γ x K: ``Decoder(model, speculative=draft, block_size=γ, cuda_graphs=True,
+  verifier=V)`` with the compiled draft and verifier steps (``--no-graphs``: without CUDA graphs; a
+  row whose graphs fail is measured again without them, labelled); ``--verifier``: "exact-seq"
+  (default: the library's exact sequential lowering of the γ + 1-token step, a transform and a
+  compile per γ), "sequential" (the step as written) or "both"; ``--adaptive``: also adaptive block
+  sizes up to the largest γ (a verifier compile per size);
 (3) the same on random weights, copied into the same tensors (no recompilation, checked against a
 fresh transform of the random model). Decode time excludes the prefill. The cost model per row:
 draft step and verify (γ + 1 tokens) timed alone (median of CUDA-event samples), the acceptance
@@ -48,7 +51,7 @@ from snlp_compile.generate import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
-from snlp_compile.speculative_graphs import GraphedStep, GraphedSteps
+from snlp_compile.speculative_graphs import GraphedSteps
 from snlp_compile.train import load_checkpoint
 
 from . import frontier
@@ -100,7 +103,13 @@ class Steps:
     weights are copied into the same tensors later (``load_weights``), so nothing recompiles."""
 
     def __init__(
-        self, model: torch.nn.Module, ks: list[int], max_len: int, compiled: bool, snlp_options: dict
+        self,
+        model: torch.nn.Module,
+        ks: list[int],
+        parallel: list[int],
+        max_len: int,
+        compiled: bool,
+        snlp_options: dict,
     ):
         self.model, self.compiled = model, compiled
         device = next(model.parameters()).device
@@ -110,8 +119,13 @@ class Steps:
         self.exact = (
             snlp_compile.transform(CachedStep(model), inputs, iterations=1, chunks=n) if n > 1 else None
         )
-        self.draft_base = snlp_compile.transform(CachedStep(model), inputs, iterations=1, init="warm")
-        drafts = {k: with_iterations(self.draft_base, k, "warm") for k in ks}
+        self.draft_bases = {
+            p: snlp_compile.transform(
+                CachedStep(model), inputs, iterations=1, init="warm", chunks=staged_chunks(n, p)
+            )
+            for p in parallel
+        }
+        drafts = {(p, k): with_iterations(b, k, "warm") for p, b in self.draft_bases.items() for k in ks}
         c = compile_module if compiled else _as_is
         self.seq = c(self.eager_step)
         self.exact_c = None if self.exact is None else c(self.exact)
@@ -119,23 +133,21 @@ class Steps:
         self.verifier = self.seq  # (one compiled step: its one-token code serves the tail as well)
         self.inputs = inputs
         self.c = c
-        self.exact_verifiers: dict[int, tuple[torch.nn.Module, Step]] = {}  # γ -> (eager, compiled)
+        self.exact_verifiers: dict[int, tuple[torch.nn.Module, Step]] = {}  # t -> (eager, compiled)
 
-    def exact_verifier(self, gamma: int) -> Step:
-        """The compiler's exact sequential lowering (K = 1, one chunk per layer) of the step on
-        γ + 1 tokens (compiled where the run compiles), built at the first call."""
-        if gamma not in self.exact_verifiers:
-            module = snlp_compile.transform(
-                CachedStep(self.model),
-                self._block_inputs(gamma),
-                iterations=1,
-                chunks=self.model.config.n_layer,
-            )
-            self.exact_verifiers[gamma] = (module, self.c(module))
-        return self.exact_verifiers[gamma][1]
+    def exact_verifier(self, dec: Decoder, t: int) -> Step:
+        """The library's exact-seq verifier on t tokens (``Decoder.verify_step``: the exact
+        sequential lowering, K = 1, one layer per chunk), compiled where the run compiles; built
+        once per t and shared by every decoder (t = 1: the exact-seq baseline's step)."""
+        if t == 1 and self.exact is not None and self.exact_c is not None:
+            return self.exact_c
+        if t not in self.exact_verifiers:
+            module = dec.verify_step(t)
+            self.exact_verifiers[t] = (module, self.c(module))
+        return self.exact_verifiers[t][1]
 
-    def _block_inputs(self, gamma: int) -> tuple[torch.Tensor, ...]:
-        idx = torch.zeros(1, gamma + 1, dtype=torch.long, device=self.inputs[0].device)
+    def _block_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
+        idx = torch.zeros(1, t, dtype=torch.long, device=self.inputs[0].device)
         return (idx, *self.inputs[1:])
 
     def load_weights(self, other: torch.nn.Module) -> None:
@@ -145,8 +157,11 @@ class Steps:
         n = other.config.n_layer
         for mine, kwargs, inputs in (
             (self.exact, {"chunks": n}, self.inputs),
-            (self.draft_base, {"init": "warm"}, self.inputs),
-            *((m, {"chunks": n}, self._block_inputs(g)) for g, (m, _) in self.exact_verifiers.items()),
+            *(
+                (b, {"init": "warm", "chunks": staged_chunks(n, p)}, self.inputs)
+                for p, b in self.draft_bases.items()
+            ),
+            *((m, {"chunks": n}, self._block_inputs(t)) for t, (m, _) in self.exact_verifiers.items()),
         ):
             if mine is None:
                 continue
@@ -163,6 +178,12 @@ class Steps:
                 raise RuntimeError(
                     f"copied weights give other logits than a fresh transform ({kwargs}): {err:.2e}"
                 )
+
+
+def staged_chunks(n: int, p: int) -> int | tuple[int, ...]:
+    """The chunks of a draft with the last ``p`` of ``n`` layers layer-parallel: the first n - p
+    one after another (chunks of one layer, exact at any K), then one chunk of p."""
+    return 1 if p == n else (1,) * (n - p) + (p,)
 
 
 def _as_is(fn: Step, options: dict[str, Any] | None = None) -> Step:
@@ -273,7 +294,7 @@ class Run:
         self.args, self.prompt, self.meta, self.out = args, prompt, meta, out
         self.rows: list[dict[str, Any]] = []
         self.t_start = t_start
-        self.decoders: dict[tuple[int, int, bool, bool, bool], Decoder] = {}
+        self.decoders: dict[tuple[int, int, int, bool, bool, str], Decoder] = {}
         self.device = prompt.device
 
     def left(self) -> float:
@@ -315,35 +336,30 @@ class Run:
         self.add({"weights": weights, "kind": kind, "variant": variant, "k": k, "gamma": None}, measure)
 
     def speculative(
-        self, weights: str, k: int, gamma: int, graphs: bool, adaptive: bool = False, exact: bool = False
+        self, weights: str, p: int, k: int, gamma: int, graphs: bool, verifier: str, adaptive: bool = False
     ) -> None:
-        name = f"speculative K={k} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
+        name = f"speculative P={p} K={k} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
         name += " adaptive" if adaptive else ""
-        name += " exact-verifier" if exact else ""
+        name += f" {verifier}-verifier"
 
         def measure(row: dict[str, Any]) -> None:
-            if exact and not graphs:
-                raise RuntimeError("the exact verifier is built for γ + 1 tokens: graphed rounds only")
-            key = (k, gamma, graphs, adaptive, exact)
+            key = (p, k, gamma, graphs, adaptive, verifier)
             if key not in self.decoders:  # (built once: the random weights reuse its graphs)
                 capture = graphs and self.device.type == "cuda"
                 dec = Decoder(
                     self.steps.model, batch=1, max_len=self.prompt.shape[1] + self.args.new,
-                    speculative=self.steps.drafts[k], block_size=gamma, cuda_graphs=capture,
-                    adaptive_block_size=adaptive,
+                    speculative=self.steps.drafts[p, k], block_size=gamma, cuda_graphs=capture,
+                    adaptive_block_size=adaptive, verifier=verifier,  # type: ignore[arg-type]
                 )  # fmt: skip
                 dec.sequential = self.steps.verifier  # (the compiled verifier; the prefill stays eager)
-                if graphs and (exact or not capture):  # (built here: --uncaptured-graphs, exact)
+                if verifier == "exact-seq":  # (the compiled ones, shared: the lengths rounds verify)
+                    sizes = range(1, gamma + 2) if adaptive or not graphs else (1, gamma + 1)
+                    for t in sizes:
+                        dec.verify_steps[t] = self.steps.exact_verifier(dec, t)
+                if graphs and not capture:  # (--uncaptured-graphs: the graphed code, eagerly)
                     blocks = list(range(1, gamma + 1)) if adaptive else [gamma]
                     kc, vc = dec.k_cache, dec.v_cache
-                    dec.graphed = GraphedSteps(
-                        dec.draft_step, dec.sequential, blocks, kc, vc, capture=capture
-                    )
-                    if exact:  # (the verification through the exact lowering; the tail as before)
-                        step = self.steps.exact_verifier(gamma)
-                        dec.graphed.verify[gamma] = GraphedStep(step, (1, gamma + 1), kc, vc, None, capture)
-                        kc.zero_()
-                        vc.zero_()
+                    dec.graphed = GraphedSteps(dec.draft_step, dec.verify_step, blocks, kc, vc, capture=False)
                     dec.cuda_graphs = True
                 self.decoders[key] = dec
             dec = self.decoders[key]
@@ -364,11 +380,12 @@ class Run:
             row.update(self.components(dec, gamma))
 
         row = {"weights": weights, "kind": "speculative", "variant": name, "k": k, "gamma": gamma}
-        row["graphs"], row["adaptive"], row["exact_verifier"] = graphs, adaptive, exact
+        row["parallel"], row["verifier"] = p, verifier
+        row["graphs"], row["adaptive"] = graphs, adaptive
         self.add(row, measure)
-        if graphs and not exact and row.get("error") and not row["error"].startswith("skipped"):
+        if graphs and row.get("error") and not row["error"].startswith("skipped"):
             log(f"{weights} {name} failed with CUDA graphs: the same row without them follows")
-            self.speculative(weights, k, gamma, False, adaptive)
+            self.speculative(weights, p, k, gamma, False, verifier, adaptive)
 
     def components(self, dec: Decoder, gamma: int) -> dict[str, float]:
         """Median time of the γ draft steps of a round (with graphs: the block's one replay) and
@@ -387,7 +404,7 @@ class Run:
                 for i in range(gamma):
                     dec.draft_step(one, pos + i, kc, vc)
 
-            verify = lambda: dec.sequential(block, pos, kc, vc)  # noqa: E731
+            verify = lambda: dec.verify_step(gamma + 1)(block, pos, kc, vc)  # noqa: E731
         n = self.args.samples
         with torch.no_grad():
             d = time_fn(draft_block, self.device, warmup=3, samples=n)
@@ -404,18 +421,20 @@ class Run:
         self.loop(weights, "sequential", f"seq {fast}", steps.seq, graph)
         if steps.exact is not None:
             self.loop(weights, "sequential", f"exact-seq {fast}", steps.exact_c, graph)
-        for gamma in self.args.gammas:
-            for k in self.args.ks:
-                self.speculative(weights, k, gamma, graphs=graphs)
-        if self.args.exact_verifier:  # (a transform and a compile per γ)
-            for gamma in self.args.gammas:
-                for k in self.args.ks:
-                    self.speculative(weights, k, gamma, graphs, exact=True)
+        verifiers = ["exact-seq", "sequential"] if self.args.verifier == "both" else [self.args.verifier]
+        for verifier in verifiers:  # (exact-seq: a transform and a compile per γ)
+            for p in self.args.parallel:
+                for gamma in self.args.gammas:
+                    for k in self.args.ks:
+                        self.speculative(weights, p, k, gamma, graphs, verifier)
         if self.args.adaptive:  # (with graphs: a verifier graph, and a compile, per block size)
+            for p in self.args.parallel:
+                for k in self.args.ks:
+                    self.speculative(weights, p, k, max(self.args.gammas), graphs, verifiers[0], True)
+        for p in self.args.parallel:
             for k in self.args.ks:
-                self.speculative(weights, k, max(self.args.gammas), graphs, True)
-        for k in self.args.ks:
-            self.loop(weights, "snlp", f"snlp K={k} warm {fast}", steps.drafts[k], graph, k)
+                name = f"snlp P={p} K={k} warm {fast}"
+                self.loop(weights, "snlp", name, steps.drafts[p, k], graph, k)
         if steps.compiled:  # (the uncompiled steps, captured)
             self.loop(weights, "sequential", "seq eager+graph", steps.eager_step, graph)
             if steps.exact is not None:
@@ -470,7 +489,7 @@ def arithmetic(r: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     lines = [
-        "## Speculative decoding: SNLP drafts, the sequential model verifies (lossless)",
+        "## Speculative decoding: SNLP drafts, an exact step verifies (lossless)",
         "",
         f"Device: {meta['env'].get('gpu') or meta['env'].get('cpu')}, torch {meta['env']['torch']}. {meta['note']}",
         "",
@@ -544,11 +563,16 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     spec = [r for r in result["rows"] if r["kind"] == "speculative" and r.get("speedup_vs_best_seq")]
     for weights, style in (("trained", "-o"), ("random", "--x")):
-        for k in sorted({r["k"] for r in spec}):
-            mine = [r for r in spec if r["weights"] == weights and r["k"] == k]
+        for p, k, v in sorted({(r["parallel"], r["k"], r["verifier"]) for r in spec}):
+            mine = [
+                r
+                for r in spec
+                if r["weights"] == weights and (r["parallel"], r["k"], r["verifier"]) == (p, k, v)
+            ]
             pts = sorted((r["gamma"], r["speedup_vs_best_seq"]) for r in mine if not r.get("adaptive"))
             if pts:
-                line = ax.plot(*zip(*pts), style, label=f"{weights} weights, draft K={k}")[0]
+                label = f"{weights}, draft P={p} K={k}, {v} verifier"
+                line = ax.plot(*zip(*pts), style, label=label)[0]
                 for r in (r for r in mine if r.get("adaptive")):
                     ax.plot([r["gamma"]], [r["speedup_vs_best_seq"]], "*", ms=11, color=line.get_color())
     if any(r.get("adaptive") for r in spec):
@@ -593,13 +617,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="a trained reference checkpoint: no training")
     p.add_argument("--smoke", action="store_true", help="tiny scale, CPU unless --device")
     p.add_argument("--device", default=None, help="default: cuda (the smoke scale: cpu)")
-    p.add_argument("--gammas", default="2,4,8", type=lambda s: [int(x) for x in s.split(",") if x])
-    p.add_argument("--ks", default="1,2", type=lambda s: [int(x) for x in s.split(",") if x])
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--gammas", default="2,4", type=ints, help="block sizes γ (default 2,4)")
+    p.add_argument("--ks", default="1,2", type=ints, help="draft iterations K (default 1,2)")
+    staged = "layer-parallel layers P of the drafts, chunks (1,) * (L - P) + (P,) (default 8,12; smoke 2,4)"
+    p.add_argument("--parallel", default=None, type=ints, help=staged)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; smoke 8)")
     p.add_argument("--new", type=int, default=None, help="new tokens (default 256; smoke 24)")
-    p.add_argument(
-        "--repeats", type=int, default=None, help="timed generations per row (default 10; smoke 2)"
-    )
+    p.add_argument("--repeats", type=int, default=None, help="timed generations per row (default 5; smoke 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed generations per row first")
     p.add_argument("--samples", type=int, default=None, help="CUDA-event samples per component timing")
     p.add_argument("--no-random", action="store_true", help="skip the random-weights run")
@@ -607,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     uncaptured = "CPU check: speculative rows through the graphed code path, run eagerly (no capture)"
     p.add_argument("--uncaptured-graphs", action="store_true", help=uncaptured)
     p.add_argument("--adaptive", action="store_true", help="also adaptive block sizes up to the largest γ")
-    exact = "also verify through the compiler's exact sequential lowering of the γ + 1-token step"
-    p.add_argument("--exact-verifier", action="store_true", help=exact)
+    exact = "exact-seq: the compiler's exact sequential lowering of the γ + 1-token step; sequential: the step as written"
+    p.add_argument("--verifier", choices=("exact-seq", "sequential", "both"), default="exact-seq", help=exact)
     p.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere")
     spent = "skip rows once this many seconds have passed since the start (training included)"
     p.add_argument("--budget-s", type=float, default=480.0, help=spent)
@@ -630,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("speculative: this run needs a CUDA GPU (use --smoke for the CPU check)")
     args.prompt = args.prompt or (8 if args.smoke else 128)
     args.new = args.new or (24 if args.smoke else 256)
-    args.repeats = args.repeats or (2 if args.smoke else 10)
+    args.repeats = args.repeats or (2 if args.smoke else 5)
+    args.parallel = args.parallel or ([2, 4] if args.smoke else [8, 12])
     args.samples = args.samples or (5 if device.type == "cpu" else 200)
     if args.prompt + args.new > max(scale.seq_len, scale.context):
         raise SystemExit(
@@ -653,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)
     model = reference_model(args, scale, corpus, work)
+    if not all(1 <= q <= model.config.n_layer for q in args.parallel):
+        raise SystemExit(f"speculative: --parallel {args.parallel} must lie in 1..{model.config.n_layer}")
     mid = corpus.val.numel() // 2
     prompt = corpus.val[mid : mid + args.prompt].reshape(1, -1).long().to(device)
     meta["note"] = (
@@ -665,8 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args, prompt, meta, out, t_start)
     max_len = args.prompt + args.new
     with torch.no_grad():
-        log(f"steps: transform{' and compile' if compiled else ''} (K = {args.ks}, context {max_len})")
-        steps = Steps(model, args.ks, max_len, compiled, snlp_options)
+        what = f"K = {args.ks}, P = {args.parallel}, context {max_len}"
+        log(f"steps: transform{' and compile' if compiled else ''} ({what})")
+        steps = Steps(model, args.ks, args.parallel, max_len, compiled, snlp_options)
         run.measure_all("trained", steps)
         if not args.no_random:
             overrides = {**scale.overrides(), "vocab_size": model.config.vocab_size, "zero_init_out": False}

@@ -37,6 +37,7 @@ from .solve.handle import SolveHandle
 from .speculative import SpeculativeStats, probabilities, speculative_generate
 
 PrefillKind = Literal["sequential", "solve"]
+VerifierKind = Literal["sequential", "exact-seq"]
 Step = Any  # callable (idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)
 
 
@@ -62,7 +63,10 @@ class Decoder:
     generate()'s ``SpeculativeStats``. ``cuda_graphs=True`` (CUDA, speculative only) replays the
     draft and verify steps from CUDA graphs (``snlp_compile.speculative_graphs``);
     ``adaptive_block_size=True`` changes the block size between rounds, up to ``block_size``
-    (``speculative.adapt_block_size``).
+    (``speculative.adapt_block_size``). ``verifier``: what verifies a block of t = γ + 1 tokens,
+    both exact: "sequential" the model's cached step as written; "exact-seq" the compiler's exact
+    sequential lowering of the t-token step (K = 1, one layer per chunk), faster on a GPU (the
+    verification dominates a round), transformed lazily once per t (``verify_step``).
 
     ``process_group``: decode across the processes of a ``torch.distributed`` group, one contiguous
     block of the layers (weights and K/V caches) per rank (``snlp_compile.distributed``); every
@@ -82,6 +86,7 @@ class Decoder:
         block_size: int | None = None,
         cuda_graphs: bool = False,
         adaptive_block_size: bool = False,
+        verifier: VerifierKind = "sequential",
         process_group: Any = None,
         **overrides: Any,
     ):
@@ -114,6 +119,12 @@ class Decoder:
         self.last_stats: SpeculativeStats | None = None
         self.adaptive_block_size, self.cuda_graphs = bool(adaptive_block_size), bool(cuda_graphs)
         self.graphed: Any = None  # speculative_graphs.GraphedSteps, captured at the first generate()
+        if verifier not in ("sequential", "exact-seq"):
+            raise SNLPConfigError(f"verifier must be 'sequential' or 'exact-seq', got {verifier!r}")
+        if verifier != "sequential" and speculative is None:
+            raise SNLPConfigError("verifier= is what verifies speculative drafts: pass speculative= with it")
+        self.verifier: VerifierKind = verifier
+        self.verify_steps: dict[int, Step] = {}  # t -> the exact-seq step on t tokens (verify_step)
         if process_group is not None:  # one block of layers per rank (snlp_compile.distributed)
             if decode_step is not None or speculative is not None or block_size is not None:
                 raise SNLPConfigError(
@@ -173,6 +184,19 @@ class Decoder:
         idx = torch.zeros(self.batch, t, dtype=torch.long, device=self.device)
         pos = torch.zeros((), dtype=torch.long, device=self.device)
         return (idx, pos, *new_cache(self.model, self.batch, self.max_len))
+
+    def verify_step(self, t: int) -> Step:
+        """The exact step that verifies ``t`` tokens (the last token and its t - 1 drafts): the
+        sequential step, or (verifier "exact-seq") the exact sequential lowering of the t-token
+        step (K = 1, one layer per chunk: exact), transformed at the first call for each t. A
+        caller may put its own steps into ``verify_steps`` first, e.g. compiled ones."""
+        if self.verifier == "sequential":
+            return self.sequential
+        if t not in self.verify_steps:
+            exact = SNLPConfig(iterations=1, chunks=int(self.k_cache.shape[0]))  # (a cache row per layer)
+            with evaluating(self.model):
+                self.verify_steps[t] = transform(CachedStep(self.model).eval(), self.example_inputs(t), exact)
+        return self.verify_steps[t]
 
     def reset(self) -> None:
         """Clear the caches and the warm-start trace: a new sequence begins."""
@@ -281,6 +305,7 @@ def generate(
     max_len: int | None = None,
     speculative: SNLPConfig | Step | None = None,
     block_size: int | None = None,
+    verifier: VerifierKind = "sequential",
     return_stats: Literal[False] = False,
     **overrides: Any,
 ) -> torch.Tensor: ...
@@ -302,6 +327,7 @@ def generate(
     max_len: int | None = None,
     speculative: SNLPConfig | Step | None = None,
     block_size: int | None = None,
+    verifier: VerifierKind = "sequential",
     return_stats: Literal[True],
     **overrides: Any,
 ) -> tuple[torch.Tensor, SpeculativeStats | None]: ...
@@ -323,6 +349,7 @@ def generate(
     max_len: int | None = None,
     speculative: SNLPConfig | Step | None = None,
     block_size: int | None = None,
+    verifier: VerifierKind = "sequential",
     return_stats: bool = False,
     **overrides: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SpeculativeStats | None]:
@@ -339,7 +366,8 @@ def generate(
     ``speculative``: lossless self-speculative decoding (``snlp_compile.speculative``): the step
     transformed with this SNLPConfig drafts ``block_size`` tokens (default 4), the sequential step
     verifies them in one forward; greedy tokens equal the sequential model's, sampled ones follow
-    its distribution. ``return_stats=True`` returns (tokens, stats): the ``SpeculativeStats``
+    its distribution; ``verifier="exact-seq"`` verifies through the compiler's exact sequential
+    lowering instead (``Decoder``). ``return_stats=True`` returns (tokens, stats): the ``SpeculativeStats``
     (acceptance rate, tokens per verification, draft and verify time), None without speculative.
     """
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long or prompt_ids.shape[1] < 1:
@@ -359,7 +387,13 @@ def generate(
     b, p = prompt_ids.shape
     total = p + max_new_tokens
     if isinstance(model, Decoder):
-        if config is not None or overrides or speculative is not None or block_size is not None:
+        if (
+            config is not None
+            or overrides
+            or speculative is not None
+            or block_size is not None
+            or verifier != "sequential"
+        ):
             raise SNLPConfigError("a Decoder carries its own config: pass config when building it")
         decoder = model
     else:
@@ -371,6 +405,7 @@ def generate(
             prefill=prefill,
             speculative=speculative,
             block_size=block_size,
+            verifier=verifier,
             **overrides,
         )
     if decoder.batch != b:

@@ -1,6 +1,8 @@
 """Lossless self-speculative decoding (issue 23): the transformed decode step drafts a block of
-tokens, the model's own sequential cached step verifies the block in one forward, and the tokens
-are the sequential model's (greedy: the same tokens; sampling: the same distribution).
+tokens, an exact step verifies the block in one forward (the model's own sequential cached step,
+or with ``Decoder(verifier="exact-seq")`` the compiler's exact sequential lowering of the block's
+step), and the tokens are the sequential model's (greedy: the same tokens; sampling: the same
+distribution).
 
     tokens = snlp_compile.generate(model, prompt, 200, speculative=SNLPConfig(iterations=1, init="warm"),
                                    block_size=4)
@@ -12,9 +14,9 @@ One round at position ``pos``, the last emitted token ``t0`` not yet in the cach
 1. draft: γ calls of the draft step (one token each, KV cached) from ``t0`` give d_1 .. d_γ; their
    K/V go into the caches at pos .. pos+γ-1 (with ``deferred_kv`` the step writes the previous
    token's corrected K/V itself, as in plain decoding);
-2. verify: one call of the sequential step on [t0, d_1 .. d_γ] at pos writes the exact K/V of
-   positions pos .. pos+γ, overwriting every drafted entry, and gives the exact next-token
-   distributions p_0 .. p_γ;
+2. verify: one call of the exact step (``Decoder.verify_step``) on [t0, d_1 .. d_γ] at pos
+   writes the exact K/V of positions pos .. pos+γ, overwriting every drafted entry, and gives the
+   exact next-token distributions p_0 .. p_γ;
 3. accept the longest prefix d_1 .. d_n the rule accepts and one token from the verifier (the
    correction at the first rejection, else the bonus token from p_γ). The caches then hold exact
    K/V at every position < the new pos; the slots past it are masked (``attention_bias``) and
@@ -60,7 +62,6 @@ class SpeculativeDecoder(Protocol):
 
     block_size: int | None  # (set whenever speculative decoding is on)
     draft_step: Any
-    sequential: Any
     device: torch.device
     k_cache: torch.Tensor
     v_cache: torch.Tensor
@@ -70,6 +71,8 @@ class SpeculativeDecoder(Protocol):
     adaptive_block_size: bool
 
     def prefill(self, prompt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
+
+    def verify_step(self, t: int) -> Any: ...
 
 
 @dataclass
@@ -234,14 +237,16 @@ def speculative_generate(
 ) -> torch.Tensor:
     """The rounds (module docstring) after a sequential prefill; sets ``decoder.last_stats``."""
     assert decoder.draft_step is not None and decoder.block_size is not None
-    draft, verify, single = decoder.draft_step, decoder.sequential, None
+    draft, single = decoder.draft_step, None
     if decoder.cuda_graphs:
         if decoder.graphed is None:  # (captured on the caches, which it clears: before the prefill)
             from .speculative_graphs import GraphedSteps
 
             most = decoder.block_size
             blocks = list(range(1, most + 1)) if decoder.adaptive_block_size else [most]
-            decoder.graphed = GraphedSteps(draft, verify, blocks, decoder.k_cache, decoder.v_cache)
+            decoder.graphed = GraphedSteps(
+                draft, decoder.verify_step, blocks, decoder.k_cache, decoder.v_cache
+            )
         draft, single = decoder.graphed.draft, decoder.graphed.single
     handle = SolveHandle.of(draft)
     deferred = handle is not None and handle.deferred
@@ -303,7 +308,7 @@ def speculative_generate(
                     qs.append(q)
             block = torch.stack([token, *drafts], dim=1)  # (B, g + 1)
         t1 = _mark(device)
-        step = verify if single is None else decoder.graphed.verify[g]
+        step = decoder.verify_step(g + 1) if single is None else decoder.graphed.verify[g]
         logits, new_k, new_v = step(block, pos, k_cache, v_cache)
         write(step, new_k, new_v, pos)  # exact K/V at start .. start + g
         if deferred:

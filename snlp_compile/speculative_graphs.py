@@ -19,7 +19,8 @@ the buffer. Draft steps with deferred K/V are refused: which cache slot such a s
 host-side state a graph cannot follow.
 
 Steps are captured as they are: pass compiled steps (``speculative=torch.compile(draft)``, and
-``Decoder.sequential`` replaced before the first generate()) to capture compiled code.
+``Decoder.sequential`` or ``Decoder.verify_steps`` replaced before the first generate()) to
+capture compiled code.
 ``capture=False`` runs the same code eagerly (the CPU tests check the logic with it).
 """
 
@@ -227,11 +228,12 @@ class DraftBlock:
 
 class GraphedSteps:
     """A speculative decoder's graphs (module docstring): ``blocks[g]`` and ``verify[g]`` for each g
-    in ``blocks``, ``draft`` and ``single``."""
+    in ``blocks``, ``draft`` and ``single``; ``verify_step(t)`` gives the exact step on t tokens
+    (``Decoder.verify_step``)."""
 
     def __init__(
-        self, draft_step: Any, sequential: Any, blocks: list[int], k_cache: torch.Tensor,
-        v_cache: torch.Tensor, capture: bool = True,
+        self, draft_step: Any, verify_step: Callable[[int], Any], blocks: list[int],
+        k_cache: torch.Tensor, v_cache: torch.Tensor, capture: bool = True,
     ) -> None:  # fmt: skip
         if capture and k_cache.device.type != "cuda":
             raise SNLPConfigError(f"cuda_graphs=True needs the model on a CUDA device, not {k_cache.device}")
@@ -241,8 +243,9 @@ class GraphedSteps:
         self.blocks = {g: DraftBlock(draft_step, g, k_cache, v_cache, trace, capture) for g in blocks}
         self.draft = GraphedStep(draft_step, (batch, 1), k_cache, v_cache, trace, capture)
         self.verify = {
-            g: GraphedStep(sequential, (batch, g + 1), k_cache, v_cache, None, capture) for g in blocks
+            g: GraphedStep(verify_step(g + 1), (batch, g + 1), k_cache, v_cache, None, capture)
+            for g in blocks
         }
-        self.single = GraphedStep(sequential, (batch, 1), k_cache, v_cache, None, capture)
+        self.single = GraphedStep(verify_step(1), (batch, 1), k_cache, v_cache, None, capture)
         k_cache.zero_()
         v_cache.zero_()

@@ -232,27 +232,34 @@ def test_cli_bench_points_at_the_checkout_entry_point(capsys) -> None:
 def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
     """benchmarks/speculative.py end to end at smoke scale (training included): every row timed,
     speed-ups against the best sequential decode, acceptance and the 2x arithmetic per row; the
-    speculative rows through the graphed code path, run eagerly (--uncaptured-graphs), also verified
-    through the exact lowering (--exact-verifier, its weights swapped for the random ones too)."""
+    speculative rows through the graphed code path, run eagerly (--uncaptured-graphs), with a
+    staged-chunk draft (P = 2 of 4 layers parallel) and the plain one (P = 4), verified through the
+    library's exact-seq lowering and the step as written (its weights swapped for the random ones too)."""
     result = _run(
         "speculative", "--smoke", "--work", str(tmp_path / "work"), "--gammas", "2,4", "--ks", "1",
-        "--repeats", "1", "--warmup", "1", "--uncaptured-graphs", "--adaptive", "--exact-verifier", out=tmp_path,
+        "--parallel", "2,4", "--repeats", "1", "--warmup", "1", "--uncaptured-graphs", "--adaptive",
+        "--verifier", "both", out=tmp_path,
     )  # fmt: skip
     rows = result["rows"]
     assert all(r.get("error") is None for r in rows), [r["error"] for r in rows if r.get("error")]
     assert {r["weights"] for r in rows} == {"trained", "random"}
     spec = [r for r in rows if r["kind"] == "speculative"]
-    fixed = sorted((r["weights"], r["gamma"]) for r in spec if not r["adaptive"] and not r["exact_verifier"])
-    assert fixed == [("random", 2), ("random", 4), ("trained", 2), ("trained", 4)]
-    assert all(r["graphs"] for r in spec) and sum(r["adaptive"] for r in spec) == 2
-    assert sum(r["exact_verifier"] for r in spec) == 4
+    fixed = sorted(
+        (r["weights"], r["parallel"], r["gamma"])
+        for r in spec
+        if not r["adaptive"] and r["verifier"] == "exact-seq"
+    )
+    assert fixed == [(w, p, g) for w in ("random", "trained") for p in (2, 4) for g in (2, 4)]
+    assert all(r["graphs"] for r in spec) and sum(r["adaptive"] for r in spec) == 4
+    assert sum(r["verifier"] == "sequential" for r in spec) == 8
     for r in spec:
         assert 0.0 <= r["acceptance_rate"] <= 1.0 and r["tokens_per_s"] > 0 and r["speedup_vs_best_seq"] > 0
         assert r["first_mismatch"] is None  # (float32: lossless to the token)
         assert r["draft_step_ms"] > 0 and r["verify_ms"] > 0
         assert r["adaptive"] or "acceptance_needed_2x_parts" in r
     assert max(r["speedup_vs_best_seq"] for r in rows if r["kind"] == "sequential") == 1.0
-    assert "| trained | speculative K=1 γ=2 graphs |" in (tmp_path / "speculative.md").read_text()
+    md = (tmp_path / "speculative.md").read_text()
+    assert "| trained | speculative P=2 K=1 γ=2 graphs exact-seq-verifier |" in md
     assert (tmp_path / "speculative.png").exists()
 
 

@@ -336,6 +336,11 @@ def test_cli_generate_speculative_prints_the_statistics(
     assert result["same_as_sequential"] and len(result["tokens"]) == 20
     assert result["stats"]["emitted"] == 19 and 0 <= result["stats"]["acceptance_rate"] <= 1
     assert main([*argv, "--speculative", "-K", "2"]) == 2  # (one line: -K is the approximate decode)
+    staged = ["--speculative", "--draft-parallel", "2", "--draft-iterations", "2", "--verifier", "exact-seq"]
+    assert main([*argv, *staged, "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "P=2, exact-seq verifier" in err and "the same tokens as sequential" in err
+    assert main([*argv, "--verifier", "exact-seq"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -354,7 +359,7 @@ def test_graphed_rounds_run_eagerly(draft: SNLPConfig, adaptive: bool, greedy: b
     dec = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, adaptive_block_size=adaptive)
     blocks = [1, 2, 3, 4] if adaptive else [4]
     dec.graphed = GraphedSteps(
-        dec.draft_step, dec.sequential, blocks, dec.k_cache, dec.v_cache, capture=False
+        dec.draft_step, dec.verify_step, blocks, dec.k_cache, dec.v_cache, capture=False
     )
     dec.cuda_graphs = True
     plain = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, adaptive_block_size=adaptive)
@@ -366,3 +371,61 @@ def test_graphed_rounds_run_eagerly(draft: SNLPConfig, adaptive: bool, greedy: b
         assert stats is not None and stats.emitted == 40
     eager = generate(plain, _prompt(), 41, return_stats=True, **sampling)[1]
     assert eager is not None and abs(eager.accepted - stats.accepted) <= 4  # (only the tail differs)
+
+
+@pytest.mark.parametrize(
+    ("name", "adaptive"), [("nanochat-tiny", False), ("mhc-tiny", True)]
+)  # fmt: skip
+def test_exact_seq_verifier(name: str, adaptive: bool) -> None:
+    """``verifier="exact-seq"``: the compiler's exact sequential lowering (one layer per chunk)
+    verifies, transformed once per block length used; tokens and caches stay the sequential
+    model's."""
+    from snlp_compile.solve.handle import SolveHandle
+
+    model = reference_model(name, scaled=True, sinkhorn_iters=5)
+    ref_tokens, ref = _sequential(model, 40)
+    dec = Decoder(
+        model, batch=1, max_len=48, speculative=SNLPConfig(iterations=1, init="warm"), block_size=4,
+        adaptive_block_size=adaptive, verifier="exact-seq",
+    )  # fmt: skip
+    tokens, stats = generate(dec, _prompt(), 40, return_stats=True)
+    assert torch.equal(tokens, ref_tokens)
+    assert float((dec.k_cache - ref.k_cache).abs().max()) < 1e-12
+    assert float((dec.v_cache - ref.v_cache).abs().max()) < 1e-12
+    assert stats is not None and stats.emitted == 39 and stats.accepted > 0
+    assert 5 in dec.verify_steps and set(dec.verify_steps) <= set(range(1, 6))
+    for step in dec.verify_steps.values():  # (lazily, one per length used: K = 1, a layer a chunk)
+        handle = SolveHandle.of(step)
+        assert handle is not None and handle.iterations == 1
+        assert handle.solve.chunk_sizes == [1] * model.config.n_layer
+    assert dec.verify_step(5) is dec.verify_steps[5]
+    with pytest.raises(SNLPConfigError, match="verifier"):
+        Decoder(model, batch=1, max_len=48, verifier="exact-seq")
+    with pytest.raises(SNLPConfigError, match="verifier"):
+        Decoder(model, batch=1, max_len=48, speculative=SNLPConfig(), verifier="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("init", "graphed", "verifier"),
+    [("warm", False, "sequential"), ("h0", False, "exact-seq"), ("warm", True, "exact-seq")],
+)
+def test_staged_chunk_drafts(init: str, graphed: bool, verifier: str) -> None:
+    """Partial-parallel drafts, ``chunks=(1, 1, 2)`` (two layers one after another, then two
+    layer-parallel): lossless with init warm (its rewind after a rejection restores the whole
+    trace, every chunk's rows) and h0, eagerly and through the graphed code (capture=False)."""
+    from snlp_compile.speculative_graphs import GraphedSteps
+
+    model = reference_model("nanochat-tiny", scaled=True)
+    ref_tokens, ref = _sequential(model, 41)
+    draft = SNLPConfig(iterations=1, chunks=(1, 1, 2), init=init)  # type: ignore[arg-type]
+    dec = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, verifier=verifier)  # type: ignore[arg-type]
+    if graphed:
+        dec.graphed = GraphedSteps(
+            dec.draft_step, dec.verify_step, [4], dec.k_cache, dec.v_cache, capture=False
+        )
+        dec.cuda_graphs = True
+    for _ in range(2 if graphed else 1):
+        tokens, stats = generate(dec, _prompt(), 41, return_stats=True)
+        assert torch.equal(tokens, ref_tokens)
+        assert float((dec.k_cache - ref.k_cache).abs().max()) < 1e-12
+        assert stats is not None and 0 < stats.accepted < stats.drafted  # (rejections: rewinds)

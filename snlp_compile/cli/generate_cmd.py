@@ -1,9 +1,11 @@
 """Generate tokens with the KV-cached decode path: sequential, through an SNLP decode step (-K), or
 lossless speculative decoding (--speculative: the SNLP step drafts --block-size tokens, the
-sequential step verifies them; the tokens are the sequential model's) with its statistics.
+sequential step or its exact lowering (--verifier) verifies them; the tokens are the sequential
+model's) with its statistics.
 
 snlp-compile generate runs/base --prompt "def main(" --speculative --block-size 4
 snlp-compile generate --model nanochat-tiny --speculative --block-size 8 --adaptive --check
+snlp-compile generate runs/base --speculative --draft-parallel 8 --draft-iterations 2 --verifier exact-seq
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=4, help="γ: tokens drafted per verification")
     parser.add_argument("--draft-iterations", type=int, default=1, help="K of the drafting SNLP step")
     parser.add_argument("--adaptive", action="store_true", help="adapt the block size between rounds (<= γ)")
+    staged = "draft with only the last P layers parallel (chunks (1,) * (L - P) + (P,)): drafts that converge"
+    parser.add_argument("--draft-parallel", type=int, default=None, metavar="P", help=staged)
+    parser.add_argument(
+        "--verifier",
+        choices=("sequential", "exact-seq"),
+        default="sequential",
+        help="verify with the step as written or the compiler's exact sequential lowering",
+    )
     parser.add_argument("--cuda-graphs", action="store_true", help="replay draft and verify from CUDA graphs")
     parser.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -88,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.speculative and args.iterations is not None:
         raise CLIError("--speculative drafts with --draft-iterations; -K is the approximate SNLP decode")
+    if not args.speculative and (args.draft_parallel is not None or args.verifier != "sequential"):
+        raise CLIError("--draft-parallel and --verifier are for --speculative")
     if args.check and args.sample:
         raise CLIError("--check compares greedy tokens: leave out --sample")
     model, tok = _model_and_tokenizer(args)
@@ -104,10 +116,16 @@ def run(args: argparse.Namespace) -> int:
     max_len = prompt.shape[1] + args.max_new_tokens
     kw: dict[str, Any] = {"batch": 1, "max_len": max_len}
     if args.speculative:
-        draft = SNLPConfig(iterations=args.draft_iterations, init=args.init)
+        n, p = model.config.n_layer, args.draft_parallel
+        if p is not None and not 1 <= p <= n:
+            raise CLIError(f"--draft-parallel must lie in 1..{n} (the model's layers), got {p}")
+        chunks = 1 if p is None or p == n else (1,) * (n - p) + (p,)
+        draft = SNLPConfig(iterations=args.draft_iterations, init=args.init, chunks=chunks)
         kw.update(speculative=draft, block_size=args.block_size, adaptive_block_size=args.adaptive)
-        kw.update(cuda_graphs=args.cuda_graphs)
-        what = f"speculative, draft K={args.draft_iterations} {args.init}, block size {args.block_size}"
+        kw.update(cuda_graphs=args.cuda_graphs, verifier=args.verifier)
+        what = f"speculative, draft K={args.draft_iterations} {args.init}"
+        what += f" P={p}" if p is not None else ""
+        what += f", {args.verifier} verifier, block size {args.block_size}"
         what += " (adaptive)" if args.adaptive else ""
     elif args.iterations is not None:
         kw["config"] = SNLPConfig(iterations=args.iterations, init=args.init)
