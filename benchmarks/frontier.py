@@ -1,7 +1,7 @@
 """Speed at equal quality: train a model family, measure the perplexity of the KV-cached decode step
 the users deploy, time that step, and put both on one frontier beside shallower sequential models.
 
-    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~27 min (see below)
+    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~33 min (see below)
     python -m benchmarks frontier run --smoke --work /tmp/fs --out /tmp/fs # CPU: checks the script
     python -m benchmarks frontier reference --work /tmp/ref               # a GPU: one checkpoint, ~3 min
     python -m benchmarks frontier assemble --work /tmp/frontier --out DIR # the report of a run cut short
@@ -28,6 +28,13 @@ Stages, one process (so checkpoints stay on the machine's local disk, ``--work``
 
 Each stage writes what it has (checkpoints, quality rows, timings) before the next begins, so a run
 cut short keeps what it finished and a second run resumes from the checkpoints.
+
+Device schedule (calls of at most 10 minutes, 30 device minutes a session): on one warm machine,
+``run --stages train --models base-s0 base-s1 reg seq-l8 seq-l4`` (~8 min with the data), then
+``--stages train --models sft-k1 sft-k2 sft-fused`` (~3 min), then ``--stages quality`` over
+``--models base-s0 base-s1 reg`` and over the other five (~7 min each), each call copying
+``work/*.json`` to ``$OUT``; ``assemble --quality-only`` on those files makes the frontier.json a
+later session times with ``run --quality-from`` (~10 min, random weights) and ``--points``.
 """
 
 from __future__ import annotations
@@ -722,11 +729,13 @@ def quality_grid(points: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
+    pts = [p for p in result["points"] if p["speedup"] is not None]
     plt = pyplot()
-    if plt is None:
+    if plt is None or not pts:
+        if not pts:
+            log("report: no timed point, no plot")
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    pts = [p for p in result["points"] if p["speedup"] is not None]
     labelled = False  # (one legend entry for every model's fused points)
     for model in dict.fromkeys(p["model"] for p in pts):
         mine = [p for p in pts if p["model"] == model]
@@ -773,8 +782,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "frontier.md").write_text(markdown(result))
-    plot(result, out / "frontier.png")
-    log(f"report: {out / 'frontier.json'}, frontier.md, frontier.png")
+    png = plot(result, out / "frontier.png")
+    log(f"report: {out / 'frontier.json'}, frontier.md" + (", frontier.png" if png else ""))
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -914,7 +923,7 @@ def assemble(args: argparse.Namespace) -> int:
     """The frontier from a run's stage results in ``--work`` (checkpoints not needed): the report of a
     run cut short, with what it did not measure listed under ``meta.incomplete``."""
     work = Path(args.work)
-    scale = Scale()
+    scale = SMOKE if args.smoke else Scale()
     meta_path = work / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.setdefault("env", {"gpu": args.device_label, "torch": args.torch_version})
@@ -935,7 +944,12 @@ def assemble(args: argparse.Namespace) -> int:
         if (work / f"{n}.quality.json").exists()
         for row in json.loads((work / f"{n}.quality.json").read_text())
     ]
-    timed = load_timings(work, Path(args.log) if args.log else None)
+    if args.quality_only:  # (the quality calls' results: a frontier.json for a later --quality-from)
+        if (work / "timings.json").exists() or args.log:
+            raise SystemExit("frontier assemble: --quality-only, but there are timings: leave it out")
+        timed: list[Timed] = []
+    else:
+        timed = load_timings(work, Path(args.log) if args.log else None)
     joined = build_points(quality, timed, trained, scale)
     untimed = sorted(
         {
@@ -1051,6 +1065,12 @@ def main(argv: list[str] | None = None) -> int:
     asm.add_argument("--out", required=True)
     asm.add_argument("--log", default=None, help="the run's log, if it predates work/timings.json")
     asm.add_argument("--note", default="", help="what the run did not reach, for the report")
+    asm.add_argument("--smoke", action="store_true", help="a smoke-scale run's stage results")
+    asm.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="no timings yet (the quality calls of a split schedule): every point untimed, for --quality-from",
+    )
     asm.add_argument("--device-label", default="?", help="when work/meta.json is missing")
     asm.add_argument("--torch-version", default="?", help="when work/meta.json is missing")
     rep = sub.add_parser("report", help="re-render frontier.md and frontier.png from a frontier.json")

@@ -196,4 +196,16 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert result["models"]["sft-fused"]["snlp"]["fused_layers"] == 2
     timed = {(r["fusion"], r["parallel_layers"], r["iterations"]) for r in result["timings"]}
     assert (2, 4, 1) in timed
+    # the quality calls of a split device schedule: their stage files alone make a quality-only report
+    import shutil
+
+    q = tmp_path / "q"
+    q.mkdir()
+    for f in (tmp_path / "w").glob("*.json"):
+        if f.name != "timings.json":
+            shutil.copy(f, q / f.name)
+    assert main(["assemble", "--smoke", "--quality-only", "--work", str(q), "--out", str(q / "out")]) == 0
+    only = json.loads((q / "out" / "frontier.json").read_text())
+    assert len(only["points"]) == len(result["points"]) and not any(p["decode_ms"] for p in only["points"])
+    assert [p["fusion"] for p in only["points"]] == [p["fusion"] for p in result["points"]]
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()
