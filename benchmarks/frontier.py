@@ -449,10 +449,18 @@ class Timer:
 
     def point(self, par: int, k: int, init: str, mode: str, fusion: int = 1) -> None:
         if fusion > 1:  # (wide layers need chunks=1 and no deferred K/V: the plain solve only)
-            t = snlp_compile.transform(
-                self.step, self.inputs, iterations=k, parallel_layers=par, init=init, fused_layers=fusion
-            )
-            self.time(Timed(self.name, par, k, init, f"snlp {mode}", fusion=fusion), t, mode)
+            row = Timed(self.name, par, k, init, f"snlp {mode}", fusion=fusion)
+            try:
+                t = snlp_compile.transform(
+                    self.step, self.inputs, iterations=k, parallel_layers=par, init=init, fused_layers=fusion
+                )
+            except snlp_compile.SNLPError as exc:  # e.g. PAR not a multiple of M: a --points typo
+                row.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                self.rows.append(row)
+                save_timing(self.work, row)
+                log(f"speed {self.name} par={par} F={fusion} K={k} {init}: {row.error}")
+                return
+            self.time(row, t, mode)
             return
         if par < self.n_layer:
             # the same function as parallel_layers=par, its sequential layers lowered as one-layer
