@@ -1,28 +1,40 @@
 """Speed at equal quality: train a model family, measure the perplexity of the KV-cached decode step
 the users deploy, time that step, and put both on one frontier beside shallower sequential models.
 
-    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~27 min (see below)
+    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~33 min (see below)
     python -m benchmarks frontier run --smoke --work /tmp/fs --out /tmp/fs # CPU: checks the script
     python -m benchmarks frontier reference --work /tmp/ref               # a GPU: one checkpoint, ~3 min
     python -m benchmarks frontier assemble --work /tmp/frontier --out DIR # the report of a run cut short
     python -m benchmarks frontier report benchmarks/results/frontier.json # table + plot from the JSON
+    python -m benchmarks frontier run --quality-from J --work W --out O --points 16:2:h0:f4  # fused point
 
 Stages, one process (so checkpoints stay on the machine's local disk, ``--work``):
 1. data: a byte-level BPE (``--vocab``) trained on a sample of the local Python sources, then the
    train / held-out split tokenised with it (per-token perplexity, as the paper reports);
 2. train: the unregularised baseline (two seeds: the noise), the paper-recipe regularised model
-   (``RegulariserConfig()`` defaults), SNLP-forward fine-tunes of the baseline, and shallow
-   sequential controls (L/2, L/4) on the same data and token budget; each a safetensors checkpoint;
+   (``RegulariserConfig()`` defaults), SNLP-forward fine-tunes of the baseline (one of them through
+   the fused solve: wide layers of M, ``SNLPConfig.fused_layers``), and shallow sequential controls
+   (L/2, L/4) on the same data and token budget; each a safetensors checkpoint;
 3. quality: teacher-forced perplexity of each model's cached decode step
-   (``snlp_compile.train.decode_eval``) over parallel layers x K x init, in bf16 as timed;
+   (``snlp_compile.train.decode_eval``) over parallel layers x K x init, plus the paper's fusion
+   (wide layers of M = 2 and 4 over all layers, K x h0; every token through the fused solve), in
+   bf16 as timed; a point's ``fusion`` is M (1: none);
 4. speed: the same steps at batch 1, context ``--context``: the sequential baselines (model as
    written and the compiler's exact sequential lowering, eager and compiled + CUDA graphs), the
-   grid eager + CUDA graphs, then the frontier points compiled + CUDA graphs (plain and deferred
-   K/V); speed-ups against the best sequential step of this run;
+   grid eager + CUDA graphs (the fused configurations too), then the frontier points compiled + CUDA
+   graphs (plain and deferred K/V; fused: plain); speed-ups against the best sequential step of this
+   run;
 5. report: ``frontier.json`` (points, summary), ``frontier.md`` and ``frontier.png``.
 
 Each stage writes what it has (checkpoints, quality rows, timings) before the next begins, so a run
 cut short keeps what it finished and a second run resumes from the checkpoints.
+
+Device schedule (calls of at most 10 minutes, 30 device minutes a session): on one warm machine,
+``run --stages train --models base-s0 base-s1 reg seq-l8 seq-l4`` (~8 min with the data), then
+``--stages train --models sft-k1 sft-k2 sft-fused`` (~3 min), then ``--stages quality`` over
+``--models base-s0 base-s1 reg`` and over the other five (~7 min each), each call copying
+``work/*.json`` to ``$OUT``; ``assemble --quality-only`` on those files makes the frontier.json a
+later session times with ``run --quality-from`` (~10 min, random weights) and ``--points``.
 """
 
 from __future__ import annotations
@@ -100,6 +112,9 @@ class Scale:
     parallel: tuple[int, ...] = (4, 8, 12, 16)
     iterations: tuple[int, ...] = (1, 2, 4)
     inits: tuple[str, ...] = ("h0", "warm")
+    fusions: tuple[int, ...] = (2, 4)  # wide layers of M over all layers (the paper's ChunkB_{N/M}xFM)
+    fused_iterations: tuple[int, ...] = (1, 2, 4)  # (init h0; K >= N/M is exact to the fused function)
+    finetune_fusion: int = 4  # sft-fused trains through wide layers of this M
     device: str = "cuda"
     dtype: str = "bf16"
 
@@ -117,7 +132,7 @@ class Scale:
 SMOKE = Scale(
     n_layer=4, n_embd=64, n_head=2, seq_len=64, vocab=512, batch=4, steps=12, finetune_steps=6, warmup=2,
     max_bytes=400_000, val_max_bytes=100_000, bpe_sample_bytes=200_000, eval_windows=3, context=64, parallel=(2, 4),
-    iterations=(1, 4), device="cpu", dtype="fp32",
+    iterations=(1, 4), fusions=(2,), fused_iterations=(1,), finetune_fusion=2, device="cpu", dtype="fp32",
 )  # fmt: skip
 
 
@@ -147,6 +162,12 @@ def variants(scale: Scale) -> list[Variant]:
         Variant(
             "sft-k2", "snlp-forward", init_from="base-s0", snlp=SNLPConfig(iterations=2),
             note=f"base-s0 fine-tuned through the K=2 solve, all {n} layers parallel",
+        ),
+        Variant(
+            "sft-fused", "snlp-forward", init_from="base-s0",
+            snlp=SNLPConfig(iterations=2, fused_layers=scale.finetune_fusion),
+            note=f"base-s0 fine-tuned through the K=2 solve of {n // scale.finetune_fusion} wide layers "
+            f"of {scale.finetune_fusion} (fused_layers={scale.finetune_fusion})",
         ),
         Variant(f"seq-l{n // 2}", n_layer=n // 2, note=f"shallow sequential control, {n // 2} layers"),
         Variant(f"seq-l{n // 4}", n_layer=n // 4, note=f"shallow sequential control, {n // 4} layers"),
@@ -278,7 +299,14 @@ def quality_from(path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
     (checkpoints do not outlive the machine that trained them; the weights do not change timings)."""
     result = json.loads(path.read_text())
     keys = ("model", "parallel_layers", "iterations", "init", "ppl", "bpb")
-    return [{k: p[k] for k in keys} for p in result["points"]], result["models"]
+    rows = [{**{k: p[k] for k in keys}, "fusion": fusion_of(p)} for p in result["points"]]
+    return rows, result["models"]
+
+
+def fusion_of(p: dict[str, Any]) -> int:
+    """A point's (or quality row's) fusion M, 1 for none (earlier runs wrote "none" or nothing)."""
+    value = p.get("fusion", 1)
+    return 1 if value in (None, "none") else int(value)
 
 
 def measure_quality(
@@ -292,6 +320,7 @@ def measure_quality(
     if v.n_layer is None:
         par = [None if p >= n else p for p in scale.parallel]
         grid = settings_grid(par, scale.iterations, scale.inits)
+        grid += [DecodeSetting(k, None, "h0", m) for m in scale.fusions for k in scale.fused_iterations]
     else:
         grid = [DecodeSetting(None)]
     t0 = time.perf_counter()
@@ -304,6 +333,7 @@ def measure_quality(
     rows = []
     for r in results:
         row = {"model": v.name, **r.row()}
+        row["fusion"] = row.pop("fused_layers")
         if row["parallel_layers"] is None and row["iterations"] is not None:
             row["parallel_layers"] = n
         if r.setting.sequential:
@@ -321,6 +351,7 @@ def graph_check(work: Path, scale: Scale, windows: torch.Tensor, bytes_per_token
     model = load_for_inference(work, BASELINE, scale)
     few = windows[:2, : min(windows.size(1), 65)]
     grid = [DecodeSetting(None), DecodeSetting(1, None, "warm"), DecodeSetting(2, scale.n_layer // 2, "h0")]
+    grid += [DecodeSetting(2, None, "h0", max(scale.fusions))] if scale.fusions else []
     graphed = decode_perplexity(model, few, grid, bytes_per_token=bytes_per_token, graphs=True)
     eager = decode_perplexity(model, few, grid, bytes_per_token=bytes_per_token, graphs=False)
     check = {g.setting.label(): abs(g.ce - e.ce) for g, e in zip(graphed, eager)}
@@ -342,6 +373,7 @@ class Timed:
     p90_ms: float | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    fusion: int = 1  # wide layers of M (fused_layers); 1: none
 
 
 class Timer:
@@ -366,7 +398,7 @@ class Timer:
     def time(self, row: Timed, base: Any, mode: str, deferred: bool = False) -> Timed:
         t0 = time.perf_counter()
         try:
-            key = f"{row.variant} {row.parallel_layers} {row.iterations} {row.init}"
+            key = f"{row.variant} {row.parallel_layers} {row.iterations} {row.init} {row.fusion}"
             options = None if row.parallel_layers == 0 else self.snlp_options
             post = logits_only if deferred else self.write
             fn = make_variant(base, mode, self.inputs, self.device, self.compiled, key, post, options)
@@ -380,7 +412,10 @@ class Timer:
         self.rows.append(row)
         save_timing(self.work, row)
         ms = f"{row.median_ms:.4f} ms" if row.median_ms else row.error
-        log(f"speed {self.name} par={row.parallel_layers} K={row.iterations} {row.init} {row.variant}: {ms}")
+        fused = f" F={row.fusion}" if row.fusion > 1 else ""
+        log(
+            f"speed {self.name} par={row.parallel_layers}{fused} K={row.iterations} {row.init} {row.variant}: {ms}"
+        )
         return row
 
     def sequential(self, modes: list[str]) -> None:
@@ -403,7 +438,30 @@ class Timer:
                     )
                 del t
 
-    def point(self, par: int, k: int, init: str, mode: str) -> None:
+    def fused_grid(self, fusions: list[int], iterations: list[int], mode: str) -> None:
+        """Wide layers of M over all layers, init h0 (the quality grid's fused settings)."""
+        for m in fusions:
+            t = snlp_compile.transform(self.step, self.inputs, iterations=1, fused_layers=m, init="h0")
+            for k in iterations:
+                row = Timed(self.name, self.n_layer, k, "h0", f"snlp {mode}", fusion=m)
+                self.time(row, with_iterations(t, k, "h0"), mode)
+            del t
+
+    def point(self, par: int, k: int, init: str, mode: str, fusion: int = 1) -> None:
+        if fusion > 1:  # (wide layers need chunks=1 and no deferred K/V: the plain solve only)
+            row = Timed(self.name, par, k, init, f"snlp {mode}", fusion=fusion)
+            try:
+                t = snlp_compile.transform(
+                    self.step, self.inputs, iterations=k, parallel_layers=par, init=init, fused_layers=fusion
+                )
+            except snlp_compile.SNLPError as exc:  # e.g. PAR not a multiple of M: a --points typo
+                row.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                self.rows.append(row)
+                save_timing(self.work, row)
+                log(f"speed {self.name} par={par} F={fusion} K={k} {init}: {row.error}")
+                return
+            self.time(row, t, mode)
+            return
         if par < self.n_layer:
             # the same function as parallel_layers=par, its sequential layers lowered as one-layer
             # chunks (the exact-seq lowering) rather than as written; deferred K/V needs all layers
@@ -438,11 +496,11 @@ def load_timings(work: Path, log: Path | None) -> list[Timed]:
     if log is None:
         raise SystemExit(f"frontier: no {path} and no --log to read timings from")
     rows = []
-    pattern = re.compile(r"speed (\S+) par=(\d+) K=(\S+) (\S+) (.+): ([0-9.]+) ms$")
+    pattern = re.compile(r"speed (\S+) par=(\d+)(?: F=(\d+))? K=(\S+) (\S+) (.+): ([0-9.]+) ms$")
     for line in log.read_text().splitlines():
         m = pattern.search(line)
         if m:
-            model, par, k, init, variant, ms = m.groups()
+            model, par, fused, k, init, variant, ms = m.groups()
             rows.append(
                 Timed(
                     model,
@@ -452,6 +510,7 @@ def load_timings(work: Path, log: Path | None) -> list[Timed]:
                     variant,
                     float(ms),
                     extra={"from_log": True},
+                    fusion=int(fused or 1),
                 )
             )
     return rows
@@ -469,7 +528,7 @@ def best_ms(rows: list[Timed], **match: Any) -> tuple[float | None, str | None]:
 def build_points(
     quality: list[dict[str, Any]], timed: list[Timed], trained: dict[str, dict[str, Any]], scale: Scale
 ) -> dict[str, Any]:
-    """Join quality and speed: one point per (model, parallel layers, K, init)."""
+    """Join quality and speed: one point per (model, parallel layers, K, init, fusion)."""
     base_ppl = next(q["ppl"] for q in quality if q["model"] == BASELINE and q["iterations"] is None)
     deep = [r for r in timed if r.model == BASELINE]
     best_seq, best_seq_variant = best_ms([r for r in deep if r.parallel_layers == 0])
@@ -477,13 +536,16 @@ def build_points(
     for q in quality:
         info = trained.get(q["model"], {})
         shallow = info.get("n_layer", scale.n_layer) < scale.n_layer
+        fusion = fusion_of(q)
         if q["iterations"] is None:  # (a deep model's sequential step is timed once, on the baseline)
             source = q["model"] if shallow else BASELINE
             ms, variant = best_ms([r for r in timed if r.model == source and r.parallel_layers == 0])
             par = 0
         else:
             par = q["parallel_layers"]
-            ms, variant = best_ms(deep, parallel_layers=par, iterations=q["iterations"], init=q["init"])
+            ms, variant = best_ms(
+                deep, parallel_layers=par, iterations=q["iterations"], init=q["init"], fusion=fusion
+            )
         points.append(
             {
                 "model": q["model"],
@@ -492,7 +554,7 @@ def build_points(
                 "parallel_layers": par,
                 "iterations": q["iterations"],
                 "init": q["init"],
-                "fusion": "none",
+                "fusion": fusion,
                 "ppl": q["ppl"],
                 "ppl_vs_baseline": q["ppl"] / base_ppl - 1.0,
                 "bpb": q["bpb"],
@@ -518,7 +580,8 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
         return max(ok, key=lambda p: p["speedup"]) if ok else None
 
     def brief(p: dict[str, Any] | None) -> dict[str, Any] | None:
-        keys = ("model", "parallel_layers", "iterations", "init", "ppl_vs_baseline", "speedup", "decode_ms")
+        keys = ("model", "parallel_layers", "iterations", "init", "fusion", "ppl_vs_baseline", "speedup",
+                "decode_ms")  # fmt: skip
         return None if p is None else {k: p[k] for k in keys}
 
     controls = {}
@@ -586,7 +649,7 @@ def markdown(result: dict[str, Any]) -> str:
     if gaps:
         lines += [
             f"**Incomplete run.** {gaps['note']} Not timed: {len(gaps['untimed_configs'])} configurations "
-            f"(parallel, K, init): {', '.join(str(tuple(c)) for c in gaps['untimed_configs'])}. SNLP points "
+            f"(parallel, K, init, fusion): {', '.join(str(tuple(c)) for c in gaps['untimed_configs'])}. SNLP points "
             f"compiled + CUDA graphs: {gaps['snlp_compiled_points']}.",
             "",
         ]
@@ -602,6 +665,7 @@ def markdown(result: dict[str, Any]) -> str:
             ""
             if not by
             else f" by {by['model']} par={by['parallel_layers']} K={by['iterations']} {by['init']}"
+            + (f" fused={fusion_of(by)}" if fusion_of(by) > 1 else "")
         )
         lines.append(
             f"| control {name} ({pct(c['ppl_vs_baseline'])}, {c['speedup']:.2f}x) dominated | "
@@ -610,14 +674,17 @@ def markdown(result: dict[str, Any]) -> str:
     spread = ", ".join(f"{k} {pct(v)}" for k, v in s["seed_spread_ppl_vs_baseline"].items())
     lines += ["", f"Seed spread of the baseline's sequential perplexity: {spread}.", ""]
     lines += [
-        "Pareto points (faster first; every point of every model in frontier.json):",
+        "Pareto points (faster first; every point of every model in frontier.json; fused: wide layers "
+        "of M, the paper's fusion, none when empty):",
         "",
-        "| model | parallel | K | init | ppl | vs baseline | decode ms | speed-up | timed as |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | parallel | K | init | fused | ppl | vs baseline | decode ms | speed-up | timed as |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in pareto(result["points"]):
+        m = fusion_of(p)
         lines.append(
             f"| {p['model']} | {p['parallel_layers']} | {p['iterations'] or ''} | {p['init'] or ''} | "
+            f"{m if m > 1 else ''} | "
             f"{p['ppl']:.3f} | {pct(p['ppl_vs_baseline'])} | {num(p['decode_ms'], '.4f')} | "
             f"{num(p['speedup'], '.2f')}x | {p['timed_variant']} |"
         )
@@ -641,23 +708,25 @@ def markdown(result: dict[str, Any]) -> str:
 
 def quality_grid(points: list[dict[str, Any]]) -> list[str]:
     """Decode-path perplexity vs the baseline, one row per model and init, one column per
-    (parallel layers, K): the whole quality grid at a glance."""
+    (parallel layers, K, fusion): the whole quality grid at a glance."""
     snlp = [p for p in points if p["kind"] == "snlp"]
-    cols = sorted({(p["parallel_layers"], p["iterations"]) for p in snlp})
+    key = lambda p: (fusion_of(p), p["parallel_layers"], p["iterations"])  # noqa: E731
+    cols = sorted({key(p) for p in snlp})
     if not cols:
         return []
+    head = [f"{par}/K={k}" + (f"/F{m}" if m > 1 else "") for m, par, k in cols]
     lines = [
         "",
-        "Decode-path perplexity vs the baseline's sequential (all measured points):",
+        "Decode-path perplexity vs the baseline's sequential (all measured points; /FM: wide layers of "
+        "M, the fused function):",
         "",
-        "| model | init | seq | " + " | ".join(f"{par}/K={k}" for par, k in cols) + " |",
+        "| model | init | seq | " + " | ".join(head) + " |",
         "|---|---|---|" + "---|" * len(cols),
     ]
     seq = {p["model"]: p["ppl_vs_baseline"] for p in points if p["parallel_layers"] == 0}
     for model in dict.fromkeys(p["model"] for p in snlp):
         for init in dict.fromkeys(p["init"] for p in snlp if p["model"] == model):
-            got = {(p["parallel_layers"], p["iterations"]): p["ppl_vs_baseline"] for p in snlp
-                   if p["model"] == model and p["init"] == init}  # fmt: skip
+            got = {key(p): p["ppl_vs_baseline"] for p in snlp if p["model"] == model and p["init"] == init}
             cells = [f"{100 * got[c]:+.1f}%" if c in got else "" for c in cols]
             lines.append(
                 f"| {model} | {init} | {100 * seq.get(model, float('nan')):+.2f}% | "
@@ -668,19 +737,29 @@ def quality_grid(points: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
+    pts = [p for p in result["points"] if p["speedup"] is not None]
     plt = pyplot()
-    if plt is None:
+    if plt is None or not pts:
+        if not pts:
+            log("report: no timed point, no plot")
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    pts = [p for p in result["points"] if p["speedup"] is not None]
+    labelled = False  # (one legend entry for every model's fused points)
     for model in dict.fromkeys(p["model"] for p in pts):
         mine = [p for p in pts if p["model"] == model]
         if mine[0]["kind"] == "shallow-control":
             ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine],
                        marker="*", s=220, edgecolor="k", zorder=5, label=f"{model} (sequential)")  # fmt: skip
         else:
-            ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine],
-                       s=22, alpha=0.8, label=model)  # fmt: skip
+            plain = [p for p in mine if fusion_of(p) == 1]
+            fused = [p for p in mine if fusion_of(p) > 1]
+            dots = ax.scatter([p["speedup"] for p in plain], [100 * p["ppl_vs_baseline"] for p in plain],
+                              s=22, alpha=0.8, label=model)  # fmt: skip
+            if fused:  # the fused function: triangles in the model's colour
+                ax.scatter([p["speedup"] for p in fused], [100 * p["ppl_vs_baseline"] for p in fused],
+                           s=30, alpha=0.8, marker="^", color=dots.get_facecolor()[0],
+                           label="_" if labelled else "fused (wide layers; model colour)")  # fmt: skip
+                labelled = True
     front = pareto(pts)
     ax.plot(
         [p["speedup"] for p in front],
@@ -699,7 +778,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylim(bottom=-1.0)
     ax.set_xlabel("decode speed-up over the best sequential step (batch 1, same run)")
     ax.set_ylabel("decode-path perplexity vs baseline (%)")
-    ax.set_title("Speed at equal quality: SNLP points and shallow sequential controls")
+    ax.set_title("Speed at equal quality: SNLP points (triangles: fused) and shallow sequential controls")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -711,12 +790,12 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "frontier.md").write_text(markdown(result))
-    plot(result, out / "frontier.png")
-    log(f"report: {out / 'frontier.json'}, frontier.md, frontier.png")
+    png = plot(result, out / "frontier.png")
+    log(f"report: {out / 'frontier.json'}, frontier.md" + (", frontier.png" if png else ""))
 
 
 # -- the run --------------------------------------------------------------------------------------
-def pick_compiled(points: list[dict[str, Any]], limit: int) -> list[tuple[int, int, str]]:
+def pick_compiled(points: list[dict[str, Any]], limit: int) -> list[tuple[int, int, str, int]]:
     """The configurations worth compiling: best within 1% and 5%, then the Pareto front."""
     snlp = [p for p in points if p["kind"] == "snlp" and p["speedup"] is not None]
     order: list[dict[str, Any]] = []
@@ -725,20 +804,27 @@ def pick_compiled(points: list[dict[str, Any]], limit: int) -> list[tuple[int, i
         if ok:
             order.append(max(ok, key=lambda p: p["speedup"]))
     order += pareto(snlp)
-    configs = list(dict.fromkeys((p["parallel_layers"], p["iterations"], p["init"]) for p in order))
+    configs = list(
+        dict.fromkeys((p["parallel_layers"], p["iterations"], p["init"], fusion_of(p)) for p in order)
+    )
     return configs[:limit]
 
 
-def parse_point(text: str) -> tuple[int, int, str]:
-    """'8:2:h0' -> (8, 2, 'h0'): parallel layers, iterations, init."""
+def parse_point(text: str) -> tuple[int, int, str, int]:
+    """'8:2:h0' -> (8, 2, 'h0', 1), '16:2:h0:f4' -> (16, 2, 'h0', 4): parallel layers, iterations,
+    init and fusion (wide layers of M; 1, the default, is none)."""
     try:
-        par, k, init = text.split(":")
-        if init not in ("h0", "warm"):
+        par, k, init, *rest = text.split(":")
+        if init not in ("h0", "warm") or len(rest) > 1 or (rest and not rest[0].startswith("f")):
             raise ValueError
-        return int(par), int(k), init
+        fusion = int(rest[0][1:]) if rest else 1
+        if fusion < 1:
+            raise ValueError
+        return int(par), int(k), init, fusion
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"a point is PAR:K:INIT with INIT h0 or warm, e.g. 8:2:h0; got {text!r}"
+            f"a point is PAR:K:INIT[:fM] with INIT h0 or warm and M the wide layers' size, e.g. 8:2:h0 "
+            f"or 16:2:h0:f4; got {text!r}"
         ) from None
 
 
@@ -816,15 +902,16 @@ def run(args: argparse.Namespace) -> int:
                 timers.append(t)
         if not args.points:
             deep.grid(list(scale.parallel), list(scale.iterations), list(scale.inits), grid_mode)
+            deep.fused_grid(list(scale.fusions), list(scale.fused_iterations), grid_mode)
         timed = [r for t in timers for r in t.rows]
         joined = build_points(quality, timed, trained, scale)
         if point_mode != grid_mode or args.points:
             chosen_points = args.points or pick_compiled(joined["points"], args.max_compiled)
-            for par, k, init in chosen_points:
+            for par, k, init, fusion in chosen_points:
                 if left() < 90:
                     log("speed: budget spent, no more compiled points")
                     break
-                deep.point(par, k, init, point_mode)
+                deep.point(par, k, init, point_mode, fusion)
     timed = [r for t in timers for r in t.rows]
     joined = build_points(quality, timed, trained, scale)
     result = {
@@ -844,7 +931,7 @@ def assemble(args: argparse.Namespace) -> int:
     """The frontier from a run's stage results in ``--work`` (checkpoints not needed): the report of a
     run cut short, with what it did not measure listed under ``meta.incomplete``."""
     work = Path(args.work)
-    scale = Scale()
+    scale = SMOKE if args.smoke else Scale()
     meta_path = work / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.setdefault("env", {"gpu": args.device_label, "torch": args.torch_version})
@@ -865,11 +952,16 @@ def assemble(args: argparse.Namespace) -> int:
         if (work / f"{n}.quality.json").exists()
         for row in json.loads((work / f"{n}.quality.json").read_text())
     ]
-    timed = load_timings(work, Path(args.log) if args.log else None)
+    if args.quality_only:  # (the quality calls' results: a frontier.json for a later --quality-from)
+        if (work / "timings.json").exists() or args.log:
+            raise SystemExit("frontier assemble: --quality-only, but there are timings: leave it out")
+        timed: list[Timed] = []
+    else:
+        timed = load_timings(work, Path(args.log) if args.log else None)
     joined = build_points(quality, timed, trained, scale)
     untimed = sorted(
         {
-            (p["parallel_layers"], p["iterations"], p["init"])
+            (p["parallel_layers"], p["iterations"], p["init"], fusion_of(p))
             for p in joined["points"]
             if p["decode_ms"] is None
         },
@@ -911,6 +1003,12 @@ def calibrate(args: argparse.Namespace) -> int:
         base,
         Variant("calib-reg", "regulariser"),
         Variant("calib-sft", "snlp-forward", init_from="calib-base", snlp=SNLPConfig(iterations=2)),
+        Variant(
+            "calib-sft-fused",
+            "snlp-forward",
+            init_from="calib-base",
+            snlp=SNLPConfig(iterations=2, fused_layers=scale.finetune_fusion),
+        ),
     ]
     for v in cases:
         for steps in (3, 3 + args.steps):
@@ -959,9 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=parse_point,
         default=None,
-        metavar="PAR:K:INIT",
+        metavar="PAR:K:INIT[:fM]",
         help="time only these configurations of the baseline, compiled + CUDA graphs (no eager grid), "
-        "e.g. 8:2:h0 12:4:warm",
+        "e.g. 8:2:h0 12:4:warm 16:2:h0:f4 (fM: wide layers of M, fused_layers=M)",
     )
     ref = sub.add_parser("reference", help="retrain the seeded baseline checkpoint only (GPU, a few minutes)")
     ref.add_argument("--work", required=True)
@@ -975,6 +1073,12 @@ def main(argv: list[str] | None = None) -> int:
     asm.add_argument("--out", required=True)
     asm.add_argument("--log", default=None, help="the run's log, if it predates work/timings.json")
     asm.add_argument("--note", default="", help="what the run did not reach, for the report")
+    asm.add_argument("--smoke", action="store_true", help="a smoke-scale run's stage results")
+    asm.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="no timings yet (the quality calls of a split schedule): every point untimed, for --quality-from",
+    )
     asm.add_argument("--device-label", default="?", help="when work/meta.json is missing")
     asm.add_argument("--torch-version", default="?", help="when work/meta.json is missing")
     rep = sub.add_parser("report", help="re-render frontier.md and frontier.png from a frontier.json")

@@ -68,3 +68,21 @@ def test_settings_grid_and_bad_windows(model) -> None:
     assert grid[1].label() == "par=all K=1 init=h0"
     with pytest.raises(ValueError, match="windows must be"):
         decode_perplexity(model, torch.zeros(3, dtype=torch.long), grid, bytes_per_token=1.0)
+
+
+def test_fused_decode_path_is_the_fused_function_token_by_token(model, windows) -> None:
+    """Wide layers (fused_layers=2): every token, the first included, goes through the fused solve
+    (no sequential prefill of the unfused model), so at exact K (the number of wide layers) the
+    decode-path perplexity is the fused full-sequence forward's; K=1 differs from it."""
+    wide = model.config.n_layer // 2
+    grid = [DecodeSetting(1, None, "h0", fused_layers=2), DecodeSetting(wide, None, "h0", fused_layers=2)]
+    k1, exact = decode_perplexity(model, windows, grid, bytes_per_token=1.0)
+    assert exact.setting.label() == f"par=all K={wide} init=h0 fused=2"
+    assert exact.row()["fused_layers"] == 2
+    fused = transform(model, (windows[:, :-1],), iterations=wide, fused_layers=2)
+    want = perplexity(fused, windows, 2, "cpu", 1.0)["ce"]
+    assert exact.ce == pytest.approx(want, rel=1e-6)
+    assert abs(exact.ce - perplexity(model, windows, 2, "cpu", 1.0)["ce"]) > 1e-6  # (another function)
+    assert abs(k1.ce - exact.ce) > 1e-6
+    with pytest.raises(ValueError, match="fused_layers needs iterations"):
+        DecodeSetting(None, fused_layers=2)

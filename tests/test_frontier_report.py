@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.frontier import Scale, Timed, build_points, load_timings, markdown, pareto, summarise
+from benchmarks.frontier import (
+    Scale,
+    Timed,
+    build_points,
+    load_timings,
+    markdown,
+    pareto,
+    parse_point,
+    summarise,
+)
 
 BASE = 10.0
 
@@ -63,6 +72,34 @@ def test_points_join_quality_and_the_fastest_timing() -> None:
     assert "| >= 2.0x at <= +1% | 2.08x (met) |" in text
 
 
+def test_fused_points_join_only_fused_timings() -> None:
+    """A fused point (wide layers of M) takes the timing of the same M, never the unfused one's;
+    earlier runs' points ("fusion": "none") read as unfused."""
+    quality = _quality()
+    quality[0] = {**quality[0], "fusion": "none"}
+    quality.append({"model": "sft-fused", "parallel_layers": 16, "iterations": 1, "init": "h0", "ppl": 10.02,
+                    "bpb": 1.0, "fusion": 4})  # fmt: skip
+    timed = [*_timed(), Timed("base-s0", 16, 1, "h0", "snlp eager+graph", 0.10, fusion=4)]
+    joined = build_points(quality, timed, {"seq-l8": {"n_layer": 8}}, Scale())
+    by = {(p["model"], p["parallel_layers"], p["iterations"], p["fusion"]): p for p in joined["points"]}
+    assert by[("sft-fused", 16, 1, 4)]["decode_ms"] == 0.10
+    assert by[("reg", 16, 1, 1)]["decode_ms"] == 0.125 and by[("base-s0", 0, None, 1)]["ppl"] == BASE
+    summary = summarise(joined["points"])
+    assert summary["best_point_within_1pct"]["fusion"] == 4
+    text = markdown({**joined, "summary": summary, "models": {}, "meta": {"env": {"gpu": "X", "torch": "t"},
+                     "scale_note": "", "command": "c"}})  # fmt: skip
+    assert "| sft-fused | 16 | 1 | h0 | 4 | 10.020 |" in text and "16/K=1/F4" in text
+    assert "dominated | yes by sft-fused par=16 K=1 h0 fused=4 |" in text
+
+
+def test_points_syntax_takes_an_optional_fusion() -> None:
+    assert parse_point("8:2:h0") == (8, 2, "h0", 1)
+    assert parse_point("16:2:h0:f4") == (16, 2, "h0", 4)
+    for bad in ("16:2:h0:4", "16:2:cold", "16:2:h0:f4:x", "16:2:h0:f0"):
+        with pytest.raises(Exception, match="PAR:K:INIT"):
+            parse_point(bad)
+
+
 def test_a_slower_snlp_point_does_not_dominate_a_control() -> None:
     timed = [t for t in _timed() if "compiled" in t.variant and t.parallel_layers == 0]
     timed.append(Timed("base-s0", 8, 2, "h0", "snlp eager+graph", 0.9))
@@ -77,12 +114,14 @@ def test_timings_read_back_from_a_log(tmp_path: Path) -> None:
     log.write_text(
         "[17:15:47] speed base-s0 par=0 K=None None seq compiled+graph: 0.7012 ms\n"
         "[17:18:28] speed base-s0 par=4 K=1 h0 snlp eager+graph: 1.0925 ms\n"
+        "[17:18:30] speed base-s0 par=16 F=4 K=2 h0 snlp eager+graph: 0.5 ms\n"
         "[17:18:29] train noise\n"
     )
     rows = load_timings(tmp_path, log)
-    assert [(r.parallel_layers, r.iterations, r.init, r.variant, r.median_ms) for r in rows] == [
-        (0, None, None, "seq compiled+graph", 0.7012),
-        (4, 1, "h0", "snlp eager+graph", 1.0925),
+    assert [(r.parallel_layers, r.iterations, r.init, r.variant, r.median_ms, r.fusion) for r in rows] == [
+        (0, None, None, "seq compiled+graph", 0.7012, 1),
+        (4, 1, "h0", "snlp eager+graph", 1.0925, 1),
+        (16, 2, "h0", "snlp eager+graph", 0.5, 4),
     ]
 
 
@@ -142,11 +181,31 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert main(["run", "--smoke", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     result = json.loads((out / "frontier.json").read_text())
     models = {p["model"] for p in result["points"]}
-    assert models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "seq-l2", "seq-l1"}
+    assert models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"}
     assert all(p["ppl"] > 1 for p in result["points"])
     exact = [p for p in result["points"] if p["model"] == "reg" and p["iterations"] == p["parallel_layers"]]
     seq = next(p for p in result["points"] if p["model"] == "reg" and p["parallel_layers"] == 0)
     assert exact and all(abs(p["ppl"] / seq["ppl"] - 1) < 1e-5 for p in exact)  # exact mode = sequential
     assert all(p["decode_ms"] for p in result["points"])  # every point timed (eager on the CPU)
     assert result["models"]["reg"]["objective"] == "regulariser"
+    # the paper's fusion (smoke: wide layers of 2, K=1) on every deep model, timed as its own steps
+    fused = [p for p in result["points"] if p["fusion"] == 2]
+    assert {p["model"] for p in fused} == models - {"seq-l2", "seq-l1"}
+    assert all(p["parallel_layers"] == 4 and p["iterations"] == 1 and p["init"] == "h0" for p in fused)
+    assert {p["fusion"] for p in result["points"]} == {1, 2}
+    assert result["models"]["sft-fused"]["snlp"]["fused_layers"] == 2
+    timed = {(r["fusion"], r["parallel_layers"], r["iterations"]) for r in result["timings"]}
+    assert (2, 4, 1) in timed
+    # the quality calls of a split device schedule: their stage files alone make a quality-only report
+    import shutil
+
+    q = tmp_path / "q"
+    q.mkdir()
+    for f in (tmp_path / "w").glob("*.json"):
+        if f.name != "timings.json":
+            shutil.copy(f, q / f.name)
+    assert main(["assemble", "--smoke", "--quality-only", "--work", str(q), "--out", str(q / "out")]) == 0
+    only = json.loads((q / "out" / "frontier.json").read_text())
+    assert len(only["points"]) == len(result["points"]) and not any(p["decode_ms"] for p in only["points"])
+    assert [p["fusion"] for p in only["points"]] == [p["fusion"] for p in result["points"]]
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()

@@ -34,11 +34,19 @@ from ..solve.handle import SolveHandle
 @dataclass(frozen=True)
 class DecodeSetting:
     """One decode configuration: None for ``parallel_layers`` means every parallelisable layer;
-    ``iterations=None`` is the model's own sequential cached step."""
+    ``iterations=None`` is the model's own sequential cached step. ``fused_layers`` M > 1 decodes
+    the wide-layer (fused) function (``SNLPConfig.fused_layers``): every token, the first included,
+    goes through the fused solve, so the cache holds the fused function's K/V (no sequential prefill
+    of the unfused model)."""
 
     iterations: int | None
     parallel_layers: int | None = None
     init: str = "h0"
+    fused_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.fused_layers > 1 and self.iterations is None:
+            raise ValueError("DecodeSetting: fused_layers needs iterations (the sequential step is unfused)")
 
     @property
     def sequential(self) -> bool:
@@ -48,7 +56,8 @@ class DecodeSetting:
         if self.sequential:
             return "sequential"
         par = "all" if self.parallel_layers is None else str(self.parallel_layers)
-        return f"par={par} K={self.iterations} init={self.init}"
+        fused = f" fused={self.fused_layers}" if self.fused_layers > 1 else ""
+        return f"par={par} K={self.iterations} init={self.init}{fused}"
 
 
 @dataclass
@@ -67,6 +76,7 @@ class DecodeResult:
             "iterations": s.iterations,
             "parallel_layers": s.parallel_layers,
             "init": None if s.sequential else s.init,
+            "fused_layers": s.fused_layers,
             "ce": self.ce,
             "ppl": self.ppl,
             "bpb": self.bpb,
@@ -140,22 +150,22 @@ def decode_perplexity(
     """Teacher-forced perplexity of ``model``'s KV-cached decode step over held-out ``windows``
     (B, T + 1), once per setting. The model must offer ``forward_cached`` (the reference models do);
     it is evaluated in its own dtype and device. Settings sharing parallel layers and init share one
-    transform."""
+    transform (and fused layers)."""
     if windows.dim() != 2 or windows.size(1) < 2:
         raise ValueError(f"windows must be (batch, length >= 2) token ids, got {tuple(windows.shape)}")
     model = model.eval()
     b, t_len = windows.size(0), windows.size(1) - 1
-    groups: dict[tuple[int | None, str] | None, list[DecodeSetting]] = {}
+    groups: dict[tuple[int | None, str, int] | None, list[DecodeSetting]] = {}
     for s in settings:
-        key = None if s.sequential else (s.parallel_layers, s.init)
+        key = None if s.sequential else (s.parallel_layers, s.init, s.fused_layers)
         groups.setdefault(key, []).append(s)
     results: list[DecodeResult] = []
     for key, members in groups.items():
         if key is None:
             decoder = Decoder(model, None, batch=b, max_len=t_len)
         else:
-            par, init = key
-            cfg = SNLPConfig(iterations=1, parallel_layers=par, init=init)  # type: ignore[arg-type]
+            par, init, fused = key
+            cfg = SNLPConfig(iterations=1, parallel_layers=par, init=init, fused_layers=fused)  # type: ignore[arg-type]
             decoder = Decoder(model, cfg, batch=b, max_len=t_len)
         solve = SolveHandle.of(decoder.decode_step)
         for s in sorted(members, key=lambda m: m.iterations or 0):
