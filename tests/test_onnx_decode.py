@@ -123,3 +123,22 @@ def test_cli_export_format_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert cli_main(["export", "--format", "aoti", "-o", str(tmp_path / "m.onnx")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--format aoti writes a .pt2 package" in line and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_transformers_model_exports_its_decode_step_through_the_adapter(tmp_path: Path) -> None:
+    """A `transformers` Llama goes through the decode adapter (models.hf_decode): the exact-mode
+    decode step under ONNX Runtime, 8 tokens one at a time, gives the logits of the model's own
+    full forward."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=96, max_position_embeddings=64,
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(config).eval()
+    result = export_onnx_decode(hf, tmp_path / "llama_step.onnx", batch=2, max_len=MAX_LEN, iterations=2)
+    tokens = torch.randint(0, 96, (3, STEPS), generator=torch.Generator().manual_seed(2))
+    logits, _, _ = ort_decode(make_session(result.path), tokens, MAX_LEN)
+    with torch.no_grad():
+        want = hf(tokens).logits
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

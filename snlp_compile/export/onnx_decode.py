@@ -18,6 +18,7 @@ past ``max_sequence_length`` writes nothing (``ort_decode`` refuses such a run).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch.nn as nn
 from ..api import transform
 from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPConfigError, SNLPUsageError
+from ..models.hf_decode import as_cached_lm
 from ..models.kv import CachedStep, cache_shape, new_cache, write_cache
 from ..report import ExplainReport
 from .onnx_export import DEFAULT_OPSET, ONNXExport, export_onnx
@@ -97,10 +99,15 @@ def export_onnx_decode(
     opset: int = DEFAULT_OPSET,
     **overrides: Any,
 ) -> ONNXExport:
-    """Export ``model``'s decode step (a reference model with ``forward_cached``) to ONNX with
+    """Export ``model``'s decode step (a reference model with ``forward_cached``, or a
+    `transformers` causal LM through ``models.hf_decode``) to ONNX with
     per-layer caches at the graph boundary (module docstring). rewrite: the step transformed with
     ``config``/``overrides`` (the layer-parallel step); False: the sequential step. dynamic: batch
     and max_sequence_length symbolic (trace with batch >= 2 to keep batch so)."""
+    # a `transformers` causal LM: the decode adapter's step (models.hf_decode); anything else
+    # without a cached step (TypeError there) gets the one-line error below
+    with contextlib.suppress(TypeError):
+        model = as_cached_lm(model, max_len)
     if not hasattr(model, "forward_cached") or not hasattr(model, "config"):
         raise SNLPUsageError(
             f"{type(model).__name__} has no KV-cached step (forward_cached and config, as the reference models)"
