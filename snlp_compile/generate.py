@@ -126,18 +126,7 @@ class Decoder:
         self.verifier: VerifierKind = verifier
         self.verify_steps: dict[int, Step] = {}  # t -> the exact-seq step on t tokens (verify_step)
         if process_group is not None:  # one block of layers per rank (snlp_compile.distributed)
-            if decode_step is not None or speculative is not None or block_size is not None:
-                raise SNLPConfigError(
-                    "process_group does not combine with decode_step, speculative or block_size"
-                )
-            if cuda_graphs or adaptive_block_size:
-                raise SNLPConfigError("cuda_graphs and adaptive_block_size are for speculative decoding")
-            cfg = resolve_config(config, overrides) if config is not None or overrides else None
-            steps = layer_parallel_steps(
-                model, cfg, batch=batch, max_len=max_len, prefill=prefill, group=process_group
-            )
-            self.config, self.decode_step, self.prefill_step = cfg, steps.decode_step, steps.prefill_step
-            self.k_cache, self.v_cache = steps.k_cache, steps.v_cache
+            self._distribute(config, overrides, prefill, process_group, decode_step, speculative, block_size)
             return
         if decode_step is not None:  # a step transformed (and compiled, captured...) by the caller
             if config is not None or overrides:
@@ -151,24 +140,7 @@ class Decoder:
                 self.decode_step = transform(CachedStep(model).eval(), self.example_inputs(1), self.config)
             self.prefill_step = self.sequential if prefill == "sequential" else None
         if speculative is not None:
-            if prefill != "sequential":
-                raise SNLPConfigError(
-                    "speculative decoding needs prefill='sequential': the verifier reads the "
-                    "prompt's K/V, which must be the sequential model's"
-                )
-            block_size = 4 if block_size is None else block_size
-            if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-                raise SNLPConfigError(f"block_size must be an int >= 1, got {block_size!r}")
-            if isinstance(speculative, SNLPConfig):
-                with evaluating(model):
-                    self.draft_step = transform(CachedStep(model).eval(), self.example_inputs(1), speculative)
-            elif callable(speculative):
-                self.draft_step = speculative
-            else:
-                raise SNLPConfigError(
-                    f"speculative must be an SNLPConfig or a draft step, got {type(speculative).__name__}"
-                )
-            self.block_size = block_size
+            self._set_draft(speculative, block_size, prefill)
         elif block_size is not None:
             raise SNLPConfigError("block_size is the speculative draft length: pass speculative= with it")
         if cuda_graphs and (speculative is None or self.device.type != "cuda"):
@@ -176,6 +148,56 @@ class Decoder:
         if adaptive_block_size and speculative is None:
             raise SNLPConfigError("adaptive_block_size=True is for speculative decoding")
         self.k_cache, self.v_cache = new_cache(model, batch, max_len)
+
+    def _distribute(
+        self,
+        config: SNLPConfig | None,
+        overrides: dict[str, Any],
+        prefill: PrefillKind,
+        group: Any,
+        decode_step: Step | None,
+        speculative: SNLPConfig | Step | None,
+        block_size: int | None,
+    ) -> None:
+        """The steps and caches of this rank's block of layers (``snlp_compile.distributed``)."""
+        if decode_step is not None or speculative is not None or block_size is not None:
+            raise SNLPConfigError(
+                "process_group does not combine with decode_step, speculative or block_size"
+            )
+        if self.cuda_graphs or self.adaptive_block_size:
+            raise SNLPConfigError("cuda_graphs and adaptive_block_size are for speculative decoding")
+        cfg = resolve_config(config, overrides) if config is not None or overrides else None
+        steps = layer_parallel_steps(
+            self.model, cfg, batch=self.batch, max_len=self.max_len, prefill=prefill, group=group
+        )
+        self.config, self.decode_step, self.prefill_step = cfg, steps.decode_step, steps.prefill_step
+        self.k_cache, self.v_cache = steps.k_cache, steps.v_cache
+
+    def _set_draft(
+        self, speculative: SNLPConfig | Step, block_size: int | None, prefill: PrefillKind
+    ) -> None:
+        """The draft step of speculative decoding (the decode step transformed with ``speculative``,
+        or the caller's) and its block size."""
+        if prefill != "sequential":
+            raise SNLPConfigError(
+                "speculative decoding needs prefill='sequential': the verifier reads the "
+                "prompt's K/V, which must be the sequential model's"
+            )
+        block_size = 4 if block_size is None else block_size
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise SNLPConfigError(f"block_size must be an int >= 1, got {block_size!r}")
+        if isinstance(speculative, SNLPConfig):
+            with evaluating(self.model):
+                self.draft_step = transform(
+                    CachedStep(self.model).eval(), self.example_inputs(1), speculative
+                )
+        elif callable(speculative):
+            self.draft_step = speculative
+        else:
+            raise SNLPConfigError(
+                f"speculative must be an SNLPConfig or a draft step, got {type(speculative).__name__}"
+            )
+        self.block_size = block_size
 
     def example_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
         """Inputs of this decoder's cached step for ``t`` new tokens, (idx, pos, k_cache, v_cache)
