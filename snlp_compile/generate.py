@@ -34,7 +34,7 @@ from .errors import SNLPConfigError
 from .models.hf_decode import as_cached_lm
 from .models.kv import CachedStep, max_positions, new_cache, write_cache
 from .solve.handle import SolveHandle
-from .speculative import SpeculativeStats, probabilities, speculative_generate
+from .speculative import Sampling, SpeculativeStats, speculative_generate
 
 PrefillKind = Literal["sequential", "solve"]
 VerifierKind = Literal["sequential", "exact-seq"]
@@ -298,19 +298,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _pick(
-    logits: torch.Tensor,
-    greedy: bool,
-    temperature: float,
-    top_k: int | None,
-    gen: torch.Generator | None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    if greedy:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=gen).squeeze(-1)
-
-
 @overload
 def generate(
     model: nn.Module | Decoder,
@@ -441,6 +428,7 @@ def generate(
     if seed is not None:
         gen = torch.Generator(device=decoder.device)
         gen.manual_seed(seed)
+    sampling = Sampling(greedy, temperature, top_k, top_p, gen)
     decoder.reset()
     decoder.last_stats = None if decoder.draft_step is None else SpeculativeStats(decoder.block_size or 1)
     if max_new_tokens == 0:
@@ -448,13 +436,9 @@ def generate(
     else:
         with evaluating(decoder.model):
             if decoder.draft_step is not None:
-                tokens = speculative_generate(
-                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen, top_p
-                )
+                tokens = speculative_generate(decoder, prompt_ids, max_new_tokens, sampling)
             else:
-                tokens = _generate(
-                    decoder, prompt_ids, max_new_tokens, greedy, temperature, top_k, gen, top_p
-                )
+                tokens = _generate(decoder, prompt_ids, max_new_tokens, sampling)
     return (tokens, decoder.last_stats) if return_stats else tokens
 
 
@@ -462,19 +446,15 @@ def _generate(
     decoder: Decoder,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
-    greedy: bool,
-    temperature: float,
-    top_k: int | None,
-    gen: torch.Generator | None,
-    top_p: float | None = None,
+    sampling: Sampling,
 ) -> torch.Tensor:
     p = prompt_ids.shape[1]
     pos = torch.zeros((), dtype=torch.long, device=decoder.device)
-    token = _pick(decoder.prefill(prompt_ids, pos), greedy, temperature, top_k, gen, top_p)
+    token = sampling.pick(decoder.prefill(prompt_ids, pos))[0]
     pos += p
     out = [token]
     for _ in range(max_new_tokens - 1):
-        token = _pick(decoder.step(token, pos), greedy, temperature, top_k, gen, top_p)
+        token = sampling.pick(decoder.step(token, pos))[0]
         pos += 1
         out.append(token)
     decoder.flush()  # (deferred K/V: the last token's, so the caches are complete)

@@ -163,6 +163,29 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / total.clamp(min=torch.finfo(r.dtype).tiny), p)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How generate() picks tokens, one object for the plain and the speculative loop: greedy
+    (argmax) or a draw from :func:`probabilities` with ``generator``."""
+
+    greedy: bool
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return probabilities(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token of each row of ``logits`` (..., V), and the distribution drawn from (None
+        when greedy)."""
+        if self.greedy:
+            return logits.argmax(dim=-1), None
+        probs = self.probabilities(logits)
+        return _sample(probs, self.generator), probs
+
+
 def _sample(probs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
     """One draw per row of probs (..., V) -> (...)."""
     flat = probs.reshape(-1, probs.shape[-1])
@@ -229,11 +252,7 @@ def speculative_generate(
     decoder: SpeculativeDecoder,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
-    greedy: bool,
-    temperature: float,
-    top_k: int | None,
-    gen: torch.Generator | None,
-    top_p: float | None = None,
+    sampling: Sampling,
 ) -> torch.Tensor:
     """The rounds (module docstring) after a sequential prefill; sets ``decoder.last_stats``."""
     assert decoder.draft_step is not None and decoder.block_size is not None
@@ -255,11 +274,7 @@ def speculative_generate(
     stats = SpeculativeStats(block_size=decoder.block_size)
     decoder.last_stats = stats
 
-    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if greedy:
-            return logits.argmax(dim=-1), None
-        probs = probabilities(logits, temperature, top_k, top_p)
-        return _sample(probs, gen), probs
+    pick, greedy = sampling.pick, sampling.greedy
 
     def write(step: Any, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor) -> None:
         if not getattr(step, "writes_cache", False):  # (a graph replay wrote them)
@@ -320,7 +335,7 @@ def speculative_generate(
         else:
             q_block = torch.stack(qs, dim=1) if qs else logits.new_zeros(b, 0, logits.shape[-1]).float()
             accepted, tokens = sampling_rule(
-                probabilities(logits, temperature, top_k, top_p), q_block, drafted, gen
+                sampling.probabilities(logits), q_block, drafted, sampling.generator
             )
         n = int(accepted.min())  # the round's one host synchronisation
         if warm and n < g:
