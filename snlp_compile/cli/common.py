@@ -97,6 +97,24 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, batch: int = 2) -> N
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and example tokens")
 
 
+def add_chunk_arguments(parser: argparse.ArgumentParser) -> None:
+    """--chunks and --fused-layers: the two ways of grouping the parallel layers, named apart."""
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=1,
+        help="consecutive chunks of the parallel layers, solved one after another (the model's own "
+        "function; the paper's chunkwise decomposition is --fused-layers)",
+    )
+    parser.add_argument(
+        "--fused-layers",
+        type=int,
+        default=1,
+        help="M: groups of M layers as one wide layer, N/M wide layers solved in parallel (the paper's "
+        "ChunkB_CxFM; changes the function: for models trained fused)",
+    )
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 

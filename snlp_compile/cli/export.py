@@ -15,7 +15,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, add_model_arguments, announce, example_tokens, load_model, require, status
+from .common import (
+    CLIError,
+    add_chunk_arguments,
+    add_model_arguments,
+    announce,
+    example_tokens,
+    load_model,
+    require,
+    status,
+)
 
 DECODE_CHECK_STEPS = 8
 
@@ -50,20 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init", choices=["h0", "batch_fwd"], default="h0", help="the solve's initial iterate"
     )
     parser.add_argument("--damping", type=float, default=1.0, help="a in (0, 1] of the correction")
-    parser.add_argument(
-        "--chunks",
-        type=int,
-        default=1,
-        help="consecutive chunks of the parallel layers, solved one after another (the model's own "
-        "function; the paper's chunkwise decomposition is --fused-layers)",
-    )
-    parser.add_argument(
-        "--fused-layers",
-        type=int,
-        default=1,
-        help="M: groups of M layers as one wide layer, N/M wide layers solved in parallel (the paper's "
-        "ChunkB_CxFM; changes the function: for models trained fused)",
-    )
+    add_chunk_arguments(parser)
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 23")
     parser.add_argument("--static", action="store_true", help="fix batch and sequence to the example's sizes")
     parser.add_argument("--report", action="store_true", help="save the exporter's report beside the model")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, announce, example_tokens, load_model, require
+from .common import add_chunk_arguments, add_model_arguments, announce, example_tokens, load_model, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,20 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="solve only the last N layers in parallel (default: all)",
     )
-    parser.add_argument(
-        "--chunks",
-        type=int,
-        default=1,
-        help="consecutive chunks of the parallel layers, solved one after another (the model's own "
-        "function; the paper's chunkwise decomposition is --fused-layers)",
-    )
-    parser.add_argument(
-        "--fused-layers",
-        type=int,
-        default=1,
-        help="M: groups of M layers as one wide layer, N/M wide layers solved in parallel (the paper's "
-        "ChunkB_CxFM; changes the function: for models trained fused)",
-    )
+    add_chunk_arguments(parser)
     parser.add_argument(
         "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
     )
