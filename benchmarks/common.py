@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from snlp_compile.cuda_graph import capture
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # --shapes keys -> model registry names: the nanochat trunks, and mHC with 4 hyper-connected streams,
@@ -108,39 +110,12 @@ def time_fn(
     return Timing(statistics.median(times), q(0.1), q(0.9), samples, inner)
 
 
-def cuda_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], Any]:
-    """Capture ``fn`` (no arguments, static input buffers) in a CUDA graph; returns its replay.
-
-    Warm-up runs on a side stream first, as torch.cuda.graphs requires (compiled code, cuBLAS
-    handles and lazy allocations happen there, not inside the capture)."""
-    if device.type != "cuda":
-        raise RuntimeError("CUDA graphs need a CUDA device")
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    holder = {"out": out}
-
-    def replay() -> Any:
-        graph.replay()
-        return holder["out"]
-
-    replay.graph = graph  # type: ignore[attr-defined]
-    return replay
-
-
 def compile_module(
     fn: Callable[..., Any], autotune: bool = False, options: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
     """torch.compile with static shapes, Inductor defaults or (``autotune``) GEMM autotuning over
     cuBLAS and Triton templates, plus ``options`` for this compile only; CUDA graphs are added
-    separately (``cuda_graph`` over the compiled callable), which is what mode="reduce-overhead" /
+    separately (``capture`` over the compiled callable), which is what mode="reduce-overhead" /
     "max-autotune" do, minus their tree bookkeeping."""
     mode = "max-autotune-no-cudagraphs" if autotune else None
     if not options:
@@ -188,7 +163,7 @@ def make_variant(
         out = fn(*args)
         return post(out) if post is not None else out
 
-    return cuda_graph(call, device) if mode.endswith("+graph") else call
+    return capture(call, device) if mode.endswith("+graph") else call
 
 
 def profile_variant(fn: Callable[[], Any], label: str, path: Path, rows: int = 25) -> None:

@@ -40,6 +40,7 @@ import torch.nn as nn
 from benchmarks import common
 from snlp_compile import Decoder, SNLPConfig, transform
 from snlp_compile.config import chunk_sizes
+from snlp_compile.cuda_graph import capture
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.models.registry import build_model
 from snlp_compile.solve.handle import solve_handle
@@ -80,7 +81,7 @@ def _modes(args: argparse.Namespace, device: torch.device) -> list[str]:
 def _callable(step: Callable[..., Any], mode: str, device: torch.device) -> Callable[[], Any]:
     """``step()`` in a mode: compiled (static shapes) and/or replayed from a CUDA graph."""
     fn = common.compile_module(step) if mode.startswith("compiled") else step
-    return common.cuda_graph(fn, device) if mode.endswith("+graph") else fn
+    return capture(fn, device) if mode.endswith("+graph") else fn
 
 
 def _step_call(step: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:

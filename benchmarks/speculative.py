@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 import snlp_compile
+from snlp_compile.cuda_graph import capture
 from snlp_compile.generate import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
@@ -59,7 +60,6 @@ from .common import (
     BEST_INDUCTOR,
     SNLP_INDUCTOR,
     compile_module,
-    cuda_graph,
     environment,
     fmt,
     inductor_options,
@@ -226,7 +226,7 @@ class StepLoop:
         self.body: Callable[[], Any] = self._body
         if graph:
             self._start()
-            self.body = cuda_graph(self._body, self.device)
+            self.body = capture(self._body, self.device)
 
     def _body(self) -> torch.Tensor:
         logits, new_k, new_v = self.step(self.idx, self.pos, self.k_cache, self.v_cache)

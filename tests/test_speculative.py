@@ -264,6 +264,13 @@ def test_batch_of_two_and_a_one_token_prompt() -> None:
     assert torch.equal(sampled, generate(model, prompt, 40))
 
 
+def test_graph_capture_needs_cuda() -> None:
+    from snlp_compile.cuda_graph import capture
+
+    with pytest.raises(SNLPConfigError, match="CUDA graphs need a CUDA device"):
+        capture(lambda: torch.zeros(1), torch.device("cpu"))
+
+
 def test_cuda_graphs_are_refused_off_cuda_and_without_speculative() -> None:
     model = reference_model("gpt-tiny")
     with pytest.raises(SNLPConfigError, match="cuda_graphs=True"):
