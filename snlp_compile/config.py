@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from dataclasses import InitVar, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SNLPConfigError
@@ -16,6 +18,20 @@ CHUNKS_RENAMED = (
     "SNLPConfig.chunks is now SNLPConfig.stages (stages solved one after another; "
     "the paper's chunkwise fusion is fused_layers)"
 )
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def warn_chunks_renamed() -> None:
+    """The DeprecationWarning for ``chunks``, attributed to the first caller outside this package
+    (and the dataclass's generated __init__): Python shows DeprecationWarnings by default only
+    in a script's own code, and ``transform(..., chunks=...)`` reaches the config calls deep."""
+    level, frame = 2, sys._getframe(1)  # (the caller's frame is stacklevel 2)
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE)
+        or (frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")
+    ):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(CHUNKS_RENAMED, DeprecationWarning, stacklevel=level)
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,7 @@ class SNLPConfig:
                     f"SNLPConfig got both stages={self.stages!r} and chunks={chunks!r}: chunks is the former "
                     "name of stages, give stages only"
                 )
-            warnings.warn(CHUNKS_RENAMED, DeprecationWarning, stacklevel=3)
+            warn_chunks_renamed()
             object.__setattr__(self, "stages", chunks)
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
             raise SNLPConfigError(f"SNLPConfig.iterations must be an int >= 1, got {self.iterations!r}")
@@ -158,7 +174,7 @@ class SNLPConfig:
                     f"SNLPConfig.replace got both stages={overrides['stages']!r} and chunks={chunks!r}: chunks "
                     "is the former name of stages, give stages only"
                 )
-            warnings.warn(CHUNKS_RENAMED, DeprecationWarning, stacklevel=2)
+            warn_chunks_renamed()
             overrides["stages"] = chunks
         return dataclasses.replace(self, **overrides)
 

@@ -397,10 +397,14 @@ def test_a_config_written_before_the_rename_still_loads() -> None:
 def test_transform_with_chunks_is_the_staged_transform() -> None:
     model = build_model("gpt-tiny", n_layer=3, dtype=F64)
     idx = torch.randint(0, 200, (1, 8))
-    with pytest.warns(DeprecationWarning, match=RENAMED):
-        old = _transform(model, (idx,), iterations=2, chunks=2)
+    with pytest.warns(DeprecationWarning, match=RENAMED) as caught:
+        old = snlp_compile.transform(model, (idx,), iterations=2, chunks=2, dynamic_shapes=False)
     assert old.snlp_solve.stage_sizes == [2, 1] and old.snlp_report.stages == [2, 1]
     assert _max_err(old(idx), model(idx)) < TIGHT
+    # the warning names the caller's line, not the library's (so Python shows it in a script)
+    with pytest.warns(DeprecationWarning, match=RENAMED) as more:
+        SNLPConfig(chunks=2).replace(chunks=3)
+    assert {w.filename for w in [*caught, *more]} == {__file__}, [(w.filename, w.lineno) for w in caught]
 
 
 def test_cli_chunks_is_a_hidden_deprecated_alias(capsys: pytest.CaptureFixture[str]) -> None:
