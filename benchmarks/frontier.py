@@ -421,8 +421,8 @@ class Timer:
     def sequential(self, modes: list[str]) -> None:
         for mode in modes:
             self.time(Timed(self.name, 0, None, None, f"seq {mode}"), self.step, mode)
-        if self.n_layer > 1:  # the compiler's exact sequential lowering: K=1, one chunk per layer
-            exact = snlp_compile.transform(self.step, self.inputs, iterations=1, chunks=self.n_layer)
+        if self.n_layer > 1:  # the compiler's exact sequential lowering: K=1, one stage per layer
+            exact = snlp_compile.transform(self.step, self.inputs, iterations=1, stages=self.n_layer)
             for mode in modes:
                 self.time(Timed(self.name, 0, None, None, f"exact-seq {mode}"), exact, mode)
 
@@ -448,7 +448,7 @@ class Timer:
             del t
 
     def point(self, par: int, k: int, init: str, mode: str, fusion: int = 1) -> None:
-        if fusion > 1:  # (wide layers need chunks=1 and no deferred K/V: the plain solve only)
+        if fusion > 1:  # (wide layers need stages=1 and no deferred K/V: the plain solve only)
             row = Timed(self.name, par, k, init, f"snlp {mode}", fusion=fusion)
             try:
                 t = snlp_compile.transform(
@@ -464,9 +464,9 @@ class Timer:
             return
         if par < self.n_layer:
             # the same function as parallel_layers=par, its sequential layers lowered as one-layer
-            # chunks (the exact-seq lowering) rather than as written; deferred K/V needs all layers
+            # stages (the exact-seq lowering) rather than as written; deferred K/V needs all layers
             staged = (1,) * (self.n_layer - par) + (par,)
-            t = snlp_compile.transform(self.step, self.inputs, iterations=k, chunks=staged, init=init)
+            t = snlp_compile.transform(self.step, self.inputs, iterations=k, stages=staged, init=init)
             self.time(Timed(self.name, par, k, init, f"snlp staged {mode}"), t, mode)
             return
         t = snlp_compile.transform(self.step, self.inputs, iterations=k, parallel_layers=par, init=init)

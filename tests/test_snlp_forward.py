@@ -56,7 +56,7 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     [
         ("nanochat-small", SNLPConfig(parallel_layers=6, iterations=2)),
         ("gpt-tiny", SNLPConfig(iterations=1, init="batch_fwd")),
-        ("nanochat-tiny", SNLPConfig(iterations=1, chunks=2, parallel_layers=3)),
+        ("nanochat-tiny", SNLPConfig(iterations=1, stages=2, parallel_layers=3)),
     ],
 )
 def test_output_is_the_transformed_models(name: str, cfg: SNLPConfig, small: dict) -> None:
