@@ -39,17 +39,18 @@ Device schedule (calls of at most 10 minutes, 30 device minutes a session): on o
 ``work/*.json`` to ``$OUT``; ``assemble --quality-only`` on those files makes the frontier.json a
 later session times with ``run --quality-from`` (~10 min, random weights) and ``--points``.
 
-Partial-tail fine-tunes (``tail_variants``: the last 8 / 12 of 16 layers at K=2 h0 from ``reg``,
-12 from ``base-s0``), a session of three calls on one warm machine (reg first, the same
-``--work /tmp/frontier``), each copying ``work/*.json`` to ``$OUT``:
-``run --stages train --models base-s0 reg`` (~6 min with the data: 72 s + 195 s of training),
-``--stages train --models sft-tail8 sft-tail12 sft-tail12-base`` (~5 min: ~0.3 s/step x 250 steps
-each, estimated from sft-k2's 0.24 s/step for 16 layers at K=2 plus the sequential CE's 0.10 s
-and the teacher's forward; ``calibrate`` measures it as calib-sft-tail), then ``--stages quality
---models base-s0 reg sft-tail8 sft-tail12 sft-tail12-base`` (~7 min: ~2.3 each for the full
-grids, the tails' grid is their P x K x init only). Timing does not depend on the weights:
-``assemble --timings-from benchmarks/results/frontier.json`` on those files joins the earlier
-run's steps of the same shapes (8:2:h0, 12:2:h0, ...; configurations it lacks are listed untimed).
+Partial-tail fine-tunes (``tail_variants``: the last 8 / 12 of 16 layers at K=2 h0 from ``reg``;
+controls at 12 from ``base-s0`` and without the sequential terms): one session, three calls on one
+warm machine (``reg`` first, the same ``--work /tmp/frontier``), each copying ``work/*.json`` to
+``$OUT``: ``run --stages train --models base-s0 reg`` (~6 min with the data: 72 s + 195 s of
+training); ``--stages train --models sft-tail8 sft-tail12 sft-tail12-base sft-tail12-solo`` (~6
+min: ~0.3 s/step x 250 steps each, from sft-k2's 0.24 s/step for 16 layers at K=2 plus the
+sequential CE's 0.10 s and the teacher's forward, -solo ~0.2 s/step; ``calibrate`` measures it as
+calib-sft-tail); ``--stages quality --models base-s0 reg sft-tail8 sft-tail12 sft-tail12-base
+sft-tail12-solo`` (~7 min: ~2.3 each for the full grids, a tail's grid is its P x K x init only).
+Timing does not depend on the weights: ``assemble --timings-from benchmarks/results/frontier.json``
+on those files joins the earlier run's steps of the same shapes (8:2:h0, 12:2:h0, ...; the
+configurations it lacks are listed untimed).
 """
 
 from __future__ import annotations
@@ -169,8 +170,10 @@ class Variant:
 
 def tail_variants(scale: Scale) -> list[Variant]:
     """SNLP-forward fine-tunes of a partial tail (issue 20): the last P layers parallel at K=2, h0
-    (the deployed configuration; 8 and 12 of 16), from ``reg``, whose tails already converge best,
-    and at 12 of 16 from ``base-s0`` (the control: what the regulariser's start is worth).
+    (the deployed configuration; 8 and 12 of 16), from ``reg``, whose tails already converge best;
+    at 12 of 16 two controls: from ``base-s0`` (what the regulariser's start is worth) and through
+    the solve's cross-entropy alone (``-solo``, as ``sft-k*``: what keeping the sequential model
+    costs the deployed point).
 
     Fine-tuning all 16 layers through the solve alone (``sft-k*``) cost the sequential model
     +46%/+218%; here the loss keeps it: the sequential cross-entropy (weight 1, the data) and the KL
@@ -180,14 +183,15 @@ def tail_variants(scale: Scale) -> list[Variant]:
     token budget as the other fine-tunes. Quality: their P at every K and init, and sequential."""
     n = scale.n_layer
     out = []
-    for par, start in ((n // 2, "reg"), (3 * n // 4, "reg"), (3 * n // 4, BASELINE)):
-        name = f"sft-tail{par}" + ("" if start == "reg" else "-base")
-        note = f"{start} fine-tuned through the K=2 h0 solve of the last {par} of {n} layers"
+    for par, start, keep in ((n // 2, "reg", True), (3 * n // 4, "reg", True), (3 * n // 4, BASELINE, True),
+                             (3 * n // 4, "reg", False)):  # fmt: skip
+        name = f"sft-tail{par}" + ("" if start == "reg" else "-base") + ("" if keep else "-solo")
+        loss = f"+ sequential CE + KL to {start}" if keep else "the solve's CE alone"
         out.append(
             Variant(
                 name, "snlp-forward", init_from=start, snlp=SNLPConfig(iterations=2, parallel_layers=par),
-                note=f"{note}, + sequential CE + KL to {start}", seq_ce_weight=1.0, distill_weight=1.0,
-                quality_parallel=(par,),
+                note=f"{start} fine-tuned through the K=2 h0 solve of the last {par} of {n} layers, {loss}",
+                seq_ce_weight=1.0 if keep else 0.0, distill_weight=1.0 if keep else 0.0, quality_parallel=(par,),
             )
         )  # fmt: skip
     return out

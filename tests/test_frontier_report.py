@@ -181,7 +181,7 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert main(["run", "--smoke", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     result = json.loads((out / "frontier.json").read_text())
     models = {p["model"] for p in result["points"]}
-    tails = {"sft-tail2", "sft-tail3", "sft-tail3-base"}
+    tails = {"sft-tail2", "sft-tail3", "sft-tail3-base", "sft-tail3-solo"}
     assert (
         models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"} | tails
     )
@@ -195,17 +195,19 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     fused = [p for p in result["points"] if p["fusion"] == 2]
     assert {p["model"] for p in fused} == models - {"seq-l2", "seq-l1"} - tails
     # partial-tail fine-tunes (issue 20): through the K=2 solve of their last P layers, with the
-    # sequential CE and distillation, from reg (the control from base-s0); quality at their P only
-    for name, par, start in (
-        ("sft-tail2", 2, "reg"),
-        ("sft-tail3", 3, "reg"),
-        ("sft-tail3-base", 3, "base-s0"),
+    # sequential CE and distillation (-solo: without), from reg (-base: from base-s0); quality at P only
+    for name, par, start, keep in (
+        ("sft-tail2", 2, "reg", 1.0),
+        ("sft-tail3", 3, "reg", 1.0),
+        ("sft-tail3-base", 3, "base-s0", 1.0),
+        ("sft-tail3-solo", 3, "reg", 0.0),
     ):
         facts = result["models"][name]
         assert facts["init_from"] == start and facts["snlp"]["parallel_layers"] == par
         assert facts["snlp"]["iterations"] == 2 and facts["snlp"]["init"] == "h0"
-        assert facts["seq_ce_weight"] == 1.0 and facts["distill_weight"] == 1.0
-        assert {"ce", "snlp_ce", "kl"} <= set(facts["last"]) and facts["val_full_forward"]["snlp_ppl"] > 1
+        assert facts["seq_ce_weight"] == keep and facts["distill_weight"] == keep
+        assert ({"ce", "kl"} <= set(facts["last"])) == bool(keep) and "snlp_ce" in facts["last"]
+        assert facts["val_full_forward"]["snlp_ppl"] > 1
         mine = [p for p in result["points"] if p["model"] == name]
         assert {p["parallel_layers"] for p in mine} == {0, par} and len(mine) == 5  # seq + K {1,4} x 2 inits
     seq2 = next(p for p in result["points"] if p["model"] == "sft-tail2" and p["parallel_layers"] == 0)
