@@ -48,7 +48,7 @@ import torch
 
 import snlp_compile
 from snlp_compile.cuda_graph import capture
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle

@@ -14,7 +14,7 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfig
-from snlp_compile.generate import Decoder
+from snlp_compile.decoding import Decoder
 from snlp_compile.models import build_model
 
 

@@ -13,7 +13,7 @@ import torch
 from helpers import reference_model
 
 from snlp_compile import SNLPConfig, SNLPConfigError
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models.kv import CachedStep
 from snlp_compile.speculative import (
     acceptance_probability,

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import SNLPConfig
-    from ..generate import Decoder, generate
+    from ..decoding import Decoder, generate
 
     if args.speculative and args.iterations is not None:
         raise CLIError("--speculative drafts with --draft-iterations; -K is the approximate SNLP decode")
