@@ -57,7 +57,7 @@ from .solve.handle import SolveHandle
 
 
 class SpeculativeDecoder(Protocol):
-    """What the speculative loop needs of a ``generate.Decoder`` (a protocol, so that this module
+    """What the speculative loop needs of a ``decoding.Decoder`` (a protocol, so that this module
     does not import the one that calls it)."""
 
     block_size: int | None  # (set whenever speculative decoding is on)
