@@ -188,20 +188,19 @@ def test_gpu_kernel_runs_compiled_in_a_cuda_graph() -> None:
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("in_layers", [False, True])
 def test_gpu_original_step_runs_the_kernel_rewritten_one_where_asked_and_both_are_exact(
-    deferred: bool, in_layers: bool, monkeypatch: pytest.MonkeyPatch
+    deferred: bool, in_layers: bool
 ) -> None:
     """The model as written fuses its attention; the rewritten step keeps the ops (faster there,
-    run 13) unless SNLP_DECODE_ATTENTION=all; the logits agree either way in exact mode."""
-    import snlp_compile.kernels as kernels
-
-    monkeypatch.setattr(kernels, "_decode_attention_layers", in_layers)
+    run 13) unless its lowering asks for the kernel in the layers too (SNLP_DECODE_ATTENTION=all);
+    the logits agree either way in exact mode."""
     torch.manual_seed(0)
     model = build_model("nanochat-tiny").cuda().eval()
     step = CachedStep(model)
     idx, pos, k_cache, v_cache = (t.cuda() for t in step_inputs(model, seed=1))
     inputs = (idx, pos, k_cache, v_cache)
     layers = model.config.n_layer
-    fast = snlp_compile.transform(step, inputs, iterations=layers, deferred_kv=deferred)
+    lowering = snlp_compile.LoweringOptions(decode_attention_in_layers=in_layers)
+    fast = snlp_compile.transform(step, inputs, iterations=layers, deferred_kv=deferred, lowering=lowering)
     with torch.no_grad():
         want = step(*inputs)
         got = fast(*inputs)
