@@ -128,13 +128,13 @@ def layer_cached_attention(
     pdl: bool = _LAYER_DEFAULT["pdl"],
 ) -> torch.Tensor:
     """:func:`cached_attention` in the rewritten step, every layer folded into the batch: the ops,
-    the two cache products on the layer-batched GEMV kernel (``gemv``, see ``layer_matmul``). Inside the step's CUDA graph they take
-    as long as the fused kernel (0.5B: 28.3 vs 27.6 us), because Inductor fuses the softmax with
-    the bias and the products launch with PDL; the opaque fused kernel instead needs its bias and
-    operands materialised (two to three small kernels) and breaks the PDL overlap, so the step is
-    slower with it (0.136 vs 0.127 ms; BENCHMARKS.md, run 14). ``fused``
-    (``LoweringOptions.decode_attention_in_layers``, ``SNLP_DECODE_ATTENTION=all``) takes the
-    fused kernel here too."""
+    the two cache products on the layer-batched GEMV kernel (``gemv``: ``layer_matmul``). Inside
+    the step's CUDA graph they take as long as the fused kernel (0.5B: 28.3 vs 27.6 us), because
+    Inductor fuses the softmax with the bias and the products launch with PDL; the opaque fused
+    kernel instead needs its bias and operands materialised (two to three small kernels) and
+    breaks the PDL overlap, so the step is slower with it (0.136 vs 0.127 ms; BENCHMARKS.md, run
+    14). ``fused`` (``LoweringOptions.decode_attention_in_layers``, ``SNLP_DECODE_ATTENTION=all``)
+    takes the fused kernel here too."""
     if fused:
         return cached_attention(q, k, v, k_cache, v_cache, bias, fused=True, pdl=pdl)
 
