@@ -95,3 +95,15 @@ def test_restricted_narrows_a_graph_for_a_block_and_restores_it() -> None:
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     with restricted(fast, LoweringOptions()):  # a limit that allows everything changes nothing
         assert layers.code == before
+
+
+def test_attention_outside_the_solve_takes_the_transforms_choice() -> None:
+    """A layer left sequential (``parallel_layers`` < layers) keeps its attention as the model's
+    ``cached_attention``, called with the transform's choice (here: no fused kernel)."""
+    step, inputs = _step()
+    fast = snlp_compile.transform(
+        step, inputs, iterations=2, parallel_layers=2, lowering=LoweringOptions(decode_attention=False)
+    )
+    assert _calls(fast.code, "cached_attention") == ["fused = False, pdl = True"]
+    with torch.no_grad():
+        assert max_err(fast(*inputs)[0], step(*inputs)[0]) < 1e-10
