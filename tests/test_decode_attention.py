@@ -170,6 +170,25 @@ def test_gpu_kernel_matches_float64(dtype: torch.dtype, groups: int, pdl: bool) 
     assert max_err(got.double(), ref) <= max_err(ops.double(), ref) + 1e-6
 
 
+class _Attention(torch.nn.Module):
+    def forward(self, *operands: torch.Tensor) -> torch.Tensor:
+        return cached_attention(*operands, fused=True, pdl=True)
+
+
+@needs_cuda
+def test_gpu_export_never_traces_the_fused_kernel() -> None:
+    """Asked for the fused kernel, attention still exports as its ops: ``snlp::decode_attention``
+    is an opaque op an exported program (ONNX, an AOTInductor package) could not run."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    operands = (q, k, v, kc, vc, attention_bias(torch.tensor(100, device="cuda"), 1, 128))
+    assert _kernel_ran(lambda: _Attention()(*operands))  # eagerly the kernel runs
+    program = torch.export.export(_Attention(), operands, strict=False)
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("snlp" in name for name in names), names
+
+
 @needs_cuda
 def test_gpu_kernel_runs_compiled_in_a_cuda_graph() -> None:
     torch.manual_seed(0)

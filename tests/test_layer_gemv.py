@@ -291,6 +291,29 @@ def test_gpu_pdl_chain_in_a_cuda_graph_reads_each_producer_after_it_finished() -
         assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2, seed
 
 
+class _Linear(torch.nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batched_linear(x, self.w, gemv=True, pdl=True)
+
+
+@needs_cuda
+def test_gpu_export_traces_the_triton_op_never_the_pdl_launch() -> None:
+    """Asked for PDL, an exported linear calls the GEMV ``triton_op`` (AOTInductor compiles it
+    into a package), not the opaque ``snlp::layer_gemv_pdl`` launch."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 1, 1280, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(20, 2560, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5
+    program = torch.export.export(_Linear(w), (x,), strict=False)
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    # (the triton_op itself, or its kernel as torch's triton wrapper, if export traced into it)
+    assert any("snlp.layer_gemv.default" in name or "triton_kernel_wrapper" in name for name in names), names
+    assert not any("layer_gemv_pdl" in name for name in names), names
+
+
 @needs_cuda
 def test_gpu_dispatch_compiled_and_graph_captured() -> None:
     torch.manual_seed(0)
