@@ -33,13 +33,13 @@ SUBCOMMANDS = {
 
 _DECODE_TABLE = [
     "decode", "--batch", "1", "--seq-modes", "compiled+graph,autotuned+graph", "--modes", "compiled+graph",
-    "--ks", "", "--warm-ks", "", "--chunk-modes", "compiled+graph,autotuned+graph", "--deferred-ks", "1,2",
+    "--ks", "", "--warm-ks", "", "--stage-modes", "compiled+graph,autotuned+graph", "--deferred-ks", "1,2",
     "--deferred-modes", "compiled+graph,autotuned+graph", "--einsum-ks", "", "--budget-s", "570",
 ]  # fmt: skip
 # preset -> the full argument list of a table in BENCHMARKS.md (arguments given after it win)
 PRESETS = {
-    "decode-05b": [*_DECODE_TABLE, "--shapes", "0.5b", "--chunks", "32", "--name", "decode_05b"],
-    "decode-d20": [*_DECODE_TABLE, "--shapes", "d20", "--chunks", "20", "--name", "decode_d20"],
+    "decode-05b": [*_DECODE_TABLE, "--shapes", "0.5b", "--stages", "32", "--name", "decode_05b"],
+    "decode-d20": [*_DECODE_TABLE, "--shapes", "d20", "--stages", "20", "--name", "decode_d20"],
     # issue 24 item 3: transformers models through the decode adapter, one shape a call (a budget
     # that leaves a 10-minute call room for the last variant's compile and the write-out)
     **{
@@ -52,7 +52,7 @@ PRESETS = {
     },
     "forward-05b": [
         "forward", "--shapes", "0.5b", "--seq", "2048", "--seq-modes", "compiled+graph,autotuned+graph",
-        "--modes", "compiled+graph,autotuned+graph", "--ks", "1", "--chunks", "", "--no-smoke",
+        "--modes", "compiled+graph,autotuned+graph", "--ks", "1", "--stages", "", "--no-smoke",
         "--name", "forward_05b",
     ],
 }  # fmt: skip

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from snlp_compile.cuda_graph import capture
 from snlp_compile.kernels import decode_attention
 from snlp_compile.kernels.layer_ops import layer_matmul
 from snlp_compile.models.kv import attention_bias, attention_ops
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = call()
                     got = torch.cat(got) if isinstance(got, list) else got
                     err = float((got.double() - ref).norm() / ref.norm())
-                    run = common.cuda_graph(call, device) if device.type == "cuda" else call
+                    run = capture(call, device) if device.type == "cuda" else call
                     t = common.time_fn(run, device, warmup=20, samples=200)
                 row = {"shape": shape + (" per layer" if args.per_layer else ""), "mode": mode}
                 row["lowering"] = lowering + ("" if per_sm is None else f" {per_sm}/SM")

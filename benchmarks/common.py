@@ -10,6 +10,7 @@ can never make the compiler look good.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from snlp_compile.cuda_graph import capture
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -108,39 +111,12 @@ def time_fn(
     return Timing(statistics.median(times), q(0.1), q(0.9), samples, inner)
 
 
-def cuda_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], Any]:
-    """Capture ``fn`` (no arguments, static input buffers) in a CUDA graph; returns its replay.
-
-    Warm-up runs on a side stream first, as torch.cuda.graphs requires (compiled code, cuBLAS
-    handles and lazy allocations happen there, not inside the capture)."""
-    if device.type != "cuda":
-        raise RuntimeError("CUDA graphs need a CUDA device")
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    holder = {"out": out}
-
-    def replay() -> Any:
-        graph.replay()
-        return holder["out"]
-
-    replay.graph = graph  # type: ignore[attr-defined]
-    return replay
-
-
 def compile_module(
     fn: Callable[..., Any], autotune: bool = False, options: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
     """torch.compile with static shapes, Inductor defaults or (``autotune``) GEMM autotuning over
     cuBLAS and Triton templates, plus ``options`` for this compile only; CUDA graphs are added
-    separately (``cuda_graph`` over the compiled callable), which is what mode="reduce-overhead" /
+    separately (``capture`` over the compiled callable), which is what mode="reduce-overhead" /
     "max-autotune" do, minus their tree bookkeeping."""
     mode = "max-autotune-no-cudagraphs" if autotune else None
     if not options:
@@ -188,7 +164,7 @@ def make_variant(
         out = fn(*args)
         return post(out) if post is not None else out
 
-    return cuda_graph(call, device) if mode.endswith("+graph") else call
+    return capture(call, device) if mode.endswith("+graph") else call
 
 
 def profile_variant(fn: Callable[[], Any], label: str, path: Path, rows: int = 25) -> None:
@@ -243,14 +219,25 @@ def layer_parallel_passes(k: int, n_layers: int) -> float:
     return sum(n_layers - s for s in range(k)) / n_layers
 
 
-def computes_sequentially(family: str, k: int | None, chunks: int | None, layers: int | None) -> bool:
+# the staged family ("snlp K=1 S=N": SNLPConfig.stages); result files written before the rename
+# of SNLPConfig.chunks call it "snlp-chunked" and record extra["chunks"]
+STAGED_FAMILIES = ("snlp-staged", "snlp-chunked")
+
+
+def stages_of(extra: dict[str, Any] | None) -> int | None:
+    """A record's SNLPConfig.stages (``extra["chunks"]`` in files written before the rename)."""
+    extra = extra or {}
+    return extra.get("stages", extra.get("chunks"))
+
+
+def computes_sequentially(family: str, k: int | None, stages: int | None, layers: int | None) -> bool:
     """Whether a row is a sequential baseline: the model as written, or the compiler's exact
-    sequential mode (K = 1 with as many chunks as layers: each layer solved from the exact output
+    sequential mode (K = 1 with as many stages as layers: each layer solved from the exact output
     of the one before, which is the sequential computation with the compiler's lowering): the
     ratios are taken against the faster of the two."""
     if family == "sequential":
         return True
-    return family == "snlp-chunked" and k == 1 and chunks is not None and chunks == layers
+    return family in STAGED_FAMILIES and k == 1 and stages is not None and stages == layers
 
 
 def floor_ms(nbytes: float, bandwidth: float) -> float:
@@ -349,7 +336,7 @@ class Bench:
         seq = [
             r.median_ms
             for r in rows
-            if r.median_ms is not None and computes_sequentially(r.family, r.k, r.extra.get("chunks"), layers)
+            if r.median_ms is not None and computes_sequentially(r.family, r.k, stages_of(r.extra), layers)
         ]
         best = min(seq) if seq else None
         one_pass = floor if pass_floor is None else pass_floor
@@ -505,7 +492,7 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     for ax, key in zip(axes.flat, keys):
         rows = [r for r in records if (r.shape, r.case) == key and r.median_ms is not None]
         lines = dict.fromkeys(
-            (r.family, r.mode) for r in rows if r.k and r.family not in ("sequential", "snlp-chunked")
+            (r.family, r.mode) for r in rows if r.k and r.family not in ("sequential", *STAGED_FAMILIES)
         )
         for family, mode in lines:  # one line per SNLP family (plain, deferred, einsum) and mode
             pts = sorted((r.k, r.median_ms) for r in rows if (r.family, r.mode) == (family, mode))
@@ -575,13 +562,19 @@ SNLP_INDUCTOR = "combo_kernels=True"
 
 
 def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) -> None:
-    """The options every regime script takes (shapes, K, modes, chunks, dtype, output, budget)."""
+    """The options every regime script takes (shapes, K, modes, stages, dtype, output, budget)."""
     p.add_argument("--shapes", default="d20,0.5b", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--ks", default="1,2,4", type=int_list, help=ks_help)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seq-modes", default=None, help="modes of the sequential variants (default: --modes)")
-    p.add_argument("--chunks", default="2,4", type=int_list, help="SNLPConfig.chunks values, each at K=1")
-    p.add_argument("--chunk-modes", default="compiled+graph", help="modes of the chunked variants")
+    # --chunks and --chunk-modes: the former names (SNLPConfig.chunks), for commands in earlier notes
+    stages, modes = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
+    stages.add_argument(
+        "--stages", default="2,4", type=int_list, help="SNLPConfig.stages values, each at K=1"
+    )
+    stages.add_argument("--chunks", dest="stages", type=int_list, help=argparse.SUPPRESS)
+    modes.add_argument("--stage-modes", default="compiled+graph", help="modes of the staged variants")
+    modes.add_argument("--chunk-modes", dest="stage_modes", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")

@@ -1,8 +1,8 @@
 """KV-cached decode benchmark: one token per step at context 1024, batch 1 and 8, sequential vs
-SNLP K = 1, 2, 4 (init h0, and warm for the first Ks), and chunked SNLP (K = 1, C = 2, 4 chunks).
+SNLP K = 1, 2, 4 (init h0, and warm for the first Ks), and staged SNLP (K = 1, S = 2, 4 stages).
 
     python -m benchmarks decode                        # on a GPU: the full table
-    python -m benchmarks decode --device cpu --shapes tiny --context 32 --modes eager --chunk-modes eager
+    python -m benchmarks decode --device cpu --shapes tiny --context 32 --modes eager --stage-modes eager
 
 Every variant runs the same thing: the model's cached step (models.kv: explicit stacked caches,
 a position input, the new K/V returned) followed by the cache write (index_copy_ at pos), with the
@@ -10,12 +10,13 @@ transformed step in place of the original for SNLP. The cache holds context-1 ra
 and the step decodes position context-1, so attention reads `context` positions. Shapes are
 layer stacks ("trunks", vocab cut to --vocab); bf16; random weights.
 
-Families: "snlp K=k C=c" (SNLPConfig chunks: C consecutive chunks solved one after another, each
-layer-parallel; C = layers at K = 1 is the compiler's exact sequential mode, counted as a
+Families: "snlp K=k S=s" (SNLPConfig.stages: s consecutive stages solved one after another, each
+layer-parallel; s = layers at K = 1 is the compiler's exact sequential mode, counted as a
 sequential baseline); "snlp K=k einsum" (graph modes only: a transform with
-``LoweringOptions(gemv_kernel=False)``, cuBLAS' batched GEMM); "snlp K=k deferred" (SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a
-second row of this step's q/k/v GEMVs, written by the step into the cache; the provisional K/V the
-step returns are not written, as in ``Decoder``, so the step is timed alone).
+``LoweringOptions(gemv_kernel=False)``, cuBLAS' batched GEMM); "snlp K=k deferred"
+(SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a second row of this step's
+q/k/v GEMVs, written by the step into the cache; the provisional K/V the step returns are not
+written, as in ``Decoder``, so the step is timed alone).
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
 "floor at K": the floor times ``common.layer_parallel_passes`` (K iterations re-read the weights
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     device, out = run.device, run.out
     bench = common.Bench("decode", out, device, run.meta, name=args.name)
     seq = args.modes if args.seq_modes is None else args.seq_modes
-    texts = (args.modes, seq, args.warm_modes, args.chunk_modes, args.deferred_modes)
-    modes, seq_modes, warm_modes, chunk_modes, deferred_modes = (common.mode_list(m, device) for m in texts)
+    texts = (args.modes, seq, args.warm_modes, args.stage_modes, args.deferred_modes)
+    modes, seq_modes, warm_modes, stage_modes, deferred_modes = (common.mode_list(m, device) for m in texts)
     ctx = args.context
 
     with torch.no_grad():
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                     if args.einsum_ks and any(m.endswith("+graph") for m in modes)
                     else None
                 )
-                # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
-                chunked = {
-                    c: snlp_compile.transform(step, inputs, iterations=1, chunks=c)
-                    for c in (args.chunks if chunk_modes else [])
+                # K=1, init h0, S stages (S = 1 is the plain K=1 variant; more stages than layers are refused)
+                staged = {
+                    c: snlp_compile.transform(step, inputs, iterations=1, stages=c)
+                    for c in (args.stages if stage_modes else [])
                     if 1 < c <= cfg.n_layer
                 }
                 kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
@@ -146,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"transform() took {transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
-                # (family, init, K, mode, chunks)
+                # (family, init, K, mode, stages)
                 plan: list[tuple[str, str, int | None, str, int]] = [
                     ("sequential", "", None, m, 1) for m in seq_modes
                 ]
                 plan += [("snlp", "h0", k, m, 1) for k in args.ks for m in modes]
                 plan += [("snlp", "warm", k, m, 1) for k in args.warm_ks for m in warm_modes]
-                plan += [("snlp-chunked", "h0", 1, m, c) for c in chunked for m in chunk_modes]
+                plan += [("snlp-staged", "h0", 1, m, c) for c in staged for m in stage_modes]
                 plan += [("snlp-deferred", "h0", k, m, 1) for k in args.deferred_ks for m in deferred_modes]
                 plan += [
                     ("snlp-einsum", "h0", k, m, 1)
@@ -161,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                     if m.endswith("+graph")
                 ]
                 post = _writer(k_cache, v_cache, pos)
-                for family, init, k, mode, chunks in plan:
+                for family, init, k, mode, stages in plan:
                     if family == "sequential":
                         variant, base = f"seq {mode}", step
-                    elif family == "snlp-chunked":
-                        variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
+                    elif family == "snlp-staged":
+                        variant, base = f"snlp K={k} S={stages} {mode}", staged[stages]
                     elif family == "snlp-deferred":
                         variant, base = (
                             f"snlp K={k} deferred {mode}",
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                         variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
                     rec = common.Record("decode", shape_label, case, variant, family, k, mode)
                     rec.extra["init"] = init or None
-                    if family == "snlp-chunked":
-                        rec.extra["chunks"] = chunks
+                    if family == "snlp-staged":
+                        rec.extra["stages"] = stages
                     write = logits_only if family == "snlp-deferred" else post
                     bench.run(
                         run,
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                             fn = partial(compiled[key], *inputs)
                             label = f"{shape_label} {case} {key}"
                             common.profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
-                del snlp, chunked, compiled, deferred, einsum
+                del snlp, staged, compiled, deferred, einsum
             del model, step
             torch._dynamo.reset()
             if device.type == "cuda":

@@ -1,13 +1,13 @@
 """Full-sequence forward benchmark: batch 1, T = 256 and 2048, sequential vs SNLP K = 1, 2, 4, and
-chunked SNLP (K = 1, C = 2, 4 chunks).
+staged SNLP (K = 1, S = 2, 4 stages).
 
     python -m benchmarks forward                       # on a GPU: the full table
-    python -m benchmarks forward --device cpu --shapes tiny --seq 32 --modes eager --chunk-modes eager
+    python -m benchmarks forward --device cpu --shapes tiny --seq 32 --modes eager --stage-modes eager
 
 Shapes are layer stacks ("trunks", vocab cut to --vocab so that the embedding and head do not blur
 the comparison); bf16, random weights. Variants: sequential and SNLP at each K, in the modes asked
 for ("+graph": the compiled callable captured in a CUDA graph after warm-up, which is what
-mode="reduce-overhead" does without its tree bookkeeping); chunked variants in --chunk-modes.
+mode="reduce-overhead" does without its tree bookkeeping); staged variants in --stage-modes.
 Each case reports the ratio against the best sequential variant of the same run and the bytes
 floor; "floor at K" is the larger of that and the FLOP floor (the layers' FLOPs at the measured
 matmul rate) times ``common.layer_parallel_passes``, "ceiling vs best seq" the best sequential
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_smoke:
         meta["smoke"] = smoke(device)
     bench = common.Bench("forward", out, device, meta, name=args.name)
-    texts = (args.modes, args.modes if args.seq_modes is None else args.seq_modes, args.chunk_modes)
-    modes, seq_modes, chunk_modes = (common.mode_list(m, device) for m in texts)
+    texts = (args.modes, args.modes if args.seq_modes is None else args.seq_modes, args.stage_modes)
+    modes, seq_modes, stage_modes = (common.mode_list(m, device) for m in texts)
 
     with torch.no_grad():
         for shape in args.shapes.split(","):
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
             snlp = snlp_compile.transform(model, (example,), iterations=1)
             transform_s = time.perf_counter() - t0
-            # K=1, init h0, C chunks (C = 1 is the plain K=1 variant; more chunks than layers are refused)
-            chunked = {
-                c: snlp_compile.transform(model, (example,), iterations=1, chunks=c)
-                for c in (args.chunks if chunk_modes else [])
+            # K=1, init h0, S stages (S = 1 is the plain K=1 variant; more stages than layers are refused)
+            staged = {
+                c: snlp_compile.transform(model, (example,), iterations=1, stages=c)
+                for c in (args.stages if stage_modes else [])
                 if 1 < c <= cfg.n_layer
             }
             print(f"{name}: L={cfg.n_layer} d={cfg.n_embd}, layer weights {wbytes / 1e6:.0f} MB")
@@ -107,20 +107,20 @@ def main(argv: list[str] | None = None) -> int:
                     + (f"; {model_note}" if model_note else "")
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
-                # (family, K, mode, chunks)
+                # (family, K, mode, stages)
                 plan: list[tuple[str, int | None, str, int]] = [("sequential", None, m, 1) for m in seq_modes]
                 plan += [("snlp", k, m, 1) for k in args.ks for m in modes]
-                plan += [("snlp-chunked", 1, m, c) for c in chunked for m in chunk_modes]
-                for family, k, mode, chunks in plan:
+                plan += [("snlp-staged", 1, m, c) for c in staged for m in stage_modes]
+                for family, k, mode, stages in plan:
                     if family == "sequential":
                         variant, base = f"seq {mode}", model
-                    elif family == "snlp-chunked":
-                        variant, base = f"snlp K={k} C={chunks} {mode}", chunked[chunks]
+                    elif family == "snlp-staged":
+                        variant, base = f"snlp K={k} S={stages} {mode}", staged[stages]
                     else:
                         variant, base = f"snlp K={k} {mode}", common.with_iterations(snlp, k)
                     rec = common.Record("forward", shape_label, case, variant, family, k, mode)
-                    if family == "snlp-chunked":
-                        rec.extra["chunks"] = chunks
+                    if family == "snlp-staged":
+                        rec.extra["stages"] = stages
                     bench.run(run, rec, base, (idx,), ref, compiled, warmup=5)
                 bench.finish_case(shape_label, case, floor, layers=cfg.n_layer, pass_floor=pass_floor)
                 if args.profile and device.type == "cuda":
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                             common.profile_variant(
                                 partial(compiled[key], idx), label, out / f"{args.name}_profile.txt"
                             )
-            del model, snlp, chunked
+            del model, snlp, staged
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

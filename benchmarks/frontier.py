@@ -1,22 +1,25 @@
 """Speed at equal quality: train a model family, measure the perplexity of the KV-cached decode step
 the users deploy, time that step, and put both on one frontier beside shallower sequential models.
 
-    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~33 min (see below)
+    python -m benchmarks frontier run --work /tmp/frontier --out $OUT     # a GPU, ~40 min (see below)
     python -m benchmarks frontier run --smoke --work /tmp/fs --out /tmp/fs # CPU: checks the script
     python -m benchmarks frontier reference --work /tmp/ref               # a GPU: one checkpoint, ~3 min
     python -m benchmarks frontier assemble --work /tmp/frontier --out DIR # the report of a run cut short
     python -m benchmarks frontier report benchmarks/results/frontier.json # table + plot from the JSON
     python -m benchmarks frontier run --quality-from J --work W --out O --points 16:2:h0:f4  # fused point
+    python -m benchmarks frontier assemble --work W --out O --timings-from J  # new quality, old timings
 
 Stages, one process (so checkpoints stay on the machine's local disk, ``--work``):
 1. data: a byte-level BPE (``--vocab``) trained on a sample of the local Python sources, then the
    train / held-out split tokenised with it (per-token perplexity, as the paper reports);
 2. train: the unregularised baseline (two seeds: the noise), the paper-recipe regularised model
    (``RegulariserConfig()`` defaults), SNLP-forward fine-tunes of the baseline (one of them through
-   the fused solve: wide layers of M, ``SNLPConfig.fused_layers``), and shallow sequential controls
+   the fused solve: wide layers of M, ``SNLPConfig.fused_layers``) and of partial tails (the last
+   P layers at K=2, mostly from ``reg``: ``tail_variants``), and shallow sequential controls
    (L/2, L/4) on the same data and token budget; each a safetensors checkpoint;
 3. quality: teacher-forced perplexity of each model's cached decode step
-   (``snlp_compile.train.decode_eval``) over parallel layers x K x init, plus the paper's fusion
+   (``snlp_compile.train.decode_eval``) over parallel layers x K x init (a tail fine-tune: its own
+   P only), plus the paper's fusion
    (wide layers of M = 2 and 4 over all layers, K x h0; every token through the fused solve), in
    bf16 as timed; a point's ``fusion`` is M (1: none);
 4. speed: the same steps at batch 1, context ``--context``: the sequential baselines (model as
@@ -35,6 +38,19 @@ Device schedule (calls of at most 10 minutes, 30 device minutes a session): on o
 ``--models base-s0 base-s1 reg`` and over the other five (~7 min each), each call copying
 ``work/*.json`` to ``$OUT``; ``assemble --quality-only`` on those files makes the frontier.json a
 later session times with ``run --quality-from`` (~10 min, random weights) and ``--points``.
+
+Partial-tail fine-tunes (``tail_variants``: the last 8 / 12 of 16 layers at K=2 h0 from ``reg``;
+controls at 12 from ``base-s0`` and without the sequential terms): one session, three calls on one
+warm machine (``reg`` first, the same ``--work /tmp/frontier``), each copying ``work/*.json`` to
+``$OUT``: ``run --stages train --models base-s0 reg`` (~6 min with the data: 72 s + 195 s of
+training); ``--stages train --models sft-tail8 sft-tail12 sft-tail12-base sft-tail12-solo`` (~6
+min: ~0.3 s/step x 250 steps each, from sft-k2's 0.24 s/step for 16 layers at K=2 plus the
+sequential CE's 0.10 s and the teacher's forward, -solo ~0.2 s/step; ``calibrate`` measures it as
+calib-sft-tail); ``--stages quality --models base-s0 reg sft-tail8 sft-tail12 sft-tail12-base
+sft-tail12-solo`` (~7 min: ~2.3 each for the full grids, a tail's grid is its P x K x init only).
+Timing does not depend on the weights: ``assemble --timings-from benchmarks/results/frontier.json``
+on those files joins the earlier run's steps of the same shapes (8:2:h0, 12:2:h0, ...; the
+configurations it lacks are listed untimed).
 """
 
 from __future__ import annotations
@@ -47,7 +63,7 @@ import site
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +163,38 @@ class Variant:
     init_from: str | None = None
     snlp: SNLPConfig | None = None
     note: str = ""
+    seq_ce_weight: float | None = None  # TrainConfig's (None: 0 for snlp-forward)
+    distill_weight: float = 0.0  # TrainConfig's: KL towards the frozen starting model
+    quality_parallel: tuple[int, ...] | None = None  # the quality grid's parallel layers (None: the scale's)
+
+
+def tail_variants(scale: Scale) -> list[Variant]:
+    """SNLP-forward fine-tunes of a partial tail (issue 20): the last P layers parallel at K=2, h0
+    (the deployed configuration; 8 and 12 of 16), from ``reg``, whose tails already converge best;
+    at 12 of 16 two controls: from ``base-s0`` (what the regulariser's start is worth) and through
+    the solve's cross-entropy alone (``-solo``, as ``sft-k*``: what keeping the sequential model
+    costs the deployed point).
+
+    Fine-tuning all 16 layers through the solve alone (``sft-k*``) cost the sequential model
+    +46%/+218%; here the loss keeps it: the sequential cross-entropy (weight 1, the data) and the KL
+    of the frozen starting model's sequential distribution to the K=2 one (weight 1, the function
+    whose quality is kept: it pulls the solve towards the starting model rather than towards another
+    function; both in nats per token, on the scale of the solve's cross-entropy). Same steps, lr and
+    token budget as the other fine-tunes. Quality: their P at every K and init, and sequential."""
+    n = scale.n_layer
+    out = []
+    for par, start, keep in ((n // 2, "reg", True), (3 * n // 4, "reg", True), (3 * n // 4, BASELINE, True),
+                             (3 * n // 4, "reg", False)):  # fmt: skip
+        name = f"sft-tail{par}" + ("" if start == "reg" else "-base") + ("" if keep else "-solo")
+        loss = f"+ sequential CE + KL to {start}" if keep else "the solve's CE alone"
+        out.append(
+            Variant(
+                name, "snlp-forward", init_from=start, snlp=SNLPConfig(iterations=2, parallel_layers=par),
+                note=f"{start} fine-tuned through the K=2 h0 solve of the last {par} of {n} layers, {loss}",
+                seq_ce_weight=1.0 if keep else 0.0, distill_weight=1.0 if keep else 0.0, quality_parallel=(par,),
+            )
+        )  # fmt: skip
+    return out
 
 
 def variants(scale: Scale) -> list[Variant]:
@@ -169,9 +217,17 @@ def variants(scale: Scale) -> list[Variant]:
             note=f"base-s0 fine-tuned through the K=2 solve of {n // scale.finetune_fusion} wide layers "
             f"of {scale.finetune_fusion} (fused_layers={scale.finetune_fusion})",
         ),
+        *tail_variants(scale),
         Variant(f"seq-l{n // 2}", n_layer=n // 2, note=f"shallow sequential control, {n // 2} layers"),
         Variant(f"seq-l{n // 4}", n_layer=n // 4, note=f"shallow sequential control, {n // 4} layers"),
     ]  # fmt: skip
+
+
+def timed_parallel(scale: Scale, chosen: list[Variant]) -> list[int]:
+    """The timing grid's parallel layers: the scale's and the chosen variants' own quality grids'
+    (a quality point is joined with the timing of its own configuration)."""
+    extra = {p for v in chosen for p in v.quality_parallel or ()}
+    return sorted(set(scale.parallel) | extra)
 
 
 def log(msg: str) -> None:
@@ -248,6 +304,8 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
         objective=v.objective,
         regulariser=RegulariserConfig() if v.objective in ("regulariser", "both") else None,
         snlp=v.snlp,
+        seq_ce_weight=v.seq_ce_weight,
+        distill_weight=v.distill_weight,
         init_from=str(checkpoint_path(work, v.init_from)) if finetune else None,
         eval_windows=min(64, scale.eval_windows),
     )
@@ -265,6 +323,8 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
         "n_layer": n_layer,
         "init_from": v.init_from,
         "snlp": None if v.snlp is None else asdict(v.snlp),
+        "seq_ce_weight": cfg.seq_weight,
+        "distill_weight": v.distill_weight,
         "layer_params": n_params,
         "steps": steps,
         "tokens": res.tokens,
@@ -317,10 +377,11 @@ def measure_quality(
         return json.loads(path.read_text())
     model = load_for_inference(work, v.name, scale)
     n = v.n_layer or scale.n_layer
-    if v.n_layer is None:
-        par = [None if p >= n else p for p in scale.parallel]
+    if v.n_layer is None:  # (a model trained for its own parallel layers: those only, no fusion)
+        par = [None if p >= n else p for p in v.quality_parallel or scale.parallel]
         grid = settings_grid(par, scale.iterations, scale.inits)
-        grid += [DecodeSetting(k, None, "h0", m) for m in scale.fusions for k in scale.fused_iterations]
+        if v.quality_parallel is None:
+            grid += [DecodeSetting(k, None, "h0", m) for m in scale.fusions for k in scale.fused_iterations]
     else:
         grid = [DecodeSetting(None)]
     t0 = time.perf_counter()
@@ -421,8 +482,8 @@ class Timer:
     def sequential(self, modes: list[str]) -> None:
         for mode in modes:
             self.time(Timed(self.name, 0, None, None, f"seq {mode}"), self.step, mode)
-        if self.n_layer > 1:  # the compiler's exact sequential lowering: K=1, one chunk per layer
-            exact = snlp_compile.transform(self.step, self.inputs, iterations=1, chunks=self.n_layer)
+        if self.n_layer > 1:  # the compiler's exact sequential lowering: K=1, one stage per layer
+            exact = snlp_compile.transform(self.step, self.inputs, iterations=1, stages=self.n_layer)
             for mode in modes:
                 self.time(Timed(self.name, 0, None, None, f"exact-seq {mode}"), exact, mode)
 
@@ -448,7 +509,7 @@ class Timer:
             del t
 
     def point(self, par: int, k: int, init: str, mode: str, fusion: int = 1) -> None:
-        if fusion > 1:  # (wide layers need chunks=1 and no deferred K/V: the plain solve only)
+        if fusion > 1:  # (wide layers need stages=1 and no deferred K/V: the plain solve only)
             row = Timed(self.name, par, k, init, f"snlp {mode}", fusion=fusion)
             try:
                 t = snlp_compile.transform(
@@ -464,9 +525,9 @@ class Timer:
             return
         if par < self.n_layer:
             # the same function as parallel_layers=par, its sequential layers lowered as one-layer
-            # chunks (the exact-seq lowering) rather than as written; deferred K/V needs all layers
+            # stages (the exact-seq lowering) rather than as written; deferred K/V needs all layers
             staged = (1,) * (self.n_layer - par) + (par,)
-            t = snlp_compile.transform(self.step, self.inputs, iterations=k, chunks=staged, init=init)
+            t = snlp_compile.transform(self.step, self.inputs, iterations=k, stages=staged, init=init)
             self.time(Timed(self.name, par, k, init, f"snlp staged {mode}"), t, mode)
             return
         t = snlp_compile.transform(self.step, self.inputs, iterations=k, parallel_layers=par, init=init)
@@ -514,6 +575,21 @@ def load_timings(work: Path, log: Path | None) -> list[Timed]:
                 )
             )
     return rows
+
+
+TIMED_SHAPE = ("n_layer", "n_embd", "n_head", "vocab", "context", "dtype")
+
+
+def timings_from(path: Path, scale: Scale) -> list[Timed]:
+    """An earlier frontier.json's timings, for models of this scale's shape (timing does not depend
+    on the weights, the shape it does: another shape is refused by name)."""
+    earlier = json.loads(path.read_text())
+    theirs = earlier.get("meta", {}).get("scale", {})
+    differ = [k for k in TIMED_SHAPE if theirs.get(k) != getattr(scale, k)]
+    if differ:
+        got = ", ".join(f"{k}={theirs.get(k)!r} (here {getattr(scale, k)!r})" for k in differ)
+        raise SystemExit(f"frontier assemble: --timings-from {path} timed another shape: {got}")
+    return [Timed(**r) for r in earlier["timings"]]
 
 
 # -- stage 5: the frontier ------------------------------------------------------------------------
@@ -901,7 +977,7 @@ def run(args: argparse.Namespace) -> int:
                 t.sequential(modes)
                 timers.append(t)
         if not args.points:
-            deep.grid(list(scale.parallel), list(scale.iterations), list(scale.inits), grid_mode)
+            deep.grid(timed_parallel(scale, chosen), list(scale.iterations), list(scale.inits), grid_mode)
             deep.fused_grid(list(scale.fusions), list(scale.fused_iterations), grid_mode)
         timed = [r for t in timers for r in t.rows]
         joined = build_points(quality, timed, trained, scale)
@@ -953,9 +1029,14 @@ def assemble(args: argparse.Namespace) -> int:
         for row in json.loads((work / f"{n}.quality.json").read_text())
     ]
     if args.quality_only:  # (the quality calls' results: a frontier.json for a later --quality-from)
-        if (work / "timings.json").exists() or args.log:
+        if (work / "timings.json").exists() or args.log or args.timings_from:
             raise SystemExit("frontier assemble: --quality-only, but there are timings: leave it out")
         timed: list[Timed] = []
+    elif args.timings_from:  # (timing does not depend on the weights: an earlier run's steps)
+        if args.log:
+            raise SystemExit("frontier assemble: --timings-from or --log, not both")
+        timed = timings_from(Path(args.timings_from), scale)
+        meta["timings_from"] = args.timings_from
     else:
         timed = load_timings(work, Path(args.log) if args.log else None)
     joined = build_points(quality, timed, trained, scale)
@@ -1009,13 +1090,14 @@ def calibrate(args: argparse.Namespace) -> int:
             init_from="calib-base",
             snlp=SNLPConfig(iterations=2, fused_layers=scale.finetune_fusion),
         ),
+        replace(tail_variants(scale)[1], name="calib-sft-tail", init_from="calib-base"),
     ]
     for v in cases:
         for steps in (3, 3 + args.steps):
             t = Scale(**{**asdict(scale), "steps": steps, "finetune_steps": steps, "eval_windows": 2})
             name = f"{v.name}-{steps}"
             facts = train_variant(
-                Variant(name, v.objective, init_from=v.init_from and f"{v.init_from}-{steps}", snlp=v.snlp),
+                replace(v, name=name, init_from=v.init_from and f"{v.init_from}-{steps}"),
                 t,
                 corpus,
                 work,
@@ -1073,6 +1155,11 @@ def main(argv: list[str] | None = None) -> int:
     asm.add_argument("--out", required=True)
     asm.add_argument("--log", default=None, help="the run's log, if it predates work/timings.json")
     asm.add_argument("--note", default="", help="what the run did not reach, for the report")
+    asm.add_argument(
+        "--timings-from",
+        default=None,
+        help="an earlier frontier.json: join its timings (same shapes; timing does not depend on the weights)",
+    )
     asm.add_argument("--smoke", action="store_true", help="a smoke-scale run's stage results")
     asm.add_argument(
         "--quality-only",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from snlp_compile.cuda_graph import capture
 from snlp_compile.kernels.layer_ops import batched_linear
 
 from . import common
@@ -90,7 +91,7 @@ def _timed_us(
     """Median us of one fn(x, w) in a CUDA graph: a chain over the copies (cold), or one launch."""
     call = _chain(fn, operands) if cold else functools.partial(fn, *operands[-1])
     return (
-        common.time_fn(common.cuda_graph(call, device), device, warmup=5, samples=50).median_ms
+        common.time_fn(capture(call, device), device, warmup=5, samples=50).median_ms
         * 1e3
         / (CHAIN if cold else 1)
     )
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 err = float((y.float() - expect).norm() / expect.norm())
                 call = functools.partial(compiled, x, w)
                 clones = _clones_per_call(call)
-                run = common.cuda_graph(call, device) if device.type == "cuda" else call
+                run = capture(call, device) if device.type == "cuda" else call
                 t = common.time_fn(run, device, warmup=20, samples=200)
             row = dict(shape=shape, variant=name, rows=r, median_us=t.median_ms * 1e3, floor_us=floor * 1e3)
             row.update(

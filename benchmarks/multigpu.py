@@ -5,7 +5,7 @@
 
 One launch measures G = the world size. Every rank builds the model (same seed), then, on rank 0
 alone while the others wait (single-device baselines, the same run): the sequential step and the
-compiler's exact sequential lowering (``chunks`` = L at K = 1), the best of them is the
+compiler's exact sequential lowering (``stages`` = L at K = 1), the best of them is the
 "best sequential step", and the single-device K = 1 step. Then all ranks together: the
 layer-parallel step across the G ranks (``Decoder(..., process_group=)``, K = 1 and 2) and a
 tensor-parallel sequential baseline (``torch.distributed.tensor.parallel``: q/k/v and the MLP's
@@ -39,7 +39,8 @@ import torch.nn as nn
 
 from benchmarks import common
 from snlp_compile import Decoder, SNLPConfig, transform
-from snlp_compile.config import chunk_sizes
+from snlp_compile.config import stage_sizes
+from snlp_compile.cuda_graph import capture
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.models.registry import build_model
 from snlp_compile.solve.handle import solve_handle
@@ -80,7 +81,7 @@ def _modes(args: argparse.Namespace, device: torch.device) -> list[str]:
 def _callable(step: Callable[..., Any], mode: str, device: torch.device) -> Callable[[], Any]:
     """``step()`` in a mode: compiled (static shapes) and/or replayed from a CUDA graph."""
     fn = common.compile_module(step) if mode.startswith("compiled") else step
-    return common.cuda_graph(fn, device) if mode.endswith("+graph") else fn
+    return capture(fn, device) if mode.endswith("+graph") else fn
 
 
 def _step_call(step: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
@@ -170,7 +171,7 @@ def _single_device(run: Runner, label: str, model: nn.Module, ctx: int) -> dict[
     inputs = _inputs(model, ctx, device)
     ref = step(*inputs)[0]
     layers = model.config.n_layer
-    lowering = transform(step, inputs, iterations=1, chunks=layers)
+    lowering = transform(step, inputs, iterations=1, stages=layers)
     k1 = transform(step, inputs, iterations=1)
     for name, base in (("sequential", step), ("sequential lowering", lowering), ("K=1 single device", k1)):
         for mode in _modes(run.args, device):
@@ -185,7 +186,7 @@ def _distributed(run: Runner, label: str, model: nn.Module, ctx: int, refs: dict
     dec = Decoder(model, SNLPConfig(iterations=1), batch=1, max_len=ctx, process_group=dist.group.WORLD)
     handle = solve_handle(dec.decode_step)
     _, pos, k, v = _inputs(model, ctx, device)
-    start, block = sum(chunk_sizes(model.config.n_layer, world)[: run.rank]), dec.k_cache.shape[0]
+    start, block = sum(stage_sizes(model.config.n_layer, world)[: run.rank]), dec.k_cache.shape[0]
     dec.k_cache.copy_(k[start : start + block])  # (the same random cache as the single-device steps)
     dec.v_cache.copy_(v[start : start + block])
     token = torch.ones(1, dtype=torch.long, device=device)

@@ -11,10 +11,10 @@ One process: (1) the frontier's data and its reference checkpoint ``base-s0`` (`
 ``frontier.train_variant``, the paper's recipe, seeded; ``--checkpoint`` loads one instead); (2) at
 batch 1, a held-out prompt of ``--prompt`` tokens, ``--new`` new tokens (greedy, bf16 on a GPU):
 - sequential decode: the model's cached step and the compiler's exact sequential lowering (K = 1,
-  one chunk per layer), eager + CUDA graph and compiled + CUDA graph (the step, its cache write and
+  one stage per layer), eager + CUDA graph and compiled + CUDA graph (the step, its cache write and
   the argmax in one graph, no host synchronisation), the best of them the baseline;
 - the drafts, one per P in ``--parallel`` and K in ``--ks``: the step transformed with init warm and
-  staged chunks (1,) * (L - P) + (P,) (the first L - P layers one after another through the
+  stages (1,) * (L - P) + (P,) (the first L - P layers one after another through the
   batched lowering, the last P layer-parallel at K; P = L: the plain solve); plain SNLP decode
   with each (approximate: its tokens differ);
 - speculative decode, P x γ x K: ``Decoder(model, speculative=draft, block_size=γ, cuda_graphs=True,
@@ -47,7 +47,8 @@ from typing import Any
 import torch
 
 import snlp_compile
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.cuda_graph import capture
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
@@ -59,7 +60,6 @@ from .common import (
     BEST_INDUCTOR,
     SNLP_INDUCTOR,
     compile_module,
-    cuda_graph,
     environment,
     fmt,
     inductor_options,
@@ -117,11 +117,11 @@ class Steps:
         self.eager_step = CachedStep(model)
         n = model.config.n_layer
         self.exact = (
-            snlp_compile.transform(CachedStep(model), inputs, iterations=1, chunks=n) if n > 1 else None
+            snlp_compile.transform(CachedStep(model), inputs, iterations=1, stages=n) if n > 1 else None
         )
         self.draft_bases = {
             p: snlp_compile.transform(
-                CachedStep(model), inputs, iterations=1, init="warm", chunks=staged_chunks(n, p)
+                CachedStep(model), inputs, iterations=1, init="warm", stages=draft_stages(n, p)
             )
             for p in parallel
         }
@@ -137,7 +137,7 @@ class Steps:
 
     def exact_verifier(self, dec: Decoder, t: int) -> Step:
         """The library's exact-seq verifier on t tokens (``Decoder.verify_step``: the exact
-        sequential lowering, K = 1, one layer per chunk), compiled where the run compiles; built
+        sequential lowering, K = 1, one layer per stage), compiled where the run compiles; built
         once per t and shared by every decoder (t = 1: the exact-seq baseline's step)."""
         if t == 1 and self.exact is not None and self.exact_c is not None:
             return self.exact_c
@@ -156,12 +156,12 @@ class Steps:
         copy_tensors(self.model, other)
         n = other.config.n_layer
         for mine, kwargs, inputs in (
-            (self.exact, {"chunks": n}, self.inputs),
+            (self.exact, {"stages": n}, self.inputs),
             *(
-                (b, {"init": "warm", "chunks": staged_chunks(n, p)}, self.inputs)
+                (b, {"init": "warm", "stages": draft_stages(n, p)}, self.inputs)
                 for p, b in self.draft_bases.items()
             ),
-            *((m, {"chunks": n}, self._block_inputs(t)) for t, (m, _) in self.exact_verifiers.items()),
+            *((m, {"stages": n}, self._block_inputs(t)) for t, (m, _) in self.exact_verifiers.items()),
         ):
             if mine is None:
                 continue
@@ -180,9 +180,9 @@ class Steps:
                 )
 
 
-def staged_chunks(n: int, p: int) -> int | tuple[int, ...]:
-    """The chunks of a draft with the last ``p`` of ``n`` layers layer-parallel: the first n - p
-    one after another (chunks of one layer, exact at any K), then one chunk of p."""
+def draft_stages(n: int, p: int) -> int | tuple[int, ...]:
+    """The stages of a draft with the last ``p`` of ``n`` layers layer-parallel: the first n - p
+    one after another (stages of one layer, exact at any K), then one stage of p."""
     return 1 if p == n else (1,) * (n - p) + (p,)
 
 
@@ -226,7 +226,7 @@ class StepLoop:
         self.body: Callable[[], Any] = self._body
         if graph:
             self._start()
-            self.body = cuda_graph(self._body, self.device)
+            self.body = capture(self._body, self.device)
 
     def _body(self) -> torch.Tensor:
         logits, new_k, new_v = self.step(self.idx, self.pos, self.k_cache, self.v_cache)
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--gammas", default="2,4", type=ints, help="block sizes γ (default 2,4)")
     p.add_argument("--ks", default="1,2", type=ints, help="draft iterations K (default 1,2)")
-    staged = "layer-parallel layers P of the drafts, chunks (1,) * (L - P) + (P,) (default 8,12; smoke 2,4)"
+    staged = "layer-parallel layers P of the drafts, stages (1,) * (L - P) + (P,) (default 8,12; smoke 2,4)"
     p.add_argument("--parallel", default=None, type=ints, help=staged)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; smoke 8)")
     p.add_argument("--new", type=int, default=None, help="new tokens (default 256; smoke 24)")

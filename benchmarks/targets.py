@@ -13,7 +13,7 @@ it asks a step to run. Result files without a row's floor at K get it recomputed
 floors and notes.
 
 The sequential baseline is the fastest row that computes the sequential model: the model as
-written (``seq ...``) or the compiler's exact sequential mode (``snlp K=1 C=N``, as many chunks as
+written (``seq ...``) or the compiler's exact sequential mode (``snlp K=1 S=N``, as many stages as
 layers; ``common.computes_sequentially``).
 
 By default each target is read off the first file that has it (one run: the issue's "same run").
@@ -56,7 +56,7 @@ TARGETS = [
     Target("decode", "0.5b", "b1 ctx=1024", 1, None, 1.5),
 ]
 
-# families that are "the compiler's output at K" (chunked configurations are another K's work)
+# families that are "the compiler's output at K" (staged configurations are another K's work)
 SNLP_FAMILIES = ("snlp", "snlp-deferred", "snlp-einsum")
 
 
@@ -91,7 +91,7 @@ def evaluate(target: Target, payload: dict[str, Any]) -> dict[str, Any] | None:
         r
         for r in recs
         if common.computes_sequentially(
-            r["family"], r["k"], (r.get("extra") or {}).get("chunks"), _layers(r["shape"])
+            r["family"], r["k"], common.stages_of(r.get("extra")), _layers(r["shape"])
         )
     ]
     snlp = [r for r in recs if r["family"] in SNLP_FAMILIES and r["k"] == target.k]

@@ -14,7 +14,7 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfig
-from snlp_compile.generate import Decoder
+from snlp_compile.decoding import Decoder
 from snlp_compile.models import build_model
 
 
@@ -53,13 +53,13 @@ def main() -> None:
         )
     for cfg in (
         SNLPConfig(iterations=n),
-        SNLPConfig(iterations=1, init="warm", chunks=2),
+        SNLPConfig(iterations=1, init="warm", stages=2),
         SNLPConfig(iterations=2, deferred_kv=True),
     ):
         t0 = time.perf_counter()
         Decoder(model, cfg, batch=1, max_len=64)
         print(
-            f"  decode step {cfg.iterations=} {cfg.init=} {cfg.chunks=} {cfg.deferred_kv=}: accepted "
+            f"  decode step {cfg.iterations=} {cfg.init=} {cfg.stages=} {cfg.deferred_kv=}: accepted "
             f"({time.perf_counter() - t0:.2f} s)"
         )
 

@@ -31,8 +31,8 @@ _LAZY: dict[str, str] = {
     "SNLPRefusal": ".errors",
     "SNLPUsageError": ".errors",
     "export_onnx": ".export.onnx_export",
-    "Decoder": ".generate",
-    "generate": ".generate",
+    "Decoder": ".decoding",
+    "generate": ".decoding",
     "ExplainReport": ".report",
     "LoweringOptions": ".options",
     "SolveHandle": ".solve.handle",
@@ -79,9 +79,9 @@ if TYPE_CHECKING or "torch" in sys.modules:  # a library user: keep the eager be
     from .api import explain, solve_trace, transform
     from .api_compile import compile  # also registers the torch.compile backend "snlp"
     from .config import SNLPConfig
+    from .decoding import Decoder, generate
     from .errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal, SNLPUsageError
     from .export.onnx_export import export_onnx
-    from .generate import Decoder, generate
     from .options import LoweringOptions
     from .report import ExplainReport
     from .solve.handle import SolveHandle, solve_handle

@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import sys
+import warnings
+from dataclasses import InitVar, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SNLPConfigError
 from .options import ENVIRONMENT, LoweringOptions
 
 InitKind = Literal["h0", "batch_fwd", "warm"]
+
+CHUNKS_RENAMED = (
+    "SNLPConfig.chunks is now SNLPConfig.stages (stages solved one after another; "
+    "the paper's chunkwise fusion is fused_layers)"
+)
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def warn_chunks_renamed() -> None:
+    """The DeprecationWarning for ``chunks``, attributed to the first caller outside this package
+    (and the dataclass's generated __init__): Python shows DeprecationWarnings by default only
+    in a script's own code, and ``transform(..., chunks=...)`` reaches the config calls deep."""
+    level, frame = 2, sys._getframe(1)  # (the caller's frame is stacklevel 2)
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE)
+        or (frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")
+    ):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(CHUNKS_RENAMED, DeprecationWarning, stacklevel=level)
 
 
 @dataclass(frozen=True)
@@ -28,17 +50,19 @@ class SNLPConfig:
     layers: module path of the layer container (e.g. "transformer.h"); None finds it.
     dynamic_shapes: capture with symbolic batch and sequence sizes (falls back to static shapes
         when torch.export cannot, which explain() reports).
-    chunks: C, chunkwise decomposition: the N parallel layers are split into C consecutive chunks
-        (sizes from chunk_sizes(): as even as possible, the larger ones first, as
-        torch.tensor_split does), solved one after another, each layer-parallel with K iterations
-        from the previous chunk's last output (the first from the chain's input); the correction
-        restarts at each chunk boundary. K >= the largest chunk is exact; C = N, K = 1 is the
-        sequential model; C = 1 is the plain solve. At most the number of parallel layers. A tuple
-        gives the sizes in order (adding up to the parallel layers, at most two distinct sizes),
-        e.g. (1,) * 8 + (8,): the first 8 layers one after another, through the same batched
-        kernels as the solve, then the last 8 layer-parallel; the function of
-        ``parallel_layers=8`` with a faster sequential part. A chunk runs min(K, its size)
-        iterations: more change nothing (the chunk is exact after that many).
+    stages: S, consecutive stages solved one after another: the N parallel layers are split into
+        S consecutive stages (sizes from stage_sizes(): as even as possible, the larger ones
+        first, as torch.tensor_split does), each layer-parallel with K iterations from the
+        previous stage's last output (the first from the chain's input); the correction restarts
+        at each stage boundary. The model's own function: K >= the largest stage is exact; S = N,
+        K = 1 is the sequential model; S = 1 is the plain solve. At most the number of parallel
+        layers. A tuple gives the sizes in order (adding up to the parallel layers, at most two
+        distinct sizes), e.g. (1,) * 8 + (8,): the first 8 layers one after another, through the
+        same batched kernels as the solve, then the last 8 layer-parallel; the function of
+        ``parallel_layers=8`` with a faster sequential part. A stage runs min(K, its size)
+        iterations: more change nothing (the stage is exact after that many). Not the paper's
+        chunkwise decomposition, which is ``fused_layers``. ``chunks`` is its former name,
+        accepted (with a DeprecationWarning) by ``SNLPConfig(chunks=...)`` and ``replace``.
     fused_layers: M, wide-layer fusion (the paper's ChunkB_CxFM; Fused_1xFM when M is all the
         parallel layers): the N parallel layers form N/M consecutive groups, and each group is one
         wide layer reading the group's input x: every layer's first residual half (attention)
@@ -46,15 +70,15 @@ class SNLPConfig:
         wide layer's output = y + the sum of theirs (``passes.wide_layers``). This changes the
         function (it is the function of a model trained fused); the N/M wide layers are then solved
         in parallel with K iterations and the IDN correction between them, exact (to the fused
-        function) at K >= N/M. 1: no fusion. Unlike ``chunks`` (stages solved one after another,
-        the same function), it needs chunks=1 and no deferred_kv; verify does not apply (it
+        function) at K >= N/M. 1: no fusion. Unlike ``stages`` (solved one after another, the
+        same function), it needs stages=1 and no deferred_kv; verify does not apply (it
         compares with the unfused model).
     deferred_kv: decode steps only (models.kv.CachedStep, one new token): token t's corrected K/V
         are computed in token t+1's first evaluation, as a second row of its q/k/v GEMVs (one
         weight read instead of two), and written by that step into the caches at t's position;
         the K/V a step returns are provisional (at its uncorrected inputs) and need not be written:
         the next step writes that slot before reading it (``Decoder`` skips them). Exact mode
-        stays exact. Not for ONNX export; needs chunks=1. ``Decoder`` completes the last token's
+        stays exact. Not for ONNX export; needs stages=1. ``Decoder`` completes the last token's
         K/V (``Decoder.flush``); a hand-driven step completes them with one more call.
     lowering: how the rewritten graph is lowered (``options.LoweringOptions``); None takes the
         process's defaults, read from the ``SNLP_*`` environment variables once at import
@@ -77,13 +101,22 @@ class SNLPConfig:
     damping: float = 1.0
     layers: str | None = None
     dynamic_shapes: bool = True
-    chunks: int | tuple[int, ...] = 1
+    stages: int | tuple[int, ...] = 1
     fused_layers: int = 1
     deferred_kv: bool = False
     lowering: LoweringOptions | None = None
     verify: bool = True
+    chunks: InitVar[int | tuple[int, ...] | None] = None  # the former name of stages (deprecated)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, chunks: int | tuple[int, ...] | None) -> None:
+        if chunks is not None:
+            if self.stages != 1:
+                raise SNLPConfigError(
+                    f"SNLPConfig got both stages={self.stages!r} and chunks={chunks!r}: chunks is the former "
+                    "name of stages, give stages only"
+                )
+            warn_chunks_renamed()
+            object.__setattr__(self, "stages", chunks)
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
             raise SNLPConfigError(f"SNLPConfig.iterations must be an int >= 1, got {self.iterations!r}")
         if self.parallel_layers is not None and (
@@ -96,12 +129,12 @@ class SNLPConfig:
             raise SNLPConfigError(f"SNLPConfig.init must be 'h0', 'batch_fwd' or 'warm', got {self.init!r}")
         if not (isinstance(self.damping, (int, float)) and 0.0 < float(self.damping) <= 1.0):
             raise SNLPConfigError(f"SNLPConfig.damping must be in (0, 1], got {self.damping!r}")
-        if isinstance(self.chunks, list):
-            object.__setattr__(self, "chunks", tuple(self.chunks))
-        sizes = self.chunks if isinstance(self.chunks, tuple) else (self.chunks,)
+        if isinstance(self.stages, list):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        sizes = self.stages if isinstance(self.stages, tuple) else (self.stages,)
         if not sizes or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in sizes):
             raise SNLPConfigError(
-                f"SNLPConfig.chunks must be an int >= 1 or a tuple of chunk sizes >= 1, got {self.chunks!r}"
+                f"SNLPConfig.stages must be an int >= 1 or a tuple of stage sizes >= 1, got {self.stages!r}"
             )
         if (
             not isinstance(self.fused_layers, int)
@@ -109,10 +142,10 @@ class SNLPConfig:
             or self.fused_layers < 1
         ):
             raise SNLPConfigError(f"SNLPConfig.fused_layers must be an int >= 1, got {self.fused_layers!r}")
-        if self.fused_layers > 1 and (self.chunks != 1 or self.deferred_kv):
+        if self.fused_layers > 1 and (self.stages != 1 or self.deferred_kv):
             raise SNLPConfigError(
-                f"SNLPConfig.fused_layers={self.fused_layers} needs chunks=1 and deferred_kv=False "
-                f"(got chunks={self.chunks}, deferred_kv={self.deferred_kv})"
+                f"SNLPConfig.fused_layers={self.fused_layers} needs stages=1 and deferred_kv=False "
+                f"(got stages={self.stages}, deferred_kv={self.deferred_kv})"
             )
         if not isinstance(self.deferred_kv, bool):
             raise SNLPConfigError(f"SNLPConfig.deferred_kv must be a bool, got {self.deferred_kv!r}")
@@ -122,38 +155,48 @@ class SNLPConfig:
             raise SNLPConfigError(
                 f"SNLPConfig.lowering must be None or a LoweringOptions, got {type(self.lowering).__name__}"
             )
-        num_chunks = len(self.chunks) if isinstance(self.chunks, tuple) else self.chunks
-        if self.deferred_kv and num_chunks != 1:
+        num_stages = len(self.stages) if isinstance(self.stages, tuple) else self.stages
+        if self.deferred_kv and num_stages != 1:
             raise SNLPConfigError(
-                f"SNLPConfig.deferred_kv needs chunks=1 (one merged evaluation of all layers), got chunks={self.chunks}"
+                f"SNLPConfig.deferred_kv needs stages=1 (one merged evaluation of all layers), got stages={self.stages}"
             )
 
     def replace(self, **overrides: Any) -> SNLPConfig:
-        """A copy with some fields changed; unknown field names are an error that lists the valid ones."""
+        """A copy with some fields changed; unknown field names are an error that lists the valid ones.
+        ``chunks`` (the former name of ``stages``) still maps to ``stages``, with a DeprecationWarning."""
         valid = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - valid)
+        unknown = sorted(set(overrides) - valid - {"chunks"})
         if unknown:
             raise SNLPConfigError(f"unknown SNLPConfig field(s) {unknown}; valid fields: {sorted(valid)}")
+        if "chunks" in overrides:
+            chunks = overrides.pop("chunks")
+            if "stages" in overrides:
+                raise SNLPConfigError(
+                    f"SNLPConfig.replace got both stages={overrides['stages']!r} and chunks={chunks!r}: chunks "
+                    "is the former name of stages, give stages only"
+                )
+            warn_chunks_renamed()
+            overrides["stages"] = chunks
         return dataclasses.replace(self, **overrides)
 
 
-def chunk_sizes(num_layers: int, chunks: int | tuple[int, ...]) -> list[int]:
-    """Sizes of ``chunks`` consecutive chunks of ``num_layers`` layers: as even as possible, the
-    larger ones first (torch.tensor_split's rule), e.g. 8 layers in 3 chunks -> [3, 3, 2]; a
+def stage_sizes(num_layers: int, stages: int | tuple[int, ...]) -> list[int]:
+    """Sizes of ``stages`` consecutive stages of ``num_layers`` layers: as even as possible, the
+    larger ones first (torch.tensor_split's rule), e.g. 8 layers in 3 stages -> [3, 3, 2]; a
     tuple is the sizes themselves, checked."""
-    if isinstance(chunks, tuple):
-        if sum(chunks) != num_layers or len(set(chunks)) > 2:
+    if isinstance(stages, tuple):
+        if sum(stages) != num_layers or len(set(stages)) > 2:
             raise SNLPConfigError(
-                f"SNLPConfig.chunks={chunks} must add up to the {num_layers} parallel layers "
+                f"SNLPConfig.stages={stages} must add up to the {num_layers} parallel layers "
                 "and hold at most two distinct sizes (one batched evaluation each)"
             )
-        return list(chunks)
-    if not 1 <= chunks <= num_layers:
+        return list(stages)
+    if not 1 <= stages <= num_layers:
         raise SNLPConfigError(
-            f"SNLPConfig.chunks={chunks} must be between 1 and the {num_layers} parallel layers"
+            f"SNLPConfig.stages={stages} must be between 1 and the {num_layers} parallel layers"
         )
-    base, extra = divmod(num_layers, chunks)
-    return [base + 1] * extra + [base] * (chunks - extra)
+    base, extra = divmod(num_layers, stages)
+    return [base + 1] * extra + [base] * (stages - extra)
 
 
 def lowering_options(config: SNLPConfig) -> LoweringOptions:

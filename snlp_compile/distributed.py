@@ -2,7 +2,7 @@
 runs, one contiguous block of the parallel layers per rank (``solve.distributed`` has the math).
 
 Built on the SolvePlan: the model's cached step is transformed once per step kind with
-``chunks = G`` (so the plan's batched bodies are already the blocks' sizes and its static products
+``stages = G`` (so the plan's batched bodies are already the blocks' sizes and its static products
 restart at each block), then each rank keeps its block's rows of the stacked weights (a local
 plan), and the graph's solve becomes a ``DistributedSolve``. The rest of the graph (embedding,
 final norm, head) is replicated: every rank computes the logits from the last layer's output,
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import SNLPConfig, chunk_sizes, lowering_options
+from .config import SNLPConfig, lowering_options, stage_sizes
 from .errors import SNLPConfigError, SNLPRefusal
 from .inference_graph import as_inference_graph
 from .ir.plan import SOLVE_NAME, SolvePlan
@@ -67,9 +67,9 @@ class LazyStep:
 
 def rank_layers(num_layers: int, group: dist.ProcessGroup) -> range:
     """The contiguous block of ``num_layers`` layers rank ``group``'s rank holds (the larger
-    blocks first, as ``SNLPConfig.chunks`` splits)."""
+    blocks first, as ``SNLPConfig.stages`` splits)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    sizes = chunk_sizes(num_layers, world)
+    sizes = stage_sizes(num_layers, world)
     start = sum(sizes[:rank])
     return range(start, start + sizes[rank])
 
@@ -78,8 +78,8 @@ def check_config(config: SNLPConfig | None) -> None:
     """Refuse, in one line, what the solve across processes does not do."""
     if config is None:
         return
-    if config.chunks != 1:
-        raise SNLPConfigError("across processes the blocks are the ranks': leave SNLPConfig.chunks at 1")
+    if config.stages != 1:
+        raise SNLPConfigError("across processes the blocks are the ranks': leave SNLPConfig.stages at 1")
     if config.deferred_kv:
         raise SNLPConfigError("SNLPConfig.deferred_kv is not supported across processes")
     if config.init == "batch_fwd":
@@ -129,9 +129,9 @@ def _step(
     model: nn.Module, cfg: SNLPConfig, t: int, batch: int, max_len: int, group: dist.ProcessGroup, mode: Mode
 ) -> fx.GraphModule:
     """The cached step for ``t`` new tokens (t >= 2: any prompt length) transformed with
-    ``chunks = G``, its solve replaced by this rank's block."""
+    ``stages = G``, its solve replaced by this rank's block."""
     world = dist.get_world_size(group)
-    cfg = cfg.replace(chunks=world)
+    cfg = cfg.replace(stages=world)
     idx = torch.zeros(batch, t, dtype=torch.long, device=next(model.parameters()).device)
     pos = torch.zeros((), dtype=torch.long, device=idx.device)
     was_training = model.training
@@ -177,7 +177,7 @@ def _block_side_layers(plan: SolvePlan, group: dist.ProcessGroup) -> fx.GraphMod
     modes = plan.ext_modes[: _body_inputs(plan)]
     batched = [True, *(m != "shared" for m in modes)]
     fixed = [False, *(m == "stacked" for m in modes)]
-    side, _ = batch_body(plan.side_body, batched, plan.chunk_sizes[dist.get_rank(group)], fixed)
+    side, _ = batch_body(plan.side_body, batched, plan.stage_sizes[dist.get_rank(group)], fixed)
     side.graph.eliminate_dead_code()
     side.recompile()
     return side
@@ -186,10 +186,10 @@ def _block_side_layers(plan: SolvePlan, group: dist.ProcessGroup) -> fx.GraphMod
 def _block_solve(
     plan: SolvePlan, group: dist.ProcessGroup, mode: Mode, side: fx.GraphModule | None
 ) -> DistributedSolve:
-    """This rank's block of ``plan`` (transformed with chunks = G): its rows of the stacked weights
+    """This rank's block of ``plan`` (transformed with stages = G): its rows of the stacked weights
     (copies, so the other ranks' rows are freed with the plan), its batched bodies."""
     rank = dist.get_rank(group)
-    sizes, block = plan.chunk_sizes, plan.chunk_sizes[dist.get_rank(group)]
+    sizes, block = plan.stage_sizes, plan.stage_sizes[dist.get_rank(group)]
     start = sum(sizes[:rank])
     stacked = {
         name: value[start : start + block].clone()
@@ -205,7 +205,7 @@ def _block_solve(
         stacked=stacked,
         layers=plan.layers if block == sizes[0] or plan.layers_short is None else plan.layers_short,
         layers_short=None,
-        chunk_sizes=(block,),
+        stage_sizes=(block,),
         side_layers=None,
         static_skip=None if static is None else static[start : start + block],
         last_row_only=False,

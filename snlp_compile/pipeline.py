@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .config import SNLPConfig, chunk_sizes, lowering_options
+from .config import SNLPConfig, lowering_options, stage_sizes
 from .diagnose import check_example_kwargs
 from .errors import SNLPRefusal
 from .ir.chain import Layer, LayerChain
@@ -91,7 +91,7 @@ def cse_pass(c: Compilation) -> PassResult:
 
 def find_chain_pass(c: Compilation) -> PassResult:
     """The layer container, the layers matching the last one, how many of them run in parallel
-    (``SNLPConfig.parallel_layers``, ``chunks``), and proof that they form a chain."""
+    (``SNLPConfig.parallel_layers``, ``stages``), and proof that they form a chain."""
     gm, config = c.graph_module(), c.config
     report = c.report
     container, layers, notes = find_layers(gm, config.layers)
@@ -112,13 +112,13 @@ def find_chain_pass(c: Compilation) -> PassResult:
             f"fewer than two layers of '{container}' can be solved in parallel: nothing to rewrite{why}",
             module_path=container,
         )
-    if isinstance(config.chunks, int) and config.chunks > n_par:
+    if isinstance(config.stages, int) and config.stages > n_par:
         raise SNLPRefusal(
-            f"SNLPConfig.chunks={config.chunks} but only {n_par} layers of '{container}' are solved in "
-            f"parallel: at most {n_par} chunks (one layer each)",
+            f"SNLPConfig.stages={config.stages} but only {n_par} layers of '{container}' are solved in "
+            f"parallel: at most {n_par} stages (one layer each)",
             module_path=container,
         )
-    report.chunks = chunk_sizes(n_par, config.chunks)
+    report.stages = stage_sizes(n_par, config.stages)
     c.container, c.layers, c.first_parallel = container, layers, len(layers) - n_par
     return PassResult(False, {"layers": total, "matching": len(layers), "parallel": n_par}, tuple(notes))
 
@@ -153,7 +153,7 @@ def plan_pass(c: Compilation) -> PassResult:
         c.graph_module(),
         c.layer_chain(),
         options,
-        chunks=config.chunks,
+        stages=config.stages,
         planning=planning,
         fused_layers=config.fused_layers,
     )
@@ -257,7 +257,7 @@ def _container_size(gm: fx.GraphModule, container: str) -> int:
 def _config_text(config: SNLPConfig) -> str:
     return (
         f"K={config.iterations}, parallel_layers={config.parallel_layers or 'all'}, init={config.init}, "
-        f"damping={config.damping}, chunks={config.chunks}"
+        f"damping={config.damping}, stages={config.stages}"
         + (f", fused_layers={config.fused_layers}" if config.fused_layers > 1 else "")
     )
 

@@ -28,7 +28,7 @@ class ExplainReport:
     container: str | None = None
     layers: list[str] = field(default_factory=list)
     parallel_layers: list[str] = field(default_factory=list)
-    chunks: list[int] = field(default_factory=list)  # layers per chunk (SNLPConfig.chunks), in order
+    stages: list[int] = field(default_factory=list)  # layers per stage (SNLPConfig.stages), in order
     skip: str | None = None
     body_ops: dict[str, int] = field(default_factory=dict)
     externals: list[tuple[str, str, str]] = field(default_factory=list)  # (name, mode, shape)
@@ -64,10 +64,10 @@ class ExplainReport:
                 f"  parallel:  {len(self.parallel_layers)} layers ({self.parallel_layers[0]} .. {self.parallel_layers[-1]}), "
                 f"{seq} sequential before them"
             )
-        if len(self.chunks) > 1:
-            sizes = " + ".join(map(str, self.chunks))
+        if len(self.stages) > 1:
+            sizes = " + ".join(map(str, self.stages))
             lines.append(
-                f"  chunks:    {len(self.chunks)} ({sizes} layers), solved one after another, each from the "
+                f"  stages:    {len(self.stages)} ({sizes} layers), solved one after another, each from the "
                 "previous one's last output; the correction restarts at each"
             )
         if self.skip:

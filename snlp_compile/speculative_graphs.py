@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from . import cuda_graph
 from .errors import SNLPConfigError
 from .models.kv import write_cache
 from .solve.handle import SolveHandle
@@ -39,30 +40,9 @@ from .solve.handle import SolveHandle
 Outputs = tuple[torch.Tensor, ...]
 
 
-def _captured(
-    fn: Callable[[], Outputs], device: torch.device, capture: bool, warmup: int = 3
-) -> Callable[[], Outputs]:
-    """``fn`` itself, or (``capture``) the replay of its CUDA graph, captured after warm-up calls on
-    a side stream (compiles, cuBLAS handles, lazy allocations happen there)."""
-    if not capture:
-        return fn
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay() -> Outputs:
-        graph.replay()
-        return out
-
-    replay.graph = graph  # type: ignore[attr-defined]  # (kept alive with the replay)
-    return replay
+def _captured(fn: Callable[[], Outputs], device: torch.device, capture: bool) -> Callable[[], Outputs]:
+    """``fn`` itself, or (``capture``) the replay of its CUDA graph (``cuda_graph.capture``)."""
+    return cuda_graph.capture(fn, device) if capture else fn
 
 
 def _variants(warm: bool) -> list[bool]:

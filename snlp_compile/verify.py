@@ -10,7 +10,7 @@ evaluation of the batched body there, corrected, must give the exact trace and o
 runs the same batched body, stacked weights, correction and hidden-state readers as the
 configured solve, at inputs that differ from layer to layer. When it disagrees (or the layer
 modules' outputs are not the chain's hidden states) the whole exact solve decides: K = the largest
-chunk from h0, whatever the configured K, init and deferral. Two calls, because layers that carry
+stage from h0, whatever the configured K, init and deferral. Two calls, because layers that carry
 state between calls show only on the second; and, when the batch size is symbolic, one more call
 at batch + 1 (rows repeated), because size rules that coincide at the example's sizes (batch ==
 the number of layers) fail at the others. A disagreement beyond the dtype's tolerance
@@ -115,7 +115,7 @@ def verify_rewrite(
             if _agrees_from_trace(rewritten, handle, a, k, expected, ref_layers):
                 checked = call
                 continue
-            # else the whole exact solve (K = the largest chunk) decides
+            # else the whole exact solve (K = the largest stage) decides
             try:
                 got = _quiet(rewritten, a, k)
             except Exception as exc:  # the original ran: the rewrite must too
@@ -195,12 +195,12 @@ def _clone(x: Any) -> Any:
 
 @contextmanager
 def _exact_mode(handle: SolveHandle) -> Iterator[None]:
-    """The solve in exact mode (K = the largest chunk, init h0, undeferred) for the block; its K,
+    """The solve in exact mode (K = the largest stage, init h0, undeferred) for the block; its K,
     init and deferral back and its run-time state reset afterwards."""
     solve = handle.solve
     saved = solve.iterations, solve.init, solve.deferred_layers
     try:
-        solve.iterations = max(solve.chunk_sizes)
+        solve.iterations = max(solve.stage_sizes)
         solve.init = "h0"
         solve.deferred_layers = None
         handle.reset()

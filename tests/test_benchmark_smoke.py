@@ -50,7 +50,7 @@ def test_decode_benchmark_compiles_snlp_with_its_own_inductor_options(tmp_path: 
     --snlp-inductor on top, and says so in its table."""
     result = _run(
         "decode", "--shapes", "tiny", "--context", "32", "--batch", "1", "--modes", "compiled",
-        "--ks", "1", "--warm-ks", "", "--chunks", "", "--deferred-ks", "", "--einsum-ks", "",
+        "--ks", "1", "--warm-ks", "", "--stages", "", "--deferred-ks", "", "--einsum-ks", "",
         "--dtype", "fp32", "--inductor", "", "--snlp-inductor", "combo_kernels=True", out=tmp_path,
     )  # fmt: skip
     variants = {r["variant"]: r for r in result["records"]}
@@ -175,19 +175,26 @@ def test_targets_strongest_baseline_pools_runs(tmp_path: Path) -> None:
         assert (row["status"], row["best_seq_ms"]) == (status, best_seq), row
 
 
-def test_exact_sequential_mode_counts_as_the_sequential_baseline(tmp_path: Path) -> None:
-    """K=1 with as many chunks as layers is the sequential computation (the compiler's lowering):
-    when it is faster than the model as written it is the baseline; fewer chunks are not."""
+@pytest.mark.parametrize(
+    "family,key,name",
+    [("snlp-staged", "stages", "S"), ("snlp-chunked", "chunks", "C")],  # (and as written before the rename)
+)
+def test_exact_sequential_mode_counts_as_the_sequential_baseline(
+    tmp_path: Path, family: str, key: str, name: str
+) -> None:
+    """K=1 with as many stages as layers is the sequential computation (the compiler's lowering):
+    when it is faster than the model as written it is the baseline; fewer stages are not. Result
+    files written before SNLPConfig.chunks became stages read the same."""
     shape = "0.5b (L=32, d=640)"
     records = [
         _record("seq autotuned+graph", "sequential", None, 0.84, shape, floor=0.1),
         {
-            **_record("snlp K=1 C=32 compiled+graph", "snlp-chunked", 1, 0.735, shape, floor=0.1),
-            "extra": {"chunks": 32},
+            **_record(f"snlp K=1 {name}=32 compiled+graph", family, 1, 0.735, shape, floor=0.1),
+            "extra": {key: 32},
         },
         {
-            **_record("snlp K=1 C=4 compiled+graph", "snlp-chunked", 1, 0.5, shape, floor=0.1),
-            "extra": {"chunks": 4},
+            **_record(f"snlp K=1 {name}=4 compiled+graph", family, 1, 0.5, shape, floor=0.1),
+            "extra": {key: 4},
         },
         _record("snlp K=1 deferred compiled+graph", "snlp-deferred", 1, 0.129, shape, floor=0.1),
     ]
@@ -196,13 +203,14 @@ def test_exact_sequential_mode_counts_as_the_sequential_baseline(tmp_path: Path)
     row = {r["target"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}[
         "0.5b decode b1 ctx=1024 K=1 >= 8.0x"
     ]
-    assert (row["best_seq_ms"], row["best_seq_variant"]) == (0.735, "snlp K=1 C=32 compiled+graph")
+    assert (row["best_seq_ms"], row["best_seq_variant"]) == (0.735, f"snlp K=1 {name}=32 compiled+graph")
     assert abs(row["ratio"] - 0.735 / 0.129) < 1e-9
-    assert "0.735 (snlp K=1 C=32 compiled+graph)" in (tmp_path / "t.md").read_text()
-    assert common.computes_sequentially("snlp-chunked", 1, 32, 32)
-    assert not common.computes_sequentially("snlp-chunked", 1, 4, 32)
-    assert not common.computes_sequentially("snlp-chunked", 2, 32, 32)
+    assert f"0.735 (snlp K=1 {name}=32 compiled+graph)" in (tmp_path / "t.md").read_text()
+    assert common.computes_sequentially(family, 1, 32, 32)
+    assert not common.computes_sequentially(family, 1, 4, 32)
+    assert not common.computes_sequentially(family, 2, 32, 32)
     assert not common.computes_sequentially("snlp", 1, None, 32)
+    assert common.stages_of({key: 32}) == 32 and common.stages_of(None) is None
 
 
 def test_one_entry_point_runs_targets_and_lists_its_sub_commands(tmp_path: Path) -> None:
@@ -235,7 +243,7 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
     """benchmarks/speculative.py end to end at smoke scale (training included): every row timed,
     speed-ups against the best sequential decode, acceptance and the 2x arithmetic per row; the
     speculative rows through the graphed code path, run eagerly (--uncaptured-graphs), with a
-    staged-chunk draft (P = 2 of 4 layers parallel) and the plain one (P = 4), verified through the
+    staged draft (P = 2 of 4 layers parallel) and the plain one (P = 4), verified through the
     library's exact-seq lowering and the step as written (its weights swapped for the random ones too)."""
     result = _run(
         "speculative", "--smoke", "--work", str(tmp_path / "work"), "--gammas", "2,4", "--ks", "1",

@@ -69,12 +69,12 @@ def test_cli_defaults_agree_with_the_library() -> None:
 
 
 def test_snlp_error_is_one_line_and_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["inspect", "--model", "gpt-tiny", "--seq", "8", "--no-picture", "--chunks", "0"]
+    argv = ["inspect", "--model", "gpt-tiny", "--seq", "8", "--no-picture", "--stages", "0"]
     assert main(argv) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in captured.err, captured.err
-    assert err[0].startswith("snlp-compile inspect: error: SNLPConfigError:") and "chunks" in err[0]
+    assert err[0].startswith("snlp-compile inspect: error: SNLPConfigError:") and "stages" in err[0]
     assert "--debug" in err[0]
     with pytest.raises(snlp_compile.SNLPConfigError):
         main([*argv, "--debug"])

@@ -147,8 +147,8 @@ def test_write_cache_one_token_and_several() -> None:
 
 
 def test_refusals_name_the_reason() -> None:
-    with pytest.raises(SNLPConfigError, match="deferred_kv needs chunks=1"):
-        SNLPConfig(deferred_kv=True, chunks=2)
+    with pytest.raises(SNLPConfigError, match="deferred_kv needs stages=1"):
+        SNLPConfig(deferred_kv=True, stages=2)
     with pytest.raises(SNLPConfigError, match="deferred_kv must be a bool"):
         SNLPConfig(deferred_kv=1)  # type: ignore[arg-type]
     model = _model("nanochat-tiny")

@@ -134,7 +134,7 @@ def _worker(rank: int, world: int, port: int, refs: dict[str, Any], out_dir: str
             }
         errors = {}
         for label, kwargs in {
-            "chunks": {"config": SNLPConfig(chunks=2)},
+            "stages": {"config": SNLPConfig(stages=2)},
             "batch_fwd": {"config": SNLPConfig(init="batch_fwd")},
             "deferred_kv": {"config": SNLPConfig(deferred_kv=True)},
             "parallel_layers": {"config": SNLPConfig(parallel_layers=2)},
@@ -225,7 +225,7 @@ def test_solve_prefill_is_exact_at_k_equal_layers(ranks: list[dict[str, Any]]) -
 def test_refusals_are_one_line_errors(ranks: list[dict[str, Any]]) -> None:
     for r in ranks:
         errors = r["errors"]
-        assert errors["chunks"].startswith("SNLPConfigError") and "chunks" in errors["chunks"]
+        assert errors["stages"].startswith("SNLPConfigError") and "stages" in errors["stages"]
         assert errors["batch_fwd"].startswith("SNLPConfigError") and "batch_fwd" in errors["batch_fwd"]
         assert "speculative" in errors["speculative"]
         assert errors["deferred_kv"].startswith("SNLPConfigError") and "deferred_kv" in errors["deferred_kv"]

@@ -181,7 +181,10 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert main(["run", "--smoke", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     result = json.loads((out / "frontier.json").read_text())
     models = {p["model"] for p in result["points"]}
-    assert models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"}
+    tails = {"sft-tail2", "sft-tail3", "sft-tail3-base", "sft-tail3-solo"}
+    assert (
+        models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"} | tails
+    )
     assert all(p["ppl"] > 1 for p in result["points"])
     exact = [p for p in result["points"] if p["model"] == "reg" and p["iterations"] == p["parallel_layers"]]
     seq = next(p for p in result["points"] if p["model"] == "reg" and p["parallel_layers"] == 0)
@@ -190,7 +193,27 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert result["models"]["reg"]["objective"] == "regulariser"
     # the paper's fusion (smoke: wide layers of 2, K=1) on every deep model, timed as its own steps
     fused = [p for p in result["points"] if p["fusion"] == 2]
-    assert {p["model"] for p in fused} == models - {"seq-l2", "seq-l1"}
+    assert {p["model"] for p in fused} == models - {"seq-l2", "seq-l1"} - tails
+    # partial-tail fine-tunes (issue 20): through the K=2 solve of their last P layers, with the
+    # sequential CE and distillation (-solo: without), from reg (-base: from base-s0); quality at P only
+    for name, par, start, keep in (
+        ("sft-tail2", 2, "reg", 1.0),
+        ("sft-tail3", 3, "reg", 1.0),
+        ("sft-tail3-base", 3, "base-s0", 1.0),
+        ("sft-tail3-solo", 3, "reg", 0.0),
+    ):
+        facts = result["models"][name]
+        assert facts["init_from"] == start and facts["snlp"]["parallel_layers"] == par
+        assert facts["snlp"]["iterations"] == 2 and facts["snlp"]["init"] == "h0"
+        assert facts["seq_ce_weight"] == keep and facts["distill_weight"] == keep
+        assert ({"ce", "kl"} <= set(facts["last"])) == bool(keep) and "snlp_ce" in facts["last"]
+        assert facts["val_full_forward"]["snlp_ppl"] > 1
+        mine = [p for p in result["points"] if p["model"] == name]
+        assert {p["parallel_layers"] for p in mine} == {0, par} and len(mine) == 5  # seq + K {1,4} x 2 inits
+    seq2 = next(p for p in result["points"] if p["model"] == "sft-tail2" and p["parallel_layers"] == 0)
+    for p in result["points"]:
+        if p["model"] == "sft-tail2" and p["iterations"] == 4:  # K=4 >= 2 parallel layers: exact
+            assert abs(p["ppl"] / seq2["ppl"] - 1) < 1e-5
     assert all(p["parallel_layers"] == 4 and p["iterations"] == 1 and p["init"] == "h0" for p in fused)
     assert {p["fusion"] for p in result["points"]} == {1, 2}
     assert result["models"]["sft-fused"]["snlp"]["fused_layers"] == 2
@@ -208,4 +231,20 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     only = json.loads((q / "out" / "frontier.json").read_text())
     assert len(only["points"]) == len(result["points"]) and not any(p["decode_ms"] for p in only["points"])
     assert [p["fusion"] for p in only["points"]] == [p["fusion"] for p in result["points"]]
+    # and an earlier run's timings join them (timing does not depend on the weights)
+    args = [
+        "assemble",
+        "--smoke",
+        "--work",
+        str(q),
+        "--out",
+        str(q / "t"),
+        "--timings-from",
+        str(out / "frontier.json"),
+    ]
+    assert main(args) == 0
+    timed_again = json.loads((q / "t" / "frontier.json").read_text())
+    assert [p["decode_ms"] for p in timed_again["points"]] == [p["decode_ms"] for p in result["points"]]
+    with pytest.raises(SystemExit, match=r"timed another shape: n_layer=4 \(here 16\)"):  # (full scale)
+        main(args[:1] + args[2:])
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()

@@ -211,8 +211,8 @@ def test_fused_model_onnx_parity(tmp_path: Path) -> None:
     [
         ({"fused_layers": 0}, r"fused_layers must be an int >= 1"),
         ({"fused_layers": True}, r"fused_layers must be an int >= 1"),
-        ({"fused_layers": 2, "chunks": 2}, r"fused_layers=2 needs chunks=1"),
-        ({"fused_layers": 2, "deferred_kv": True}, r"fused_layers=2 needs chunks=1 and deferred_kv=False"),
+        ({"fused_layers": 2, "stages": 2}, r"fused_layers=2 needs stages=1"),
+        ({"fused_layers": 2, "deferred_kv": True}, r"fused_layers=2 needs stages=1 and deferred_kv=False"),
     ],
 )
 def test_bad_fused_layers_are_config_errors(fields: dict, match: str) -> None:

@@ -8,7 +8,7 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep
 
@@ -142,3 +142,14 @@ def test_bad_arguments_are_named(model: torch.nn.Module, prompt: torch.Tensor) -
 
 def test_generate_is_exported_at_top_level() -> None:
     assert snlp_compile.generate is generate
+
+
+def test_generate_stays_the_function_after_importing_the_decoding_module() -> None:
+    """In a fresh process without torch imported first (the package's lazy names): importing the
+    module that defines Decoder leaves ``snlp_compile.generate`` the function."""
+    import subprocess
+    import sys
+
+    code = "import snlp_compile.decoding, snlp_compile; print(callable(snlp_compile.generate))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]

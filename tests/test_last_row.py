@@ -55,12 +55,12 @@ def _solve_output_rows(fast: fx.GraphModule, idx: torch.Tensor) -> int:
     "name,summed",
     [("gpt-tiny", True), ("nanochat-tiny", True), ("mhc-tiny", False)],
 )
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_forward_solves_only_the_last_row(name: str, summed: bool, chunks: int) -> None:
+@pytest.mark.parametrize("stages", [1, 2])
+def test_forward_solves_only_the_last_row(name: str, summed: bool, stages: int) -> None:
     model = _model(name)
     idx = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     n = model.config.n_layer
-    approx = snlp_compile.transform(model, (idx,), iterations=1, chunks=chunks, dynamic_shapes=False)
+    approx = snlp_compile.transform(model, (idx,), iterations=1, stages=stages, dynamic_shapes=False)
     solve = approx.get_submodule(SOLVE_NAME)
     assert solve.last_row_only and solve.returns_last_row_only()
     assert "snlp_solve[-1]" in approx.code
@@ -78,7 +78,7 @@ def test_forward_solves_only_the_last_row(name: str, summed: bool, chunks: int) 
     if summed:  # identity and folded scalar skips: a sum instead of the prefix sum
         assert "cumsum" in full_calls.names and "cumsum" not in calls.names, calls.names
     assert float((last - full).abs().max()) < TIGHT
-    exact = snlp_compile.transform(model, (idx,), iterations=n, chunks=chunks, dynamic_shapes=False)
+    exact = snlp_compile.transform(model, (idx,), iterations=n, stages=stages, dynamic_shapes=False)
     with torch.no_grad():
         assert float((exact(idx) - model(idx)).abs().max()) < TIGHT
 

@@ -17,7 +17,7 @@ from helpers import max_err, prefill_then_decode, reference_model, step_inputs
 
 import snlp_compile
 from snlp_compile import SNLPConfig
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import model_config
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache

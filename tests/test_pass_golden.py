@@ -156,7 +156,7 @@ def test_plan_of_a_scaled_stack() -> None:
     """Before: four scaled residual layers lam_i * h + tanh(fc_i(h)) + 0.1 * x0.
     Expected plan: the weights and lam stacked (folded at transform time), 0.1 * x0 (computed
     before the chain, after CSE one value for all layers) shared; a scaled
-    skip whose per-layer coefficient (lam) is static, so the solve gets it folded; one chunk."""
+    skip whose per-layer coefficient (lam) is static, so the solve gets it folded; one stage."""
     model = _Stack().eval()
     x = torch.randn(2, 3, 8)
     gm, chain, report = snlp_compile.api.analyse(model, (x,), snlp_compile.SNLPConfig(dynamic_shapes=False))
@@ -170,7 +170,7 @@ def test_plan_of_a_scaled_stack() -> None:
         ("mul_1", "shared"),
     ]
     assert plan.skip_kind == "elementwise" and plan.skip_constant is None and plan.stream_layout is None
-    assert plan.num_layers == 4 and plan.chunk_sizes == (4,) and plan.layers_short is None
+    assert plan.num_layers == 4 and plan.stage_sizes == (4,) and plan.layers_short is None
     assert plan.static_skip is not None
     torch.testing.assert_close(
         plan.static_skip.reshape(4), torch.stack([b.lam.detach() for b in model.blocks])

@@ -46,10 +46,10 @@ def test_the_pipeline_follows_the_config() -> None:
 
 def test_a_refusal_names_the_pass_and_is_reported_once() -> None:
     model = reference_model("gpt-tiny")
-    report = snlp_compile.explain(model, (tokens(model),), chunks=9, dynamic_shapes=False)
+    report = snlp_compile.explain(model, (tokens(model),), stages=9, dynamic_shapes=False)
     assert not report.rewritten and report.refused_in == "find_chain"
     assert [name for name, _ in report.passes] == ["capture", "cse"]
-    assert "SNLPConfig.chunks=9" in (report.refusal or "")
+    assert "SNLPConfig.stages=9" in (report.refusal or "")
 
 
 def test_the_manager_names_the_pass_an_error_came_from() -> None:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models import build_model
 from snlp_compile.solve.handle import SolveHandle
 

@@ -13,7 +13,7 @@ import torch
 from helpers import reference_model
 
 from snlp_compile import SNLPConfig, SNLPConfigError
-from snlp_compile.generate import Decoder, generate
+from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models.kv import CachedStep
 from snlp_compile.speculative import (
     acceptance_probability,
@@ -264,6 +264,13 @@ def test_batch_of_two_and_a_one_token_prompt() -> None:
     assert torch.equal(sampled, generate(model, prompt, 40))
 
 
+def test_graph_capture_needs_cuda() -> None:
+    from snlp_compile.cuda_graph import capture
+
+    with pytest.raises(SNLPConfigError, match="CUDA graphs need a CUDA device"):
+        capture(lambda: torch.zeros(1), torch.device("cpu"))
+
+
 def test_cuda_graphs_are_refused_off_cuda_and_without_speculative() -> None:
     model = reference_model("gpt-tiny")
     with pytest.raises(SNLPConfigError, match="cuda_graphs=True"):
@@ -377,7 +384,7 @@ def test_graphed_rounds_run_eagerly(draft: SNLPConfig, adaptive: bool, greedy: b
     ("name", "adaptive"), [("nanochat-tiny", False), ("mhc-tiny", True)]
 )  # fmt: skip
 def test_exact_seq_verifier(name: str, adaptive: bool) -> None:
-    """``verifier="exact-seq"``: the compiler's exact sequential lowering (one layer per chunk)
+    """``verifier="exact-seq"``: the compiler's exact sequential lowering (one layer per stage)
     verifies, transformed once per block length used; tokens and caches stay the sequential
     model's."""
     from snlp_compile.solve.handle import SolveHandle
@@ -394,10 +401,10 @@ def test_exact_seq_verifier(name: str, adaptive: bool) -> None:
     assert float((dec.v_cache - ref.v_cache).abs().max()) < 1e-12
     assert stats is not None and stats.emitted == 39 and stats.accepted > 0
     assert 5 in dec.verify_steps and set(dec.verify_steps) <= set(range(1, 6))
-    for step in dec.verify_steps.values():  # (lazily, one per length used: K = 1, a layer a chunk)
+    for step in dec.verify_steps.values():  # (lazily, one per length used: K = 1, a layer a stage)
         handle = SolveHandle.of(step)
         assert handle is not None and handle.iterations == 1
-        assert handle.solve.chunk_sizes == [1] * model.config.n_layer
+        assert handle.solve.stage_sizes == [1] * model.config.n_layer
     assert dec.verify_step(5) is dec.verify_steps[5]
     with pytest.raises(SNLPConfigError, match="verifier"):
         Decoder(model, batch=1, max_len=48, verifier="exact-seq")
@@ -409,15 +416,15 @@ def test_exact_seq_verifier(name: str, adaptive: bool) -> None:
     ("init", "graphed", "verifier"),
     [("warm", False, "sequential"), ("h0", False, "exact-seq"), ("warm", True, "exact-seq")],
 )
-def test_staged_chunk_drafts(init: str, graphed: bool, verifier: str) -> None:
-    """Partial-parallel drafts, ``chunks=(1, 1, 2)`` (two layers one after another, then two
+def test_staged_drafts(init: str, graphed: bool, verifier: str) -> None:
+    """Partial-parallel drafts, ``stages=(1, 1, 2)`` (two layers one after another, then two
     layer-parallel): lossless with init warm (its rewind after a rejection restores the whole
-    trace, every chunk's rows) and h0, eagerly and through the graphed code (capture=False)."""
+    trace, every stage's rows) and h0, eagerly and through the graphed code (capture=False)."""
     from snlp_compile.speculative_graphs import GraphedSteps
 
     model = reference_model("nanochat-tiny", scaled=True)
     ref_tokens, ref = _sequential(model, 41)
-    draft = SNLPConfig(iterations=1, chunks=(1, 1, 2), init=init)  # type: ignore[arg-type]
+    draft = SNLPConfig(iterations=1, stages=(1, 1, 2), init=init)  # type: ignore[arg-type]
     dec = Decoder(model, batch=1, max_len=49, speculative=draft, block_size=4, verifier=verifier)  # type: ignore[arg-type]
     if graphed:
         dec.graphed = GraphedSteps(

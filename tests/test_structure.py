@@ -102,3 +102,17 @@ def test_models_import_no_compiler() -> None:
             if m.startswith("snlp_compile.") and not m.startswith("snlp_compile.models")
         }
         assert direct <= {"snlp_compile.kernels.attention", "snlp_compile.errors"}, (module, sorted(direct))
+
+
+def test_no_submodule_is_named_like_a_public_name() -> None:
+    """``import snlp_compile.X`` binds the module as the package's attribute X; were X also a
+    public function (``snlp_compile.generate``), a script that imported the module first would
+    find the module where it calls the function."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    public = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets)
+    )
+    submodules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    assert not submodules & set(public), sorted(submodules & set(public))

@@ -97,13 +97,40 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, batch: int = 2) -> N
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and example tokens")
 
 
-def add_chunk_arguments(parser: argparse.ArgumentParser) -> None:
-    """--chunks and --fused-layers: the two ways of grouping the parallel layers, named apart."""
-    parser.add_argument(
-        "--chunks",
+class FormerName(argparse.Action):
+    """A former option name, hidden from --help, kept for one release: stores into the renamed
+    option's destination and says on stderr that the option is renamed."""
+
+    def __init__(self, option_strings: list[str], dest: str, renamed: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.renamed = renamed
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated: it is now {self.renamed}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_stages_option(parser: argparse.ArgumentParser, help: str, **kwargs: Any) -> None:
+    """--stages (SNLPConfig.stages), with its former name --chunks as a hidden deprecated alias;
+    giving both is an argparse error."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--stages", help=help, **kwargs)
+    group.add_argument("--chunks", dest="stages", action=FormerName, renamed="--stages", **kwargs)
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """--stages and --fused-layers: the two ways of grouping the parallel layers, named apart."""
+    add_stages_option(
+        parser,
         type=int,
         default=1,
-        help="consecutive chunks of the parallel layers, solved one after another (the model's own "
+        help="consecutive stages of the parallel layers, solved one after another (the model's own "
         "function; the paper's chunkwise decomposition is --fused-layers)",
     )
     parser.add_argument(

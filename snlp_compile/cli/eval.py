@@ -2,7 +2,7 @@
 (table, JSON, plot; the plot needs matplotlib: the 'plot' extra).
 
 snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
-snlp-compile eval runs/reg -K 1 2 --chunks 1 2 4     # chunkwise decomposition too
+snlp-compile eval runs/reg -K 1 2 --stages 1 2 4     # stages solved one after another too
 snlp-compile eval ./my-llama --data notes/ --suffix .txt -K 1 2   # a local transformers folder
 
 A model is a checkpoint of `snlp-compile train`, a local transformers folder (its safetensors
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, announce, require, require_device, status
+from .common import CLIError, add_stages_option, announce, require, require_device, status
 from .train import add_data_arguments
 
 
@@ -55,12 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", nargs="+", choices=("h0", "batch_fwd"), default=["h0"], help="the solve's initial iterates"
     )
-    parser.add_argument(
-        "--chunks",
+    add_stages_option(
+        parser,
         type=int,
         nargs="+",
         default=[1],
-        help="SNLPConfig.chunks: consecutive chunks solved one after another",
+        help="SNLPConfig.stages: consecutive stages solved one after another",
     )
     add_data_arguments(parser)
     parser.set_defaults(val_fraction=None, suffix=None)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     labels = args.label or [Path(c).name for c in args.checkpoints]
     settings = [
         SolveSetting(k, p, i, c)
-        for p, i, c, k in itertools.product(args.parallel, args.init, args.chunks, args.iterations)
+        for p, i, c, k in itertools.product(args.parallel, args.init, args.stages, args.iterations)
     ]
     rows: list[dict[str, Any]] = []
     layers: dict[str, int] = {}
@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
 def _progress_line(row: dict[str, Any]) -> str:
     if row["mode"] == "sequential":
         return f"  {row['model']}: sequential ppl {row['ppl']:.3f}"
-    chunks = f", {row['chunks']} chunks" if (row.get("chunks") or 1) > 1 else ""
+    stages = f", {row['stages']} stages" if (row.get("stages") or 1) > 1 else ""
     return (
-        f"  {row['model']}: K={row['K']}, {row['parallel']} parallel, init {row['init']}{chunks}: "
+        f"  {row['model']}: K={row['K']}, {row['parallel']} parallel, init {row['init']}{stages}: "
         f"ppl {row['ppl']:.3f} ({100 * row['gap']:+.2f}%)"
     )

@@ -17,8 +17,8 @@ from typing import Any
 
 from .common import (
     CLIError,
-    add_chunk_arguments,
     add_model_arguments,
+    add_stage_arguments,
     announce,
     example_tokens,
     load_model,
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init", choices=["h0", "batch_fwd"], default="h0", help="the solve's initial iterate"
     )
     parser.add_argument("--damping", type=float, default=1.0, help="a in (0, 1] of the correction")
-    add_chunk_arguments(parser)
+    add_stage_arguments(parser)
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 23")
     parser.add_argument("--static", action="store_true", help="fix batch and sequence to the example's sizes")
     parser.add_argument("--report", action="store_true", help="save the exporter's report beside the model")
@@ -80,7 +80,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "parallel_layers": args.parallel_layers,
         "init": args.init,
         "damping": args.damping,
-        "chunks": args.chunks,
+        "stages": args.stages,
         "fused_layers": args.fused_layers,
     }
 

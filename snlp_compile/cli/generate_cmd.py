@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=4, help="γ: tokens drafted per verification")
     parser.add_argument("--draft-iterations", type=int, default=1, help="K of the drafting SNLP step")
     parser.add_argument("--adaptive", action="store_true", help="adapt the block size between rounds (<= γ)")
-    staged = "draft with only the last P layers parallel (chunks (1,) * (L - P) + (P,)): drafts that converge"
+    staged = "draft with only the last P layers parallel (stages (1,) * (L - P) + (P,)): drafts that converge"
     parser.add_argument("--draft-parallel", type=int, default=None, metavar="P", help=staged)
     parser.add_argument(
         "--verifier",
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import SNLPConfig
-    from ..generate import Decoder, generate
+    from ..decoding import Decoder, generate
 
     if args.speculative and args.iterations is not None:
         raise CLIError("--speculative drafts with --draft-iterations; -K is the approximate SNLP decode")
@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         n, p = model.config.n_layer, args.draft_parallel
         if p is not None and not 1 <= p <= n:
             raise CLIError(f"--draft-parallel must lie in 1..{n} (the model's layers), got {p}")
-        chunks = 1 if p is None or p == n else (1,) * (n - p) + (p,)
-        draft = SNLPConfig(iterations=args.draft_iterations, init=args.init, chunks=chunks)
+        stages = 1 if p is None or p == n else (1,) * (n - p) + (p,)
+        draft = SNLPConfig(iterations=args.draft_iterations, init=args.init, stages=stages)
         kw.update(speculative=draft, block_size=args.block_size, adaptive_block_size=args.adaptive)
         kw.update(cuda_graphs=args.cuda_graphs, verifier=args.verifier)
         what = f"speculative, draft K={args.draft_iterations} {args.init}"

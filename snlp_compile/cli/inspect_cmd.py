@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_chunk_arguments, add_model_arguments, announce, example_tokens, load_model, require
+from .common import add_model_arguments, add_stage_arguments, announce, example_tokens, load_model, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="solve only the last N layers in parallel (default: all)",
     )
-    add_chunk_arguments(parser)
+    add_stage_arguments(parser)
     parser.add_argument(
         "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
     )
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "iterations": args.iterations,
         "parallel_layers": args.parallel_layers,
-        "chunks": args.chunks,
+        "stages": args.stages,
         "fused_layers": args.fused_layers,
     }
     fast, report = try_transform(model, (idx,), **config)  # (one capture for the report and the rewrite)
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
         print("\n# rewritten model (.code)\n" + fast.code)
         solve = solve_handle(fast).solve
         print("# one layer, as matched (.snlp_solve.body.code)\n" + solve.body.code)
-        what = f"one chunk's {solve.chunk_sizes[0]} layers" if solve.num_chunks > 1 else "all parallel layers"
+        what = f"one stage's {solve.stage_sizes[0]} layers" if solve.num_stages > 1 else "all parallel layers"
         print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
         if solve.layers_short is not None:
             print(
-                f"# the {solve.chunk_sizes[-1]}-layer chunks: .snlp_solve.layers_short, the same batched for fewer"
+                f"# the {solve.stage_sizes[-1]}-layer stages: .snlp_solve.layers_short, the same batched for fewer"
             )
     if picture is not None:
         print()

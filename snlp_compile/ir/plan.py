@@ -83,9 +83,9 @@ class SolvePlan:
 
     body: the template layer, (h, *externals) -> out, or (out, skip coefficient) when the
         coefficient is not a constant.
-    layers: the body batched over a leading layer axis of ``chunk_sizes[0]`` layers;
-        layers_short: over the other chunk size when the chunks differ (at most two sizes; the
-        smaller one for SNLPConfig.chunks as a count), else None.
+    layers: the body batched over a leading layer axis of ``stage_sizes[0]`` layers;
+        layers_short: over the other stage size when the stages differ (at most two sizes; the
+        smaller one for SNLPConfig.stages as a count), else None.
     side_body / side_layers: the part of the body computing the layers' side outputs (a decode
         step's new K/V) and its batched form over all ``num_layers``; None without side outputs.
     externals: the body's inputs after h, in order; stacked: the "stacked" ones' values (N, ...),
@@ -94,7 +94,7 @@ class SolvePlan:
         number (1.0 for IDN), else None (the body returns it).
     stream_layout: HCN's view of h as streams ("matrix" skips), else None.
     static_skip: every layer's skip coefficient when it depends on stacked weights alone
-        (folded at transform time: nanochat's scalars, static H), concatenated over the chunks.
+        (folded at transform time: nanochat's scalars, static H), concatenated over the stages.
     last_row_only: the graph reads only the last layer's output (a forward).
     wide: wide-layer fusion (``WideLayers``): the solve's chain is then N / wide.group wide
         layers (its trace has that many rows), their correction the identity's; None: none.
@@ -111,7 +111,7 @@ class SolvePlan:
     externals: tuple[External, ...]
     stacked: Mapping[str, torch.Tensor] = field(default_factory=dict)
     row_blocks: Mapping[str, RowBlock] = field(default_factory=dict)
-    chunk_sizes: tuple[int, ...] = ()
+    stage_sizes: tuple[int, ...] = ()
     layers_short: fx.GraphModule | None = None
     side_body: fx.GraphModule | None = None
     side_layers: fx.GraphModule | None = None
@@ -125,16 +125,16 @@ class SolvePlan:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        sizes = self.chunk_sizes or (self.num_layers,)
+        sizes = self.stage_sizes or (self.num_layers,)
         if sum(sizes) != self.num_layers or min(sizes) < 1:
-            raise ValueError(f"chunk_sizes {sizes}: positive, adding up to {self.num_layers}")
+            raise ValueError(f"stage_sizes {sizes}: positive, adding up to {self.num_layers}")
         if (len(set(sizes)) > 1) != (self.layers_short is not None) or len(set(sizes)) > 2:
-            raise ValueError(f"chunk_sizes {sizes}: at most two sizes, layers_short iff they differ")
+            raise ValueError(f"stage_sizes {sizes}: at most two sizes, layers_short iff they differ")
         if (self.skip_kind == "matrix") != (self.stream_layout is not None):
             raise ValueError("a 'matrix' skip needs its stream_layout, and only it has one")
-        object.__setattr__(self, "chunk_sizes", tuple(int(m) for m in sizes))
+        object.__setattr__(self, "stage_sizes", tuple(int(m) for m in sizes))
         if self.wide is not None and (self.num_layers % self.wide.group or len(sizes) > 1):
-            raise ValueError(f"wide layers of {self.wide.group}: one chunk of a multiple of them")
+            raise ValueError(f"wide layers of {self.wide.group}: one stage of a multiple of them")
 
     @property
     def num_rows(self) -> int:

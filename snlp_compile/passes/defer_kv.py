@@ -309,8 +309,8 @@ def defer_kv(gm: fx.GraphModule, solve_name: str) -> list[str]:
     call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == solve_name), None)
     if call is None or solve.side_layers is None:
         raise SNLPRefusal("deferred_kv: the layers hand out no K/V (no side outputs) to defer")
-    if solve.num_chunks != 1:
-        raise SNLPRefusal("deferred_kv needs chunks=1 (the merged evaluation covers all layers at once)")
+    if solve.num_stages != 1:
+        raise SNLPRefusal("deferred_kv needs stages=1 (the merged evaluation covers all layers at once)")
     pos, caches, arg_of = protocol_caches(gm, call, solve.num_layers)
     idx = next(n for n in gm.graph.nodes if n.op == "placeholder")
     val = idx.meta.get("val")

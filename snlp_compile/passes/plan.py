@@ -2,7 +2,7 @@
 
 Names the body's externals, classifies each (shared by all layers, stacked and folded into the
 solve at transform time, or passed stacked at run time), builds the template layer's body (and
-the part computing its side outputs), batches it over the layer axis once per distinct chunk
+the part computing its side outputs), batches it over the layer axis once per distinct stage
 size, fuses linears sharing an input, and evaluates what is static: the skip coefficients that
 depend on folded weights alone (nanochat's scalars, static H). The training regulariser builds
 its solves through the same entry point (``build_solve``).
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..config import chunk_sizes
+from ..config import stage_sizes
 from ..errors import SNLPRefusal
 from ..ir.chain import Layer, LayerChain
 from ..ir.coef import Const, emit_coefficient
@@ -231,7 +231,7 @@ def plan_solve(
     chain: LayerChain,
     options: SolveOptions,
     *,
-    chunks: int | tuple[int, ...] = 1,
+    stages: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
     fused_layers: int = 1,
 ) -> SolvePlan:
@@ -245,9 +245,9 @@ def plan_solve(
     body, constant, layout = build_body(chain, names)
     batched = [True, *(m != "shared" for m in modes)]
     fixed = [False, *(m == "stacked" for m in modes)]  # values known at transform time
-    # one batched body per distinct chunk size (the body fixes its layer count): the first chunk's
-    # (all N layers without chunks), and the other size when the chunks differ
-    sizes = chunk_sizes(chain.num_parallel, chunks)
+    # one batched body per distinct stage size (the body fixes its layer count): the first stage's
+    # (all N layers without stages), and the other size when the stages differ
+    sizes = stage_sizes(chain.num_parallel, stages)
     layers, fallbacks = batch_body(body, batched, sizes[0], fixed)
     layers_short = None
     other = [m for m in sizes if m != sizes[0]]
@@ -256,7 +256,7 @@ def plan_solve(
         fallbacks += [f for f in short_fallbacks if f not in fallbacks]
     side_body = build_side_body(chain, names) if planning.side_outputs else None
     side_layers = None
-    if side_body is not None:  # evaluated once over all N layers after the solve, chunked or not
+    if side_body is not None:  # evaluated once over all N layers after the solve, staged or not
         side_layers, side_fallbacks = batch_body(side_body, batched, chain.num_parallel, fixed)
         side_layers.graph.eliminate_dead_code()  # batching leaves the rest of the layer dead here
         side_layers.recompile()
@@ -292,7 +292,7 @@ def plan_solve(
         externals=tuple(externals),
         stacked=stacked,
         row_blocks=row_blocks(stacked),
-        chunk_sizes=tuple(sizes),
+        stage_sizes=tuple(sizes),
         layers_short=layers_short,
         side_body=side_body,
         side_layers=side_layers,
@@ -310,15 +310,15 @@ def plan_solve(
 
 
 def static_skip(plan: SolvePlan) -> torch.Tensor | None:
-    """Every layer's skip coefficient when it depends on stacked weights alone, chunk by chunk
+    """Every layer's skip coefficient when it depends on stacked weights alone, stage by stage
     (each batched body fixes its layer count), concatenated over the layer axis; else None."""
     parts = []
     start = 0
-    for size in plan.chunk_sizes:
+    for size in plan.stage_sizes:
         rows = {
-            k: v if len(plan.chunk_sizes) == 1 else v[start : start + size] for k, v in plan.stacked.items()
+            k: v if len(plan.stage_sizes) == 1 else v[start : start + size] for k, v in plan.stacked.items()
         }
-        layers = plan.layers if size == plan.chunk_sizes[0] else plan.layers_short
+        layers = plan.layers if size == plan.stage_sizes[0] else plan.layers_short
         assert layers is not None
         part = _static_matrix(layers, plan.ext_names, plan.ext_modes, rows)
         if part is None:
@@ -373,7 +373,7 @@ def build_solve(
     options: SolveOptions,
     *,
     parallel_layers: int | None = None,
-    chunks: int | tuple[int, ...] = 1,
+    stages: int | tuple[int, ...] = 1,
     planning: PlanOptions = PlanOptions(),
     fused_layers: int = 1,
 ) -> tuple[SolvePlan, LayerParallelSolve]:
@@ -390,5 +390,5 @@ def build_solve(
         if not 1 <= parallel_layers <= len(chain.layers):
             raise ValueError(f"parallel_layers={parallel_layers}: between 1 and {len(chain.layers)}")
         chain = dataclasses.replace(chain, first_parallel=len(chain.layers) - parallel_layers)
-    plan = plan_solve(gm, chain, options, chunks=chunks, planning=planning, fused_layers=fused_layers)
+    plan = plan_solve(gm, chain, options, stages=stages, planning=planning, fused_layers=fused_layers)
     return plan, LayerParallelSolve(plan)

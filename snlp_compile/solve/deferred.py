@@ -45,10 +45,10 @@ class DeferredSideOutputs(nn.Module):
         num_layers: int
 
         @property
-        def num_chunks(self) -> int: ...
+        def num_stages(self) -> int: ...
 
         def _evaluate(
-            self, u: torch.Tensor, ext: list[object], chunk: int = 0
+            self, u: torch.Tensor, ext: list[object], stage: int = 0
         ) -> tuple[torch.Tensor, torch.Tensor | float]: ...
 
         def _split_evaluation(
@@ -57,11 +57,11 @@ class DeferredSideOutputs(nn.Module):
 
         def _keep(self, name: str, value: torch.Tensor) -> None: ...
 
-        def solve_chunk(
+        def solve_stage(
             self,
             h_in: torch.Tensor,
             ext: list[object],
-            chunk: int = 0,
+            stage: int = 0,
             first_evaluation: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]]
             | None = None,
             last_row_only: bool = False,
@@ -78,8 +78,8 @@ class DeferredSideOutputs(nn.Module):
     def enable_deferred(self, deferred: DeferredPlan) -> None:
         """Defer the side outputs (a decode step's K/V) to the next call: ``deferred`` is the
         merged first evaluation ``passes.defer_kv`` built for this solve."""
-        if self.side_layers is None or self.num_chunks != 1:
-            raise ValueError("deferred side outputs need side outputs and one chunk")
+        if self.side_layers is None or self.num_stages != 1:
+            raise ValueError("deferred side outputs need side outputs and one stage")
         self.deferred_layers, self.deferred_saved = deferred.layers, list(deferred.saved)
         for i in deferred.saved:
             self.register_buffer(f"deferred_ext_{i}", None, persistent=False)
@@ -98,7 +98,7 @@ class DeferredSideOutputs(nn.Module):
     def _solve_deferred(
         self, h_in: torch.Tensor, ext: list[object], position: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """solve_chunk with the first evaluation merged with the previous call's side outputs
+        """solve_stage with the first evaluation merged with the previous call's side outputs
         (written into their caches by it) and returning this call's provisional ones."""
         provisional: tuple[torch.Tensor, ...] = ()
         ready = self.deferred_h is not None and tuple(self.deferred_h.shape) == (self.num_layers, *h_in.shape)
@@ -117,7 +117,7 @@ class DeferredSideOutputs(nn.Module):
             provisional = tuple(out[n_body:])
             return self._split_evaluation(out[0] if n_body == 1 else tuple(out[:2]), u)
 
-        h = self.solve_chunk(h_in, ext, first_evaluation=first_evaluation)
+        h = self.solve_stage(h_in, ext, first_evaluation=first_evaluation)
         self._keep("deferred_h_in", h_in)
         self._keep("deferred_h", h)
         self._keep("deferred_pos", position)

@@ -9,7 +9,7 @@ only. Per iteration (docs/DESIGN.md section 1, the recurrence h_j = A_j h_{j-1} 
     all_gather of the G totals                                                    (ONE collective)
     x_r       = (P_{r-1}, c_{r-1}) o .. o (P_0, c_0) applied to h_in: the exclusive scan of the
                 ranks before r, i.e. this block's input                           (local, G steps)
-    h         = the block's correction from x_r (the single-process correction of one chunk)
+    h         = the block's correction from x_r (the single-process correction of one stage)
     u         = [x_r, h_0, .., h_{M_r-2}]
 
 IDN exchanges only c_r (P = I, c_r the block's summed delta); scaled IDN a scalar or elementwise
@@ -18,7 +18,7 @@ rank folds all G totals into the last layer's output, so every rank computes the
 further collective is needed. The block's correction runs twice per iteration, from a zero input
 for its total and from x_r for its trace (IDN: a sum and a cumsum): elementwise passes over the
 block's rows, small beside its evaluation, and what lets the one collective carry only totals.
-The math is the single-process solve's with the chunk boundaries at the ranks: the same Jacobi
+The math is the single-process solve's with the stage boundaries at the ranks: the same Jacobi
 iteration, so K >= the number of layers is exact and K = 1 equals the single-process K = 1 solve
 to rounding.
 

@@ -11,11 +11,11 @@ layer axis and the stacked weights of all layers (passes.batch_layers), so the n
 on the number of layers. Everything here is plain tensor code: eager, torch.compile, torch.export
 and ONNX export all see the same ops.
 
-Chunks (SNLPConfig.chunks = C): the N layers are split into C consecutive chunks, solved one after
-another, each exactly as above with the previous chunk's last output as its h_in; the weights and
-the runtime externals of chunk c are views of rows start_c .. start_c + M_c - 1 of the stacked
-ones, and the precomputed products of the static corrections restart at every chunk. One batched
-body per distinct chunk size (at most two): C evaluations per iteration, whatever N.
+Stages (SNLPConfig.stages = S): the N layers are split into S consecutive stages, solved one after
+another, each exactly as above with the previous stage's last output as its h_in; the weights and
+the runtime externals of stage c are views of rows start_c .. start_c + M_c - 1 of the stacked
+ones, and the precomputed products of the static corrections restart at every stage. One batched
+body per distinct stage size (at most two): S evaluations per iteration, whatever N.
 
 Wide layers (SNLPConfig.fused_layers = M, plan.wide): the chain is N/M wide layers, each the sum
 of its M layers' first halves at its input, then of their second halves at that sum; each half is
@@ -70,10 +70,10 @@ class LayerParallelSolve(DeferredSideOutputs):
         super().__init__()
         self.body = plan.body
         self.layers = plan.layers
-        sizes = list(plan.chunk_sizes)
-        self.chunk_sizes = sizes
-        self.chunk_starts = [sum(sizes[:c]) for c in range(len(sizes))]
-        # the body batched over the smaller chunk size, when the chunks are uneven
+        sizes = list(plan.stage_sizes)
+        self.stage_sizes = sizes
+        self.stage_starts = [sum(sizes[:c]) for c in range(len(sizes))]
+        # the body batched over the smaller stage size, when the stages are uneven
         self.layers_short = plan.layers_short
         self.ext_names = plan.ext_names
         self.ext_modes = plan.ext_modes
@@ -106,8 +106,8 @@ class LayerParallelSolve(DeferredSideOutputs):
         self.register_buffer("warm_trace", None, persistent=False)
         self.init_deferred()  # deferred K/V (solve.deferred): off until enable_deferred()
         self.stream_layout = plan.stream_layout
-        # HCN with static H: A, and per chunk the transfer matrices T[j, i] = A_j..A_{i+1} and
-        # P_j = A_j..A_0 (j, i counted from the chunk's first layer), computed once here; the
+        # HCN with static H: A, and per stage the transfer matrices T[j, i] = A_j..A_{i+1} and
+        # P_j = A_j..A_0 (j, i counted from the stage's first layer), computed once here; the
         # correction is then one block matmul instead of a scan.
         self.use_prefix_products = False
         static = plan.static_skip
@@ -116,18 +116,18 @@ class LayerParallelSolve(DeferredSideOutputs):
             a = static.double() * self.damping
             flat = a.reshape(a.shape[0], *a.shape[-2:])
             self.register_buffer("static_skip", a.to(static.dtype))
-            for c, (start, size) in enumerate(zip(self.chunk_starts, self.chunk_sizes)):
+            for c, (start, size) in enumerate(zip(self.stage_starts, self.stage_sizes)):
                 part = flat[start : start + size]
                 transfer = static_prefix_products(part, matrix=True).to(static.dtype)
-                self.register_buffer(self._chunk_name("static_transfer", c), transfer)
+                self.register_buffer(self._stage_name("static_transfer", c), transfer)
                 init_products = static_init_products(part, matrix=True).to(static.dtype)
-                self.register_buffer(self._chunk_name("static_init", c), init_products)
+                self.register_buffer(self._stage_name("static_init", c), init_products)
             self.use_prefix_products = True
         # Scaled IDN with per-layer scalars folded at transform time (nanochat's resid_lambdas):
         # with P_j = a_j..a_0, h_j = P_j (h_in + sum_{i<=j} d_i / P_i): one cumsum over the layer
         # axis (one pass over the trace, like IDN) instead of log2(N) scan levels that each re-read
         # it. Kept to well-conditioned products, where dividing by P_i loses nothing measurable.
-        # With chunks, the products restart at each chunk's first layer.
+        # With stages, the products restart at each stage's first layer.
         self.register_buffer("static_scalar", None)
         if (
             plan.skip_kind == "elementwise"
@@ -138,7 +138,7 @@ class LayerParallelSolve(DeferredSideOutputs):
             and self.wide_first is None  # (wide layers correct with the identity)
         ):
             a64 = static.reshape(self.num_layers).double() * self.damping
-            p64 = torch.cat([torch.cumprod(part, dim=0) for part in a64.split(self.chunk_sizes)])
+            p64 = torch.cat([torch.cumprod(part, dim=0) for part in a64.split(self.stage_sizes)])
             if bool((p64.abs() > 0).all()) and float(p64.abs().max() / p64.abs().min()) <= 1e4:
                 self.register_buffer("static_scalar", a64.to(static.dtype))
                 self.register_buffer("static_scalar_prod", p64.to(static.dtype))
@@ -155,31 +155,31 @@ class LayerParallelSolve(DeferredSideOutputs):
         return out
 
     @property
-    def num_chunks(self) -> int:
-        return len(self.chunk_sizes)
+    def num_stages(self) -> int:
+        return len(self.stage_sizes)
 
-    def _chunk_name(self, name: str, chunk: int) -> str:
-        """Buffer name of a per-chunk precomputed product (unchanged names for one chunk)."""
-        return name if self.num_chunks == 1 else f"{name}_{chunk}"
+    def _stage_name(self, name: str, stage: int) -> str:
+        """Buffer name of a per-stage precomputed product (unchanged names for one stage)."""
+        return name if self.num_stages == 1 else f"{name}_{stage}"
 
-    def _layers_of(self, chunk: int) -> fx.GraphModule:
-        """The batched body for a chunk's size."""
-        if self.chunk_sizes[chunk] == self.chunk_sizes[0] or self.layers_short is None:
+    def _layers_of(self, stage: int) -> fx.GraphModule:
+        """The batched body for a stage's size."""
+        if self.stage_sizes[stage] == self.stage_sizes[0] or self.layers_short is None:
             return self.layers
         return self.layers_short
 
-    def _rows(self, t: torch.Tensor, chunk: int | None) -> torch.Tensor:
-        """A chunk's rows of a tensor over all N layers (a view); the tensor itself for one chunk."""
-        if chunk is None or self.num_chunks == 1:
+    def _rows(self, t: torch.Tensor, stage: int | None) -> torch.Tensor:
+        """A stage's rows of a tensor over all N layers (a view); the tensor itself for one stage."""
+        if stage is None or self.num_stages == 1:
             return t
-        start = self.chunk_starts[chunk]
-        return t[start : start + self.chunk_sizes[chunk]]
+        start = self.stage_starts[stage]
+        return t[start : start + self.stage_sizes[stage]]
 
     def extra_repr(self) -> str:
-        chunks = f"chunks={self.num_chunks}" + (f" {self.chunk_sizes}" if self.num_chunks > 1 else "")
+        stages = f"stages={self.num_stages}" + (f" {self.stage_sizes}" if self.num_stages > 1 else "")
         return (
             f"num_layers={self.num_layers}, iterations={self.iterations}, init={self.init!r}, "
-            f"damping={self.damping}, skip={self.skip_kind}, {chunks}"
+            f"damping={self.damping}, skip={self.skip_kind}, {stages}"
             + (f", wide layers of {self.wide_group}" if self.wide_first is not None else "")
         )
 
@@ -190,22 +190,22 @@ class LayerParallelSolve(DeferredSideOutputs):
             values.append(getattr(self, f"stacked_{name}") if mode == "stacked" else next(it))
         return values
 
-    def _chunk_externals(self, ext: list[object], chunk: int) -> list[object]:
-        """A chunk's externals: rows of the stacked and runtime ones (views), shared ones as is."""
-        if self.num_chunks == 1:
+    def _stage_externals(self, ext: list[object], stage: int) -> list[object]:
+        """A stage's externals: rows of the stacked and runtime ones (views), shared ones as is."""
+        if self.num_stages == 1:
             return ext
         return [
-            v if mode == "shared" or not isinstance(v, torch.Tensor) else self._rows(v, chunk)
+            v if mode == "shared" or not isinstance(v, torch.Tensor) else self._rows(v, stage)
             for v, mode in zip(ext, self.ext_modes)
         ]
 
     def _evaluate(
-        self, u: torch.Tensor, ext: list[object], chunk: int = 0
+        self, u: torch.Tensor, ext: list[object], stage: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """All layers (of a chunk) at once: g_j(u_j) and their skip coefficients A_j."""
+        """All layers (of a stage) at once: g_j(u_j) and their skip coefficients A_j."""
         if self.wide_first is not None:
             return self._evaluate_wide(u, ext), 1.0
-        return self._split_evaluation(self._layers_of(chunk)(u, *ext), u)
+        return self._split_evaluation(self._layers_of(stage)(u, *ext), u)
 
     def _spread(self, x: torch.Tensor) -> torch.Tensor:
         """Wide layers' inputs (C, ...) as the inputs of their N = C * M layers (each repeated)."""
@@ -245,16 +245,16 @@ class LayerParallelSolve(DeferredSideOutputs):
         a: torch.Tensor | float,
         u: torch.Tensor,
         h_in: torch.Tensor,
-        chunk: int | None = None,
+        stage: int | None = None,
     ) -> torch.Tensor:
         """The structured Newton correction: h_j = a_j h_{j-1} + (g_j - a_j u_j), over the layers of
-        one chunk (``chunk`` selects its precomputed products; None: the only chunk)."""
+        one stage (``stage`` selects its precomputed products; None: the only stage)."""
         if self.identity_correction:  # (identity_surrogate)
             return identity_scan(g - u, h_in)
         if self.stream_layout is not None:
             assert isinstance(a, torch.Tensor)
-            return self.correct_streams(g, a, u, h_in, self.stream_layout, chunk)
-        summed = self._summed_increments(g, a, u, chunk)
+            return self.correct_streams(g, a, u, h_in, self.stream_layout, stage)
+        summed = self._summed_increments(g, a, u, stage)
         if summed is not None:
             d, products = summed
             h = identity_scan(d, h_in)
@@ -270,22 +270,22 @@ class LayerParallelSolve(DeferredSideOutputs):
         a: torch.Tensor | float,
         u: torch.Tensor,
         h_in: torch.Tensor,
-        chunk: int | None = None,
+        stage: int | None = None,
     ) -> torch.Tensor:
         """The last row of :meth:`correct`'s trace, as (1, ...): all a graph that reads only the
         last layer's output (a forward) needs. With identity or folded scalar skips it is a sum
         over the layers instead of a prefix sum, so the correction writes one row instead of N
         (at T=2048 on the 0.5B shape the scan wrote a 84 MB trace of which one row was read);
         other recurrences take their full trace's last row."""
-        summed = self._summed_increments(g, a, u, chunk)
+        summed = self._summed_increments(g, a, u, stage)
         if summed is None:
-            return self.correct(g, a, u, h_in, chunk)[-1:]
+            return self.correct(g, a, u, h_in, stage)[-1:]
         d, products = summed
         h = (h_in + d.sum(0)).unsqueeze(0)
         return h if products is None else products[-1:] * h
 
     def _summed_increments(
-        self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, chunk: int | None
+        self, g: torch.Tensor, a: torch.Tensor | float, u: torch.Tensor, stage: int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(d, P) with h_j = P_j (h_in + sum_{i<=j} d_i) where the recurrence is a plain sum:
         identity skips (P None) and per-layer scalars folded at transform time; else None."""
@@ -296,9 +296,9 @@ class LayerParallelSolve(DeferredSideOutputs):
         if self.static_scalar is None:
             return None
         shape = (-1,) + (1,) * (u.dim() - 1)
-        a = self._rows(self.static_scalar, chunk).reshape(shape)
-        d = (g - a * u) * self._rows(self.static_scalar_inv_prod, chunk).reshape(shape)
-        return d, self._rows(self.static_scalar_prod, chunk).reshape(shape)
+        a = self._rows(self.static_scalar, stage).reshape(shape)
+        d = (g - a * u) * self._rows(self.static_scalar_inv_prod, stage).reshape(shape)
+        return d, self._rows(self.static_scalar_prod, stage).reshape(shape)
 
     def correct_streams(
         self,
@@ -307,14 +307,14 @@ class LayerParallelSolve(DeferredSideOutputs):
         u: torch.Tensor,
         h_in: torch.Tensor,
         layout: StreamLayout,
-        chunk: int | None = None,
+        stage: int | None = None,
     ) -> torch.Tensor:
         """HCN: the same recurrence in the stream view Z = (*batch, n, m), A_j an n x n matrix:
         a log-depth scan, or (static H) the precomputed prefix products."""
-        c = chunk or 0
-        prefix = self.use_prefix_products and hasattr(self, self._chunk_name("static_transfer", c))
+        c = stage or 0
+        prefix = self.use_prefix_products and hasattr(self, self._stage_name("static_transfer", c))
         if prefix:
-            a = self._rows(self.static_skip, chunk)
+            a = self._rows(self.static_skip, stage)
         elif self.damping != 1.0:
             a = a * self.damping
         zu, zg = layout.to_streams(u), layout.to_streams(g)
@@ -322,24 +322,24 @@ class LayerParallelSolve(DeferredSideOutputs):
         a = a.to(zu.dtype).reshape(a.shape[:1] + (1,) * (zu.dim() - a.dim()) + a.shape[1:])
         d, z_in = zg - a @ zu, layout.to_streams(h_in)
         if prefix:
-            transfer = getattr(self, self._chunk_name("static_transfer", c))
-            init = getattr(self, self._chunk_name("static_init", c))
+            transfer = getattr(self, self._stage_name("static_transfer", c))
+            init = getattr(self, self._stage_name("static_init", c))
             z = apply_prefix_products(transfer, d, z_in, True, init)
         else:
             z = matrix_affine_scan(a, d, z_in)
         return layout.from_streams(z, tuple(h_in.shape))
 
-    def initial_inputs(self, h_in: torch.Tensor, ext: list[object], chunk: int = 0) -> torch.Tensor:
-        """u^(0) of a chunk (of all layers for one chunk). "warm" starts layer j+1 from the previous
-        call's solved h_j (in decoding: the previous token's trace; with chunks, that chunk's rows of
+    def initial_inputs(self, h_in: torch.Tensor, ext: list[object], stage: int = 0) -> torch.Tensor:
+        """u^(0) of a stage (of all layers for one stage). "warm" starts layer j+1 from the previous
+        call's solved h_j (in decoding: the previous token's trace; with stages, that stage's rows of
         it); its first call, or one whose shapes differ, starts from h0."""
-        u = h_in.unsqueeze(0).expand((self.chunk_sizes[chunk] // self.wide_group, *h_in.shape))
+        u = h_in.unsqueeze(0).expand((self.stage_sizes[stage] // self.wide_group, *h_in.shape))
         if self.init == "batch_fwd":
-            g, _ = self._evaluate(u, ext, chunk)
+            g, _ = self._evaluate(u, ext, stage)
             u = inputs_from_trace(h_in, g)
         elif self.init == "warm" and self._has_warm_trace(h_in):
             assert self.warm_trace is not None
-            rows = self._rows(self.warm_trace, chunk)
+            rows = self._rows(self.warm_trace, stage)
             u = inputs_from_trace(h_in, rows.to(h_in.dtype))
         return u
 
@@ -367,30 +367,30 @@ class LayerParallelSolve(DeferredSideOutputs):
         """Forget the previous trace: the next call starts from h0 (e.g. a new sequence)."""
         self.warm_trace = None
 
-    def solve_chunk(
+    def solve_stage(
         self,
         h_in: torch.Tensor,
         ext: list[object],
-        chunk: int = 0,
+        stage: int = 0,
         first_evaluation: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]] | None = None,
         last_row_only: bool = False,
     ) -> torch.Tensor:
-        """K iterations over one chunk's layers from its input ``h_in``: the chunk's solved trace.
-        ``ext`` are the chunk's externals (:meth:`_chunk_externals`); ``first_evaluation(u)``, when
+        """K iterations over one stage's layers from its input ``h_in``: the stage's solved trace.
+        ``ext`` are the stage's externals (:meth:`_stage_externals`); ``first_evaluation(u)``, when
         given, replaces the first iteration's evaluation (deferred side outputs); ``last_row_only``:
-        the last iteration corrects only the chunk's last row (:meth:`correct_last`)."""
-        u = self.initial_inputs(h_in, ext, chunk)
+        the last iteration corrects only the stage's last row (:meth:`correct_last`)."""
+        u = self.initial_inputs(h_in, ext, stage)
         h = u
-        # after k iterations the chunk's first k layers are exact: more than its size change nothing
-        iterations = min(self.iterations, self.chunk_sizes[chunk] // self.wide_group)
+        # after k iterations the stage's first k layers are exact: more than its size change nothing
+        iterations = min(self.iterations, self.stage_sizes[stage] // self.wide_group)
         for step in range(iterations):
             if step == 0 and first_evaluation is not None:
                 g, a = first_evaluation(u)
             else:
-                g, a = self._evaluate(u, ext, chunk)
+                g, a = self._evaluate(u, ext, stage)
             if last_row_only and step + 1 == iterations:
-                return self.correct_last(g, a, u, h_in, chunk)
-            h = self.correct(g, a, u, h_in, chunk)
+                return self.correct_last(g, a, u, h_in, stage)
+            h = self.correct(g, a, u, h_in, stage)
             if step + 1 < iterations:
                 u = inputs_from_trace(h_in, h)
         return h
@@ -425,12 +425,12 @@ class LayerParallelSolve(DeferredSideOutputs):
                 self.remember(h)
             return (h, *provisional)
         last = self.returns_last_row_only()
-        if self.num_chunks == 1:
-            h = self.solve_chunk(h_in, ext, last_row_only=last)
+        if self.num_stages == 1:
+            h = self.solve_stage(h_in, ext, last_row_only=last)
         else:
             parts, x = [], h_in
-            for c in range(self.num_chunks):  # (a chunk hands on only its last row)
-                part = self.solve_chunk(x, self._chunk_externals(ext, c), c, last_row_only=last)
+            for c in range(self.num_stages):  # (a stage hands on only its last row)
+                part = self.solve_stage(x, self._stage_externals(ext, c), c, last_row_only=last)
                 parts.append(part)
                 x = part[-1]
             h = parts[-1] if last else torch.cat(parts, dim=0)
@@ -441,7 +441,7 @@ class LayerParallelSolve(DeferredSideOutputs):
         # Side outputs at the corrected inputs u_j = h_{j-1} of the solved trace, not at the
         # inputs of the last evaluation: what the layers hand out (K/V for the cache) is then what
         # each layer computes from the input the returned trace says it had. One evaluation over
-        # all N layers, chunked or not.
+        # all N layers, staged or not.
         # (wide layers: every layer's side outputs at its wide layer's input)
         inputs = inputs_from_trace(h_in, h)
         if self.wide_first is not None:

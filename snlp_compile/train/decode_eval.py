@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SNLPConfig
-from ..generate import Decoder
+from ..decoding import Decoder
 from ..models.kv import write_cache
 from ..solve.handle import SolveHandle
 

@@ -1,6 +1,6 @@
 """Held-out perplexity and bits per byte of a model run sequentially and through SNLP solves.
 
-Each solve setting (K, how many layers parallel, init, chunks) is the model transformed by
+Each solve setting (K, how many layers parallel, init, stages) is the model transformed by
 ``snlp_compile.transform``; settings that differ only in K share one transform (K is the solve's
 iteration count, as ``solve_trace`` sets it). A `transformers` model is evaluated as
 ``hf_folder.TokenLogits`` (its cache off: a ``DynamicCache`` cannot be captured). Results are rows of plain dicts, rendered as a
@@ -63,12 +63,12 @@ def perplexity(
 @dataclass(frozen=True)
 class SolveSetting:
     """One SNLP configuration to evaluate. parallel: "all", "half" (of the parallelisable layers) or a count;
-    chunks: SNLPConfig.chunks."""
+    stages: SNLPConfig.stages."""
 
     iterations: int
     parallel: int | str = "all"
     init: str = "h0"
-    chunks: int = 1
+    stages: int = 1
 
 
 def parallel_count(parallel: int | str, available: int) -> int:
@@ -110,15 +110,15 @@ def evaluate_model(
     available = chain.num_parallel
     groups: dict[tuple[int, str, int], list[int]] = {}
     for s in settings:
-        groups.setdefault((parallel_count(s.parallel, available), s.init, s.chunks), []).append(s.iterations)
-    for (n_par, init, chunks), ks in groups.items():
-        fast = snlp_transform(model, example, parallel_layers=n_par, init=init, chunks=chunks)
+        groups.setdefault((parallel_count(s.parallel, available), s.init, s.stages), []).append(s.iterations)
+    for (n_par, init, stages), ks in groups.items():
+        fast = snlp_transform(model, example, parallel_layers=n_par, init=init, stages=stages)
         solve = solve_handle(fast)
         for k in sorted(set(ks)):
             solve.iterations = k
             res = perplexity(fast, windows, batch_size, device, bytes_per_token)
             row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
-            row["chunks"] = chunks
+            row["stages"] = stages
             rows.append({**row, "gap": res["ppl"] / seq["ppl"] - 1.0})
             if progress is not None:
                 progress(rows[-1])
@@ -140,7 +140,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None
             if r["mode"] == "sequential"
             else (f"{r['parallel']}/{total}" if total else str(r["parallel"]))
         )
-        setting = r["mode"] + (f" C={r['chunks']}" if (r.get("chunks") or 1) > 1 else "")
+        setting = r["mode"] + (f" S={r['stages']}" if (r.get("stages") or 1) > 1 else "")
         lines.append(
             f"| {r['model']} | {setting} | {r['K'] if r['K'] is not None else '-'} | {par} | {r['init'] or '-'} | "
             f"{r['ppl']:.3f} | {r['bpb']:.4f} | {r['gap'] * 100:+.2f}% |"
@@ -174,12 +174,12 @@ def plot_ppl_vs_k(
                 if r["mode"] == "sequential":
                     ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=1, label=f"{m}: sequential")
             snlp = [r for r in mine if r["mode"] == "snlp"]
-            keys = sorted({(r["parallel"], r["init"], r.get("chunks") or 1) for r in snlp}, reverse=True)
-            for j, (par, init, chunks) in enumerate(keys):
+            keys = sorted({(r["parallel"], r["init"], r.get("stages") or 1) for r in snlp}, reverse=True)
+            for j, (par, init, stages) in enumerate(keys):
                 pts = sorted(
                     (r["K"], r["ppl"])
                     for r in snlp
-                    if (r["parallel"], r["init"], r.get("chunks") or 1) == (par, init, chunks)
+                    if (r["parallel"], r["init"], r.get("stages") or 1) == (par, init, stages)
                 )
                 ax.plot(
                     [p[0] for p in pts],
@@ -187,7 +187,7 @@ def plot_ppl_vs_k(
                     marker="os^v"[j % 4],
                     color=color,
                     linestyle="-" if j == 0 else ":",
-                    label=f"{m}: {par} parallel, init {init}" + (f", {chunks} chunks" if chunks > 1 else ""),
+                    label=f"{m}: {par} parallel, init {init}" + (f", {stages} stages" if stages > 1 else ""),
                 )
         ax.set_xlabel("K (SNLP iterations)")
         ax.set_xticks(ks)

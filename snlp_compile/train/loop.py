@@ -65,7 +65,7 @@ class TrainConfig:
         ``RegulariserConfig()`` (the paper's recipe). Its ``ramp_steps=None`` becomes
         ``reg_ramp_fraction * steps``.
     snlp: the deployed solve trained through by "snlp-forward" / "both" (parallel layers, K,
-        init "h0" or "batch_fwd", chunks); None means ``SNLPConfig()`` (every layer, K=1, h0).
+        init "h0" or "batch_fwd", stages); None means ``SNLPConfig()`` (every layer, K=1, h0).
     seq_ce_weight: weight of the sequential cross-entropy; None: 1.0, except 0.0 for
         "snlp-forward".
     distill_weight: weight of KL(teacher || SNLP), teacher = the frozen starting model run

@@ -100,7 +100,7 @@ def _live_solve_graph(
     # a forward reads only the trace's last row where nothing else reads a hidden state
     planning = dataclasses.replace(TRAINING, last_row=True)
     plan, solve = build_solve(
-        gm, chain, options, chunks=config.chunks, planning=planning, fused_layers=config.fused_layers
+        gm, chain, options, stages=config.stages, planning=planning, fused_layers=config.fused_layers
     )
     for ext in plan.passed:
         column = ext.column

@@ -1,11 +1,13 @@
-"""Chunkwise decomposition (SNLPConfig.chunks): C consecutive chunks of layers solved one after
-another, each layer-parallel from the previous chunk's last output. Exactness (K >= the largest
-chunk; C = N at K = 1 is the sequential model), the per-chunk static corrections (scaled IDN,
+"""Stages (SNLPConfig.stages, formerly chunks): S consecutive stages of layers solved one after
+another, each layer-parallel from the previous stage's last output. Exactness (K >= the largest
+stage; S = N at K = 1 is the sequential model), the per-stage static corrections (scaled IDN,
 HCN static H), a decode step's K/V, op counts, export paths and refusals. float64 on the CPU;
 static-shape captures where the shapes do not matter, which keeps the transforms fast."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 from functools import partial
 
@@ -18,7 +20,7 @@ from helpers import max_err, reference_model, rel_err, tokens
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
-from snlp_compile.config import chunk_sizes
+from snlp_compile.config import stage_sizes
 from snlp_compile.ir.plan import SOLVE_NAME
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache
@@ -43,35 +45,35 @@ _rel = rel_err
 # -- the rule and the knob ---------------------------------------------------------------------------
 
 
-def test_chunk_sizes_are_tensor_split_sizes() -> None:
-    assert chunk_sizes(8, 3) == [3, 3, 2]
-    assert chunk_sizes(7, 3) == [3, 2, 2]
-    assert chunk_sizes(5, 5) == [1] * 5
-    assert chunk_sizes(6, 1) == [6]
+def test_stage_sizes_are_tensor_split_sizes() -> None:
+    assert stage_sizes(8, 3) == [3, 3, 2]
+    assert stage_sizes(7, 3) == [3, 2, 2]
+    assert stage_sizes(5, 5) == [1] * 5
+    assert stage_sizes(6, 1) == [6]
     for n in range(1, 12):
         for c in range(1, n + 1):
-            assert chunk_sizes(n, c) == [len(p) for p in torch.arange(n).tensor_split(c)]
+            assert stage_sizes(n, c) == [len(p) for p in torch.arange(n).tensor_split(c)]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
-def test_bad_chunks_are_config_errors(bad: object) -> None:
-    with pytest.raises(SNLPConfigError, match=r"SNLPConfig\.chunks must be an int >= 1"):
-        SNLPConfig(chunks=bad)  # type: ignore[arg-type]
+def test_bad_stages_are_config_errors(bad: object) -> None:
+    with pytest.raises(SNLPConfigError, match=r"SNLPConfig\.stages must be an int >= 1"):
+        SNLPConfig(stages=bad)  # type: ignore[arg-type]
 
 
-def test_more_chunks_than_parallel_layers_is_refused() -> None:
+def test_more_stages_than_parallel_layers_is_refused() -> None:
     model = _model("gpt-tiny")  # 4 layers
     idx = _tokens(model)
-    with pytest.raises(SNLPRefusal, match=r"SNLPConfig\.chunks=3 but only 2 layers of 'transformer\.h'"):
-        _transform(model, (idx,), chunks=3, parallel_layers=2)
-    report = snlp_compile.explain(model, (idx,), chunks=5, dynamic_shapes=False)  # reported, not raised
+    with pytest.raises(SNLPRefusal, match=r"SNLPConfig\.stages=3 but only 2 layers of 'transformer\.h'"):
+        _transform(model, (idx,), stages=3, parallel_layers=2)
+    report = snlp_compile.explain(model, (idx,), stages=5, dynamic_shapes=False)  # reported, not raised
     assert not report.rewritten and report.refusal is not None
-    assert "SNLPConfig.chunks=5 but only 4 layers" in report.refusal
+    assert "SNLPConfig.stages=5 but only 4 layers" in report.refusal
 
 
 # -- exactness -------------------------------------------------------------------------------------
 
-# (model, overrides, parallel layers, chunks): uneven chunks, and a sequential prefix
+# (model, overrides, parallel layers, stages): uneven stages, and a sequential prefix
 EXACT = [
     ("gpt-tiny", {"n_layer": 5}, None, 2),  # [3, 2]
     ("gpt-tiny", {"n_layer": 5}, 4, 3),  # 1 sequential, then [2, 1, 1]
@@ -82,25 +84,25 @@ EXACT = [
 ]
 
 
-@pytest.mark.parametrize("name,overrides,par,chunks", EXACT, ids=[f"{e[0]}-p{e[2]}-c{e[3]}" for e in EXACT])
-def test_k_equal_to_largest_chunk_is_exact(name: str, overrides: dict, par: int | None, chunks: int) -> None:
+@pytest.mark.parametrize("name,overrides,par,stages", EXACT, ids=[f"{e[0]}-p{e[2]}-s{e[3]}" for e in EXACT])
+def test_k_equal_to_largest_stage_is_exact(name: str, overrides: dict, par: int | None, stages: int) -> None:
     model = _model(name, **overrides)
     idx = _tokens(model)
     n_par = par or model.config.n_layer
-    sizes = chunk_sizes(n_par, chunks)
+    sizes = stage_sizes(n_par, stages)
     k = sizes[0]
-    fast = _transform(model, (idx,), iterations=k, parallel_layers=par, chunks=chunks)
+    fast = _transform(model, (idx,), iterations=k, parallel_layers=par, stages=stages)
     solve = fast.get_submodule(SOLVE_NAME)
-    assert solve.chunk_sizes == sizes and solve.num_layers == n_par
+    assert solve.stage_sizes == sizes and solve.num_layers == n_par
     assert (solve.layers_short is not None) == (sizes[-1] != sizes[0])
     expected = sequential_trace(model, list(model.transformer.h), idx)[-n_par:]
     with torch.no_grad():
         assert _max_err(fast(idx), model(idx)) < TIGHT
         assert _max_err(snlp_compile.solve_trace(fast, idx), expected) < TIGHT
-        # one iteration fewer is not exact: K >= the largest chunk is what exactness needs
+        # one iteration fewer is not exact: K >= the largest stage is what exactness needs
         assert _max_err(snlp_compile.solve_trace(fast, idx, iterations=k - 1), expected) > 1e-6
-    # the precomputed corrections restart at every chunk
-    starts = solve.chunk_starts
+    # the precomputed corrections restart at every stage
+    starts = solve.stage_starts
     if name.startswith("nanochat"):
         assert solve.static_scalar is not None
         for s in starts:
@@ -117,36 +119,36 @@ def test_k_equal_to_largest_chunk_is_exact(name: str, overrides: dict, par: int 
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "nanochat-tiny"])
-def test_one_layer_per_chunk_at_k1_is_the_sequential_model(name: str) -> None:
+def test_one_layer_per_stage_at_k1_is_the_sequential_model(name: str) -> None:
     model = _model(name)
     idx = _tokens(model)
-    fast = _transform(model, (idx,), iterations=1, chunks=model.config.n_layer)
-    assert fast.snlp_solve.chunk_sizes == [1] * model.config.n_layer
+    fast = _transform(model, (idx,), iterations=1, stages=model.config.n_layer)
+    assert fast.snlp_solve.stage_sizes == [1] * model.config.n_layer
     with torch.no_grad():
         assert _max_err(fast(idx), model(idx)) < TIGHT
 
 
-def test_batch_fwd_init_works_per_chunk() -> None:
-    """batch_fwd seeds every chunk with one extra evaluation at its own input: chunks of 2 layers
+def test_batch_fwd_init_works_per_stage() -> None:
+    """batch_fwd seeds every stage with one extra evaluation at its own input: stages of 2 layers
     are then exact after one iteration."""
     model = _model("gpt-tiny")
     idx = _tokens(model)
-    fast = _transform(model, (idx,), iterations=1, chunks=2, init="batch_fwd")
+    fast = _transform(model, (idx,), iterations=1, stages=2, init="batch_fwd")
     with torch.no_grad():
         assert _max_err(fast(idx), model(idx)) < TIGHT
 
 
-def test_chunked_k1_lies_between_unchunked_k1_and_sequential() -> None:
-    """K = 1 on 6 IDN layers: 2 chunks restart the solve from an exact-so-far input halfway, so
-    their trace is closer to the sequential one than the unchunked solve's, and not exact; the
-    first chunk's rows are the unchunked solve's rows (the same K = 1 formula over them)."""
+def test_staged_k1_lies_between_unstaged_k1_and_sequential() -> None:
+    """K = 1 on 6 IDN layers: 2 stages restart the solve from an exact-so-far input halfway, so
+    their trace is closer to the sequential one than the unstaged solve's, and not exact; the
+    first stage's rows are the unstaged solve's rows (the same K = 1 formula over them)."""
     model = _model("gpt-tiny", n_layer=6)
     idx = _tokens(model)
     expected = sequential_trace(model, list(model.transformer.h), idx)
     traces = {}
     with torch.no_grad():
         for c in (1, 2, 6):
-            traces[c] = snlp_compile.solve_trace(_transform(model, (idx,), iterations=1, chunks=c), idx)
+            traces[c] = snlp_compile.solve_trace(_transform(model, (idx,), iterations=1, stages=c), idx)
     errors = {c: _rel(t, expected) for c, t in traces.items()}
     assert errors[6] < TIGHT
     assert 1e-3 < errors[2] < 0.9 * errors[1], errors
@@ -165,17 +167,17 @@ def _step_inputs(model: nn.Module, batch: int = 2, t_max: int = 16, pos: int = 7
     return _tokens(model, batch, 1), torch.tensor(pos), k_cache, v_cache
 
 
-def test_decode_step_with_chunks_hands_out_the_sequential_kv() -> None:
-    """A cached step, 1 sequential layer then chunks [2, 1]: the cache slices are passed stacked and
-    cut per chunk inside the solve; in exact mode (K = 2) the logits and the new K/V (side outputs,
+def test_decode_step_with_stages_hands_out_the_sequential_kv() -> None:
+    """A cached step, 1 sequential layer then stages [2, 1]: the cache slices are passed stacked and
+    cut per stage inside the solve; in exact mode (K = 2) the logits and the new K/V (side outputs,
     evaluated once over all layers at the corrected inputs) are the sequential step's. Warm start
-    from the exact trace is exact at K = 1, chunk by chunk."""
+    from the exact trace is exact at K = 1, stage by stage."""
     model = _model("nanochat-tiny")
     inputs = _step_inputs(model)
     step = CachedStep(model)
-    fast = _transform(step, inputs, iterations=2, parallel_layers=3, chunks=2)
+    fast = _transform(step, inputs, iterations=2, parallel_layers=3, stages=2)
     assert "aten.slice.Tensor(k_cache, 0, 1, 4)" in fast.code  # one view of the stacked cache
-    warm = _transform(step, inputs, iterations=1, parallel_layers=3, chunks=2, init="warm")
+    warm = _transform(step, inputs, iterations=1, parallel_layers=3, stages=2, init="warm")
     with torch.no_grad():
         ref = model.forward_cached(*inputs)
         for got, want in zip(fast(*inputs), ref):
@@ -188,12 +190,12 @@ def test_decode_step_with_chunks_hands_out_the_sequential_kv() -> None:
             assert _max_err(got, want) < TIGHT
 
 
-def test_hcn_decode_step_with_chunks_is_exact() -> None:
-    """HCN decode step, static H (per-chunk prefix products), chunks [2, 2] at K = 2: the logits and
+def test_hcn_decode_step_with_stages_is_exact() -> None:
+    """HCN decode step, static H (per-stage prefix products), stages [2, 2] at K = 2: the logits and
     new K/V are the sequential step's."""
     model = _model("mhc-tiny")
     inputs = _step_inputs(model)
-    fast = _transform(CachedStep(model), inputs, iterations=2, chunks=2)
+    fast = _transform(CachedStep(model), inputs, iterations=2, stages=2)
     assert fast.snlp_solve.use_prefix_products
     with torch.no_grad():
         for got, want in zip(fast(*inputs), model.forward_cached(*inputs)):
@@ -220,14 +222,14 @@ def _exported(fast: fx.GraphModule, idx: torch.Tensor) -> Counter[str]:
     return _heavy(torch.export.export(fast, (idx,), strict=False).graph.nodes)
 
 
-def test_op_counts_are_chunks_times_body_whatever_the_depth() -> None:
-    """Exported graph: the ops outside the solve, plus K x C batched bodies (one evaluation per
-    chunk per iteration): the same for 5 (chunks [3, 2]) and 8 layers (chunks [4, 4]) at C = 2."""
+def test_op_counts_are_stages_times_body_whatever_the_depth() -> None:
+    """Exported graph: the ops outside the solve, plus K x S batched bodies (one evaluation per
+    stage per iteration): the same for 5 (stages [3, 2]) and 8 layers (stages [4, 4]) at S = 2."""
     idx = torch.randint(0, 200, (1, 8))
     totals = {}
     for n_layer in (5, 8):
         model = build_model("gpt-tiny", n_layer=n_layer)
-        fast = _transform(model, (idx,), iterations=1, chunks=2)
+        fast = _transform(model, (idx,), iterations=1, stages=2)
         solve = fast.get_submodule(SOLVE_NAME)
         body = _heavy(solve.layers.graph.nodes)
         assert body["matmul"] >= 4 and body["attention"] == 1, body
@@ -246,30 +248,30 @@ def test_op_counts_are_chunks_times_body_whatever_the_depth() -> None:
 # -- reports, export paths -------------------------------------------------------------------------
 
 
-def test_explain_and_repr_show_the_chunks() -> None:
+def test_explain_and_repr_show_the_stages() -> None:
     model = _model("gpt-tiny", n_layer=5)
     idx = _tokens(model)
-    fast = _transform(model, (idx,), iterations=2, chunks=2)
+    fast = _transform(model, (idx,), iterations=2, stages=2)
     text = str(fast.snlp_report)
-    assert fast.snlp_report.chunks == [3, 2]
-    assert "chunks=2" in text and "chunks:    2 (3 + 2 layers)" in text
-    assert "chunks=2 [3, 2]" in repr(fast.snlp_solve)
+    assert fast.snlp_report.stages == [3, 2]
+    assert "stages=2" in text and "stages:    2 (3 + 2 layers)" in text
+    assert "stages=2 [3, 2]" in repr(fast.snlp_solve)
     plain = _transform(model, (idx,), iterations=2)
-    assert "chunks=1" in str(plain.snlp_report) and "chunks:" not in str(plain.snlp_report)
-    assert plain.snlp_solve.chunk_sizes == [5] and plain.snlp_solve.layers_short is None
+    assert "stages=1" in str(plain.snlp_report) and "stages:" not in str(plain.snlp_report)
+    assert plain.snlp_solve.stage_sizes == [5] and plain.snlp_solve.layers_short is None
 
 
-def test_torch_compile_traces_the_chunked_solve_in_one_graph() -> None:
+def test_torch_compile_traces_the_staged_solve_in_one_graph() -> None:
     model = _model("gpt-tiny")
     idx = _tokens(model)
-    fast = _transform(model, (idx,), iterations=2, chunks=2)
+    fast = _transform(model, (idx,), iterations=2, stages=2)
     compiled = torch.compile(fast, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert _max_err(compiled(idx), model(idx)) < TIGHT
 
 
-def test_onnx_export_of_a_chunked_idn_model(tmp_path) -> None:
-    """gpt (IDN), 3 layers in chunks [2, 1], K = 2 (exact), exported with dynamic batch and
+def test_onnx_export_of_a_staged_idn_model(tmp_path) -> None:
+    """gpt (IDN), 3 layers in stages [2, 1], K = 2 (exact), exported with dynamic batch and
     sequence: ONNX Runtime (CPU) agrees with the rewritten module and the original model."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -278,10 +280,10 @@ def test_onnx_export_of_a_chunked_idn_model(tmp_path) -> None:
 
     model = build_model("gpt-tiny", n_layer=3, n_embd=32, n_head=2)
     idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    result = export_onnx(model, (idx,), tmp_path / "gpt_chunks.onnx", iterations=2, chunks=2)
-    assert result.snlp_report is not None and result.snlp_report.chunks == [2, 1]
+    result = export_onnx(model, (idx,), tmp_path / "gpt_stages.onnx", iterations=2, stages=2)
+    assert result.snlp_report is not None and result.snlp_report.stages == [2, 1]
     assert not result.op_counts.keys() & {"Loop", "Scan", "If"}
-    fast = snlp_compile.transform(model, (idx,), iterations=2, chunks=2)
+    fast = snlp_compile.transform(model, (idx,), iterations=2, stages=2)
     session = make_session(result.path)
     for shape in [(1, 7), (3, 19)]:
         x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(sum(shape)))
@@ -292,35 +294,35 @@ def test_onnx_export_of_a_chunked_idn_model(tmp_path) -> None:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-# -- chunk sizes given in order: a fast sequential prefix -------------------------------------------
+# -- stage sizes given in order: a fast sequential prefix -------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["nanochat-tiny", "mhc-tiny"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_sequential_chunks_then_a_parallel_one_is_parallel_layers(name: str, k: int) -> None:
-    """chunks=(1, 1, 2): the first two layers one after another (one exact iteration each, through
+def test_sequential_stages_then_a_parallel_one_is_parallel_layers(name: str, k: int) -> None:
+    """stages=(1, 1, 2): the first two layers one after another (one exact iteration each, through
     the batched body), then the last two layer-parallel with K iterations from the second's output:
     the function of parallel_layers=2 at the same K, for the forward and the decode step."""
     model = _model(name)
     idx = _tokens(model)
-    staged = _transform(model, (idx,), iterations=k, chunks=(1, 1, 2))
+    staged = _transform(model, (idx,), iterations=k, stages=(1, 1, 2))
     plain = _transform(model, (idx,), iterations=k, parallel_layers=2)
     inputs = _step_inputs(model)
-    staged_step = _transform(CachedStep(model), inputs, iterations=k, chunks=(1, 1, 2))
+    staged_step = _transform(CachedStep(model), inputs, iterations=k, stages=(1, 1, 2))
     plain_step = _transform(CachedStep(model), inputs, iterations=k, parallel_layers=2)
-    assert staged.snlp_solve.chunk_sizes == [1, 1, 2]
+    assert staged.snlp_solve.stage_sizes == [1, 1, 2]
     with torch.no_grad():
         assert _max_err(staged(idx), plain(idx)) < TIGHT
         for got, want in zip(staged_step(*inputs), plain_step(*inputs)):
             assert got.shape == want.shape and _max_err(got, want) < TIGHT
 
 
-def test_a_chunk_runs_at_most_its_size_in_iterations() -> None:
-    """K = 3 on chunks (1, 1, 2): 1 + 1 + 2 batched evaluations, not 3 per chunk (the chunk is exact
+def test_a_stage_runs_at_most_its_size_in_iterations() -> None:
+    """K = 3 on stages (1, 1, 2): 1 + 1 + 2 batched evaluations, not 3 per stage (the stage is exact
     after as many iterations as it has layers); the result is the sequential model's."""
     model = build_model("gpt-tiny", dtype=F64)
     idx = torch.randint(0, 200, (1, 8))
-    fast = _transform(model, (idx,), iterations=3, chunks=(1, 1, 2))
+    fast = _transform(model, (idx,), iterations=3, stages=(1, 1, 2))
     calls = Counter()
     for name in ("layers", "layers_short"):
         sub = getattr(fast.snlp_solve, name)
@@ -331,22 +333,92 @@ def test_a_chunk_runs_at_most_its_size_in_iterations() -> None:
 
 
 @pytest.mark.parametrize(
-    "chunks,match",
+    "stages,match",
     [
-        ((1, 1, 1), r"SNLPConfig\.chunks=\(1, 1, 1\) must add up to the 4 parallel layers"),
-        ((1, 2, 1, 0), r"SNLPConfig\.chunks must be an int >= 1 or a tuple of chunk sizes >= 1"),
-        ((1, 2, 3), r"SNLPConfig\.chunks=\(1, 2, 3\) must add up"),
+        ((1, 1, 1), r"SNLPConfig\.stages=\(1, 1, 1\) must add up to the 4 parallel layers"),
+        ((1, 2, 1, 0), r"SNLPConfig\.stages must be an int >= 1 or a tuple of stage sizes >= 1"),
+        ((1, 2, 3), r"SNLPConfig\.stages=\(1, 2, 3\) must add up"),
     ],
 )
-def test_bad_chunk_sizes_are_refused_in_one_line(chunks: tuple, match: str) -> None:
+def test_bad_stage_sizes_are_refused_in_one_line(stages: tuple, match: str) -> None:
     model = build_model("gpt-tiny", dtype=F64)
     idx = torch.randint(0, 200, (1, 8))
     with pytest.raises((SNLPConfigError, SNLPRefusal), match=match):
-        _transform(model, (idx,), chunks=chunks)
+        _transform(model, (idx,), stages=stages)
 
 
-def test_three_distinct_chunk_sizes_are_refused() -> None:
+def test_three_distinct_stage_sizes_are_refused() -> None:
     model = build_model("gpt-tiny", n_layer=6, dtype=F64)
     idx = torch.randint(0, 200, (1, 8))
     with pytest.raises(SNLPConfigError, match="at most two distinct sizes"):
-        _transform(model, (idx,), chunks=(1, 2, 3))
+        _transform(model, (idx,), stages=(1, 2, 3))
+
+
+# -- the former name, chunks (deprecated for one release) -------------------------------------------
+
+RENAMED = r"SNLPConfig\.chunks is now SNLPConfig\.stages"
+
+
+def test_chunks_is_a_deprecated_alias_of_stages() -> None:
+    with pytest.warns(DeprecationWarning, match=RENAMED):
+        config = SNLPConfig(chunks=(1, 1, 2))
+    assert config.stages == (1, 1, 2) and config == SNLPConfig(stages=(1, 1, 2))
+    with pytest.warns(DeprecationWarning, match=RENAMED):
+        assert SNLPConfig(iterations=2).replace(chunks=3) == SNLPConfig(iterations=2, stages=3)
+    assert "chunks" not in dataclasses.asdict(config) and dataclasses.asdict(config)["stages"] == (1, 1, 2)
+    bad = pytest.raises(SNLPConfigError, match=r"SNLPConfig\.stages must be an int >= 1")
+    with pytest.warns(DeprecationWarning, match=RENAMED), bad:
+        SNLPConfig(chunks=0)
+
+
+def test_stages_and_chunks_together_are_a_config_error() -> None:
+    with pytest.raises(
+        SNLPConfigError, match=r"both stages=2 and chunks=3: chunks is the former name of stages"
+    ):
+        SNLPConfig(stages=2, chunks=3)
+    with pytest.raises(SNLPConfigError, match=r"both stages=2 and chunks=2"):
+        SNLPConfig().replace(stages=2, chunks=2)
+
+
+def test_a_config_written_before_the_rename_still_loads() -> None:
+    """An SNLPConfig as checkpoints and benchmarks/results/frontier.json recorded it (asdict,
+    through JSON) before the rename: ``chunks`` becomes ``stages``."""
+    old = json.loads(
+        '{"iterations": 2, "parallel_layers": null, "init": "h0", "damping": 1.0, "layers": null, '
+        '"dynamic_shapes": true, "chunks": [1, 1, 2], "deferred_kv": false}'
+    )
+    with pytest.warns(DeprecationWarning, match=RENAMED):
+        config = SNLPConfig(**old)
+    assert config == SNLPConfig(iterations=2, stages=(1, 1, 2))
+    again = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    assert SNLPConfig(**again) == config and "chunks" not in again
+
+
+def test_transform_with_chunks_is_the_staged_transform() -> None:
+    model = build_model("gpt-tiny", n_layer=3, dtype=F64)
+    idx = torch.randint(0, 200, (1, 8))
+    with pytest.warns(DeprecationWarning, match=RENAMED) as caught:
+        old = snlp_compile.transform(model, (idx,), iterations=2, chunks=2, dynamic_shapes=False)
+    assert old.snlp_solve.stage_sizes == [2, 1] and old.snlp_report.stages == [2, 1]
+    assert _max_err(old(idx), model(idx)) < TIGHT
+    # the warning names the caller's line, not the library's (so Python shows it in a script)
+    with pytest.warns(DeprecationWarning, match=RENAMED) as more:
+        SNLPConfig(chunks=2).replace(chunks=3)
+    assert {w.filename for w in [*caught, *more]} == {__file__}, [(w.filename, w.lineno) for w in caught]
+
+
+def test_cli_chunks_is_a_hidden_deprecated_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    from snlp_compile.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["inspect", "--chunks", "2"]).stages == 2
+    assert parser.parse_args(["eval", "runs/x", "--chunks", "1", "2"]).stages == [1, 2]
+    assert capsys.readouterr().err.count("--chunks is deprecated: it is now --stages") == 2
+    for argv in (["inspect", "--stages", "2", "--chunks", "2"], ["export", "--chunks", "2", "--stages", "3"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert "not allowed with argument" in capsys.readouterr().err
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("inspect", "export", "eval"):
+        text = sub.choices[name].format_help()
+        assert "--stages" in text and "--chunks" not in text, name

@@ -65,7 +65,7 @@ class Decoder:
     ``adaptive_block_size=True`` changes the block size between rounds, up to ``block_size``
     (``speculative.adapt_block_size``). ``verifier``: what verifies a block of t = γ + 1 tokens,
     both exact: "sequential" the model's cached step as written; "exact-seq" the compiler's exact
-    sequential lowering of the t-token step (K = 1, one layer per chunk), faster on a GPU (the
+    sequential lowering of the t-token step (K = 1, one layer per stage), faster on a GPU (the
     verification dominates a round), transformed lazily once per t (``verify_step``).
 
     ``process_group``: decode across the processes of a ``torch.distributed`` group, one contiguous
@@ -210,12 +210,12 @@ class Decoder:
     def verify_step(self, t: int) -> Step:
         """The exact step that verifies ``t`` tokens (the last token and its t - 1 drafts): the
         sequential step, or (verifier "exact-seq") the exact sequential lowering of the t-token
-        step (K = 1, one layer per chunk: exact), transformed at the first call for each t. A
+        step (K = 1, one layer per stage: exact), transformed at the first call for each t. A
         caller may put its own steps into ``verify_steps`` first, e.g. compiled ones."""
         if self.verifier == "sequential":
             return self.sequential
         if t not in self.verify_steps:
-            exact = SNLPConfig(iterations=1, chunks=int(self.k_cache.shape[0]))  # (a cache row per layer)
+            exact = SNLPConfig(iterations=1, stages=int(self.k_cache.shape[0]))  # (a cache row per layer)
             with evaluating(self.model):
                 self.verify_steps[t] = transform(CachedStep(self.model).eval(), self.example_inputs(t), exact)
         return self.verify_steps[t]
