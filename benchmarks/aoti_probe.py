@@ -8,8 +8,9 @@ schema for snlp::layer_gemv_pdl``. This builds packages for
 - ``step``: the transformed decode step (K=1) through ``snlp_compile.export.export_aoti``, which
   keeps only kernels a package carries (the GEMV ``triton_op``, no PDL or fused-attention op);
 - ``step-aten``: the same with ``triton_kernels=False``: ATen ops only (cuBLAS), no Triton kernel;
-- ``step-raw``: the same step through plain ``torch.export`` + ``aoti_compile_and_package``, with
-  the project's kernel switches as they are (the package that failed before),
+- ``step-raw``: the same step through plain ``torch.export`` + ``aoti_compile_and_package`` (the
+  package that failed before; now that the kernels never choose an opaque op while
+  ``torch.export`` traces, its graph should be ``step``'s),
 
 each built in its own process, then tries every loading route in its own fresh process, with a
 timeout: ``aoti_load_package`` (after the inputs are on the device, and "cold", before any CUDA

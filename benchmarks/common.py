@@ -375,7 +375,6 @@ class Bench:
         *,
         warmup: int,
         post: Callable[[Any], Any] | None = None,
-        wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
     ) -> None:
         """Build (compile, capture: ``make_variant``) and time one variant of a regime, unless the
         run's time budget is spent; SNLP variants get the --snlp-inductor options on top."""
@@ -387,7 +386,7 @@ class Bench:
         rec.extra["own_inductor_options"] = options or {}  # (on top of --inductor)
         key = rec.variant.replace("+graph", "")
         build = partial(make_variant, base, rec.mode, inputs, run.device, compiled, key, post, options)
-        self.measure(rec, wrap(build) if wrap else build, reference, warmup=warmup)
+        self.measure(rec, build, reference, warmup=warmup)
         ms = rec.median_ms if rec.median_ms else float("nan")
         err = rec.rel_err if rec.rel_err is not None else float("nan")
         print(

@@ -12,10 +12,11 @@ layer stacks ("trunks", vocab cut to --vocab); bf16; random weights.
 
 Families: "snlp K=k S=s" (SNLPConfig.stages: s consecutive stages solved one after another, each
 layer-parallel; s = layers at K = 1 is the compiler's exact sequential mode, counted as a
-sequential baseline); "snlp K=k einsum" (graph modes only: the GEMV kernel off, cuBLAS' batched
-GEMM); "snlp K=k deferred" (SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a
-second row of this step's q/k/v GEMVs, written by the step into the cache; the provisional K/V the
-step returns are not written, as in ``Decoder``, so the step is timed alone).
+sequential baseline); "snlp K=k einsum" (graph modes only: a transform with
+``LoweringOptions(gemv_kernel=False)``, cuBLAS' batched GEMM); "snlp K=k deferred"
+(SNLPConfig(deferred_kv=True): the previous token's corrected K/V are a second row of this step's
+q/k/v GEMVs, written by the step into the cache; the provisional K/V the step returns are not
+written, as in ``Decoder``, so the step is timed alone).
 
 Bytes floor: the layer weights plus the KV cache read once, over the measured copy bandwidth.
 "floor at K": the floor times ``common.layer_parallel_passes`` (K iterations re-read the weights
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 
 import snlp_compile
-from snlp_compile.kernels import gemv_kernel
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 from . import common
@@ -66,18 +66,6 @@ def logits_only(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.T
     """A deferred step's post: its K/V are provisional and not written (``Decoder`` skips them:
     the next step writes the corrected ones into that slot before reading it)."""
     return out[0]
-
-
-def gemv_kernel_off(build: Callable[[], Any]) -> Callable[[], Any]:
-    """``build`` (compile, warm-up and CUDA-graph capture) with the layer-batched GEMV kernel off,
-    so the captured step uses the einsum (cuBLAS) lowering: the kernel's A/B in the same run.
-    Graph modes only: a compiled callable outside a graph would re-trace with the kernel on."""
-
-    def run() -> Callable[[], Any]:
-        with gemv_kernel(False):
-            return build()
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                     if args.deferred_ks and deferred_modes
                     else None
                 )
+                # the same step lowered without the GEMV kernel (cuBLAS' batched GEMM): its A/B
+                einsum = (
+                    snlp_compile.transform(
+                        step, inputs, iterations=1, lowering=snlp_compile.LoweringOptions(gemv_kernel=False)
+                    )
+                    if args.einsum_ks and any(m.endswith("+graph") for m in modes)
+                    else None
+                )
                 # K=1, init h0, S stages (S = 1 is the plain K=1 variant; more stages than layers are refused)
                 staged = {
                     c: snlp_compile.transform(step, inputs, iterations=1, stages=c)
@@ -177,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                             common.with_iterations(deferred, k, "h0"),
                         )
                     elif family == "snlp-einsum":
-                        variant, base = f"snlp K={k} einsum {mode}", common.with_iterations(snlp, k, "h0")
+                        assert einsum is not None
+                        variant, base = f"snlp K={k} einsum {mode}", common.with_iterations(einsum, k, "h0")
                     else:
                         tag = "" if init == "h0" else " warm"
                         variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
@@ -186,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
                     if family == "snlp-staged":
                         rec.extra["stages"] = stages
                     write = logits_only if family == "snlp-deferred" else post
-                    wrap = gemv_kernel_off if family == "snlp-einsum" else None
                     bench.run(
                         run,
                         rec,
@@ -196,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
                         compiled=compiled,
                         post=write,
                         warmup=10,
-                        wrap=wrap,
                     )
                 floor = common.floor_ms(wbytes + kv_bytes, run.bandwidth)
                 bench.finish_case(shape_label, case, floor, layers=cfg.n_layer)
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                             fn = partial(compiled[key], *inputs)
                             label = f"{shape_label} {case} {key}"
                             common.profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
-                del snlp, staged, compiled, deferred
+                del snlp, staged, compiled, deferred, einsum
             del model, step
             torch._dynamo.reset()
             if device.type == "cuda":

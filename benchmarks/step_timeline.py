@@ -17,8 +17,11 @@ Variants of the rewritten step's attention (``models.kv.layer_cached_attention``
   plain          the default build's step without deferred K/V (it writes its K/V after the step)
   seq            the model as written, compiled+graph (the sequential baseline without autotuning;
                  ``--ks`` does not apply)
-  fused          the fused decode-attention kernel (``SNLP_DECODE_ATTENTION=all``), autotuned, PDL
-  fused-nopdl    the fused kernel launched without PDL (the GEMVs keep it)
+  fused          the fused decode-attention kernel (``LoweringOptions(decode_attention_in_layers=True)``,
+                 ``SNLP_DECODE_ATTENTION=all``), autotuned, PDL
+  fused-nopdl    the fused kernel, and every kernel of the step, launched without PDL
+                 (``LoweringOptions(pdl=False)``; before the options were per transform only the
+                 fused kernel's launch dropped PDL)
 Random weights (speed does not depend on weight values). ``--code`` writes Inductor's generated
 code of the deferred step instead (``step_code_<shape>_k<K>.py``: which kernels it launches and
 what each fuses) and prints its launches.
@@ -27,41 +30,33 @@ what each fuses) and prints its launches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import snlp_compile
-import snlp_compile.kernels as kernels
-from snlp_compile.models import kv
+from snlp_compile import LoweringOptions
 from snlp_compile.models.kv import CachedStep
+from snlp_compile.options import ENVIRONMENT
 
 from . import common
 from .decode import _writer, logits_only, step_inputs
 
 
-@contextmanager
-def attention_variant(spec: str) -> Iterator[None]:
-    """Set the rewritten step's attention lowering for one variant (see the module docstring);
-    restores every patched module attribute afterwards."""
+def variant_lowering(spec: str) -> LoweringOptions:
+    """The rewritten step's lowering for one variant (see the module docstring): the process's
+    defaults with the layers' attention fused or not, PDL on or off."""
     if spec not in ("ops", "plain", "seq", "fused", "fused-nopdl"):
         raise SystemExit(f"unknown variant {spec!r}: ops, plain, seq, fused or fused-nopdl")
-    saved = kernels._decode_attention_layers, kv.pdl_enabled
-    kernels._decode_attention_layers = spec.startswith("fused")
-    if spec == "fused-nopdl":
-        kv.pdl_enabled = lambda: False
-    try:
-        yield
-    finally:
-        kernels._decode_attention_layers, kv.pdl_enabled = saved
+    pdl = ENVIRONMENT.pdl and spec != "fused-nopdl"
+    return dataclasses.replace(ENVIRONMENT, decode_attention_in_layers=spec.startswith("fused"), pdl=pdl)
 
 
 def kernel_events(trace_path: Path) -> list[dict[str, Any]]:
@@ -166,20 +161,22 @@ def main(argv: list[str] | None = None) -> int:
             for spec in args.variants.split(","):
                 for k in (int(x) for x in args.ks.split(",")):
                     torch._dynamo.reset()
-                    with attention_variant(spec):
-                        if spec == "seq":
-                            base, post, options = step, _writer(k_cache, v_cache, pos), None
-                        else:
-                            deferred = spec != "plain"
-                            snlp = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=deferred)
-                            base, options = common.with_iterations(snlp, k, "h0"), snlp_options
-                            post = logits_only if deferred else _writer(k_cache, v_cache, pos)
-                        replay = common.make_variant(
-                            base, "compiled+graph", inputs, device, {}, "step", post, options
+                    lowering = variant_lowering(spec)
+                    if spec == "seq":
+                        base, post, options = step, _writer(k_cache, v_cache, pos), None
+                    else:
+                        deferred = spec != "plain"
+                        snlp = snlp_compile.transform(
+                            step, inputs, iterations=1, deferred_kv=deferred, lowering=lowering
                         )
-                        err = common.rel_err(replay(), ref)
-                        t = common.time_fn(replay, device, warmup=20, samples=300)
-                        line = timeline(replay, args.replays)
+                        base, options = common.with_iterations(snlp, k, "h0"), snlp_options
+                        post = logits_only if deferred else _writer(k_cache, v_cache, pos)
+                    replay = common.make_variant(
+                        base, "compiled+graph", inputs, device, {}, "step", post, options
+                    )
+                    err = common.rel_err(replay(), ref)
+                    t = common.time_fn(replay, device, warmup=20, samples=300)
+                    line = timeline(replay, args.replays)
                     row = {"shape": shape, "k": k, "variant": spec, "median_ms": t.median_ms, "rel_err": err}
                     row.update(line)
                     results.append(row)

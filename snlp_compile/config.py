@@ -82,8 +82,9 @@ class SNLPConfig:
         K/V (``Decoder.flush``); a hand-driven step completes them with one more call.
     lowering: how the rewritten graph is lowered (``options.LoweringOptions``); None takes the
         process's defaults, read from the ``SNLP_*`` environment variables once at import
-        (``options.ENVIRONMENT``). Of its fields, ``last_row`` applies to this transform; the
-        kernel switches are process-wide and read when the graph runs (``kernels``).
+        (``options.ENVIRONMENT``). All of it applies to this transform only: ``last_row`` to its
+        solve, the kernel choices to its graph's calls (``passes.lowering`` writes them in as
+        keyword arguments; two transforms in one process may differ).
     verify: after rewriting, check the rewritten model (in exact mode) against the original on
         the example inputs, two calls and, with a symbolic batch, a second batch size, and refuse
         (SNLPRefusal naming the layer with the largest error) when they disagree beyond the

@@ -28,13 +28,14 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import SNLPConfig, stage_sizes
+from .config import SNLPConfig, lowering_options, stage_sizes
 from .errors import SNLPConfigError, SNLPRefusal
 from .inference_graph import as_inference_graph
 from .ir.plan import SOLVE_NAME, SolvePlan
 from .models.kv import CachedStep, cache_shape, new_cache
 from .passes.batch_layers import batch_body
 from .passes.cleanup import inline_marker_ops
+from .passes.lowering import lower
 from .pipeline import compilation, pipeline, plan_pass, run
 from .solve.distributed import DistributedSolve, Mode
 
@@ -159,6 +160,7 @@ def _step(
     _drop_guards(gm)
     setattr(gm, SOLVE_NAME, _block_solve(plan, group, mode, side))
     inline_marker_ops(gm)
+    lower(gm, lowering_options(cfg))  # this rank's solve is new: its calls get the config's kernels
     return as_inference_graph(gm, c.report, cfg)
 
 

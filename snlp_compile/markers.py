@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .options import LoweringOptions
+
 _keep_whole = False
 
 
@@ -35,16 +37,28 @@ def keep_whole(enabled: bool = True) -> Iterator[None]:
         _keep_whole = previous
 
 
+Lowering = Callable[[LoweringOptions], dict[str, bool]]
+"""A transform's ``LoweringOptions`` as the keyword arguments its rewritten graph passes a function."""
+
+
+def _no_lowering(options: LoweringOptions) -> dict[str, bool]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Marked:
     """A function with a marker op: ``folded`` are the positions of its arguments that carry the
     batch as their first dim (the batching pass folds the layer axis into it); the others are
     shared by the whole batch. ``layer_function``, if given, is what the batching pass calls on
-    the folded arguments instead of ``function`` (a lowering measured faster for all layers)."""
+    the folded arguments instead of ``function`` (a lowering measured faster for all layers).
+    ``lowering`` / ``layer_lowering``: the keyword arguments (kernel choices) a rewritten graph
+    passes ``function`` / ``layer_function`` for a transform's options (``passes.lowering``)."""
 
     function: Callable[..., Any]
     folded: tuple[int, ...]
     layer_function: Callable[..., Any] | None = None
+    lowering: Lowering = _no_lowering
+    layer_lowering: Lowering = _no_lowering
 
 
 MARKED: dict[Any, Marked] = {}
@@ -55,6 +69,8 @@ def register(
     function: Callable[..., Any],
     folded: tuple[int, ...],
     layer_function: Callable[..., Any] | None = None,
+    lowering: Lowering = _no_lowering,
+    layer_lowering: Lowering = _no_lowering,
 ) -> None:
     """Record that the captured op ``op`` (an OpOverload) stands for ``function``."""
-    MARKED[op] = Marked(function, folded, layer_function)
+    MARKED[op] = Marked(function, folded, layer_function, lowering, layer_lowering)

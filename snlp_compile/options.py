@@ -1,11 +1,13 @@
 """Lowering options: which kernels the rewritten graphs call, and how. The one place the package
 reads the environment.
 
-The switches are on by default; each can be turned off for A/B timing:
+A transform takes its ``SNLPConfig.lowering``; the environment gives the process defaults
+(``ENVIRONMENT``) for transforms without one and for the model as written (the reference models'
+decode attention). The switches are on by default; each can be turned off for A/B timing:
 
 ``SNLP_GEMV_KERNEL=0``       every batched linear is ``torch.einsum`` (cuBLAS), as on a CPU; this
                              turns every kernel off
-``SNLP_ATTENTION_KERNEL=0``  a decode step's attention products (``kernels.layer_matmul``) go
+``SNLP_ATTENTION_KERNEL=0``  a decode step's attention products (``layer_ops.layer_matmul``) go
                              back to ``torch.matmul`` (the GEMV kernel stays on for the linears)
 ``SNLP_DECODE_ATTENTION=0``  a decode step's attention stays its ops instead of the fused
                              decode-attention kernel; ``all`` also fuses it in the rewritten
@@ -14,7 +16,8 @@ The switches are on by default; each can be turned off for A/B timing:
 ``SNLP_LAST_ROW=0``          no last-row solves: a forward's solve returns the whole trace
 
 0, false, off or no turn a switch off. The environment is read once, when the package is
-imported (``ENVIRONMENT``); ``LoweringOptions`` is validated like ``SNLPConfig``.
+imported (``ENVIRONMENT``, never changed afterwards); ``LoweringOptions`` is validated like
+``SNLPConfig``. What a transform's options become in its graph: ``passes.lowering``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
 
 @dataclass(frozen=True)
 class LoweringOptions:
-    """How the rewritten graphs are lowered (see the module docstring for the variables).
+    """How a transform's rewritten graph is lowered (see the module docstring for the variables);
+    the kernel choices become keyword arguments of the graph's calls (``passes.lowering``).
 
     gemv_kernel: batched linears with few rows per layer on a GPU use ``torch.ops.snlp.layer_gemv``.
     attention_kernel: the attention products of a decode step also use it.

@@ -31,6 +31,7 @@ from .passes.emit import emit_solve
 from .passes.find_chain import check_chain, find_layers
 from .passes.graph_utils import op_name, source_line
 from .passes.infra import PassManager, PassResult, PassRun
+from .passes.lowering import lower
 from .passes.plan import PlanOptions, plan_solve
 from .passes.skip_analysis import analyse_skip
 from .report import ExplainReport
@@ -194,6 +195,12 @@ def inline_markers_pass(c: Compilation) -> PassResult:
     return PassResult(count > 0, {"marker ops inlined": count})
 
 
+def lower_pass(c: Compilation) -> PassResult:
+    """The config's kernel choices (``SNLPConfig.lowering``) written into the graphs' calls."""
+    count = lower(c.graph_module(), lowering_options(c.config))
+    return PassResult(count > 0, {"calls lowered": count})
+
+
 ANALYSIS: tuple[Pass, ...] = (capture_pass, cse_pass, find_chain_pass, analyse_skip_pass)
 
 
@@ -204,6 +211,7 @@ def lowering(config: SNLPConfig) -> tuple[Pass, ...]:
         emit_pass,
         *((defer_kv_pass,) if config.deferred_kv else ()),
         inline_markers_pass,
+        lower_pass,
         # issue 22: the safety net (snlp_compile.verify); it compares with the unfused model, whose
         # function wide layers change on purpose (tests/test_fusion.py checks them against a reference)
         *((verify_pass,) if config.verify and config.fused_layers == 1 else ()),

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import snlp_compile
-from snlp_compile import SNLPConfigError, kernels
-from snlp_compile.export import aoti
+from snlp_compile import SNLPConfigError
 from snlp_compile.export.aoti import (
     AOTIExport,
     AOTILoadError,
@@ -23,6 +22,7 @@ from snlp_compile.export.aoti import (
     run_in_fresh_process,
 )
 from snlp_compile.kernels import layer_gemv
+from snlp_compile.kernels import ops as kernel_ops
 from snlp_compile.models import build_model
 from snlp_compile.models.kv import CachedStep, new_cache
 
@@ -68,16 +68,18 @@ def test_package_of_the_decode_step_runs_in_a_fresh_process(
 
 
 def test_which_project_ops_a_package_carries() -> None:
-    """The GEMV triton_op is compiled into a package (where Triton exists); opaque ops are not."""
-    assert compiled_in("snlp::layer_gemv") == layer_gemv.available()
+    """The GEMV triton_op is compiled into a package; the opaque ops (``kernels.ops``) are not,
+    and no snlp:: op is left out of those two lists."""
+    assert compiled_in("snlp::layer_gemv")
     assert not compiled_in("snlp::cached_attention") and not compiled_in("snlp::layer_gemv_pdl")
-    pdl, gemv = kernels.pdl_enabled(), kernels.gemv_kernel_enabled()
-    with kernels.packaged_kernels():  # what export_aoti exports under: no opaque op is chosen
-        assert not kernels.pdl_enabled() and not kernels.decode_attention_enabled()
-        assert kernels.gemv_kernel_enabled() == gemv
-    with aoti._kernels(False):  # triton_kernels=False: ATen ops only
-        assert not kernels.gemv_kernel_enabled() and not kernels.decode_attention_enabled()
-    assert (kernels.pdl_enabled(), kernels.gemv_kernel_enabled()) == (pdl, gemv)
+    assert not compiled_in("snlp::decode_attention")
+    registered = {f"snlp::{name}" for name in dir(torch.ops.snlp) if not name.startswith("_")}
+    registered -= {"snlp::name"}  # (the namespace object's own attribute)
+    assert registered <= kernel_ops.TRITON_OPS | kernel_ops.OPAQUE_OPS, registered
+    assert ("snlp::layer_gemv" in registered) == layer_gemv.available()
+    from torch._library.triton import get_triton_kernels_for_op  # torch's own record of triton_ops
+
+    assert all(bool(get_triton_kernels_for_op(op)) == (op in kernel_ops.TRITON_OPS) for op in registered)
 
 
 def test_package_errors(package: tuple[torch.nn.Module, AOTIExport], tmp_path: Path) -> None:

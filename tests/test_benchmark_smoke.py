@@ -282,3 +282,15 @@ def test_speculative_arithmetic() -> None:
     alpha = acceptance_needed(2.0, 4, round_ms=2.0, seq_ms=1.0)  # 4 tokens per round needed
     assert alpha is not None and abs(tokens_per_round(alpha, 4) - 4.0) < 1e-9
     assert acceptance_needed(2.0, 2, round_ms=2.0, seq_ms=1.0) is None  # (4 > γ + 1 = 3)
+
+
+def test_step_timeline_variants_are_transform_lowerings() -> None:
+    """The step-timeline variants choose the rewritten step's attention through its transform's
+    ``LoweringOptions`` (no patched module attributes); an unknown variant is refused by name."""
+    from benchmarks.step_timeline import variant_lowering
+
+    assert not variant_lowering("ops").decode_attention_in_layers
+    fused, nopdl = variant_lowering("fused"), variant_lowering("fused-nopdl")
+    assert fused.decode_attention_in_layers and nopdl.decode_attention_in_layers and not nopdl.pdl
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        variant_lowering("fast")

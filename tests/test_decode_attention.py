@@ -170,6 +170,25 @@ def test_gpu_kernel_matches_float64(dtype: torch.dtype, groups: int, pdl: bool) 
     assert max_err(got.double(), ref) <= max_err(ops.double(), ref) + 1e-6
 
 
+class _Attention(torch.nn.Module):
+    def forward(self, *operands: torch.Tensor) -> torch.Tensor:
+        return cached_attention(*operands, fused=True, pdl=True)
+
+
+@needs_cuda
+def test_gpu_export_never_traces_the_fused_kernel() -> None:
+    """Asked for the fused kernel, attention still exports as its ops: ``snlp::decode_attention``
+    is an opaque op an exported program (ONNX, an AOTInductor package) could not run."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    operands = (q, k, v, kc, vc, attention_bias(torch.tensor(100, device="cuda"), 1, 128))
+    assert _kernel_ran(lambda: _Attention()(*operands))  # eagerly the kernel runs
+    program = torch.export.export(_Attention(), operands, strict=False)
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("snlp" in name for name in names), names
+
+
 @needs_cuda
 def test_gpu_kernel_runs_compiled_in_a_cuda_graph() -> None:
     torch.manual_seed(0)
@@ -188,20 +207,19 @@ def test_gpu_kernel_runs_compiled_in_a_cuda_graph() -> None:
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("in_layers", [False, True])
 def test_gpu_original_step_runs_the_kernel_rewritten_one_where_asked_and_both_are_exact(
-    deferred: bool, in_layers: bool, monkeypatch: pytest.MonkeyPatch
+    deferred: bool, in_layers: bool
 ) -> None:
     """The model as written fuses its attention; the rewritten step keeps the ops (faster there,
-    run 13) unless SNLP_DECODE_ATTENTION=all; the logits agree either way in exact mode."""
-    import snlp_compile.kernels as kernels
-
-    monkeypatch.setattr(kernels, "_decode_attention_layers", in_layers)
+    run 13) unless its lowering asks for the kernel in the layers too (SNLP_DECODE_ATTENTION=all);
+    the logits agree either way in exact mode."""
     torch.manual_seed(0)
     model = build_model("nanochat-tiny").cuda().eval()
     step = CachedStep(model)
     idx, pos, k_cache, v_cache = (t.cuda() for t in step_inputs(model, seed=1))
     inputs = (idx, pos, k_cache, v_cache)
     layers = model.config.n_layer
-    fast = snlp_compile.transform(step, inputs, iterations=layers, deferred_kv=deferred)
+    lowering = snlp_compile.LoweringOptions(decode_attention_in_layers=in_layers)
+    fast = snlp_compile.transform(step, inputs, iterations=layers, deferred_kv=deferred, lowering=lowering)
     with torch.no_grad():
         want = step(*inputs)
         got = fast(*inputs)

@@ -17,7 +17,6 @@ import pytest
 import torch
 from triton_helpers import run_under_interpreter
 
-from snlp_compile import kernels
 from snlp_compile.kernels import layer_gemv
 from snlp_compile.kernels.layer_ops import batched_linear, layer_matmul, views_as_batch
 
@@ -201,15 +200,6 @@ def test_layer_matmul_on_cpu_is_matmul_and_checks_views() -> None:
     assert not views_as_batch(cache[:, :, :2], 3)
 
 
-def test_switch_turns_the_kernel_off_and_back() -> None:
-    previous = kernels.set_gemv_kernel(False)
-    try:
-        assert not kernels.gemv_kernel_enabled()
-    finally:
-        kernels.set_gemv_kernel(previous)
-    assert kernels.gemv_kernel_enabled() == (previous and layer_gemv.available())
-
-
 @pytest.mark.parametrize(
     "variable,expected",
     [
@@ -218,10 +208,12 @@ def test_switch_turns_the_kernel_off_and_back() -> None:
         ("SNLP_PDL", "True True False"),
     ],
 )
-def test_environment_variable_turns_the_kernel_off(variable: str, expected: str) -> None:
+def test_environment_variable_sets_the_process_defaults(variable: str, expected: str) -> None:
+    """The variables set the defaults of the layer ops called without a transform's choices."""
     code = (
-        "from snlp_compile import kernels as k; "
-        "print(k._gemv_enabled, k._attention_enabled and k._gemv_enabled, k.pdl_enabled())"
+        "import inspect; from snlp_compile.kernels.layer_ops import batched_linear, layer_matmul; "
+        "d = lambda f, k: inspect.signature(f).parameters[k].default; "
+        "print(d(batched_linear, 'gemv'), d(layer_matmul, 'gemv'), d(batched_linear, 'pdl'))"
     )
     env = dict(os.environ, SNLP_GEMV_KERNEL="1", SNLP_ATTENTION_KERNEL="1", SNLP_PDL="1")
     env[variable] = "0"
@@ -268,7 +260,7 @@ def test_gpu_pdl_chain_in_a_cuda_graph_reads_each_producer_after_it_finished() -
 
     def chain(x: torch.Tensor) -> torch.Tensor:
         for w in ws:
-            x = torch.relu(batched_linear(x, w)) * 1.5 + x  # a kernel between every two GEMVs
+            x = torch.relu(batched_linear(x, w, gemv=True, pdl=True)) * 1.5 + x  # a kernel between GEMVs
         return x
 
     def reference(x: torch.Tensor) -> torch.Tensor:
@@ -297,6 +289,29 @@ def test_gpu_pdl_chain_in_a_cuda_graph_reads_each_producer_after_it_finished() -
         graph.replay()
         ref = reference(x)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2, seed
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batched_linear(x, self.w, gemv=True, pdl=True)
+
+
+@needs_cuda
+def test_gpu_export_traces_the_triton_op_never_the_pdl_launch() -> None:
+    """Asked for PDL, an exported linear calls the GEMV ``triton_op`` (AOTInductor compiles it
+    into a package), not the opaque ``snlp::layer_gemv_pdl`` launch."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 1, 1280, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(20, 2560, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5
+    program = torch.export.export(_Linear(w), (x,), strict=False)
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    # (the triton_op itself, or its kernel as torch's triton wrapper, if export traced into it)
+    assert any("snlp.layer_gemv.default" in name or "triton_kernel_wrapper" in name for name in names), names
+    assert not any("layer_gemv_pdl" in name for name in names), names
 
 
 @needs_cuda
@@ -377,7 +392,11 @@ def test_gpu_exact_decode_step_with_the_kernel_equals_sequential(batch: int) -> 
     model = build_model("nanochat-tiny", dtype=torch.float32)
     inputs = step_inputs(model, batch=batch)
     fast = snlp_compile.transform(CachedStep(model), inputs, iterations=model.config.n_layer)
-    model, fast = model.cuda(), fast.cuda()
+    no_kernel = snlp_compile.LoweringOptions(gemv_kernel=False)
+    einsum = snlp_compile.transform(
+        CachedStep(model), inputs, iterations=model.config.n_layer, lowering=no_kernel
+    )
+    model, fast, einsum = model.cuda(), fast.cuda(), einsum.cuda()
     inputs = tuple(t.cuda() for t in inputs)
     with torch.no_grad():
         ref = model.forward_cached(*inputs)
@@ -385,9 +404,8 @@ def test_gpu_exact_decode_step_with_the_kernel_equals_sequential(batch: int) -> 
         eager, compiled = fast(*inputs), compiled_step(*inputs)
         assert _gemv_kernel_ran(lambda: fast(*inputs))
         assert _gemv_kernel_ran(lambda: compiled_step(*inputs))
-        with kernels.gemv_kernel(False):
-            plain = fast(*inputs)
-            assert not _gemv_kernel_ran(lambda: fast(*inputs))
+        plain = einsum(*inputs)  # a transform with the kernel off, in the same process
+        assert not _gemv_kernel_ran(lambda: einsum(*inputs))
     for got_eager, got_compiled, got_plain, want in zip(eager, compiled, plain, ref):
         scale = want.abs().max().item()
         assert (got_eager - want).abs().max().item() < 1e-4 * scale

@@ -64,7 +64,10 @@ def _export(tmp: Path, name: str, *, pass_transformed: bool = False, **kw) -> Ex
     idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     transformed = snlp_compile.transform(model, (idx,), iterations=N_LAYER)
     if pass_transformed:
+        code = transformed.snlp_solve.layers.code
         result = export_onnx(transformed, (idx,), tmp / f"{name}.onnx", **kw)
+        # exported with every kernel off (passes.lowering.restricted), its own choices kept
+        assert transformed.snlp_solve.layers.code == code and "gemv = " in code
     else:
         result = export_onnx(model, (idx,), tmp / f"{name}.onnx", iterations=N_LAYER, **kw)
     return Exported(model, transformed, result)

@@ -25,8 +25,10 @@ def test_explain_lists_what_each_pass_did() -> None:
         "plan",
         "emit",
         "inline_markers",
+        "lower",
         "verify",
     ]
+    assert dict(report.passes)["lower"].counts["calls lowered"] > 0  # the layers' linears
     plan = dict(report.passes)["plan"]
     assert plan.changed and plan.counts["stacked inputs"] > 0 and plan.counts["vmap fallbacks"] == 0
     text = str(report)

@@ -2,12 +2,15 @@
 ``torch._inductor.aoti_compile_and_package`` -> a ``.pt2`` file that a process without this
 project can load (``torch._inductor.aoti_load_package``) and run.
 
-The package is self-contained when its graph calls no opaque custom op: the export runs under
-``kernels.packaged_kernels()``, so on a GPU the layer-batched GEMV is its ``triton_op``, whose
-Triton kernel AOTInductor compiles in, and the PDL launch and the fused decode attention (opaque
-ops that only this project can run) stay out. On the CPU the graph is ATen ops only. Any ``snlp::``
-op left in the graph is listed in the package's metadata (``snlp_custom_ops``); :func:`load_aoti`
-imports the project's kernels (registering their schemas) before it loads, and checks them.
+The package is self-contained when its graph calls no opaque custom op: while ``torch.export``
+traces, the kernel functions never choose the PDL launch or the fused decode attention (opaque
+ops that only this project can run; ``torch.compiler.is_exporting()``), so on a GPU the
+layer-batched GEMV is its ``triton_op`` (``kernels.ops.TRITON_OPS``), whose Triton kernel
+AOTInductor compiles in, where the transform's lowering uses it. ``triton_kernels=False`` exports
+the graph with every kernel off (``passes.lowering.restricted``). On the CPU the graph is ATen ops
+only. Any ``snlp::`` op left in the graph is listed in the package's metadata
+(``snlp_custom_ops``); :func:`load_aoti` imports the project's kernels (registering their
+schemas) before it loads, and checks them.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from typing import Any
 
 import torch
 
-from .. import kernels
 from ..config import SNLPConfig
 from ..errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPUsageError
+from ..kernels import ops as kernel_ops
 from ..passes.capture import auto_dims, example_args
+from ..passes.lowering import NO_KERNELS, restricted
 from ..report import ExplainReport
 from .onnx_export import export_target, refuse_deferred
 
@@ -76,10 +80,9 @@ def graph_ops(program: torch.export.ExportedProgram) -> Counter[str]:
 
 def compiled_in(op: str) -> bool:
     """Whether AOTInductor compiles ``op`` into the package: a ``torch.library.triton_op``, whose
-    Triton kernels Inductor traces into (``snlp::layer_gemv``), unlike an opaque custom op."""
-    from torch._library import triton as library_triton
-
-    return bool(library_triton.get_triton_kernels_for_op(op))
+    Triton kernels Inductor traces into (``snlp::layer_gemv``, ``kernels.ops.TRITON_OPS``),
+    unlike an opaque custom op."""
+    return op in kernel_ops.TRITON_OPS
 
 
 def _device_of(args: tuple[Any, ...]) -> str:
@@ -114,7 +117,7 @@ def export_aoti(
     target, report = export_target(model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic)
     refuse_deferred(target, "AOTInductor")
     try:
-        with torch.no_grad(), _kernels(triton_kernels):
+        with torch.no_grad(), _kernels(target, triton_kernels):
             program = torch.export.export(
                 target,
                 args,
@@ -132,12 +135,11 @@ def export_aoti(
     started = time.perf_counter()
     from torch._inductor import aoti_compile_and_package
 
-    with _kernels(triton_kernels):
-        written = aoti_compile_and_package(
-            program,
-            package_path=str(path),
-            inductor_configs={"aot_inductor.metadata": {CUSTOM_OPS_KEY: ",".join(custom)}},
-        )
+    written = aoti_compile_and_package(
+        program,
+        package_path=str(path),
+        inductor_configs={"aot_inductor.metadata": {CUSTOM_OPS_KEY: ",".join(custom)}},
+    )
     return AOTIExport(
         path=Path(written),
         device=_device_of(args),
@@ -148,9 +150,10 @@ def export_aoti(
     )
 
 
-def _kernels(triton: bool) -> contextlib.AbstractContextManager[None]:
-    """The kernels a package may carry: the GEMV triton_op, or (``triton=False``) none."""
-    return kernels.packaged_kernels() if triton else kernels.gemv_kernel(False)
+def _kernels(target: torch.nn.Module, triton: bool) -> contextlib.AbstractContextManager[None]:
+    """The kernels a package may carry: the transform's (the opaque ones are never traced into an
+    export), or (``triton=False``) none."""
+    return contextlib.nullcontext() if triton else restricted(target, NO_KERNELS)
 
 
 def load_aoti(path: str | Path, device_index: int = -1) -> Any:

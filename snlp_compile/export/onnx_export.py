@@ -23,8 +23,8 @@ import torch.fx as fx
 from ..api import transform
 from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPCaptureError, SNLPConfigError, SNLPUsageError
-from ..kernels import gemv_kernel
 from ..passes.capture import auto_dims, example_args
+from ..passes.lowering import NO_KERNELS, restricted
 from ..report import ExplainReport
 
 DEFAULT_OPSET = 18
@@ -79,10 +79,13 @@ def export_program(
     dynamic: bool,
 ) -> torch.export.ExportedProgram:
     """torch.export (non-strict) with AUTO dimensions; the error names the model when it fails.
-    The layer-batched GEMV kernel is off: ONNX has no op for a Triton kernel."""
+    A rewritten model is exported with every kernel off (``passes.lowering.restricted``): ONNX
+    has no op for a Triton kernel (this ``torch.export`` runs outside ``torch.onnx``, so the
+    kernels' own ONNX check cannot see it). The model as written takes no opaque kernel while
+    exporting (``kernels.attention``)."""
     refuse_deferred(model, "ONNX")
     try:
-        with torch.no_grad(), gemv_kernel(False):
+        with torch.no_grad(), restricted(model, NO_KERNELS):
             program = torch.export.export(
                 model,
                 args,

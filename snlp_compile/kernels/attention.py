@@ -7,8 +7,13 @@ causal scores among the new tokens, one softmax, two products. Grouped-query hea
 folding the query groups into the query rows, so the cache is never repeated either. On a GPU,
 one new token's attention in the model as written is one fused kernel (``decode_attention``)
 instead of those ops. While ``transform()`` captures, :func:`cached_attention` is recorded as one
-op, ``snlp::cached_attention`` (defined and registered with ``markers`` here), which the batching
-pass turns into one call over all layers (:func:`layer_cached_attention`).
+op, ``snlp::cached_attention`` (defined and registered with ``markers`` in ``kernels.ops``), which
+the batching pass turns into one call over all layers (:func:`layer_cached_attention`).
+
+Kernel choices are keyword arguments: a rewritten graph passes its transform's
+(:func:`attention_lowering`, :func:`layer_attention_lowering`, from ``SNLPConfig.lowering``); the
+model as written calls :func:`cached_attention` without them, taking the process defaults
+(``options.ENVIRONMENT``), or gives its own.
 """
 
 from __future__ import annotations
@@ -18,9 +23,29 @@ from collections.abc import Callable
 import torch
 
 from .. import markers
-from . import decode_attention, decode_attention_enabled, decode_attention_in_layers, pdl_enabled
+from ..options import ENVIRONMENT, LoweringOptions
+from . import decode_attention
 from .layer_gemv import pdl_supported
 from .layer_ops import layer_matmul
+
+
+def attention_lowering(options: LoweringOptions) -> dict[str, bool]:
+    """The keyword arguments of :func:`cached_attention` for ``options``: the fused kernel where
+    ``decode_attention`` is on and the GEMV kernel too (``gemv_kernel=False`` turns every kernel off)."""
+    return {"fused": options.decode_attention and options.gemv_kernel, "pdl": options.pdl}
+
+
+def layer_attention_lowering(options: LoweringOptions) -> dict[str, bool]:
+    """The keyword arguments of :func:`layer_cached_attention` for ``options``: fused only where
+    ``decode_attention_in_layers`` asks for it; else the cache products on the GEMV kernel where
+    ``attention_kernel`` is on."""
+    fused = attention_lowering(options)["fused"] and options.decode_attention_in_layers
+    gemv = options.gemv_kernel and options.attention_kernel
+    return {"fused": fused, "gemv": gemv, "pdl": options.pdl}
+
+
+_DEFAULT = attention_lowering(ENVIRONMENT)
+_LAYER_DEFAULT = layer_attention_lowering(ENVIRONMENT)
 
 
 def cached_attention(
@@ -31,21 +56,22 @@ def cached_attention(
     v_cache: torch.Tensor,
     bias: torch.Tensor,
     matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
+    *,
+    fused: bool = _DEFAULT["fused"],
+    pdl: bool = _DEFAULT["pdl"],
 ) -> torch.Tensor:
     """Softmax attention of q (B, H, T, D) over the cache (B, Hkv, Tmax, D) plus the new k/v
     (B, Hkv, T, D); ``bias`` from :func:`attention_bias`. Returns (B, H, T, D).
 
-    One new token on a GPU runs the fused decode-attention kernel (unless
-    ``SNLP_DECODE_ATTENTION=0``); everything else, exports included, the ops of
+    With ``fused``, one new token on a GPU runs the fused decode-attention kernel (launched with
+    PDL where ``pdl`` and the GPU allow); everything else, exports included, the ops of
     :func:`attention_ops`. While ``transform()`` captures, this is one op (``markers``). ``matmul``
     other than ``torch.matmul`` always takes the ops with it
     (``benchmarks/attention_lowering.py`` swaps their lowering)."""
     if matmul is torch.matmul and markers.keeping_whole():
         return torch.ops.snlp.cached_attention(q, k, v, k_cache, v_cache, bias)
-    fused = matmul is torch.matmul and decode_attention_enabled()
-    if fused and decode_attention.applies(q, k, k_cache, v_cache, bias):
-        pdl = pdl_enabled() and pdl_supported(q)
-        return decode_attention.attention(q, k, v, k_cache, v_cache, bias, pdl)
+    if fused and matmul is torch.matmul and decode_attention.applies(q, k, k_cache, v_cache, bias):
+        return decode_attention.attention(q, k, v, k_cache, v_cache, bias, pdl and pdl_supported(q))
     return attention_ops(q, k, v, k_cache, v_cache, bias, matmul)
 
 
@@ -89,25 +115,6 @@ def attention_ops(
     return (out / denom).to(q.dtype).view(b, h, t, d)
 
 
-@torch.library.custom_op("snlp::cached_attention", mutates_args=())
-def _cached_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`cached_attention` as one node of a captured graph (``markers``); run, it is that."""
-    with markers.keep_whole(False):
-        return cached_attention(q, k, v, k_cache, v_cache, bias)
-
-
-@_cached_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, bias):
-    return q.new_empty(q.shape)
-
-
 def layer_cached_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,23 +122,23 @@ def layer_cached_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     bias: torch.Tensor,
+    *,
+    fused: bool = _LAYER_DEFAULT["fused"],
+    gemv: bool = _LAYER_DEFAULT["gemv"],
+    pdl: bool = _LAYER_DEFAULT["pdl"],
 ) -> torch.Tensor:
     """:func:`cached_attention` in the rewritten step, every layer folded into the batch: the ops,
-    the two cache products on the layer-batched GEMV kernel. Inside the step's CUDA graph they take
-    as long as the fused kernel (0.5B: 28.3 vs 27.6 us), because Inductor fuses the softmax with
-    the bias and the products launch with PDL; the opaque fused kernel instead needs its bias and
-    operands materialised (two to three small kernels) and breaks the PDL overlap, so the step is
-    slower with it (0.136 vs 0.127 ms; BENCHMARKS.md, run 14). ``SNLP_DECODE_ATTENTION=all``
+    the two cache products on the layer-batched GEMV kernel (``gemv``: ``layer_matmul``). Inside
+    the step's CUDA graph they take as long as the fused kernel (0.5B: 28.3 vs 27.6 us), because
+    Inductor fuses the softmax with the bias and the products launch with PDL; the opaque fused
+    kernel instead needs its bias and operands materialised (two to three small kernels) and
+    breaks the PDL overlap, so the step is slower with it (0.136 vs 0.127 ms; BENCHMARKS.md, run
+    14). ``fused`` (``LoweringOptions.decode_attention_in_layers``, ``SNLP_DECODE_ATTENTION=all``)
     takes the fused kernel here too."""
-    if decode_attention_in_layers():
-        return cached_attention(q, k, v, k_cache, v_cache, bias)
-    return attention_ops(q, k, v, k_cache, v_cache, bias, layer_matmul)
+    if fused:
+        return cached_attention(q, k, v, k_cache, v_cache, bias, fused=True, pdl=pdl)
 
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return layer_matmul(a, b, gemv=gemv, pdl=pdl)
 
-# q, k, v and both caches carry the batch; the bias row is shared
-markers.register(
-    torch.ops.snlp.cached_attention.default,
-    cached_attention,
-    folded=(0, 1, 2, 3, 4),
-    layer_function=layer_cached_attention,
-)
+    return attention_ops(q, k, v, k_cache, v_cache, bias, matmul)

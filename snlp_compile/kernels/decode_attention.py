@@ -14,7 +14,8 @@ With few groups (a sequential step: one layer) the keys are split over ``S`` pro
 that write partial results, and a second kernel combines them; with many (a layer-batched step)
 ``S = 1`` and the first kernel writes the output.
 
-Scores, the softmax and the accumulation are float32, whatever the inputs' dtype.
+Scores, the softmax and the accumulation are float32, whatever the inputs' dtype. The op,
+``torch.ops.snlp.decode_attention``, is registered in ``kernels.ops``.
 """
 
 from __future__ import annotations
@@ -271,25 +272,6 @@ if triton is not None:
             )  # fmt: skip
         return out
 
-    @torch.library.custom_op("snlp::decode_attention", mutates_args=())
-    def decode_attention(
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        bias: torch.Tensor,
-        scale: float,
-        pdl: bool,
-    ) -> torch.Tensor:
-        """See :func:`launch`. An opaque custom op (not a ``triton_op``) so that it can launch
-        with PDL, as ``layer_gemv_pdl`` does."""
-        return launch(q, k_new, v_new, k_cache, v_cache, bias, scale, pdl=pdl)
-
-    @decode_attention.register_fake
-    def _decode_attention_fake(q, k_new, v_new, k_cache, v_cache, bias, scale, pdl):
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-
 
 def _batch_dims_view(t: torch.Tensor) -> bool:
     """Whether t's first two dims (batch, kv heads) flatten into one without a copy."""
@@ -303,8 +285,9 @@ def applies(
     """Whether :func:`attention` computes ``models.kv.cached_attention`` for these operands: one new
     token on a GPU with Triton, matching floating dtypes, the bias one float32 row shared by the
     batch (``attention_bias``), caches whose batch and head dims flatten without a copy, and not
-    while exporting to ONNX."""
-    if triton is None or not q.is_cuda or torch.onnx.is_in_onnx_export():
+    while ``torch.export`` traces (ONNX, AOTInductor): ``snlp::decode_attention`` is an opaque op
+    that an exported program could not run without this project."""
+    if triton is None or not q.is_cuda or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
         return False
     if q.dim() != 4 or k.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         return False

@@ -7,11 +7,12 @@ ATen's ``bmm`` wrapper adds a device-to-device copy of the one-row operand per c
 (``benchmarks/gemv_lowering.py``). This kernel streams each weight tile once, accumulates in
 float32 and reads x and y through their strides, so no operand is copied.
 
-It is registered as ``torch.ops.snlp.layer_gemv`` with ``torch.library.triton_op``, so Inductor
-traces into it and CUDA graphs capture it; on Hopper and newer GPUs the batcher calls
+``kernels.ops`` registers it as ``torch.ops.snlp.layer_gemv`` with ``torch.library.triton_op``, so
+Inductor traces into it and CUDA graphs capture it; on Hopper and newer GPUs the layer ops call
 ``torch.ops.snlp.layer_gemv_pdl`` instead, the same kernel launched with programmatic dependent
-launch (it starts while the kernel before it finishes; stacked weights stream meanwhile). Triton is optional: without it (or on the CPU, or
-while exporting) ``snlp_compile.kernels.layer_ops.batched_linear`` uses ``torch.einsum``.
+launch (it starts while the kernel before it finishes; stacked weights stream meanwhile). Triton
+is optional: without it (or on the CPU, or where a transform's ``LoweringOptions`` turn it off)
+``snlp_compile.kernels.layer_ops.batched_linear`` uses ``torch.einsum``.
 """
 
 from __future__ import annotations
@@ -210,26 +211,6 @@ if triton is not None:
         )  # fmt: skip
         return y
 
-    @torch.library.triton_op("snlp::layer_gemv", mutates_args={})
-    def layer_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x (N, R, I), w (N, O, I) -> (N, R, O), R <= MAX_ROWS, float16/bfloat16/float32."""
-        return launch(torch.library.wrap_triton(_layer_gemv_tuned), x, w)
-
-    @torch.library.custom_op("snlp::layer_gemv_pdl", mutates_args=())
-    def layer_gemv_pdl(x: torch.Tensor, w: torch.Tensor, early_weights: bool) -> torch.Tensor:
-        """``layer_gemv`` launched with programmatic dependent launch (Hopper and newer): it starts
-        while the kernel before it finishes and, with ``early_weights`` (w a constant no kernel
-        writes: stacked weights, not a cache), streams its first weight tiles meanwhile.
-
-        An opaque custom op, not a ``triton_op``: Inductor launches the kernels of a triton_op
-        itself, without the launch attribute PDL needs, so this op launches its own (Inductor
-        calls it like an ATen kernel; inside a CUDA graph the launch costs nothing extra)."""
-        return launch(_layer_gemv_tuned, x, w, pdl=True, early_weights=early_weights)
-
-    @layer_gemv_pdl.register_fake
-    def _layer_gemv_pdl_fake(x: torch.Tensor, w: torch.Tensor, early_weights: bool) -> torch.Tensor:
-        return x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
-
 
 def pdl_supported(x: torch.Tensor) -> bool:
     """Whether x's GPU launches kernels with PDL (compute capability 9.0, Hopper, or newer)."""
@@ -239,17 +220,19 @@ def pdl_supported(x: torch.Tensor) -> bool:
 def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool, weights_constant: bool) -> torch.Tensor:
     """x (N, R, I), w (N, O, I) -> (N, R, O) on the kernel, launched with PDL where ``pdl`` is
     asked for and the GPU supports it (callers check :func:`applies` first). ``weights_constant``:
-    no kernel writes w (stacked weights), so with PDL its first tiles stream before the wait."""
-    if pdl and pdl_supported(x):
+    no kernel writes w (stacked weights), so with PDL its first tiles stream before the wait.
+    Never the PDL launch while ``torch.export`` traces: an opaque op that an exported program
+    (an AOTInductor package) could not run without this project."""
+    if pdl and pdl_supported(x) and not torch.compiler.is_exporting():
         return torch.ops.snlp.layer_gemv_pdl(x, w, weights_constant)
     return torch.ops.snlp.layer_gemv(x, w)
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``layer_gemv`` should compute ``einsum('n...i,noi->n...o', x, w)``: on a GPU, with
-    Triton, few rows per layer, matching floating dtypes, and not in the TorchScript ONNX exporter
-    (``export_onnx`` turns the kernel off around ``torch.export``; ``torch.compiler.is_exporting()``
-    cannot tell, it is also true while Dynamo traces for ``torch.compile``)."""
+    Triton, few rows per layer, matching floating dtypes, and not in the ONNX exporter (which has no
+    op for it; ``export_onnx`` also exports the rewritten graph with the kernel turned off in its
+    lowering, ``passes.lowering``, since its ``torch.export`` runs outside ``torch.onnx``)."""
     if triton is None or not x.is_cuda or not w.is_cuda or x.dtype != w.dtype:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dim() < 2 or w.dim() != 3:
