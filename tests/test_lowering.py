@@ -107,3 +107,22 @@ def test_attention_outside_the_solve_takes_the_transforms_choice() -> None:
     assert _calls(fast.code, "cached_attention") == ["fused = False, pdl = True"]
     with torch.no_grad():
         assert max_err(fast(*inputs)[0], step(*inputs)[0]) < 1e-10
+
+
+def test_exporting_is_true_under_torch_export_only() -> None:
+    """The kernels leave the PDL launch and the fused decode attention out of exported programs
+    only: ``kernels.tracing.exporting()`` is False in eager code and under ``torch.compile``
+    (where ``torch.compiler.is_exporting()`` alone was True before pytorch#176347)."""
+    from snlp_compile.kernels.tracing import exporting
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if exporting() else x - 1
+
+    class Pick(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return pick(x)
+
+    x = torch.zeros(2)
+    assert not exporting() and pick(x).tolist() == [-1.0, -1.0]
+    assert torch.compile(pick, backend="eager", fullgraph=True)(x).tolist() == [-1.0, -1.0]
+    assert torch.export.export(Pick(), (x,), strict=False).module()(x).tolist() == [1.0, 1.0]

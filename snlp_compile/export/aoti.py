@@ -4,7 +4,7 @@ project can load (``torch._inductor.aoti_load_package``) and run.
 
 The package is self-contained when its graph calls no opaque custom op: while ``torch.export``
 traces, the kernel functions never choose the PDL launch or the fused decode attention (opaque
-ops that only this project can run; ``torch.compiler.is_exporting()``), so on a GPU the
+ops that only this project can run; ``kernels.tracing.exporting()``), so on a GPU the
 layer-batched GEMV is its ``triton_op`` (``kernels.ops.TRITON_OPS``), whose Triton kernel
 AOTInductor compiles in, where the transform's lowering uses it. ``triton_kernels=False`` exports
 the graph with every kernel off (``passes.lowering.restricted``). On the CPU the graph is ATen ops

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .tracing import exporting
+
 try:  # triton is an optional dependency (the CPU wheel of torch does not bring it)
     import triton
     import triton.language as tl
@@ -287,7 +289,7 @@ def applies(
     batch (``attention_bias``), caches whose batch and head dims flatten without a copy, and not
     while ``torch.export`` traces (ONNX, AOTInductor): ``snlp::decode_attention`` is an opaque op
     that an exported program could not run without this project."""
-    if triton is None or not q.is_cuda or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if triton is None or not q.is_cuda or exporting() or torch.onnx.is_in_onnx_export():
         return False
     if q.dim() != 4 or k.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         return False

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .tracing import exporting
+
 MAX_ROWS = 16  # rows per layer the kernel takes; more rows are a real GEMM, cuBLAS' job
 # 3-4 rows per layer are cuBLAS' job: its batched GEMM beat this kernel's tl.dot tile there (run 8
 # sweep). Two rows (a deferred-K/V step's q/k/v) take the kernel's two-accumulator path since run 11:
@@ -223,7 +225,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool, weights_constant: bool) ->
     no kernel writes w (stacked weights), so with PDL its first tiles stream before the wait.
     Never the PDL launch while ``torch.export`` traces: an opaque op that an exported program
     (an AOTInductor package) could not run without this project."""
-    if pdl and pdl_supported(x) and not torch.compiler.is_exporting():
+    if pdl and pdl_supported(x) and not exporting():
         return torch.ops.snlp.layer_gemv_pdl(x, w, weights_constant)
     return torch.ops.snlp.layer_gemv(x, w)
 
