@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, add_stage_arguments, announce, example_tokens, load_model, require
+from .common import (
+    add_model_arguments,
+    add_parallel_layers_argument,
+    add_stage_arguments,
+    announce,
+    example_tokens,
+    load_model,
+    require,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--iterations", "-K", type=int, default=2, help="K, iterations of the solve")
-    parser.add_argument(
-        "--parallel-layers",
-        type=int,
-        default=None,
-        help="solve only the last N layers in parallel (default: all)",
-    )
+    add_parallel_layers_argument(parser)
     add_stage_arguments(parser)
     parser.add_argument(
         "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
