@@ -62,7 +62,16 @@ def run(args: argparse.Namespace) -> int:
         solve = solve_handle(fast).solve
         print("# one layer, as matched (.snlp_solve.body.code)\n" + solve.body.code)
         what = f"one stage's {solve.stage_sizes[0]} layers" if solve.num_stages > 1 else "all parallel layers"
-        print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
+        if solve.layers is not None:
+            print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
+        if solve.wide_first is not None and solve.wide_second is not None:
+            print(
+                "# every layer's first half at once (.snlp_solve.wide_first.code)\n" + solve.wide_first.code
+            )
+            print(
+                "# every layer's second half at once (.snlp_solve.wide_second.code)\n"
+                + solve.wide_second.code
+            )
         if solve.layers_short is not None:
             print(
                 f"# the {solve.stage_sizes[-1]}-layer stages: .snlp_solve.layers_short, the same batched for fewer"
