@@ -147,7 +147,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     return {"load_run_s": round(time.perf_counter() - started, 2), "max_abs_diff": _diff(got, expected)}
 
 
-def _child(argv: list[str], timeout: float) -> dict[str, Any]:
+def run_probe(argv: list[str], timeout: float) -> dict[str, Any]:
     """Run this module as a child process; its last stdout line is a JSON result."""
     cmd = [sys.executable, "-m", "benchmarks.aoti_probe", *argv]
     started = time.perf_counter()
@@ -211,7 +211,7 @@ def probe(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for case in args.cases.split(","):
         case_dir = work / case
-        built = _child(
+        built = run_probe(
             ["--role", "build", "--case", case, "--dir", str(case_dir), "--load-here", *_common(args)],
             args.timeout,
         )
@@ -239,7 +239,7 @@ def probe(args: argparse.Namespace) -> int:
                     route,
                     *_common(args),
                 ]
-                row = _child(argv + (["--import-project"] if import_project else []), args.timeout)
+                row = run_probe(argv + (["--import-project"] if import_project else []), args.timeout)
                 rows.append({"case": case, "route": route, "import_project": import_project, **row})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
     payload = {

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -40,7 +41,9 @@ from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from . import common
 
 
-def _writer(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> Callable[[Any], torch.Tensor]:
+def cache_writer(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor
+) -> Callable[[Any], torch.Tensor]:
     def write(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         logits, new_k, new_v = out
         write_cache(k_cache, v_cache, new_k, new_v, pos)
@@ -66,6 +69,49 @@ def logits_only(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.T
     """A deferred step's post: its K/V are provisional and not written (``Decoder`` skips them:
     the next step writes the corrected ones into that slot before reading it)."""
     return out[0]
+
+
+@dataclass
+class StepTransforms:
+    """A decode step's reference logits and its SNLP transforms (K = 1, init h0; ``with_iterations``
+    makes the other rows), with how long the plain transform took (a case note)."""
+
+    reference: torch.Tensor
+    snlp: torch.fx.GraphModule
+    deferred: torch.fx.GraphModule | None
+    transform_s: float
+
+
+def transform_step(step: CachedStep, inputs: tuple[torch.Tensor, ...], *, deferred: bool) -> StepTransforms:
+    """The transforms every decode regime times: the plain one (timed) and, when ``deferred``, the
+    one with deferred K/V."""
+    reference = step(*inputs)[0]
+    t0 = time.perf_counter()
+    snlp = snlp_compile.transform(step, inputs, iterations=1)
+    transform_s = time.perf_counter() - t0
+    deferred_step = snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True) if deferred else None
+    return StepTransforms(reference, snlp, deferred_step, transform_s)
+
+
+def step_variant(
+    family: str,
+    init: str,
+    k: int | None,
+    mode: str,
+    step: CachedStep,
+    steps: StepTransforms,
+    post: Callable[[Any], torch.Tensor],
+) -> tuple[str, Callable[..., Any], Callable[[Any], torch.Tensor]]:
+    """(row label, module, post) of a sequential, deferred or plain SNLP row (init h0 or warm): a
+    deferred step writes its K/V itself (``logits_only``), the others through ``post``."""
+    if family == "sequential":
+        return f"seq {mode}", step, post
+    assert k is not None
+    if family == "snlp-deferred":
+        assert steps.deferred is not None
+        return f"snlp K={k} deferred {mode}", common.with_iterations(steps.deferred, k, "h0"), logits_only
+    tag = "" if init == "h0" else " warm"
+    return f"snlp K={k}{tag} {mode}", common.with_iterations(steps.snlp, k, init), post
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,15 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in (int(b) for b in args.batch.split(",")):
                 inputs = step_inputs(model, batch, ctx, args.vocab, device)
                 _, pos, k_cache, v_cache = inputs
-                ref = step(*inputs)[0]
-                t0 = time.perf_counter()
-                snlp = snlp_compile.transform(step, inputs, iterations=1)
-                transform_s = time.perf_counter() - t0
-                deferred = (
-                    snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
-                    if args.deferred_ks and deferred_modes
-                    else None
-                )
+                steps = transform_step(step, inputs, deferred=bool(args.deferred_ks and deferred_modes))
                 # the same step lowered without the GEMV kernel (cuBLAS' batched GEMM): its A/B
                 einsum = (
                     snlp_compile.transform(
@@ -144,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 case = f"b{batch} ctx={ctx}"
                 bench.case_notes[(shape_label, case)] = (
                     f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
-                    f"transform() took {transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
+                    f"transform() took {steps.transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, init, K, mode, stages)
@@ -161,34 +199,26 @@ def main(argv: list[str] | None = None) -> int:
                     for m in modes
                     if m.endswith("+graph")
                 ]
-                post = _writer(k_cache, v_cache, pos)
+                post = cache_writer(k_cache, v_cache, pos)
                 for family, init, k, mode, stages in plan:
-                    if family == "sequential":
-                        variant, base = f"seq {mode}", step
-                    elif family == "snlp-staged":
-                        variant, base = f"snlp K={k} S={stages} {mode}", staged[stages]
-                    elif family == "snlp-deferred":
-                        variant, base = (
-                            f"snlp K={k} deferred {mode}",
-                            common.with_iterations(deferred, k, "h0"),
-                        )
+                    if family == "snlp-staged":
+                        variant, base, write = f"snlp K={k} S={stages} {mode}", staged[stages], post
                     elif family == "snlp-einsum":
-                        assert einsum is not None
-                        variant, base = f"snlp K={k} einsum {mode}", common.with_iterations(einsum, k, "h0")
+                        assert einsum is not None and k is not None
+                        variant, write = f"snlp K={k} einsum {mode}", post
+                        base = common.with_iterations(einsum, k, "h0")
                     else:
-                        tag = "" if init == "h0" else " warm"
-                        variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
+                        variant, base, write = step_variant(family, init, k, mode, step, steps, post)
                     rec = common.Record("decode", shape_label, case, variant, family, k, mode)
                     rec.extra["init"] = init or None
                     if family == "snlp-staged":
                         rec.extra["stages"] = stages
-                    write = logits_only if family == "snlp-deferred" else post
                     bench.run(
                         run,
                         rec,
                         base,
                         inputs,
-                        reference=ref,
+                        reference=steps.reference,
                         compiled=compiled,
                         post=write,
                         warmup=10,
@@ -201,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                             fn = partial(compiled[key], *inputs)
                             label = f"{shape_label} {case} {key}"
                             common.profile_variant(fn, label, out / f"{args.name}_profile.txt", rows=40)
-                del snlp, staged, compiled, deferred, einsum
+                del steps, staged, compiled, einsum
             del model, step
             torch._dynamo.reset()
             if device.type == "cuda":

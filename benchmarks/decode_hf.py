@@ -26,19 +26,17 @@ head's bytes.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 
-import snlp_compile
 from snlp_compile.models.hf_decode import HFCachedLM
 from snlp_compile.models.kv import CachedStep
 
 from . import common
-from .decode import _writer, logits_only, step_inputs
+from .decode import cache_writer, step_inputs, step_variant, transform_step
 
 # --shapes key -> (model class, config class, config fields): the published configs' shapes
 HF_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -204,15 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = step_inputs(model, batch, ctx, cfg.vocab_size, device)
             _, pos, k_cache, v_cache = inputs
             kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
-            ref = step(*inputs)[0]
-            t0 = time.perf_counter()
-            snlp = snlp_compile.transform(step, inputs, iterations=1)
-            transform_s = time.perf_counter() - t0
-            deferred = (
-                snlp_compile.transform(step, inputs, iterations=1, deferred_kv=True)
-                if args.deferred_ks and deferred_modes
-                else None
-            )
+            steps = transform_step(step, inputs, deferred=bool(args.deferred_ks and deferred_modes))
             case = f"b{batch} ctx={ctx}"
             cut = (
                 f"real vocabulary {real_vocab}, head {head_bytes / 1e6:.0f} MB in the floor"
@@ -222,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.case_notes[(label, case)] = (
                 f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
                 f"{cut}; transformers {type(hf).__name__} through the decode adapter; "
-                f"transform() took {transform_s:.1f} s"
+                f"transform() took {steps.transform_s:.1f} s"
             )
             plan: list[tuple[str, str, int | None, str]] = [("sequential", "", None, m) for m in seq_modes]
             plan += [("sequential", "hf", None, m) for m in hf_modes]
@@ -232,26 +222,29 @@ def main(argv: list[str] | None = None) -> int:
             # K=1 rows first, autotuned ones last: what a spent --budget-s skips matters least
             plan.sort(key=lambda row: (row[3].startswith("autotuned"), row[2] or 1))
             compiled: dict[str, Callable[..., Any]] = {}
-            post = _writer(k_cache, v_cache, pos)
+            post = cache_writer(k_cache, v_cache, pos)
             hf_step = hf_static_step(hf, inputs) if hf_modes else None
             for family, init, k, mode in plan:
                 if init == "hf":  # the model's own forward: it writes its StaticCache itself
                     rec = common.Record("decode-hf", label, case, f"hf StaticCache {mode}", family, k, mode)
                     rec.extra["init"] = None
-                    bench.run(run, rec, hf_step, inputs, reference=ref, compiled=compiled, warmup=10)
+                    bench.run(
+                        run, rec, hf_step, inputs, reference=steps.reference, compiled=compiled, warmup=10
+                    )
                     continue
-                write = post
-                if family == "sequential":
-                    variant, base = f"seq {mode}", step
-                elif family == "snlp-deferred":  # (the step writes the previous token's K/V itself)
-                    variant, base = f"snlp K={k} deferred {mode}", common.with_iterations(deferred, k, "h0")
-                    write = logits_only
-                else:
-                    tag = "" if init == "h0" else " warm"
-                    variant, base = f"snlp K={k}{tag} {mode}", common.with_iterations(snlp, k, init)
+                variant, base, write = step_variant(family, init, k, mode, step, steps, post)
                 rec = common.Record("decode-hf", label, case, variant, family, k, mode)
                 rec.extra["init"] = init or None
-                bench.run(run, rec, base, inputs, reference=ref, compiled=compiled, post=write, warmup=10)
+                bench.run(
+                    run,
+                    rec,
+                    base,
+                    inputs,
+                    reference=steps.reference,
+                    compiled=compiled,
+                    post=write,
+                    warmup=10,
+                )
             floor = common.floor_ms(wbytes + kv_bytes + head_bytes, run.bandwidth)
             bench.finish_case(label, case, floor, layers=cfg.n_layer)
             if args.profile and device.type == "cuda":
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key in compiled:
                         fn = partial(compiled[key], *inputs)
                         common.profile_variant(fn, f"{label} {case} {key}", out / f"{args.name}_profile.txt")
-            del snlp, deferred, compiled, step, model, hf, hf_step
+            del steps, compiled, step, model, hf, hf_step
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

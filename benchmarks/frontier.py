@@ -99,7 +99,7 @@ from .common import (
     time_fn,
     with_iterations,
 )
-from .decode import _writer, logits_only, step_inputs
+from .decode import cache_writer, logits_only, step_inputs
 
 MODEL = "nanochat-small"
 BASELINE = "base-s0"
@@ -449,7 +449,7 @@ class Timer:
         self.step = CachedStep(model)
         self.inputs = step_inputs(model, 1, scale.context, model.config.vocab_size, self.device)
         _, pos, k_cache, v_cache = self.inputs
-        self.write = _writer(k_cache, v_cache, pos)
+        self.write = cache_writer(k_cache, v_cache, pos)
         self.compiled: dict[str, Any] = {}
         self.snlp_options = snlp_options
         self.rows: list[Timed] = []

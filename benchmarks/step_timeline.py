@@ -47,7 +47,7 @@ from snlp_compile.models.kv import CachedStep
 from snlp_compile.options import ENVIRONMENT
 
 from . import common
-from .decode import _writer, logits_only, step_inputs
+from .decode import cache_writer, logits_only, step_inputs
 
 
 def variant_lowering(spec: str) -> LoweringOptions:
@@ -163,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                     torch._dynamo.reset()
                     lowering = variant_lowering(spec)
                     if spec == "seq":
-                        base, post, options = step, _writer(k_cache, v_cache, pos), None
+                        base, post, options = step, cache_writer(k_cache, v_cache, pos), None
                     else:
                         deferred = spec != "plain"
                         snlp = snlp_compile.transform(
                             step, inputs, iterations=1, deferred_kv=deferred, lowering=lowering
                         )
                         base, options = common.with_iterations(snlp, k, "h0"), snlp_options
-                        post = logits_only if deferred else _writer(k_cache, v_cache, pos)
+                        post = logits_only if deferred else cache_writer(k_cache, v_cache, pos)
                     replay = common.make_variant(
                         base, "compiled+graph", inputs, device, {}, "step", post, options
                     )

@@ -159,7 +159,9 @@ def plan_pass(c: Compilation) -> PassResult:
     )
     modes = Counter(e.mode for e in plan.externals)
     counts = {f"{mode} inputs": modes[mode] for mode in ("stacked", "runtime", "shared")}
-    counts["batched bodies"] = sum(g is not None for g in (plan.layers, plan.layers_short, plan.side_layers))
+    wide = (plan.wide.first, plan.wide.second) if plan.wide is not None else ()
+    bodies = (plan.layers, plan.layers_short, plan.side_layers, *wide)
+    counts["batched bodies"] = sum(g is not None for g in bodies)
     counts["fused weights"] = len(plan.fused)
     counts["vmap fallbacks"] = len(plan.fallbacks)
     return PassResult(True, counts, plan.notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -34,6 +35,27 @@ def reference_model(
                 0.6 + 0.8 * torch.rand(model.resid_lambdas.shape, generator=g, dtype=F64)
             )
     return model
+
+
+def tiny_llama(seed: int | None = 0, **overrides: object) -> nn.Module:
+    """A random transformers LlamaForCausalLM in eval mode (3 layers, d=32, 4 heads, 2 kv heads,
+    vocab 64; ``overrides`` change LlamaConfig fields), its weights drawn after
+    ``torch.manual_seed(seed)`` (None: from the global generator as it stands). Skips the test
+    where transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+    fields: dict[str, object] = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    config = transformers.LlamaConfig(**{**fields, **overrides})
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
 
 
 def tokens(model: nn.Module, batch: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:

@@ -113,7 +113,7 @@ def test_probe_records_a_failing_route_and_goes_on(tmp_path: Path) -> None:
         "--device",
         "cpu",
     ]
-    row = aoti_probe._child(argv, timeout=120)
+    row = aoti_probe.run_probe(argv, timeout=120)
     assert row["rc"] == 1 and "inputs.pt" in row["error"] and "max_abs_diff" not in row
     payload = {"env": {"torch": "x", "device_name": "cpu"}, "config": {}, "rows": []}
     payload["rows"].append({"case": "mlp", "route": "cpp_loader", "import_project": False, **row})

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import nn
 
 import snlp_compile
@@ -77,18 +78,7 @@ def test_a_size_the_example_fixed_is_named(model: nn.Module) -> None:
 
 
 def test_transformers_model_called_without_use_cache() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
+    llama = tiny_llama()
     ids = torch.randint(0, 64, (2, 8))
     fast = snlp_compile.transform(llama, (ids,), example_kwargs={"use_cache": False}, iterations=3)
     with torch.no_grad():

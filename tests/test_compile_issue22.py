@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from helpers import tiny_llama
 from torch import nn
 
 import snlp_compile  # noqa: F401  (registers the backend)
@@ -25,18 +26,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def test_llama_compiles_with_snlp_backend_exact() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 64, (2, 8))
     before = len(backend_records())
     with torch.no_grad():

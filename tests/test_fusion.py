@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from fused_reference import fused_reference, gpt_wide_layer, llama_fused
 from helpers import max_err as _max_err
-from helpers import reference_model, tokens
+from helpers import reference_model, tiny_llama, tokens
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
@@ -91,13 +91,7 @@ def test_fused_after_sequential_prefix() -> None:
 def test_fused_transformers_llama() -> None:
     """A Llama-like model as Hugging Face writes it (rotary tables and mask passed to every
     layer): wide layers of 2, exact K, against the fused function built from its modules."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=128, max_position_embeddings=64,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).double().eval()
+    model = tiny_llama(num_hidden_layers=4, hidden_size=64, intermediate_size=128, vocab_size=128).double()
     idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     kwargs = {"use_cache": False}
     fast = snlp_compile.transform(model, (idx,), example_kwargs=kwargs, fused_layers=2, iterations=2)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import snlp_compile
 from snlp_compile import SNLPConfigError, SNLPUsageError
@@ -129,13 +130,7 @@ def test_a_transformers_model_exports_its_decode_step_through_the_adapter(tmp_pa
     """A `transformers` Llama goes through the decode adapter (models.hf_decode): the exact-mode
     decode step under ONNX Runtime, 8 tokens one at a time, gives the logits of the model's own
     full forward."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=96, max_position_embeddings=64,
-    )  # fmt: skip
-    hf = transformers.LlamaForCausalLM(config).eval()
+    hf = tiny_llama(num_hidden_layers=2, vocab_size=96)
     result = export_onnx_decode(hf, tmp_path / "llama_step.onnx", batch=2, max_len=MAX_LEN, iterations=2)
     tokens = torch.randint(0, 96, (3, STEPS), generator=torch.Generator().manual_seed(2))
     logits, _, _ = ort_decode(make_session(result.path), tokens, MAX_LEN)

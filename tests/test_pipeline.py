@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_reference import fused_reference
 from helpers import reference_model, tokens
 
 import snlp_compile
@@ -110,3 +111,17 @@ def test_the_solve_handle() -> None:
     assert SolveHandle.of(model) is None
     with pytest.raises(ValueError, match="holds no SNLP solve"):
         solve_handle(model)
+
+
+def test_a_fused_plan_builds_only_the_bodies_its_solve_calls() -> None:
+    """Wide layers (fused_layers > 1) are evaluated by their two halves: the per-layer batched
+    body is not built (it would never be called) and the report counts the halves; the solve at
+    K = N/M is the fused function (tests/fused_reference.py) to rounding."""
+    model = reference_model("gpt-tiny")
+    idx = tokens(model)
+    fast = snlp_compile.transform(model, (idx,), iterations=2, fused_layers=2, dynamic_shapes=False)
+    solve = solve_handle(fast).solve
+    assert solve.layers is None and solve.wide_first is not None and solve.wide_second is not None
+    assert dict(fast.snlp_report.passes)["plan"].counts["batched bodies"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), fused_reference(model, idx, 2), rtol=1e-10, atol=1e-10)

@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import sequential_trace
+from helpers import reference_model, tokens
 from torch import nn
 
 from snlp_compile import SNLPConfigError, SNLPRefusal, solve_trace, transform
-from snlp_compile.models import MODEL_NAMES, build_model
+from snlp_compile.models import MODEL_NAMES
 from snlp_compile.train import RegulariserConfig, SNLPRegulariser
 
 
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
-    model = build_model(name, dtype=torch.float64)
-    g = torch.Generator().manual_seed(3)
-    return model, torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    model = reference_model(name)
+    return model, tokens(model, 2, 12, seed=3)
 
 
 def _rel_err(h_hat: torch.Tensor, h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_llama
 
 import snlp_compile
 from snlp_compile import SNLPConfig, SNLPConfigError, SNLPRefusal
@@ -77,17 +78,7 @@ def test_generate_keeps_the_model_mode(gpt: nn.Module) -> None:
 
 
 def test_explain_never_raises_on_a_transformers_model_with_its_cache() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(seed=None, num_hidden_layers=4)
     ids = torch.randint(0, 64, (1, 6))
     report = snlp_compile.explain(model, (ids,))
     if report.refusal is not None:  # the cache cannot be captured: the report says what to do

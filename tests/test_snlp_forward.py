@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_model
 
 from snlp_compile import SNLPConfig, SNLPConfigError, transform
 from snlp_compile.models import build_model
@@ -33,7 +34,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    model = build_model(name, dtype=torch.float64)  # random c_proj: every layer does something
+    model = reference_model(name)  # random c_proj: every layer does something
     g = torch.Generator().manual_seed(5)
     idx = torch.randint(0, model.config.vocab_size, (2, 11), generator=g)
     return model, idx, torch.randint(0, model.config.vocab_size, (2, 11), generator=g)

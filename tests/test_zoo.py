@@ -55,6 +55,18 @@ _OPT = dict(
     vocab_size=VOCAB,
     max_position_embeddings=64,
 )
+# the BART family's (its ForCausalLM classes build the decoder alone)
+_BART = dict(
+    d_model=32,
+    decoder_layers=LAYERS,
+    encoder_layers=LAYERS,
+    decoder_attention_heads=4,
+    encoder_attention_heads=4,
+    decoder_ffn_dim=64,
+    encoder_ffn_dim=64,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
 
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", _GQA),
@@ -124,21 +136,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "T5Config",
         dict(d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS, num_heads=4, vocab_size=VOCAB),
     ),
-    "mbart": (
-        "MBartForCausalLM",
-        "MBartConfig",
-        dict(
-            d_model=32,
-            decoder_layers=LAYERS,
-            encoder_layers=LAYERS,
-            decoder_attention_heads=4,
-            encoder_attention_heads=4,
-            decoder_ffn_dim=64,
-            encoder_ffn_dim=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-        ),
-    ),
+    "mbart": ("MBartForCausalLM", "MBartConfig", _BART),
     "granite": ("GraniteForCausalLM", "GraniteConfig", _GQA),
     "mpt": (
         "MptForCausalLM",
@@ -154,21 +152,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "opt_pre_norm": ("OPTForCausalLM", "OPTConfig", dict(_OPT, do_layer_norm_before=True)),
     "bert": ("BertModel", "BertConfig", _BASE),
     "roberta": ("RobertaModel", "RobertaConfig", dict(_BASE, max_position_embeddings=72)),
-    "bart": (
-        "BartForCausalLM",
-        "BartConfig",
-        dict(
-            d_model=32,
-            decoder_layers=LAYERS,
-            encoder_layers=LAYERS,
-            decoder_attention_heads=4,
-            encoder_attention_heads=4,
-            decoder_ffn_dim=64,
-            encoder_ffn_dim=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-        ),
-    ),
+    "bart": ("BartForCausalLM", "BartConfig", _BART),
     "gpt_neo": (
         "GPTNeoForCausalLM",
         "GPTNeoConfig",

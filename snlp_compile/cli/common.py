@@ -97,6 +97,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, batch: int = 2) -> N
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and example tokens")
 
 
+def add_parallel_layers_argument(parser: argparse.ArgumentParser) -> None:
+    """--parallel-layers (SNLPConfig.parallel_layers), worded alike in every command that rewrites."""
+    parser.add_argument(
+        "--parallel-layers",
+        type=int,
+        default=None,
+        help="solve only the last N layers in parallel (default: all)",
+    )
+
+
 class FormerName(argparse.Action):
     """A former option name, hidden from --help, kept for one release: stores into the renamed
     option's destination and says on stderr that the option is renamed."""

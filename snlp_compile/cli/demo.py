@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, example_tokens, load_model, markdown_table, median_time
+from .common import (
+    add_model_arguments,
+    add_parallel_layers_argument,
+    example_tokens,
+    load_model,
+    markdown_table,
+    median_time,
+)
 
 # measured results the demo points at (README: "Train for speed: the frontier", "Deployment")
 TRAINED = (
@@ -26,12 +33,7 @@ GPU = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument(
-        "--parallel-layers",
-        type=int,
-        default=None,
-        help="solve only the last N layers in parallel (default: all)",
-    )
+    add_parallel_layers_argument(parser)
     parser.add_argument(
         "--max-k", type=int, default=None, help="largest K in the table (default: the parallel layers)"
     )

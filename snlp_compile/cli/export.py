@@ -18,6 +18,7 @@ from typing import Any
 from .common import (
     CLIError,
     add_model_arguments,
+    add_parallel_layers_argument,
     add_stage_arguments,
     announce,
     example_tokens,
@@ -49,12 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-len", type=int, default=64, help="--decode: positions the caches hold (max_sequence_length)"
     )
     parser.add_argument("--iterations", "-K", type=int, default=1, help="K, iterations of the solve")
-    parser.add_argument(
-        "--parallel-layers",
-        type=int,
-        default=None,
-        help="solve only the last N layers in parallel (default: all)",
-    )
+    add_parallel_layers_argument(parser)
     parser.add_argument(
         "--init", choices=["h0", "batch_fwd"], default="h0", help="the solve's initial iterate"
     )
@@ -132,11 +128,7 @@ def run(args: argparse.Namespace) -> int:
             rewrite=not args.no_rewrite,
             **overrides,
         )
-    if result.snlp_report is not None:
-        print(result.snlp_report)
-        print()
-    print(result)
-    announce("ONNX model", result.path)
+    _show(result, "ONNX model")
     report_path = getattr(result, "report_path", None)
     if report_path:
         announce("exporter report", report_path)
@@ -169,8 +161,6 @@ def _decode_step(
 def _check_decode(args: argparse.Namespace, model: Any, path: Path, overrides: dict[str, Any]) -> int:
     """ONNX Runtime (CPU) over DECODE_CHECK_STEPS decode steps, presents fed back as pasts, against
     the same step in PyTorch (``write_cache`` after each step)."""
-    import torch
-
     from ..export.onnx_decode import ort_decode, torch_decode
     from ..export.ort import make_session
 
@@ -179,14 +169,11 @@ def _check_decode(args: argparse.Namespace, model: Any, path: Path, overrides: d
     tokens = example_tokens(model, args.batch, steps, args.seed + 1)
     got = ort_decode(make_session(path, "cpu"), tokens, args.max_len)
     want = torch_decode(step, model, tokens, args.max_len)
-    ok = True
-    for name, g, w in zip(("logits", "present keys", "present values"), got, want):
-        err = (g.to(w.dtype) - w).abs().max().item()
-        close = torch.allclose(g.to(w.dtype), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
-        ok &= close
-        print(f"check {steps} decode steps B={args.batch}, {name}: max |ORT - PyTorch| = {err:.3g} "
-              f"({'ok' if close else 'MISMATCH'})")  # fmt: skip
-    return 0 if ok else 1
+    names = ("logits", "present keys", "present values")
+    checks = [
+        _close(f"{steps} decode steps B={args.batch}, {n}", "ORT", g, w) for n, g, w in zip(names, got, want)
+    ]
+    return 0 if all(checks) else 1
 
 
 def _check_inputs(args: argparse.Namespace, model: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -230,11 +217,7 @@ def _aoti(args: argparse.Namespace, model: Any, overrides: dict[str, Any], what:
         rewrite=False,
         triton_kernels=not args.no_triton_kernels,
     )
-    if result.snlp_report is not None:
-        print(result.snlp_report)
-        print()
-    print(result)
-    announce("AOTInductor package", result.path)
+    _show(result, "AOTInductor package")
     if not args.check:
         return 0
     status("export: loading the package in a fresh process (without snlp_compile) ...")
@@ -243,15 +226,10 @@ def _aoti(args: argparse.Namespace, model: Any, overrides: dict[str, Any], what:
         want = target(*inputs)
     want = list(want) if isinstance(want, (tuple, list)) else [want]
     got = run_in_fresh_process(result.path, inputs)
-    ok = len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        err = (g - w).abs().max().item()
-        close = torch.allclose(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
-        ok &= close
-        print(
-            f"check output {i} {tuple(w.shape)}: max |package - PyTorch| = {err:.3g} ({'ok' if close else 'MISMATCH'})"
-        )
-    return 0 if ok else 1
+    checks = [
+        _close(f"output {i} {tuple(w.shape)}", "package", g, w) for i, (g, w) in enumerate(zip(got, want))
+    ]
+    return 0 if len(got) == len(want) and all(checks) else 1
 
 
 def _check(args: argparse.Namespace, model: Any, idx: Any, path: Path, overrides: dict[str, Any]) -> int:
@@ -273,9 +251,27 @@ def _check(args: argparse.Namespace, model: Any, idx: Any, path: Path, overrides
         with torch.no_grad():
             want = reference(x)
         want = want[0] if isinstance(want, (tuple, list)) else want
-        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).to(want.dtype)
-        err = (got - want).abs().max().item()
-        close = torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
-        ok &= close
-        print(f"check B={batch} T={seq}: max |ORT - PyTorch| = {err:.3g} ({'ok' if close else 'MISMATCH'})")
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        ok &= _close(f"B={batch} T={seq}", "ORT", got, want)
     return 0 if ok else 1
+
+
+def _show(result: Any, kind: str) -> None:
+    """Print an export's SNLP report (a rewritten model) and summary, and where ``kind`` was written."""
+    if result.snlp_report is not None:
+        print(result.snlp_report)
+        print()
+    print(result)
+    announce(kind, result.path)
+
+
+def _close(what: str, runtime: str, got: Any, want: Any) -> bool:
+    """One check line: ``got`` (from ``runtime``, cast to ``want``'s dtype) against PyTorch's
+    ``want`` at rtol 1e-4 (atol 1e-4 of its largest magnitude); True when close."""
+    import torch
+
+    got = got.to(want.dtype)
+    err = (got - want).abs().max().item()
+    close = torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    print(f"check {what}: max |{runtime} - PyTorch| = {err:.3g} ({'ok' if close else 'MISMATCH'})")
+    return close

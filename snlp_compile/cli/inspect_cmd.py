@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, add_stage_arguments, announce, example_tokens, load_model, require
+from .common import (
+    add_model_arguments,
+    add_parallel_layers_argument,
+    add_stage_arguments,
+    announce,
+    example_tokens,
+    load_model,
+    require,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--iterations", "-K", type=int, default=2, help="K, iterations of the solve")
-    parser.add_argument(
-        "--parallel-layers",
-        type=int,
-        default=None,
-        help="solve only the last N layers in parallel (default: all)",
-    )
+    add_parallel_layers_argument(parser)
     add_stage_arguments(parser)
     parser.add_argument(
         "--picture", type=Path, default=Path("snlp_chain.png"), help="PNG of the chain before/after"
@@ -59,7 +62,16 @@ def run(args: argparse.Namespace) -> int:
         solve = solve_handle(fast).solve
         print("# one layer, as matched (.snlp_solve.body.code)\n" + solve.body.code)
         what = f"one stage's {solve.stage_sizes[0]} layers" if solve.num_stages > 1 else "all parallel layers"
-        print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
+        if solve.layers is not None:
+            print(f"# {what} at once (.snlp_solve.layers.code)\n" + solve.layers.code)
+        if solve.wide_first is not None and solve.wide_second is not None:
+            print(
+                "# every layer's first half at once (.snlp_solve.wide_first.code)\n" + solve.wide_first.code
+            )
+            print(
+                "# every layer's second half at once (.snlp_solve.wide_second.code)\n"
+                + solve.wide_second.code
+            )
         if solve.layers_short is not None:
             print(
                 f"# the {solve.stage_sizes[-1]}-layer stages: .snlp_solve.layers_short, the same batched for fewer"

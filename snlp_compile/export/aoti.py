@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from ..config import SNLPConfig
-from ..errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPUsageError
+from ..errors import SNLPConfigError, SNLPError, SNLPUsageError
 from ..kernels import ops as kernel_ops
-from ..passes.capture import auto_dims, example_args
+from ..passes.capture import example_args
 from ..passes.lowering import NO_KERNELS, restricted
 from ..report import ExplainReport
-from .onnx_export import export_target, refuse_deferred
+from .onnx_export import capture_program, export_target
 
 CUSTOM_OPS_KEY = "snlp_custom_ops"  # package metadata: comma-separated snlp:: ops the graph calls
 
@@ -115,20 +115,9 @@ def export_aoti(
         raise SNLPConfigError(f"an AOTInductor package is a .pt2 file, got {path.name!r}")
     args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
     target, report = export_target(model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic)
-    refuse_deferred(target, "AOTInductor")
-    try:
-        with torch.no_grad(), _kernels(target, triton_kernels):
-            program = torch.export.export(
-                target,
-                args,
-                kwargs,
-                dynamic_shapes=auto_dims(target, args, kwargs) if dynamic else None,
-                strict=False,
-            )
-    except Exception as exc:  # torch.export raises many types; one clear error with its message
-        raise SNLPCaptureError(
-            f"torch.export could not capture {type(target).__name__} for AOTInductor: {exc}"
-        ) from exc
+    program = capture_program(
+        target, args, kwargs, dynamic=dynamic, kernels=_kernels(target, triton_kernels), what="AOTInductor"
+    )
     ops = graph_ops(program)
     custom = sorted(op for op in ops if op.startswith("snlp::") and not compiled_in(op))
     path.parent.mkdir(parents=True, exist_ok=True)

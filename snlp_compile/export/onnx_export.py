@@ -9,6 +9,7 @@ readable names ("batch", "sequence") in the ONNX graph.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
@@ -61,11 +62,6 @@ class ONNXExport:
         return "\n".join(lines)
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Every dimension of every tensor input AUTO: the same spec the compiler captures with."""
-    return auto_dims(model, args, kwargs)
-
-
 def is_transformed(model: torch.nn.Module) -> bool:
     """True for a module transform() returned (it carries its explain report)."""
     return isinstance(model, fx.GraphModule) and getattr(model, "snlp_report", None) is not None
@@ -83,21 +79,39 @@ def export_program(
     has no op for a Triton kernel (this ``torch.export`` runs outside ``torch.onnx``, so the
     kernels' own ONNX check cannot see it). The model as written takes no opaque kernel while
     exporting (``kernels.attention``)."""
-    refuse_deferred(model, "ONNX")
+    program = capture_program(
+        model, args, kwargs, dynamic=dynamic, kernels=restricted(model, NO_KERNELS), what="ONNX"
+    )
+    return decompose_device_rms_norm(program)
+
+
+def capture_program(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    dynamic: bool,
+    kernels: contextlib.AbstractContextManager[Any],
+    what: str,
+) -> torch.export.ExportedProgram:
+    """The one torch.export call of every exporter (ONNX, AOTInductor): non-strict, every free
+    dimension AUTO when ``dynamic`` (the spec the compiler captures with), under ``kernels`` (the
+    kernels the target may carry); a deferred-K/V step is refused and a failed capture is one
+    SNLPCaptureError naming the model and ``what`` ("ONNX", "AOTInductor") it was exported for."""
+    refuse_deferred(model, what)
     try:
-        with torch.no_grad(), restricted(model, NO_KERNELS):
-            program = torch.export.export(
+        with torch.no_grad(), kernels:
+            return torch.export.export(
                 model,
                 args,
                 kwargs,
-                dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
+                dynamic_shapes=auto_dims(model, args, kwargs) if dynamic else None,
                 strict=False,
             )
     except Exception as exc:  # torch.export raises many types; one clear error with its message
         raise SNLPCaptureError(
-            f"torch.export could not capture {type(model).__name__} for ONNX export: {exc}"
+            f"torch.export could not capture {type(model).__name__} for {what} export: {exc}"
         ) from exc
-    return decompose_device_rms_norm(program)
 
 
 def refuse_deferred(model: torch.nn.Module, what: str) -> None:

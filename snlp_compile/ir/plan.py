@@ -83,7 +83,8 @@ class SolvePlan:
 
     body: the template layer, (h, *externals) -> out, or (out, skip coefficient) when the
         coefficient is not a constant.
-    layers: the body batched over a leading layer axis of ``stage_sizes[0]`` layers;
+    layers: the body batched over a leading layer axis of ``stage_sizes[0]`` layers (None with
+        ``wide``: wide layers are evaluated by their two halves, never layer by layer);
         layers_short: over the other stage size when the stages differ (at most two sizes; the
         smaller one for SNLPConfig.stages as a count), else None.
     side_body / side_layers: the part of the body computing the layers' side outputs (a decode
@@ -107,7 +108,7 @@ class SolvePlan:
     skip_kind: SkipKind
     skip_constant: float | None
     body: fx.GraphModule
-    layers: fx.GraphModule
+    layers: fx.GraphModule | None
     externals: tuple[External, ...]
     stacked: Mapping[str, torch.Tensor] = field(default_factory=dict)
     row_blocks: Mapping[str, RowBlock] = field(default_factory=dict)
@@ -135,6 +136,8 @@ class SolvePlan:
         object.__setattr__(self, "stage_sizes", tuple(int(m) for m in sizes))
         if self.wide is not None and (self.num_layers % self.wide.group or len(sizes) > 1):
             raise ValueError(f"wide layers of {self.wide.group}: one stage of a multiple of them")
+        if (self.layers is None) != (self.wide is not None):
+            raise ValueError("the per-layer batched body is built exactly when the layers are not wide")
 
     @property
     def num_rows(self) -> int:

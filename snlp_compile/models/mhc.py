@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .kv import attention_bias
 from .nanochat import MLP, CausalSelfAttention, KVInput, NanochatConfig, NanochatGPT, norm
 
 
@@ -203,17 +202,12 @@ class MHCGPT(NanochatGPT):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: LongTensor [B, T] -> softcapped logits [B, T, vocab_size] at every position."""
-        _, t = idx.size()
-        assert t <= self.cos.size(1), f"sequence length {t} exceeds rotary cache {self.cos.size(1)}"
-        cos, sin = self.cos[:, :t], self.sin[:, :t]
+        cos, sin = self._rotary(idx.size(1))
         x = norm(self.transformer.wte(idx))
         h = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.n_streams, x.shape[-1])  # (B, T, n, D)
         for block in self.transformer.h:
             h = block(h, cos, sin)
-        x = norm(h.sum(dim=-2))  # collapse the streams
-        logits = self.lm_head(x)
-        softcap = self.config.softcap
-        return softcap * torch.tanh(logits / softcap)
+        return self._logits(h.sum(dim=-2))  # collapse the streams
 
     def forward_cached(
         self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -222,10 +216,7 @@ class MHCGPT(NanochatGPT):
         NanochatGPT.forward_cached: idx [B, T] at positions pos .. pos+T-1, caches
         [L, B, H_kv, T_max, D] holding positions < pos; returns softcapped logits [B, T, vocab]
         and the new keys/values [L, B, H_kv, T, D], which the caller writes (models.kv)."""
-        _, t = idx.size()
-        positions = pos + torch.arange(t, device=idx.device)
-        cos, sin = self.cos[:, positions], self.sin[:, positions]
-        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        cos, sin, bias = self._step_inputs(idx, pos, k_cache)
         x = norm(self.transformer.wte(idx))
         h = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.n_streams, x.shape[-1])  # (B, T, n, D)
         new_k, new_v = [], []
@@ -233,10 +224,7 @@ class MHCGPT(NanochatGPT):
             h, k, v = block(h, cos, sin, (k_cache[i], v_cache[i], bias))
             new_k.append(k)
             new_v.append(v)
-        x = norm(h.sum(dim=-2))  # collapse the streams
-        logits = self.lm_head(x)
-        softcap = self.config.softcap
-        return softcap * torch.tanh(logits / softcap), torch.stack(new_k), torch.stack(new_v)
+        return self._logits(h.sum(dim=-2)), torch.stack(new_k), torch.stack(new_v)  # collapse the streams
 
 
 class _PreNorm(nn.Module):
@@ -314,16 +302,11 @@ class HCPackageGPT(NanochatGPT):
                 torch.nn.init.normal_(hcm.norm.gamma, std=0.1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        _, t = idx.size()
-        assert t <= self.cos.size(1), f"sequence length {t} exceeds rotary cache {self.cos.size(1)}"
-        cos, sin = self.cos[:, :t], self.sin[:, :t]
+        cos, sin = self._rotary(idx.size(1))
         h = self.expand_streams(norm(self.transformer.wte(idx)))  # (B*n, T, D)
         for block in self.transformer.h:
             h = block(h, cos, sin)
-        x = norm(self.reduce_streams(h))
-        logits = self.lm_head(x)
-        softcap = self.config.softcap
-        return softcap * torch.tanh(logits / softcap)
+        return self._logits(self.reduce_streams(h))
 
     def forward_cached(
         self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -331,20 +314,14 @@ class HCPackageGPT(NanochatGPT):
         """One KV-cached step, the contract of NanochatGPT.forward_cached. The package's
         hyper-connection modules write back the first value of a branch that returns a tuple and
         hand the rest (the cached attention's new k, v) on."""
-        _, t = idx.size()
-        positions = pos + torch.arange(t, device=idx.device)
-        cos, sin = self.cos[:, positions], self.sin[:, positions]
-        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        cos, sin, bias = self._step_inputs(idx, pos, k_cache)
         h = self.expand_streams(norm(self.transformer.wte(idx)))  # (B*n, T, D)
         new_k, new_v = [], []
         for i, block in enumerate(self.transformer.h):
             h, k, v = block(h, cos, sin, (k_cache[i], v_cache[i], bias))
             new_k.append(k)
             new_v.append(v)
-        x = norm(self.reduce_streams(h))
-        logits = self.lm_head(x)
-        softcap = self.config.softcap
-        return softcap * torch.tanh(logits / softcap), torch.stack(new_k), torch.stack(new_v)
+        return self._logits(self.reduce_streams(h)), torch.stack(new_k), torch.stack(new_v)
 
 
 class _HCBlock(nn.Module):

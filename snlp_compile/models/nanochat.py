@@ -168,6 +168,26 @@ class NanochatGPT(nn.Module):
         freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
+    def _rotary(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions 0 .. t-1 (a full forward); t beyond the tables is an error."""
+        assert t <= self.cos.size(1), f"sequence length {t} exceeds rotary cache {self.cos.size(1)}"
+        return self.cos[:, :t], self.sin[:, :t]
+
+    def _step_inputs(
+        self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin and the attention bias of a cached step of idx's t tokens at pos .. pos+t-1."""
+        t = idx.size(1)
+        positions = pos + torch.arange(t, device=idx.device)
+        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        return self.cos[:, positions], self.sin[:, positions], bias
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head of every model of this family: final norm, lm_head, tanh softcap."""
+        logits = self.lm_head(norm(x))
+        softcap = self.config.softcap
+        return softcap * torch.tanh(logits / softcap)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """nanochat's init. ``config.zero_init_out`` (the default) zeroes the output projections, as
@@ -189,9 +209,7 @@ class NanochatGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: LongTensor [B, T] -> softcapped logits [B, T, vocab_size] at every position."""
-        _, t = idx.size()
-        assert t <= self.cos.size(1), f"sequence length {t} exceeds rotary cache {self.cos.size(1)}"
-        cos, sin = self.cos[:, :t], self.sin[:, :t]
+        cos, sin = self._rotary(idx.size(1))
         x = norm(self.transformer.wte(idx))
         x0 = x
         x_mid = x
@@ -202,10 +220,7 @@ class NanochatGPT(nn.Module):
                 x_mid = x
         if self.config.backout:
             x = x - self.backout_lambda * x_mid
-        x = norm(x)
-        logits = self.lm_head(x)
-        softcap = self.config.softcap
-        return softcap * torch.tanh(logits / softcap)
+        return self._logits(x)
 
     def forward_cached(
         self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -217,10 +232,7 @@ class NanochatGPT(nn.Module):
         [B, T, vocab] and the new keys/values [L, B, H_kv, T, D], which the caller writes into the
         caches at pos (models.kv.write_cache). pos + T must not exceed T_max or the rotary table.
         """
-        _, t = idx.size()
-        positions = pos + torch.arange(t, device=idx.device)
-        cos, sin = self.cos[:, positions], self.sin[:, positions]
-        bias = attention_bias(pos, t, k_cache.size(3), torch.float32)
+        cos, sin, bias = self._step_inputs(idx, pos, k_cache)
         x = norm(self.transformer.wte(idx))
         x0 = x
         x_mid = x
@@ -234,7 +246,4 @@ class NanochatGPT(nn.Module):
                 x_mid = x
         if self.config.backout:
             x = x - self.backout_lambda * x_mid
-        x = norm(x)
-        logits = self.lm_head(x)
-        softcap = self.config.softcap
-        return softcap * torch.tanh(logits / softcap), torch.stack(new_k), torch.stack(new_v)
+        return self._logits(x), torch.stack(new_k), torch.stack(new_v)

@@ -311,6 +311,8 @@ def defer_kv(gm: fx.GraphModule, solve_name: str) -> list[str]:
         raise SNLPRefusal("deferred_kv: the layers hand out no K/V (no side outputs) to defer")
     if solve.num_stages != 1:
         raise SNLPRefusal("deferred_kv needs stages=1 (the merged evaluation covers all layers at once)")
+    if solve.layers is None:
+        raise SNLPRefusal("deferred_kv needs fused_layers=1 (wide layers have no per-layer body to merge)")
     pos, caches, arg_of = protocol_caches(gm, call, solve.num_layers)
     idx = next(n for n in gm.graph.nodes if n.op == "placeholder")
     val = idx.meta.get("val")

@@ -248,7 +248,9 @@ def plan_solve(
     # one batched body per distinct stage size (the body fixes its layer count): the first stage's
     # (all N layers without stages), and the other size when the stages differ
     sizes = stage_sizes(chain.num_parallel, stages)
-    layers, fallbacks = batch_body(body, batched, sizes[0], fixed)
+    # wide layers (fused_layers > 1, one stage) are solved with their own two halves (below): the
+    # per-layer batched body would be built and never called
+    layers, fallbacks = (None, []) if fused_layers > 1 else batch_body(body, batched, sizes[0], fixed)
     layers_short = None
     other = [m for m in sizes if m != sizes[0]]
     if other:
@@ -304,7 +306,7 @@ def plan_solve(
         fallbacks=tuple(fallbacks),
         notes=tuple(notes),
     )
-    if layout is not None or (chain.skip.kind == "elementwise" and constant is None):
+    if wide is None and (layout is not None or (chain.skip.kind == "elementwise" and constant is None)):
         plan = dataclasses.replace(plan, static_skip=static_skip(plan))
     return plan
 

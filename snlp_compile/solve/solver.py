@@ -61,6 +61,7 @@ class LayerParallelSolve(DeferredSideOutputs):
     static_scalar: torch.Tensor | None
     static_scalar_prod: torch.Tensor
     static_scalar_inv_prod: torch.Tensor
+    layers: fx.GraphModule | None
     layers_short: fx.GraphModule | None
     side_layers: fx.GraphModule | None
     wide_first: fx.GraphModule | None
@@ -163,7 +164,8 @@ class LayerParallelSolve(DeferredSideOutputs):
         return name if self.num_stages == 1 else f"{name}_{stage}"
 
     def _layers_of(self, stage: int) -> fx.GraphModule:
-        """The batched body for a stage's size."""
+        """The batched body for a stage's size (a plan of wide layers has none: _evaluate_wide)."""
+        assert self.layers is not None
         if self.stage_sizes[stage] == self.stage_sizes[0] or self.layers_short is None:
             return self.layers
         return self.layers_short
