@@ -1,12 +1,14 @@
 """Helpers and tiny models shared by the tests: reference models in float64, tokens, error
-measures, decode-step inputs and the sequential decode reference."""
+measures, decode-step inputs, the sequential decode reference and structural graph equality."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from snlp_compile.models import build_model
@@ -102,3 +104,54 @@ def prefill_then_decode(
         out = model.forward_cached(idx[:, start:stop], pos, k_cache, v_cache)
         yield out
         write_cache(k_cache, v_cache, out[1], out[2], pos)
+
+
+def assert_same_graph(actual: fx.Graph, expected: fx.Graph) -> None:
+    """Assert that two graphs compute the same thing the same way (TVM's structural equality):
+    a one-to-one map of their nodes with equal ops, targets and non-node arguments, and node
+    arguments mapped onto each other. Node names and node order are ignored; placeholders,
+    attributes and submodules are compared by target; nodes without users (the output, asserts,
+    guards) anchor the match, in order."""
+    pairs: dict[fx.Node, fx.Node] = {}
+    mapped: set[fx.Node] = set()
+
+    def fail(why: str) -> NoReturn:
+        raise AssertionError(f"graphs differ: {why}\n-- actual:\n{actual}\n-- expected:\n{expected}")
+
+    def same_args(a: Any, e: Any, at: fx.Node) -> None:
+        if isinstance(a, fx.Node) and isinstance(e, fx.Node):
+            match(a, e)
+        elif isinstance(a, (tuple, list)) and type(a) is type(e) and len(a) == len(e):
+            for x, y in zip(a, e):
+                same_args(x, y, at)
+        elif isinstance(a, dict) and isinstance(e, dict) and a.keys() == e.keys():
+            for k in a:
+                same_args(a[k], e[k], at)
+        elif type(a) is not type(e) or isinstance(a, (fx.Node, tuple, list, dict)) or a != e:
+            # (a node against a constant, containers of other lengths or keys, unequal constants)
+            fail(f"{at.name} takes {a!r} where {pairs[at].name} takes {e!r}")
+
+    def match(a: fx.Node, e: fx.Node) -> None:
+        if a in pairs:
+            if pairs[a] is not e:
+                fail(f"{a.name} corresponds to both {pairs[a].name} and {e.name}")
+            return
+        if e in mapped:
+            fail(f"{e.name} corresponds to two nodes, {a.name} among them")
+        if a.op != e.op or not (a.target is e.target or a.target == e.target):
+            fail(f"{a.name} is {a.op} {a.target} where {e.name} is {e.op} {e.target}")
+        pairs[a] = e
+        mapped.add(e)
+        same_args(a.args, e.args, a)
+        same_args(dict(a.kwargs), dict(e.kwargs), a)
+
+    def anchors(g: fx.Graph) -> list[fx.Node]:
+        return [n for n in g.nodes if not n.users]
+
+    roots_a, roots_e = anchors(actual), anchors(expected)
+    if len(roots_a) != len(roots_e):
+        fail(f"{len(roots_a)} nodes without users where {len(roots_e)} are expected")
+    for a, e in zip(roots_a, roots_e):
+        match(a, e)
+    if len(actual.nodes) != len(expected.nodes) or len(pairs) != len(actual.nodes):
+        fail(f"{len(actual.nodes)} nodes ({len(pairs)} matched) where {len(expected.nodes)} are expected")

@@ -1,5 +1,6 @@
 """Per-pass Before/Expected tests (TVM's style): a small Before graph, the pass, the Expected graph
-(its code) or the Expected plan fields. Reading one teaches what the pass does."""
+(its code) or the Expected plan fields. Reading one teaches what the pass does. The other passes'
+tests: ``test_pass_golden_more.py``."""
 
 from __future__ import annotations
 
