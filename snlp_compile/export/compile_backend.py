@@ -11,11 +11,16 @@ Dynamo's ``L['self']`` spelling. ``transform()`` then captures that module like 
 result goes to Inductor. A graph that cannot be rewritten (refused, or not capturable) is handed
 to Inductor unchanged, with a warning that names the reason.
 
-The weights are folded into stacked copies at compile time (as Inductor's ``freezing`` does), so
-the compiled function checks, on every call, that the weights it was given are the ones it
-folded (same objects, same version counters, same bytes: ``p.data.mul_(2)`` bumps no version
-counter) and recompiles the graph with the live weights when they are not: an edit after
-compiling (in place, through ``.data``, ``load_state_dict``) is used, never a stale copy.
+The weights are folded into stacked copies at compile time (as Inductor's ``freezing`` does).
+With the default ``check_weights="content"``, the model's weights that the stacked buffers copy
+row by row are then made views of those rows (``export.weight_alias``): an edit of one in place
+(through ``.data`` too, as checkpoint loaders do, or ``load_state_dict``) writes what the
+compiled graph reads, and a call only checks that they were not replaced (same objects, same
+data pointers: no read of the weights, no host sync). Every other weight (outside the layer
+chain, or something was computed from it at transform time, e.g. static skip products) is
+checked on every call: same objects, same version counters, same bytes (``p.data.mul_(2)``
+bumps no version counter). A changed weight recompiles the graph with the live weights: an edit
+after compiling is used, never a stale copy.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..api import transform
 from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPCaptureError, SNLPConfigError, SNLPError, SNLPRefusal
 from ..report import ExplainReport
+from .weight_alias import Alias, alias_weights
 
 BACKEND_NAME = "snlp"
 log = logging.getLogger("snlp_compile")
@@ -57,6 +63,8 @@ class BackendRecord:
     report: ExplainReport | None = None
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    aliased: int = 0  # model weights made views of the stacked weights (no per-call check)
+    checked: int = 0  # model weights the compiled graph checks on every call (check_weights)
 
     @property
     def rewritten(self) -> bool:
@@ -244,40 +252,56 @@ def plain_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="SNLPGraph")
 
 
+@dataclass
+class _Build:
+    """One compilation: the compiled function and, when rewritten, what it was built from."""
+
+    compiled: Callable[..., Any]
+    record: BackendRecord
+    lifted: LiftedGraph | None = None
+    module: torch.nn.Module | None = None  # the transformed module (the stacked weights' owner)
+
+
 class _LiveWeights:
     """Calls the compiled graph with the weights it was compiled with, recompiling when they
-    changed since: replaced (another tensor object) or edited in place, including through
-    ``.data`` (``p.data.mul_(2)``, what checkpoint loaders do), which bumps no version counter.
-    So every call compares the weights' bytes with a snapshot taken at compile time (one pass
-    over the weights on the device, one host sync; the snapshot costs their memory once more).
+    changed since: replaced (another tensor object or storage) or edited in place, including
+    through ``.data`` (``p.data.mul_(2)``, what checkpoint loaders do), which bumps no version
+    counter. With ``check="content"`` the weights the stacked buffers copy row by row become views
+    of their rows (``weight_alias``): an in-place edit of one is what the graph reads, so a call
+    checks only their identity and data pointers. The other weights' bytes are compared with a
+    snapshot taken at compile time on every call (one pass over them on the device, one host
+    sync; the snapshot costs their memory once more).
     ``options={"check_weights": "version"}`` keeps only the cheap check (object identity and
-    version counters: in-place ops and ``load_state_dict``, not ``.data`` edits);
+    version counters: in-place ops and ``load_state_dict``, not ``.data`` edits), no aliasing;
     ``"off"`` none."""
 
-    def __init__(
-        self,
-        build: Callable[[list[Any]], tuple[Callable[..., Any], LiftedGraph | None]],
-        example_inputs: list[Any],
-        check: str,
-    ):
+    def __init__(self, build: Callable[[list[Any]], _Build], example_inputs: list[Any], check: str):
         self.build = build
         self.check = check
+        self._aliases: list[Alias] = []
         self._install(example_inputs)
 
     def _install(self, inputs: list[Any]) -> None:
-        compiled, lifted = self.build(inputs)
-        self.compiled = compiled
+        built = self.build(inputs)
+        self.compiled = built.compiled
+        lifted = built.lifted
         self.rewritten = lifted is not None
-        if lifted is None:  # compiled unchanged by Inductor: it reads the live weights itself
+        if lifted is None or built.module is None:  # compiled unchanged: Inductor reads the live weights
             return
-        weights = [(i, path, inputs[i]) for i, path in lifted.weights]
-        self.positions = [i for i, _, _ in weights]
-        self.paths = [path for _, path, _ in weights]
-        self.tensors = tuple(t for _, _, t in weights)
-        self.versions = tuple(t._version for t in self.tensors)
-        self.snapshot = (
-            [_as_bytes(t.detach()).clone() for t in self.tensors] if self.check == "content" else []
-        )
+        ours = frozenset(a.data_ptr for a in self._aliases)
+        aliases = alias_weights(built.module, lifted.weights, inputs, ours) if self.check == "content" else []
+        self._aliases = aliases
+        aliased = {a.position for a in aliases}
+        self.positions = [i for i, _ in lifted.weights]
+        self.tensors = tuple(inputs[i] for i in self.positions)
+        self.alias_positions = [a.position for a in aliases]
+        self.alias_ptrs = [a.data_ptr for a in aliases]
+        self.checked_positions = [i for i in self.positions if i not in aliased]
+        checked = [inputs[i] for i in self.checked_positions]
+        self.versions = tuple(t._version for t in checked)
+        self.snapshot = [_as_bytes(t.detach()).clone() for t in checked] if self.check == "content" else []
+        built.record.aliased = len(aliases)
+        built.record.checked = len(checked) if self.check != "off" else 0
         self._user = operator.itemgetter(
             *lifted.user_positions, *([0, 0] if len(lifted.user_positions) < 2 else [])
         )
@@ -294,12 +318,14 @@ class _LiveWeights:
         return self.compiled(*self._user(args)[: self._n_user])
 
     def _changed(self, args: Sequence[Any]) -> bool:
-        given = [args[i] for i in self.positions]
-        if not all(map(operator.is_, given, self.tensors)):
-            return True
+        if not all(map(operator.is_, [args[i] for i in self.positions], self.tensors)):
+            return True  # another tensor object
+        if [args[i].data_ptr() for i in self.alias_positions] != self.alias_ptrs:
+            return True  # an aliased weight given another storage (``p.data = ...``, ``.to()``)
+        given = [args[i] for i in self.checked_positions]
         if tuple(map(_VERSION, given)) != self.versions:
             return True
-        if self.check != "content":
+        if self.check != "content" or not given:
             return False
         with torch.no_grad():
             now = [_as_bytes(t.detach()) for t in given]
@@ -340,7 +366,7 @@ def snlp_backend(
         raise SNLPConfigError(f"snlp backend options: check_weights must be one of {_CHECKS}, not {check!r}")
     config, patches = split_options(options)
 
-    def build(inputs: list[Any]) -> tuple[Callable[..., Any], LiftedGraph | None]:
+    def build(inputs: list[Any]) -> _Build:
         return _compile_graph(gm, inputs, mode, config, patches)
 
     return _LiveWeights(build, list(example_inputs), check)
@@ -352,9 +378,9 @@ def _compile_graph(
     mode: str | None,
     config: SNLPConfig,
     patches: dict[str, Any],
-) -> tuple[Callable[..., Any], LiftedGraph | None]:
-    """The compiled graph over the user inputs and the lifted graph (weights folded in), or
-    Inductor's compilation of the unchanged graph (over all its inputs) and None."""
+) -> _Build:
+    """The compiled graph over the user inputs, the lifted graph and the transformed module
+    (weights folded in), or Inductor's compilation of the unchanged graph (over all its inputs)."""
     record = BackendRecord(graph_inputs=len(example_inputs))
     try:
         lifted = lift_dynamo_graph(gm, example_inputs)
@@ -370,12 +396,12 @@ def _compile_graph(
         )
         compiled = inductor(gm, example_inputs, mode, patches)
         _RECORDS.append(record)  # only once compiled: Inductor may restart Dynamo's analysis
-        return compiled, None
+        return _Build(compiled, record)
     record.report = ExplainReport.of(transformed)
     compiled = inductor(plain_graph(transformed), user_inputs, mode, patches)
     _RECORDS.append(record)
     log.info("snlp backend rewrote a graph:\n%s", record.report)
-    return compiled, lifted
+    return _Build(compiled, record, lifted, transformed)
 
 
 def register() -> None:

@@ -53,6 +53,21 @@ class RowBlock:
 
 
 @dataclass(frozen=True)
+class WeightSources:
+    """Which model attributes the solve's stacked weights copy, so that a caller holding the
+    model (the torch.compile backend) can make its weights views of them instead of checking
+    the copies for staleness on every call.
+
+    rows: stacked name -> the attribute (get_attr target of the captured graph) whose plain copy
+        each layer's row is, for the stacked weights whose every row is one;
+    folded: attributes something else was computed from at transform time (a stacked value that
+        is not a plain copy, the static skip products): a view cannot follow an edit of them."""
+
+    rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    folded: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class WideLayers:
     """Wide-layer fusion (``SNLPConfig.fused_layers``, ``passes.wide_layers``): groups of ``group``
     consecutive layers, each group one wide layer reading one input x.
@@ -100,6 +115,7 @@ class SolvePlan:
     wide: wide-layer fusion (``WideLayers``): the solve's chain is then N / wide.group wide
         layers (its trace has that many rows), their correction the identity's; None: none.
     fused: the stacked weights made by fusing linears that share an input (``fuse_linears``).
+    sources: which model attributes the stacked weights copy (``WeightSources``).
     fallbacks: the body ops batched by torch.vmap (no batching rule).
     notes: what building the plan decided (batching fallbacks, fused weights), for the report.
     """
@@ -122,6 +138,7 @@ class SolvePlan:
     last_row_only: bool = False
     wide: WideLayers | None = None
     fused: tuple[str, ...] = ()
+    sources: WeightSources = WeightSources()
     fallbacks: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 

@@ -26,7 +26,7 @@ from ..errors import SNLPRefusal
 from ..ir.chain import Layer, LayerChain
 from ..ir.coef import Const, emit_coefficient
 from ..ir.matexpr import LAYER_INVARIANT, StreamMix, emit_matrix
-from ..ir.plan import External, ExtMode, SolveOptions, SolvePlan
+from ..ir.plan import External, ExtMode, SolveOptions, SolvePlan, WeightSources
 from ..ir.stream_layout import StreamLayout
 from ..solve.solver import LayerParallelSolve
 from .batch_layers import batch_body
@@ -308,7 +308,29 @@ def plan_solve(
     )
     if wide is None and (layout is not None or (chain.skip.kind == "elementwise" and constant is None)):
         plan = dataclasses.replace(plan, static_skip=static_skip(plan))
-    return plan
+    return dataclasses.replace(plan, sources=weight_sources(plan.externals, plan.static_skip is not None))
+
+
+def weight_sources(externals: tuple[External, ...], static_products: bool) -> WeightSources:
+    """The attributes the "stacked" externals copy row by row (columns of get_attr nodes) and
+    those anything else was folded from (other stacked columns' attributes; every stacked one
+    when skip products were computed from them at transform time)."""
+    stacked = [e for e in externals if e.mode == "stacked" and e.column]
+    rows = {
+        e.name: tuple(str(c.target) for c in e.column)
+        for e in stacked
+        if all(c.op == "get_attr" for c in e.column)
+    }
+    folded = {
+        str(a.target)
+        for e in stacked
+        if e.name not in rows
+        for a in ancestors(list(e.column))
+        if a.op == "get_attr"
+    }
+    if static_products:
+        folded.update(t for targets in rows.values() for t in targets)
+    return WeightSources(rows, frozenset(folded))
 
 
 def static_skip(plan: SolvePlan) -> torch.Tensor | None:

@@ -83,6 +83,8 @@ class LayerParallelSolve(DeferredSideOutputs):
         # stacked weights that are row blocks of a fused one (q/k/v of fused q/k/v): rebuilt as views
         # after .to()/.half()/.cuda(), which move every buffer on its own and would duplicate them
         self.row_blocks = dict(plan.row_blocks)
+        # which model attributes the stacked weights copy (the torch.compile backend aliases them)
+        self.weight_sources = plan.sources
         self.num_layers = plan.num_layers
         # wide-layer fusion (SNLPConfig.fused_layers): groups of wide_group layers, each one wide
         # layer; the trace then has num_rows = N / wide_group rows (_evaluate_wide)

@@ -1,0 +1,125 @@
+"""The torch.compile backend "snlp" makes the model's layer weights views of the stacked weights
+its solve reads (``export.weight_alias``): edits in place (``.data`` too) need no per-call
+content check and no recompilation; replacing a weight recompiles; weights something was folded
+from at transform time (static skip products) and weights outside the chain stay checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from helpers import tiny_llama, tokens
+from test_compile_issue22 import Stack
+from torch import nn
+
+import snlp_compile  # noqa: F401  (registers the backend)
+from snlp_compile.export import backend_records
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_layer_weights_share_the_stacked_storage_and_edits_need_no_recompile() -> None:
+    torch.manual_seed(0)
+    model = Stack(depth=4, d=16).eval()
+    x = torch.randn(2, 5, 16)
+    before = len(backend_records())
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    with torch.no_grad():
+        _same(compiled(x), model(x))
+        record = backend_records()[-1]
+        assert (record.aliased, record.checked) == (24, 0)
+        # one storage per stacked weight, shared by the layers' own weights
+        storages = {b.fc1.weight.untyped_storage().data_ptr() for b in model.blocks}
+        assert len(storages) == 1
+        model.blocks[2].n.weight.data.mul_(2)  # bumps no version counter
+        _same(compiled(x), model(x))
+        model.blocks[0].fc2.bias.add_(0.5)
+        _same(compiled(x), model(x))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["blocks.3.fc1.weight"].mul_(-1.0)
+        model.load_state_dict(state)
+        _same(compiled(x), model(x))
+        assert len(backend_records()) == before + 1  # none of these recompiled
+        model.blocks[1].fc1.weight.data = model.blocks[1].fc1.weight.data * 0.5  # replaced
+        _same(compiled(x), model(x))
+        assert len(backend_records()) == before + 2
+        assert backend_records()[-1].aliased == 24  # aliased again, the new weight included
+        model.blocks[1].fc1.weight.data.mul_(3.0)
+        _same(compiled(x), model(x))
+        assert len(backend_records()) == before + 2
+
+
+def test_fused_qkv_rows_are_aliased_and_weights_outside_the_chain_checked() -> None:
+    model = tiny_llama()
+    ids = tokens(model)
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 3})
+    before = len(backend_records())
+    with torch.no_grad():
+        _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        record = backend_records()[-1]
+        assert len(backend_records()) == before + 1 and record.rewritten
+        assert record.aliased == 3 * 9  # q, k, v, o, gate, up, down and the two norms per layer
+        assert record.checked > 0  # embedding, final norm, lm_head (outside the chain)
+        attn = model.model.layers[1].self_attn
+        shared = {
+            attn.q_proj.weight.untyped_storage().data_ptr(),
+            attn.v_proj.weight.untyped_storage().data_ptr(),
+        }
+        assert len(shared) == 1  # rows of the fused q/k/v weight
+        attn.k_proj.weight.data.mul_(-2.0)
+        _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        assert len(backend_records()) == before + 1
+        model.model.norm.weight.data.mul_(3.0)  # outside the chain: content-checked, recompiles
+        _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        assert len(backend_records()) == before + 2
+
+
+class ScaledBlock(nn.Module):
+    """x -> lam * x + mlp(x): a per-layer scalar skip, folded into static products."""
+
+    def __init__(self, d: int, lam: float) -> None:
+        super().__init__()
+        self.lam = nn.Parameter(torch.tensor(lam))
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lam * x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_weights_folded_into_static_skip_products_stay_content_checked() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(ScaledBlock(16, 0.9 + 0.05 * i) for i in range(4))).eval()
+    x = torch.randn(2, 5, 16)
+    before = len(backend_records())
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    with torch.no_grad():
+        _same(compiled(x), model(x))
+        record = backend_records()[-1]
+        assert record.rewritten and record.aliased == 0 and record.checked == 20
+        model[2].lam.data.mul_(0.5)  # the folded products must follow: recompiled
+        _same(compiled(x), model(x))
+        assert len(backend_records()) == before + 2
+
+
+@pytest.mark.parametrize("check", ["version", "off"])
+def test_cheaper_checks_alias_nothing(check: str) -> None:
+    torch.manual_seed(0)
+    model = Stack(depth=2, d=16).eval()
+    pointer = model.blocks[0].fc1.weight.data_ptr()
+    compiled = torch.compile(model, backend="snlp", options={"check_weights": check, "iterations": 4})
+    with torch.no_grad():
+        x = torch.randn(1, 3, 16)
+        _same(compiled(x), model(x))
+    record = backend_records()[-1]
+    assert record.aliased == 0 and record.checked == (12 if check == "version" else 0)
+    assert model.blocks[0].fc1.weight.data_ptr() == pointer
