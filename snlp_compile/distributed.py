@@ -209,6 +209,7 @@ def _block_solve(
         side_layers=None,
         static_skip=None if static is None else static[start : start + block],
         last_row_only=False,
+        sources=plan.sources.layers(start, start + block),
     )
     return DistributedSolve(
         local,

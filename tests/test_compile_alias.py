@@ -5,15 +5,19 @@ from at transform time (static skip products) and weights outside the chain stay
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
+import torch.fx as fx
 from helpers import tiny_llama, tokens
 from test_compile_issue22 import Stack
 from torch import nn
 
 import snlp_compile  # noqa: F401  (registers the backend)
 from snlp_compile.export import backend_records
+from snlp_compile.ir.plan import SolvePlan, WeightSources
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +127,14 @@ def test_cheaper_checks_alias_nothing(check: str) -> None:
     record = backend_records()[-1]
     assert record.aliased == 0 and record.checked == (12 if check == "version" else 0)
     assert model.blocks[0].fc1.weight.data_ptr() == pointer
+
+
+def test_plan_sources_name_one_attribute_per_layer() -> None:
+    """A block of the plan (distributed ranks) takes its layers' sources; a plan whose sources do
+    not name one attribute per layer is refused (an alias would pick the wrong row)."""
+    sources = WeightSources({"w": ("h.0.w", "h.1.w", "h.2.w")}, frozenset({"h.0.s"}))
+    assert sources.layers(1, 3) == WeightSources({"w": ("h.1.w", "h.2.w")}, frozenset({"h.0.s"}))
+    body = fx.GraphModule(nn.Module(), fx.Graph())
+    plan = SolvePlan(3, "elementwise", 1.0, body, body, (), sources=sources)
+    with pytest.raises(ValueError, match="one attribute per layer"):
+        dataclasses.replace(plan, num_layers=2, stage_sizes=(2,))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SNLPError
 from ..ir.plan import WeightSources
 
 
@@ -44,6 +45,10 @@ def _rows(module: torch.nn.Module) -> dict[str, tuple[str, int]]:
         folded |= sources.folded
         for name, targets in sources.rows.items():
             buffer = f"{prefix}.stacked_{name}" if prefix else f"stacked_{name}"
+            if len(targets) != sub.get_buffer(f"stacked_{name}").shape[0]:
+                raise SNLPError(
+                    f"{buffer}: {len(targets)} source attributes for its rows, stale WeightSources"
+                )
             for i, target in enumerate(targets):
                 seen[target] += 1
                 where[target] = (buffer, i)

@@ -66,6 +66,10 @@ class WeightSources:
     rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     folded: frozenset[str] = frozenset()
 
+    def layers(self, start: int, stop: int) -> WeightSources:
+        """The sources of layers ``start .. stop - 1`` (a block of the stacked rows)."""
+        return WeightSources({k: v[start:stop] for k, v in self.rows.items()}, self.folded)
+
 
 @dataclass(frozen=True)
 class WideLayers:
@@ -155,6 +159,8 @@ class SolvePlan:
             raise ValueError(f"wide layers of {self.wide.group}: one stage of a multiple of them")
         if (self.layers is None) != (self.wide is not None):
             raise ValueError("the per-layer batched body is built exactly when the layers are not wide")
+        if any(len(targets) != self.num_layers for targets in self.sources.rows.values()):
+            raise ValueError(f"sources: one attribute per layer ({self.num_layers}) for each stacked weight")
 
     @property
     def num_rows(self) -> int:
