@@ -62,7 +62,7 @@ def test_layer_weights_share_the_stacked_storage_and_edits_need_no_recompile() -
         assert len(backend_records()) == before + 2
 
 
-def test_fused_qkv_rows_are_aliased_and_weights_outside_the_chain_checked() -> None:
+def test_fused_qkv_rows_and_weights_outside_the_chain_are_aliased_buffers_checked() -> None:
     model = tiny_llama()
     ids = tokens(model)
     compiled = torch.compile(model, backend="snlp", options={"iterations": 3})
@@ -71,18 +71,21 @@ def test_fused_qkv_rows_are_aliased_and_weights_outside_the_chain_checked() -> N
         _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
         record = backend_records()[-1]
         assert len(backend_records()) == before + 1 and record.rewritten
-        assert record.aliased == 3 * 9  # q, k, v, o, gate, up, down and the two norms per layer
-        assert record.checked > 0  # embedding, final norm, lm_head (outside the chain)
+        # q, k, v, o, gate, up, down and two norms per layer; embedding, final norm, lm_head
+        assert record.aliased == 3 * 9 + 3
+        assert record.checked == 1  # the rotary embedding's inv_freq (a buffer)
         attn = model.model.layers[1].self_attn
-        shared = {
+        storages = {
             attn.q_proj.weight.untyped_storage().data_ptr(),
             attn.v_proj.weight.untyped_storage().data_ptr(),
         }
-        assert len(shared) == 1  # rows of the fused q/k/v weight
+        assert len(storages) == 1  # rows of the fused q/k/v weight
         attn.k_proj.weight.data.mul_(-2.0)
         _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        model.model.norm.weight.data.mul_(3.0)  # outside the chain: the rewritten graph's own copy
+        _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
         assert len(backend_records()) == before + 1
-        model.model.norm.weight.data.mul_(3.0)  # outside the chain: content-checked, recompiles
+        model.model.rotary_emb.inv_freq.data.mul_(0.5)  # content-checked: recompiles
         _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
         assert len(backend_records()) == before + 2
 

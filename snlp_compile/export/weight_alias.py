@@ -1,14 +1,15 @@
-"""The model's own weights made views of the stacked weights a compiled solve reads.
+"""The model's own weights made to share storage with what a compiled rewrite reads.
 
-The rewrite stacks the layers' weights into new buffers of the solve (copies). Making each
-model weight a view of its row (``weight.data = stacked[i]``) instead lets every in-place edit of
-the weight, ``.data`` edits included, write what the compiled graph reads: no per-call check of
-the copies' content is needed for them, only that the weight was not replaced (another tensor
-object or storage). A weight is aliased only when that is provably the whole story: its row is a
-plain copy of it (``WeightSources.rows``), nothing else was computed from it at transform time
-(``WeightSources.folded``), the rewritten module keeps no other copy of it, and its row has its
-shape, strides, dtype, device and bytes. Every other weight keeps the content check.
-"""
+The rewrite works on a private copy of the weights and stacks the layers' weights into new
+buffers of the solve (copies). Making each model weight a view of its row (``weight.data =
+stacked[i]``), or of the rewritten module's own copy for a weight outside the layers, instead
+lets every in-place edit of the weight, ``.data`` edits included, write what the compiled graph
+reads: no per-call check of the copies' content is needed for them, only that the weight was not
+replaced (another tensor object or storage). A weight is aliased only when that is provably the
+whole story: its row is a plain copy of it (``WeightSources.rows``) or the module reads its copy
+as it is, nothing else was computed from it at transform time (``WeightSources.folded``), no
+other copy of it is kept, and the target has its shape, strides, dtype, device and bytes. Every
+other weight keeps the content check."""
 
 from __future__ import annotations
 
@@ -24,17 +25,28 @@ from ..ir.plan import WeightSources
 
 @dataclass(frozen=True)
 class Alias:
-    """Graph input ``position`` (a model weight) is now a view of the solve's ``buffer`` row."""
+    """Graph input ``position`` (a model weight) now shares the storage of ``target`` of the
+    rewritten module: row ``row`` of a stacked buffer, or (row None) the module's own copy of
+    the weight, which its graph reads as it is."""
 
     position: int
-    buffer: str
-    row: int
+    target: str
+    row: int | None
     data_ptr: int
 
 
-def _rows(module: torch.nn.Module) -> dict[str, tuple[str, int]]:
-    """attribute path -> (stacked buffer, row) over the module's solves; a path read by several
-    rows (or folded into something) is left out, as are the solves' folded attributes."""
+@dataclass(frozen=True)
+class _Sources:
+    """rows: attribute path -> (stacked buffer, row) for the attributes one row copies as it is;
+    touched: every attribute a stacked row copies or something was folded from."""
+
+    rows: dict[str, tuple[str, int]]
+    touched: frozenset[str]
+
+
+def _sources(module: torch.nn.Module) -> _Sources:
+    """The module's solves' ``WeightSources`` together; a path copied by several rows, or also
+    folded into something, is left out of ``rows``."""
     where: dict[str, tuple[str, int]] = {}
     seen: Counter[str] = Counter()
     folded: set[str] = set()
@@ -52,7 +64,8 @@ def _rows(module: torch.nn.Module) -> dict[str, tuple[str, int]]:
             for i, target in enumerate(targets):
                 seen[target] += 1
                 where[target] = (buffer, i)
-    return {p: w for p, w in where.items() if seen[p] == 1 and p not in folded}
+    rows = {p: w for p, w in where.items() if seen[p] == 1 and p not in folded}
+    return _Sources(rows, frozenset(seen) | frozenset(folded))
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -68,34 +81,44 @@ def alias_weights(
     ours: frozenset[int] = frozenset(),
 ) -> list[Alias]:
     """Make the model weights among ``inputs`` (``(position, attribute path)`` in ``weights``)
-    views of the rows of ``module``'s stacked buffers that copy them, where that provably keeps
-    the compiled graph reading what the model holds; returns what was aliased.
+    share the storage of what ``module`` (the rewritten graph) reads for them, where that
+    provably keeps the compiled graph reading what the model holds; returns what was aliased.
 
-    ``ours``: data pointers of earlier aliases (a weight that is one may be aliased again)."""
-    rows = _rows(module)
-    kept = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    kept |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
+    A weight copied by one stacked row (and by nothing else the module keeps) becomes a view of
+    that row. A parameter the module keeps a copy of at its own path, that no stacked row copies
+    and nothing was folded from, shares that copy's storage (a buffer, which the graph may write,
+    e.g. a cache, is left checked). ``ours``: data pointers of earlier aliases (a weight that is
+    one may be aliased again)."""
+    sources = _sources(module)
+    kept: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    kept.update(module.named_buffers(remove_duplicate=False))
     aliases: list[Alias] = []
     with torch.no_grad():
         for position, path in weights:
             weight = inputs[position]
-            if path not in rows or path in kept or not isinstance(weight, torch.Tensor):
+            if not isinstance(weight, torch.Tensor):
                 continue
-            buffer, i = rows[path]
-            row = module.get_buffer(buffer)[i]
+            if path in sources.rows and path not in kept:
+                buffer, i = sources.rows[path]
+                target: torch.Tensor = module.get_buffer(buffer)[i]
+                row: int | None = i
+            elif isinstance(weight, torch.nn.Parameter) and path in kept and path not in sources.touched:
+                target, row = kept[path].detach(), None
+            else:
+                continue
             if weight.data_ptr() not in ours and not _owns_storage(weight):
                 continue
-            same = (row.shape, row.stride(), row.dtype, row.device) == (
-                weight.shape,
-                weight.stride(),
-                weight.dtype,
-                weight.device,
-            )
-            if not same or not _same_bytes(row, weight):
+            if _layout(target) != _layout(weight) or not _same_bytes(target, weight):
                 continue
-            weight.data = row
-            aliases.append(Alias(position, buffer, i, row.data_ptr()))
+            weight.data = target
+            aliases.append(
+                Alias(position, path if row is None else sources.rows[path][0], row, target.data_ptr())
+            )
     return aliases
+
+
+def _layout(t: torch.Tensor) -> tuple[object, ...]:
+    return (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
