@@ -13,12 +13,13 @@ to Inductor unchanged, with a warning that names the reason.
 
 The weights are folded into stacked copies at compile time (as Inductor's ``freezing`` does).
 With the default ``check_weights="content"``, the model's weights that the stacked buffers copy
-row by row are then made views of those rows (``export.weight_alias``): an edit of one in place
+row by row are then made views of those rows, and its other parameters share the storage of the
+rewritten graph's copies (``export.weight_alias``): an edit of one in place
 (through ``.data`` too, as checkpoint loaders do, or ``load_state_dict``) writes what the
 compiled graph reads, and a call only checks that they were not replaced (same objects, same
-data pointers: no read of the weights, no host sync). Every other weight (outside the layer
-chain, or something was computed from it at transform time, e.g. static skip products) is
-checked on every call: same objects, same version counters, same bytes (``p.data.mul_(2)``
+data pointers: no read of the weights, no host sync). Every other weight (buffers, which the
+graph may write; weights something was computed from at transform time, e.g. static skip
+products) is checked on every call: same objects, same version counters, same bytes (``p.data.mul_(2)``
 bumps no version counter). A changed weight recompiles the graph with the live weights: an edit
 after compiling is used, never a stale copy.
 """
@@ -267,8 +268,9 @@ class _LiveWeights:
     changed since: replaced (another tensor object or storage) or edited in place, including
     through ``.data`` (``p.data.mul_(2)``, what checkpoint loaders do), which bumps no version
     counter. With ``check="content"`` the weights the stacked buffers copy row by row become views
-    of their rows (``weight_alias``): an in-place edit of one is what the graph reads, so a call
-    checks only their identity and data pointers. The other weights' bytes are compared with a
+    of their rows, and the other parameters share the rewritten graph's copies (``weight_alias``):
+    an in-place edit of one is what the graph reads, so a call checks only their identity and
+    data pointers. The other weights' (buffers, folded ones) bytes are compared with a
     snapshot taken at compile time on every call (one pass over them on the device, one host
     sync; the snapshot costs their memory once more).
     ``options={"check_weights": "version"}`` keeps only the cheap check (object identity and
