@@ -141,3 +141,28 @@ def test_plan_sources_name_one_attribute_per_layer() -> None:
     plan = SolvePlan(3, "elementwise", 1.0, body, body, (), sources=sources)
     with pytest.raises(ValueError, match="one attribute per layer"):
         dataclasses.replace(plan, num_layers=2, stage_sizes=(2,))
+
+
+class ReadAfterChain(Stack):
+    """Reads a layer's weight after the chain too: the rewritten graph keeps its own copy of it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return x + 0.1 * (x @ self.blocks[1].fc2.weight[:, :16])
+
+
+def test_a_layer_weight_also_read_outside_the_chain_stays_content_checked() -> None:
+    torch.manual_seed(0)
+    model = ReadAfterChain(depth=4, d=16).eval()
+    x = torch.randn(2, 5, 16)
+    before = len(backend_records())
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    with torch.no_grad():
+        _same(compiled(x), model(x))
+        record = backend_records()[-1]
+        assert record.rewritten and (record.aliased, record.checked) == (23, 1)
+        weight = model.blocks[1].fc2.weight
+        assert weight.untyped_storage().data_ptr() != model.blocks[0].fc2.weight.untyped_storage().data_ptr()
+        weight.data.mul_(2.0)  # two copies to follow: recompiled
+        _same(compiled(x), model(x))
+        assert len(backend_records()) == before + 2
