@@ -166,3 +166,18 @@ def test_a_layer_weight_also_read_outside_the_chain_stays_content_checked() -> N
         weight.data.mul_(2.0)  # two copies to follow: recompiled
         _same(compiled(x), model(x))
         assert len(backend_records()) == before + 2
+
+
+def test_weights_tied_through_their_storage_stay_tied_and_checked() -> None:
+    torch.manual_seed(0)
+    model = Stack(depth=4, d=16).eval()
+    model.blocks[1].n.weight = nn.Parameter(model.blocks[0].n.weight.data)  # one storage, two parameters
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    with torch.no_grad():
+        _same(compiled(x), model(x))
+        record = backend_records()[-1]
+        assert record.rewritten and (record.aliased, record.checked) == (22, 2)
+        model.blocks[0].n.weight.data.mul_(-1.5)  # edits both
+        assert model.blocks[1].n.weight.data_ptr() == model.blocks[0].n.weight.data_ptr()
+        _same(compiled(x), model(x))

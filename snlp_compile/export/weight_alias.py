@@ -87,17 +87,21 @@ def alias_weights(
     A weight copied by one stacked row (and by nothing else the module keeps) becomes a view of
     that row. A parameter the module keeps a copy of at its own path, that no stacked row copies
     and nothing was folded from, shares that copy's storage (a buffer, which the graph may write,
-    e.g. a cache, is left checked). ``ours``: data pointers of earlier aliases (a weight that is
+    e.g. a cache, is left checked). Weights sharing a storage are left checked. ``ours``: data pointers of earlier aliases (a weight that is
     one may be aliased again)."""
     sources = _sources(module)
     kept: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     kept.update(module.named_buffers(remove_duplicate=False))
+    given = [(p, inputs[p]) for p, _ in weights if isinstance(inputs[p], torch.Tensor)]
+    storages = Counter(t.untyped_storage().data_ptr() for _, t in given if isinstance(t, torch.Tensor))
     aliases: list[Alias] = []
     with torch.no_grad():
         for position, path in weights:
             weight = inputs[position]
             if not isinstance(weight, torch.Tensor):
                 continue
+            if storages[weight.untyped_storage().data_ptr()] > 1 and weight.data_ptr() not in ours:
+                continue  # tied to another weight through its storage: aliasing would untie them
             if path in sources.rows and path not in kept:
                 buffer, i = sources.rows[path]
                 target: torch.Tensor = module.get_buffer(buffer)[i]
