@@ -1,4 +1,4 @@
-"""The torch.compile backend "snlp" makes the model's layer weights views of the stacked weights
+"""With ``check_weights="alias"`` the torch.compile backend "snlp" makes the model's layer weights views of the stacked weights
 its solve reads (``export.weight_alias``): edits in place (``.data`` too) need no per-call
 content check and no recompilation; replacing a weight recompiles; weights something was folded
 from at transform time (static skip products) and weights outside the chain stay checked."""
@@ -36,7 +36,7 @@ def test_layer_weights_share_the_stacked_storage_and_edits_need_no_recompile() -
     model = Stack(depth=4, d=16).eval()
     x = torch.randn(2, 5, 16)
     before = len(backend_records())
-    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    compiled = torch.compile(model, backend="snlp", options={"check_weights": "alias", "iterations": 4})
     with torch.no_grad():
         _same(compiled(x), model(x))
         record = backend_records()[-1]
@@ -65,7 +65,7 @@ def test_layer_weights_share_the_stacked_storage_and_edits_need_no_recompile() -
 def test_fused_qkv_rows_and_weights_outside_the_chain_are_aliased_buffers_checked() -> None:
     model = tiny_llama()
     ids = tokens(model)
-    compiled = torch.compile(model, backend="snlp", options={"iterations": 3})
+    compiled = torch.compile(model, backend="snlp", options={"check_weights": "alias", "iterations": 3})
     before = len(backend_records())
     with torch.no_grad():
         _same(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
@@ -108,7 +108,7 @@ def test_weights_folded_into_static_skip_products_stay_content_checked() -> None
     model = nn.Sequential(*(ScaledBlock(16, 0.9 + 0.05 * i) for i in range(4))).eval()
     x = torch.randn(2, 5, 16)
     before = len(backend_records())
-    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    compiled = torch.compile(model, backend="snlp", options={"check_weights": "alias", "iterations": 4})
     with torch.no_grad():
         _same(compiled(x), model(x))
         record = backend_records()[-1]
@@ -118,8 +118,9 @@ def test_weights_folded_into_static_skip_products_stay_content_checked() -> None
         assert len(backend_records()) == before + 2
 
 
-@pytest.mark.parametrize("check", ["version", "off"])
-def test_cheaper_checks_alias_nothing(check: str) -> None:
+@pytest.mark.parametrize("check", ["content", "version", "off"])
+def test_other_checks_alias_nothing(check: str) -> None:
+    """The default byte check and the cheaper ones leave the model's weights as they are."""
     torch.manual_seed(0)
     model = Stack(depth=2, d=16).eval()
     pointer = model.blocks[0].fc1.weight.data_ptr()
@@ -128,7 +129,7 @@ def test_cheaper_checks_alias_nothing(check: str) -> None:
         x = torch.randn(1, 3, 16)
         _same(compiled(x), model(x))
     record = backend_records()[-1]
-    assert record.aliased == 0 and record.checked == (12 if check == "version" else 0)
+    assert record.aliased == 0 and record.checked == (0 if check == "off" else 12)
     assert model.blocks[0].fc1.weight.data_ptr() == pointer
 
 
@@ -156,7 +157,7 @@ def test_a_layer_weight_also_read_outside_the_chain_stays_content_checked() -> N
     model = ReadAfterChain(depth=4, d=16).eval()
     x = torch.randn(2, 5, 16)
     before = len(backend_records())
-    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    compiled = torch.compile(model, backend="snlp", options={"check_weights": "alias", "iterations": 4})
     with torch.no_grad():
         _same(compiled(x), model(x))
         record = backend_records()[-1]
@@ -173,7 +174,7 @@ def test_weights_tied_through_their_storage_stay_tied_and_checked() -> None:
     model = Stack(depth=4, d=16).eval()
     model.blocks[1].n.weight = nn.Parameter(model.blocks[0].n.weight.data)  # one storage, two parameters
     x = torch.randn(2, 5, 16)
-    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    compiled = torch.compile(model, backend="snlp", options={"check_weights": "alias", "iterations": 4})
     with torch.no_grad():
         _same(compiled(x), model(x))
         record = backend_records()[-1]

@@ -61,8 +61,7 @@ class Stack(nn.Module):
 
 def test_weights_edited_after_compiling_are_used() -> None:
     """Issue 22 case 5: ``.data.mul_`` bumps no version counter; the compiled model used to keep
-    the stale stacked LayerNorm weight (rel. error 0.31). Now every edit is picked up: the
-    layers' weights are views of the stacked ones, so no edit needs a recompilation."""
+    the stale stacked LayerNorm weight (rel. error 0.31). Now every edit is picked up."""
     torch.manual_seed(0)
     model = Stack().eval()
     x = torch.randn(2, 6, 16)
@@ -79,8 +78,7 @@ def test_weights_edited_after_compiling_are_used() -> None:
         _close(compiled(x), model(x))
         _close(compiled(x), model(x))  # unchanged since: no further recompilation
     records = backend_records()[before:]
-    assert len(records) == 1 and all(r.rewritten for r in records), [r.reason for r in records]
-    assert (records[0].aliased, records[0].checked) == (24, 0)
+    assert len(records) == 3 and all(r.rewritten for r in records), [r.reason for r in records]
 
 
 def test_check_weights_option_is_validated() -> None:

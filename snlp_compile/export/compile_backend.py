@@ -12,16 +12,16 @@ result goes to Inductor. A graph that cannot be rewritten (refused, or not captu
 to Inductor unchanged, with a warning that names the reason.
 
 The weights are folded into stacked copies at compile time (as Inductor's ``freezing`` does).
-With the default ``check_weights="content"``, the model's weights that the stacked buffers copy
-row by row are then made views of those rows, and its other parameters share the storage of the
-rewritten graph's copies (``export.weight_alias``): an edit of one in place
-(through ``.data`` too, as checkpoint loaders do, or ``load_state_dict``) writes what the
-compiled graph reads, and a call only checks that they were not replaced (same objects, same
-data pointers: no read of the weights, no host sync). Every other weight (buffers, which the
-graph may write; weights something was computed from at transform time, e.g. static skip
-products) is checked on every call: same objects, same version counters, same bytes (``p.data.mul_(2)``
-bumps no version counter). A changed weight recompiles the graph with the live weights: an edit
-after compiling is used, never a stale copy.
+With the default ``check_weights="content"`` every call checks that the weights it was given are
+the ones it folded: same objects, same version counters, same bytes (``p.data.mul_(2)`` bumps no
+version counter; one read of the weights and a host sync per call). ``check_weights="alias"``
+makes that cheap: the model's weights that the stacked buffers copy row by row become views of
+those rows, and its other parameters share the rewritten graph's copies (``export.weight_alias``),
+so an in-place edit (through ``.data`` too, or ``load_state_dict``) writes what the compiled graph
+reads and a call only checks that they were not replaced; the rest (buffers, weights something
+was folded from) keep the byte check. The price: the model's weights then share storage, which
+``safetensors.torch.save_model`` refuses (opt-in for that reason). A changed weight recompiles
+the graph with the live weights: an edit after compiling is used, never a stale copy.
 """
 
 from __future__ import annotations
@@ -267,15 +267,16 @@ class _LiveWeights:
     """Calls the compiled graph with the weights it was compiled with, recompiling when they
     changed since: replaced (another tensor object or storage) or edited in place, including
     through ``.data`` (``p.data.mul_(2)``, what checkpoint loaders do), which bumps no version
-    counter. With ``check="content"`` the weights the stacked buffers copy row by row become views
-    of their rows, and the other parameters share the rewritten graph's copies (``weight_alias``):
-    an in-place edit of one is what the graph reads, so a call checks only their identity and
-    data pointers. The other weights' (buffers, folded ones) bytes are compared with a
-    snapshot taken at compile time on every call (one pass over them on the device, one host
-    sync; the snapshot costs their memory once more).
-    ``options={"check_weights": "version"}`` keeps only the cheap check (object identity and
-    version counters: in-place ops and ``load_state_dict``, not ``.data`` edits), no aliasing;
-    ``"off"`` none."""
+    counter. ``check="content"`` (the default) compares every weight's bytes with a snapshot taken
+    at compile time on every call (one pass over them on the device, one host sync; the snapshot
+    costs their memory once more). ``"alias"`` first makes the weights the stacked buffers copy
+    row by row views of their rows, and the other parameters share the rewritten graph's copies
+    (``weight_alias``): an in-place edit of one is what the graph reads, so a call checks only
+    their identity and data pointers, and only the rest (buffers, folded weights) by content; the
+    model's weights then share storage (``safetensors.torch.save_model`` refuses such a model;
+    ``save_file``, ``torch.save`` and ``save_pretrained`` write it). ``"version"`` keeps only the
+    cheap check (object identity and version counters: in-place ops and ``load_state_dict``, not
+    ``.data`` edits), no aliasing; ``"off"`` none."""
 
     def __init__(self, build: Callable[[list[Any]], _Build], example_inputs: list[Any], check: str):
         self.build = build
@@ -291,7 +292,7 @@ class _LiveWeights:
         if lifted is None or built.module is None:  # compiled unchanged: Inductor reads the live weights
             return
         ours = frozenset(a.data_ptr for a in self._aliases)
-        aliases = alias_weights(built.module, lifted.weights, inputs, ours) if self.check == "content" else []
+        aliases = alias_weights(built.module, lifted.weights, inputs, ours) if self.check == "alias" else []
         self._aliases = aliases
         aliased = {a.position for a in aliases}
         self.positions = [i for i, _ in lifted.weights]
@@ -301,7 +302,7 @@ class _LiveWeights:
         self.checked_positions = [i for i in self.positions if i not in aliased]
         checked = [inputs[i] for i in self.checked_positions]
         self.versions = tuple(t._version for t in checked)
-        self.snapshot = [_as_bytes(t.detach()).clone() for t in checked] if self.check == "content" else []
+        self.snapshot = [_as_bytes(t.detach()).clone() for t in checked] if self.check in _BYTES else []
         built.record.aliased = len(aliases)
         built.record.checked = len(checked) if self.check != "off" else 0
         self._user = operator.itemgetter(
@@ -327,7 +328,7 @@ class _LiveWeights:
         given = [args[i] for i in self.checked_positions]
         if tuple(map(_VERSION, given)) != self.versions:
             return True
-        if self.check != "content" or not given:
+        if self.check not in _BYTES or not given:
             return False
         with torch.no_grad():
             now = [_as_bytes(t.detach()) for t in given]
@@ -343,7 +344,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 _VERSION = operator.attrgetter("_version")
-_CHECKS = ("content", "version", "off")
+_CHECKS = ("content", "alias", "version", "off")
+_BYTES = ("content", "alias")  # the checks that compare the checked weights' bytes
 
 
 def snlp_backend(
@@ -357,7 +359,7 @@ def snlp_backend(
 
     Rewrites the layer chain found in Dynamo's graph into the layer-parallel solve and compiles
     the result with Inductor. Options: ``config`` (SNLPConfig) and/or SNLPConfig fields;
-    ``check_weights`` ("content" by default, "version" or "off": see _LiveWeights); other keys
+    ``check_weights`` ("content" by default, "alias", "version" or "off": see _LiveWeights); other keys
     are Inductor config patches. A graph that cannot be rewritten is compiled unchanged with an
     SNLPBackendWarning naming the reason; what happened to each graph is in backend_records().
     Weights edited after compiling are picked up (the graph is recompiled with them).
