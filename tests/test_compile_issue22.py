@@ -85,3 +85,21 @@ def test_check_weights_option_is_validated() -> None:
     compiled = torch.compile(Stack(depth=2), backend="snlp", options={"check_weights": "never"})
     with pytest.raises(Exception, match=r"check_weights must be one of"):
         compiled(torch.randn(1, 3, 16))
+
+
+def test_a_graph_rebuilt_for_edited_weights_keeps_its_symbolic_sizes() -> None:
+    """Dynamo made the sequence length symbolic (two lengths called); a weight edited after that
+    rebuilds the graph, which must still take both lengths (it used to be compiled for the call
+    that found the edit and fail the other length in Inductor's size assertion)."""
+    torch.manual_seed(0)
+    model = Stack(depth=4, d=16).eval()
+    compiled = torch.compile(model, backend="snlp", options={"iterations": 4})
+    short, long = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    before = len(backend_records())
+    with torch.no_grad():
+        for x in (short, long):
+            _close(compiled(x), model(x))
+        model.blocks[2].n.weight.data.mul_(2)
+        for x in (short, long, short, long):
+            _close(compiled(x), model(x))
+    assert len(backend_records()) - before == 3  # two lengths, then one rebuild for the edit

@@ -370,10 +370,28 @@ def snlp_backend(
         raise SNLPConfigError(f"snlp backend options: check_weights must be one of {_CHECKS}, not {check!r}")
     config, patches = split_options(options)
 
+    # Dynamo's fake mode while it compiles this graph: its fakes of the inputs carry the sizes it
+    # made symbolic; a graph rebuilt at call time (edited weights) is compiled for those, not for
+    # the sizes of the call that found the edit
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    shapes: list[Sequence[Any] | None] = [None]
+
     def build(inputs: list[Any]) -> _Build:
-        return _compile_graph(gm, inputs, mode, config, patches)
+        if shapes[0] is None:
+            built = _compile_graph(gm, inputs, mode, config, patches)
+            if fake_mode is not None and built.lifted is not None:
+                shapes[0] = [_fake(fake_mode, inputs[i]) for i in built.lifted.user_positions]
+            return built
+        assert fake_mode is not None
+        with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+            return _compile_graph(gm, inputs, mode, config, patches, compile_as=shapes[0])
 
     return _LiveWeights(build, list(example_inputs), check)
+
+
+def _fake(fake_mode: Any, value: Any) -> Any:
+    """Dynamo's fake of a graph input (its memo returns the one it traced with), else the value."""
+    return fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
 
 
 def _compile_graph(
@@ -382,9 +400,12 @@ def _compile_graph(
     mode: str | None,
     config: SNLPConfig,
     patches: dict[str, Any],
+    compile_as: Sequence[Any] | None = None,
 ) -> _Build:
     """The compiled graph over the user inputs, the lifted graph and the transformed module
-    (weights folded in), or Inductor's compilation of the unchanged graph (over all its inputs)."""
+    (weights folded in), or Inductor's compilation of the unchanged graph (over all its inputs).
+    ``compile_as``: the user inputs Inductor compiles for (fakes with the first compilation's
+    symbolic sizes), where they differ from the example inputs the rewrite is made and checked on."""
     record = BackendRecord(graph_inputs=len(example_inputs))
     try:
         lifted = lift_dynamo_graph(gm, example_inputs)
@@ -402,7 +423,7 @@ def _compile_graph(
         _RECORDS.append(record)  # only once compiled: Inductor may restart Dynamo's analysis
         return _Build(compiled, record)
     record.report = ExplainReport.of(transformed)
-    compiled = inductor(plain_graph(transformed), user_inputs, mode, patches)
+    compiled = inductor(plain_graph(transformed), compile_as or user_inputs, mode, patches)
     _RECORDS.append(record)
     log.info("snlp backend rewrote a graph:\n%s", record.report)
     return _Build(compiled, record, lifted, transformed)
