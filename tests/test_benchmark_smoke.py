@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmarks.common as common
 import benchmarks.targets as targets
@@ -294,3 +295,14 @@ def test_step_timeline_variants_are_transform_lowerings() -> None:
     assert fused.decode_attention_in_layers and nopdl.decode_attention_in_layers and not nopdl.pdl
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         variant_lowering("fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("name", ["forward", "decode", "lowering-gpu", "decode-hf-qwen"])
+def test_gpu_benchmarks_fail_in_one_line_without_cuda(name: str, tmp_path: Path, capsys) -> None:
+    """The README's GPU commands on a machine without CUDA: exit 2, one line on stderr, nothing
+    printed before it (lowering-gpu printed its ONNX Runtime providers first)."""
+    assert benchmarks_main([name, "--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, out + err
+    assert err.startswith(f"python -m benchmarks {name.removesuffix('-qwen')}: needs a CUDA GPU"), err
