@@ -306,3 +306,22 @@ def test_gpu_benchmarks_fail_in_one_line_without_cuda(name: str, tmp_path: Path,
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1, out + err
     assert err.startswith(f"python -m benchmarks {name.removesuffix('-qwen')}: needs a CUDA GPU"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_multigpu_without_cuda_stops_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun ... -m benchmarks.multigpu` without CUDA: rank 0 says why in one line, before any
+    process group (NCCL's traceback from every rank before)."""
+    import torch.distributed as dist
+
+    import benchmarks.multigpu as multigpu
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(
+        SystemExit, match=r"^python -m benchmarks.multigpu: needs a CUDA GPU .*--smoke --device cpu"
+    ):
+        multigpu.main([])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        multigpu.main([])
+    assert stop.value.code == 2 and not dist.is_initialized()
