@@ -35,9 +35,10 @@ def test_export_onnx_ort_matches_the_rewrite() -> None:
     assert _load("export_onnx_ort").main(iterations=1) < 1e-4
 
 
-def test_train_regularised_reduces_the_trace_error() -> None:
+def test_train_regularised_reduces_the_trace_error(recwarn: pytest.WarningsRecorder) -> None:
     terms = _load("train_regularised").main(steps=12)
     assert terms[-1] < terms[0]
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]  # its printing warned
 
 
 def test_generate_across_processes_without_cuda_stops_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
