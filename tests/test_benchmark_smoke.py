@@ -21,13 +21,14 @@ from benchmarks.__main__ import main as benchmarks_main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(subcommand: str, *args: str, out: Path) -> dict:
+def _run(subcommand: str, *args: str, out: Path, forbid: tuple[str, ...] = ()) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", subcommand, "--device", "cpu", "--out", str(out), *args],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [text for text in forbid if text in proc.stderr], proc.stderr
     return json.loads(next(out.glob("*.json")).read_text())
 
 
@@ -72,7 +73,7 @@ def test_decode_hf_benchmark_smoke(tmp_path: Path) -> None:
     (K = 2 layers) match it, the floor note says how the vocabulary was cut."""
     result = _run(
         "decode-hf", "--smoke", "--shapes", "tiny-llama", "--modes", "eager", "--seq-extra-modes", "",
-        out=tmp_path,
+        out=tmp_path, forbid=("`past_key_values` is deprecated",),
     )  # fmt: skip
     variants = {r["variant"]: r for r in result["records"]}
     expected = {"seq eager", "hf StaticCache eager", "snlp K=1 eager", "snlp K=2 eager"}
