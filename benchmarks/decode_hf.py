@@ -26,6 +26,7 @@ head's bytes.
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -113,6 +114,8 @@ def hf_static_step(
     cache = transformers.StaticCache(config=hf.config, max_cache_len=k_cache.shape[3])
     position = pos.reshape(1)
     lengths: list[torch.Tensor] = []  # (transformers >= 5.2x: layers count their own length)
+    # (transformers 5.25 renamed past_key_values to cache and warns on the old name)
+    cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
     def step(
         idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -121,7 +124,7 @@ def hf_static_step(
             length.fill_(n)
         out = hf(
             input_ids=idx,
-            past_key_values=cache,
+            **{cache_arg: cache},
             cache_position=position,
             position_ids=position.expand(idx.shape[0], 1),
             use_cache=True,

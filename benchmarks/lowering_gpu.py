@@ -309,14 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.cache_size_limit = 64
     out = common.out_dir_from(args.out)
     providers = ort_providers()
-    print(f"onnxruntime.get_available_providers() -> {providers}")
     meta: dict[str, Any] = {
-        "env": common.environment(device),
+        "env": common.environment(device),  # (first: without CUDA, the one-line failure before any output)
         "dtype": args.dtype,
         "ort_providers": providers,
         "note": common.RANDOM_WEIGHTS_NOTE + f"; trunk shape (vocab {args.vocab})",
         "command": common.command("lowering-gpu", argv),
     }
+    print(f"onnxruntime.get_available_providers() -> {providers}")
     if device.type == "cuda":
         meta["copy_bandwidth_tbs"] = common.copy_bandwidth(device) / 1e12
         meta["matmul_tflops"] = common.matmul_rate(device, common.DTYPES[args.dtype]) / 1e12

@@ -228,8 +228,22 @@ def _table(rows: list[dict[str, Any]], world: int, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def require_cuda() -> None:
+    """Without a CUDA GPU, --device cuda stops before the process group, in one line from rank 0."""
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("RANK", "0") != "0":
+        raise SystemExit(2)
+    raise SystemExit(
+        f"python -m benchmarks.multigpu: needs a CUDA GPU and torch {torch.__version__} sees none; "
+        "--smoke --device cpu runs it on a CPU"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.device == "cuda":
+        require_cuda()
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     world, rank = dist.get_world_size(), dist.get_rank()

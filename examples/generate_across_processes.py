@@ -19,7 +19,21 @@ from snlp_compile import SNLPConfig
 from snlp_compile.models import build_model
 
 
+def require_cuda() -> None:
+    """Without a CUDA GPU, --cuda stops before the process group, in one line (rank 0 says it)."""
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("RANK", "0") != "0":
+        raise SystemExit(2)
+    raise SystemExit(
+        f"generate_across_processes.py --cuda: no CUDA GPU is available to torch {torch.__version__}; "
+        "run without --cuda (gloo on CPUs)"
+    )
+
+
 def main(cuda: bool = False, new_tokens: int = 32) -> bool:
+    if cuda:
+        require_cuda()
     dist.init_process_group("nccl" if cuda else "gloo")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
     if cuda:

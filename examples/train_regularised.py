@@ -36,7 +36,7 @@ def main(steps: int = 30, weight: float = 1.0) -> list[float]:
         opt.step()
         terms.append(float(out.loss.detach()))
         if step % 10 == 0 or step == steps - 1:
-            print(f"step {step:3d}  cross-entropy {float(ce):.3f}  K=1 trace error {terms[-1]:.3f}")
+            print(f"step {step:3d}  cross-entropy {float(ce.detach()):.3f}  K=1 trace error {terms[-1]:.3f}")
     return terms
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmarks.common as common
 import benchmarks.targets as targets
@@ -20,13 +21,14 @@ from benchmarks.__main__ import main as benchmarks_main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(subcommand: str, *args: str, out: Path) -> dict:
+def _run(subcommand: str, *args: str, out: Path, forbid: tuple[str, ...] = ()) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", subcommand, "--device", "cpu", "--out", str(out), *args],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [text for text in forbid if text in proc.stderr], proc.stderr
     return json.loads(next(out.glob("*.json")).read_text())
 
 
@@ -71,7 +73,7 @@ def test_decode_hf_benchmark_smoke(tmp_path: Path) -> None:
     (K = 2 layers) match it, the floor note says how the vocabulary was cut."""
     result = _run(
         "decode-hf", "--smoke", "--shapes", "tiny-llama", "--modes", "eager", "--seq-extra-modes", "",
-        out=tmp_path,
+        out=tmp_path, forbid=("`past_key_values` is deprecated",),
     )  # fmt: skip
     variants = {r["variant"]: r for r in result["records"]}
     expected = {"seq eager", "hf StaticCache eager", "snlp K=1 eager", "snlp K=2 eager"}
@@ -294,3 +296,33 @@ def test_step_timeline_variants_are_transform_lowerings() -> None:
     assert fused.decode_attention_in_layers and nopdl.decode_attention_in_layers and not nopdl.pdl
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         variant_lowering("fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("name", ["forward", "decode", "lowering-gpu", "decode-hf-qwen"])
+def test_gpu_benchmarks_fail_in_one_line_without_cuda(name: str, tmp_path: Path, capsys) -> None:
+    """The README's GPU commands on a machine without CUDA: exit 2, one line on stderr, nothing
+    printed before it (lowering-gpu printed its ONNX Runtime providers first)."""
+    assert benchmarks_main([name, "--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, out + err
+    assert err.startswith(f"python -m benchmarks {name.removesuffix('-qwen')}: needs a CUDA GPU"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_multigpu_without_cuda_stops_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun ... -m benchmarks.multigpu` without CUDA: rank 0 says why in one line, before any
+    process group (NCCL's traceback from every rank before)."""
+    import torch.distributed as dist
+
+    import benchmarks.multigpu as multigpu
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(
+        SystemExit, match=r"^python -m benchmarks.multigpu: needs a CUDA GPU .*--smoke --device cpu"
+    ):
+        multigpu.main([])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        multigpu.main([])
+    assert stop.value.code == 2 and not dist.is_initialized()

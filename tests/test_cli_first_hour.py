@@ -57,6 +57,10 @@ def test_every_option_has_help_and_defaults_are_shown() -> None:
             assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
         if name != "bench":
             assert "(default:" in p.format_help(), name
+        text = " ".join(p.format_help().split())  # (one default per option: not its own and argparse's)
+        assert (
+            "(default: 20% of --steps) (default: None)" not in text and "CUDA (default: None)" not in text
+        ), name
 
 
 def test_cli_defaults_agree_with_the_library() -> None:

@@ -6,6 +6,8 @@ checks everything it can on that one compilation.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -61,10 +63,12 @@ def test_backend_is_registered() -> None:
     assert "snlp" in torch._dynamo.list_backends()
 
 
-def test_backend_rewrites_and_matches_eager_and_original() -> None:
+def test_backend_rewrites_and_matches_eager_and_original(capfd: pytest.CaptureFixture[str]) -> None:
     """torch.compile(model, backend="snlp") in exact mode (K = L): the compiled output equals the
     eager transformed module and the original model; the backend records what it matched; a
-    weight edited after compiling is used, not the stale stacked copy."""
+    weight edited after compiling is used, not the stale stacked copy. Compiling an eval-mode
+    model prints nothing: no training-mode warning about Dynamo's graph, no fx traceback from
+    verify's call at another batch size (Dynamo's first graph fixes the batch)."""
     model = build_model("nanochat-tiny", n_layer=3)
     idx = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
@@ -72,8 +76,12 @@ def test_backend_rewrites_and_matches_eager_and_original() -> None:
         eager = snlp_compile.transform(model, (idx,), iterations=3)(idx)
     before = len(backend_records())
     compiled = torch.compile(model, backend="snlp", options={"iterations": 3})
-    with torch.no_grad():
+    capfd.readouterr()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = compiled(idx)
+    assert not [w for w in caught if "training mode" in str(w.message)], [str(w.message) for w in caught]
+    assert "Traceback" not in capfd.readouterr().err
     _close(got, eager)
     _close(got, want)
     records = backend_records()[before:]

@@ -28,7 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults on every option, descriptions kept as written."""
+    """Defaults on every option, descriptions kept as written; a help text that names its default
+    itself (``default: 20% of --steps``) is not followed by argparse's ``(default: None)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def version() -> str:

@@ -193,7 +193,9 @@ def lift_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Lift
             new.meta["nn_module_stack"] = {k: (module_path(str(v[0])), v[1]) for k, v in stack.items()}
         env[node] = new
     graph.lint()
-    return LiftedGraph(fx.GraphModule(root, graph, class_name="DynamoGraph"), user, weights)
+    module = fx.GraphModule(root, graph, class_name="DynamoGraph")
+    module.training = False  # (fx's default flag, not the user's: Dynamo traced the modes into the ops)
+    return LiftedGraph(module, user, weights)
 
 
 def _size_node(graph: fx.Graph, node: fx.Node, tensors: list[tuple[fx.Node, fx.Node]]) -> fx.Node:
