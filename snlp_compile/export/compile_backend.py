@@ -376,17 +376,17 @@ def snlp_backend(
     # made symbolic; a graph rebuilt at call time (edited weights) is compiled for those, not for
     # the sizes of the call that found the edit
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    shapes: list[Sequence[Any] | None] = [None]
+    first_inputs: list[Any] | None = None  # Dynamo's fakes of the first build's user inputs
 
     def build(inputs: list[Any]) -> _Build:
-        if shapes[0] is None:
+        nonlocal first_inputs
+        if first_inputs is None:
             built = _compile_graph(gm, inputs, mode, config, patches)
             if fake_mode is not None and built.lifted is not None:
-                shapes[0] = [_fake(fake_mode, inputs[i]) for i in built.lifted.user_positions]
+                first_inputs = [_fake(fake_mode, inputs[i]) for i in built.lifted.user_positions]
             return built
-        assert fake_mode is not None
         with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-            return _compile_graph(gm, inputs, mode, config, patches, compile_as=shapes[0])
+            return _compile_graph(gm, inputs, mode, config, patches, compile_as=first_inputs)
 
     return _LiveWeights(build, list(example_inputs), check)
 
