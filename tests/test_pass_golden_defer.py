@@ -23,7 +23,6 @@ from snlp_compile.models.kv import CachedStep
 from snlp_compile.passes.skip_analysis import analyse_skip
 from snlp_compile.pipeline import compilation, pipeline, run
 from snlp_compile.report import PassResult
-from snlp_compile.solve.deferred import DeferredSideOutputs
 
 aten = torch.ops.aten
 
@@ -108,17 +107,9 @@ def test_stream_analysis_refuses_a_mixing_that_sums_the_features() -> None:
 # -- defer_kv: the smallest reference decode step -------------------------------------------------
 
 
-def _decode_step(deferred: list[DeferredPlan], monkeypatch: pytest.MonkeyPatch) -> Any:
+def _decode_step() -> Any:
     """Before: nanochat-tiny with 2 layers as a decode step (``CachedStep``: idx, pos, k_cache,
-    v_cache -> logits, k, v), through the whole pipeline with ``deferred_kv``; the DeferredPlan
-    the pass hands to the solve is recorded in ``deferred``."""
-    enable = DeferredSideOutputs.enable_deferred
-
-    def record(solve: DeferredSideOutputs, plan: DeferredPlan) -> None:
-        deferred.append(plan)
-        enable(solve, plan)
-
-    monkeypatch.setattr(DeferredSideOutputs, "enable_deferred", record)
+    v_cache -> logits, k, v), through the whole pipeline with ``deferred_kv``."""
     torch.manual_seed(0)
     model = reference_model("nanochat-tiny", n_layer=2).eval()
     config = SNLPConfig(iterations=1, deferred_kv=True, dynamic_shapes=False, verify=False)
@@ -128,16 +119,13 @@ def _decode_step(deferred: list[DeferredPlan], monkeypatch: pytest.MonkeyPatch) 
     return c
 
 
-def test_defer_kv_merges_the_previous_tokens_kv_into_the_first_evaluation(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_defer_kv_merges_the_previous_tokens_kv_into_the_first_evaluation() -> None:
     """Expected: the pass runs after emit and records its note (K/V written into both caches, the
     k/v rows of the fused q/k/v weight read once); its DeferredPlan keeps the previous call's values
     of the per-token externals (the normed x0, the rotary tables' rows), shares that weight block,
     and its merged layers take (u, the body's externals, u_prev, those previous externals, pos_prev)
     and return the body's outputs (next hidden state, skip scale) and the provisional K and V."""
-    plans: list[DeferredPlan] = []
-    c = _decode_step(plans, monkeypatch)
+    c = _decode_step()
     records = dict(c.report.passes)
     assert [name for name, _ in c.report.passes][5:8] == ["emit", "defer_kv", "inline_markers"]
     assert records["defer_kv"] == PassResult(
@@ -148,8 +136,9 @@ def test_defer_kv_merges_the_previous_tokens_kv_into_the_first_evaluation(
             "position, computed by the first evaluation's GEMVs (fused_attn_c_q_attn_c_k_attn_c_v[64:128])",
         ),
     )
-    (plan,) = plans
     solve = c.graph_module().get_submodule(SOLVE_NAME)
+    plan = solve.deferred_plan
+    assert isinstance(plan, DeferredPlan)
     assert (plan.saved, plan.shared) == ((2, 6, 7, 8), ("fused_attn_c_q_attn_c_k_attn_c_v[64:128]",))
     assert [solve.ext_names[i] for i in plan.saved] == ["rms_norm", "index", "index_1", "neg"]
     assert solve.deferred_layers is plan.layers and solve.deferred_saved == [2, 6, 7, 8]

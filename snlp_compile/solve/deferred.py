@@ -33,6 +33,7 @@ def as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 class DeferredSideOutputs(nn.Module):
     """The deferred-K/V state of ``LayerParallelSolve`` (its base class; see the module docstring)."""
 
+    deferred_plan: DeferredPlan | None  # what passes.defer_kv handed over (None: no deferral)
     deferred_layers: fx.GraphModule | None
     deferred_saved: list[int]
     deferred_h_in: torch.Tensor | None
@@ -69,6 +70,7 @@ class DeferredSideOutputs(nn.Module):
 
     def init_deferred(self) -> None:
         """No deferral yet: ``enable_deferred`` turns it on."""
+        self.deferred_plan = None
         self.deferred_layers = None
         self.deferred_saved = []
         self.register_buffer("deferred_h_in", None, persistent=False)
@@ -80,6 +82,7 @@ class DeferredSideOutputs(nn.Module):
         merged first evaluation ``passes.defer_kv`` built for this solve."""
         if self.side_layers is None or self.num_stages != 1:
             raise ValueError("deferred side outputs need side outputs and one stage")
+        self.deferred_plan = deferred
         self.deferred_layers, self.deferred_saved = deferred.layers, list(deferred.saved)
         for i in deferred.saved:
             self.register_buffer(f"deferred_ext_{i}", None, persistent=False)
