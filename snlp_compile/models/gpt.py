@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,18 @@ from torch.nn import functional as F
 from .kv import attention_bias, cached_attention
 
 KVInput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (k_cache, v_cache, bias) of one layer
+
+if TYPE_CHECKING:
+
+    class _Trunk(nn.ModuleDict):
+        """GPT.transformer's entries as mypy sees them (torch types a ModuleDict's attributes as
+        Tensor | Module); for type checking only, the model holds a plain ModuleDict."""
+
+        wte: nn.Embedding
+        wpe: nn.Embedding
+        drop: nn.Dropout
+        h: nn.ModuleList
+        ln_f: nn.LayerNorm
 
 
 @dataclass
@@ -102,18 +114,23 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token + learned position embeddings, n_layer blocks, final LayerNorm, tied head."""
 
+    transformer: _Trunk
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        self.transformer = cast(
+            "_Trunk",
+            nn.ModuleDict(
+                dict(
+                    wte=nn.Embedding(config.vocab_size, config.n_embd),
+                    wpe=nn.Embedding(config.block_size, config.n_embd),
+                    drop=nn.Dropout(config.dropout),
+                    h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                    ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                )
+            ),
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying, as in GPT-2: the head reuses the token embedding matrix.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -123,7 +123,7 @@ def _sliding_window(cfg: Any) -> int | None:
 
 def _check(model: nn.Module, spec: FamilySpec, max_len: int | None) -> int:
     """Refuse what the step would not reproduce; return the longest sequence it reproduces."""
-    cfg = model.config
+    cfg: Any = model.config  # (a transformers PretrainedConfig)
     mt = cfg.model_type
     rope = _rope_type(cfg)
     if spec.rotary is not None and rope not in STATIC_ROPE_TYPES:
@@ -165,7 +165,7 @@ class Block(nn.Module):
 
     def __init__(self, layer: nn.Module, kind: str, cfg: HFStepConfig, parallel_residual: bool):
         super().__init__()
-        self.layer = layer
+        self.layer: Any = layer  # a transformers decoder layer: its parts' names depend on the family
         self.kind = kind
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.parallel_residual = parallel_residual
@@ -263,10 +263,11 @@ class HFCachedLM(nn.Module):
             )
         longest = _check(model, spec, max_len)
         trunk = model.get_submodule(spec.trunk)
-        layers = trunk.get_submodule(spec.layers)
+        layers = cast(nn.ModuleList, trunk.get_submodule(spec.layers))
         attn = _attention_module(spec, layers[0])
         n_head = int(cfg.num_attention_heads)
-        head_dim = int(getattr(attn, "head_dim", None) or getattr(attn, "head_size", 0))
+        head_size: Any = getattr(attn, "head_dim", None) or getattr(attn, "head_size", 0)
+        head_dim = int(head_size)
         n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
         for i, layer in enumerate(layers):
             scaling = getattr(_attention_module(spec, layer), "scaling", None)

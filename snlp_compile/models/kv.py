@@ -17,6 +17,8 @@ and ``CachedStep``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -51,6 +53,8 @@ class CachedStep(nn.Module):
     """The model's KV-cached step as a module whose forward is the step, so transform() and
     torch.export capture it: forward(idx, pos, k_cache, v_cache) -> (logits, new_k, new_v)."""
 
+    model: Any  # any module with forward_cached: a reference model or the transformers adapter
+
     def __init__(self, model: nn.Module):
         super().__init__()
         if not hasattr(model, "forward_cached"):
@@ -67,7 +71,7 @@ class CachedStep(nn.Module):
 def cache_shape(model: nn.Module, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
     """(L, B, H_kv, T_max, D) of one of the two caches of a reference model (or of the
     `transformers` adapter, models.hf_decode, whose config gives head_dim)."""
-    cfg = model.config
+    cfg: Any = model.config  # (a reference model's config dataclass or the adapter's HFStepConfig)
     n_kv = getattr(cfg, "n_kv_head", cfg.n_head)
     head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
     return (cfg.n_layer, batch, n_kv, max_len, head_dim)
@@ -75,7 +79,7 @@ def cache_shape(model: nn.Module, batch: int, max_len: int) -> tuple[int, int, i
 
 def max_positions(model: nn.Module) -> int:
     """The longest sequence the model's position tables cover."""
-    cfg = model.config
+    cfg: Any = model.config
     return int(getattr(cfg, "sequence_len", None) or cfg.block_size)
 
 
@@ -92,7 +96,7 @@ def new_cache(
         raise ValueError(f"max_len={max_len} exceeds the model's {max_positions(model)} positions")
     ref = next(model.parameters())
     shape = cache_shape(model, batch, max_len)
-    kw = {"device": device or ref.device, "dtype": dtype or ref.dtype}
+    kw: dict[str, Any] = {"device": device or ref.device, "dtype": dtype or ref.dtype}
     return torch.zeros(shape, **kw), torch.zeros(shape, **kw)
 
 

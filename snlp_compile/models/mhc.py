@@ -77,6 +77,10 @@ class FrozenMix(nn.Module):
     """A StaticMix's H_pre, H_post, H_res computed once and kept as buffers: what an inference
     deployment of a static-H model runs (no Sinkhorn per step). See :func:`freeze_static_mixing`."""
 
+    pre: torch.Tensor  # buffers
+    post: torch.Tensor
+    res: torch.Tensor
+
     def __init__(self, mix: StaticMix) -> None:
         super().__init__()
         with torch.no_grad():
@@ -172,6 +176,8 @@ class MHCBlock(nn.Module):
 class MHCGPT(NanochatGPT):
     """nanochat-style GPT whose residual stream is ``n_streams`` hyper-connected streams."""
 
+    config: MHCConfig
+
     def __init__(self, config: MHCConfig) -> None:
         nn.Module.__init__(self)
         self.config = config
@@ -187,6 +193,7 @@ class MHCGPT(NanochatGPT):
         std = self.config.mix_logit_std
         n, d = self.config.n_streams, self.config.n_embd
         for block in self.transformer.h:
+            assert isinstance(block, MHCBlock)  # (built so in __init__)
             for hc in (block.hc_attn, block.hc_mlp):
                 mix = hc.mix
                 if isinstance(mix, StaticMix):
@@ -285,7 +292,8 @@ class HCPackageGPT(NanochatGPT):
         s = 3**0.5 * d**-0.5
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=d**-0.5)
-        for block in self.transformer.h:
+        blocks: list[Any] = list(self.transformer.h)  # around the package's (untyped) modules
+        for block in blocks:
             attn, mlp = block.attn.branch.branch, block.mlp.branch.branch
             for lin in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
                 torch.nn.init.uniform_(lin.weight, -s, s)

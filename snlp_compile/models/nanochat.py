@@ -13,8 +13,9 @@ grouped-query attention, relu^2 MLP, no biases, untied head, logit softcap.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,15 @@ import torch.nn.functional as F
 from .kv import attention_bias, cached_attention
 
 KVInput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (k_cache, v_cache, bias) of one layer
+
+if TYPE_CHECKING:
+
+    class _Trunk(nn.ModuleDict):
+        """NanochatGPT.transformer's entries as mypy sees them (torch types a ModuleDict's
+        attributes as Tensor | Module); for type checking only, the model holds a plain ModuleDict."""
+
+        wte: nn.Embedding
+        h: nn.ModuleList
 
 
 @dataclass
@@ -134,7 +144,18 @@ class Block(nn.Module):
         return x
 
 
+def _branches(block: nn.Module) -> tuple[CausalSelfAttention, MLP]:
+    """The attention and MLP of a block of this family (Block, MHCBlock), typed for the init."""
+    attn, mlp = block.attn, block.mlp
+    assert isinstance(attn, CausalSelfAttention) and isinstance(mlp, MLP)
+    return attn, mlp
+
+
 class NanochatGPT(nn.Module):
+    transformer: _Trunk
+    cos: torch.Tensor  # rotary tables (buffers)
+    sin: torch.Tensor
+
     def __init__(self, config: NanochatConfig) -> None:
         super().__init__()
         self.config = config
@@ -148,12 +169,12 @@ class NanochatGPT(nn.Module):
             self.backout_lambda = nn.Parameter(torch.tensor(0.2))
         self.init_weights()
 
-    def _set_trunk(self, wte: nn.Embedding, blocks: list[nn.Module]) -> None:
+    def _set_trunk(self, wte: nn.Embedding, blocks: Sequence[nn.Module]) -> None:
         """Embedding, layers, head and rotary tables: the parts every model of this family shares
         (the mHC variants reuse it with their own blocks). The caller builds ``wte`` and ``blocks``
         in its own order, which fixes how they draw from the random generator."""
         config = self.config
-        self.transformer = nn.ModuleDict(dict(wte=wte, h=nn.ModuleList(blocks)))
+        self.transformer = cast("_Trunk", nn.ModuleDict(dict(wte=wte, h=nn.ModuleList(blocks))))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived, not learned: non-persistent so they stay out of state_dict.
         cos, sin = self._precompute_rotary(config.sequence_len, config.n_embd // config.n_head)
@@ -198,11 +219,12 @@ class NanochatGPT(nn.Module):
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=d**-0.5)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            attn, mlp = _branches(block)
+            for lin in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
                 torch.nn.init.uniform_(lin.weight, -s, s)
             # Output projections: branch outputs of rms ~0.3-0.5 against a stream of rms ~1,
             # visible but not dominant, at every width.
-            for proj in (block.attn.c_proj, block.mlp.c_proj):
+            for proj in (attn.c_proj, mlp.c_proj):
                 torch.nn.init.normal_(proj.weight, mean=0.0, std=0.4 * proj.in_features**-0.5)
                 if self.config.zero_init_out:
                     proj.weight.zero_()

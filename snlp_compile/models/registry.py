@@ -83,6 +83,15 @@ def model_config(name: str, **overrides: Any) -> GPTConfig | NanochatConfig:
     return dataclasses.replace(base, **overrides)
 
 
+def _construct(config: GPTConfig | NanochatConfig) -> nn.Module:
+    """The model of ``config``'s class (an MHCConfig is a NanochatConfig: it is tested first)."""
+    if isinstance(config, GPTConfig):
+        return GPT(config)
+    if isinstance(config, MHCConfig):
+        return MHCGPT(config)
+    return NanochatGPT(config)
+
+
 def build_model(
     name: str,
     *,
@@ -98,16 +107,15 @@ def build_model(
     global RNG. device="meta" allocates nothing (weights are then undefined).
     """
     config = model_config(name, **overrides)
-    cls = GPT if isinstance(config, GPTConfig) else MHCGPT if isinstance(config, MHCConfig) else NanochatGPT
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "meta":
         with torch.device("meta"):
-            model = cls(config)
+            model = _construct(config)
     elif seed is None:
-        model = cls(config)
+        model = _construct(config)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = cls(config)
+            model = _construct(config)
     model = model.to(device=device, dtype=dtype)
     return model.eval()

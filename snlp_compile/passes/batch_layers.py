@@ -34,7 +34,7 @@ from ..kernels.layer_ops import (
     layer_marked,
     layer_matmul,
 )
-from .graph_utils import target_name
+from .graph_utils import call_args, call_kwargs, call_target, target_name
 
 aten = torch.ops.aten
 
@@ -169,7 +169,7 @@ class _Batcher:
             if node.op == "placeholder":
                 continue
             if node.op == "output":
-                outs = node.args[0]
+                outs = call_args(node)[0]
                 flat = outs if isinstance(outs, (tuple, list)) else (outs,)
                 lifted = tuple(self.expand(o) if isinstance(o, fx.Node) else o for o in flat)
                 self.graph.output(lifted if isinstance(outs, (tuple, list)) else lifted[0])
@@ -185,46 +185,46 @@ class _Batcher:
 
     def rule(self, node: fx.Node) -> Any:
         name = target_name(node)
+        args, kw = call_args(node), call_kwargs(node)
         if node.target is operator.getitem:
-            return self.call(operator.getitem, self.env[node.args[0]], node.args[1])
+            return self.call(operator.getitem, self.env[args[0]], args[1])
         if name == "copy":  # the functional copy(dst, src) has dst's shape: dst needs the layer axis
-            dst, src, *rest = node.args
+            dst, src, *rest = args
             return self.graph.call_function(
-                node.target,
+                call_target(node),
                 (self.expand(dst), self.align(src, _rank(node)), *rest),
-                self.lift(dict(node.kwargs)),
+                self.lift(dict(kw)),
             )
-        if name in _ELEMENTWISE or (name == "dropout" and node.args[2] is False):
+        if name in _ELEMENTWISE or (name == "dropout" and args[2] is False):
             if name == "dropout":
-                return self.env[node.args[0]]
+                return self.env[args[0]]
             rank = _rank(node)
-            args = [self.align(a, rank) if isinstance(a, fx.Node) else self.lift(a) for a in node.args]
-            kwargs = {
-                k: self.align(v, rank) if isinstance(v, fx.Node) else self.lift(v)
-                for k, v in node.kwargs.items()
+            new_args = [self.align(a, rank) if isinstance(a, fx.Node) else self.lift(a) for a in args]
+            new_kwargs = {
+                k: self.align(v, rank) if isinstance(v, fx.Node) else self.lift(v) for k, v in kw.items()
             }
-            return self.graph.call_function(node.target, tuple(args), kwargs)
+            return self.graph.call_function(call_target(node), tuple(new_args), new_kwargs)
         if name in ("view", "reshape", "_unsafe_view"):
-            x, shape = node.args[0], node.args[1]
+            x, shape = args[0], args[1]
             return self.call(torch.reshape, self.env[x], [self.n, *self.lift(list(shape))])
         if name == "expand":  # sizes may add leading dims: they go after the layer axis
-            x, shape = node.args[0], node.args[1]
+            x, shape = args[0], args[1]
             return self.call(
                 torch.Tensor.expand, self.align(x, len(shape)), [self.n, *self.lift(list(shape))]
             )
         if name == "permute":
-            dims = [0] + [d + 1 if d >= 0 else d for d in node.args[1]]
-            return self.call(torch.permute, self.env[node.args[0]], dims)
+            dims = [0] + [d + 1 if d >= 0 else d for d in args[1]]
+            return self.call(torch.permute, self.env[args[0]], dims)
         if name in ("t", "numpy_T"):  # t() of a 0-D or 1-D value is the value itself
-            rank = _rank(node.args[0])
+            rank = _rank(args[0])
             if rank < 2:
-                return self.env[node.args[0]]
+                return self.env[args[0]]
             if name == "numpy_T":  # x.T reverses every dim
-                return self.call(torch.permute, self.env[node.args[0]], [0, *range(rank, 0, -1)])
-            return self.call(torch.transpose, self.env[node.args[0]], -1, -2)
+                return self.call(torch.permute, self.env[args[0]], [0, *range(rank, 0, -1)])
+            return self.call(torch.transpose, self.env[args[0]], -1, -2)
         if name == "addmm":
-            bias, a, b = node.args[:3]
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            bias, a, b = args[:3]
+            if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1:
                 return self.fallback(node)
             rank = max(_rank(a), _rank(b))
             out = self.call(torch.matmul, self.align(a, rank), self.align(b, rank))
@@ -240,19 +240,15 @@ class _Batcher:
         if name == "einsum":
             return self.einsum_rule(node)
         if name == "expand_as":
-            return self.call(
-                torch.Tensor.expand_as, self.align(node.args[0], _rank(node)), self.expand(node.args[1])
-            )
+            return self.call(torch.Tensor.expand_as, self.align(args[0], _rank(node)), self.expand(args[1]))
         if name in _SCATTERS:
             return self.scatter_rule(node, name)
-        if name in _DIM_ARGS and self.is_batched(
-            node.args[0] if name not in ("cat", "concat") else node.args[0][0]
-        ):
+        if name in _DIM_ARGS and self.is_batched(args[0] if name not in ("cat", "concat") else args[0][0]):
             return self.dim_rule(node, name)
         return self.fallback(node)
 
     def dim_rule(self, node: fx.Node, name: str) -> Any:
-        args = list(node.args)
+        args = list(call_args(node))
         for pos, default in _DIM_ARGS[name]:
             assert isinstance(pos, int)
             if pos < len(args):
@@ -263,30 +259,31 @@ class _Batcher:
                 return self.fallback(node)
         first = [self.expand(t) for t in args[0]] if name in ("cat", "concat") else self.env[args[0]]
         rest = [self.lift(a) for a in args[1:]]
-        kwargs = {} if name == "sym_size" else self.lift(dict(node.kwargs))
-        return self.graph.call_function(node.target, (first, *rest), kwargs)
+        kwargs = {} if name == "sym_size" else self.lift(dict(call_kwargs(node)))
+        return self.graph.call_function(call_target(node), (first, *rest), kwargs)
 
     def scatter_rule(self, node: fx.Node, name: str) -> Any:
         """``slice_scatter``/``select_scatter`` (functionalised ``buf[..., a:b].copy_(src)``): both
         operands given the layer axis, the dim shifted past it."""
         pos, default = _SCATTERS[name]
-        args = list(node.args)
-        dim = args[pos] if pos < len(args) else node.kwargs.get("dim", default)
+        args = list(call_args(node))
+        dim = args[pos] if pos < len(args) else call_kwargs(node).get("dim", default)
         if not isinstance(dim, int):
             return self.fallback(node)
-        kwargs = {k: self.lift(v) for k, v in node.kwargs.items() if k != "dim"}
+        kwargs = {k: self.lift(v) for k, v in call_kwargs(node).items() if k != "dim"}
         rest = [self.lift(a) for a in args[2:]]
         if pos < len(args):
             rest[pos - 2] = _shift(dim)
         else:
             kwargs["dim"] = _shift(dim)
         return self.graph.call_function(
-            node.target, (self.expand(args[0]), self.expand(args[1]), *rest), kwargs
+            call_target(node), (self.expand(args[0]), self.expand(args[1]), *rest), kwargs
         )
 
     def einsum_rule(self, node: fx.Node) -> Any:
         """One more subscript, in front, on the batched operands and the output (HC stream mixing)."""
-        eq, operands = node.args[0], node.args[1]
+        args = call_args(node)
+        eq, operands = args[0], args[1]
         if not isinstance(eq, str) or "->" not in eq:
             return self.fallback(node)
         ins, out = eq.replace(" ", "").split("->")
@@ -296,9 +293,10 @@ class _Batcher:
         return self.call(aten.einsum.default, new_eq, [self.env[o] for o in operands])
 
     def matmul_rule(self, node: fx.Node, name: str) -> Any:
-        a, b = node.args[0], node.args[1]
+        args, kw = call_args(node), call_kwargs(node)
+        a, b = args[0], args[1]
         if name == "linear":
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            bias = args[2] if len(args) > 2 else kw.get("bias")
             if self.is_batched(b):
                 linear = batched_linear if b in self.constant else batched_linear_dynamic
                 out = self.call(linear, self.expand(a), self.env[b])
@@ -337,11 +335,12 @@ class _Batcher:
         return out
 
     def norm_rule(self, node: fx.Node, name: str) -> Any:
-        x, shape = node.args[0], node.args[1]
-        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        bias = node.args[3] if name == "layer_norm" and len(node.args) > 3 else node.kwargs.get("bias")
+        args, kw = call_args(node), call_kwargs(node)
+        x, shape = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kw.get("weight")
+        bias = args[3] if name == "layer_norm" and len(args) > 3 else kw.get("bias")
         eps_pos = 4 if name == "layer_norm" else 3
-        eps = node.args[eps_pos] if len(node.args) > eps_pos else node.kwargs.get("eps")
+        eps = args[eps_pos] if len(args) > eps_pos else kw.get("eps")
         affine_batched = self.is_batched(weight) or self.is_batched(bias)
         fn = F.layer_norm if name == "layer_norm" else F.rms_norm
         rank = _rank(node)
@@ -366,22 +365,24 @@ class _Batcher:
         return out
 
     def attention_rule(self, node: fx.Node) -> Any:
-        q, k, v = (self.expand(t) for t in node.args[:3])
-        rest = [self.lift(r) for r in node.args[3:]]
-        kwargs = self.lift(dict(node.kwargs))
-        if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
-            rest[0] = self.fold_mask(node.args[3], _rank(node.args[0]))
-        if isinstance(node.kwargs.get("attn_mask"), fx.Node):
-            kwargs["attn_mask"] = self.fold_mask(node.kwargs["attn_mask"], _rank(node.args[0]))
+        args, kw = call_args(node), call_kwargs(node)
+        q, k, v = (self.expand(t) for t in args[:3])
+        rest = [self.lift(r) for r in args[3:]]
+        kwargs = self.lift(dict(kw))
+        if len(args) > 3 and isinstance(args[3], fx.Node):
+            rest[0] = self.fold_mask(args[3], _rank(args[0]))
+        if isinstance(kw.get("attn_mask"), fx.Node):
+            kwargs["attn_mask"] = self.fold_mask(kw["attn_mask"], _rank(args[0]))
         return self.call(layer_attention, node.target, q, k, v, *rest, **kwargs)
 
     def marked_rule(self, node: fx.Node, marked: markers.Marked) -> Any:
         """A marker op (``markers``, e.g. a decode step's attention): the function it stands for,
         called once with the layer axis folded into the batch axis of its batched arguments."""
-        if node.kwargs or any(self.is_batched(a) for i, a in enumerate(node.args) if i not in marked.folded):
+        args, kw = call_args(node), call_kwargs(node)
+        if kw or any(self.is_batched(a) for i, a in enumerate(args) if i not in marked.folded):
             return self.fallback(node)
-        args = [self.expand(a) if i in marked.folded else self.lift(a) for i, a in enumerate(node.args)]
-        return self.call(layer_marked, node.target, *args)
+        lifted = [self.expand(a) if i in marked.folded else self.lift(a) for i, a in enumerate(args)]
+        return self.call(layer_marked, node.target, *lifted)
 
     def fold_mask(self, mask: fx.Node, rank: int) -> Any:
         """The mask for attention with the layer axis folded into the batch axis (N*B, ...)."""
@@ -400,16 +401,15 @@ class _Batcher:
 
     def fallback(self, node: fx.Node) -> Any:
         self.fallbacks.append(f"{target_name(node)} ({node.name})")
+        args, kw = call_args(node), call_kwargs(node)
 
         def dims(a: Any) -> Any:
             return fx.node.map_aggregate(
                 a, lambda x: 0 if isinstance(x, fx.Node) and self.batched.get(x, False) else None
             )
 
-        in_dims = (dims(list(node.args)), dims(dict(node.kwargs)))
-        return self.call(
-            _vmap_op, node.target, in_dims, self.lift(list(node.args)), self.lift(dict(node.kwargs))
-        )
+        in_dims = (dims(list(args)), dims(dict(kw)))
+        return self.call(_vmap_op, node.target, in_dims, self.lift(list(args)), self.lift(dict(kw)))
 
 
 def batch_body(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -70,6 +70,24 @@ def arg_structure(node: fx.Node) -> tuple[list[Any], str]:
         return "."
 
     return leaves, shape((node.args, node.kwargs))
+
+
+def call_args(node: fx.Node) -> tuple[Any, ...]:
+    """``node.args`` as plain values: torch.fx types them as its ``Argument`` union, while the
+    passes read them by the op's schema (an aten op's dim is an int, its operand a Node)."""
+    return node.args
+
+
+def call_kwargs(node: fx.Node) -> Mapping[str, Any]:
+    """``node.kwargs`` as plain values, for the same reason as ``call_args``."""
+    return node.kwargs
+
+
+def call_target(node: fx.Node) -> Callable[..., Any]:
+    """The function a ``call_function`` node calls (torch.fx types targets as callable or str)."""
+    target = node.target
+    assert callable(target), f"{node.name} is a {node.op} node, not a call of a function"
+    return target
 
 
 def target_name(node: fx.Node) -> str:

@@ -43,7 +43,7 @@ from ..ir.stream_layout import (
     concrete_size,
     reshape_groups,
 )
-from .graph_utils import target_name
+from .graph_utils import call_args, call_kwargs, call_target, target_name
 
 aten = torch.ops.aten
 
@@ -166,7 +166,7 @@ class StreamAnalysis:
         if node.op != "call_function":
             return None
         name = target_name(node)
-        args = list(node.args)
+        args = list(call_args(node))
         try:
             if name in _PASS or (name == "dropout" and len(args) >= 3 and args[2] is False):
                 return self.as_pre(of(args[0]), is_scalar) if is_linear(args[0]) else None
@@ -178,7 +178,7 @@ class StreamAnalysis:
             if name in _MIXING:
                 return self.mixing(node, name, of, is_linear, is_scalar)
             if name in ("add", "sub") and len(args) >= 2:
-                alpha = node.kwargs.get("alpha", 1)
+                alpha = call_kwargs(node).get("alpha", 1)
                 sign = -1.0 if name == "sub" else 1.0
                 terms = []
                 for k, a in enumerate(args[:2]):
@@ -224,12 +224,12 @@ class StreamAnalysis:
             v, s = terms[0]
             return v if s == 1.0 else self.scaled(node, v, Const(s), mul)
         (v1, s1), (v2, s2) = terms
-        same = (
+        if (
             isinstance(v1, Pre)
             and isinstance(v2, Pre)
             and tuple(v1.index.shape) == out == tuple(v2.index.shape)
-        )
-        if same and torch.equal(v1.index, v2.index):
+            and torch.equal(v1.index, v2.index)
+        ):
             scale_sum = add(mul(Const(s1), v1.scale), mul(Const(s2), v2.scale))
             return Pre(v1.index, v1.ops, scale_sum, v1.replayable and v2.replayable)
         m1, m2 = self.as_mixed(v1), self.as_mixed(v2)
@@ -252,7 +252,8 @@ class StreamAnalysis:
     def layout(self, node: fx.Node, name: str, v: Pre | Mixed) -> Pre | Mixed | None:
         if isinstance(v, Mixed):
             args = _concrete_args(node)
-            coords = tuple(node.target(c, *args[1:], **_concrete_kwargs(node)) for c in v.coords)
+            fn = call_target(node)
+            coords = tuple(fn(c, *args[1:], **_concrete_kwargs(node)) for c in v.coords)
             return Mixed(coords, v.matrix)
         ops = _layout_ops(node, name)
         out_shape = _shape(node)
@@ -274,7 +275,8 @@ class StreamAnalysis:
         if labels is None:
             return None
         (lhs, rhs), out_labels = labels
-        operands = [node.args[1][0], node.args[1][1]] if name == "einsum" else [node.args[0], node.args[1]]
+        args = call_args(node)
+        operands = [args[1][0], args[1][1]] if name == "einsum" else [args[0], args[1]]
         lin = [k for k, a in enumerate(operands) if is_linear(a)]
         if len(lin) != 1:
             return None  # h-free, or quadratic in h: branch
@@ -285,12 +287,14 @@ class StreamAnalysis:
         sv, sm, so = _shape(v_node), _shape(m_node), _shape(node)
         if sv is None or sm is None or so is None:
             return None
+        assert isinstance(v_node, fx.Node)  # it has a shape: only nodes do
         v = self.as_pre(of(v_node), is_scalar)
         if v is None:
             return None
         return self.mix(node, v, lv, v_node, lm, m_node, out_labels)
 
-    def reject(self, node: fx.Node, why: str) -> None:
+    def reject(self, node: fx.Node, why: str) -> Mixed | None:
+        """Note why ``node`` is not a stream mixing; None, so that ``return self.reject(..)`` ends a rule."""
         self.notes.append(f"{node.name}: {why}")
         return None
 
@@ -329,9 +333,10 @@ class StreamAnalysis:
                 return self.reject(
                     node, "its stream operand is not a re-arrangement of the whole hidden state"
                 )
-            v = self.as_mixed(v)
-            if v is None:
+            m = self.as_mixed(v)
+            if m is None:
                 return None
+            v = m
         st = self.streams
         assert st is not None
         coords = v.coords
@@ -526,11 +531,11 @@ def _concrete(a: Any) -> Any:
 
 
 def _concrete_args(node: fx.Node) -> list[Any]:
-    return [None, *(_concrete(a) for a in node.args[1:])]
+    return [None, *(_concrete(a) for a in call_args(node)[1:])]
 
 
 def _concrete_kwargs(node: fx.Node) -> dict[str, Any]:
-    return {k: _concrete(v) for k, v in node.kwargs.items()}
+    return {k: _concrete(v) for k, v in call_kwargs(node).items()}
 
 
 def _norm_dim(d: int, rank: int) -> int:
@@ -539,7 +544,8 @@ def _norm_dim(d: int, rank: int) -> int:
 
 def _layout_ops(node: fx.Node, name: str) -> list[LayoutOp] | None:
     """The replayable layout op(s) of ``node`` (bijective re-arrangements only)."""
-    x = node.args[0]
+    args = call_args(node)
+    x = args[0]
     in_shape, out_shape = _shape(x), _shape(node)
     if in_shape is None or out_shape is None:
         return None
@@ -548,12 +554,12 @@ def _layout_ops(node: fx.Node, name: str) -> list[LayoutOp] | None:
         op = reshape_groups(in_shape, out_shape, _dynamic(x), _dynamic(node))
         return None if op is None else [op]
     if name == "permute":
-        return [Permute(tuple(_norm_dim(d, rank) for d in node.args[1]))]
+        return [Permute(tuple(_norm_dim(d, rank) for d in args[1]))]
     if name in ("transpose", "t", "numpy_T", "movedim"):
         if name in ("t", "numpy_T"):
             a, b = rank - 2, rank - 1
         else:
-            a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+            a, b = _norm_dim(args[1], rank), _norm_dim(args[2], rank)
         perm = list(range(rank))
         if name == "movedim":
             perm.remove(a)
@@ -562,9 +568,9 @@ def _layout_ops(node: fx.Node, name: str) -> list[LayoutOp] | None:
             perm[a], perm[b] = perm[b], perm[a]
         return [Permute(tuple(perm))]
     if name == "unsqueeze":
-        return [Unsqueeze(_norm_dim(node.args[1], rank + 1))]
+        return [Unsqueeze(_norm_dim(args[1], rank + 1))]
     if name == "squeeze":
-        dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(in_shape) if s == 1]
+        dims = args[1] if len(args) > 1 else [i for i, s in enumerate(in_shape) if s == 1]
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = sorted((_norm_dim(d, rank) for d in dims if in_shape[_norm_dim(d, rank)] == 1), reverse=True)
         return [Squeeze(d) for d in dims]
@@ -577,7 +583,8 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 def _mixing_labels(node: fx.Node, name: str) -> tuple[tuple[list[str], list[str]], list[str]] | None:
     """Per-axis labels of the two operands and the output of an einsum/matmul node."""
     if name == "einsum":
-        eq, operands = node.args[0], node.args[1]
+        args = call_args(node)
+        eq, operands = args[0], args[1]
         if not isinstance(eq, str) or "->" not in eq or len(operands) != 2:
             return None
         ins, out = eq.replace(" ", "").split("->")
@@ -595,7 +602,8 @@ def _mixing_labels(node: fx.Node, name: str) -> tuple[tuple[list[str], list[str]
         lhs, rhs = expand(subs[0], ell[0]), expand(subs[1], ell[1])
         lo = expand(out, n_ell)
         return (lhs, rhs), lo
-    ra, rb = len(_shape(node.args[0]) or ()), len(_shape(node.args[1]) or ())
+    args = call_args(node)
+    ra, rb = len(_shape(args[0]) or ()), len(_shape(args[1]) or ())
     if ra < 2 or rb < 2:
         return None
     nbatch = max(ra, rb) - 2

@@ -277,7 +277,8 @@ def load_for_corpus(config: TrainConfig, corpus: Corpus) -> tuple[nn.Module, str
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else plain).append(p)
