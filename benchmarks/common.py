@@ -25,11 +25,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from snlp_compile.cuda_graph import capture
+
+if TYPE_CHECKING:
+    from snlp_compile.config import InitKind
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -134,7 +137,8 @@ def with_iterations(
     from snlp_compile.solve.handle import solve_handle
 
     new = copy.copy(transformed)
-    solve = solve_handle(transformed).variant(k, init)  # (its own pending K/V and warm start)
+    # (its own pending K/V and warm start; the handle refuses an init that is not an InitKind)
+    solve = solve_handle(transformed).variant(k, cast("InitKind | None", init))
     setattr(new, SOLVE_NAME, solve)
     return new
 
@@ -357,7 +361,7 @@ class Bench:
 
     def write(self) -> None:
         notes = {f"{k[0]} | {k[1]}": v for k, v in self.case_notes.items()}
-        payload = {"regime": self.regime, "meta": self.meta, "case_notes": notes}
+        payload: dict[str, Any] = {"regime": self.regime, "meta": self.meta, "case_notes": notes}
         payload["records"] = [asdict(r) for r in self.records]
         (self.out_dir / f"{self.name}.json").write_text(json.dumps(payload, indent=1, default=str))
         (self.out_dir / f"{self.name}.md").write_text(
@@ -478,6 +482,12 @@ def pyplot() -> Any:
     return plt
 
 
+def _median_ms(r: Record) -> float:
+    """The median of a record that has one (a sort key over measured records)."""
+    assert r.median_ms is not None
+    return r.median_ms
+
+
 def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     """Time against K per (shape, case), one line per mode, best sequential and floor as lines."""
     plt = pyplot()
@@ -498,7 +508,7 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
             pts = sorted((r.k, r.median_ms) for r in rows if (r.family, r.mode) == (family, mode))
             label = f"SNLP{family[4:].replace('-', ' ')} {mode}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        best = min((r for r in rows if r.ratio_vs_best_seq == 1.0), key=lambda r: r.median_ms, default=None)
+        best = min((r for r in rows if r.ratio_vs_best_seq == 1.0), key=_median_ms, default=None)
         if best is not None:  # (the model as written or the compiler's exact sequential mode)
             ax.axhline(best.median_ms, color="k", ls="--", label=f"best sequential ({best.variant})")
         floor = next((r.floor_ms for r in rows if r.floor_ms), None)

@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,8 @@ from snlp_compile import Decoder, SNLPConfig, transform
 from snlp_compile.config import stage_sizes
 from snlp_compile.cuda_graph import capture
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
-from snlp_compile.models.registry import build_model
+from snlp_compile.models.nanochat import CausalSelfAttention
+from snlp_compile.models.registry import build_model, config_of
 from snlp_compile.solve.handle import solve_handle
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -130,10 +131,12 @@ def _tensor_parallel(model: nn.Module, world: int, device: torch.device) -> nn.M
         "mlp.c_fc": ColwiseParallel(),
         "mlp.c_proj": RowwiseParallel(),
     }
-    for block in tp.transformer.h:
+    for block in cast(nn.ModuleList, tp.get_submodule("transformer.h")):
         parallelize_module(block, mesh, plan)
-        block.attn.n_head //= world
-        block.attn.n_kv_head //= world
+        attn = block.get_submodule("attn")
+        assert isinstance(attn, CausalSelfAttention)  # (SHAPES are nanochat models)
+        attn.n_head //= world
+        attn.n_kv_head //= world
     return tp
 
 
@@ -170,7 +173,7 @@ def _single_device(run: Runner, label: str, model: nn.Module, ctx: int) -> dict[
     step = CachedStep(model)
     inputs = _inputs(model, ctx, device)
     ref = step(*inputs)[0]
-    layers = model.config.n_layer
+    layers = config_of(model).n_layer
     lowering = transform(step, inputs, iterations=1, stages=layers)
     k1 = transform(step, inputs, iterations=1)
     for name, base in (("sequential", step), ("sequential lowering", lowering), ("K=1 single device", k1)):
@@ -186,7 +189,7 @@ def _distributed(run: Runner, label: str, model: nn.Module, ctx: int, refs: dict
     dec = Decoder(model, SNLPConfig(iterations=1), batch=1, max_len=ctx, process_group=dist.group.WORLD)
     handle = solve_handle(dec.decode_step)
     _, pos, k, v = _inputs(model, ctx, device)
-    start, block = sum(stage_sizes(model.config.n_layer, world)[: run.rank]), dec.k_cache.shape[0]
+    start, block = sum(stage_sizes(config_of(model).n_layer, world)[: run.rank]), dec.k_cache.shape[0]
     dec.k_cache.copy_(k[start : start + block])  # (the same random cache as the single-device steps)
     dec.v_cache.copy_(v[start : start + block])
     token = torch.ones(1, dtype=torch.long, device=device)
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = build_model(
                     name, device=device, dtype=common.DTYPES[args.dtype], vocab_size=args.vocab, **overrides
                 )
-                cfg = model.config
+                cfg = config_of(model)
                 label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
                 refs: dict[str, torch.Tensor] = {}
                 if rank == 0:

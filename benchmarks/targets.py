@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     rows = []
     for target in TARGETS:
-        found = [evaluate(target, pl) for pl in payloads if pl.get("regime") == target.regime]
-        found = [r for r in found if r is not None]
+        evaluated = (evaluate(target, pl) for pl in payloads if pl.get("regime") == target.regime)
+        found = [r for r in evaluated if r is not None]
         rows.extend(found[:1])
         if not found:
             what = f"{target.shape} {target.regime} {target.case} K={target.k}"
