@@ -36,6 +36,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (int(x) for x in args.ks.split(",")):
                     torch._dynamo.reset()
                     lowering = variant_lowering(spec)
+                    base: Callable[..., Any]
                     if spec == "seq":
                         base, post, options = step, cache_writer(k_cache, v_cache, pos), None
                     else:
