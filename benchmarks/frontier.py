@@ -71,7 +71,7 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfig
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, config_of
 from snlp_compile.models.kv import CachedStep
 from snlp_compile.train import (
     RegulariserConfig,
@@ -84,6 +84,7 @@ from snlp_compile.train import (
 from snlp_compile.train.data import eval_windows
 from snlp_compile.train.decode_eval import DecodeSetting, decode_perplexity, settings_grid
 from snlp_compile.train.evaluate import perplexity
+from snlp_compile.train.loop import Objective
 
 from .common import (
     BEST_INDUCTOR,
@@ -157,7 +158,7 @@ class Variant:
     """One trained model: how it is trained and from what."""
 
     name: str
-    objective: str = "ce"
+    objective: Objective = "ce"
     seed: int = 0
     n_layer: int | None = None  # None: the scale's depth
     init_from: str | None = None
@@ -306,7 +307,7 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
         snlp=v.snlp,
         seq_ce_weight=v.seq_ce_weight,
         distill_weight=v.distill_weight,
-        init_from=str(checkpoint_path(work, v.init_from)) if finetune else None,
+        init_from=str(checkpoint_path(work, v.init_from)) if v.init_from is not None else None,
         eval_windows=min(64, scale.eval_windows),
     )
     log(f"train {v.name}: {v.note}; {steps} steps x {scale.batch} x {scale.seq_len}")
@@ -445,9 +446,9 @@ class Timer:
     ):
         self.model, self.name, self.scale, self.work = model, name, scale, work
         self.device = torch.device(scale.device)
-        self.n_layer = model.config.n_layer
+        self.n_layer = config_of(model).n_layer
         self.step = CachedStep(model)
-        self.inputs = step_inputs(model, 1, scale.context, model.config.vocab_size, self.device)
+        self.inputs = step_inputs(model, 1, scale.context, config_of(model).vocab_size, self.device)
         _, pos, k_cache, v_cache = self.inputs
         self.write = cache_writer(k_cache, v_cache, pos)
         self.compiled: dict[str, Any] = {}
@@ -1073,7 +1074,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
     scale = Scale()
     tok = ByteTokenizer()
-    tok.vocab_size = scale.vocab  # type: ignore[misc]  # (random ids: only the size matters)
+    tok.vocab_size = scale.vocab  # (random ids: only the size matters)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, scale.vocab, (4_000_000,), generator=g)
     corpus = Corpus(tok, data, data[:200_000], 600_000, 1, 1)
