@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lowerings", default=",".join(LOWERINGS))
     p.add_argument("--modes", default="compiled,autotuned")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="attention_lowering")
     p.add_argument("--per-layer", action="store_true", help="one call per layer (the sequential step)")
     p.add_argument("--programs-per-sm", default="", help="fused rows at each PROGRAMS_PER_SM")

@@ -19,6 +19,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -541,12 +542,26 @@ def write_table(
     return text
 
 
-def out_dir_from(arg: str | None) -> Path:
-    """--out, else $OUT (the device machine's return folder), else benchmarks/results."""
+# the default output folder, as a help text says it
+OUT_HELP = (
+    "output folder (default: $OUT, else benchmarks/results, whose tracked files a run of the same "
+    "--name overwrites: how BENCHMARKS.md's tables are regenerated)"
+)
+SMOKE_OUT_HELP = "; --smoke without --out or $OUT: a new temporary folder, named in the output"
+
+
+def out_dir_from(arg: str | None, smoke: bool = False) -> Path:
+    """--out, else $OUT (the device machine's return folder), else benchmarks/results, where the
+    results BENCHMARKS.md shows are tracked; a smoke run gets a new temporary folder instead (and
+    says so), so that checking a script leaves the checkout as it was."""
     if arg:
         return Path(arg)
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"])
+    if smoke:
+        path = Path(tempfile.mkdtemp(prefix="snlp_bench_smoke_"))
+        print(f"smoke run without --out or $OUT: results go to {path}", flush=True)
+        return path
     return RESULTS_DIR
 
 
@@ -588,7 +603,7 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--name", default=name, help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help=profile_help)
@@ -611,7 +626,7 @@ class RegimeRun:
     budget_s: float
 
 
-def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> RegimeRun:
+def start_regime(args: Any, script: str, note: str, argv: list[str] | None, smoke: bool = False) -> RegimeRun:
     """Seed, Dynamo cache size, output folder and the measured device rates, the same for every regime."""
     t_start = time.perf_counter()
     device = torch.device(args.device)
@@ -635,7 +650,7 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         bw = copy_bandwidth(device)
         meta["copy_bandwidth_tbs"] = bw / 1e12
         meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw, args.budget_s)
+    return RegimeRun(t_start, device, dtype, out_dir_from(args.out, smoke), meta, bw, args.budget_s)
 
 
 def command(subcommand: str, argv: list[str] | None) -> str:

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         help="Ks also timed with deferred K/V (decode.py)",
     )
     p.add_argument("--deferred-modes", default="compiled+graph")
-    p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU: " + " ".join(SMOKE))
+    smoke = "tiny configs on the CPU: " + " ".join(SMOKE) + common.SMOKE_OUT_HELP
+    p.add_argument("--smoke", action="store_true", help=smoke)
     raw = list(argv) if argv is not None else None
     args = p.parse_args(argv)
     if args.smoke:  # (arguments given explicitly still win)
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         common.RANDOM_WEIGHTS_NOTE + f"; transformers models with real layer shapes, {vocab_note} as in "
         "decode.py (floor = layer weights + KV cache); step + cache write timed",
         argv,
+        smoke=args.smoke,
     )
     device, out, ctx, batch = run.device, run.out, args.context, args.batch
     bench = common.Bench("decode-hf", out, device, run.meta, name=args.name)

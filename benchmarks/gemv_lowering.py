@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--shapes", default=shapes, help="NxOxI list")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="gemv_lowering")
     p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
     p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")

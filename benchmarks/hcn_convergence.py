@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=common.OUT_HELP)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = common.out_dir_from(args.out)

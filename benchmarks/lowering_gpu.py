@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime timing variants")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--budget-s", type=float, default=420.0, help="skip variants once this much time is spent")
     p.add_argument("--only", default="", help="comma list: only variants whose name contains one of these")
     p.add_argument("--name", default=REGIME, help="base name of the result files")

@@ -19,7 +19,9 @@ wide with two matrices (relu^2), 134M parameters per layer against Llama-3-8B's 
 matrices of 14336); attention is the same. Modes (every variant): "eager", "eager+graph" (a CUDA
 graph, the collectives inside it) and "compiled+graph" (torch.compile, breaking the graph at the
 collectives of the layer-parallel step).
-Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``.
+Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``, by default to benchmarks/results/multigpu
+(--smoke: to a new temporary folder, named in the output, so that the check leaves the checkout as
+it was).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +68,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--modes", default=None, help="eager, compiled, +graph (default: all three on CUDA, eager on CPU)"
     )
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "multigpu")
+    where = "output folder (default: benchmarks/results/multigpu; --smoke: a new temporary folder)"
+    p.add_argument("--out", type=Path, default=None, help=where)
     p.add_argument("--smoke", action="store_true", help="tiny shape, context 32, fp32, few samples")
     args = p.parse_args(argv)
     if args.smoke:
@@ -231,6 +235,18 @@ def _table(rows: list[dict[str, Any]], world: int, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def out_dir(args: argparse.Namespace) -> Path:
+    """--out, else benchmarks/results/multigpu; a smoke run's default is a new temporary folder
+    (rank 0 alone writes: only it calls this)."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.smoke:
+        path = Path(tempfile.mkdtemp(prefix="snlp_multigpu_smoke_"))
+        print(f"smoke run without --out: results go to {path}", flush=True)
+        return path
+    return common.RESULTS_DIR / "multigpu"
+
+
 def require_cuda() -> None:
     """Without a CUDA GPU, --device cuda stops before the process group, in one line from rank 0."""
     if torch.cuda.is_available():
@@ -280,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.time() - t0, 1),
                 "env": common.environment(device),
             }
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"multigpu_G{world}.json").write_text(
+            out = out_dir(args)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"multigpu_G{world}.json").write_text(
                 json.dumps({"meta": meta, "rows": run.rows}, indent=1)
             )
-            (args.out / f"multigpu_G{world}.md").write_text(_table(run.rows, world, meta))
-            print(f"wrote {args.out}/multigpu_G{world}.json and .md")
+            (out / f"multigpu_G{world}.md").write_text(_table(run.rows, world, meta))
+            print(f"wrote {out}/multigpu_G{world}.json and .md")
     finally:
         dist.destroy_process_group()
     return 0

@@ -58,6 +58,8 @@ from snlp_compile.train import load_checkpoint
 from . import frontier
 from .common import (
     BEST_INDUCTOR,
+    OUT_HELP,
+    SMOKE_OUT_HELP,
     SNLP_INDUCTOR,
     compile_module,
     environment,
@@ -621,7 +623,7 @@ def reference_model(args: argparse.Namespace, scale: Scale, corpus: Any, work: P
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="speculative", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=OUT_HELP + SMOKE_OUT_HELP)
     p.add_argument("--work", default="/tmp/snlp_speculative", help="data and checkpoint (local disk)")
     p.add_argument("--checkpoint", default=None, help="a trained reference checkpoint: no training")
     p.add_argument("--smoke", action="store_true", help="tiny scale, CPU unless --device")
@@ -683,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["inductor"] = inductor_options(BEST_INDUCTOR)
         snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
         torch._dynamo.config.cache_size_limit = 256
-    out, work = out_dir_from(args.out), Path(args.work)
+    out, work = out_dir_from(args.out, args.smoke), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)

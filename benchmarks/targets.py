@@ -201,7 +201,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="result JSON files of decode.py / forward.py")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="targets")
     pool = "pool the files of each regime: the fastest sequential and SNLP times of any run"
     p.add_argument("--strongest-baseline", action="store_true", help=pool)
