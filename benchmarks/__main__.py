@@ -5,7 +5,8 @@
     python -m benchmarks decode-05b                  # a preset: the arguments of a BENCHMARKS.md table
 
 Results (NAME.json, NAME.md and a plot where there is one) go to --out, else $OUT, else
-benchmarks/results. BENCHMARKS.md gives the command of every table it shows.
+benchmarks/results, where a run of a table's --name rewrites the tracked files (--smoke runs: a new
+temporary folder, named in their output). BENCHMARKS.md gives the command of every table it shows.
 """
 
 from __future__ import annotations

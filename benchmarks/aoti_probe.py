@@ -53,7 +53,7 @@ def _step(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor
     """The transformed (K=1) decode step of a reference model, random weights, caches filled
     before the position half way through them."""
     import snlp_compile
-    from snlp_compile.models import build_model
+    from snlp_compile.models import build_model, config_of
     from snlp_compile.models.kv import CachedStep, new_cache
 
     device, dtype = args.device, DTYPES[args.dtype]
@@ -63,7 +63,7 @@ def _step(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor
     g = torch.Generator(device=device).manual_seed(1)
     for c in (k_cache, v_cache):
         c[:, :, :, :pos] = torch.randn(c[:, :, :, :pos].shape, generator=g, device=device, dtype=dtype)
-    idx = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device, generator=g)
+    idx = torch.randint(0, config_of(model).vocab_size, (args.batch, 1), device=device, generator=g)
     inputs = (idx, torch.tensor(pos, device=device), k_cache, v_cache)
     step = snlp_compile.transform(CachedStep(model), inputs, iterations=args.k, dynamic_shapes=False)
     return step, inputs
@@ -201,7 +201,11 @@ def probe(args: argparse.Namespace) -> int:
     device_name = (
         torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     )
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device_name": device_name}
+    env: dict[str, str | None] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device_name": device_name,
+    }
     try:
         import triton
 

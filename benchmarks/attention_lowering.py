@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ def _mulsum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
 
 
-LOWERINGS = {
+# name -> the batched matmul attention_ops runs with; None: a fused kernel instead (lowering_fn)
+LOWERINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
     "matmul": torch.matmul,
     "kernel": layer_matmul,
     "mulsum": _mulsum,
@@ -52,7 +54,9 @@ def lowering_fn(name: str) -> Any:
     """The attention (q, k, v, k_cache, v_cache, bias) -> out under lowering ``name``."""
     if name.startswith("fused"):
         return functools.partial(decode_attention.attention, pdl=name == "fused-pdl")
-    return functools.partial(attention_ops, matmul=LOWERINGS[name])
+    matmul = LOWERINGS[name]
+    assert matmul is not None  # (every lowering without a matmul is fused)
+    return functools.partial(attention_ops, matmul=matmul)
 
 
 def per_layer(fn: Any, layers: int) -> Any:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lowerings", default=",".join(LOWERINGS))
     p.add_argument("--modes", default="compiled,autotuned")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="attention_lowering")
     p.add_argument("--per-layer", action="store_true", help="one call per layer (the sequential step)")
     p.add_argument("--programs-per-sm", default="", help="fused rows at each PROGRAMS_PER_SM")
@@ -98,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         ref = attention_ops(
             q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), bias.double()
         )
-        variants = []
+        variants: list[tuple[str, int | None]] = []
         for lowering in args.lowerings.split(","):
             if lowering.startswith("fused") and device.type != "cuda":
                 continue  # a GPU kernel
-            per_sm = (
+            sm_counts = (
                 [int(x) for x in args.programs_per_sm.split(",") if x] if lowering.startswith("fused") else []
             )
-            variants += [(lowering, p) for p in per_sm] or [(lowering, None)]
+            variants += [(lowering, p) for p in sm_counts] or [(lowering, None)]
         for lowering, per_sm in variants:
             if per_sm is not None:
                 decode_attention.PROGRAMS_PER_SM = per_sm
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{shape:>5} {lowering:<7} {mode:<10} {row['median_us']:8.2f} us  x floor "
                     f"{row['x_floor']:.2f}  rel_err {err:.1e} {row.get('config', '')}"
                 )
-    meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
+    meta: dict[str, Any] = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
     meta["command"] = common.command("attention-lowering", argv)
     title = (
         "## Decode attention over the caches, all layers at once (compiled + CUDA graph)\n\n"

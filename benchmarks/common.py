@@ -19,17 +19,21 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from snlp_compile.cuda_graph import capture
+
+if TYPE_CHECKING:
+    from snlp_compile.config import InitKind
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -134,7 +138,8 @@ def with_iterations(
     from snlp_compile.solve.handle import solve_handle
 
     new = copy.copy(transformed)
-    solve = solve_handle(transformed).variant(k, init)  # (its own pending K/V and warm start)
+    # (its own pending K/V and warm start; the handle refuses an init that is not an InitKind)
+    solve = solve_handle(transformed).variant(k, cast("InitKind | None", init))
     setattr(new, SOLVE_NAME, solve)
     return new
 
@@ -357,7 +362,7 @@ class Bench:
 
     def write(self) -> None:
         notes = {f"{k[0]} | {k[1]}": v for k, v in self.case_notes.items()}
-        payload = {"regime": self.regime, "meta": self.meta, "case_notes": notes}
+        payload: dict[str, Any] = {"regime": self.regime, "meta": self.meta, "case_notes": notes}
         payload["records"] = [asdict(r) for r in self.records]
         (self.out_dir / f"{self.name}.json").write_text(json.dumps(payload, indent=1, default=str))
         (self.out_dir / f"{self.name}.md").write_text(
@@ -478,6 +483,12 @@ def pyplot() -> Any:
     return plt
 
 
+def _median_ms(r: Record) -> float:
+    """The median of a record that has one (a sort key over measured records)."""
+    assert r.median_ms is not None
+    return r.median_ms
+
+
 def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
     """Time against K per (shape, case), one line per mode, best sequential and floor as lines."""
     plt = pyplot()
@@ -498,7 +509,7 @@ def plot_vs_k(regime: str, records: list[Record], path: Path) -> Path | None:
             pts = sorted((r.k, r.median_ms) for r in rows if (r.family, r.mode) == (family, mode))
             label = f"SNLP{family[4:].replace('-', ' ')} {mode}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        best = min((r for r in rows if r.ratio_vs_best_seq == 1.0), key=lambda r: r.median_ms, default=None)
+        best = min((r for r in rows if r.ratio_vs_best_seq == 1.0), key=_median_ms, default=None)
         if best is not None:  # (the model as written or the compiler's exact sequential mode)
             ax.axhline(best.median_ms, color="k", ls="--", label=f"best sequential ({best.variant})")
         floor = next((r.floor_ms for r in rows if r.floor_ms), None)
@@ -531,12 +542,26 @@ def write_table(
     return text
 
 
-def out_dir_from(arg: str | None) -> Path:
-    """--out, else $OUT (the device machine's return folder), else benchmarks/results."""
+# the default output folder, as a help text says it
+OUT_HELP = (
+    "output folder (default: $OUT, else benchmarks/results, whose tracked files a run of the same "
+    "--name overwrites: how BENCHMARKS.md's tables are regenerated)"
+)
+SMOKE_OUT_HELP = "; --smoke without --out or $OUT: a new temporary folder, named in the output"
+
+
+def out_dir_from(arg: str | None, smoke: bool = False) -> Path:
+    """--out, else $OUT (the device machine's return folder), else benchmarks/results, where the
+    results BENCHMARKS.md shows are tracked; a smoke run gets a new temporary folder instead (and
+    says so), so that checking a script leaves the checkout as it was."""
     if arg:
         return Path(arg)
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"])
+    if smoke:
+        path = Path(tempfile.mkdtemp(prefix="snlp_bench_smoke_"))
+        print(f"smoke run without --out or $OUT: results go to {path}", flush=True)
+        return path
     return RESULTS_DIR
 
 
@@ -578,7 +603,7 @@ def add_regime_arguments(p: Any, *, name: str, ks_help: str, profile_help: str) 
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--vocab", type=int, default=256, help="vocabulary of the trunk models (head cost)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--name", default=name, help="stem of the output files (NAME.json, .md, .png)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip variants once this much time is spent")
     p.add_argument("--profile", action="store_true", help=profile_help)
@@ -601,7 +626,7 @@ class RegimeRun:
     budget_s: float
 
 
-def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> RegimeRun:
+def start_regime(args: Any, script: str, note: str, argv: list[str] | None, smoke: bool = False) -> RegimeRun:
     """Seed, Dynamo cache size, output folder and the measured device rates, the same for every regime."""
     t_start = time.perf_counter()
     device = torch.device(args.device)
@@ -625,7 +650,7 @@ def start_regime(args: Any, script: str, note: str, argv: list[str] | None) -> R
         bw = copy_bandwidth(device)
         meta["copy_bandwidth_tbs"] = bw / 1e12
         meta["matmul_tflops"] = matmul_rate(device, dtype) / 1e12
-    return RegimeRun(t_start, device, dtype, out_dir_from(args.out), meta, bw, args.budget_s)
+    return RegimeRun(t_start, device, dtype, out_dir_from(args.out, smoke), meta, bw, args.budget_s)
 
 
 def command(subcommand: str, argv: list[str] | None) -> str:

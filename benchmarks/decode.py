@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 import snlp_compile
+from snlp_compile.models import config_of
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 
 from . import common
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             model, model_note = common.inference_model(
                 common.SHAPES[shape], vocab_size=args.vocab, device=device, dtype=run.dtype
             )
-            cfg = model.config
+            cfg = config_of(model)
             wbytes = common.layer_bytes(model)
             shape_label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
             step = CachedStep(model)
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     if m.endswith("+graph")
                 ]
                 post = cache_writer(k_cache, v_cache, pos)
+                base: Callable[..., Any]
                 for family, init, k, mode, stages in plan:
                     if family == "snlp-staged":
                         variant, base, write = f"snlp K={k} S={stages} {mode}", staged[stages], post

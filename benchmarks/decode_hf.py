@@ -29,7 +29,7 @@ import argparse
 import inspect
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -38,6 +38,9 @@ from snlp_compile.models.kv import CachedStep
 
 from . import common
 from .decode import cache_writer, step_inputs, step_variant, transform_step
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import StaticLayer
 
 # --shapes key -> (model class, config class, config fields): the published configs' shapes
 HF_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -111,7 +114,9 @@ def hf_static_step(
 
     _, pos, k_cache, v_cache = inputs
     n = int(pos)
-    cache = transformers.StaticCache(config=hf.config, max_cache_len=k_cache.shape[3])
+    config = hf.config
+    assert isinstance(config, transformers.PreTrainedConfig)  # (a transformers model's)
+    cache = transformers.StaticCache(config=config, max_cache_len=k_cache.shape[3])
     position = pos.reshape(1)
     lengths: list[torch.Tensor] = []  # (transformers >= 5.2x: layers count their own length)
     # (transformers 5.25 renamed past_key_values to cache and warns on the old name)
@@ -132,7 +137,9 @@ def hf_static_step(
         return out.logits
 
     step(*inputs)  # (allocates the cache's layers)
-    for i, layer in enumerate(cache.layers):
+    # (a StaticCache of these full-attention models holds StaticLayers)
+    for i, layer in enumerate(cast("list[StaticLayer]", cache.layers)):
+        assert layer.keys is not None and layer.values is not None  # (allocated by the call above)
         layer.keys[:, :, :n].copy_(k_cache[i, :, :, :n])
         layer.values[:, :, :n].copy_(v_cache[i, :, :, :n])
         if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         help="Ks also timed with deferred K/V (decode.py)",
     )
     p.add_argument("--deferred-modes", default="compiled+graph")
-    p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU: " + " ".join(SMOKE))
+    smoke = "tiny configs on the CPU: " + " ".join(SMOKE) + common.SMOKE_OUT_HELP
+    p.add_argument("--smoke", action="store_true", help=smoke)
     raw = list(argv) if argv is not None else None
     args = p.parse_args(argv)
     if args.smoke:  # (arguments given explicitly still win)
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         common.RANDOM_WEIGHTS_NOTE + f"; transformers models with real layer shapes, {vocab_note} as in "
         "decode.py (floor = layer weights + KV cache); step + cache write timed",
         argv,
+        smoke=args.smoke,
     )
     device, out, ctx, batch = run.device, run.out, args.context, args.batch
     bench = common.Bench("decode-hf", out, device, run.meta, name=args.name)
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = model.config
             step = CachedStep(model)
             wbytes = common.layer_bytes(model, "blocks")
-            head = model.lm_head.weight
+            head = model.get_parameter("lm_head.weight")
             head_bytes = head.numel() * head.element_size() if args.vocab == 0 else 0
             label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd}, kv heads {cfg.n_kv_head})"
             inputs = step_inputs(model, batch, ctx, cfg.vocab_size, device)
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_step = hf_static_step(hf, inputs) if hf_modes else None
             for family, init, k, mode in plan:
                 if init == "hf":  # the model's own forward: it writes its StaticCache itself
+                    assert hf_step is not None  # (hf rows are planned for hf_modes only)
                     rec = common.Record("decode-hf", label, case, f"hf StaticCache {mode}", family, k, mode)
                     rec.extra["init"] = None
                     bench.run(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import snlp_compile
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, config_of
 
 from . import common
 
@@ -33,8 +33,9 @@ from . import common
 def smoke(device: torch.device) -> dict[str, Any]:
     """Exact mode on this device: K = L reproduces the sequential model in float32."""
     model = build_model("nanochat-small", device=device, dtype=torch.float32)
-    idx = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
-    out = snlp_compile.transform(model, (idx,), iterations=model.config.n_layer)
+    cfg = config_of(model)
+    idx = torch.randint(0, cfg.vocab_size, (2, 48), device=device)
+    out = snlp_compile.transform(model, (idx,), iterations=cfg.n_layer)
     with torch.no_grad():
         err = common.rel_err(out(idx), model(idx))
     ok = err < 1e-4
@@ -42,7 +43,7 @@ def smoke(device: torch.device) -> dict[str, Any]:
     return {
         "model": "nanochat-small",
         "dtype": "float32",
-        "K": model.config.n_layer,
+        "K": cfg.n_layer,
         "rel_err": err,
         "ok": ok,
     }
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             model, model_note = common.inference_model(
                 name, vocab_size=args.vocab, device=device, dtype=run.dtype
             )
-            cfg = model.config
+            cfg = config_of(model)
             wbytes = common.layer_bytes(model)
             t0 = time.perf_counter()
             example = torch.randint(0, args.vocab, (args.batch, 64), device=device)
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     elif family == "snlp-staged":
                         variant, base = f"snlp K={k} S={stages} {mode}", staged[stages]
                     else:
+                        assert k is not None  # (every plain SNLP variant has its K)
                         variant, base = f"snlp K={k} {mode}", common.with_iterations(snlp, k)
                     rec = common.Record("forward", shape_label, case, variant, family, k, mode)
                     if family == "snlp-staged":

@@ -71,7 +71,7 @@ import torch
 
 import snlp_compile
 from snlp_compile import SNLPConfig
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, config_of
 from snlp_compile.models.kv import CachedStep
 from snlp_compile.train import (
     RegulariserConfig,
@@ -84,6 +84,7 @@ from snlp_compile.train import (
 from snlp_compile.train.data import eval_windows
 from snlp_compile.train.decode_eval import DecodeSetting, decode_perplexity, settings_grid
 from snlp_compile.train.evaluate import perplexity
+from snlp_compile.train.loop import Objective
 
 from .common import (
     BEST_INDUCTOR,
@@ -157,7 +158,7 @@ class Variant:
     """One trained model: how it is trained and from what."""
 
     name: str
-    objective: str = "ce"
+    objective: Objective = "ce"
     seed: int = 0
     n_layer: int | None = None  # None: the scale's depth
     init_from: str | None = None
@@ -306,7 +307,7 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
         snlp=v.snlp,
         seq_ce_weight=v.seq_ce_weight,
         distill_weight=v.distill_weight,
-        init_from=str(checkpoint_path(work, v.init_from)) if finetune else None,
+        init_from=str(checkpoint_path(work, v.init_from)) if v.init_from is not None else None,
         eval_windows=min(64, scale.eval_windows),
     )
     log(f"train {v.name}: {v.note}; {steps} steps x {scale.batch} x {scale.seq_len}")
@@ -445,9 +446,9 @@ class Timer:
     ):
         self.model, self.name, self.scale, self.work = model, name, scale, work
         self.device = torch.device(scale.device)
-        self.n_layer = model.config.n_layer
+        self.n_layer = config_of(model).n_layer
         self.step = CachedStep(model)
-        self.inputs = step_inputs(model, 1, scale.context, model.config.vocab_size, self.device)
+        self.inputs = step_inputs(model, 1, scale.context, config_of(model).vocab_size, self.device)
         _, pos, k_cache, v_cache = self.inputs
         self.write = cache_writer(k_cache, v_cache, pos)
         self.compiled: dict[str, Any] = {}
@@ -812,28 +813,44 @@ def quality_grid(points: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(result: dict[str, Any], path: Path) -> Path | None:
-    pts = [p for p in result["points"] if p["speedup"] is not None]
-    plt = pyplot()
-    if plt is None or not pts:
-        if not pts:
-            log("report: no timed point, no plot")
-        return None
+def model_colours(plt: Any, n: int) -> list[Any]:
+    """n distinct colours, one per model: tab10's ten, then tab20's light shades (up to 20), then
+    evenly spaced samples of a wide colormap (matplotlib's default cycle repeats after ten)."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        tab20 = plt.get_cmap("tab20")
+        return [tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))][:n]
+    return [plt.get_cmap("gist_rainbow")(i / (n - 1)) for i in range(n)]
+
+
+def y_bottom(values: list[float]) -> float:
+    """The lower y-limit (%) of the frontier plot: -1%, or below the lowest value with a margin
+    when one lies lower (the y axis is symlog: linear within +-2%, logarithmic beyond)."""
+    low = min(values, default=0.0)
+    if low > -0.8:
+        return -1.0
+    return low - 0.5 if low > -2.0 else 1.3 * low
+
+
+def figure(result: dict[str, Any], pts: list[dict[str, Any]], plt: Any) -> Any:
+    """The frontier plot of ``pts`` (the timed points of ``result``) as a matplotlib figure."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     labelled = False  # (one legend entry for every model's fused points)
-    for model in dict.fromkeys(p["model"] for p in pts):
+    models = list(dict.fromkeys(p["model"] for p in pts))
+    for model, colour in zip(models, model_colours(plt, len(models))):
         mine = [p for p in pts if p["model"] == model]
         if mine[0]["kind"] == "shallow-control":
-            ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine],
+            ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine], color=colour,
                        marker="*", s=220, edgecolor="k", zorder=5, label=f"{model} (sequential)")  # fmt: skip
         else:
             plain = [p for p in mine if fusion_of(p) == 1]
             fused = [p for p in mine if fusion_of(p) > 1]
-            dots = ax.scatter([p["speedup"] for p in plain], [100 * p["ppl_vs_baseline"] for p in plain],
-                              s=22, alpha=0.8, label=model)  # fmt: skip
+            ax.scatter([p["speedup"] for p in plain], [100 * p["ppl_vs_baseline"] for p in plain],
+                       s=22, alpha=0.8, color=colour, label=model)  # fmt: skip
             if fused:  # the fused function: triangles in the model's colour
                 ax.scatter([p["speedup"] for p in fused], [100 * p["ppl_vs_baseline"] for p in fused],
-                           s=30, alpha=0.8, marker="^", color=dots.get_facecolor()[0],
+                           s=30, alpha=0.8, marker="^", color=colour,
                            label="_" if labelled else "fused (wide layers; model colour)")  # fmt: skip
                 labelled = True
     front = pareto(pts)
@@ -851,12 +868,23 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         ax.axhline(y, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=2.0)
-    ax.set_ylim(bottom=-1.0)
+    ax.set_ylim(bottom=y_bottom([100 * p["ppl_vs_baseline"] for p in pts] + spread))
     ax.set_xlabel("decode speed-up over the best sequential step (batch 1, same run)")
     ax.set_ylabel("decode-path perplexity vs baseline (%)")
     ax.set_title("Speed at equal quality: SNLP points (triangles: fused) and shallow sequential controls")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", ncol=2 if len(models) > 10 else 1)
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    pts = [p for p in result["points"] if p["speedup"] is not None]
+    plt = pyplot()
+    if plt is None or not pts:
+        if not pts:
+            log("report: no timed point, no plot")
+        return None
+    fig = figure(result, pts, plt)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -1073,7 +1101,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
     scale = Scale()
     tok = ByteTokenizer()
-    tok.vocab_size = scale.vocab  # type: ignore[misc]  # (random ids: only the size matters)
+    tok.vocab_size = scale.vocab  # (random ids: only the size matters)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, scale.vocab, (4_000_000,), generator=g)
     corpus = Corpus(tok, data, data[:200_000], 600_000, 1, 1)

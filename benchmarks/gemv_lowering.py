@@ -23,7 +23,9 @@ import argparse
 import functools
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +35,7 @@ from snlp_compile.kernels.layer_ops import batched_linear
 from . import common
 
 
-def _variants() -> dict[str, tuple[int, object]]:
+def _variants() -> dict[str, tuple[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]:
     """name -> (rows per layer, fn(x_raw (N, R, I), w (N, O, I)) -> (N, R, O))."""
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _variants() -> dict[str, tuple[int, object]]:
     }
 
 
-def _clones_per_call(fn, calls: int = 5) -> float:
+def _clones_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--shapes", default=shapes, help="NxOxI list")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="gemv_lowering")
     p.add_argument("--sweep", action="store_true", help="time the kernel over launch configs instead")
     p.add_argument("--sweep-rows", default="1,8", help="rows per layer the sweep times")
@@ -205,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     out = common.out_dir_from(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        rows = tuple(int(r) for r in args.sweep_rows.split(","))
+        sweep_rows = tuple(int(r) for r in args.sweep_rows.split(","))
         stages = tuple(int(s) for s in args.sweep_stages.split(","))
-        sweep(args.shapes, device, dtype, out, args.name, rows, stages, args.sweep_cold)
+        sweep(args.shapes, device, dtype, out, args.name, sweep_rows, stages, args.sweep_cold)
         return 0
     bw = common.copy_bandwidth(device)
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
         n, o, i = (int(s) for s in shape.split("x"))
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{shape:>15} {name:<10} {row['median_us']:8.2f} us  x floor {row['x_floor'] or float('nan'):.2f}"
                 f"  clones/call {clones:.0f}  rel_err {err:.1e}"
             )
-    meta = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
+    meta: dict[str, Any] = {"env": common.environment(device), "copy_bandwidth_tbs": bw / 1e12}
     meta["command"] = common.command("gemv-lowering", argv)
     title = (
         "## Layer-batched GEMV lowering (compiled + CUDA graph)\n\n"

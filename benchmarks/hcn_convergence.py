@@ -23,15 +23,16 @@ import statistics
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
 
 import snlp_compile
-from snlp_compile.models import build_model, model_config
+from snlp_compile.models import NanochatConfig, build_model, config_of, model_config
 from snlp_compile.models.mhc import HCPackageGPT
 from snlp_compile.solve import scan
+from snlp_compile.solve.handle import solve_handle
 from snlp_compile.solve.solver import identity_surrogate
 
 from . import common
@@ -45,14 +46,17 @@ MODELS = {
 
 
 def _package(seed: int, manifold: bool) -> torch.nn.Module:
+    config = model_config("nanochat-small", backout=False)
+    assert isinstance(config, NanochatConfig)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return HCPackageGPT(model_config("nanochat-small", backout=False), manifold=manifold).eval()
+        return HCPackageGPT(config, manifold=manifold).eval()
 
 
 def sequential_trace(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     outs: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda _m, _i, out: outs.append(out)) for b in model.transformer.h]
+    blocks = cast(torch.nn.ModuleList, model.get_submodule("transformer.h"))
+    handles = [b.register_forward_hook(lambda _m, _i, out: outs.append(out)) for b in blocks]
     try:
         with torch.no_grad():
             logits = model(idx)
@@ -67,9 +71,10 @@ def convergence(
 ) -> list[dict[str, Any]]:
     model = build(seed).double()
     idx = torch.randint(
-        0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
+        0, config_of(model).vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
     )
     fast = snlp_compile.transform(model, (idx,), iterations=1)
+    handle = solve_handle(fast)
     trace_seq, logits_seq = sequential_trace(model, idx)
     n = len(trace_seq)
     rows = []
@@ -77,12 +82,12 @@ def convergence(
         for k in range(1, n + 1):
             with (
                 torch.no_grad(),
-                identity_surrogate(fast.snlp_solve) if surrogate == "identity" else nullcontext(),
+                identity_surrogate(handle.solve) if surrogate == "identity" else nullcontext(),
             ):
                 trace = snlp_compile.solve_trace(fast, idx, iterations=k)
-                fast.snlp_solve.iterations = k
+                handle.iterations = k
                 logits = fast(idx)
-                fast.snlp_solve.iterations = 1
+                handle.iterations = 1
             rows.append(
                 dict(
                     model=name, seed=seed, surrogate=surrogate, k=k, layers=n,
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=common.OUT_HELP)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = common.out_dir_from(args.out)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -27,7 +28,7 @@ import torch
 
 import snlp_compile
 from snlp_compile.export.onnx_export import export_onnx
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, config_of
 
 from . import common
 
@@ -61,8 +62,8 @@ def parity(device: torch.device, model_name: str, tmp: Path) -> dict[str, Any]:
     """Exact-mode parity of the compile paths on ``device``; ORT against PyTorch on ``device``."""
     results: dict[str, Any] = {"model": model_name, "dtype": "float32"}
     model = build_model(model_name, device=device, dtype=torch.float32)
-    n_layer = model.config.n_layer
-    vocab = model.config.vocab_size
+    n_layer = config_of(model).n_layer
+    vocab = config_of(model).vocab_size
     idx = torch.randint(0, vocab, (2, 48), device=device)
     with torch.no_grad():
         want = model(idx)
@@ -214,17 +215,18 @@ def plan_case(
     for i, k in enumerate(ks):
         label, first = f"snlp K={k}", i == 0
         if first:
-            plan.append((f"{label} eager", "snlp", k, "eager", lambda k=k: snlp_eager(k)))
-            plan.append((f"{label} compiled", "snlp", k, "compiled", lambda k=k: snlp_compiled(k, None)))
+            plan.append((f"{label} eager", "snlp", k, "eager", functools.partial(snlp_eager, k)))
+            build = functools.partial(snlp_compiled, k, None)
+            plan.append((f"{label} compiled", "snlp", k, "compiled", build))
         if graph_mode:
-            build = lambda k=k: snlp_compiled(k, graph_mode)  # noqa: E731
+            build = functools.partial(snlp_compiled, k, graph_mode)
             plan.append((f"{label} compiled+graph", "snlp", k, "compiled+graph", build))
         if first:
             suffix = "+graph" if graph_mode else ""
-            build = lambda k=k: snlp_backend(k)  # noqa: E731
+            build = functools.partial(snlp_backend, k)
             plan.append((f"{label} backend 'snlp'{suffix}", "snlp", k, f"backend{suffix}", build))
         if ort_cuda and first:
-            build = lambda k=k, label=label: ort_variant(f"{label} ORT-CUDA", f"snlp{k}", iterations=k)  # noqa: E731
+            build = functools.partial(ort_variant, f"{label} ORT-CUDA", f"snlp{k}", iterations=k)
             plan.append((f"{label} ORT-CUDA", "snlp", k, "ort-cuda", build))
     return plan, onnx_paths
 
@@ -235,7 +237,7 @@ def bench(
     model = build_model(
         common.SHAPES[args.shape], vocab_size=args.vocab, device=device, dtype=common.DTYPES[args.dtype]
     )
-    cfg = model.config
+    cfg = config_of(model)
     wbytes = common.layer_bytes(model)
     bw = bench_.meta.get("copy_bandwidth_tbs", float("nan")) * 1e12
     shape_label = f"{args.shape} (L={cfg.n_layer}, d={cfg.n_embd})"
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime timing variants")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--budget-s", type=float, default=420.0, help="skip variants once this much time is spent")
     p.add_argument("--only", default="", help="comma list: only variants whose name contains one of these")
     p.add_argument("--name", default=REGIME, help="base name of the result files")

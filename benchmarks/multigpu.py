@@ -19,7 +19,9 @@ wide with two matrices (relu^2), 134M parameters per layer against Llama-3-8B's 
 matrices of 14336); attention is the same. Modes (every variant): "eager", "eager+graph" (a CUDA
 graph, the collectives inside it) and "compiled+graph" (torch.compile, breaking the graph at the
 collectives of the layer-parallel step).
-Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``.
+Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``, by default to benchmarks/results/multigpu
+(--smoke: to a new temporary folder, named in the output, so that the check leaves the checkout as
+it was).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,8 @@ from snlp_compile import Decoder, SNLPConfig, transform
 from snlp_compile.config import stage_sizes
 from snlp_compile.cuda_graph import capture
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
-from snlp_compile.models.registry import build_model
+from snlp_compile.models.nanochat import CausalSelfAttention
+from snlp_compile.models.registry import build_model, config_of
 from snlp_compile.solve.handle import solve_handle
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -64,7 +68,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--modes", default=None, help="eager, compiled, +graph (default: all three on CUDA, eager on CPU)"
     )
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "multigpu")
+    where = "output folder (default: benchmarks/results/multigpu; --smoke: a new temporary folder)"
+    p.add_argument("--out", type=Path, default=None, help=where)
     p.add_argument("--smoke", action="store_true", help="tiny shape, context 32, fp32, few samples")
     args = p.parse_args(argv)
     if args.smoke:
@@ -130,10 +135,12 @@ def _tensor_parallel(model: nn.Module, world: int, device: torch.device) -> nn.M
         "mlp.c_fc": ColwiseParallel(),
         "mlp.c_proj": RowwiseParallel(),
     }
-    for block in tp.transformer.h:
+    for block in cast(nn.ModuleList, tp.get_submodule("transformer.h")):
         parallelize_module(block, mesh, plan)
-        block.attn.n_head //= world
-        block.attn.n_kv_head //= world
+        attn = block.get_submodule("attn")
+        assert isinstance(attn, CausalSelfAttention)  # (SHAPES are nanochat models)
+        attn.n_head //= world
+        attn.n_kv_head //= world
     return tp
 
 
@@ -170,7 +177,7 @@ def _single_device(run: Runner, label: str, model: nn.Module, ctx: int) -> dict[
     step = CachedStep(model)
     inputs = _inputs(model, ctx, device)
     ref = step(*inputs)[0]
-    layers = model.config.n_layer
+    layers = config_of(model).n_layer
     lowering = transform(step, inputs, iterations=1, stages=layers)
     k1 = transform(step, inputs, iterations=1)
     for name, base in (("sequential", step), ("sequential lowering", lowering), ("K=1 single device", k1)):
@@ -186,7 +193,7 @@ def _distributed(run: Runner, label: str, model: nn.Module, ctx: int, refs: dict
     dec = Decoder(model, SNLPConfig(iterations=1), batch=1, max_len=ctx, process_group=dist.group.WORLD)
     handle = solve_handle(dec.decode_step)
     _, pos, k, v = _inputs(model, ctx, device)
-    start, block = sum(stage_sizes(model.config.n_layer, world)[: run.rank]), dec.k_cache.shape[0]
+    start, block = sum(stage_sizes(config_of(model).n_layer, world)[: run.rank]), dec.k_cache.shape[0]
     dec.k_cache.copy_(k[start : start + block])  # (the same random cache as the single-device steps)
     dec.v_cache.copy_(v[start : start + block])
     token = torch.ones(1, dtype=torch.long, device=device)
@@ -228,6 +235,18 @@ def _table(rows: list[dict[str, Any]], world: int, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def out_dir(args: argparse.Namespace) -> Path:
+    """--out, else benchmarks/results/multigpu; a smoke run's default is a new temporary folder
+    (rank 0 alone writes: only it calls this)."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.smoke:
+        path = Path(tempfile.mkdtemp(prefix="snlp_multigpu_smoke_"))
+        print(f"smoke run without --out: results go to {path}", flush=True)
+        return path
+    return common.RESULTS_DIR / "multigpu"
+
+
 def require_cuda() -> None:
     """Without a CUDA GPU, --device cuda stops before the process group, in one line from rank 0."""
     if torch.cuda.is_available():
@@ -260,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = build_model(
                     name, device=device, dtype=common.DTYPES[args.dtype], vocab_size=args.vocab, **overrides
                 )
-                cfg = model.config
+                cfg = config_of(model)
                 label = f"{shape} (L={cfg.n_layer}, d={cfg.n_embd})"
                 refs: dict[str, torch.Tensor] = {}
                 if rank == 0:
@@ -277,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.time() - t0, 1),
                 "env": common.environment(device),
             }
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"multigpu_G{world}.json").write_text(
+            out = out_dir(args)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"multigpu_G{world}.json").write_text(
                 json.dumps({"meta": meta, "rows": run.rows}, indent=1)
             )
-            (args.out / f"multigpu_G{world}.md").write_text(_table(run.rows, world, meta))
-            print(f"wrote {args.out}/multigpu_G{world}.json and .md")
+            (out / f"multigpu_G{world}.md").write_text(_table(run.rows, world, meta))
+            print(f"wrote {out}/multigpu_G{world}.json and .md")
     finally:
         dist.destroy_process_group()
     return 0

@@ -49,7 +49,7 @@ import torch
 import snlp_compile
 from snlp_compile.cuda_graph import capture
 from snlp_compile.decoding import Decoder, generate
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, config_of
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
 from snlp_compile.speculative_graphs import GraphedSteps
@@ -58,6 +58,8 @@ from snlp_compile.train import load_checkpoint
 from . import frontier
 from .common import (
     BEST_INDUCTOR,
+    OUT_HELP,
+    SMOKE_OUT_HELP,
     SNLP_INDUCTOR,
     compile_module,
     environment,
@@ -113,9 +115,9 @@ class Steps:
     ):
         self.model, self.compiled = model, compiled
         device = next(model.parameters()).device
-        inputs = step_inputs(model, 1, max_len, model.config.vocab_size, device)
+        inputs = step_inputs(model, 1, max_len, config_of(model).vocab_size, device)
         self.eager_step = CachedStep(model)
-        n = model.config.n_layer
+        n = config_of(model).n_layer
         self.exact = (
             snlp_compile.transform(CachedStep(model), inputs, iterations=1, stages=n) if n > 1 else None
         )
@@ -154,15 +156,16 @@ class Steps:
         """Copy ``other``'s weights (same shape) into every step's tensors, in place, and check
         each transformed step against a fresh transform of ``other``."""
         copy_tensors(self.model, other)
-        n = other.config.n_layer
-        for mine, kwargs, inputs in (
+        n = config_of(other).n_layer
+        checks: list[tuple[torch.nn.Module | None, dict[str, Any], tuple[torch.Tensor, ...]]] = [
             (self.exact, {"stages": n}, self.inputs),
             *(
                 (b, {"init": "warm", "stages": draft_stages(n, p)}, self.inputs)
                 for p, b in self.draft_bases.items()
             ),
             *((m, {"stages": n}, self._block_inputs(t)) for t, (m, _) in self.exact_verifiers.items()),
-        ):
+        ]
+        for mine, kwargs, inputs in checks:
             if mine is None:
                 continue
             fresh = snlp_compile.transform(CachedStep(other), inputs, iterations=1, **kwargs)
@@ -196,7 +199,7 @@ def copy_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
     skip = ("warm_trace", "deferred")
 
     def tensors(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-        named = dict(m.named_parameters(remove_duplicate=False))
+        named: dict[str, torch.Tensor] = dict(m.named_parameters(remove_duplicate=False))
         named |= dict(m.named_buffers(remove_duplicate=False))
         return {k: v for k, v in named.items() if v is not None and not any(s in k for s in skip)}
 
@@ -379,7 +382,13 @@ class Run:
             row["verify_ms_per_round"] = 1e3 * stats.verify_time_s / max(stats.rounds, 1)
             row.update(self.components(dec, gamma))
 
-        row = {"weights": weights, "kind": "speculative", "variant": name, "k": k, "gamma": gamma}
+        row: dict[str, Any] = {
+            "weights": weights,
+            "kind": "speculative",
+            "variant": name,
+            "k": k,
+            "gamma": gamma,
+        }
         row["parallel"], row["verifier"] = p, verifier
         row["graphs"], row["adaptive"] = graphs, adaptive
         self.add(row, measure)
@@ -399,10 +408,12 @@ class Run:
             draft_block: Callable[[], Any] = lambda: g.blocks[gamma](one[:, 0], pos)  # noqa: E731
             verify: Callable[[], Any] = lambda: g.verify[gamma](block, pos, kc, vc)  # noqa: E731
         else:
+            draft = dec.draft_step
+            assert draft is not None  # (a speculative decoder's)
 
             def draft_block() -> None:
                 for i in range(gamma):
-                    dec.draft_step(one, pos + i, kc, vc)
+                    draft(one, pos + i, kc, vc)
 
             verify = lambda: dec.verify_step(gamma + 1)(block, pos, kc, vc)  # noqa: E731
         n = self.args.samples
@@ -419,7 +430,7 @@ class Run:
         graphs = (graph or self.args.uncaptured_graphs) and not self.args.no_graphs
         fast = "compiled+graph" if steps.compiled else ("eager+graph" if graph else "eager")
         self.loop(weights, "sequential", f"seq {fast}", steps.seq, graph)
-        if steps.exact is not None:
+        if steps.exact_c is not None:  # (compiled or not: there whenever steps.exact is)
             self.loop(weights, "sequential", f"exact-seq {fast}", steps.exact_c, graph)
         verifiers = ["exact-seq", "sequential"] if self.args.verifier == "both" else [self.args.verifier]
         for verifier in verifiers:  # (exact-seq: a transform and a compile per γ)
@@ -612,7 +623,7 @@ def reference_model(args: argparse.Namespace, scale: Scale, corpus: Any, work: P
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="speculative", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=OUT_HELP + SMOKE_OUT_HELP)
     p.add_argument("--work", default="/tmp/snlp_speculative", help="data and checkpoint (local disk)")
     p.add_argument("--checkpoint", default=None, help="a trained reference checkpoint: no training")
     p.add_argument("--smoke", action="store_true", help="tiny scale, CPU unless --device")
@@ -674,17 +685,18 @@ def main(argv: list[str] | None = None) -> int:
         meta["inductor"] = inductor_options(BEST_INDUCTOR)
         snlp_options = parse_inductor_options(SNLP_INDUCTOR, "--snlp-inductor")
         torch._dynamo.config.cache_size_limit = 256
-    out, work = out_dir_from(args.out), Path(args.work)
+    out, work = out_dir_from(args.out, args.smoke), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)
     model = reference_model(args, scale, corpus, work)
-    if not all(1 <= q <= model.config.n_layer for q in args.parallel):
-        raise SystemExit(f"speculative: --parallel {args.parallel} must lie in 1..{model.config.n_layer}")
+    cfg = config_of(model)
+    if not all(1 <= q <= cfg.n_layer for q in args.parallel):
+        raise SystemExit(f"speculative: --parallel {args.parallel} must lie in 1..{cfg.n_layer}")
     mid = corpus.val.numel() // 2
     prompt = corpus.val[mid : mid + args.prompt].reshape(1, -1).long().to(device)
     meta["note"] = (
-        f"nanochat L={model.config.n_layer}, d={model.config.n_embd}, vocab {model.config.vocab_size}; "
+        f"nanochat L={cfg.n_layer}, d={cfg.n_embd}, vocab {cfg.vocab_size}; "
         f"{'trained: ' + (args.checkpoint or 'the frontier reference ' + BASELINE + ', seeded, this run')}; "
         f"batch 1, held-out prompt of {args.prompt} tokens, {args.new} greedy new tokens, {scale.dtype}; "
         f"{'compiled' if compiled else 'eager'} steps; median of {args.repeats} generations after "
@@ -698,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = Steps(model, args.ks, args.parallel, max_len, compiled, snlp_options)
         run.measure_all("trained", steps)
         if not args.no_random:
-            overrides = {**scale.overrides(), "vocab_size": model.config.vocab_size, "zero_init_out": False}
+            overrides = {**scale.overrides(), "vocab_size": cfg.vocab_size, "zero_init_out": False}
             random = build_model(frontier.MODEL, seed=0, device=scale.device, **overrides)
             try:
                 steps.load_weights(random.to(next(model.parameters()).dtype).eval())

@@ -36,6 +36,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--replays", type=int, default=20, help="graph replays profiled per variant")
     p.add_argument("--inductor", default=common.BEST_INDUCTOR, help="Inductor options KEY=VALUE,...")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="step_timeline")
     p.add_argument("--code", action="store_true", help="write Inductor's code of the step instead")
     args = p.parse_args(argv)
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (int(x) for x in args.ks.split(",")):
                     torch._dynamo.reset()
                     lowering = variant_lowering(spec)
+                    base: Callable[..., Any]
                     if spec == "seq":
                         base, post, options = step, cache_writer(k_cache, v_cache, pos), None
                     else:

@@ -201,7 +201,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="result JSON files of decode.py / forward.py")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help=common.OUT_HELP)
     p.add_argument("--name", default="targets")
     pool = "pool the files of each regime: the fastest sequential and SNLP times of any run"
     p.add_argument("--strongest-baseline", action="store_true", help=pool)
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     rows = []
     for target in TARGETS:
-        found = [evaluate(target, pl) for pl in payloads if pl.get("regime") == target.regime]
-        found = [r for r in found if r is not None]
+        evaluated = (evaluate(target, pl) for pl in payloads if pl.get("regime") == target.regime)
+        found = [r for r in evaluated if r is not None]
         rows.extend(found[:1])
         if not found:
             what = f"{target.shape} {target.regime} {target.case} K={target.k}"

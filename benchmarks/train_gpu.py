@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", nargs="+", default=None, help="combine the JSON of earlier runs")
     p.add_argument("--notes", default=None, help="with --merge: a markdown file appended to the table")
     p.add_argument("--name", default=NAME, help="file stem of the results")
-    p.add_argument("--out", default=None, help="default: $OUT, else benchmarks/results")
+    p.add_argument("--out", default=None, help=common.OUT_HELP + common.SMOKE_OUT_HELP)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    out = common.out_dir_from(args.out)
+    out = common.out_dir_from(args.out, args.smoke)
     if args.merge:
         merge(args.merge, out, args.name, args.notes)
         return 0

@@ -15,7 +15,7 @@ import torch
 import snlp_compile
 from snlp_compile import SNLPConfig
 from snlp_compile.decoding import Decoder
-from snlp_compile.models import build_model
+from snlp_compile.models import build_model, config_of
 
 
 def main() -> None:
@@ -28,8 +28,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = build_model(args.model, dtype=dtype).to(args.device).eval()
-    n = model.config.n_layer
-    vocab = model.config.vocab_size
+    n = config_of(model).n_layer
+    vocab = config_of(model).vocab_size
     print(f"{args.model} ({n} layers) on {args.device} in {args.dtype}")
     for shape in args.shapes.split(","):
         b, t = (int(v) for v in shape.split("x"))

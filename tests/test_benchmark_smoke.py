@@ -326,3 +326,39 @@ def test_multigpu_without_cuda_stops_in_one_line(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SystemExit) as stop:
         multigpu.main([])
     assert stop.value.code == 2 and not dist.is_initialized()
+
+
+def test_output_folder_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """--out, else $OUT, else benchmarks/results (a full run regenerates the tracked tables there);
+    a smoke run without either gets a new temporary folder and says which."""
+    import benchmarks.multigpu as multigpu
+
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # (mkdtemp reads TMPDIR again)
+    assert common.out_dir_from(None) == common.RESULTS_DIR
+    assert common.out_dir_from("given", smoke=True) == Path("given")
+    smoke = common.out_dir_from(None, smoke=True)
+    assert smoke.is_dir() and smoke.parent == tmp_path
+    assert capsys.readouterr().out == f"smoke run without --out or $OUT: results go to {smoke}\n"
+    assert multigpu.out_dir(multigpu._parse([])) == common.RESULTS_DIR / "multigpu"
+    assert multigpu.out_dir(multigpu._parse(["--smoke", "--out", "given"])) == Path("given")
+    assert multigpu.out_dir(multigpu._parse(["--smoke"])).parent == tmp_path
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert common.out_dir_from(None, smoke=True) == common.out_dir_from(None) == tmp_path / "out"
+
+
+def test_multigpu_smoke_leaves_the_checkout_alone(tmp_path: Path) -> None:
+    """The README's `torchrun --nproc-per-node 2 -m benchmarks.multigpu --smoke --device cpu`
+    (without --out) writes its table to a temporary folder it names, not into the checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env |= {"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "benchmarks.multigpu", "--smoke", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = Path(proc.stdout.split("results go to ")[1].split()[0])
+    assert written.parent == tmp_path
+    rows = json.loads((written / "multigpu_G2.json").read_text())["rows"]
+    layer_parallel = [r for r in rows if r["variant"] == "layer-parallel K=1"]
+    assert layer_parallel and all(r["error"] is None and r["max_abs_err"] < 1e-4 for r in layer_parallel)

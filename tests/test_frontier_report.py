@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import pyplot
 from benchmarks.frontier import (
     Scale,
     Timed,
     build_points,
+    figure,
     load_timings,
     markdown,
     pareto,
@@ -248,3 +250,25 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"timed another shape: n_layer=4 \(here 16\)"):  # (full scale)
         main(args[:1] + args[2:])
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()
+
+
+def test_plot_colours_every_model_apart_and_shows_the_lowest_point(tmp_path: Path) -> None:
+    """Fourteen models (a smoke run's count) get fourteen colours (the default cycle repeats after
+    ten), and a point 4% better than the baseline lies inside the plot (the y-limit was -1%)."""
+    plt = pyplot()
+    if plt is None:
+        pytest.skip("matplotlib missing")
+    models = [f"m{i}" for i in range(12)] + ["seq-l2", "seq-l1"]
+    pts = [
+        {"model": m, "kind": "shallow-control" if m.startswith("seq") else "snlp", "speedup": 1.0 + i / 4,
+         "ppl": BASE * (1 + (i - 1) / 100), "ppl_vs_baseline": (i - 1) / 100, "fusion": 1}
+        for i, m in enumerate(models)
+    ]  # fmt: skip
+    pts[0] = {**pts[0], "ppl": 0.96 * BASE, "ppl_vs_baseline": -0.04}
+    fig = figure({"points": pts, "summary": {"seed_spread_ppl_vs_baseline": {"m1": 0.002}}}, pts, plt)
+    ax = fig.axes[0]
+    colours = {c.get_label(): tuple(c.get_facecolor()[0][:3]) for c in ax.collections}
+    assert len({colours[m] for m in models[:12]} | {colours[f"{m} (sequential)"] for m in models[12:]}) == 14
+    assert ax.get_ylim()[0] < -4.0 < ax.get_ylim()[1]
+    fig.savefig(tmp_path / "frontier.png")
+    plt.close(fig)

@@ -27,7 +27,7 @@ def test_ruff_clean(args: tuple[str, ...]) -> None:
 
 def test_mypy_clean() -> None:
     """``mypy`` (configured in pyproject.toml; every module is checked, none is exempt) finds
-    nothing in the package."""
+    nothing in the package or the benchmarks."""
     pytest.importorskip("mypy")
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental"],

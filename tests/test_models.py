@@ -15,6 +15,7 @@ from snlp_compile.models import (
     NanochatConfig,
     NanochatGPT,
     build_model,
+    config_of,
     model_config,
 )
 
@@ -163,6 +164,14 @@ def test_overrides_and_errors() -> None:
         build_model("gpt-tiny", n_kv_head=2)
     with pytest.raises(ValueError, match="unknown model"):
         model_config("GPT-TINY")
+
+
+def test_config_of() -> None:
+    """The typed ``model.config`` of a built reference model; anything else is refused by name."""
+    model = build_model("mhc-tiny", n_layer=2, device="meta")
+    assert config_of(model) is model.config and config_of(model).n_layer == 2
+    with pytest.raises(TypeError, match=r"Linear has no GPTConfig/NanochatConfig \.config \(got NoneType\)"):
+        config_of(torch.nn.Linear(2, 2))
 
 
 _BLOCK_PATH = re.compile(r"^transformer\.h\.(\d+)(\.|$)")

@@ -3,7 +3,7 @@
 from .gpt import GPT, GPTConfig
 from .hf_decode import HFCachedLM
 from .nanochat import NanochatConfig, NanochatGPT
-from .registry import DEFAULT_MODEL, MODEL_NAMES, build_model, model_config
+from .registry import DEFAULT_MODEL, MODEL_NAMES, build_model, config_of, model_config
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -14,5 +14,6 @@ __all__ = [
     "NanochatConfig",
     "NanochatGPT",
     "build_model",
+    "config_of",
     "model_config",
 ]

@@ -92,6 +92,18 @@ def _construct(config: GPTConfig | NanochatConfig) -> nn.Module:
     return NanochatGPT(config)
 
 
+def config_of(model: nn.Module) -> GPTConfig | NanochatConfig:
+    """The config a reference model was built from (``model.config``), typed: attribute lookup on
+    an nn.Module is typed ``Tensor | Module``, so callers reading its fields need this narrowing."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, (GPTConfig, NanochatConfig)):
+        raise TypeError(
+            f"{type(model).__name__} has no GPTConfig/NanochatConfig .config (got {type(config).__name__}): "
+            "not a reference model of snlp_compile.models"
+        )
+    return config
+
+
 def build_model(
     name: str,
     *,
