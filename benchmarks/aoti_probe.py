@@ -17,7 +17,8 @@ timeout: ``aoti_load_package`` (after the inputs are on the device, and "cold", 
 work in the process), the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
 and without ``import snlp_compile`` first, and loading in the process that compiled the package.
 Every route's return code, error line, time and max |package - eager| go to aoti_probe.json and
-aoti_probe.md.
+aoti_probe.md in --out (else $OUT, else benchmarks/results); the packages (build artefacts, large
+for a real model) go to --work (default: a temporary folder, removed at the end).
 
     python -m benchmarks aoti-probe --out DIR                  # cuda, bf16, nanochat-small
     python -m benchmarks aoti-probe --device cpu --dtype fp32 --model nanochat-tiny --max-len 16
@@ -31,6 +32,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -196,8 +198,20 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def probe(args: argparse.Namespace) -> int:
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    work = out / "aoti_probe_packages"
+    """Build every case and try every route; the packages live in ``--work`` or, without it, in
+    a temporary folder removed at the end, so that only the small JSON and markdown reach --out."""
+    # (imported here, not at the top: the children import this module, and the ``mlp`` control
+    # must run in a process that never imported snlp_compile, which benchmarks.common does)
+    from benchmarks.common import out_dir_from
+
+    out = out_dir_from(args.out)
+    if args.work:
+        return _probe(args, out, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="snlp_aoti_probe_") as work:
+        return _probe(args, out, Path(work))
+
+
+def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
     device_name = (
         torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     )
@@ -248,7 +262,7 @@ def probe(args: argparse.Namespace) -> int:
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
     payload = {
         "env": env,
-        "config": {k: v for k, v in vars(args).items() if k not in ("role", "out")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("role", "out", "work")},
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +274,10 @@ def probe(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
+    p.add_argument(
+        "--work", default=None, help="where the packages stay (default: a temporary folder, removed)"
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--model", default="nanochat-small", help="reference model of the decode step")

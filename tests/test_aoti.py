@@ -119,3 +119,33 @@ def test_probe_records_a_failing_route_and_goes_on(tmp_path: Path) -> None:
     payload["rows"].append({"case": "mlp", "route": "cpp_loader", "import_project": False, **row})
     table = aoti_probe.markdown(payload)
     assert "| mlp | cpp_loader | False | 1 |" in table and "inputs.pt" in table
+
+
+def test_probe_writes_its_tables_to_out_and_its_packages_to_a_temporary_work_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out, else $OUT gets aoti_probe.json and .md only; without --work the packages (large
+    build artefacts) go to a temporary folder that is gone after the probe, never to --out."""
+    from benchmarks import aoti_probe
+
+    dirs: list[Path] = []
+
+    def fake_probe(argv: list[str], timeout: float) -> dict[str, object]:
+        case_dir = Path(argv[argv.index("--dir") + 1])
+        dirs.append(case_dir)
+        return {"rc": 1, "error": "not built"}  # (no model.pt2: the case's load routes are skipped)
+
+    monkeypatch.setattr(aoti_probe, "run_probe", fake_probe)
+    monkeypatch.setenv("OUT", str(tmp_path / "env_out"))
+    assert aoti_probe.main(["--device", "cpu", "--cases", "mlp"]) == 0
+    assert sorted(p.name for p in (tmp_path / "env_out").iterdir()) == ["aoti_probe.json", "aoti_probe.md"]
+    assert len(dirs) == 1 and tmp_path not in dirs[0].parents and not dirs[0].parent.exists()
+    work = tmp_path / "work"
+    assert (
+        aoti_probe.main(
+            ["--device", "cpu", "--cases", "mlp", "--out", str(tmp_path / "out"), "--work", str(work)]
+        )
+        == 0
+    )
+    assert dirs[1] == work / "mlp"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["aoti_probe.json", "aoti_probe.md"]
