@@ -19,8 +19,8 @@ wide with two matrices (relu^2), 134M parameters per layer against Llama-3-8B's 
 matrices of 14336); attention is the same. Modes (every variant): "eager", "eager+graph" (a CUDA
 graph, the collectives inside it) and "compiled+graph" (torch.compile, breaking the graph at the
 collectives of the layer-parallel step).
-Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``, by default to benchmarks/results/multigpu
-(--smoke: to a new temporary folder, named in the output, so that the check leaves the checkout as
+Writes ``multigpu_G{G}.json`` and ``.md`` to ``--out``, else $OUT, else benchmarks/results/multigpu
+(--smoke without either: to a new temporary folder, named in the output, so that the check leaves the checkout as
 it was).
 """
 
@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +67,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--modes", default=None, help="eager, compiled, +graph (default: all three on CUDA, eager on CPU)"
     )
-    where = "output folder (default: benchmarks/results/multigpu; --smoke: a new temporary folder)"
+    where = "output folder (default: $OUT, else benchmarks/results/multigpu; --smoke: a new temporary folder)"
     p.add_argument("--out", type=Path, default=None, help=where)
     p.add_argument("--smoke", action="store_true", help="tiny shape, context 32, fp32, few samples")
     args = p.parse_args(argv)
@@ -236,15 +235,11 @@ def _table(rows: list[dict[str, Any]], world: int, meta: dict[str, Any]) -> str:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    """--out, else benchmarks/results/multigpu; a smoke run's default is a new temporary folder
-    (rank 0 alone writes: only it calls this)."""
-    if args.out is not None:
-        return Path(args.out)
-    if args.smoke:
-        path = Path(tempfile.mkdtemp(prefix="snlp_multigpu_smoke_"))
-        print(f"smoke run without --out: results go to {path}", flush=True)
-        return path
-    return common.RESULTS_DIR / "multigpu"
+    """The other benchmarks' rule (``common.out_dir_from``: --out, else $OUT, the device machine's
+    return folder, else a smoke run's new temporary folder), with benchmarks/results/multigpu as
+    the tracked default (rank 0 alone writes: only it calls this)."""
+    path = common.out_dir_from(args.out, smoke=args.smoke)
+    return path / "multigpu" if path == common.RESULTS_DIR else path
 
 
 def require_cuda() -> None:

@@ -346,6 +346,7 @@ def test_output_folder_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert multigpu.out_dir(multigpu._parse(["--smoke"])).parent == tmp_path
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert common.out_dir_from(None, smoke=True) == common.out_dir_from(None) == tmp_path / "out"
+    assert multigpu.out_dir(multigpu._parse([])) == tmp_path / "out"  # (its results come back from $OUT)
 
 
 def test_multigpu_smoke_leaves_the_checkout_alone(tmp_path: Path) -> None:
