@@ -40,14 +40,16 @@ Device schedule (calls of at most 10 minutes, 30 device minutes a session): on o
 later session times with ``run --quality-from`` (~10 min, random weights) and ``--points``.
 
 Partial-tail fine-tunes (``tail_variants``: the last 8 / 12 of 16 layers at K=2 h0 from ``reg``;
-controls at 12 from ``base-s0`` and without the sequential terms): one session, three calls on one
-warm machine (``reg`` first, the same ``--work /tmp/frontier``), each copying ``work/*.json`` to
-``$OUT``: ``run --stages train --models base-s0 reg`` (~6 min with the data: 72 s + 195 s of
-training); ``--stages train --models sft-tail8 sft-tail12 sft-tail12-base sft-tail12-solo`` (~6
-min: ~0.3 s/step x 250 steps each, from sft-k2's 0.24 s/step for 16 layers at K=2 plus the
-sequential CE's 0.10 s and the teacher's forward, -solo ~0.2 s/step; ``calibrate`` measures it as
-calib-sft-tail); ``--stages quality --models base-s0 reg sft-tail8 sft-tail12 sft-tail12-base
-sft-tail12-solo`` (~7 min: ~2.3 each for the full grids, a tail's grid is its P x K x init only).
+controls at 12 from ``base-s0`` and without the sequential terms; ``reg-cont``, ``reg`` trained on
+with plain CE, the control of their extra tokens): one session, three calls on one warm machine
+(``reg`` first, the same ``--work /tmp/frontier``), each copying ``work/*.json`` to ``$OUT``:
+``run --stages train --models base-s0 reg`` (~6 min with the data: 72 s + 195 s of training);
+``--stages train --models sft-tail8 sft-tail12 sft-tail12-base sft-tail12-solo reg-cont`` (~7 min:
+~0.3 s/step x 250 steps each, from sft-k2's 0.24 s/step for 16 layers at K=2 plus the sequential
+CE's 0.10 s and the teacher's forward, -solo ~0.2 s/step, reg-cont ~0.1 s/step; ``calibrate``
+measures it as calib-sft-tail); ``--stages quality --models base-s0 reg sft-tail8 sft-tail12
+sft-tail12-base sft-tail12-solo reg-cont`` (~8 min: ~2.3 each for the full grids, a tail's grid
+is its P x K x init only).
 Timing does not depend on the weights: ``assemble --timings-from benchmarks/results/frontier.json``
 on those files joins the earlier run's steps of the same shapes (8:2:h0, 12:2:h0, ...; the
 configurations it lacks are listed untimed).
@@ -198,6 +200,19 @@ def tail_variants(scale: Scale) -> list[Variant]:
     return out
 
 
+def continued_control(scale: Scale) -> Variant:
+    """``reg`` trained on for the fine-tunes' steps with plain cross-entropy: the tail fine-tunes
+    see ~36% more tokens than ``reg`` and the baseline, and these models are far from converged
+    (0.46 tokens per parameter), so part of a fine-tune's gain is only more training; this control,
+    at the same P, K and init, says how much (a CPU study at L=8 found its sequential perplexity
+    fell by about as much as the fine-tunes')."""
+    n = scale.n_layer
+    return Variant(
+        "reg-cont", init_from="reg", quality_parallel=(n // 2, 3 * n // 4),
+        note="reg trained on with plain CE for the fine-tunes' steps (control of the tails' extra tokens)",
+    )  # fmt: skip
+
+
 def variants(scale: Scale) -> list[Variant]:
     n = scale.n_layer
     return [
@@ -219,6 +234,7 @@ def variants(scale: Scale) -> list[Variant]:
             f"of {scale.finetune_fusion} (fused_layers={scale.finetune_fusion})",
         ),
         *tail_variants(scale),
+        continued_control(scale),
         Variant(f"seq-l{n // 2}", n_layer=n // 2, note=f"shallow sequential control, {n // 2} layers"),
         Variant(f"seq-l{n // 4}", n_layer=n // 4, note=f"shallow sequential control, {n // 4} layers"),
     ]  # fmt: skip
