@@ -74,6 +74,45 @@ def test_points_join_quality_and_the_fastest_timing() -> None:
     assert "| >= 2.0x at <= +1% | 2.08x (met) |" in text
 
 
+def test_fine_tunes_are_judged_against_the_same_token_budget() -> None:
+    """A fine-tune saw more tokens than the baseline: a point of it counts for a goal only within
+    the bound both against the baseline and against its start model trained on with plain CE for
+    the same steps (``reg-cont``); without that control it is not judged at all."""
+    row = {"bpb": 1.0, "fusion": 1}
+    quality = [
+        *_quality(),
+        {**row, "model": "reg-cont", "parallel_layers": 0, "iterations": None, "init": None, "ppl": 9.5},
+        {**row, "model": "sft-tail8", "parallel_layers": 0, "iterations": None, "init": None, "ppl": 9.6},
+        {**row, "model": "sft-tail8", "parallel_layers": 16, "iterations": 1, "init": "h0", "ppl": 10.05},
+        {**row, "model": "sft-x", "parallel_layers": 16, "iterations": 1, "init": "h0", "ppl": 9.0},
+    ]
+    trained = {
+        "seq-l8": {"n_layer": 8},
+        "reg-cont": {"init_from": "reg"},
+        "sft-tail8": {"init_from": "reg"},
+        "sft-x": {"init_from": "base-s0"},
+    }
+    joined = build_points(quality, _timed(), trained, Scale())
+    by = {(p["model"], p["parallel_layers"]): p for p in joined["points"]}
+    tail = by[("sft-tail8", 16)]  # +0.5% against the baseline, +5.8% against the same tokens
+    assert tail["speedup"] == pytest.approx(4.0) and tail["ppl_vs_baseline"] == pytest.approx(0.005)
+    assert tail["token_control"] == "reg-cont" and tail["ppl_vs_token_control"] == pytest.approx(
+        10.05 / 9.5 - 1
+    )
+    assert tail["ppl_judged"] == pytest.approx(10.05 / 9.5 - 1)
+    assert by[("reg", 8)]["token_control"] == "base-s0" and by[("reg", 8)]["ppl_judged"] == pytest.approx(
+        0.005
+    )
+    assert by[("sft-x", 16)]["ppl_judged"] is None  # (base-s0-cont was not trained)
+    summary = summarise(joined["points"])
+    assert summary["best_speedup_within_1pct"] == pytest.approx(0.5 / 0.24)  # reg 8/16 K=2, not the tail's 4x
+    assert summary["best_point_within_5pct"]["model"] == "reg" and summary["not_judged"] == ["sft-x"]
+    text = markdown({**joined, "summary": summary, "models": {}, "meta": {"env": {"gpu": "X", "torch": "t"},
+                     "scale_note": "", "command": "c"}})  # fmt: skip
+    assert "Not judged (that control not trained): sft-x." in text
+    assert "| sft-x | 16 | 1 | h0 |  | 9.000 | -10.00% |  |" in text
+
+
 def test_fused_points_join_only_fused_timings() -> None:
     """A fused point (wide layers of M) takes the timing of the same M, never the unfused one's;
     earlier runs' points ("fusion": "none") read as unfused."""
