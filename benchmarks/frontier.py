@@ -155,6 +155,24 @@ SMOKE = Scale(
 )  # fmt: skip
 
 
+CPU_STUDY = Scale(
+    n_layer=8, n_embd=128, n_head=2, seq_len=128, vocab=2048, batch=16, steps=600, finetune_steps=200, warmup=40,
+    max_bytes=12_000_000, val_max_bytes=1_000_000, bpe_sample_bytes=2_000_000, eval_windows=16, context=128,
+    parallel=(2, 4, 6, 8), iterations=(1, 2, 4), inits=("h0",), fusions=(), fused_iterations=(), device="cpu",
+    dtype="fp32",
+)  # fmt: skip
+"""A study of the training recipes on this machine's CPUs (``--scale cpu --stages train,quality``:
+~4 min per base model, ~12 min for reg, ~3-4 min per fine-tune on one core): the same variants at
+L=8 (tails of 4 and 6), quality only; not a frontier (no GPU timing)."""
+
+SCALES = {"gpu": Scale(), "cpu": CPU_STUDY, "smoke": SMOKE}
+
+
+def scale_of(args: argparse.Namespace) -> Scale:
+    """--smoke, else --scale (default: the GPU run's)."""
+    return SMOKE if getattr(args, "smoke", False) else SCALES[getattr(args, "scale", "gpu")]
+
+
 @dataclass(frozen=True)
 class Variant:
     """One trained model: how it is trained and from what."""
@@ -204,8 +222,8 @@ def continued_control(scale: Scale) -> Variant:
     """``reg`` trained on for the fine-tunes' steps with plain cross-entropy: the tail fine-tunes
     see ~36% more tokens than ``reg`` and the baseline, and these models are far from converged
     (0.46 tokens per parameter), so part of a fine-tune's gain is only more training; this control,
-    at the same P, K and init, says how much (a CPU study at L=8 found its sequential perplexity
-    fell by about as much as the fine-tunes')."""
+    at the same P, K and init, says how much (``--scale cpu``, L=8: its sequential perplexity fell
+    7%, a little more than the tail fine-tunes' sequential models did)."""
     n = scale.n_layer
     return Variant(
         "reg-cont", init_from="reg", quality_parallel=(n // 2, 3 * n // 4),
@@ -1009,7 +1027,7 @@ def parse_point(text: str) -> tuple[int, int, str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    scale = SMOKE if args.smoke else Scale()
+    scale = scale_of(args)
     if args.steps:
         scale = Scale(**{**asdict(scale), "steps": args.steps})
     if args.device:
@@ -1111,7 +1129,7 @@ def assemble(args: argparse.Namespace) -> int:
     """The frontier from a run's stage results in ``--work`` (checkpoints not needed): the report of a
     run cut short, with what it did not measure listed under ``meta.incomplete``."""
     work = Path(args.work)
-    scale = SMOKE if args.smoke else Scale()
+    scale = scale_of(args)
     meta_path = work / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.setdefault("env", {"gpu": args.device_label, "torch": args.torch_version})
@@ -1217,6 +1235,24 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if args.command == "report":
+        path = Path(args.json)
+        result = rejudge(json.loads(path.read_text()))
+        write_report(result, path.parent)
+        return 0
+    if args.command == "assemble":
+        return assemble(args)
+    if args.command == "calibrate":
+        return calibrate(args)
+    if args.command == "reference":
+        args.out, args.models, args.stages, args.steps = args.work, [BASELINE], "train", None
+        args.max_compiled, args.budget_min, args.quality_from, args.points = 0, 1e9, None, None
+    return run(args)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="frontier", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train, measure quality and speed, write the frontier")
@@ -1225,7 +1261,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--smoke", action="store_true", help="a tiny run that checks the script (CPU unless --device)"
     )
-    r.add_argument("--device", default=None, help="default: cuda (the smoke scale: cpu)")
+    r.add_argument(
+        "--scale",
+        default="gpu",
+        choices=sorted(SCALES),
+        help="gpu (the frontier), cpu (a recipe study), smoke",
+    )
+    r.add_argument("--device", default=None, help="default: the scale's (gpu: cuda; cpu, smoke: cpu)")
     r.add_argument("--models", nargs="*", default=None, help="only these variants (default: all)")
     r.add_argument(
         "--stages", default="train,quality,speed", help="comma-separated subset of train,quality,speed"
@@ -1265,6 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier frontier.json: join its timings (same shapes; timing does not depend on the weights)",
     )
     asm.add_argument("--smoke", action="store_true", help="a smoke-scale run's stage results")
+    asm.add_argument("--scale", default="gpu", choices=sorted(SCALES), help="the run's scale")
     asm.add_argument(
         "--quality-only",
         action="store_true",
@@ -1277,21 +1320,7 @@ def main(argv: list[str] | None = None) -> int:
         help="re-judge a frontier.json by the current rules and re-render it with frontier.md and .png",
     )
     rep.add_argument("json")
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args.command == "report":
-        path = Path(args.json)
-        result = rejudge(json.loads(path.read_text()))
-        write_report(result, path.parent)
-        return 0
-    if args.command == "assemble":
-        return assemble(args)
-    if args.command == "calibrate":
-        return calibrate(args)
-    if args.command == "reference":
-        args.out, args.models, args.stages, args.steps = args.work, [BASELINE], "train", None
-        args.max_compiled, args.budget_min, args.quality_from, args.points = 0, 1e9, None, None
-    return run(args)
+    return p
 
 
 if __name__ == "__main__":

@@ -314,3 +314,24 @@ def test_plot_colours_every_model_apart_and_shows_the_lowest_point(tmp_path: Pat
     assert ax.get_ylim()[0] < -4.0 < ax.get_ylim()[1]
     fig.savefig(tmp_path / "frontier.png")
     plt.close(fig)
+
+
+def test_the_cpu_scale_is_a_recipe_study_of_the_same_variants() -> None:
+    """``--scale cpu``: the GPU run's variants at L=8 (tails of 4 and 6 layers) on the CPU."""
+    from benchmarks.frontier import CPU_STUDY, SMOKE, parser, scale_of, variants
+
+    args = parser().parse_args(
+        ["run", "--scale", "cpu", "--stages", "train,quality", "--work", "w", "--out", "o"]
+    )
+    assert scale_of(args) is CPU_STUDY and (CPU_STUDY.device, CPU_STUDY.n_layer) == ("cpu", 8)
+    names = {v.name for v in variants(CPU_STUDY)}
+    assert {
+        "sft-tail4",
+        "sft-tail6",
+        "sft-tail6-base",
+        "sft-tail6-solo",
+        "reg-cont",
+        "seq-l4",
+        "seq-l2",
+    } <= names
+    assert scale_of(parser().parse_args(["run", "--smoke", "--work", "w", "--out", "o"])) is SMOKE
