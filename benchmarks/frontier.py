@@ -187,6 +187,7 @@ class Variant:
     seq_ce_weight: float | None = None  # TrainConfig's (None: 0 for snlp-forward)
     distill_weight: float = 0.0  # TrainConfig's: KL towards the frozen starting model
     quality_parallel: tuple[int, ...] | None = None  # the quality grid's parallel layers (None: the scale's)
+    regulariser: RegulariserConfig | None = None  # objective "regulariser"/"both": None = the defaults
 
 
 def tail_variants(scale: Scale) -> list[Variant]:
@@ -337,7 +338,9 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
         seed=v.seed,
         device=scale.device,
         objective=v.objective,
-        regulariser=RegulariserConfig() if v.objective in ("regulariser", "both") else None,
+        regulariser=(v.regulariser or RegulariserConfig())
+        if v.objective in ("regulariser", "both")
+        else None,
         snlp=v.snlp,
         seq_ce_weight=v.seq_ce_weight,
         distill_weight=v.distill_weight,
@@ -358,6 +361,7 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
         "n_layer": n_layer,
         "init_from": v.init_from,
         "snlp": None if v.snlp is None else asdict(v.snlp),
+        "regulariser": None if cfg.regulariser is None else asdict(cfg.regulariser),
         "seq_ce_weight": cfg.seq_weight,
         "distill_weight": v.distill_weight,
         "layer_params": n_params,

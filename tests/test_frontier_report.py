@@ -4,13 +4,16 @@ timings, the goals, and domination of the shallow controls. The GPU run uses the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.common import pyplot
 from benchmarks.frontier import (
+    SMOKE,
     Scale,
     Timed,
+    Variant,
     build_points,
     figure,
     load_timings,
@@ -318,7 +321,7 @@ def test_plot_colours_every_model_apart_and_shows_the_lowest_point(tmp_path: Pat
 
 def test_the_cpu_scale_is_a_recipe_study_of_the_same_variants() -> None:
     """``--scale cpu``: the GPU run's variants at L=8 (tails of 4 and 6 layers) on the CPU."""
-    from benchmarks.frontier import CPU_STUDY, SMOKE, parser, scale_of, variants
+    from benchmarks.frontier import CPU_STUDY, parser, scale_of, variants
 
     args = parser().parse_args(
         ["run", "--scale", "cpu", "--stages", "train,quality", "--work", "w", "--out", "o"]
@@ -335,3 +338,24 @@ def test_the_cpu_scale_is_a_recipe_study_of_the_same_variants() -> None:
         "seq-l2",
     } <= names
     assert scale_of(parser().parse_args(["run", "--smoke", "--work", "w", "--out", "o"])) is SMOKE
+
+
+def test_a_variant_may_set_its_regulariser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Variant.regulariser reaches the training config (None: RegulariserConfig's defaults)."""
+    import benchmarks.frontier as frontier
+    from snlp_compile.train import RegulariserConfig
+
+    seen = []
+
+    def train(cfg: Any, corpus: Any) -> None:
+        seen.append(cfg.regulariser)
+        raise StopIteration
+
+    monkeypatch.setattr(frontier, "train", train)
+    for v in (
+        Variant("a", "regulariser", regulariser=RegulariserConfig(weight=0.25)),
+        Variant("b", "regulariser"),
+    ):
+        with pytest.raises(StopIteration):
+            frontier.train_variant(v, SMOKE, None, tmp_path)
+    assert seen == [RegulariserConfig(weight=0.25), RegulariserConfig()]
