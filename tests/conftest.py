@@ -34,6 +34,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def nanochat_f64() -> torch.nn.Module:
+    """nanochat-tiny in float64 (seed 3): the decode-path quality tests' model."""
+    from snlp_compile.models import build_model
+
+    return build_model("nanochat-tiny", seed=3, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def token_windows() -> torch.Tensor:
+    """Two held-out-like windows of 13 token ids (12 teacher-forced positions each)."""
+    return torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+
+
 def sequential_trace(model: torch.nn.Module, layers: list[torch.nn.Module], *args, **kwargs) -> torch.Tensor:
     """Outputs of each layer module in the original model's sequential forward, stacked."""
     outs: list[torch.Tensor] = []

@@ -7,30 +7,25 @@ import pytest
 import torch
 
 from snlp_compile import Decoder, SNLPConfig
-from snlp_compile.models import build_model
 from snlp_compile.train.agreement import draft_agreement
 from snlp_compile.train.decode_eval import DecodeSetting
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return build_model("nanochat-tiny", seed=3, dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def windows() -> torch.Tensor:
-    return torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
-
-
-def test_an_exact_draft_agrees_at_every_token(model, windows) -> None:
+def test_an_exact_draft_agrees_at_every_token(
+    nanochat_f64: torch.nn.Module, token_windows: torch.Tensor
+) -> None:
     """K >= the parallel layers: the draft is the sequential function, so every token agrees."""
+    model, windows = nanochat_f64, token_windows
     (a,) = draft_agreement(model, windows, [DecodeSetting(4, None, "h0")])
     assert a.greedy == 1.0 and a.sampling == pytest.approx(1.0, abs=1e-9) and a.tokens == 24
 
 
-def test_a_k1_draft_is_compared_token_by_token(model, windows) -> None:
+def test_a_k1_draft_is_compared_token_by_token(
+    nanochat_f64: torch.nn.Module, token_windows: torch.Tensor
+) -> None:
     """Expected: a hand-written loop stepping both decoders on the same tokens, comparing argmax and
     summing min(p, q)."""
+    model, windows = nanochat_f64, token_windows
     (a,) = draft_agreement(model, windows, [DecodeSetting(1, None, "warm")])
     seq = Decoder(model, None, batch=2, max_len=12)
     draft = Decoder(model, SNLPConfig(iterations=1, init="warm"), batch=2, max_len=12)
@@ -46,7 +41,8 @@ def test_a_k1_draft_is_compared_token_by_token(model, windows) -> None:
     assert a.sampling < 1 - 1e-6  # (K=1 of all layers is not the sequential function)
 
 
-def test_bad_input_is_refused_in_one_line(model, windows) -> None:
+def test_bad_input_is_refused_in_one_line(nanochat_f64: torch.nn.Module, token_windows: torch.Tensor) -> None:
+    model, windows = nanochat_f64, token_windows
     with pytest.raises(ValueError, match="every setting is a draft"):
         draft_agreement(model, windows, [DecodeSetting(None)])
     with pytest.raises(ValueError, match=r"windows must be \(batch, length >= 2\) token ids, got \(13,\)"):
