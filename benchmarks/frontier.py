@@ -868,17 +868,31 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Models:",
         "",
-        "| model | objective | layers | tokens | tokens/param | train FLOPs | train s | note |",
+        "| model | objective | layers | tokens | with its start's | tokens/param | train FLOPs | train s | note |",
     ]
-    lines += ["|---|---|---|---|---|---|---|---|"]
-    for m in result["models"].values():
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    models = result["models"]
+    for m in models.values():
         if "train_seconds" not in m:  # (a model known only by its shape)
             continue
+        total = total_tokens(m["name"], models)
         lines.append(
             f"| {m['name']} | {m['objective']} | {m['n_layer']} | {m['tokens']:,} | "
-            f"{m['tokens_per_layer_param']:.2f} | {m['train_flops']:.2e} | {m['train_seconds']:.0f} | {m['note']} |"
+            f"{'' if total is None else format(total, ',')} | {m['tokens_per_layer_param']:.2f} | "
+            f"{m['train_flops']:.2e} | {m['train_seconds']:.0f} | {m['note']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def total_tokens(name: str, models: dict[str, dict[str, Any]]) -> int | None:
+    """The tokens a model has seen: its own and, for a fine-tune, its start model's (None: a start
+    not among ``models``)."""
+    m = models[name]
+    start = m.get("init_from")
+    if start is None:
+        return int(m["tokens"])
+    before = total_tokens(start, models) if start in models and "tokens" in models[start] else None
+    return None if before is None else before + int(m["tokens"])
 
 
 def quality_grid(points: list[dict[str, Any]]) -> list[str]:

@@ -359,3 +359,21 @@ def test_a_variant_may_set_its_regulariser(monkeypatch: pytest.MonkeyPatch, tmp_
         with pytest.raises(StopIteration):
             frontier.train_variant(v, SMOKE, None, tmp_path)
     assert seen == [RegulariserConfig(weight=0.25), RegulariserConfig()]
+
+
+def test_the_models_table_counts_a_fine_tunes_start_tokens() -> None:
+    """A fine-tune's tokens are its own; the next column adds its start model's (the budget a
+    same-token control matches); a start not in the run leaves it empty."""
+    from benchmarks.frontier import total_tokens
+
+    def facts(name: str, tokens: int, start: str | None) -> dict[str, Any]:
+        return {"name": name, "objective": "ce", "n_layer": 16, "tokens": tokens, "init_from": start,
+                "tokens_per_layer_param": 0.5, "train_flops": 1e15, "train_seconds": 60, "note": ""}  # fmt: skip
+
+    models = {m["name"]: m for m in (facts("base-s0", 700, None), facts("reg", 700, None),
+              facts("reg-cont", 250, "reg"), facts("sft", 250, "reg-cont"), facts("orphan", 250, "gone"))}  # fmt: skip
+    assert [total_tokens(n, models) for n in models] == [700, 700, 950, 1200, None]
+    joined = build_points(_quality(), _timed(), {"seq-l8": {"n_layer": 8}}, Scale())
+    text = markdown({**joined, "summary": summarise(joined["points"]), "models": models,
+                     "meta": {"env": {"gpu": "X", "torch": "t"}, "scale_note": "", "command": "c"}})  # fmt: skip
+    assert "| sft | ce | 16 | 250 | 1,200 | 0.50 |" in text and "| orphan | ce | 16 | 250 |  | 0.50 |" in text
