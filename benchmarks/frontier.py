@@ -984,7 +984,8 @@ def figure(result: dict[str, Any], pts: list[dict[str, Any]], plt: Any) -> Any:
     ax.set_xlabel("decode speed-up over the best sequential step (batch 1, same run)")
     ax.set_ylabel("decode-path perplexity vs baseline (%)")
     ax.set_title("Speed at equal quality: SNLP points (triangles: fused) and shallow sequential controls")
-    ax.legend(fontsize=7, loc="upper left", ncol=2 if len(models) > 10 else 1)
+    # (outside the axes: inside, some corner always holds points of one model or another)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(models) > 10 else 1)
     fig.tight_layout()
     return fig
 
@@ -997,7 +998,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
             log("report: no timed point, no plot")
         return None
     fig = figure(result, pts, plt)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
