@@ -226,3 +226,18 @@ def test_gpu_original_step_runs_the_kernel_rewritten_one_where_asked_and_both_ar
         assert _kernel_ran(lambda: step(*inputs))
         assert _kernel_ran(lambda: fast(*inputs)) == in_layers
     assert max_err(got[0], want[0]) < 1e-4
+
+
+def test_the_kernel_takes_only_operands_of_one_attention() -> None:
+    """A cache of another batch size (or head size) must not reach the kernel, which would index it
+    with q's batch unchecked: found on the GPU, where verify's grown batch made the original step
+    compute garbage instead of failing (the ops raise)."""
+    from snlp_compile.kernels.decode_attention import consistent_shapes
+
+    q, k = torch.zeros(3, 4, 1, 8), torch.zeros(3, 2, 1, 8)
+    cache = torch.zeros(3, 2, 16, 8)
+    assert consistent_shapes(q, k, cache, cache)
+    assert not consistent_shapes(q, k, torch.zeros(2, 2, 16, 8), torch.zeros(2, 2, 16, 8))  # batch 2 vs 3
+    assert not consistent_shapes(q, k, cache, torch.zeros(3, 2, 15, 8))  # caches differ
+    assert not consistent_shapes(q, torch.zeros(2, 2, 1, 8), cache, cache)  # new k of another batch
+    assert not consistent_shapes(q, k, torch.zeros(3, 2, 16, 4), torch.zeros(3, 2, 16, 4))  # head size

@@ -281,6 +281,23 @@ def _batch_dims_view(t: torch.Tensor) -> bool:
     return b == 1 or h == 1 or t.stride(0) == h * t.stride(1)
 
 
+def consistent_shapes(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the operands describe one attention: 4-d, one batch size, the new k (B, Hkv, T, D)
+    with the caches' heads and head size, and the two caches alike. The kernel indexes with q's
+    batch and the caches' strides without checking them, so operands that disagree (e.g. a cache
+    of another batch size, as ``verify`` passes an original with a fixed batch) must take the ops,
+    which raise, instead of computing something else."""
+    if q.dim() != 4 or k.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        return False
+    b, _, t, d = q.shape
+    return (
+        tuple(k.shape) == (b, k_cache.shape[1], t, d)
+        and tuple(k_cache.shape) == tuple(v_cache.shape)
+        and k_cache.shape[0] == b
+        and k_cache.shape[3] == d
+    )
+
+
 def applies(
     q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor
 ) -> bool:
@@ -291,7 +308,7 @@ def applies(
     that an exported program could not run without this project."""
     if triton is None or not q.is_cuda or exporting() or torch.onnx.is_in_onnx_export():
         return False
-    if q.dim() != 4 or k.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+    if not consistent_shapes(q, k, k_cache, v_cache):
         return False
     _, h, t, d = q.shape
     hkv, keys = k_cache.shape[1], k_cache.shape[2]
