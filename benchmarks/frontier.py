@@ -8,6 +8,7 @@ the users deploy, time that step, and put both on one frontier beside shallower 
     python -m benchmarks frontier report benchmarks/results/frontier.json # table + plot from the JSON
     python -m benchmarks frontier run --quality-from J --work W --out O --points 16:2:h0:f4  # fused point
     python -m benchmarks frontier assemble --work W --out O --timings-from J  # new quality, old timings
+    python -m benchmarks frontier assemble --work W --out O --quality-from J --timings-from J  # + J's other models
 
 Stages, one process (so checkpoints stay on the machine's local disk, ``--work``):
 1. data: a byte-level BPE (``--vocab``) trained on a sample of the local Python sources, then the
@@ -619,6 +620,21 @@ def load_timings(work: Path, log: Path | None) -> list[Timed]:
 TIMED_SHAPE = ("n_layer", "n_embd", "n_head", "vocab", "context", "dtype")
 
 
+def merge_earlier(
+    quality: list[dict[str, Any]], trained: dict[str, dict[str, Any]], earlier: Path
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """This run's quality rows and models, plus an earlier frontier.json's for the models this run
+    did not measure (a model measured here replaces all of its earlier rows and facts)."""
+    rows, models = quality_from(earlier)
+    measured = {q["model"] for q in quality}
+    kept = [r for r in rows if r["model"] not in measured]
+    facts = {n: m for n, m in models.items() if n not in trained and n not in measured}
+    return kept + quality, {**facts, **trained}
+
+
+TIMING_META = ("floor_ms", "copy_bandwidth_tbs", "inductor")  # (meta facts that come with timings)
+
+
 def timings_from(path: Path, scale: Scale) -> list[Timed]:
     """An earlier frontier.json's timings, for models of this scale's shape (timing does not depend
     on the weights, the shape it does: another shape is refused by name)."""
@@ -777,14 +793,21 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The points no other point beats on both speed-up and perplexity."""
-    live = sorted((p for p in points if p["speedup"] is not None), key=lambda p: (-p["speedup"], p["ppl"]))
-    front, best_ppl = [], math.inf
-    for p in live:
-        if p["ppl"] < best_ppl * (1 - 1e-6):  # (exact points differ from sequential by rounding)
+    """The judged points no other beats on both speed-up and judged perplexity change (a fine-tune
+    is not ahead only because it saw more tokens than the models beside it)."""
+    live = [(p, j) for p in points if p["speedup"] is not None and (j := judged(p)) is not None]
+    front, best = [], math.inf
+    for p, j in sorted(live, key=lambda pj: (-pj[0]["speedup"], pj[1])):
+        if j < best - 1e-6:  # (exact points differ from sequential by rounding)
             front.append(p)
-            best_ppl = p["ppl"]
+            best = j
     return front
+
+
+def plotted(p: dict[str, Any]) -> float:
+    """A point's height in the plot, in %: its judged change (not judged: against the baseline)."""
+    j = judged(p)
+    return 100 * (p["ppl_vs_baseline"] if j is None else j)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -848,7 +871,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     lines += [
-        "Pareto points (faster first; every point of every model in frontier.json; fused: wide layers "
+        "Pareto points (faster first, by the judged change; every point of every model in frontier.json; fused: wide layers "
         "of M, the paper's fusion, none when empty):",
         "",
         "| model | parallel | K | init | fused | ppl | vs baseline | vs same tokens | decode ms | speed-up | timed as |",
@@ -953,22 +976,23 @@ def figure(result: dict[str, Any], pts: list[dict[str, Any]], plt: Any) -> Any:
     for model, colour in zip(models, model_colours(plt, len(models))):
         mine = [p for p in pts if p["model"] == model]
         if mine[0]["kind"] == "shallow-control":
-            ax.scatter([p["speedup"] for p in mine], [100 * p["ppl_vs_baseline"] for p in mine], color=colour,
+            ax.scatter([p["speedup"] for p in mine], [plotted(p) for p in mine], color=colour,
                        marker="*", s=220, edgecolor="k", zorder=5, label=f"{model} (sequential)")  # fmt: skip
         else:
             plain = [p for p in mine if fusion_of(p) == 1]
             fused = [p for p in mine if fusion_of(p) > 1]
-            ax.scatter([p["speedup"] for p in plain], [100 * p["ppl_vs_baseline"] for p in plain],
-                       s=22, alpha=0.8, color=colour, label=model)  # fmt: skip
+            name = model if judged(mine[0]) is not None else f"{model} (not judged: vs baseline)"
+            ax.scatter([p["speedup"] for p in plain], [plotted(p) for p in plain],
+                       s=22, alpha=0.8, color=colour, label=name)  # fmt: skip
             if fused:  # the fused function: triangles in the model's colour
-                ax.scatter([p["speedup"] for p in fused], [100 * p["ppl_vs_baseline"] for p in fused],
+                ax.scatter([p["speedup"] for p in fused], [plotted(p) for p in fused],
                            s=30, alpha=0.8, marker="^", color=colour,
                            label="_" if labelled else "fused (wide layers; model colour)")  # fmt: skip
                 labelled = True
     front = pareto(pts)
     ax.plot(
         [p["speedup"] for p in front],
-        [100 * p["ppl_vs_baseline"] for p in front],
+        [plotted(p) for p in front],
         "k--",
         lw=1,
         label="Pareto",
@@ -980,9 +1004,9 @@ def figure(result: dict[str, Any], pts: list[dict[str, Any]], plt: Any) -> Any:
         ax.axhline(y, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=2.0)
-    ax.set_ylim(bottom=y_bottom([100 * p["ppl_vs_baseline"] for p in pts] + spread))
+    ax.set_ylim(bottom=y_bottom([plotted(p) for p in pts] + spread))
     ax.set_xlabel("decode speed-up over the best sequential step (batch 1, same run)")
-    ax.set_ylabel("decode-path perplexity vs baseline (%)")
+    ax.set_ylabel("decode-path perplexity change (%)\n(worse of: vs baseline, vs same tokens)")
     ax.set_title("Speed at equal quality: SNLP points (triangles: fused) and shallow sequential controls")
     # (outside the axes: inside, some corner always holds points of one model or another)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(models) > 10 else 1)
@@ -1169,6 +1193,9 @@ def assemble(args: argparse.Namespace) -> int:
         if (work / f"{n}.quality.json").exists()
         for row in json.loads((work / f"{n}.quality.json").read_text())
     ]
+    if args.quality_from:  # (a session that trained only some models: the others as measured before)
+        quality, trained = merge_earlier(quality, trained, Path(args.quality_from))
+        meta["quality_from"] = args.quality_from
     if args.quality_only:  # (the quality calls' results: a frontier.json for a later --quality-from)
         if (work / "timings.json").exists() or args.log or args.timings_from:
             raise SystemExit("frontier assemble: --quality-only, but there are timings: leave it out")
@@ -1178,6 +1205,10 @@ def assemble(args: argparse.Namespace) -> int:
             raise SystemExit("frontier assemble: --timings-from or --log, not both")
         timed = timings_from(Path(args.timings_from), scale)
         meta["timings_from"] = args.timings_from
+        timing_meta = json.loads(Path(args.timings_from).read_text()).get("meta", {})
+        for key in TIMING_META:  # (the floor and the options of those timings, not of this run's)
+            if key in timing_meta:
+                meta[key] = timing_meta[key]
     else:
         timed = load_timings(work, Path(args.log) if args.log else None)
     joined = build_points(quality, timed, trained, scale)
@@ -1324,6 +1355,11 @@ def parser() -> argparse.ArgumentParser:
         "--timings-from",
         default=None,
         help="an earlier frontier.json: join its timings (same shapes; timing does not depend on the weights)",
+    )
+    asm.add_argument(
+        "--quality-from",
+        default=None,
+        help="an earlier frontier.json: its quality rows and models for the models this run did not measure",
     )
     asm.add_argument("--smoke", action="store_true", help="a smoke-scale run's stage results")
     asm.add_argument("--scale", default="gpu", choices=sorted(SCALES), help="the run's scale")

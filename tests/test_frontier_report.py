@@ -18,6 +18,7 @@ from benchmarks.frontier import (
     figure,
     load_timings,
     markdown,
+    merge_earlier,
     pareto,
     parse_point,
     summarise,
@@ -113,7 +114,8 @@ def test_fine_tunes_are_judged_against_the_same_token_budget() -> None:
     text = markdown({**joined, "summary": summary, "models": {}, "meta": {"env": {"gpu": "X", "torch": "t"},
                      "scale_note": "", "command": "c"}})  # fmt: skip
     assert "Not judged (that control not trained): sft-x." in text
-    assert "| sft-x | 16 | 1 | h0 |  | 9.000 | -10.00% |  |" in text
+    assert "| sft-x | 16 | 1 | h0 |" not in text  # (not on the Pareto front: ahead only by its tokens?)
+    assert "sft-x" not in {p["model"] for p in pareto(joined["points"])}
 
 
 def test_fused_points_join_only_fused_timings() -> None:
@@ -214,6 +216,25 @@ def test_speed_only_run_over_an_earlier_quality(tmp_path: Path) -> None:
     assert (out / "frontier.md").exists() and (tmp_path / "w" / "timings.json").exists()
 
 
+def test_a_run_of_some_models_joins_an_earlier_runs_others(tmp_path: Path) -> None:
+    """``assemble --quality-from``: a session that trained only the fine-tunes keeps the earlier
+    run's other models; a model measured again replaces all of its earlier rows and facts."""
+    import json
+
+    earlier = tmp_path / "earlier.json"
+    old = [{**r, "fusion": 1} for r in _quality()]
+    earlier.write_text(
+        json.dumps({"points": old, "models": {"reg": {"steps": 700}, "seq-l8": {"n_layer": 8}}})
+    )
+    new = [{"model": "reg", "parallel_layers": 8, "iterations": 2, "init": "h0", "ppl": 9.9, "bpb": 1.0}]
+    rows, models = merge_earlier(new, {"reg": {"steps": 950}}, earlier)
+    assert [r["ppl"] for r in rows if r["model"] == "reg"] == [9.9]  # (the earlier 16/K=1 row is gone)
+    assert {r["model"] for r in rows} == {"base-s0", "base-s1", "reg", "seq-l8"}
+    assert models == {"reg": {"steps": 950}, "seq-l8": {"n_layer": 8}}
+    points = build_points(rows, _timed(), models, Scale(n_layer=16))["points"]
+    assert next(p for p in points if p["model"] == "reg")["speedup"] == pytest.approx(0.50 / 0.24)
+
+
 def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     """``frontier run --smoke``: data and BPE, every training objective, the decode-path quality
     grid, timing and the report, end to end on the CPU (about a minute): the stages a GPU call runs."""
@@ -278,7 +299,9 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     only = json.loads((q / "out" / "frontier.json").read_text())
     assert len(only["points"]) == len(result["points"]) and not any(p["decode_ms"] for p in only["points"])
     assert [p["fusion"] for p in only["points"]] == [p["fusion"] for p in result["points"]]
-    # and an earlier run's timings join them (timing does not depend on the weights)
+    # and an earlier run's timings join them (timing does not depend on the weights), their floor too
+    meta = json.loads((q / "meta.json").read_text())
+    (q / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "floor_ms"}))
     args = [
         "assemble",
         "--smoke",
@@ -292,6 +315,7 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert main(args) == 0
     timed_again = json.loads((q / "t" / "frontier.json").read_text())
     assert [p["decode_ms"] for p in timed_again["points"]] == [p["decode_ms"] for p in result["points"]]
+    assert "floor_ms" in timed_again["meta"] and "floor_ms" in result["meta"]
     with pytest.raises(SystemExit, match=r"timed another shape: n_layer=4 \(here 16\)"):  # (full scale)
         main(args[:1] + args[2:])
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()
