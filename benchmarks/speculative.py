@@ -13,7 +13,7 @@ batch 1, a held-out prompt of ``--prompt`` tokens, ``--new`` new tokens (greedy,
 - sequential decode: the model's cached step and the compiler's exact sequential lowering (K = 1,
   one stage per layer), eager + CUDA graph and compiled + CUDA graph (the step, its cache write and
   the argmax in one graph, no host synchronisation), the best of them the baseline;
-- the drafts, one per P in ``--parallel`` and K in ``--ks``: the step transformed with init warm and
+- the drafts, one per P in ``--parallel`` and K in ``--ks``: the step transformed with ``--init`` and
   stages (1,) * (L - P) + (P,) (the first L - P layers one after another through the
   batched lowering, the last P layer-parallel at K; P = L: the plain solve); plain SNLP decode
   with each (approximate: its tokens differ);
@@ -112,8 +112,9 @@ class Steps:
         max_len: int,
         compiled: bool,
         snlp_options: dict,
+        init: str = "warm",
     ):
-        self.model, self.compiled = model, compiled
+        self.model, self.compiled, self.init = model, compiled, init
         device = next(model.parameters()).device
         inputs = step_inputs(model, 1, max_len, config_of(model).vocab_size, device)
         self.eager_step = CachedStep(model)
@@ -123,11 +124,11 @@ class Steps:
         )
         self.draft_bases = {
             p: snlp_compile.transform(
-                CachedStep(model), inputs, iterations=1, init="warm", stages=draft_stages(n, p)
+                CachedStep(model), inputs, iterations=1, init=init, stages=draft_stages(n, p)
             )
             for p in parallel
         }
-        drafts = {(p, k): with_iterations(b, k, "warm") for p, b in self.draft_bases.items() for k in ks}
+        drafts = {(p, k): with_iterations(b, k, init) for p, b in self.draft_bases.items() for k in ks}
         c = compile_module if compiled else _as_is
         self.seq = c(self.eager_step)
         self.exact_c = None if self.exact is None else c(self.exact)
@@ -160,7 +161,7 @@ class Steps:
         checks: list[tuple[torch.nn.Module | None, dict[str, Any], tuple[torch.Tensor, ...]]] = [
             (self.exact, {"stages": n}, self.inputs),
             *(
-                (b, {"init": "warm", "stages": draft_stages(n, p)}, self.inputs)
+                (b, {"init": self.init, "stages": draft_stages(n, p)}, self.inputs)
                 for p, b in self.draft_bases.items()
             ),
             *((m, {"stages": n}, self._block_inputs(t)) for t, (m, _) in self.exact_verifiers.items()),
@@ -341,7 +342,8 @@ class Run:
     def speculative(
         self, weights: str, p: int, k: int, gamma: int, graphs: bool, verifier: str, adaptive: bool = False
     ) -> None:
-        name = f"speculative P={p} K={k} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
+        init = self.steps.init
+        name = f"speculative P={p} K={k} {init} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
         name += " adaptive" if adaptive else ""
         name += f" {verifier}-verifier"
 
@@ -389,7 +391,7 @@ class Run:
             "k": k,
             "gamma": gamma,
         }
-        row["parallel"], row["verifier"] = p, verifier
+        row["parallel"], row["verifier"], row["init"] = p, verifier, init
         row["graphs"], row["adaptive"] = graphs, adaptive
         self.add(row, measure)
         if graphs and row.get("error") and not row["error"].startswith("skipped"):
@@ -444,7 +446,7 @@ class Run:
                     self.speculative(weights, p, k, max(self.args.gammas), graphs, verifiers[0], True)
         for p in self.args.parallel:
             for k in self.args.ks:
-                name = f"snlp P={p} K={k} warm {fast}"
+                name = f"snlp P={p} K={k} {steps.init} {fast}"
                 self.loop(weights, "snlp", name, steps.drafts[p, k], graph, k)
         if steps.compiled:  # (the uncompiled steps, captured)
             self.loop(weights, "sequential", "seq eager+graph", steps.eager_step, graph)
@@ -631,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--gammas", default="2,4", type=ints, help="block sizes γ (default 2,4)")
     p.add_argument("--ks", default="1,2", type=ints, help="draft iterations K (default 1,2)")
+    init = "the drafts' init: warm (the last trace) or h0 (trained tails converge better from h0: frontier.md)"
+    p.add_argument("--init", choices=("warm", "h0"), default="warm", help=init)
     staged = "layer-parallel layers P of the drafts, stages (1,) * (L - P) + (P,) (default 8,12; smoke 2,4)"
     p.add_argument("--parallel", default=None, type=ints, help=staged)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; smoke 8)")
@@ -707,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         what = f"K = {args.ks}, P = {args.parallel}, context {max_len}"
         log(f"steps: transform{' and compile' if compiled else ''} ({what})")
-        steps = Steps(model, args.ks, args.parallel, max_len, compiled, snlp_options)
+        steps = Steps(model, args.ks, args.parallel, max_len, compiled, snlp_options, args.init)
         run.measure_all("trained", steps)
         if not args.no_random:
             overrides = {**scale.overrides(), "vocab_size": cfg.vocab_size, "zero_init_out": False}

@@ -246,11 +246,12 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
     speed-ups against the best sequential decode, acceptance and the 2x arithmetic per row; the
     speculative rows through the graphed code path, run eagerly (--uncaptured-graphs), with a
     staged draft (P = 2 of 4 layers parallel) and the plain one (P = 4), verified through the
-    library's exact-seq lowering and the step as written (its weights swapped for the random ones too)."""
+    library's exact-seq lowering and the step as written (its weights swapped for the random ones too);
+    drafts from h0 (``--init``)."""
     result = _run(
         "speculative", "--smoke", "--work", str(tmp_path / "work"), "--gammas", "2,4", "--ks", "1",
         "--parallel", "2,4", "--repeats", "1", "--warmup", "1", "--uncaptured-graphs", "--adaptive",
-        "--verifier", "both", out=tmp_path,
+        "--verifier", "both", "--init", "h0", out=tmp_path,
     )  # fmt: skip
     rows = result["rows"]
     assert all(r.get("error") is None for r in rows), [r["error"] for r in rows if r.get("error")]
@@ -271,7 +272,8 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
         assert r["adaptive"] or "acceptance_needed_2x_parts" in r
     assert max(r["speedup_vs_best_seq"] for r in rows if r["kind"] == "sequential") == 1.0
     md = (tmp_path / "speculative.md").read_text()
-    assert "| trained | speculative P=2 K=1 γ=2 graphs exact-seq-verifier |" in md
+    assert "| trained | speculative P=2 K=1 h0 γ=2 graphs exact-seq-verifier |" in md
+    assert all(r["init"] == "h0" for r in spec) and "| trained | snlp P=2 K=1 h0 eager |" in md
     assert (tmp_path / "speculative.png").exists()
 
 
