@@ -343,7 +343,9 @@ class Run:
         self, weights: str, p: int, k: int, gamma: int, graphs: bool, verifier: str, adaptive: bool = False
     ) -> None:
         init = self.steps.init
-        name = f"speculative P={p} K={k} {init} γ{'<=' if adaptive else '='}{gamma}" + (" graphs" if graphs else "")
+        name = f"speculative P={p} K={k} {init} γ{'<=' if adaptive else '='}{gamma}" + (
+            " graphs" if graphs else ""
+        )
         name += " adaptive" if adaptive else ""
         name += f" {verifier}-verifier"
 
@@ -633,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--gammas", default="2,4", type=ints, help="block sizes γ (default 2,4)")
     p.add_argument("--ks", default="1,2", type=ints, help="draft iterations K (default 1,2)")
-    init = "the drafts' init: warm (the last trace) or h0 (trained tails converge better from h0: frontier.md)"
+    init = (
+        "the drafts' init: warm (the last trace) or h0 (trained tails converge better from h0: frontier.md)"
+    )
     p.add_argument("--init", choices=("warm", "h0"), default="warm", help=init)
     staged = "layer-parallel layers P of the drafts, stages (1,) * (L - P) + (P,) (default 8,12; smoke 2,4)"
     p.add_argument("--parallel", default=None, type=ints, help=staged)
