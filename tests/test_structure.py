@@ -116,3 +116,15 @@ def test_no_submodule_is_named_like_a_public_name() -> None:
     )
     submodules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
     assert not submodules & set(public), sorted(submodules & set(public))
+
+
+def test_the_periphery_shows_todays_truth() -> None:
+    """Issue 21's countable facts: BENCHMARKS.md one page (under 200 lines), fewer than 40 tracked
+    result files, no run-numbered scripts (history lives in git and docs/benchmark-history.md)."""
+    root = PACKAGE.parent
+    lines = len((root / "BENCHMARKS.md").read_text().splitlines())
+    assert lines < 200, f"BENCHMARKS.md has {lines} lines: keep it to today's results"
+    results = [p for p in (root / "benchmarks" / "results").rglob("*") if p.is_file()]
+    assert len(results) < 40, f"{len(results)} files under benchmarks/results/"
+    numbered = [p.name for p in root.rglob("run[0-9]*.sh") if ".venv" not in p.parts]
+    assert not numbered, numbered
