@@ -68,6 +68,7 @@ from .common import (
     md_table,
     out_dir_from,
     parse_inductor_options,
+    profile_variant,
     pyplot,
     time_fn,
     with_iterations,
@@ -424,6 +425,10 @@ class Run:
         with torch.no_grad():
             d = time_fn(draft_block, self.device, warmup=3, samples=n)
             v = time_fn(verify, self.device, warmup=3, samples=n)
+            if self.args.profile and self.device.type == "cuda":  # (where a verification's time goes)
+                path = self.out / f"{self.args.name}_profile.txt"
+                profile_variant(verify, f"verify, {gamma + 1} tokens ({dec.verifier} verifier)", path)
+                profile_variant(draft_block, f"draft block of {gamma}", path)
         return {"draft_block_ms": d.median_ms, "draft_step_ms": d.median_ms / gamma, "verify_ms": v.median_ms}
 
     def measure_all(self, weights: str, steps: Steps) -> None:
@@ -657,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     spent = "skip rows once this many seconds have passed since the start (training included)"
     p.add_argument("--budget-s", type=float, default=480.0, help=spent)
     p.add_argument("--name", default="speculative", help="stem of the output files")
+    prof = (
+        "append torch.profiler's kernel table of each row's verification and draft block to NAME_profile.txt"
+    )
+    p.add_argument("--profile", action="store_true", help=prof)
     p.add_argument(
         "--report", default=None, help="re-render NAME.md and NAME.png from this JSON; run nothing"
     )
@@ -672,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(scale.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("speculative: this run needs a CUDA GPU (use --smoke for the CPU check)")
+    if args.profile and device.type != "cuda":
+        raise SystemExit("speculative: --profile reads CUDA kernel times: it needs a CUDA device")
     args.prompt = args.prompt or (8 if args.smoke else 128)
     args.new = args.new or (24 if args.smoke else 256)
     args.repeats = args.repeats or (2 if args.smoke else 5)

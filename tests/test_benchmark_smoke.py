@@ -277,6 +277,14 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "speculative.png").exists()
 
 
+def test_speculative_profile_needs_cuda() -> None:
+    """--profile times CUDA kernels: on the CPU it is refused in one line, before any work."""
+    from benchmarks.speculative import main
+
+    with pytest.raises(SystemExit, match="--profile reads CUDA kernel times"):
+        main(["--smoke", "--profile"])
+
+
 def test_speculative_arithmetic() -> None:
     """Expected tokens per round under i.i.d. acceptance, and the acceptance a target needs."""
     from benchmarks.speculative import acceptance_needed, tokens_per_round
