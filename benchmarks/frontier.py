@@ -783,7 +783,7 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
         "best_point_within_5pct": brief(within5),
         "shallow_controls": controls,
         "seed_spread_ppl_vs_baseline": {p["model"]: p["ppl_vs_baseline"] for p in seeds},
-        "not_judged": sorted({p["model"] for p in timed if judged(p) is None}),
+        "not_judged": sorted({p["model"] for p in points if judged(p) is None}),  # (timed or not)
         "goals": {
             ">=2.0x at <=+1%": bool(within1 and within1["speedup"] >= 2.0),
             ">=3.0x at <=+5%": bool(within5 and within5["speedup"] >= 3.0),

@@ -111,6 +111,8 @@ def test_fine_tunes_are_judged_against_the_same_token_budget() -> None:
     summary = summarise(joined["points"])
     assert summary["best_speedup_within_1pct"] == pytest.approx(0.5 / 0.24)  # reg 8/16 K=2, not the tail's 4x
     assert summary["best_point_within_5pct"]["model"] == "reg" and summary["not_judged"] == ["sft-x"]
+    untimed = [{**p, "speedup": None, "decode_ms": None} for p in joined["points"]]  # (a quality-only report)
+    assert summarise(untimed)["not_judged"] == ["sft-x"]
     text = markdown({**joined, "summary": summary, "models": {}, "meta": {"env": {"gpu": "X", "torch": "t"},
                      "scale_note": "", "command": "c"}})  # fmt: skip
     assert "Not judged (that control not trained): sft-x." in text
