@@ -13,7 +13,9 @@ modules' outputs are not the chain's hidden states) the whole exact solve decide
 stage from h0, whatever the configured K, init and deferral. Two calls, because layers that carry
 state between calls show only on the second; and, when the batch size is symbolic, one more call
 at batch + 1 (rows repeated), because size rules that coincide at the example's sizes (batch ==
-the number of layers) fail at the others. A disagreement beyond the dtype's tolerance
+the number of layers) fail at the others. Inputs whose sizes the capture left unrelated to the
+batch (a decode step's caches, read by attention kept whole) grow along a dimension of the batch's
+size too: the first such growth the original takes is the one compared. A disagreement beyond the dtype's tolerance
 (``TOLERANCE``) is an ``SNLPRefusal`` naming the parallel layer with the largest error.
 
 Nothing is left behind: the buffers the calls may write are restored, the solve's K, init,
@@ -96,21 +98,22 @@ def verify_rewrite(
     reference = _private_copy(model)
     paths = [f"{container}.{i}" if container else str(i) for i in (parallel or [])]
     inputs = [(args, kwargs), (args, kwargs)]
-    bigger = _other_batch(rewritten, args, kwargs)
-    if bigger is not None:
-        inputs.append(bigger)
+    bigger = _other_batches(rewritten, args, kwargs)
+    if bigger:
+        inputs.append(bigger[0])
     with _exact_mode(handle), _restored_buffers(rewritten), torch.no_grad():
         checked = 0
         for call, (a, k) in enumerate(inputs, start=1):
             what = f"call {call}" if call <= 2 else f"a second batch size (call {call})"
             ref_layers: list[torch.Tensor | None] = []
-            with _layer_outputs(reference, paths, ref_layers):
-                try:  # (the grown batch quietly: an original with a fixed batch fails there)
-                    expected = reference(*_clone(a), **_clone(k)) if call <= 2 else _quiet(reference, a, k)
-                except Exception:
-                    if call <= 2:
-                        raise
-                    break  # the original does not take the grown inputs: nothing to compare
+            if call <= 2:
+                with _layer_outputs(reference, paths, ref_layers):
+                    expected = reference(*_clone(a), **_clone(k))
+            else:  # the first grown inputs the original takes (quietly: a fixed batch fails there)
+                taken = _first_taken(reference, paths, bigger, ref_layers)
+                if taken is None:
+                    break  # the original takes none of them: nothing to compare
+                (a, k), expected = taken
             # the cheap check: one evaluation from the original's own trace (exact iff the rewrite is)
             if _agrees_from_trace(rewritten, handle, a, k, expected, ref_layers):
                 checked = call
@@ -328,26 +331,66 @@ def _worst_layer(
     return path, where
 
 
-def _other_batch(
+def _other_batches(
     gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """The example inputs at batch + 1 (rows repeated) when the graph's first tensor input has a
-    symbolic leading dimension: every dimension of every input sharing that symbol grows; else
-    None. (An original that does not take them, e.g. a size baked into its code, skips the call.)"""
+    symbolic leading dimension, as candidates for the original to take (``_first_taken``); empty
+    for a static batch. Every dimension sharing the batch's size symbol grows. Inputs captured
+    behind whole-kept marker ops (a decode step's caches) carry symbols of their own, unrelated to
+    the batch's: for them the first candidates also grow one dimension of the batch's example size
+    (each such dimension in turn, in every input that has it); the last grows the shared symbol
+    only. An original that takes none (a size baked into its code) skips the call."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     tensors = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [v for v in vals if isinstance(v, torch.Tensor)]
     if not tensors or len(vals) != len(tensors) or vals[0].dim() == 0:
-        return None
+        return []
     batch_sym = vals[0].shape[0]
     if isinstance(batch_sym, int):
-        return None  # a static batch: the graph only takes the example's batch size
+        return []  # a static batch: the graph only takes the example's batch size
     batch = flat[tensors[0]].shape[0]
     rows = torch.arange(batch + 1) % batch
-    for i, v in zip(tensors, vals):
-        for d, size in enumerate(v.shape):  # every dimension of the batch's size symbol grows
-            if not isinstance(size, int) and str(size) == str(batch_sym):
-                flat[i] = flat[i].index_select(d, rows.to(flat[i].device))
-    a, k = pytree.tree_unflatten(flat, spec)
-    return a, k
+
+    def grown(extra_dim: int | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        out = list(flat)
+        for i, v in zip(tensors, vals):
+            dims = [
+                d
+                for d, size in enumerate(v.shape)
+                if not isinstance(size, int) and str(size) == str(batch_sym)
+            ]
+            if not dims and extra_dim is not None and extra_dim in unrelated.get(i, ()):
+                dims = [extra_dim]
+            for d in dims:
+                out[i] = out[i].index_select(d, rows.to(out[i].device))
+        a, k = pytree.tree_unflatten(out, spec)
+        return a, k
+
+    unrelated = {  # inputs without the batch's symbol: their symbolic dimensions of the batch's size
+        i: [d for d, size in enumerate(v.shape) if not isinstance(size, int) and flat[i].shape[d] == batch]
+        for i, v in zip(tensors, vals)
+        if not any(not isinstance(size, int) and str(size) == str(batch_sym) for size in v.shape)
+    }
+    extra = sorted({d for dims in unrelated.values() for d in dims})
+    return [grown(d) for d in extra] + [grown(None)]
+
+
+def _first_taken(
+    reference: torch.nn.Module,
+    paths: list[str],
+    candidates: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    ref_layers: list[torch.Tensor | None],
+) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], Any] | None:
+    """The first candidate inputs ``reference`` runs on, with its outputs (``ref_layers`` filled
+    with its layer outputs there), else None. Whatever the original takes is a fair input: the
+    rewrite must compute the same function on it."""
+    for a, k in candidates:
+        ref_layers.clear()
+        with _layer_outputs(reference, paths, ref_layers):
+            try:
+                return (a, k), _quiet(reference, a, k)
+            except Exception:
+                continue
+    return None

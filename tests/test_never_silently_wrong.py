@@ -389,3 +389,31 @@ def test_verify_checks_a_second_batch_size(monkeypatch: pytest.MonkeyPatch) -> N
     model = Stack(Widths).eval()
     with pytest.raises(SNLPRefusal, match=r"verify: .*disagrees with the original on a second batch size"):
         snlp_compile.transform(model, (torch.randn(B, T, C),), iterations=L)
+
+
+def test_verify_grows_a_decode_steps_caches_with_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step's caches carry size symbols of their own (its attention is kept whole while
+    captured), yet verify grows them with the tokens' batch, so the same broken relu is refused at
+    the second batch size (before, only the tokens grew, the original failed on caches of the old
+    batch, and the call was skipped)."""
+    from helpers import step_inputs
+
+    from snlp_compile.models import build_model
+    from snlp_compile.models.kv import CachedStep
+    from snlp_compile.passes import batch_layers
+
+    rule = batch_layers._Batcher.rule
+
+    def broken(self: batch_layers._Batcher, node: torch.fx.Node) -> object:
+        if batch_layers.target_name(node) == "relu":
+            return self.call(_relu_at_batch_2_only, self.env[node.args[0]])
+        return rule(self, node)
+
+    torch.manual_seed(0)
+    model = build_model("nanochat-tiny").eval()
+    inputs = step_inputs(model, batch=2, seed=1)
+    layers = model.config.n_layer
+    snlp_compile.transform(CachedStep(model), inputs, iterations=layers)  # (right: accepted)
+    monkeypatch.setattr(batch_layers._Batcher, "rule", broken)
+    with pytest.raises(SNLPRefusal, match=r"verify: .*disagrees with the original on a second batch size"):
+        snlp_compile.transform(CachedStep(model), inputs, iterations=layers)
