@@ -220,16 +220,17 @@ def tail_variants(scale: Scale) -> list[Variant]:
     return out
 
 
-def continued_control(scale: Scale) -> Variant:
-    """``reg`` trained on for the fine-tunes' steps with plain cross-entropy: the tail fine-tunes
-    see ~36% more tokens than ``reg`` and the baseline, and these models are far from converged
-    (0.46 tokens per parameter), so part of a fine-tune's gain is only more training; this control,
-    at the same P, K and init, says how much (``--scale cpu``, L=8: its sequential perplexity fell
-    7%, a little more than the tail fine-tunes' sequential models did)."""
+def continued_control(scale: Scale, start: str = "reg") -> Variant:
+    """``start`` trained on for the fine-tunes' steps with plain cross-entropy (``{start}-cont``):
+    the fine-tunes see ~36% more tokens than the models they start from, and these models are far
+    from converged (0.46 tokens per parameter), so part of a fine-tune's gain is only more
+    training; this control, at the same P, K and init, says how much (the H200 run: ``reg-cont``'s
+    sequential perplexity fell 8.2%). ``reg-cont`` judges the tails from ``reg``, ``base-s0-cont``
+    the fine-tunes from the baseline (``sft-k1``, ``sft-k2``, ``sft-fused``, ``sft-tail*-base``)."""
     n = scale.n_layer
     return Variant(
-        "reg-cont", init_from="reg", quality_parallel=(n // 2, 3 * n // 4),
-        note="reg trained on with plain CE for the fine-tunes' steps (control of the tails' extra tokens)",
+        f"{start}-cont", init_from=start, quality_parallel=(n // 2, 3 * n // 4),
+        note=f"{start} trained on with plain CE for the fine-tunes' steps (control of their extra tokens)",
     )  # fmt: skip
 
 
@@ -255,6 +256,7 @@ def variants(scale: Scale) -> list[Variant]:
         ),
         *tail_variants(scale),
         continued_control(scale),
+        continued_control(scale, BASELINE),
         Variant(f"seq-l{n // 2}", n_layer=n // 2, note=f"shallow sequential control, {n // 2} layers"),
         Variant(f"seq-l{n // 4}", n_layer=n // 4, note=f"shallow sequential control, {n // 4} layers"),
     ]  # fmt: skip

@@ -248,7 +248,7 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert main(["run", "--smoke", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     result = json.loads((out / "frontier.json").read_text())
     models = {p["model"] for p in result["points"]}
-    tails = {"sft-tail2", "sft-tail3", "sft-tail3-base", "sft-tail3-solo", "reg-cont"}
+    tails = {"sft-tail2", "sft-tail3", "sft-tail3-base", "sft-tail3-solo", "reg-cont", "base-s0-cont"}
     assert (
         models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"} | tails
     )
@@ -277,6 +277,10 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
         assert facts["val_full_forward"]["snlp_ppl"] > 1
         mine = [p for p in result["points"] if p["model"] == name]
         assert {p["parallel_layers"] for p in mine} == {0, par} and len(mine) == 5  # seq + K {1,4} x 2 inits
+    assert result["summary"]["not_judged"] == []  # (base-s0-cont judges the baseline's fine-tunes)
+    assert {p["token_control"] for p in result["points"] if p["model"] in ("sft-k1", "sft-fused")} == {
+        "base-s0-cont"
+    }
     cont = result["models"]["reg-cont"]  # the control of the tails' extra tokens: plain CE from reg
     assert (cont["objective"], cont["init_from"], cont["steps"], cont["snlp"]) == ("ce", "reg", 6, None)
     assert {p["parallel_layers"] for p in result["points"] if p["model"] == "reg-cont"} == {0, 2, 3}
