@@ -324,6 +324,17 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert "floor_ms" in timed_again["meta"] and "floor_ms" in result["meta"]
     with pytest.raises(SystemExit, match=r"timed another shape: n_layer=4 \(here 16\)"):  # (full scale)
         main(args[:1] + args[2:])
+    # a later session that measured one model again: its files, the rest from the earlier report
+    one = tmp_path / "one"
+    one.mkdir()
+    for f in ("meta.json", "reg-cont.train.json", "reg-cont.quality.json"):
+        shutil.copy(q / f, one / f)
+    earlier = str(out / "frontier.json")
+    args = ["assemble", "--smoke", "--work", str(one), "--out", str(one / "o"), "--quality-from", earlier]
+    assert main([*args, "--timings-from", earlier]) == 0
+    joined = json.loads((one / "o" / "frontier.json").read_text())
+    assert sorted(map(str, joined["points"])) == sorted(map(str, result["points"]))
+    assert joined["models"].keys() == result["models"].keys()
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()
 
 
