@@ -637,16 +637,18 @@ def merge_earlier(
 TIMING_META = ("floor_ms", "copy_bandwidth_tbs", "inductor")  # (meta facts that come with timings)
 
 
-def timings_from(path: Path, scale: Scale) -> list[Timed]:
+def timings_from(path: Path, scale: Scale) -> tuple[list[Timed], dict[str, Any]]:
     """An earlier frontier.json's timings, for models of this scale's shape (timing does not depend
-    on the weights, the shape it does: another shape is refused by name)."""
+    on the weights, the shape it does: another shape is refused by name), and the meta facts that
+    come with them (``TIMING_META``: their floor and compile options)."""
     earlier = json.loads(path.read_text())
     theirs = earlier.get("meta", {}).get("scale", {})
     differ = [k for k in TIMED_SHAPE if theirs.get(k) != getattr(scale, k)]
     if differ:
         got = ", ".join(f"{k}={theirs.get(k)!r} (here {getattr(scale, k)!r})" for k in differ)
         raise SystemExit(f"frontier assemble: --timings-from {path} timed another shape: {got}")
-    return [Timed(**r) for r in earlier["timings"]]
+    facts = {key: earlier["meta"][key] for key in TIMING_META if key in earlier.get("meta", {})}
+    return [Timed(**r) for r in earlier["timings"]], facts
 
 
 # -- stage 5: the frontier ------------------------------------------------------------------------
@@ -1210,12 +1212,8 @@ def assemble(args: argparse.Namespace) -> int:
     elif args.timings_from:  # (timing does not depend on the weights: an earlier run's steps)
         if args.log:
             raise SystemExit("frontier assemble: --timings-from or --log, not both")
-        timed = timings_from(Path(args.timings_from), scale)
-        meta["timings_from"] = args.timings_from
-        timing_meta = json.loads(Path(args.timings_from).read_text()).get("meta", {})
-        for key in TIMING_META:  # (the floor and the options of those timings, not of this run's)
-            if key in timing_meta:
-                meta[key] = timing_meta[key]
+        timed, timing_meta = timings_from(Path(args.timings_from), scale)
+        meta.update(timings_from=args.timings_from, **timing_meta)  # (their floor, not this run's)
     else:
         timed = load_timings(work, Path(args.log) if args.log else None)
     joined = build_points(quality, timed, trained, scale)

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, suppress
+from functools import partial
 from typing import Any
 
 import torch
@@ -97,16 +98,15 @@ def verify_rewrite(
         return 0
     reference = _private_copy(model)
     paths = [f"{container}.{i}" if container else str(i) for i in (parallel or [])]
-    inputs = [(args, kwargs), (args, kwargs)]
     bigger = _other_batches(rewritten, args, kwargs)
-    if bigger:
-        inputs.append(bigger[0])
+    calls = 3 if bigger else 2
     with _exact_mode(handle), _restored_buffers(rewritten), torch.no_grad():
         checked = 0
-        for call, (a, k) in enumerate(inputs, start=1):
+        for call in range(1, calls + 1):
             what = f"call {call}" if call <= 2 else f"a second batch size (call {call})"
             ref_layers: list[torch.Tensor | None] = []
             if call <= 2:
+                a, k = args, kwargs
                 with _layer_outputs(reference, paths, ref_layers):
                     expected = reference(*_clone(a), **_clone(k))
             else:  # the first grown inputs the original takes (quietly: a fixed batch fails there)
@@ -331,11 +331,15 @@ def _worst_layer(
     return path, where
 
 
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
 def _other_batches(
     gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+) -> list[Callable[[], Inputs]]:
     """The example inputs at batch + 1 (rows repeated) when the graph's first tensor input has a
-    symbolic leading dimension, as candidates for the original to take (``_first_taken``); empty
+    symbolic leading dimension, as candidates for the original to take (``_first_taken``; each
+    made only when tried: a decode step's grown caches are the size of the model's caches); empty
     for a static batch. Every dimension sharing the batch's size symbol grows. Inputs captured
     behind whole-kept marker ops (a decode step's caches) carry symbols of their own, unrelated to
     the batch's: for them the first candidates also grow one dimension of the batch's example size
@@ -353,7 +357,7 @@ def _other_batches(
     batch = flat[tensors[0]].shape[0]
     rows = torch.arange(batch + 1) % batch
 
-    def grown(extra_dim: int | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def grown(extra_dim: int | None) -> Inputs:
         out = list(flat)
         for i, v in zip(tensors, vals):
             dims = [
@@ -374,19 +378,21 @@ def _other_batches(
         if not any(not isinstance(size, int) and str(size) == str(batch_sym) for size in v.shape)
     }
     extra = sorted({d for dims in unrelated.values() for d in dims})
-    return [grown(d) for d in extra] + [grown(None)]
+    candidates: list[Callable[[], Inputs]] = [partial(grown, d) for d in extra]
+    return [*candidates, partial(grown, None)]
 
 
 def _first_taken(
     reference: torch.nn.Module,
     paths: list[str],
-    candidates: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    candidates: list[Callable[[], Inputs]],
     ref_layers: list[torch.Tensor | None],
-) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], Any] | None:
+) -> tuple[Inputs, Any] | None:
     """The first candidate inputs ``reference`` runs on, with its outputs (``ref_layers`` filled
     with its layer outputs there), else None. Whatever the original takes is a fair input: the
     rewrite must compute the same function on it."""
-    for a, k in candidates:
+    for candidate in candidates:
+        a, k = candidate()
         ref_layers.clear()
         with _layer_outputs(reference, paths, ref_layers):
             try:
