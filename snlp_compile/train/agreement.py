@@ -20,8 +20,7 @@ from torch import nn
 
 from ..config import SNLPConfig
 from ..decoding import Decoder
-from ..models.kv import write_cache
-from .decode_eval import DecodeSetting
+from .decode_eval import DecodeSetting, step_logits
 
 
 @dataclass(frozen=True)
@@ -36,10 +35,7 @@ class Agreement:
 
 def _probabilities(decoder: Decoder, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """One cached step at ``pos`` (its K/V written): the next-token distribution (float32 at least)."""
-    logits, new_k, new_v = decoder.decode_step(idx, pos, decoder.k_cache, decoder.v_cache)
-    write_cache(decoder.k_cache, decoder.v_cache, new_k, new_v, pos)
-    last = logits[:, -1]
-    return torch.softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)
+    return torch.softmax(step_logits(decoder, idx, pos), dim=-1)
 
 
 @torch.no_grad()

@@ -86,6 +86,15 @@ class DecodeResult:
         }
 
 
+def step_logits(decoder: Decoder, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One cached step of ``decoder`` at ``pos``, its K/V written into the decoder's caches: the
+    last position's next-token logits, float32 at least (bf16 -> float32)."""
+    logits, new_k, new_v = decoder.decode_step(idx, pos, decoder.k_cache, decoder.v_cache)
+    write_cache(decoder.k_cache, decoder.v_cache, new_k, new_v, pos)
+    last = logits[:, -1]
+    return last.to(torch.promote_types(last.dtype, torch.float32))
+
+
 def _teacher_forced_ce(decoder: Decoder, windows: torch.Tensor, use_graph: bool) -> tuple[float, int, bool]:
     """Summed next-token cross entropy of ``windows`` (B, T + 1) fed token by token through the
     decoder's step, and whether a CUDA graph replayed it."""
@@ -96,14 +105,9 @@ def _teacher_forced_ce(decoder: Decoder, windows: torch.Tensor, use_graph: bool)
     decoder.reset()
     idx = torch.empty(b, 1, dtype=torch.long, device=device)
     pos = torch.zeros((), dtype=torch.long, device=device)
-    step = decoder.decode_step
-    k_cache, v_cache = decoder.k_cache, decoder.v_cache
 
     def one() -> torch.Tensor:
-        logits, new_k, new_v = step(idx, pos, k_cache, v_cache)
-        write_cache(k_cache, v_cache, new_k, new_v, pos)
-        logits = logits[:, -1]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # (bf16 -> float32)
+        return step_logits(decoder, idx, pos)
 
     total = torch.zeros((), dtype=torch.float64, device=device)
 
