@@ -220,6 +220,42 @@ def tail_variants(scale: Scale) -> list[Variant]:
     return out
 
 
+def k1_tail_variants(scale: Scale) -> list[Variant]:
+    """Tails fine-tuned through the K=1 solve (issue 20: the shallow controls): K=1 over most
+    layers is the cheapest solve (one batched evaluation; at 12 of 16 about 4 sequential layers plus
+    one iteration), and a tail trained at K=2 barely improves there (the H200's ``sft-tail12``: +27%
+    at K=1 against +3.0% at K=2). From ``reg``, keeping the sequential model (CE + KL, as
+    ``tail_variants``): the last 3/4 of the layers at K=1, the same tail as wide layers of 3 (the
+    paper's chunkwise fusion, ``fused_layers=3``: 4 wide layers at 12 of 16; K=1 is the solve the
+    loss trains, K >= 4 the fused function), and the last 7/8 at K=1 (14 of 16: against L/4).
+
+    CPU study (L=8, ``--scale cpu``; % against ``reg-cont``'s sequential 39.41, 16 windows): the
+    last 6 at K=1 +10.5% (``sft-tail6``, trained at K=2: +16.1%), as wide layers of 3 +8.3%, the
+    last 7 at K=1 +19.2%; ``seq-l4`` (half the depth) +15.0% against the baseline."""
+    n = scale.n_layer
+    out: dict[str, Variant] = {}
+    for par, m in ((3 * n // 4, 1), (3 * n // 4, 3), (7 * n // 8, 1)):
+        if par < 2 or par % m:
+            continue
+        name = f"sft-tail{par}" + (f"-f{m}" if m > 1 else "") + "-k1"
+        wide = f" as {par // m} wide layers of {m}" if m > 1 else ""
+        out[name] = Variant(
+            name, "snlp-forward", init_from="reg",
+            snlp=SNLPConfig(iterations=1, parallel_layers=par, fused_layers=m),
+            note=f"reg fine-tuned through the K=1 h0 solve of the last {par} of {n} layers{wide}, "
+            "+ sequential CE + KL to reg",
+            seq_ce_weight=1.0, distill_weight=1.0, quality_parallel=(par,),
+        )  # fmt: skip
+    return list(out.values())
+
+
+def fused_tail(v: Variant) -> tuple[int, int] | None:
+    """(parallel layers, M) of a variant trained through wide layers of a partial tail, else None."""
+    if v.snlp is None or v.snlp.fused_layers <= 1 or v.quality_parallel is None:
+        return None
+    return v.quality_parallel[0], v.snlp.fused_layers
+
+
 def continued_control(scale: Scale, start: str = "reg") -> Variant:
     """``start`` trained on for the fine-tunes' steps with plain cross-entropy (``{start}-cont``):
     the fine-tunes see ~36% more tokens than the models they start from, and these models are far
@@ -255,6 +291,7 @@ def variants(scale: Scale) -> list[Variant]:
             f"of {scale.finetune_fusion} (fused_layers={scale.finetune_fusion})",
         ),
         *tail_variants(scale),
+        *k1_tail_variants(scale),
         continued_control(scale),
         continued_control(scale, BASELINE),
         Variant(f"seq-l{n // 2}", n_layer=n // 2, note=f"shallow sequential control, {n // 2} layers"),
@@ -265,8 +302,13 @@ def variants(scale: Scale) -> list[Variant]:
 def timed_parallel(scale: Scale, chosen: list[Variant]) -> list[int]:
     """The timing grid's parallel layers: the scale's and the chosen variants' own quality grids'
     (a quality point is joined with the timing of its own configuration)."""
-    extra = {p for v in chosen for p in v.quality_parallel or ()}
+    extra = {p for v in chosen if fused_tail(v) is None for p in v.quality_parallel or ()}
     return sorted(set(scale.parallel) | extra)
+
+
+def timed_fused_tails(chosen: list[Variant]) -> list[tuple[int, int]]:
+    """The chosen fused tails' (parallel layers, M), timed at the scale's K (their quality grid)."""
+    return list(dict.fromkeys(t for t in map(fused_tail, chosen) if t is not None))
 
 
 def log(msg: str) -> None:
@@ -419,7 +461,11 @@ def measure_quality(
         return json.loads(path.read_text())
     model = load_for_inference(work, v.name, scale)
     n = v.n_layer or scale.n_layer
-    if v.n_layer is None:  # (a model trained for its own parallel layers: those only, no fusion)
+    tail = fused_tail(v)
+    if tail is not None:  # (a fused tail: its wide layers at K x h0, K >= P / M the fused function)
+        par_, m = tail
+        grid = [DecodeSetting(None)] + [DecodeSetting(k, par_, "h0", m) for k in scale.iterations]
+    elif v.n_layer is None:  # (a model trained for its own parallel layers: those only, no fusion)
         par = [None if p >= n else p for p in v.quality_parallel or scale.parallel]
         grid = settings_grid(par, scale.iterations, scale.inits)
         if v.quality_parallel is None:
@@ -541,12 +587,15 @@ class Timer:
                     )
                 del t
 
-    def fused_grid(self, fusions: list[int], iterations: list[int], mode: str) -> None:
-        """Wide layers of M over all layers, init h0 (the quality grid's fused settings)."""
-        for m in fusions:
-            t = snlp_compile.transform(self.step, self.inputs, iterations=1, fused_layers=m, init="h0")
+    def fused_grid(self, settings: list[tuple[int, int]], iterations: list[int], mode: str) -> None:
+        """Wide layers of M over the last P layers, init h0, for each (P, M) in ``settings`` (the
+        quality grid's fused settings)."""
+        for par, m in settings:
+            t = snlp_compile.transform(
+                self.step, self.inputs, iterations=1, parallel_layers=par, fused_layers=m, init="h0"
+            )
             for k in iterations:
-                row = Timed(self.name, self.n_layer, k, "h0", f"snlp {mode}", fusion=m)
+                row = Timed(self.name, par, k, "h0", f"snlp {mode}", fusion=m)
                 self.time(row, with_iterations(t, k, "h0"), mode)
             del t
 
@@ -1152,7 +1201,9 @@ def run(args: argparse.Namespace) -> int:
                 timers.append(t)
         if not args.points:
             deep.grid(timed_parallel(scale, chosen), list(scale.iterations), list(scale.inits), grid_mode)
-            deep.fused_grid(list(scale.fusions), list(scale.fused_iterations), grid_mode)
+            whole = [(scale.n_layer, m) for m in scale.fusions]
+            deep.fused_grid(whole, list(scale.fused_iterations), grid_mode)
+            deep.fused_grid(timed_fused_tails(chosen), list(scale.iterations), grid_mode)
         timed = [r for t in timers for r in t.rows]
         joined = build_points(quality, timed, trained, scale)
         if point_mode != grid_mode or args.points:

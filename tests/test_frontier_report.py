@@ -249,6 +249,7 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     result = json.loads((out / "frontier.json").read_text())
     models = {p["model"] for p in result["points"]}
     tails = {"sft-tail2", "sft-tail3", "sft-tail3-base", "sft-tail3-solo", "reg-cont", "base-s0-cont"}
+    tails |= {"sft-tail3-k1", "sft-tail3-f3-k1"}  # (7/8 of 4 layers is 3 again: one K=1 tail)
     assert (
         models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"} | tails
     )
@@ -277,6 +278,20 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
         assert facts["val_full_forward"]["snlp_ppl"] > 1
         mine = [p for p in result["points"] if p["model"] == name]
         assert {p["parallel_layers"] for p in mine} == {0, par} and len(mine) == 5  # seq + K {1,4} x 2 inits
+    # K=1 tails (the shallow controls): from reg through the K=1 solve of the last 3, one of them
+    # as one wide layer of 3; a fused tail's quality and timings are its wide layers at each K
+    for name, m in (("sft-tail3-k1", 1), ("sft-tail3-f3-k1", 3)):
+        facts = result["models"][name]
+        assert facts["init_from"] == "reg" and facts["seq_ce_weight"] == facts["distill_weight"] == 1.0
+        assert (facts["snlp"]["iterations"], facts["snlp"]["parallel_layers"], facts["snlp"]["fused_layers"]) == (
+            1, 3, m,
+        )  # fmt: skip
+        mine = [p for p in result["points"] if p["model"] == name and p["parallel_layers"]]
+        assert {(p["parallel_layers"], p["fusion"]) for p in mine} == {(3, m)}
+        assert all(p["decode_ms"] and p["token_control"] == "reg-cont" for p in mine)
+    one_wide = [p for p in result["points"] if p["model"] == "sft-tail3-f3-k1" and p["parallel_layers"]]
+    assert sorted(p["iterations"] for p in one_wide) == [1, 4]  # (one wide layer: K=1 is exact to it)
+    assert one_wide[0]["ppl"] == pytest.approx(one_wide[1]["ppl"], rel=1e-5)
     assert result["summary"]["not_judged"] == []  # (base-s0-cont judges the baseline's fine-tunes)
     assert {p["token_control"] for p in result["points"] if p["model"] in ("sft-k1", "sft-fused")} == {
         "base-s0-cont"
@@ -289,10 +304,10 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
         if p["model"] == "sft-tail2" and p["iterations"] == 4:  # K=4 >= 2 parallel layers: exact
             assert abs(p["ppl"] / seq2["ppl"] - 1) < 1e-5
     assert all(p["parallel_layers"] == 4 and p["iterations"] == 1 and p["init"] == "h0" for p in fused)
-    assert {p["fusion"] for p in result["points"]} == {1, 2}
+    assert {p["fusion"] for p in result["points"]} == {1, 2, 3}
     assert result["models"]["sft-fused"]["snlp"]["fused_layers"] == 2
     timed = {(r["fusion"], r["parallel_layers"], r["iterations"]) for r in result["timings"]}
-    assert (2, 4, 1) in timed
+    assert (2, 4, 1) in timed and {(3, 3, 1), (3, 3, 4)} <= timed
     # the quality calls of a split device schedule: their stage files alone make a quality-only report
     import shutil
 
@@ -374,6 +389,9 @@ def test_the_cpu_scale_is_a_recipe_study_of_the_same_variants() -> None:
         "sft-tail6",
         "sft-tail6-base",
         "sft-tail6-solo",
+        "sft-tail6-k1",
+        "sft-tail6-f3-k1",
+        "sft-tail7-k1",
         "reg-cont",
         "seq-l4",
         "seq-l2",
