@@ -51,6 +51,11 @@ CE's 0.10 s and the teacher's forward, -solo ~0.2 s/step, reg-cont ~0.1 s/step; 
 measures it as calib-sft-tail); ``--stages quality --models base-s0 reg sft-tail8 sft-tail12
 sft-tail12-base sft-tail12-solo reg-cont`` (~8 min: ~2.3 each for the full grids, a tail's grid
 is its P x K x init only).
+K=1 tails (``k1_tail_variants``: the last 12 of 16 at K=1, as wide layers of 3, and the last 14;
+the shallow controls' challengers): ``--stages train,quality --models reg sft-tail12-k1
+sft-tail12-f3-k1 sft-tail14-k1`` after ``reg`` exists (~5 min of training, ~4 of quality), then
+their timings, which no earlier run has (``run --quality-from J --points 12:1:h0 14:1:h0
+12:1:h0:f3``; the grid stage times a chosen fused tail's wide layers at each K).
 Timing does not depend on the weights: ``assemble --timings-from benchmarks/results/frontier.json``
 on those files joins the earlier run's steps of the same shapes (8:2:h0, 12:2:h0, ...; the
 configurations it lacks are listed untimed).
