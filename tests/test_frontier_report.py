@@ -249,7 +249,7 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     result = json.loads((out / "frontier.json").read_text())
     models = {p["model"] for p in result["points"]}
     tails = {"sft-tail2", "sft-tail3", "sft-tail3-base", "sft-tail3-solo", "reg-cont", "base-s0-cont"}
-    tails |= {"sft-tail3-k1", "sft-tail3-f3-k1"}  # (7/8 of 4 layers is 3 again: one K=1 tail)
+    tails |= {"sft-tail3-k1", "sft-tail3-f3-k1"}  # (all but one of 4 layers is 3 again: one K=1 tail)
     assert (
         models == {"base-s0", "base-s1", "reg", "sft-k1", "sft-k2", "sft-fused", "seq-l2", "seq-l1"} | tails
     )
