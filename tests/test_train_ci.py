@@ -294,3 +294,59 @@ def test_cli_train_and_eval(tmp_path) -> None:
     assert tuned["model_config"] == info["model_config"] and tuned["tokenizer"] == info["tokenizer"]
     assert tuned["train"]["objective"] == "snlp-forward" and tuned["train"]["snlp"]["parallel_layers"] == 2
     assert "snlp_ce" in tuned["result"]["last"] and "snlp_ppl" in tuned["result"]["val"]
+
+
+def test_cli_trains_wide_layers_and_measures_the_decode_step(tmp_path, capsys) -> None:
+    """``train --fused-layers`` fine-tunes through wide layers; ``eval --decode`` measures the
+    KV-cached decode step (init warm there only), wide layers too: in exact mode (K >= the
+    parallel layers, K >= the wide layers for a fused solve) the decode step gives the full
+    forward's perplexity of the same function; a parallel count that M does not divide is skipped."""
+    common = ["--max-bytes", "60000", "--seq-len", "32", "--no-progress"]
+    base, tuned = tmp_path / "base", tmp_path / "wide.safetensors"
+    args = ["train", "--set", "n_layer=4", "--set", "zero_init_out=False", "--steps", "3", "--warmup", "1"]
+    assert main([*args, "--batch-size", "4", "--eval-windows", "4", "--out", str(base), *common]) == 0
+    args = ["train", "--objective", "snlp-forward", "--init-from", str(base), "--parallel-layers", "4"]
+    args += [
+        "--fused-layers",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-windows",
+        "4",
+    ]
+    assert main([*args, "--out", str(tuned), *common]) == 0
+    assert read_checkpoint_info(tuned)["train"]["snlp"]["fused_layers"] == 2
+
+    def rows(*extra: str) -> list[dict]:
+        out = tmp_path / f"r{len(extra)}.json"
+        args = ["eval", str(tuned), "--windows", "4", "--batch-size", "4", "--seq-len", "24"]
+        assert main([*args, *extra, "--json", str(out)]) == 0
+        return json.loads(out.read_text())["rows"]
+
+    decoded = rows(
+        "-K", "1", "4", "--parallel", "4", "3", "--fused-layers", "1", "2", "--init", "h0", "warm", "--decode"
+    )
+    assert "skipped 3 parallel layers as wide layers of 2" in capsys.readouterr().err  # (status lines)
+    seq = decoded[0]["ppl"]
+    by = {(r["K"], r["parallel"], r["init"], r["fused_layers"]): r for r in decoded[1:]}
+    assert all(r["path"] == "decode" for r in by.values()) and (1, 3, "h0", 2) not in by
+    assert set(by) == {
+        (k, p, i, m) for k in (1, 4) for p in (4, 3) for i in ("h0", "warm") for m in (1, 2)
+    } - {(k, 3, i, 2) for k in (1, 4) for i in ("h0", "warm")}
+    for init in ("h0", "warm"):
+        assert math.isclose(by[(4, 4, init, 1)]["ppl"], seq, rel_tol=1e-4)  # exact: the sequential model
+        assert not math.isclose(by[(1, 4, init, 1)]["ppl"], seq, rel_tol=1e-4)
+    forward = rows("-K", "2", "--parallel", "4", "--fused-layers", "2")
+    assert forward[1]["path"] == "forward" and forward[1]["fused_layers"] == 2
+    # two wide layers at K >= 2: the fused function itself, on either path
+    assert math.isclose(by[(4, 4, "h0", 2)]["ppl"], forward[1]["ppl"], rel_tol=1e-4)
+    assert not math.isclose(forward[1]["ppl"], seq, rel_tol=1e-3)  # (fusion changes the function)
+    capsys.readouterr()
+    assert main(["eval", str(tuned), "--init", "warm"]) == 2  # (a usage error)
+    assert "--init warm starts from the previous token's trace" in capsys.readouterr().err
+    assert main(["eval", str(tuned), "--decode", "--stages", "2"]) == 2
+    assert "--decode solves one stage" in capsys.readouterr().err

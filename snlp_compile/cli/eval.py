@@ -4,6 +4,8 @@
 snlp-compile eval runs/base runs/reg -K 1 2 4 --parallel all half --plot ppl.png
 snlp-compile eval runs/reg -K 1 2 --stages 1 2 4     # stages solved one after another too
 snlp-compile eval ./my-llama --data notes/ --suffix .txt -K 1 2   # a local transformers folder
+snlp-compile eval runs/tail -K 1 2 --parallel 6 --init h0 warm --decode  # the KV-cached decode step
+snlp-compile eval runs/fused -K 1 2 --parallel 6 --fused-layers 3         # a tail trained as wide layers
 
 A model is a checkpoint of `snlp-compile train`, a local transformers folder (its safetensors
 weights and its own tokenizer.json; text as bytes when it has none), 'module.path:factory' or a
@@ -53,7 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="parallel layers: 'all', 'half' (of the parallelisable ones) or a count",
     )
     parser.add_argument(
-        "--init", nargs="+", choices=("h0", "batch_fwd"), default=["h0"], help="the solve's initial iterates"
+        "--init",
+        nargs="+",
+        choices=("h0", "batch_fwd", "warm"),
+        default=["h0"],
+        help="the solve's initial iterates (warm: the previous token's trace, --decode only)",
+    )
+    parser.add_argument(
+        "--fused-layers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="SNLPConfig.fused_layers: wide layers of M (the function of a model trained fused; a "
+        "parallel count that is not a multiple of M is skipped)",
+    )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="measure the KV-cached decode step, teacher-forced token by token (the path that is "
+        "timed and deployed) instead of the full-sequence forward; models that decode only",
     )
     add_stages_option(
         parser,
@@ -88,9 +108,17 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None and len(args.label) != len(args.checkpoints):
         raise CLIError(f"--label needs {len(args.checkpoints)} names, got {len(args.label)}")
     labels = args.label or [Path(c).name for c in args.checkpoints]
+    if "warm" in args.init and not args.decode:
+        raise CLIError("--init warm starts from the previous token's trace: it exists only with --decode")
+    if args.decode and args.stages != [1]:
+        raise CLIError("--decode solves one stage: leave out --stages")
+    if any(m < 1 for m in args.fused_layers):
+        raise CLIError(f"--fused-layers takes sizes >= 1, got {args.fused_layers}")
     settings = [
-        SolveSetting(k, p, i, c)
-        for p, i, c, k in itertools.product(args.parallel, args.init, args.stages, args.iterations)
+        SolveSetting(k, p, i, c, m)
+        for p, i, c, m, k in itertools.product(
+            args.parallel, args.init, args.stages, args.fused_layers, args.iterations
+        )
     ]
     rows: list[dict[str, Any]] = []
     layers: dict[str, int] = {}
@@ -118,12 +146,13 @@ def run(args: argparse.Namespace) -> int:
         rows += evaluate_model(
             model,
             windows,
-            settings,
+            wide_enough(settings, model_layers(model), label),
             batch_size=args.batch_size,
             device=args.device,
             bytes_per_token=corpus.val_bytes_per_token,
             label=label,
             progress=lambda row: status(_progress_line(row)),
+            decode=args.decode,
         )
     table = markdown_table(rows, layers)
     print(table)
@@ -140,11 +169,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def wide_enough(settings: list[Any], layers: int, label: str) -> list[Any]:
+    """The settings whose parallel layers split into wide layers of their M (the rest skipped, said
+    so: --parallel half and --fused-layers 3 need not fit every model)."""
+    from ..train.evaluate import parallel_count
+
+    kept = []
+    for s in settings:
+        try:
+            count = parallel_count(s.parallel, layers)
+        except ValueError as exc:
+            raise CLIError(f"{label}: {exc}") from None
+        if count % s.fused_layers:
+            status(
+                f"  {label}: skipped {count} parallel layers as wide layers of {s.fused_layers} (not a multiple)"
+            )
+        else:
+            kept.append(s)
+    return kept
+
+
 def _progress_line(row: dict[str, Any]) -> str:
     if row["mode"] == "sequential":
         return f"  {row['model']}: sequential ppl {row['ppl']:.3f}"
     stages = f", {row['stages']} stages" if (row.get("stages") or 1) > 1 else ""
+    fused = f", wide layers of {row['fused_layers']}" if (row.get("fused_layers") or 1) > 1 else ""
+    path = " (decode step)" if row.get("path") == "decode" else ""
     return (
-        f"  {row['model']}: K={row['K']}, {row['parallel']} parallel, init {row['init']}{stages}: "
+        f"  {row['model']}: K={row['K']}, {row['parallel']} parallel, init {row['init']}{stages}{fused}{path}: "
         f"ppl {row['ppl']:.3f} ({100 * row['gap']:+.2f}%)"
     )

@@ -141,6 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     snlp.add_argument("--iterations", type=int, default=1, help="K, parallel iterations of the solve")
     snlp.add_argument("--init", choices=("h0", "batch_fwd"), default="h0", help="the solve's initial iterate")
     snlp.add_argument(
+        "--fused-layers",
+        type=int,
+        default=1,
+        help="M: train through wide layers of M (SNLPConfig.fused_layers, the paper's chunkwise fusion; "
+        "the model is then deployed with the same M)",
+    )
+    snlp.add_argument(
         "--seq-ce-weight",
         type=float,
         default=None,
@@ -225,7 +232,12 @@ def run(args: argparse.Namespace) -> int:
         )
     snlp = None
     if objective in ("snlp-forward", "both"):
-        snlp = SNLPConfig(parallel_layers=args.parallel_layers, iterations=args.iterations, init=args.init)
+        snlp = SNLPConfig(
+            parallel_layers=args.parallel_layers,
+            iterations=args.iterations,
+            init=args.init,
+            fused_layers=args.fused_layers,
+        )
     config = TrainConfig(
         model=model_name,
         model_overrides=overrides,

@@ -23,6 +23,7 @@ from ..api import analyse
 from ..api import transform as snlp_transform
 from ..config import SNLPConfig
 from ..solve.handle import solve_handle
+from .decode_eval import DecodeSetting, decode_perplexity
 from .hf_folder import token_model
 
 
@@ -63,12 +64,14 @@ def perplexity(
 @dataclass(frozen=True)
 class SolveSetting:
     """One SNLP configuration to evaluate. parallel: "all", "half" (of the parallelisable layers) or a count;
-    stages: SNLPConfig.stages."""
+    stages: SNLPConfig.stages; fused_layers: SNLPConfig.fused_layers (wide layers of M: the
+    function of a model trained fused)."""
 
     iterations: int
     parallel: int | str = "all"
     init: str = "h0"
     stages: int = 1
+    fused_layers: int = 1
 
 
 def parallel_count(parallel: int | str, available: int) -> int:
@@ -91,9 +94,14 @@ def evaluate_model(
     bytes_per_token: float,
     label: str,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    decode: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows: the sequential model, then every setting, each with ce, ppl, bpb and the gap to sequential
-    (``progress`` is called with each row as it is done)."""
+    (``progress`` is called with each row as it is done). ``decode``: each setting measured on the
+    KV-cached decode step, teacher-forced token by token (``decode_eval.decode_perplexity``: the
+    path that is timed; init "warm" exists only there) instead of the full-sequence forward; the
+    model must decode (``Decoder``)."""
+    raw = model
     model = token_model(model).eval().to(device)
     if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
         windows = windows[: windows.size(0) // batch_size * batch_size]
@@ -108,20 +116,35 @@ def evaluate_model(
     if chain is None:
         raise ValueError(f"{label}: transform() refuses the model: {report.refusal}")
     available = chain.num_parallel
-    groups: dict[tuple[int, str, int], list[int]] = {}
+    groups: dict[tuple[int, str, int, int], list[int]] = {}
     for s in settings:
-        groups.setdefault((parallel_count(s.parallel, available), s.init, s.stages), []).append(s.iterations)
-    for (n_par, init, stages), ks in groups.items():
-        fast = snlp_transform(model, example, parallel_layers=n_par, init=init, stages=stages)
+        key = (parallel_count(s.parallel, available), s.init, s.stages, s.fused_layers)
+        groups.setdefault(key, []).append(s.iterations)
+
+    def add(res: dict[str, float], k: int, n_par: int, init: str, stages: int, fused: int) -> None:
+        row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
+        row.update(stages=stages, fused_layers=fused, path="decode" if decode else "forward")
+        rows.append({**row, "gap": res["ppl"] / seq["ppl"] - 1.0})
+        if progress is not None:
+            progress(rows[-1])
+
+    for (n_par, init, stages, fused), ks in groups.items():
+        if decode:
+            if stages != 1:
+                raise ValueError("decode-path perplexity solves one stage (stages=1)")
+            par = None if n_par >= available else n_par
+            grid = [DecodeSetting(k, par, init, fused) for k in sorted(set(ks))]
+            for r in decode_perplexity(raw.eval().to(device), windows, grid, bytes_per_token=bytes_per_token):
+                add(
+                    {"ce": r.ce, "ppl": r.ppl, "bpb": r.bpb}, r.setting.iterations or 0, n_par, init, 1, fused
+                )
+            continue
+        cfg = dict(parallel_layers=n_par, init=init, stages=stages, fused_layers=fused)
+        fast = snlp_transform(model, example, **cfg)  # type: ignore[arg-type]
         solve = solve_handle(fast)
         for k in sorted(set(ks)):
             solve.iterations = k
-            res = perplexity(fast, windows, batch_size, device, bytes_per_token)
-            row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
-            row["stages"] = stages
-            rows.append({**row, "gap": res["ppl"] / seq["ppl"] - 1.0})
-            if progress is not None:
-                progress(rows[-1])
+            add(perplexity(fast, windows, batch_size, device, bytes_per_token), k, n_par, init, stages, fused)
         del fast
     rows[0]["gap"] = 0.0
     return rows
@@ -140,7 +163,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], layers: dict[str, int] | None
             if r["mode"] == "sequential"
             else (f"{r['parallel']}/{total}" if total else str(r["parallel"]))
         )
-        setting = r["mode"] + (f" S={r['stages']}" if (r.get("stages") or 1) > 1 else "")
+        setting = r["mode"] + (" decode" if r.get("path") == "decode" else "")
+        setting += f" S={r['stages']}" if (r.get("stages") or 1) > 1 else ""
+        setting += f" F={r['fused_layers']}" if (r.get("fused_layers") or 1) > 1 else ""
         lines.append(
             f"| {r['model']} | {setting} | {r['K'] if r['K'] is not None else '-'} | {par} | {r['init'] or '-'} | "
             f"{r['ppl']:.3f} | {r['bpb']:.4f} | {r['gap'] * 100:+.2f}% |"
@@ -174,20 +199,22 @@ def plot_ppl_vs_k(
                 if r["mode"] == "sequential":
                     ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=1, label=f"{m}: sequential")
             snlp = [r for r in mine if r["mode"] == "snlp"]
-            keys = sorted({(r["parallel"], r["init"], r.get("stages") or 1) for r in snlp}, reverse=True)
-            for j, (par, init, stages) in enumerate(keys):
-                pts = sorted(
-                    (r["K"], r["ppl"])
-                    for r in snlp
-                    if (r["parallel"], r["init"], r.get("stages") or 1) == (par, init, stages)
-                )
+
+            def key(r: dict[str, Any]) -> tuple[int, str, int, int]:
+                return r["parallel"], r["init"], r.get("stages") or 1, r.get("fused_layers") or 1
+
+            keys = sorted({key(r) for r in snlp}, reverse=True)
+            for j, (par, init, stages, fused) in enumerate(keys):
+                pts = sorted((r["K"], r["ppl"]) for r in snlp if key(r) == (par, init, stages, fused))
                 ax.plot(
                     [p[0] for p in pts],
                     [p[1] for p in pts],
                     marker="os^v"[j % 4],
                     color=color,
                     linestyle="-" if j == 0 else ":",
-                    label=f"{m}: {par} parallel, init {init}" + (f", {stages} stages" if stages > 1 else ""),
+                    label=f"{m}: {par} parallel, init {init}"
+                    + (f", {stages} stages" if stages > 1 else "")
+                    + (f", wide layers of {fused}" if fused > 1 else ""),
                 )
         ax.set_xlabel("K (SNLP iterations)")
         ax.set_xticks(ks)
