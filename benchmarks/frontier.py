@@ -16,7 +16,8 @@ Stages, one process (so checkpoints stay on the machine's local disk, ``--work``
 2. train: the unregularised baseline (two seeds: the noise), the paper-recipe regularised model
    (``RegulariserConfig()`` defaults), SNLP-forward fine-tunes of the baseline (one of them through
    the fused solve: wide layers of M, ``SNLPConfig.fused_layers``) and of partial tails (the last
-   P layers at K=2, mostly from ``reg``: ``tail_variants``), and shallow sequential controls
+   P layers at K=2, mostly from ``reg``: ``tail_variants``; at K=1, plain and as wide layers:
+   ``k1_tail_variants``), and shallow sequential controls
    (L/2, L/4) on the same data and token budget; each a safetensors checkpoint;
 3. quality: teacher-forced perplexity of each model's cached decode step
    (``snlp_compile.train.decode_eval``) over parallel layers x K x init (a tail fine-tune: its own

@@ -306,18 +306,8 @@ def test_cli_trains_wide_layers_and_measures_the_decode_step(tmp_path, capsys) -
     args = ["train", "--set", "n_layer=4", "--set", "zero_init_out=False", "--steps", "3", "--warmup", "1"]
     assert main([*args, "--batch-size", "4", "--eval-windows", "4", "--out", str(base), *common]) == 0
     args = ["train", "--objective", "snlp-forward", "--init-from", str(base), "--parallel-layers", "4"]
-    args += [
-        "--fused-layers",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "4",
-        "--eval-windows",
-        "4",
-    ]
+    args += ["--fused-layers", "2", "--steps", "2", "--warmup", "1"]
+    args += ["--batch-size", "4", "--eval-windows", "4"]
     assert main([*args, "--out", str(tuned), *common]) == 0
     assert read_checkpoint_info(tuned)["train"]["snlp"]["fused_layers"] == 2
 
