@@ -101,8 +101,8 @@ def evaluate_model(
     KV-cached decode step, teacher-forced token by token (``decode_eval.decode_perplexity``: the
     path that is timed; init "warm" exists only there) instead of the full-sequence forward; the
     model must decode (``Decoder``)."""
-    raw = model
-    model = token_model(model).eval().to(device)
+    raw = model.eval().to(device)  # (the decode step runs the model itself, not its token wrapper)
+    model = token_model(raw)
     if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
         windows = windows[: windows.size(0) // batch_size * batch_size]
     seq = perplexity(model, windows, batch_size, device, bytes_per_token)
@@ -134,13 +134,14 @@ def evaluate_model(
                 raise ValueError("decode-path perplexity solves one stage (stages=1)")
             par = None if n_par >= available else n_par
             grid = [DecodeSetting(k, par, init, fused) for k in sorted(set(ks))]
-            for r in decode_perplexity(raw.eval().to(device), windows, grid, bytes_per_token=bytes_per_token):
+            for r in decode_perplexity(raw, windows, grid, bytes_per_token=bytes_per_token):
                 add(
                     {"ce": r.ce, "ppl": r.ppl, "bpb": r.bpb}, r.setting.iterations or 0, n_par, init, 1, fused
                 )
             continue
-        cfg = dict(parallel_layers=n_par, init=init, stages=stages, fused_layers=fused)
-        fast = snlp_transform(model, example, **cfg)  # type: ignore[arg-type]
+        fast = snlp_transform(
+            model, example, parallel_layers=n_par, init=init, stages=stages, fused_layers=fused
+        )
         solve = solve_handle(fast)
         for k in sorted(set(ks)):
             solve.iterations = k
