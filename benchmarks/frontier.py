@@ -87,7 +87,6 @@ from snlp_compile.train import (
     TrainConfig,
     load_checkpoint,
     load_corpus,
-    save_checkpoint,
     train,
 )
 from snlp_compile.train.data import eval_windows
@@ -172,7 +171,12 @@ CPU_STUDY = Scale(
 ~4 min per base model, ~12 min for reg, ~3-4 min per fine-tune on one core): the same variants at
 L=8 (tails of 4 and 6), quality only; not a frontier (no GPU timing)."""
 
-SCALES = {"gpu": Scale(), "cpu": CPU_STUDY, "smoke": SMOKE}
+CPU_STUDY_16 = replace(CPU_STUDY, n_layer=16, parallel=(8, 12, 15, 16))
+"""The CPU study at the GPU frontier's depth (``--scale cpu16``: L=16, otherwise ``cpu``; ~2x its
+time): tails of 12 and 15 of 16 against the 8- and 4-layer controls, the analogue of the GPU's
+question before a GPU is lent."""
+
+SCALES = {"gpu": Scale(), "cpu": CPU_STUDY, "cpu16": CPU_STUDY_16, "smoke": SMOKE}
 
 
 def scale_of(args: argparse.Namespace) -> Scale:
@@ -402,7 +406,8 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
     )
     log(f"train {v.name}: {v.note}; {steps} steps x {scale.batch} x {scale.seq_len}")
     res = train(cfg, corpus)
-    save_checkpoint(path, res.model, MODEL, tokenizer=corpus.tokenizer.to_json(), variant=v.name)
+    # (the training record and the data spec: `snlp-compile eval` then reads the same held-out text)
+    res.save(path, variant=v.name, data=corpus.spec)
     layers = res.model.get_submodule("transformer.h")
     n_params = sum(p.numel() for p in layers.parameters())
     n_layer = v.n_layer or scale.n_layer
@@ -1379,7 +1384,7 @@ def parser() -> argparse.ArgumentParser:
         "--scale",
         default="gpu",
         choices=sorted(SCALES),
-        help="gpu (the frontier), cpu (a recipe study), smoke",
+        help="gpu (the frontier), cpu (a recipe study at L=8), cpu16 (the same at L=16), smoke",
     )
     r.add_argument("--device", default=None, help="default: the scale's (gpu: cuda; cpu, smoke: cpu)")
     r.add_argument("--models", nargs="*", default=None, help="only these variants (default: all)")

@@ -351,6 +351,16 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     assert sorted(map(str, joined["points"])) == sorted(map(str, result["points"]))
     assert joined["models"].keys() == result["models"].keys()
     assert (tmp_path / "w" / "sft-k2.safetensors").exists()
+    # a checkpoint records its data: `snlp-compile eval` reads the run's held-out text, not the stdlib
+    import torch
+
+    from snlp_compile.train import load_corpus
+    from snlp_compile.train.eval_source import load_for_eval
+
+    src = load_for_eval(tmp_path / "w" / "sft-tail3-k1.safetensors")
+    corpus = torch.load(tmp_path / "w" / "corpus.pt", weights_only=False)
+    assert src.data == corpus.spec and src.seq_len == SMOKE.seq_len
+    assert torch.equal(load_corpus(**src.data, tokenizer=src.tokenizer).val, corpus.val)
 
 
 def test_plot_colours_every_model_apart_and_shows_the_lowest_point(tmp_path: Path) -> None:
@@ -397,6 +407,12 @@ def test_the_cpu_scale_is_a_recipe_study_of_the_same_variants() -> None:
         "seq-l2",
     } <= names
     assert scale_of(parser().parse_args(["run", "--smoke", "--work", "w", "--out", "o"])) is SMOKE
+    # --scale cpu16: the same at the GPU frontier's depth (tails of 12 and 15 against seq-l8, seq-l4)
+    deep = scale_of(parser().parse_args(["run", "--scale", "cpu16", "--work", "w", "--out", "o"]))
+    assert (deep.n_layer, deep.n_embd, deep.device) == (16, CPU_STUDY.n_embd, "cpu")
+    assert {"sft-tail12-k1", "sft-tail12-f3-k1", "sft-tail15-k1", "seq-l8", "seq-l4"} <= {
+        v.name for v in variants(deep)
+    }
 
 
 def test_a_variant_may_set_its_regulariser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
