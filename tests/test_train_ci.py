@@ -89,6 +89,25 @@ def test_regulariser_halves_the_one_iteration_gap(corpus) -> None:
     assert gaps["regularised"] <= 0.5 * gaps["baseline"], gaps
 
 
+def test_a_parallel_count_that_wide_layers_do_not_split_is_refused_or_skipped() -> None:
+    """``evaluate_model`` counts "half" on the model's own chain; a count its ``fused_layers`` do not
+    divide is a one-line error naming the model, or with ``skip_unfit`` reported and left out."""
+    from snlp_compile.models import build_model
+
+    model = build_model("nanochat-tiny", n_layer=6, zero_init_out=False)
+    windows = torch.randint(0, 256, (2, 9))
+    kw = {"batch_size": 2, "device": "cpu", "bytes_per_token": 1.0, "label": "six"}
+    unfit = [SolveSetting(6, "half", fused_layers=2), SolveSetting(6, 6, fused_layers=2)]
+    with pytest.raises(ValueError, match=r"^six: 3 parallel layers do not split into wide layers of 2 \("):
+        evaluate_model(model, windows, unfit, **kw)
+    said: list[str] = []
+    rows = evaluate_model(model, windows, unfit, skip_unfit=said.append, **kw)
+    assert said == ["six: 3 parallel layers do not split into wide layers of 2: skipped"]
+    assert [(r["parallel"], r["fused_layers"]) for r in rows[1:]] == [(6, 2)]
+    with pytest.raises(ValueError, match=r"^six: parallel must be 'all', 'half' or an int in \[2, 6\]"):
+        evaluate_model(model, windows, [SolveSetting(1, 7)], **kw)
+
+
 def test_checkpoint_round_trip_and_transform(corpus, tmp_path) -> None:
     cfg = _config(None)
     cfg.steps, cfg.warmup_steps = 3, 1
@@ -320,7 +339,7 @@ def test_cli_trains_wide_layers_and_measures_the_decode_step(tmp_path, capsys) -
     decoded = rows(
         "-K", "1", "4", "--parallel", "4", "3", "--fused-layers", "1", "2", "--init", "h0", "warm", "--decode"
     )
-    assert "skipped 3 parallel layers as wide layers of 2" in capsys.readouterr().err  # (status lines)
+    assert "3 parallel layers do not split into wide layers of 2: skipped" in capsys.readouterr().err
     seq = decoded[0]["ppl"]
     by = {(r["K"], r["parallel"], r["init"], r["fused_layers"]): r for r in decoded[1:]}
     assert all(r["path"] == "decode" for r in by.values()) and (1, 3, "h0", 2) not in by

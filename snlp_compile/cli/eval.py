@@ -146,13 +146,14 @@ def run(args: argparse.Namespace) -> int:
         rows += evaluate_model(
             model,
             windows,
-            wide_enough(settings, model_layers(model), label),
+            settings,
             batch_size=args.batch_size,
             device=args.device,
             bytes_per_token=corpus.val_bytes_per_token,
             label=label,
             progress=lambda row: status(_progress_line(row)),
             decode=args.decode,
+            skip_unfit=lambda why: status(f"  {why}"),
         )
     table = markdown_table(rows, layers)
     print(table)
@@ -167,26 +168,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         announce("plot", plot_ppl_vs_k(rows, args.plot, title="held-out perplexity against K"))
     return 0
-
-
-def wide_enough(settings: list[Any], layers: int, label: str) -> list[Any]:
-    """The settings whose parallel layers split into wide layers of their M (the rest skipped, said
-    so: --parallel half and --fused-layers 3 need not fit every model)."""
-    from ..train.evaluate import parallel_count
-
-    kept = []
-    for s in settings:
-        try:
-            count = parallel_count(s.parallel, layers)
-        except ValueError as exc:
-            raise CLIError(f"{label}: {exc}") from None
-        if count % s.fused_layers:
-            status(
-                f"  {label}: skipped {count} parallel layers as wide layers of {s.fused_layers} (not a multiple)"
-            )
-        else:
-            kept.append(s)
-    return kept
 
 
 def _progress_line(row: dict[str, Any]) -> str:

@@ -95,22 +95,19 @@ def evaluate_model(
     label: str,
     progress: Callable[[dict[str, Any]], None] | None = None,
     decode: bool = False,
+    skip_unfit: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows: the sequential model, then every setting, each with ce, ppl, bpb and the gap to sequential
     (``progress`` is called with each row as it is done). ``decode``: each setting measured on the
     KV-cached decode step, teacher-forced token by token (``decode_eval.decode_perplexity``: the
     path that is timed; init "warm" exists only there) instead of the full-sequence forward; the
-    model must decode (``Decoder``)."""
+    model must decode (``Decoder``). A setting whose parallel layers (counted on this model's chain:
+    "half" need not be a multiple of M) do not split into wide layers of its ``fused_layers`` is an
+    error, or, given ``skip_unfit``, reported to it and left out."""
     raw = model.eval().to(device)  # (the decode step runs the model itself, not its token wrapper)
     model = token_model(raw)
     if windows.size(0) > batch_size:  # whole batches only, so a static-shape capture fits every batch
         windows = windows[: windows.size(0) // batch_size * batch_size]
-    seq = perplexity(model, windows, batch_size, device, bytes_per_token)
-    rows: list[dict[str, Any]] = [
-        {"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq, "gap": 0.0}
-    ]
-    if progress is not None:
-        progress(rows[0])
     example = (windows[:batch_size, :-1].to(device),)
     _, chain, report = analyse(model, example, SNLPConfig())
     if chain is None:
@@ -118,8 +115,23 @@ def evaluate_model(
     available = chain.num_parallel
     groups: dict[tuple[int, str, int, int], list[int]] = {}
     for s in settings:
-        key = (parallel_count(s.parallel, available), s.init, s.stages, s.fused_layers)
-        groups.setdefault(key, []).append(s.iterations)
+        try:
+            count = parallel_count(s.parallel, available)
+        except ValueError as exc:
+            raise ValueError(f"{label}: {exc}") from None
+        if count % s.fused_layers:
+            unfit = f"{label}: {count} parallel layers do not split into wide layers of {s.fused_layers}"
+            if skip_unfit is None:
+                raise ValueError(f"{unfit} (fused_layers must divide the parallel layers)")
+            skip_unfit(f"{unfit}: skipped")
+            continue
+        groups.setdefault((count, s.init, s.stages, s.fused_layers), []).append(s.iterations)
+    seq = perplexity(model, windows, batch_size, device, bytes_per_token)
+    rows: list[dict[str, Any]] = [
+        {"model": label, "mode": "sequential", "K": None, "parallel": 0, "init": None, **seq, "gap": 0.0}
+    ]
+    if progress is not None:
+        progress(rows[0])
 
     def add(res: dict[str, float], k: int, n_par: int, init: str, stages: int, fused: int) -> None:
         row = {"model": label, "mode": "snlp", "K": k, "parallel": n_par, "init": init, **res}
