@@ -118,6 +118,12 @@ def test_fine_tunes_are_judged_against_the_same_token_budget() -> None:
     assert "Not judged (that control not trained): sft-x." in text
     assert "| sft-x | 16 | 1 | h0 |" not in text  # (not on the Pareto front: ahead only by its tokens?)
     assert "sft-x" not in {p["model"] for p in pareto(joined["points"])}
+    # the quality grid twice: against the baseline, then judged (a row not judged left out); the
+    # shallow control with its sequential change alone
+    judged_grid = text[text.index("The same, judged") :]
+    assert "| sft-tail8 | h0 | -4.00% |  | +0.5% |" in text[: text.index("The same, judged")]
+    assert "| sft-tail8 | h0 | +1.05% |  | +5.8% |" in judged_grid and "| sft-x |" not in judged_grid
+    assert "| seq-l8 |  | +10.00% |  |  |" in judged_grid
 
 
 def test_fused_points_join_only_fused_timings() -> None:
