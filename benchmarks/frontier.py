@@ -156,8 +156,8 @@ class Scale:
 
 
 SMOKE = Scale(
-    n_layer=4, n_embd=64, n_head=2, seq_len=64, vocab=512, batch=4, steps=12, finetune_steps=6, warmup=2,
-    max_bytes=400_000, val_max_bytes=100_000, bpe_sample_bytes=200_000, eval_windows=3, context=64, parallel=(2, 4),
+    n_layer=4, n_embd=64, n_head=2, seq_len=32, vocab=512, batch=4, steps=12, finetune_steps=6, warmup=2,
+    max_bytes=400_000, val_max_bytes=100_000, bpe_sample_bytes=200_000, eval_windows=3, context=32, parallel=(2, 4),
     iterations=(1, 4), fusions=(2,), fused_iterations=(1,), finetune_fusion=2, device="cpu", dtype="fp32",
 )  # fmt: skip
 

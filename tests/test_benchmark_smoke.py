@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(subcommand: str, *args: str, out: Path, forbid: tuple[str, ...] = ()) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # (as the suite: xdist's 2 workers)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", subcommand, "--device", "cpu", "--out", str(out), *args],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -87,7 +87,7 @@ def test_decode_hf_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_unknown_inductor_option_is_refused_by_name(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # (as the suite: xdist's 2 workers)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "decode", "--device", "cpu", "--shapes", "tiny",
          "--out", str(tmp_path), "--snlp-inductor", "no_such_option=1"],
