@@ -82,6 +82,7 @@ def test_readme_commands_in_a_fresh_venv(tmp_path: Path) -> None:
     _copy_checkout(repo)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "venv" not in p)
+    env["OMP_NUM_THREADS"] = "1"  # (beside the other xdist worker: 2 cores, not oversubscribed)
     start = time.perf_counter()
 
     def bash(command: str, timeout: float = 600) -> str:
