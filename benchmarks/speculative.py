@@ -53,7 +53,7 @@ from snlp_compile.models import build_model, config_of
 from snlp_compile.models.kv import CachedStep, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
 from snlp_compile.speculative_graphs import GraphedSteps
-from snlp_compile.train import load_checkpoint
+from snlp_compile.train import load_checkpoint, read_checkpoint_info
 
 from . import frontier
 from .common import (
@@ -151,8 +151,11 @@ class Steps:
         return self.exact_verifiers[t][1]
 
     def _block_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
-        idx = torch.zeros(1, t, dtype=torch.long, device=self.inputs[0].device)
-        return (idx, *self.inputs[1:])
+        """A block of t tokens that ends at the cache's last position (the one-token inputs' position
+        would run t - 1 past it, and past the rotary table of a model run to its full length)."""
+        _, pos, k_cache, v_cache = self.inputs
+        idx = torch.zeros(1, t, dtype=torch.long, device=pos.device)
+        return (idx, torch.full_like(pos, k_cache.size(3) - t), k_cache, v_cache)
 
     def load_weights(self, other: torch.nn.Module) -> None:
         """Copy ``other``'s weights (same shape) into every step's tensors, in place, and check
@@ -625,6 +628,12 @@ def write_report(result: dict[str, Any], out: Path, name: str, with_plot: bool =
 def reference_model(args: argparse.Namespace, scale: Scale, corpus: Any, work: Path) -> torch.nn.Module:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[scale.dtype]
     if args.checkpoint:
+        recorded = read_checkpoint_info(args.checkpoint).get("tokenizer")
+        if recorded is not None and recorded != corpus.tokenizer.to_json():
+            raise SystemExit(
+                f"speculative: {args.checkpoint} was trained with another tokenizer than the data in "
+                f"{work}: give --work the folder of the run that trained it"
+            )
         return load_checkpoint(args.checkpoint, device=scale.device).to(dtype).eval()
     frontier.train_variant(frontier.variants(scale)[0], scale, corpus, work)  # base-s0, seeded
     return frontier.load_for_inference(work, BASELINE, scale)
@@ -688,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (2 if args.smoke else 5)
     args.parallel = args.parallel or ([2, 4] if args.smoke else [8, 12])
     args.samples = args.samples or (5 if device.type == "cpu" else 200)
-    if args.prompt + args.new > max(scale.seq_len, scale.context):
+    if not args.checkpoint and args.prompt + args.new > max(scale.seq_len, scale.context):
         raise SystemExit(
             f"speculative: --prompt + --new exceeds the model's {max(scale.seq_len, scale.context)} positions"
         )
@@ -710,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)
     model = reference_model(args, scale, corpus, work)
     cfg = config_of(model)
+    if args.prompt + args.new > cfg.sequence_len:  # (a checkpoint: its own positions, not the scale's)
+        raise SystemExit(f"speculative: --prompt + --new exceeds the model's {cfg.sequence_len} positions")
     if not all(1 <= q <= cfg.n_layer for q in args.parallel):
         raise SystemExit(f"speculative: --parallel {args.parallel} must lie in 1..{cfg.n_layer}")
     mid = corpus.val.numel() // 2

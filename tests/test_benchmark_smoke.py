@@ -275,6 +275,25 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
     assert "| trained | speculative P=2 K=1 h0 γ=2 graphs exact-seq-verifier |" in md
     assert all(r["init"] == "h0" for r in spec) and "| trained | snlp P=2 K=1 h0 eager |" in md
     assert (tmp_path / "speculative.png").exists()
+    # a given checkpoint: its own positions bound the run, and data tokenised otherwise is refused
+    import torch
+
+    from benchmarks.speculative import main
+    from snlp_compile.train import ByteTokenizer
+
+    ckpt = str(tmp_path / "work" / "base-s0.safetensors")
+    args = ["--smoke", "--checkpoint", ckpt, "--no-random", "--out", str(tmp_path / "again")]
+    with pytest.raises(SystemExit, match="exceeds the model's 32 positions"):
+        main([*args, "--work", str(tmp_path / "work"), "--new", "25"])
+    other = tmp_path / "bytes"
+    other.mkdir()
+    corpus = torch.load(tmp_path / "work" / "corpus.pt", weights_only=False)
+    corpus.tokenizer = ByteTokenizer()
+    torch.save(corpus, other / "corpus.pt")
+    with pytest.raises(
+        SystemExit, match=r"trained with another tokenizer than the data in .*bytes: give --work"
+    ):
+        main([*args, "--work", str(other)])
 
 
 def test_speculative_profile_needs_cuda() -> None:
