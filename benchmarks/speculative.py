@@ -50,7 +50,7 @@ import snlp_compile
 from snlp_compile.cuda_graph import capture
 from snlp_compile.decoding import Decoder, generate
 from snlp_compile.models import build_model, config_of
-from snlp_compile.models.kv import CachedStep, new_cache, write_cache
+from snlp_compile.models.kv import CachedStep, max_positions, new_cache, write_cache
 from snlp_compile.solve.handle import SolveHandle
 from snlp_compile.speculative_graphs import GraphedSteps
 from snlp_compile.train import load_checkpoint, read_checkpoint_info
@@ -719,8 +719,10 @@ def main(argv: list[str] | None = None) -> int:
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)
     model = reference_model(args, scale, corpus, work)
     cfg = config_of(model)
-    if args.prompt + args.new > cfg.sequence_len:  # (a checkpoint: its own positions, not the scale's)
-        raise SystemExit(f"speculative: --prompt + --new exceeds the model's {cfg.sequence_len} positions")
+    if args.prompt + args.new > max_positions(model):  # (a checkpoint: its own positions, not the scale's)
+        raise SystemExit(
+            f"speculative: --prompt + --new exceeds the model's {max_positions(model)} positions"
+        )
     if not all(1 <= q <= cfg.n_layer for q in args.parallel):
         raise SystemExit(f"speculative: --parallel {args.parallel} must lie in 1..{cfg.n_layer}")
     mid = corpus.val.numel() // 2
