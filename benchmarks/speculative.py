@@ -719,10 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus, _, meta["data"] = frontier.prepare_data(scale, work)
     model = reference_model(args, scale, corpus, work)
     cfg = config_of(model)
-    if args.prompt + args.new > max_positions(model):  # (a checkpoint: its own positions, not the scale's)
-        raise SystemExit(
-            f"speculative: --prompt + --new exceeds the model's {max_positions(model)} positions"
-        )
+    positions = max_positions(model)  # (a checkpoint: its own, not the scale's)
+    if args.prompt + args.new > positions:
+        raise SystemExit(f"speculative: --prompt + --new exceeds the model's {positions} positions")
     if not all(1 <= q <= cfg.n_layer for q in args.parallel):
         raise SystemExit(f"speculative: --parallel {args.parallel} must lie in 1..{cfg.n_layer}")
     mid = corpus.val.numel() // 2
