@@ -359,3 +359,5 @@ def test_cli_trains_wide_layers_and_measures_the_decode_step(tmp_path, capsys) -
     assert "--init warm starts from the previous token's trace" in capsys.readouterr().err
     assert main(["eval", str(tuned), "--decode", "--stages", "2"]) == 2
     assert "--decode solves one stage" in capsys.readouterr().err
+    assert main(["eval", str(tuned), "--parallel", "9", "--windows", "4", "--batch-size", "4"]) == 2
+    assert "parallel must be 'all', 'half' or an int in [2, 4], got 9" in capsys.readouterr().err

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         require("eval --plot", "matplotlib")
     require_device(args.device)
-    from ..train import SolveSetting, evaluate_model, markdown_table, plot_ppl_vs_k
+    from ..train import SolveSetting, UnfitSetting, evaluate_model, markdown_table, plot_ppl_vs_k
     from ..train.data import eval_windows, load_corpus
     from ..train.eval_source import load_for_eval
     from ..train.hf_folder import model_layers
@@ -143,18 +143,21 @@ def run(args: argparse.Namespace) -> int:
             f"eval {label}: sequential and {len(settings)} SNLP setting(s) over {windows.size(0)} windows "
             f"of {seq_len} tokens ..."
         )
-        rows += evaluate_model(
-            model,
-            windows,
-            settings,
-            batch_size=args.batch_size,
-            device=args.device,
-            bytes_per_token=corpus.val_bytes_per_token,
-            label=label,
-            progress=lambda row: status(_progress_line(row)),
-            decode=args.decode,
-            skip_unfit=lambda why: status(f"  {why}"),
-        )
+        try:
+            rows += evaluate_model(
+                model,
+                windows,
+                settings,
+                batch_size=args.batch_size,
+                device=args.device,
+                bytes_per_token=corpus.val_bytes_per_token,
+                label=label,
+                progress=lambda row: status(_progress_line(row)),
+                decode=args.decode,
+                skip_unfit=lambda why: status(f"  {why}"),
+            )
+        except UnfitSetting as exc:  # a --parallel the model's chain cannot take: a usage error
+            raise CLIError(str(exc)) from None
     table = markdown_table(rows, layers)
     print(table)
     if args.json:

@@ -23,7 +23,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import BPETokenizer, ByteTokenizer, Corpus, Tokenizer, load_corpus, tokenizer_from_json
-from .evaluate import SolveSetting, evaluate_model, markdown_table, perplexity, plot_ppl_vs_k
+from .evaluate import SolveSetting, UnfitSetting, evaluate_model, markdown_table, perplexity, plot_ppl_vs_k
 from .loop import OBJECTIVES, TrainConfig, TrainResult, train
 from .regulariser import RegulariserConfig, RegulariserOutput, SNLPRegulariser
 from .snlp_forward import SNLPForward
@@ -41,6 +41,7 @@ __all__ = [
     "Tokenizer",
     "TrainConfig",
     "TrainResult",
+    "UnfitSetting",
     "checkpoint_tokenizer",
     "evaluate_model",
     "load_checkpoint",

@@ -61,6 +61,11 @@ def perplexity(
     return {"ce": ce, "ppl": math.exp(ce), "bpb": ce / math.log(2) / bytes_per_token}
 
 
+class UnfitSetting(ValueError):
+    """A solve setting the model cannot take (a parallel count out of range, or one its wide layers do
+    not split): the caller's misuse, which the command line reports as a usage error (exit 2)."""
+
+
 @dataclass(frozen=True)
 class SolveSetting:
     """One SNLP configuration to evaluate. parallel: "all", "half" (of the parallelisable layers) or a count;
@@ -81,7 +86,7 @@ def parallel_count(parallel: int | str, available: int) -> int:
         return max(2, available // 2)
     if isinstance(parallel, int) and 2 <= parallel <= available:
         return parallel
-    raise ValueError(f"parallel must be 'all', 'half' or an int in [2, {available}], got {parallel!r}")
+    raise UnfitSetting(f"parallel must be 'all', 'half' or an int in [2, {available}], got {parallel!r}")
 
 
 def evaluate_model(
@@ -117,12 +122,12 @@ def evaluate_model(
     for s in settings:
         try:
             count = parallel_count(s.parallel, available)
-        except ValueError as exc:
-            raise ValueError(f"{label}: {exc}") from None
+        except UnfitSetting as exc:
+            raise UnfitSetting(f"{label}: {exc}") from None
         if count % s.fused_layers:
             unfit = f"{label}: {count} parallel layers do not split into wide layers of {s.fused_layers}"
             if skip_unfit is None:
-                raise ValueError(f"{unfit} (fused_layers must divide the parallel layers)")
+                raise UnfitSetting(f"{unfit} (fused_layers must divide the parallel layers)")
             skip_unfit(f"{unfit}: skipped")
             continue
         groups.setdefault((count, s.init, s.stages, s.fused_layers), []).append(s.iterations)
