@@ -883,8 +883,11 @@ def plotted(p: dict[str, Any]) -> float:
 def markdown(result: dict[str, Any]) -> str:
     s, meta = result["summary"], result["meta"]
     unmeasured = bool(meta.get("incomplete")) and not meta["incomplete"].get("snlp_compiled_points")
+    quality_only = bool(meta.get("quality_only"))  # (a study that never times: no speed claims)
 
     def verdict(goal: str) -> str:
+        if quality_only:
+            return "not timed: quality only"
         if s["goals"][goal]:
             return "met"
         return "not measured: no SNLP point compiled" if unmeasured else "missed"
@@ -903,7 +906,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     gaps = meta.get("incomplete")
-    if gaps:
+    if quality_only:
+        lines += ["**Quality only** (`assemble --quality-only`): perplexities measured, no step timed.", ""]
+    elif gaps:
         lines += [
             f"**Incomplete run.** {gaps['note']} Not timed: {len(gaps['untimed_configs'])} configurations "
             f"(parallel, K, init, fusion): {', '.join(str(tuple(c)) for c in gaps['untimed_configs'])}. SNLP points "
@@ -1283,6 +1288,7 @@ def assemble(args: argparse.Namespace) -> int:
         if (work / "timings.json").exists() or args.log or args.timings_from:
             raise SystemExit("frontier assemble: --quality-only, but there are timings: leave it out")
         timed: list[Timed] = []
+        meta["quality_only"] = True
     elif args.timings_from:  # (timing does not depend on the weights: an earlier run's steps)
         if args.log:
             raise SystemExit("frontier assemble: --timings-from or --log, not both")
