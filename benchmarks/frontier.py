@@ -874,6 +874,11 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def pct(change: float | None, digits: int = 2) -> str:
+    """A relative change as a signed percentage ("" when not measured)."""
+    return "" if change is None else f"{100 * change:+.{digits}f}%"
+
+
 def plotted(p: dict[str, Any]) -> float:
     """A point's height in the plot, in %: its judged change (not judged: against the baseline)."""
     j = judged(p)
@@ -886,20 +891,22 @@ def markdown(result: dict[str, Any]) -> str:
     quality_only = bool(meta.get("quality_only"))  # (a study that never times: no speed claims)
 
     def verdict(goal: str) -> str:
-        if quality_only:
-            return "not timed: quality only"
         if s["goals"][goal]:
             return "met"
         return "not measured: no SNLP point compiled" if unmeasured else "missed"
 
-    pct = lambda x: "" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
     num = lambda x, f=".3f": "" if x is None else format(x, f)  # noqa: E731
+    speed = (
+        ""
+        if quality_only
+        else f" Best sequential step {num(result['best_seq_ms'], '.4f')} ms ({result['best_seq_variant']}); "
+        f"bytes floor {num(meta.get('floor_ms'), '.4f')} ms."
+    )
     lines = [
         "## Frontier: decode-path perplexity against decode speed-up",
         "",
         f"Device: {meta['env'].get('gpu') or meta['env'].get('cpu')}, torch {meta['env']['torch']}. "
-        f"{meta['scale_note']} Best sequential step {num(result['best_seq_ms'], '.4f')} ms "
-        f"({result['best_seq_variant']}); bytes floor {num(meta.get('floor_ms'), '.4f')} ms. "
+        f"{meta['scale_note']}{speed} "
         f"Baseline ({BASELINE}) sequential decode perplexity {result['base_ppl']:.4f}.",
         "",
         f"Command: `{meta['command']}`",
@@ -907,7 +914,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     gaps = meta.get("incomplete")
     if quality_only:
-        lines += ["**Quality only** (`assemble --quality-only`): perplexities measured, no step timed.", ""]
+        lines += [
+            "**Quality only** (`assemble --quality-only`): perplexities measured, no step timed, so no "
+            "speed goal, Pareto point or control domination is claimed.",
+            "",
+        ]
     elif gaps:
         lines += [
             f"**Incomplete run.** {gaps['note']} Not timed: {len(gaps['untimed_configs'])} configurations "
@@ -915,26 +926,28 @@ def markdown(result: dict[str, Any]) -> str:
             f"compiled + CUDA graphs: {gaps['snlp_compiled_points']}.",
             "",
         ]
-    lines += [
-        "| goal | result |",
-        "|---|---|",
-        f"| >= 2.0x at <= +1% | {num(s['best_speedup_within_1pct'], '.2f')}x ({verdict('>=2.0x at <=+1%')}) |",
-        f"| >= 3.0x at <= +5% | {num(s['best_speedup_within_5pct'], '.2f')}x ({verdict('>=3.0x at <=+5%')}) |",
-    ]
-    for name, c in s["shallow_controls"].items():
-        by = c["dominated_by"]
-        how = (
-            ""
-            if not by
-            else f" by {by['model']} par={by['parallel_layers']} K={by['iterations']} {by['init']}"
-            + (f" fused={fusion_of(by)}" if fusion_of(by) > 1 else "")
-        )
-        lines.append(
-            f"| control {name} ({pct(c['ppl_vs_baseline'])}, {c['speedup']:.2f}x) dominated | "
-            f"{'yes' + how if c['dominated'] else 'no'} |"
-        )
+    if not quality_only:
+        lines += [
+            "| goal | result |",
+            "|---|---|",
+            f"| >= 2.0x at <= +1% | {num(s['best_speedup_within_1pct'], '.2f')}x ({verdict('>=2.0x at <=+1%')}) |",
+            f"| >= 3.0x at <= +5% | {num(s['best_speedup_within_5pct'], '.2f')}x ({verdict('>=3.0x at <=+5%')}) |",
+        ]
+        for name, c in s["shallow_controls"].items():
+            by = c["dominated_by"]
+            how = (
+                ""
+                if not by
+                else f" by {by['model']} par={by['parallel_layers']} K={by['iterations']} {by['init']}"
+                + (f" fused={fusion_of(by)}" if fusion_of(by) > 1 else "")
+            )
+            lines.append(
+                f"| control {name} ({pct(c['ppl_vs_baseline'])}, {c['speedup']:.2f}x) dominated | "
+                f"{'yes' + how if c['dominated'] else 'no'} |"
+            )
+        lines.append("")
     spread = ", ".join(f"{k} {pct(v)}" for k, v in s["seed_spread_ppl_vs_baseline"].items())
-    lines += ["", f"Seed spread of the baseline's sequential perplexity: {spread}.", ""]
+    lines += [f"Seed spread of the baseline's sequential perplexity: {spread}.", ""]
     lines += [
         "A fine-tune is judged by the worse of its change against the baseline and against its start "
         "model trained on with plain cross-entropy for the same steps (`reg-cont`: the same tokens). "
@@ -945,22 +958,23 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         "",
     ]
-    lines += [
-        "Pareto points (faster first, by the judged change; every point of every model in frontier.json; fused: wide layers "
-        "of M, the paper's fusion, none when empty):",
-        "",
-        "| model | parallel | K | init | fused | ppl | vs baseline | vs same tokens | decode ms | speed-up | timed as |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in pareto(result["points"]):
-        m = fusion_of(p)
-        lines.append(
-            f"| {p['model']} | {p['parallel_layers']} | {p['iterations'] or ''} | {p['init'] or ''} | "
-            f"{m if m > 1 else ''} | "
-            f"{p['ppl']:.3f} | {pct(p['ppl_vs_baseline'])} | {pct(p.get('ppl_vs_token_control'))} | "
-            f"{num(p['decode_ms'], '.4f')} | "
-            f"{num(p['speedup'], '.2f')}x | {p['timed_variant']} |"
-        )
+    if not quality_only:
+        lines += [
+            "Pareto points (faster first, by the judged change; every point of every model in frontier.json; fused: "
+            "wide layers of M, the paper's fusion, none when empty):",
+            "",
+            "| model | parallel | K | init | fused | ppl | vs baseline | vs same tokens | decode ms | speed-up | timed as |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in pareto(result["points"]):
+            m = fusion_of(p)
+            lines.append(
+                f"| {p['model']} | {p['parallel_layers']} | {p['iterations'] or ''} | {p['init'] or ''} | "
+                f"{m if m > 1 else ''} | "
+                f"{p['ppl']:.3f} | {pct(p['ppl_vs_baseline'])} | {pct(p.get('ppl_vs_token_control'))} | "
+                f"{num(p['decode_ms'], '.4f')} | "
+                f"{num(p['speedup'], '.2f')}x | {p['timed_variant']} |"
+            )
     lines += quality_grid(result["points"])
     if any(judged(p) != p["ppl_vs_baseline"] for p in result["points"]):  # (fine-tunes: their token control)
         title = "The same, judged (the worse of the change against the baseline and against the same tokens)"
@@ -1017,12 +1031,11 @@ def quality_grid(
         "| model | init | seq | " + " | ".join(head) + " |",
         "|---|---|---|" + "---|" * len(cols),
     ]
-    pct = lambda v, d=1: "" if v is None else f"{100 * v:+.{d}f}%"  # noqa: E731
     seq = {p["model"]: value(p) for p in points if p["parallel_layers"] == 0}
     for model in dict.fromkeys(p["model"] for p in points):  # (the shallow controls: seq alone)
         for init in dict.fromkeys(p["init"] for p in snlp if p["model"] == model) or [""]:
             got = {key(p): value(p) for p in snlp if p["model"] == model and p["init"] == init}
-            cells = [pct(got.get(c)) for c in cols]
+            cells = [pct(got.get(c), 1) for c in cols]
             if seq.get(model) is None and not any(cells):  # (not judged: its token control not trained)
                 continue
             lines.append(f"| {model} | {init} | {pct(seq.get(model), 2)} | " + " | ".join(cells) + " |")
