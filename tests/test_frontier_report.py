@@ -419,9 +419,14 @@ def test_the_cpu_scale_is_a_recipe_study_of_the_same_variants() -> None:
     # --scale cpu16: the same at the GPU frontier's depth (tails of 12 and 15 against seq-l8, seq-l4)
     deep = scale_of(parser().parse_args(["run", "--scale", "cpu16", "--work", "w", "--out", "o"]))
     assert (deep.n_layer, deep.n_embd, deep.device) == (16, CPU_STUDY.n_embd, "cpu")
-    assert {"sft-tail12-k1", "sft-tail12-f3-k1", "sft-tail15-k1", "seq-l8", "seq-l4"} <= {
-        v.name for v in variants(deep)
-    }
+    by = {v.name: v for v in variants(deep)}
+    assert {"sft-tail12-k1", "sft-tail12-f3-k1", "sft-tail15-k1", "seq-l8", "seq-l4"} <= set(by)
+    # the deep K=2 tail (all but two layers); at L=4 and L=8 it is the 3/4 tail, listed once
+    assert by["sft-tail14"].snlp is not None and (
+        by["sft-tail14"].snlp.iterations,
+        by["sft-tail14"].quality_parallel,
+    ) == (2, (14,))
+    assert [v.name for v in variants(CPU_STUDY)].count("sft-tail6") == 1
 
 
 def test_a_variant_may_set_its_regulariser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
