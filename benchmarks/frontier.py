@@ -219,9 +219,9 @@ def tail_variants(scale: Scale) -> list[Variant]:
     All but two layers at K=2 (``sft-tail14`` at L=16) is the candidate against ``seq-l8``: the
     H200's staged timings put 14 of 16 at K=2 near 2.1x (0.016 ms per layer moved into the tail),
     faster than the 8-layer control (1.89x). CPU study (``--scale cpu16``, judged against
-    ``reg-cont``): 12 of 16 at K=2 +1.7%, 14 of 16 +4.3%, 15 of 16 +7.2%; on the H200 the 12 of 16
-    point was +3.0% (1.8 times the CPU's change), which puts 14 of 16 near +7.6% there, under
-    ``seq-l8``'s +13.4%."""
+    ``reg-cont``): 12 of 16 at K=2 +1.7%, 14 of 16 +4.3% (seed 1: +3.2%), 15 of 16 +7.2%; the same
+    tail's H200 changes were 1.8 (K=2) to 2.4 (K=1) times the CPU's, which puts 14 of 16 near +7.6%
+    to +10.5% there, under ``seq-l8``'s +13.4%."""
     n = scale.n_layer
     out: dict[str, Variant] = {}
     for par, start, keep in ((n // 2, "reg", True), (3 * n // 4, "reg", True), (3 * n // 4, BASELINE, True),
