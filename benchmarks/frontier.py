@@ -221,7 +221,9 @@ def tail_variants(scale: Scale) -> list[Variant]:
     faster than the 8-layer control (1.89x). CPU study (``--scale cpu16``, judged against
     ``reg-cont``): 12 of 16 at K=2 +1.7%, 14 of 16 +4.3% (seed 1: +3.2%), 15 of 16 +7.2%; the same
     tail's H200 changes were 1.8 (K=2) to 2.4 (K=1) times the CPU's, which puts 14 of 16 near +7.6%
-    to +10.5% there, under ``seq-l8``'s +13.4%."""
+    to +10.5% there, under ``seq-l8``'s +13.4%. The H200's first training of it (2026-12-05) reports
+    the held-out full-forward perplexity at 14 of 16, K=2: +11.7% judged (``sft-tail12``: +4.2% on
+    that measure, +3.0% on the decode path); its decode-path point and timing are not yet measured."""
     n = scale.n_layer
     out: dict[str, Variant] = {}
     for par, start, keep in ((n // 2, "reg", True), (3 * n // 4, "reg", True), (3 * n // 4, BASELINE, True),
