@@ -34,6 +34,20 @@ def warn_chunks_renamed() -> None:
     warnings.warn(CHUNKS_RENAMED, DeprecationWarning, stacklevel=level)
 
 
+class FormerStagesName:
+    """``SNLPConfig.chunks``: an InitVar (so ``SNLPConfig(chunks=...)`` still works) that reads
+    as ``stages`` with a DeprecationWarning. A plain InitVar default would read as None — a wrong
+    answer for code written before the rename. ``dataclasses.replace`` reads every InitVar to
+    carry it over; it gets None, so a copy is never told a second, conflicting stage count."""
+
+    def __get__(self, config: SNLPConfig | None, owner: type | None = None) -> Any:
+        caller = sys._getframe(1).f_code
+        if config is None or (caller.co_filename == dataclasses.__file__ and "replace" in caller.co_name):
+            return None  # the dataclass default, or dataclasses.replace carrying InitVars over
+        warn_chunks_renamed()
+        return config.stages
+
+
 @dataclass(frozen=True)
 class SNLPConfig:
     """How the rewritten model solves its layer chain.
@@ -106,7 +120,7 @@ class SNLPConfig:
     deferred_kv: bool = False
     lowering: LoweringOptions | None = None
     verify: bool = True
-    chunks: InitVar[int | tuple[int, ...] | None] = None  # the former name of stages (deprecated)
+    chunks: InitVar[int | tuple[int, ...] | None] = FormerStagesName()  # former name of stages (deprecated)
 
     def __post_init__(self, chunks: int | tuple[int, ...] | None) -> None:
         if chunks is not None:

@@ -68,12 +68,12 @@ def tokens(model: nn.Module, batch: int = 2, t: int = 9, seed: int = 1) -> torch
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| over all elements."""
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference, the one number every tolerance in the decode tests is checked on."""
-    return float((a - b).abs().max())
+    return float((a - b).detach().abs().max())
 
 
 def step_inputs(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections import Counter
 from functools import partial
 
@@ -422,3 +423,16 @@ def test_cli_chunks_is_a_hidden_deprecated_alias(capsys: pytest.CaptureFixture[s
     for name in ("inspect", "export", "eval"):
         text = sub.choices[name].format_help()
         assert "--stages" in text and "--chunks" not in text, name
+
+
+def test_chunks_reads_as_stages_with_a_warning_and_copies_keep_their_stages() -> None:
+    """Code written before the rename that reads ``config.chunks`` gets the stage count (with the
+    DeprecationWarning), never the InitVar's None; copies through dataclasses.replace neither warn
+    nor see a second stage count."""
+    config = SNLPConfig(iterations=2, stages=3)
+    with pytest.warns(DeprecationWarning, match=RENAMED):
+        assert config.chunks == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataclasses.replace(config, iterations=4) == SNLPConfig(iterations=4, stages=3)
+        assert config.replace(stages=2).stages == 2
