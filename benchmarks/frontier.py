@@ -984,6 +984,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{num(p['decode_ms'], '.4f')} | "
                 f"{num(p['speedup'], '.2f')}x | {p['timed_variant']} |"
             )
+    if lines[-1] == "":  # (quality only: no Pareto table, and the grid brings its own blank line)
+        lines.pop()
     lines += quality_grid(result["points"])
     if any(judged(p) != p["ppl_vs_baseline"] for p in result["points"]):  # (fine-tunes: their token control)
         title = "The same, judged (the worse of the change against the baseline and against the same tokens)"

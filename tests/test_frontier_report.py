@@ -329,6 +329,7 @@ def test_the_whole_frontier_run_at_smoke_scale(tmp_path: Path) -> None:
     report = (q / "out" / "frontier.md").read_text()
     assert "**Quality only**" in report and "Incomplete run" not in report
     assert "| goal |" not in report and "Pareto points" not in report  # (no speed claim either way)
+    assert "\n\n\n" not in report and "\n\n\n" not in (tmp_path / "out" / "frontier.md").read_text()
     # and an earlier run's timings join them (timing does not depend on the weights), their floor too
     meta = json.loads((q / "meta.json").read_text())
     (q / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "floor_ms"}))
