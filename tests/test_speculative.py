@@ -348,6 +348,10 @@ def test_cli_generate_speculative_prints_the_statistics(
     err = capsys.readouterr().err
     assert "P=2, exact-seq verifier" in err and "the same tokens as sequential" in err
     assert main([*argv, "--verifier", "exact-seq"]) == 2
+    # speculative-only flags without --speculative: a usage error naming them, not silently ignored
+    assert main([*argv, "--block-size", "8", "--adaptive"]) == 2
+    assert "--block-size, --adaptive: for speculative decoding, add --speculative" in capsys.readouterr().err
+    assert main([*argv, "--speculative", "--block-size", "0"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init", choices=("h0", "batch_fwd", "warm"), default="warm", help="the SNLP step's init"
     )
     parser.add_argument("--speculative", action="store_true", help="lossless speculative decoding")
-    parser.add_argument("--block-size", type=int, default=4, help="γ: tokens drafted per verification")
-    parser.add_argument("--draft-iterations", type=int, default=1, help="K of the drafting SNLP step")
+    parser.add_argument("--block-size", type=int, default=None, help="γ: tokens drafted per verification (4)")
+    parser.add_argument("--draft-iterations", type=int, default=None, help="K of the drafting SNLP step (1)")
     parser.add_argument("--adaptive", action="store_true", help="adapt the block size between rounds (<= γ)")
     staged = "draft with only the last P layers parallel (stages (1,) * (L - P) + (P,)): drafts that converge"
     parser.add_argument("--draft-parallel", type=int, default=None, metavar="P", help=staged)
@@ -98,8 +98,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.speculative and args.iterations is not None:
         raise CLIError("--speculative drafts with --draft-iterations; -K is the approximate SNLP decode")
-    if not args.speculative and (args.draft_parallel is not None or args.verifier != "sequential"):
-        raise CLIError("--draft-parallel and --verifier are for --speculative")
+    if not args.speculative:
+        given = {
+            "--block-size": args.block_size is not None, "--draft-iterations": args.draft_iterations is not None,
+            "--draft-parallel": args.draft_parallel is not None, "--adaptive": args.adaptive,
+            "--verifier": args.verifier != "sequential", "--cuda-graphs": args.cuda_graphs,
+        }  # fmt: skip
+        if any(given.values()):
+            flags = ", ".join(name for name, on in given.items() if on)
+            raise CLIError(f"{flags}: for speculative decoding, add --speculative")
+    args.block_size = 4 if args.block_size is None else args.block_size
+    args.draft_iterations = 1 if args.draft_iterations is None else args.draft_iterations
+    if args.block_size < 1 or args.draft_iterations < 1:
+        raise CLIError(f"--block-size and --draft-iterations must be >= 1, got {args.block_size}, {args.draft_iterations}")
     if args.check and args.sample:
         raise CLIError("--check compares greedy tokens: leave out --sample")
     model, tok = _model_and_tokenizer(args)
