@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     args.block_size = 4 if args.block_size is None else args.block_size
     args.draft_iterations = 1 if args.draft_iterations is None else args.draft_iterations
     if args.block_size < 1 or args.draft_iterations < 1:
-        raise CLIError(f"--block-size and --draft-iterations must be >= 1, got {args.block_size}, {args.draft_iterations}")
+        raise CLIError(
+            f"--block-size and --draft-iterations must be >= 1, got {args.block_size}, {args.draft_iterations}"
+        )
     if args.check and args.sample:
         raise CLIError("--check compares greedy tokens: leave out --sample")
     model, tok = _model_and_tokenizer(args)
