@@ -209,15 +209,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"tokenizer: the model folder's own{ignored}")
     if tokenizer == "bpe":
         require("train with the 'bpe' tokenizer", "tokenizers")
-    corpus = load_corpus(
-        args.data,
-        val_fraction=args.val_fraction,
-        max_bytes=args.max_bytes,
-        tokenizer=tokenizer,
-        bpe_vocab_size=args.bpe_vocab,
-        suffix=args.suffix,
-    )
-    print(f"data: {corpus.describe()}")
     regulariser = None
     if objective in ("regulariser", "both"):
         regulariser = RegulariserConfig(
@@ -261,6 +252,16 @@ def run(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight,
         init_from=init_from,
     )
+    # (the settings are checked above, before the corpus is read and tokenised: a typo fails at once)
+    corpus = load_corpus(
+        args.data,
+        val_fraction=args.val_fraction,
+        max_bytes=args.max_bytes,
+        tokenizer=tokenizer,
+        bpe_vocab_size=args.bpe_vocab,
+        suffix=args.suffix,
+    )
+    print(f"data: {corpus.describe()}")
     result = train(config, corpus) if source is None else train(source, corpus, config)
     folder = result.save(args.out, tokenizer=corpus.tokenizer, data=corpus.spec)
     val = result.val
