@@ -70,8 +70,8 @@ def record(
     positional = named[: len(args)] if len(named) >= len(args) else []
     fixed = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
     static: dict[tuple[str, int], int] = {}
+    examples = list(zip(positional, args)) + list(kwargs.items())
     if dynamic:
-        examples = list(zip(positional, args)) + list(kwargs.items())
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         vals = [n.meta.get("val") for n in placeholders]
         tensors = [(name, v) for name, v in examples if isinstance(v, torch.Tensor)]
@@ -81,9 +81,8 @@ def record(
                 for d, s in enumerate(val.shape):
                     if isinstance(s, int) and s <= 1:
                         static[(name, d)] = s
-    examples = list(zip(positional, args)) + list(kwargs.items())
-    tensors = {name: (v.dim(), _kind(v)) for name, v in examples if isinstance(v, torch.Tensor)}
-    gm.meta[_META] = CallConvention(positional, list(kwargs), fixed, static, tensors)
+    kinds = {name: (v.dim(), _kind(v)) for name, v in examples if isinstance(v, torch.Tensor)}
+    gm.meta[_META] = CallConvention(positional, list(kwargs), fixed, static, kinds)
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -83,9 +83,13 @@ def test_a_tensor_of_another_rank_or_kind_is_named(model: nn.Module) -> None:
     Another dtype of the same kind is left to the graph (float32 may run where float64 was captured)."""
     x = torch.randn(2, 5, C, dtype=torch.float64)
     fast = snlp_compile.transform(model, (x,), iterations=3)
-    with pytest.raises(SNLPUsageError, match=r"'x' is a 2-dim torch.float64 tensor; .* a 3-dim floating tensor"):
+    with pytest.raises(
+        SNLPUsageError, match=r"'x' is a 2-dim torch.float64 tensor; .* a 3-dim floating tensor"
+    ):
         fast(x[0])
-    with pytest.raises(SNLPUsageError, match=r"'x' is a 3-dim torch.int64 tensor; .* a 3-dim floating tensor"):
+    with pytest.raises(
+        SNLPUsageError, match=r"'x' is a 3-dim torch.int64 tensor; .* a 3-dim floating tensor"
+    ):
         fast(torch.ones(2, 5, C, dtype=torch.long))
     torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
 
