@@ -7,7 +7,10 @@ model is deep-copied first, so nothing the compiler does can reach the user's pa
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +89,25 @@ def unaliased(examples: Any) -> Any:
     return pytree.tree_map(own, examples)
 
 
+class _SpecialisedDimNote(logging.Filter):
+    """Drops torch.export's "dimension ... 0/1 specialized; Dim.AUTO was specified" warning: the
+    capture note names the static dims ("static: ...") and a call at another size gets an
+    SNLPUsageError naming the argument (call_convention), so the raw log line only alarms."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "specialized; Dim.AUTO was specified" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_specialisation() -> Iterator[None]:
+    logger, note = logging.getLogger("torch._export.non_strict_utils"), _SpecialisedDimNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
 def capture(
     model: torch.nn.Module,
     example_args: tuple[Any, ...],
@@ -114,7 +136,7 @@ def capture(
             kwargs: dict[str, Any] = {"strict": False}
             if use_dynamic:
                 kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
-            with torch.no_grad(), markers.keep_whole():
+            with torch.no_grad(), markers.keep_whole(), _quiet_specialisation():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             written = state_write(ep)  # issue 22: state written in forward is refused
             if written is not None:
