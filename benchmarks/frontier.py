@@ -449,9 +449,11 @@ def train_variant(v: Variant, scale: Scale, corpus: Any, work: Path) -> dict[str
 
 
 # -- stage 3: quality -----------------------------------------------------------------------------
-def load_for_inference(work: Path, name: str, scale: Scale, n_layer: int | None = None) -> torch.nn.Module:
-    """The trained checkpoint, else (a speed-only run: timing does not depend on the weights) the
-    same shape with seeded random weights."""
+def load_for_inference(
+    work: Path, name: str, scale: Scale, n_layer: int | None = None, purpose: str = "speed"
+) -> torch.nn.Module:
+    """The trained checkpoint, else (a speed-only run, or the graph check, which compares two ways
+    of running the same weights) the same shape with seeded random weights."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[scale.dtype]
     path = checkpoint_path(work, name)
     if path.exists():
@@ -459,7 +461,7 @@ def load_for_inference(work: Path, name: str, scale: Scale, n_layer: int | None 
     else:
         overrides = {**scale.overrides(n_layer), "vocab_size": scale.vocab, "zero_init_out": False}
         model = build_model(MODEL, seed=0, device=scale.device, **overrides)
-        log(f"speed {name}: no checkpoint, random weights of the same shape")
+        log(f"{purpose} {name}: no checkpoint, random weights of the same shape")
     return model.to(dtype).eval()
 
 
@@ -522,7 +524,7 @@ def measure_quality(
 def graph_check(work: Path, scale: Scale, windows: torch.Tensor, bytes_per_token: float) -> dict[str, float]:
     """The CUDA-graph replay of the teacher-forced sweep against the eager loop on a few windows:
     the quality grid relies on it, so every run checks it (cross entropies, nats)."""
-    model = load_for_inference(work, BASELINE, scale)
+    model = load_for_inference(work, BASELINE, scale, purpose="graph check")
     few = windows[:2, : min(windows.size(1), 65)]
     grid = [DecodeSetting(None), DecodeSetting(1, None, "warm"), DecodeSetting(2, scale.n_layer // 2, "h0")]
     grid += [DecodeSetting(2, None, "h0", max(scale.fusions))] if scale.fusions else []
