@@ -12,8 +12,9 @@ accepts, before its graph runs,
 
 and refuses with an ``SNLPUsageError`` naming the argument a non-tensor keyword with another value
 than the captured one, a keyword the capture did not see, a tensor argument left out, a size that
-the example fixed, and a tensor of another rank or kind (integer token ids passed as floats) than
-the example's, which would otherwise fail deep inside the graph with a torch traceback.
+the example fixed, and a tensor of another rank than the example's, which would otherwise fail deep
+inside the graph (a reshape's error under FX's printed traceback). Another dtype is left to the
+graph: an attention mask captured as int64 may be passed as bool or float, as the model allows.
 """
 
 from __future__ import annotations
@@ -36,16 +37,7 @@ class CallConvention:
     keywords: list[str]  # the example's keywords
     fixed: dict[str, Any]  # non-tensor keywords and their captured values (use_cache=False)
     static: dict[tuple[str, int], int] = field(default_factory=dict)  # (argument, dim) -> fixed size
-    tensors: dict[str, tuple[int, str]] = field(default_factory=dict)  # argument -> (rank, dtype kind)
-
-
-def _kind(t: torch.Tensor) -> str:
-    """The dtype's kind: a float32 example called with float64 may still run, ids as floats never."""
-    if t.dtype == torch.bool:
-        return "bool"
-    if t.is_complex():
-        return "complex"
-    return "floating" if t.is_floating_point() else "integer"
+    ranks: dict[str, int] = field(default_factory=dict)  # tensor argument -> the example's rank
 
 
 def _has_tensor(value: Any) -> bool:
@@ -81,8 +73,8 @@ def record(
                 for d, s in enumerate(val.shape):
                     if isinstance(s, int) and s <= 1:
                         static[(name, d)] = s
-    kinds = {name: (v.dim(), _kind(v)) for name, v in examples if isinstance(v, torch.Tensor)}
-    gm.meta[_META] = CallConvention(positional, list(kwargs), fixed, static, kinds)
+    ranks = {name: v.dim() for name, v in examples if isinstance(v, torch.Tensor)}
+    gm.meta[_META] = CallConvention(positional, list(kwargs), fixed, static, ranks)
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -118,12 +110,12 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
                 )
             kwargs[name] = conv.fixed[name]
     values = dict(zip(conv.positional, given)) | kwargs
-    for name, (rank, kind) in conv.tensors.items():
+    for name, rank in conv.ranks.items():
         value = values.get(name)
-        if isinstance(value, torch.Tensor) and (value.dim() != rank or _kind(value) != kind):
+        if isinstance(value, torch.Tensor) and value.dim() != rank:
             raise SNLPUsageError(
-                f"'{name}' is a {value.dim()}-dim {value.dtype} tensor; the rewritten model was captured "
-                f"with a {rank}-dim {kind} tensor there and computes that case only"
+                f"'{name}' has {value.dim()} dims {tuple(value.shape)}; the rewritten model was captured "
+                f"with {rank} there and computes that case only"
             )
     for (name, dim), size in conv.static.items():
         value = values.get(name)

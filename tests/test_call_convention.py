@@ -95,20 +95,15 @@ def test_a_batch_one_capture_logs_no_specialisation_warning(model: nn.Module) ->
     assert report.capture.endswith("static: x[0]=1 (example size 0 or 1 is specialised by torch.export)")
 
 
-def test_a_tensor_of_another_rank_or_kind_is_named(model: nn.Module) -> None:
-    """Another rank or integer-vs-floating kind than the example's would fail deep in the graph
-    (a reshape's RuntimeError and FX's printed traceback): refused first, naming the argument.
-    Another dtype of the same kind is left to the graph (float32 may run where float64 was captured)."""
+def test_a_tensor_of_another_rank_is_named(model: nn.Module) -> None:
+    """Another rank than the example's would fail deep in the graph (a reshape's RuntimeError and
+    FX's printed traceback): refused first, naming the argument. Another dtype is left to the graph."""
     x = torch.randn(2, 5, C, dtype=torch.float64)
     fast = snlp_compile.transform(model, (x,), iterations=3)
-    with pytest.raises(
-        SNLPUsageError, match=r"'x' is a 2-dim torch.float64 tensor; .* a 3-dim floating tensor"
-    ):
+    with pytest.raises(SNLPUsageError, match=r"'x' has 2 dims \(5, 8\); .* captured with 3 there"):
         fast(x[0])
-    with pytest.raises(
-        SNLPUsageError, match=r"'x' is a 3-dim torch.int64 tensor; .* a 3-dim floating tensor"
-    ):
-        fast(torch.ones(2, 5, C, dtype=torch.long))
+    with pytest.raises(SNLPUsageError, match=r"'x' has 4 dims"):
+        fast(x[None])
     torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
 
 
