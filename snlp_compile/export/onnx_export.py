@@ -26,6 +26,7 @@ from ..config import SNLPConfig, resolve_config
 from ..errors import SNLPCaptureError, SNLPConfigError, SNLPUsageError
 from ..passes.capture import auto_dims, example_args
 from ..passes.lowering import NO_KERNELS, restricted
+from ..quiet import quiet_onnx_exporter
 from ..report import ExplainReport
 
 DEFAULT_OPSET = 18
@@ -296,25 +297,26 @@ def export_onnx(
         raise SNLPConfigError(f"opset must be an int from 18 to 23, got {opset!r}")
     path = Path(path)
     args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
-    target, snlp_report = export_target(
-        model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic
-    )
-    program = export_program(target, args, kwargs, dynamic=dynamic)
-    if output_names is None:
-        n_out = len(program.graph_signature.user_outputs)
-        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    onnx_program = torch.onnx.export(
-        program,
-        opset_version=opset,
-        dynamo=True,
-        report=report,
-        artifacts_dir=path.parent,
-        output_names=output_names,
-        input_names=input_names,
-        verbose=False,
-    )
+    with quiet_onnx_exporter():
+        target, snlp_report = export_target(
+            model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic
+        )
+        program = export_program(target, args, kwargs, dynamic=dynamic)
+        if output_names is None:
+            n_out = len(program.graph_signature.user_outputs)
+            output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        onnx_program = torch.onnx.export(
+            program,
+            opset_version=opset,
+            dynamo=True,
+            report=report,
+            artifacts_dir=path.parent,
+            output_names=output_names,
+            input_names=input_names,
+            verbose=False,
+        )
     if onnx_program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     onnx_program.save(path)  # large weights go to external data here

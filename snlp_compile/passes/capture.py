@@ -7,10 +7,7 @@ model is deep-copied first, so nothing the compiler does can reach the user's pa
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +19,7 @@ from torch.utils import _pytree as pytree
 from .. import markers
 from ..diagnose import capture_hint, capture_warnings, private_copy
 from ..errors import SNLPCaptureError, SNLPRefusal
+from ..quiet import dropped_log_lines
 from .state_writes import local_writes, state_write
 
 
@@ -89,25 +87,6 @@ def unaliased(examples: Any) -> Any:
     return pytree.tree_map(own, examples)
 
 
-class _SpecialisedDimNote(logging.Filter):
-    """Drops torch.export's "dimension ... 0/1 specialized; Dim.AUTO was specified" warning: the
-    capture note names the static dims ("static: ...") and a call at another size gets an
-    SNLPUsageError naming the argument (call_convention), so the raw log line only alarms."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "specialized; Dim.AUTO was specified" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_specialisation() -> Iterator[None]:
-    logger, note = logging.getLogger("torch._export.non_strict_utils"), _SpecialisedDimNote()
-    logger.addFilter(note)
-    try:
-        yield
-    finally:
-        logger.removeFilter(note)
-
-
 def capture(
     model: torch.nn.Module,
     example_args: tuple[Any, ...],
@@ -136,7 +115,10 @@ def capture(
             kwargs: dict[str, Any] = {"strict": False}
             if use_dynamic:
                 kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
-            with torch.no_grad(), markers.keep_whole(), _quiet_specialisation():
+            # torch.export's "dimension ... 0/1 specialized; Dim.AUTO was specified" line: the capture
+            # note names the static dims and a call at another size gets the call convention's error
+            quiet = dropped_log_lines("torch._export.non_strict_utils", "specialized; Dim.AUTO was specified")
+            with torch.no_grad(), markers.keep_whole(), quiet:
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             written = state_write(ep)  # issue 22: state written in forward is refused
             if written is not None:

@@ -1,0 +1,47 @@
+"""The torch log lines and warnings the package drops (snlp_compile.quiet): exactly those, only
+inside the block, and the logger left as it was."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from snlp_compile.quiet import dropped_log_lines, quiet_onnx_exporter
+
+REGISTRATION = "torch.onnx._internal.exporter._registration"
+
+
+def _seen(logger: str, block: object, *messages: str) -> list[str]:
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        with block:  # type: ignore[attr-defined]
+            for m in messages:
+                target.warning(m)
+    finally:
+        target.removeHandler(handler)
+    return seen
+
+
+def test_only_the_named_lines_are_dropped_and_only_inside_the_block() -> None:
+    lines = ("torchvision is not installed. Skipping torchvision::nms", "something the user should see")
+    assert _seen(REGISTRATION, quiet_onnx_exporter(), *lines) == [lines[1]]
+    assert _seen("x.y", dropped_log_lines("x.y", "drop me"), "drop me now", "keep") == ["keep"]
+    assert not logging.getLogger(REGISTRATION).filters  # (removed on the way out)
+    import contextlib
+
+    assert _seen(REGISTRATION, contextlib.nullcontext(), lines[0]) == [lines[0]]
+
+
+def test_the_exporters_pytree_deprecation_is_silenced_inside_only() -> None:
+    message = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_onnx_exporter():
+            warnings.warn(message, FutureWarning, stacklevel=1)
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+        warnings.warn(message, FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another FutureWarning", message]
