@@ -30,14 +30,29 @@ def dropped_log_lines(logger: str, *fragments: str) -> Iterator[None]:
         target.removeFilter(drop)
 
 
+def quiet_specialisation() -> contextlib.AbstractContextManager[None]:
+    """torch.export's "dimension ... 0/1 specialized; Dim.AUTO was specified" line: the capture
+    note names the static dims, a call at another size gets the call convention's error, and the
+    exporters note fixed input dims themselves."""
+    return dropped_log_lines("torch._export.non_strict_utils", "specialized; Dim.AUTO was specified")
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """An export for deployment (ONNX, AOTInductor): the specialisation line, and torch's own
+    pytree deprecation inside its copies ("isinstance(treespec, LeafSpec) is deprecated")."""
+    with quiet_specialisation(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        yield
+
+
 @contextlib.contextmanager
 def quiet_onnx_exporter() -> Iterator[None]:
-    """torch.onnx.export's noise on a machine without torchvision ("torchvision is not installed.
-    Skipping torchvision::nms", four lines) and torch's own pytree deprecation inside its copies
-    ("isinstance(treespec, LeafSpec) is deprecated"): neither concerns the user's model."""
+    """``quiet_export`` and torch.onnx.export's lines on a machine without torchvision
+    ("torchvision is not installed. Skipping torchvision::nms", four of them): none concerns the
+    user's model."""
     with (
         dropped_log_lines("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
-        warnings.catch_warnings(),
+        quiet_export(),
     ):
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         yield

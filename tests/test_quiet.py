@@ -45,3 +45,8 @@ def test_the_exporters_pytree_deprecation_is_silenced_inside_only() -> None:
             warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
         warnings.warn(message, FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another FutureWarning", message]
+
+
+def test_the_specialisation_line_is_dropped_by_the_exporter_too() -> None:
+    line = "dimension inputs['input_ids'].shape[1] 0/1 specialized; Dim.AUTO was specified along with"
+    assert _seen("torch._export.non_strict_utils", quiet_onnx_exporter(), line, "other") == ["other"]

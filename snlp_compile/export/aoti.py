@@ -32,6 +32,7 @@ from ..errors import SNLPConfigError, SNLPError, SNLPUsageError
 from ..kernels import ops as kernel_ops
 from ..passes.capture import example_args
 from ..passes.lowering import NO_KERNELS, restricted
+from ..quiet import quiet_export
 from ..report import ExplainReport
 from .onnx_export import capture_program, export_target
 
@@ -114,21 +115,30 @@ def export_aoti(
     if path.suffix != ".pt2":
         raise SNLPConfigError(f"an AOTInductor package is a .pt2 file, got {path.name!r}")
     args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
-    target, report = export_target(model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic)
-    program = capture_program(
-        target, args, kwargs, dynamic=dynamic, kernels=_kernels(target, triton_kernels), what="AOTInductor"
-    )
+    with quiet_export():
+        target, report = export_target(
+            model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic
+        )
+        program = capture_program(
+            target,
+            args,
+            kwargs,
+            dynamic=dynamic,
+            kernels=_kernels(target, triton_kernels),
+            what="AOTInductor",
+        )
     ops = graph_ops(program)
     custom = sorted(op for op in ops if op.startswith("snlp::") and not compiled_in(op))
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     from torch._inductor import aoti_compile_and_package
 
-    written = aoti_compile_and_package(
-        program,
-        package_path=str(path),
-        inductor_configs={"aot_inductor.metadata": {CUSTOM_OPS_KEY: ",".join(custom)}},
-    )
+    with quiet_export():
+        written = aoti_compile_and_package(
+            program,
+            package_path=str(path),
+            inductor_configs={"aot_inductor.metadata": {CUSTOM_OPS_KEY: ",".join(custom)}},
+        )
     return AOTIExport(
         path=Path(written),
         device=_device_of(args),

@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from .. import markers
 from ..diagnose import capture_hint, capture_warnings, private_copy
 from ..errors import SNLPCaptureError, SNLPRefusal
-from ..quiet import dropped_log_lines
+from ..quiet import quiet_specialisation
 from .state_writes import local_writes, state_write
 
 
@@ -115,10 +115,7 @@ def capture(
             kwargs: dict[str, Any] = {"strict": False}
             if use_dynamic:
                 kwargs["dynamic_shapes"] = auto_dims(private, tuple(example_args), example_kwargs)
-            # torch.export's "dimension ... 0/1 specialized; Dim.AUTO was specified" line: the capture
-            # note names the static dims and a call at another size gets the call convention's error
-            quiet = dropped_log_lines("torch._export.non_strict_utils", "specialized; Dim.AUTO was specified")
-            with torch.no_grad(), markers.keep_whole(), quiet:
+            with torch.no_grad(), markers.keep_whole(), quiet_specialisation():
                 ep = torch.export.export(private, tuple(example_args), example_kwargs, **kwargs)
             written = state_write(ep)  # issue 22: state written in forward is refused
             if written is not None:
