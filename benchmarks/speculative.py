@@ -649,10 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--gammas", default="2,4", type=ints, help="block sizes γ (default 2,4)")
     p.add_argument("--ks", default="1,2", type=ints, help="draft iterations K (default 1,2)")
-    init = (
-        "the drafts' init: warm (the last trace) or h0 (trained tails converge better from h0: frontier.md)"
-    )
-    p.add_argument("--init", choices=("warm", "h0"), default="warm", help=init)
+    init = "the drafts' init: h0 (default: trained models converge better from it, frontier.md) or warm (the last trace)"
+    p.add_argument("--init", choices=("warm", "h0"), default="h0", help=init)
     staged = "layer-parallel layers P of the drafts, stages (1,) * (L - P) + (P,) (default 8,12; smoke 2,4)"
     p.add_argument("--parallel", default=None, type=ints, help=staged)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; smoke 8)")

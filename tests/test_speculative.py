@@ -339,6 +339,7 @@ def test_cli_generate_speculative_prints_the_statistics(
     assert main([*argv, "--speculative", "--block-size", "4", "--check", "--json", str(out)]) == 0
     err = capsys.readouterr().err
     assert "speculative: block 4:" in err and "acceptance" in err and "the same tokens as sequential" in err
+    assert "draft K=1 h0," in err  # (the default init: trained models converge better from h0)
     result = json.loads(out.read_text())
     assert result["same_as_sequential"] and len(result["tokens"]) == 20
     assert result["stats"]["emitted"] == 19 and 0 <= result["stats"]["acceptance_rate"] <= 1

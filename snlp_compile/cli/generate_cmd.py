@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-K", "--iterations", type=int, default=None, help="decode through the SNLP step at K"
     )
     parser.add_argument(
-        "--init", choices=("h0", "batch_fwd", "warm"), default="warm", help="the SNLP step's init"
+        "--init",
+        choices=("h0", "batch_fwd", "warm"),
+        default="h0",
+        help="the SNLP step's init (default h0: trained models converge better from it than from warm, frontier.md)",
     )
     parser.add_argument("--speculative", action="store_true", help="lossless speculative decoding")
     parser.add_argument("--block-size", type=int, default=None, help="γ: tokens drafted per verification (4)")
