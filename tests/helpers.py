@@ -3,6 +3,8 @@ measures, decode-step inputs, the sequential decode reference and structural gra
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -58,6 +60,20 @@ def tiny_llama(seed: int | None = 0, **overrides: object) -> nn.Module:
     if seed is not None:
         torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+@contextlib.contextmanager
+def emitted_log_messages(logger: str) -> Iterator[list[str]]:
+    """The messages ``logger`` emits inside the block (after its filters), in order."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        target.removeHandler(handler)
 
 
 def tokens(model: nn.Module, batch: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import emitted_log_messages, tiny_llama
 from torch import nn
 
 import snlp_compile
@@ -80,17 +80,8 @@ def test_a_size_the_example_fixed_is_named(model: nn.Module) -> None:
 def test_a_batch_one_capture_logs_no_specialisation_warning(model: nn.Module) -> None:
     """torch.export logs "dimension ... 0/1 specialized" for a batch-1 example; the capture note and
     the call convention's error say it in our words, so that one line is filtered out."""
-    import logging
-
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("torch._export.non_strict_utils")
-    logger.addHandler(handler)
-    try:
+    with emitted_log_messages("torch._export.non_strict_utils") as seen:
         report = snlp_compile.explain(model, (torch.randn(1, 5, C, dtype=torch.float64),), iterations=3)
-    finally:
-        logger.removeHandler(handler)
     assert not any("specialized" in m for m in seen), seen
     assert report.capture.endswith("static: x[0]=1 (example size 0 or 1 is specialised by torch.export)")
 

@@ -3,26 +3,22 @@ inside the block, and the logger left as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from typing import Any
+
+from helpers import emitted_log_messages
 
 from snlp_compile.quiet import dropped_log_lines, quiet_onnx_exporter
 
 REGISTRATION = "torch.onnx._internal.exporter._registration"
 
 
-def _seen(logger: str, block: object, *messages: str) -> list[str]:
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
-    target = logging.getLogger(logger)
-    target.addHandler(handler)
-    try:
-        with block:  # type: ignore[attr-defined]
-            for m in messages:
-                target.warning(m)
-    finally:
-        target.removeHandler(handler)
+def _seen(logger: str, block: Any, *messages: str) -> list[str]:
+    with emitted_log_messages(logger) as seen, block:
+        for m in messages:
+            logging.getLogger(logger).warning(m)
     return seen
 
 
@@ -31,8 +27,6 @@ def test_only_the_named_lines_are_dropped_and_only_inside_the_block() -> None:
     assert _seen(REGISTRATION, quiet_onnx_exporter(), *lines) == [lines[1]]
     assert _seen("x.y", dropped_log_lines("x.y", "drop me"), "drop me now", "keep") == ["keep"]
     assert not logging.getLogger(REGISTRATION).filters  # (removed on the way out)
-    import contextlib
-
     assert _seen(REGISTRATION, contextlib.nullcontext(), lines[0]) == [lines[0]]
 
 

@@ -115,7 +115,7 @@ def export_aoti(
     if path.suffix != ".pt2":
         raise SNLPConfigError(f"an AOTInductor package is a .pt2 file, got {path.name!r}")
     args, kwargs = example_args(example_inputs), dict(example_kwargs or {})
-    with quiet_export():
+    with quiet_export():  # (the export and the package's compile: both copy pytree specs)
         target, report = export_target(
             model, args, kwargs, config, overrides, rewrite=rewrite, dynamic=dynamic
         )
@@ -127,13 +127,12 @@ def export_aoti(
             kernels=_kernels(target, triton_kernels),
             what="AOTInductor",
         )
-    ops = graph_ops(program)
-    custom = sorted(op for op in ops if op.startswith("snlp::") and not compiled_in(op))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    from torch._inductor import aoti_compile_and_package
+        ops = graph_ops(program)
+        custom = sorted(op for op in ops if op.startswith("snlp::") and not compiled_in(op))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        from torch._inductor import aoti_compile_and_package
 
-    with quiet_export():
         written = aoti_compile_and_package(
             program,
             package_path=str(path),
