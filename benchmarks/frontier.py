@@ -854,7 +854,7 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
             "dominated": bool(dom),
             "dominated_by": brief(max(dom, key=lambda s: s["speedup"])) if dom else None,
         }
-    seeds = [p for p in points if p["kind"] == "sequential" and p["model"].startswith("base-")]
+    seeds = [p for p in points if p["kind"] == "sequential" and re.fullmatch(r"base-s\d+", p["model"])]
     within1, within5 = best_within(0.01), best_within(0.05)
     return {
         "best_speedup_within_1pct": within1["speedup"] if within1 else None,
@@ -960,7 +960,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"Seed spread of the baseline's sequential perplexity: {spread}.", ""]
     lines += [
         "A fine-tune is judged by the worse of its change against the baseline and against its start "
-        "model trained on with plain cross-entropy for the same steps (`reg-cont`: the same tokens). "
+        "model trained on with plain cross-entropy for the same steps (`reg-cont`, `base-s0-cont`: the same tokens). "
         + (
             f"Not judged (that control not trained): {', '.join(s['not_judged'])}."
             if s.get("not_judged")
