@@ -80,7 +80,14 @@ def test_points_join_quality_and_the_fastest_timing() -> None:
 
 def test_the_seed_spread_holds_only_the_baseline_seeds() -> None:
     """``base-s0-cont`` (the baseline trained on: a token control) is not a seed of the baseline."""
-    cont = {"model": "base-s0-cont", "parallel_layers": 0, "iterations": None, "init": None, "ppl": 9.2, "bpb": 1.0}
+    cont = {
+        "model": "base-s0-cont",
+        "parallel_layers": 0,
+        "iterations": None,
+        "init": None,
+        "ppl": 9.2,
+        "bpb": 1.0,
+    }
     trained = {"seq-l8": {"n_layer": 8}, "base-s0-cont": {"init_from": "base-s0"}}
     summary = summarise(build_points([*_quality(), cont], _timed(), trained, Scale())["points"])
     assert set(summary["seed_spread_ppl_vs_baseline"]) == {"base-s0", "base-s1"}
