@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,10 +167,25 @@ def run_probe(argv: list[str], timeout: float) -> dict[str, Any]:
     if done.returncode == 0 and lines and lines[-1].startswith("{"):
         row.update(json.loads(lines[-1]))
     else:
-        errors = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(" ")]
-        row["error"] = (errors[-1] if errors else "(no stderr)")[:400]
+        row["error"] = error_line(done.returncode, done.stderr)
         row["stderr_tail"] = done.stderr[-3000:]
     return row
+
+
+def error_line(returncode: int, stderr: str) -> str:
+    """What a failed child said: its last unindented stderr line that is not a warning (a crash
+    leaves torch's FutureWarnings last), prefixed with the signal that killed it, if one did."""
+    lines = [
+        ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln
+    ]
+    said = lines[-1] if lines else "(no stderr)"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        said = f"killed by {name}" + ("" if said == "(no stderr)" else f"; last stderr line: {said}")
+    return said[:400]
 
 
 def _common(args: argparse.Namespace) -> list[str]:
@@ -239,6 +255,8 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
                 "route": "build + load in the compiling process",
                 "import_project": case != "mlp",
                 **built,
+                # (a crash of the build process is ambiguous: did it compile, then crash loading?)
+                "package_written": (case_dir / "model.pt2").exists(),
             }
         )
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)

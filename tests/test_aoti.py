@@ -121,6 +121,16 @@ def test_probe_records_a_failing_route_and_goes_on(tmp_path: Path) -> None:
     assert "| mlp | cpp_loader | False | 1 |" in table and "inputs.pt" in table
 
 
+def test_probe_names_the_signal_of_a_crash_and_skips_warnings() -> None:
+    """A segfaulting child's last stderr line is often a FutureWarning: the row says the signal."""
+    from benchmarks.aoti_probe import error_line
+
+    stderr = "RuntimeError: early\n/x/copyreg.py:99: FutureWarning: `isinstance(...)` is deprecated\n"
+    assert error_line(-11, stderr) == "killed by SIGSEGV; last stderr line: RuntimeError: early"
+    assert error_line(-11, "") == "killed by SIGSEGV"
+    assert error_line(1, stderr) == "RuntimeError: early"
+
+
 def test_probe_writes_its_tables_to_out_and_its_packages_to_a_temporary_work_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
