@@ -296,6 +296,17 @@ def test_speculative_benchmark_smoke(tmp_path: Path) -> None:
         main([*args, "--work", str(other)])
 
 
+def test_speculative_budget_keeps_a_share_for_the_random_weights() -> None:
+    """A run cut by --budget-s keeps rows of both weights: the trained rows stop early enough."""
+    from benchmarks.speculative import main, trained_deadline
+
+    assert trained_deadline(100.0, 400.0, 0.3) == pytest.approx(310.0)
+    assert trained_deadline(100.0, 400.0, 0.0) == 400.0
+    assert trained_deadline(500.0, 400.0, 0.3) == 500.0  # (already over: the trained pass skips)
+    with pytest.raises(SystemExit, match=r"--random-share must lie in \[0, 1\), got 1.0"):
+        main(["--smoke", "--random-share", "1"])
+
+
 def test_speculative_profile_needs_cuda() -> None:
     """--profile times CUDA kernels: on the CPU it is refused in one line, before any work."""
     from benchmarks.speculative import main
