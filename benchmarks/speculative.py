@@ -312,7 +312,8 @@ class Run:
     def add(self, row: dict[str, Any], measure: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         t0 = time.perf_counter()
         if self.left() < 0:
-            row["error"] = "skipped: --budget-s spent"
+            share = " (the trained rows' part; --random-share)" if self.deadline < self.args.budget_s else ""
+            row["error"] = f"skipped: --budget-s spent{share}"
         else:
             try:
                 measure(row)

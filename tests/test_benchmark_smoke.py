@@ -307,6 +307,22 @@ def test_speculative_budget_keeps_a_share_for_the_random_weights() -> None:
         main(["--smoke", "--random-share", "1"])
 
 
+def test_a_trained_row_past_its_share_says_why(tmp_path: Path) -> None:
+    import argparse
+    import time
+
+    import torch
+
+    from benchmarks.speculative import Run
+
+    args = argparse.Namespace(budget_s=100.0, name="speculative")
+    meta = {"env": {"cpu": "x", "torch": "t"}, "note": "", "command": "c"}
+    run = Run(args, torch.zeros(1, 4, dtype=torch.long), meta, tmp_path, time.perf_counter() - 50.0)
+    run.deadline = 40.0  # (the trained part ended; the budget has 50 s left)
+    row = run.add({"weights": "trained", "variant": "v", "kind": "speculative"}, lambda r: None)
+    assert row["error"] == "skipped: --budget-s spent (the trained rows' part; --random-share)"
+
+
 def test_speculative_profile_needs_cuda() -> None:
     """--profile times CUDA kernels: on the CPU it is refused in one line, before any work."""
     from benchmarks.speculative import main
