@@ -307,6 +307,23 @@ def test_speculative_budget_keeps_a_share_for_the_random_weights() -> None:
         main(["--smoke", "--random-share", "1"])
 
 
+def test_the_trained_pass_ends_at_its_deadline_and_the_random_rows_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main() applies the trained rows' deadline: with it already passed, every trained row is
+    skipped for the share and the random weights' rows are still measured."""
+    from benchmarks import speculative
+
+    monkeypatch.setattr(speculative, "trained_deadline", lambda *args: -1.0)
+    argv = ["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path), "--gammas", "2", "--ks", "1",
+            "--parallel", "2", "--repeats", "1", "--warmup", "1"]  # fmt: skip
+    assert speculative.main(argv) == 0
+    rows = json.loads((tmp_path / "speculative.json").read_text())["rows"]
+    trained = [r for r in rows if r["weights"] == "trained"]
+    assert trained and all("--random-share" in r["error"] for r in trained)
+    assert [r for r in rows if r["weights"] == "random" and r.get("tokens_per_s")]
+
+
 def test_a_trained_row_past_its_share_says_why(tmp_path: Path) -> None:
     import argparse
     import time
