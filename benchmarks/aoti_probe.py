@@ -151,8 +151,9 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_probe(argv: list[str], timeout: float) -> dict[str, Any]:
-    """Run this module as a child process; its last stdout line is a JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.aoti_probe", *argv]
+    """Run this module as a child process; its last stdout line is a JSON result. The child runs
+    with faulthandler, so a crash names the Python call it happened in (compiling, loading, running)."""
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "benchmarks.aoti_probe", *argv]
     started = time.perf_counter()
     env = {
         **os.environ,
@@ -174,18 +175,25 @@ def run_probe(argv: list[str], timeout: float) -> dict[str, Any]:
 
 def error_line(returncode: int, stderr: str) -> str:
     """What a failed child said: its last unindented stderr line that is not a warning (a crash
-    leaves torch's FutureWarnings last), prefixed with the signal that killed it, if one did."""
-    lines = [
-        ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln
-    ]
-    said = lines[-1] if lines else "(no stderr)"
+    leaves torch's FutureWarnings last), prefixed with the signal that killed it, if one did, and
+    the innermost Python frame faulthandler printed for the crash."""
+    all_lines = stderr.splitlines()
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        said = f"killed by {name}" + ("" if said == "(no stderr)" else f"; last stderr line: {said}")
-    return said[:400]
+        fatal = next((i for i, ln in enumerate(all_lines) if ln.startswith("Fatal Python error")), None)
+        frames = [] if fatal is None else [ln.strip() for ln in all_lines[fatal:] if ln.startswith("  File ")]
+        before = [
+            ln for ln in all_lines[:fatal] if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln
+        ]
+        said = f"killed by {name}"
+        said += f" in {frames[0]}" if frames else ""
+        said += f"; last stderr line: {before[-1]}" if before else ""
+        return said[:400]
+    lines = [ln for ln in all_lines if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln]
+    return (lines[-1] if lines else "(no stderr)")[:400]
 
 
 def _common(args: argparse.Namespace) -> list[str]:

@@ -129,6 +129,14 @@ def test_probe_names_the_signal_of_a_crash_and_skips_warnings() -> None:
     assert error_line(-11, stderr) == "killed by SIGSEGV; last stderr line: RuntimeError: early"
     assert error_line(-11, "") == "killed by SIGSEGV"
     assert error_line(1, stderr) == "RuntimeError: early"
+    crash = stderr + (
+        "Fatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n"
+        '  File "/t/_inductor/package.py", line 9 in load_package\n  File "/b/aoti_probe.py", line 3 in build\n'
+    )
+    assert error_line(-11, crash) == (
+        'killed by SIGSEGV in File "/t/_inductor/package.py", line 9 in load_package; '
+        "last stderr line: RuntimeError: early"
+    )
 
 
 def test_probe_writes_its_tables_to_out_and_its_packages_to_a_temporary_work_folder(
