@@ -177,23 +177,21 @@ def error_line(returncode: int, stderr: str) -> str:
     """What a failed child said: its last unindented stderr line that is not a warning (a crash
     leaves torch's FutureWarnings last), prefixed with the signal that killed it, if one did, and
     the innermost Python frame faulthandler printed for the crash."""
-    all_lines = stderr.splitlines()
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        fatal = next((i for i, ln in enumerate(all_lines) if ln.startswith("Fatal Python error")), None)
-        frames = [] if fatal is None else [ln.strip() for ln in all_lines[fatal:] if ln.startswith("  File ")]
-        before = [
-            ln for ln in all_lines[:fatal] if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln
-        ]
-        said = f"killed by {name}"
-        said += f" in {frames[0]}" if frames else ""
-        said += f"; last stderr line: {before[-1]}" if before else ""
-        return said[:400]
-    lines = [ln for ln in all_lines if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln]
-    return (lines[-1] if lines else "(no stderr)")[:400]
+    lines = stderr.splitlines()
+    fatal = next((i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")), len(lines))
+    said = [ln for ln in lines[:fatal] if ln.strip() and not ln.startswith(" ") and "Warning:" not in ln]
+    if returncode >= 0:
+        return (said[-1] if said else "(no stderr)")[:400]
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    frame = next((ln.strip() for ln in lines[fatal:] if ln.startswith("  File ")), None)
+    return (
+        f"killed by {name}"
+        + (f" in {frame}" if frame else "")
+        + (f"; last stderr line: {said[-1]}" if said else "")
+    )[:400]
 
 
 def _common(args: argparse.Namespace) -> list[str]:

@@ -325,6 +325,7 @@ def test_the_trained_pass_ends_at_its_deadline_and_the_random_rows_run(
 
 
 def test_a_trained_row_past_its_share_says_why(tmp_path: Path) -> None:
+    """A trained row skipped because the random weights' share began says so, not only "spent"."""
     import argparse
     import time
 
