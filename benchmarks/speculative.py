@@ -100,6 +100,14 @@ def acceptance_needed(target: float, gamma: int, round_ms: float, seq_ms: float)
     return hi
 
 
+def ceiling_any_gamma(draft_cost_vs_seq_token: float) -> float:
+    """The speed-up no block size exceeds even with every draft accepted: a round of γ drafts and
+    one verification emits γ + 1 tokens, so as γ grows each token costs at least one draft step
+    (the verification's share vanishes). 2x therefore needs a draft step under half a sequential
+    token, whatever the acceptance."""
+    return 1.0 / draft_cost_vs_seq_token
+
+
 # -- the steps ------------------------------------------------------------------------------------
 class Steps:
     """Every step the run times, built (and compiled) once for the model's tensors: the random
@@ -578,6 +586,18 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     ]
     if best is not b:
         lines.append(f"Faster: {best['variant']}, {best['speedup_vs_best_seq']:.2f}x.")
+    cheapest: dict[int, float] = {}
+    for r in fixed:
+        if r.get("draft_cost_vs_seq_token"):
+            cheapest[r["k"]] = min(cheapest.get(r["k"], math.inf), r["draft_cost_vs_seq_token"])
+    if cheapest:
+        bounds = ", ".join(
+            f"K={k} {ceiling_any_gamma(c):.2f}x (draft step {c:.2f})" for k, c in sorted(cheapest.items())
+        )
+        lines.append(
+            f"Ceiling at any γ with every draft accepted (1 / the draft step in sequential tokens): {bounds}; "
+            "2x needs a draft step under 0.5 of a sequential token."
+        )
     return [" ".join(lines), ""]
 
 

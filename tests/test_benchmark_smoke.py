@@ -351,13 +351,17 @@ def test_speculative_profile_needs_cuda() -> None:
 
 def test_speculative_arithmetic() -> None:
     """Expected tokens per round under i.i.d. acceptance, and the acceptance a target needs."""
-    from benchmarks.speculative import acceptance_needed, tokens_per_round
+    from benchmarks.speculative import acceptance_needed, ceiling_any_gamma, tokens_per_round
 
     assert tokens_per_round(0.0, 4) == 1.0 and tokens_per_round(1.0, 4) == 5.0
     assert abs(tokens_per_round(0.5, 2) - 1.75) < 1e-12
     alpha = acceptance_needed(2.0, 4, round_ms=2.0, seq_ms=1.0)  # 4 tokens per round needed
     assert alpha is not None and abs(tokens_per_round(alpha, 4) - 4.0) < 1e-9
     assert acceptance_needed(2.0, 2, round_ms=2.0, seq_ms=1.0) is None  # (4 > γ + 1 = 3)
+    # full acceptance at a large γ approaches 1 / the draft cost (the verification amortised)
+    gamma, draft, verify = 4096, 0.77, 1.9
+    assert abs((gamma + 1) / (gamma * draft + verify) - ceiling_any_gamma(draft)) < 1e-3
+    assert acceptance_needed(2.0, gamma, round_ms=gamma * draft + verify, seq_ms=1.0) is None
 
 
 def test_step_timeline_variants_are_transform_lowerings() -> None:
