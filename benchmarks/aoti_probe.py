@@ -52,17 +52,18 @@ def _mlp_inputs(device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple
     return mlp.to(device, dtype).eval(), (torch.randn(4, 256, device=device, dtype=dtype),)
 
 
-def _step(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+def transformed_step(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """The transformed (K=1) decode step of a reference model, random weights, caches filled
     before the position half way through them."""
     import snlp_compile
     from snlp_compile.models import build_model, config_of
-    from snlp_compile.models.kv import CachedStep, new_cache
+    from snlp_compile.models.kv import CachedStep, max_positions, new_cache
 
     device, dtype = args.device, DTYPES[args.dtype]
     model = build_model(args.model, seed=0, dtype=dtype).to(device).eval()
-    k_cache, v_cache = new_cache(model, args.batch, args.max_len)
-    pos = args.max_len // 2
+    max_len = args.max_len or max_positions(model)
+    k_cache, v_cache = new_cache(model, args.batch, max_len)
+    pos = max_len // 2
     g = torch.Generator(device=device).manual_seed(1)
     for c in (k_cache, v_cache):
         c[:, :, :, :pos] = torch.randn(c[:, :, :, :pos].shape, generator=g, device=device, dtype=dtype)
@@ -82,7 +83,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.case == "mlp":
         module, inputs = _mlp_inputs(args.device, DTYPES[args.dtype])
     else:
-        module, inputs = _step(args)
+        module, inputs = transformed_step(args)
     with torch.no_grad():
         out = module(*inputs)
     expected = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -194,9 +195,11 @@ def error_line(returncode: int, stderr: str) -> str:
     )[:400]
 
 
-def _common(args: argparse.Namespace) -> list[str]:
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The options every child process gets from the probe's own (--max-len only where given)."""
+    max_len = [] if args.max_len is None else ["--max-len", str(args.max_len)]
     return ["--device", args.device, "--dtype", args.dtype, "--model", args.model, "--batch", str(args.batch),
-            "--max-len", str(args.max_len), "-K", str(args.k)]  # fmt: skip
+            *max_len, "-K", str(args.k)]  # fmt: skip
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -252,7 +255,7 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
     for case in args.cases.split(","):
         case_dir = work / case
         built = run_probe(
-            ["--role", "build", "--case", case, "--dir", str(case_dir), "--load-here", *_common(args)],
+            ["--role", "build", "--case", case, "--dir", str(case_dir), "--load-here", *child_args(args)],
             args.timeout,
         )
         rows.append(
@@ -279,7 +282,7 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
                     str(case_dir),
                     "--route",
                     route,
-                    *_common(args),
+                    *child_args(args),
                 ]
                 row = run_probe(argv + (["--import-project"] if import_project else []), args.timeout)
                 rows.append({"case": case, "route": route, "import_project": import_project, **row})
@@ -306,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--model", default="nanochat-small", help="reference model of the decode step")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=1024, help="positions the caches hold")
+    p.add_argument(
+        "--max-len", type=int, default=None, help="positions the caches hold (default: the model's)"
+    )
     p.add_argument("-K", dest="k", type=int, default=1, help="iterations of the transformed step")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--timeout", type=float, default=420, help="seconds per child process")

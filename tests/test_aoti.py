@@ -5,6 +5,7 @@ step in this process (and contain no snlp:: op, so nothing but torch is needed t
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,23 @@ def test_probe_writes_its_tables_to_out_and_its_packages_to_a_temporary_work_fol
     )
     assert dirs[1] == work / "mlp"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["aoti_probe.json", "aoti_probe.md"]
+
+
+def test_probe_step_caches_default_to_the_models_positions() -> None:
+    """Without --max-len the decode step's caches hold the model's own positions (a fixed 1024
+    default exceeded nanochat-small's 256 and failed every step case on the GPU, 2026-12-05)."""
+    from benchmarks import aoti_probe
+    from snlp_compile.models import build_model
+    from snlp_compile.models.kv import max_positions
+
+    p = argparse.Namespace(device="cpu", dtype="fp32", model="nanochat-tiny", batch=1, max_len=None, k=1)
+    assert "--max-len" not in aoti_probe.child_args(p)
+    _, (_, pos, k_cache, v_cache) = aoti_probe.transformed_step(p)
+    positions = max_positions(build_model("nanochat-tiny"))
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == positions and int(pos) == positions // 2
+    assert aoti_probe.child_args(argparse.Namespace(**{**vars(p), "max_len": 16}))[-4:] == [
+        "--max-len",
+        "16",
+        "-K",
+        "1",
+    ]
