@@ -17,11 +17,13 @@ timeout: ``aoti_load_package`` (after the inputs are on the device, and "cold", 
 work in the process), the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
 and without ``import snlp_compile`` first, and loading in the process that compiled the package.
 Every route's return code, error line, time and max |package - eager| go to aoti_probe.json and
-aoti_probe.md in --out (else $OUT, else benchmarks/results); the packages (build artefacts, large
-for a real model) go to --work (default: a temporary folder, removed at the end).
+aoti_probe.md in --out (else $OUT, else benchmarks/results), rewritten after every child; the
+packages (build artefacts, large for a real model) go to --work (default: a temporary folder,
+removed at the end). ``--jobs`` children run at once (builds, then each case's routes as soon as
+its package exists), so a crash or hang costs one timeout, not the rest of the probe.
 
     python -m benchmarks aoti-probe --out DIR                  # cuda, bf16, nanochat-small
-    python -m benchmarks aoti-probe --device cpu --dtype fp32 --model nanochat-tiny --max-len 16
+    python -m benchmarks aoti-probe --device cpu --dtype fp32 --model nanochat-tiny   # every route in ~40 s
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -251,14 +255,31 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    rows: list[dict[str, Any]] = []
-    for case in args.cases.split(","):
+    done: dict[tuple[int, int], dict[str, Any]] = {}  # (case, route) position -> row
+    lock = threading.Lock()
+
+    def record(at: tuple[int, int], row: dict[str, Any]) -> None:
+        """Keep a finished child's row and rewrite the tables, so a call cut short keeps every row so far."""
+        with lock:
+            done[at] = row
+            print(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"}), flush=True)
+            payload = {
+                "env": env,
+                "config": {k: v for k, v in vars(args).items() if k not in ("role", "out", "work")},
+                "rows": [done[k] for k in sorted(done)],
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "aoti_probe.json").write_text(json.dumps(payload, indent=1))
+            (out / "aoti_probe.md").write_text(markdown(payload))
+
+    def build_then_load(c: int, case: str, pool: ThreadPoolExecutor) -> list[Future[None]]:
         case_dir = work / case
         built = run_probe(
             ["--role", "build", "--case", case, "--dir", str(case_dir), "--load-here", *child_args(args)],
             args.timeout,
         )
-        rows.append(
+        record(
+            (c, 0),
             {
                 "case": case,
                 "route": "build + load in the compiling process",
@@ -266,35 +287,37 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
                 **built,
                 # (a crash of the build process is ambiguous: did it compile, then crash loading?)
                 "package_written": (case_dir / "model.pt2").exists(),
-            }
+            },
         )
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
         if built["rc"] != 0 and not (case_dir / "model.pt2").exists():
-            continue
-        for route in ROUTES:
-            for import_project in (False, True):
-                argv = [
-                    "--role",
-                    "load",
-                    "--case",
-                    case,
-                    "--dir",
-                    str(case_dir),
-                    "--route",
-                    route,
-                    *child_args(args),
-                ]
-                row = run_probe(argv + (["--import-project"] if import_project else []), args.timeout)
-                rows.append({"case": case, "route": route, "import_project": import_project, **row})
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
-    payload = {
-        "env": env,
-        "config": {k: v for k, v in vars(args).items() if k not in ("role", "out", "work")},
-        "rows": rows,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aoti_probe.json").write_text(json.dumps(payload, indent=1))
-    (out / "aoti_probe.md").write_text(markdown(payload))
+            return []
+        routes = [(route, imp) for route in ROUTES for imp in (False, True)]
+        return [pool.submit(load, c, r, case, route, imp) for r, (route, imp) in enumerate(routes, 1)]
+
+    def load(c: int, r: int, case: str, route: str, import_project: bool) -> None:
+        argv = [
+            "--role",
+            "load",
+            "--case",
+            case,
+            "--dir",
+            str(work / case),
+            "--route",
+            route,
+            *child_args(args),
+        ]
+        row = run_probe(argv + (["--import-project"] if import_project else []), args.timeout)
+        record((c, r), {"case": case, "route": route, "import_project": import_project, **row})
+
+    with (
+        ThreadPoolExecutor(max_workers=args.jobs) as loads,
+        ThreadPoolExecutor(max_workers=args.jobs) as builds,
+    ):
+        started = [
+            builds.submit(build_then_load, c, case, loads) for c, case in enumerate(args.cases.split(","))
+        ]
+        for future in [f for b in started for f in b.result()]:
+            future.result()
     print(f"wrote {out / 'aoti_probe.json'} and {out / 'aoti_probe.md'}")
     return 0
 
@@ -315,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-K", dest="k", type=int, default=1, help="iterations of the transformed step")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--timeout", type=float, default=420, help="seconds per child process")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=4,
+        help="child processes at once (their seconds share the machine; 1: one at a time)",
+    )
     p.add_argument("--role", choices=["probe", "build", "load"], default="probe", help=argparse.SUPPRESS)
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -322,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--import-project", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load-here", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"aoti-probe: --jobs must be at least 1, got {args.jobs}")
     if args.role == "probe":
         return probe(args)
     result = build(args) if args.role == "build" else load(args)

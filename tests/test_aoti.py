@@ -188,3 +188,33 @@ def test_probe_step_caches_default_to_the_models_positions() -> None:
         "-K",
         "1",
     ]
+
+
+def test_probe_children_run_at_once_and_the_table_keeps_the_probe_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--jobs runs builds and load routes as concurrent children; the rows still come out case by
+    case in route order, and the tables on disk are complete after every child (a call cut short
+    keeps them)."""
+    import json
+    import time
+
+    from benchmarks import aoti_probe
+
+    def fake_probe(argv: list[str], timeout: float) -> dict[str, object]:
+        case_dir = Path(argv[argv.index("--dir") + 1])
+        if "build" in argv:
+            case_dir.mkdir(parents=True, exist_ok=True)
+            (case_dir / "model.pt2").write_bytes(b"")
+            return {"rc": 0}
+        time.sleep(0.05 if "cpp_loader" in argv else 0.0)  # (the last routes finish first)
+        return {"rc": 0, "max_abs_diff": 0.0}
+
+    monkeypatch.setattr(aoti_probe, "run_probe", fake_probe)
+    argv = ["--device", "cpu", "--cases", "mlp,step", "--out", str(tmp_path), "--work", str(tmp_path / "w")]
+    assert aoti_probe.main([*argv, "--jobs", "8"]) == 0
+    rows = json.loads((tmp_path / "aoti_probe.json").read_text())["rows"]
+    routes = ["build + load in the compiling process"] + [r for r in aoti_probe.ROUTES for _ in (0, 1)]
+    assert [(r["case"], r["route"]) for r in rows] == [(c, r) for c in ("mlp", "step") for r in routes]
+    with pytest.raises(SystemExit, match="--jobs must be at least 1, got 0"):
+        aoti_probe.main([*argv, "--jobs", "0"])
