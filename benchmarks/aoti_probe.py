@@ -292,9 +292,9 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
         if built["rc"] != 0 and not (case_dir / "model.pt2").exists():
             return []
         routes = [(route, imp) for route in ROUTES for imp in (False, True)]
-        return [pool.submit(load, c, r, case, route, imp) for r, (route, imp) in enumerate(routes, 1)]
+        return [pool.submit(load_route, c, r, case, route, imp) for r, (route, imp) in enumerate(routes, 1)]
 
-    def load(c: int, r: int, case: str, route: str, import_project: bool) -> None:
+    def load_route(c: int, r: int, case: str, route: str, import_project: bool) -> None:
         argv = [
             "--role",
             "load",
