@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +200,31 @@ def error_line(returncode: int, stderr: str) -> str:
     )[:400]
 
 
+def toolchain() -> dict[str, str | None]:
+    """What AOTInductor compiles and links a package with (a package built against another CUDA
+    toolkit than torch's runtime is one known way to crash at load): torch's CUDA version, the
+    CUDA_HOME torch's extension builder finds, and the first version line of nvcc and the C++
+    compiler (None where missing)."""
+    from torch.utils import cpp_extension
+
+    def first_line(cmd: list[str], pick: str) -> str | None:
+        if shutil.which(cmd[0]) is None:
+            return None
+        try:
+            said = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return next((ln.strip() for ln in said if pick in ln), said[0].strip() if said else None)
+
+    cxx = os.environ.get("CXX") or "c++"
+    return {
+        "torch_cuda": torch.version.cuda,
+        "cuda_home": cpp_extension.CUDA_HOME,
+        "nvcc": first_line(["nvcc", "--version"], "release"),
+        "cxx": first_line([cxx, "--version"], ""),
+    }
+
+
 def child_args(args: argparse.Namespace) -> list[str]:
     """The options every child process gets from the probe's own (--max-len only where given)."""
     max_len = [] if args.max_len is None else ["--max-len", str(args.max_len)]
@@ -212,6 +238,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "# AOTInductor loading routes",
         "",
         f"torch {env['torch']}, {env['device_name']}, {payload['config']}",
+        "",
+        "toolchain: " + ", ".join(f"{k} {env.get(k)}" for k in ("torch_cuda", "cuda_home", "nvcc", "cxx")),
         "",
         "| case | route | import snlp_compile | rc | s | max abs diff | error |",
         "|---|---|---|---|---|---|---|",
@@ -255,6 +283,7 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    env.update(toolchain())
     done: dict[tuple[int, int], dict[str, Any]] = {}  # (case, route) position -> row
     lock = threading.Lock()
 

@@ -216,5 +216,8 @@ def test_probe_children_run_at_once_and_the_table_keeps_the_probe_order(
     rows = json.loads((tmp_path / "aoti_probe.json").read_text())["rows"]
     routes = ["build + load in the compiling process"] + [r for r in aoti_probe.ROUTES for _ in (0, 1)]
     assert [(r["case"], r["route"]) for r in rows] == [(c, r) for c in ("mlp", "step") for r in routes]
+    env = json.loads((tmp_path / "aoti_probe.json").read_text())["env"]  # (the toolchain a crash may owe to)
+    assert {"torch_cuda", "cuda_home", "nvcc", "cxx"} <= env.keys()
+    assert "toolchain: torch_cuda " in (tmp_path / "aoti_probe.md").read_text()
     with pytest.raises(SystemExit, match="--jobs must be at least 1, got 0"):
         aoti_probe.main([*argv, "--jobs", "0"])
