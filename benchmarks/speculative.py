@@ -618,6 +618,12 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
             if pts:
                 label = f"{weights}, draft P={p} K={k}, {v} verifier"
                 line = ax.plot(*zip(*pts), style, label=label)[0]
+                costs = [r["draft_cost_vs_seq_token"] for r in mine if r.get("draft_cost_vs_seq_token")]
+                if weights == "trained" and costs:  # (the bound no γ or acceptance passes)
+                    ceiling = ceiling_any_gamma(min(costs))
+                    ax.axhline(ceiling, color=line.get_color(), lw=0.8, ls="--")
+                    ax.annotate(f"K={k} ceiling {ceiling:.2f}x", (0.01, ceiling), xycoords=("axes fraction", "data"),
+                                fontsize=7, color=line.get_color(), va="bottom")  # fmt: skip
                 for r in (r for r in mine if r.get("adaptive")):
                     ax.plot([r["gamma"]], [r["speedup_vs_best_seq"]], "*", ms=11, color=line.get_color())
     if any(r.get("adaptive") for r in spec):
