@@ -13,8 +13,8 @@ schema for snlp::layer_gemv_pdl``. This builds packages for
   ``torch.export`` traces, its graph should be ``step``'s),
 
 each built in its own process, then tries every loading route in its own fresh process, with a
-timeout: ``aoti_load_package`` (after the inputs are on the device, and "cold", before any CUDA
-work in the process), the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
+timeout: ``aoti_load_package`` (after the inputs are on the device, "cold", before any CUDA
+work in the process, and with ``run_single_threaded=True``), the C++ loader ``torch._C._aoti.AOTIModelPackageLoader``, each with
 and without ``import snlp_compile`` first, and loading in the process that compiled the package.
 Every route's return code, error line, time and max |package - eager| go to aoti_probe.json and
 aoti_probe.md in --out (else $OUT, else benchmarks/results), rewritten after every child; the
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 CASES = ("mlp", "step", "step-aten", "step-raw")
-ROUTES = ("aoti_load_package", "aoti_load_package-cold", "cpp_loader")
+ROUTES = ("aoti_load_package", "aoti_load_package-cold", "aoti_load_package-single-threaded", "cpp_loader")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,11 +143,12 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
 
             runner = aoti_load_package(package)
             got = runner(*[t.to(args.device) for t in host_inputs])
-        elif args.route == "aoti_load_package":
+        elif args.route in ("aoti_load_package", "aoti_load_package-single-threaded"):
             from torch._inductor import aoti_load_package
 
             inputs = [t.to(args.device) for t in host_inputs]
-            got = aoti_load_package(package)(*inputs)
+            single = args.route.endswith("single-threaded")  # (the runner without its thread pool)
+            got = aoti_load_package(package, run_single_threaded=single)(*inputs)
         else:
             inputs = [t.to(args.device) for t in host_inputs]
             device_index = -1 if args.device == "cpu" else (torch.device(args.device).index or 0)
