@@ -578,6 +578,16 @@ def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module,
     return model, ""
 
 
+def transform_note(transformed: Any, seconds: float) -> str:
+    """The case note's "transform() took" part, with the time its verify pass took where it ran
+    (on a GPU that pass's first run compiles and autotunes the project's Triton kernels)."""
+    from snlp_compile.report import ExplainReport
+
+    report = ExplainReport.of(transformed)
+    verify = report.pass_seconds.get("verify") if report is not None else None
+    return f"transform() took {seconds:.1f} s" + (f" (verify {verify:.1f} s)" if verify is not None else "")
+
+
 # -- the command line and setup shared by forward and decode ---------------------------------------
 # Inductor options every compiled variant gets by default, sequential and SNLP alike: programmatic
 # dependent launch speeds up both (the sequential step more). Combo kernels are SNLP's alone: they

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 case = f"b{batch} ctx={ctx}"
                 bench.case_notes[(shape_label, case)] = (
                     f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
-                    f"transform() took {steps.transform_s:.1f} s" + (f"; {model_note}" if model_note else "")
+                    + common.transform_note(steps.snlp, steps.transform_s)
+                    + (f"; {model_note}" if model_note else "")
                 )
                 compiled: dict[str, Callable[..., Any]] = {}
                 # (family, init, K, mode, stages)

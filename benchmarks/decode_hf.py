@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.case_notes[(label, case)] = (
                 f"floor = layer weights {wbytes / 1e6:.0f} MB + KV cache {kv_bytes / 1e6:.0f} MB read once; "
                 f"{cut}; transformers {type(hf).__name__} through the decode adapter; "
-                f"transform() took {steps.transform_s:.1f} s"
+                + common.transform_note(steps.snlp, steps.transform_s)
             )
             plan: list[tuple[str, str, int | None, str]] = [("sequential", "", None, m) for m in seq_modes]
             plan += [("sequential", "hf", None, m) for m in hf_modes]

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.case_notes[(shape_label, case)] = (
                     f"layer weights {wbytes / 1e6:.0f} MB; {flops / 1e9:.0f} GFLOP per sequential forward"
                     + (f" (FLOP floor {flops / (rate * 1e12) * 1e3:.3f} ms)" if rate else "")
-                    + f"; transform() took {transform_s:.1f} s"
+                    + f"; {common.transform_note(snlp, transform_s)}"
                     + (f"; {model_note}" if model_note else "")
                 )
                 compiled: dict[str, Callable[..., Any]] = {}

@@ -240,6 +240,7 @@ def run(c: Compilation, passes: tuple[Pass, ...]) -> PassRun:
     report = c.report
     for record in run.records:
         report.passes.append((record.name, record.result))
+        report.pass_seconds[record.name] = report.pass_seconds.get(record.name, 0.0) + record.seconds
         report.notes.extend(n for n in record.result.notes if n not in report.notes)
     if run.refusal is not None:
         report.refusal, report.error, report.refused_in = str(run.refusal), run.refusal, run.refused_in

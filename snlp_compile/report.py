@@ -41,6 +41,9 @@ class ExplainReport:
     error: Exception | None = field(default=None, repr=False)  # the refusal, for transform() to raise
     passes: list[tuple[str, PassResult]] = field(default_factory=list)  # what each pass did, in order
     refused_in: str | None = None  # the pass that refused the model
+    # wall seconds each pass took (where transform()'s time went: on a GPU, verify's first run
+    # compiles and autotunes the Triton kernels)
+    pass_seconds: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def of(module: object) -> ExplainReport | None:
@@ -92,7 +95,12 @@ class ExplainReport:
         if self.passes or self.refused_in:
             lines.append("  passes:")
             width = max(len(name) for name in [*(n for n, _ in self.passes), self.refused_in or ""])
-            lines.extend(f"    {name:<{width}}  {result.describe()}" for name, result in self.passes)
+            for name, result in self.passes:
+                took = self.pass_seconds.get(name)
+                lines.append(
+                    f"    {name:<{width}}  {result.describe()}"
+                    + (f"  ({took:.2f} s)" if took is not None else "")
+                )
             if self.refused_in:
                 lines.append(f"    {self.refused_in:<{width}}  refused")
         if self.refusal:

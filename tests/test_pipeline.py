@@ -34,6 +34,35 @@ def test_explain_lists_what_each_pass_did() -> None:
     assert plan.changed and plan.counts["stacked inputs"] > 0 and plan.counts["vmap fallbacks"] == 0
     text = str(report)
     assert "  passes:" in text and "find_chain" in text
+    # where transform()'s time went: every pass timed, shown on its line
+    assert list(report.pass_seconds) == names and all(t >= 0.0 for t in report.pass_seconds.values())
+    assert (
+        f"({report.pass_seconds['capture']:.2f} s)"
+        in text.splitlines()[text.splitlines().index("  passes:") + 1]
+    )
+
+
+def test_the_manager_times_each_pass() -> None:
+    """A pass's record holds the wall seconds it took (with the check after it); the benchmarks'
+    case notes show the verify pass's share of transform()'s time from them."""
+    import time
+
+    from benchmarks.common import transform_note
+
+    def slow_pass(state: list[str]) -> PassResult:
+        time.sleep(0.05)
+        return PassResult(False)
+
+    def quick_pass(state: list[str]) -> PassResult:
+        return PassResult(False)
+
+    slow, quick = PassManager([slow_pass, quick_pass]).run([]).records
+    assert slow.seconds >= 0.05 and quick.seconds < slow.seconds
+    model = reference_model("gpt-tiny")
+    gm = snlp_compile.transform(model, (tokens(model),), dynamic_shapes=False)
+    assert transform_note(gm, 2.0).startswith("transform() took 2.0 s (verify ")
+    unverified = snlp_compile.transform(model, (tokens(model),), dynamic_shapes=False, verify=False)
+    assert transform_note(unverified, 2.0) == "transform() took 2.0 s"
 
 
 def test_the_pipeline_follows_the_config() -> None:

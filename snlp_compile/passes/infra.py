@@ -5,11 +5,13 @@ works on (for ``transform()``: ``pipeline.Compilation``, the captured graph, the
 SolvePlan, the report) and says what it did: whether it changed anything, counts, notes.
 ``PassManager`` runs a list of passes (the pipeline is data: ``snlp_compile.pipeline``), checks
 an invariant after each, stops at a refusal (returned, not raised) and names the pass an
-unexpected error came from. Every result is kept, in order; ``explain()`` lists them.
+unexpected error came from. Every result is kept, in order, with the seconds its pass took;
+``explain()`` lists them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -25,6 +27,7 @@ Pass = Callable[[State], PassResult]
 class PassRecord:
     name: str
     result: PassResult
+    seconds: float = 0.0  # wall time of the pass and the check after it
 
 
 def pass_name(p: Pass) -> str:
@@ -56,6 +59,7 @@ class PassManager(Generic[State]):
         run = PassRun()
         for p in self.passes:
             name = pass_name(p)
+            started = time.perf_counter()
             try:
                 result = p(state)
                 if self.check is not None:
@@ -68,7 +72,7 @@ class PassManager(Generic[State]):
                 if hasattr(error, "add_note"):
                     error.add_note(f"(in the '{name}' pass, after {done or 'no other pass'})")
                 raise
-            run.records.append(PassRecord(name, result))
+            run.records.append(PassRecord(name, result, time.perf_counter() - started))
         return run
 
 
