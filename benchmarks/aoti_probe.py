@@ -339,12 +339,11 @@ def _probe(args: argparse.Namespace, out: Path, work: Path) -> int:
         row = run_probe(argv + (["--import-project"] if import_project else []), args.timeout)
         record((c, r), {"case": case, "route": route, "import_project": import_project, **row})
 
-    with (
-        ThreadPoolExecutor(max_workers=args.jobs) as loads,
-        ThreadPoolExecutor(max_workers=args.jobs) as builds,
-    ):
+    # one pool, so that at most --jobs children run at once (a build never waits on a load: it
+    # only queues its case's routes behind the work already there)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         started = [
-            builds.submit(build_then_load, c, case, loads) for c, case in enumerate(args.cases.split(","))
+            pool.submit(build_then_load, c, case, pool) for c, case in enumerate(args.cases.split(","))
         ]
         for future in [f for b in started for f in b.result()]:
             future.result()

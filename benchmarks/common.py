@@ -580,7 +580,7 @@ def inference_model(registry_name: str, **kwargs: Any) -> tuple[torch.nn.Module,
 
 def transform_note(transformed: Any, seconds: float) -> str:
     """The case note's "transform() took" part, with the time its verify pass took where it ran
-    (on a GPU that pass's first run compiles and autotunes the project's Triton kernels)."""
+    (on a GPU that pass is the first to run the project's Triton kernels)."""
     from snlp_compile.report import ExplainReport
 
     report = ExplainReport.of(transformed)

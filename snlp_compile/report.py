@@ -41,8 +41,7 @@ class ExplainReport:
     error: Exception | None = field(default=None, repr=False)  # the refusal, for transform() to raise
     passes: list[tuple[str, PassResult]] = field(default_factory=list)  # what each pass did, in order
     refused_in: str | None = None  # the pass that refused the model
-    # wall seconds each pass took (where transform()'s time went: on a GPU, verify's first run
-    # compiles and autotunes the Triton kernels)
+    # wall seconds each pass took: where transform()'s time went
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
