@@ -23,7 +23,7 @@ removed at the end). ``--jobs`` children run at once (builds, then each case's r
 its package exists), so a crash or hang costs one timeout, not the rest of the probe.
 
     python -m benchmarks aoti-probe --out DIR                  # cuda, bf16, nanochat-small
-    python -m benchmarks aoti-probe --device cpu --dtype fp32 --model nanochat-tiny   # every route in ~40 s
+    python -m benchmarks aoti-probe --device cpu --dtype fp32 --model nanochat-tiny   # every route in ~50 s
 """
 
 from __future__ import annotations
